@@ -1,0 +1,1 @@
+"""neuroserve: models."""
