@@ -1,0 +1,126 @@
+"""Energy per operation, documented in one place, and the functions that turn counts into Usage.
+
+Figures and sources
+-------------------
+Digital FP32, 45 nm CMOS at 0.9 V -- M. Horowitz, "Computing's energy problem (and what we
+can do about it)", ISSCC 2014, Figure 1.1.9:
+    FP32 multiply 3.7 pJ, FP32 add 0.9 pJ
+    -> multiply-accumulate 4.6 pJ; a spike-driven accumulate (an add only) 0.9 pJ.
+
+Analog in-memory computing, phase-change memory -- M. Le Gallo et al., "A 64-core
+mixed-signal in-memory compute chip based on phase-change memory for deep neural network
+inference" (the HERMES chip, 14 nm), Nature Electronics 6, 680-693 (2023),
+doi:10.1038/s41928-023-01010-1. For 8-bit input/output matrix-vector multiplications it
+reports 2.48 TOPS/W in the four-phase (high-precision) read mode and 9.76 TOPS/W in the
+one-phase (low-precision) mode. One multiply-accumulate is two operations, so
+    J per MAC = 2 / (TOPS/W * 1e12)  ->  0.806 pJ (four-phase), 0.205 pJ (one-phase).
+We default to the four-phase figure: it is the mode the chip uses for near-float accuracy,
+and it is the conservative one. A binary spike on a crossbar row still reads that row, so a
+spike-driven synaptic operation costs one analog MAC there.
+
+Event-driven accounting
+-----------------------
+A layer whose inputs are spikes only does work for the inputs that spiked: each spike adds
+one weight into each of the neurons it fans out to, so synaptic operations = spikes x
+fan-out, counted as accumulates. A layer fed dense (analog) values stays a dense
+matrix-vector product counted as MACs. The dense-equivalent figure counts every layer as
+dense MACs on the same hardware, and is always reported beside the event-driven one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hardware_backends.base import Usage
+
+HOROWITZ_ISSCC_2014 = "M. Horowitz, Computing's energy problem, ISSCC 2014 (45 nm)"
+LE_GALLO_NATELECTRON_2023 = (
+    "M. Le Gallo et al., A 64-core mixed-signal in-memory compute chip based on "
+    "phase-change memory, Nature Electronics 6, 680-693 (2023)"
+)
+
+FP32_MULTIPLY_JOULES = 3.7e-12
+FP32_ADD_JOULES = 0.9e-12
+FP32_MAC_JOULES = FP32_MULTIPLY_JOULES + FP32_ADD_JOULES  # 4.6 pJ
+FP32_ACCUMULATE_JOULES = FP32_ADD_JOULES  # 0.9 pJ
+
+OPS_PER_MAC = 2  # chip papers count a multiply-accumulate as two operations
+HERMES_TOPS_PER_WATT_FOUR_PHASE = 2.48  # 8-bit I/O MVM, high-precision read mode
+HERMES_TOPS_PER_WATT_ONE_PHASE = 9.76  # 8-bit I/O MVM, low-precision read mode
+
+
+def joules_per_mac(tops_per_watt: float) -> float:
+    """Energy per multiply-accumulate from a chip's TOPS/W figure (2 operations per MAC)."""
+    if tops_per_watt <= 0:
+        raise ValueError(f"tops_per_watt must be positive, got {tops_per_watt}")
+    return OPS_PER_MAC / (tops_per_watt * 1e12)
+
+
+@dataclass(frozen=True)
+class EnergyModel:
+    """What one dense MAC and one spike-driven accumulate cost on a kind of hardware."""
+
+    name: str
+    mac_joules: float
+    accumulate_joules: float
+    source: str
+
+
+DIGITAL_FP32 = EnergyModel(
+    name="digital_fp32_45nm",
+    mac_joules=FP32_MAC_JOULES,
+    accumulate_joules=FP32_ACCUMULATE_JOULES,
+    source=HOROWITZ_ISSCC_2014,
+)
+
+ANALOG_PCM = EnergyModel(
+    name="analog_pcm_hermes_four_phase",
+    mac_joules=joules_per_mac(HERMES_TOPS_PER_WATT_FOUR_PHASE),
+    accumulate_joules=joules_per_mac(HERMES_TOPS_PER_WATT_FOUR_PHASE),
+    source=LE_GALLO_NATELECTRON_2023,
+)
+
+ANALOG_PCM_ONE_PHASE = EnergyModel(
+    name="analog_pcm_hermes_one_phase",
+    mac_joules=joules_per_mac(HERMES_TOPS_PER_WATT_ONE_PHASE),
+    accumulate_joules=joules_per_mac(HERMES_TOPS_PER_WATT_ONE_PHASE),
+    source=LE_GALLO_NATELECTRON_2023,
+)
+
+
+def spike_driven_accumulates(spikes: int, fan_out: int) -> int:
+    """Synaptic operations of a layer fed by spikes: each spike updates `fan_out` neurons."""
+    if spikes < 0 or fan_out < 0:
+        raise ValueError(f"spikes and fan_out must be non-negative, got {spikes}, {fan_out}")
+    return spikes * fan_out
+
+
+def usage_from_counts(
+    *,
+    macs: int,
+    accumulates: int = 0,
+    dense_equivalent_macs: int | None = None,
+    spikes: int = 0,
+    neuron_steps: int = 0,
+    energy: EnergyModel = DIGITAL_FP32,
+) -> Usage:
+    """Usage of `macs` dense MACs plus `accumulates` spike-driven adds on `energy`'s hardware.
+
+    `dense_equivalent_macs` is the MAC count had every layer been dense (defaults to `macs`
+    when nothing is event-driven).
+    """
+    if dense_equivalent_macs is None:
+        dense_equivalent_macs = macs
+    counts = {"macs": macs, "accumulates": accumulates, "spikes": spikes}
+    counts |= {"neuron_steps": neuron_steps, "dense_equivalent_macs": dense_equivalent_macs}
+    negative = {k: v for k, v in counts.items() if v < 0}
+    if negative:
+        raise ValueError(f"operation counts must be non-negative, got {negative}")
+    return Usage(
+        macs=int(macs),
+        accumulates=int(accumulates),
+        spikes=int(spikes),
+        neuron_steps=int(neuron_steps),
+        energy_joules=macs * energy.mac_joules + accumulates * energy.accumulate_joules,
+        dense_equivalent_energy_joules=dense_equivalent_macs * energy.mac_joules,
+    )
