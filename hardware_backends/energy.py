@@ -29,7 +29,10 @@ dense MACs on the same hardware, and is always reported beside the event-driven 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+from torch import Tensor
 
 from hardware_backends.base import Usage
 
@@ -123,4 +126,46 @@ def usage_from_counts(
         neuron_steps=int(neuron_steps),
         energy_joules=macs * energy.mac_joules + accumulates * energy.accumulate_joules,
         dense_equivalent_energy_joules=dense_equivalent_macs * energy.mac_joules,
+    )
+
+
+def usage_of_steps(
+    op_counts: Mapping[str, int],
+    batch: int,
+    steps: int,
+    activity: Mapping[str, Tensor],
+    energy: EnergyModel = DIGITAL_FP32,
+) -> Usage:
+    """Usage of `steps` steps of `batch` sequences from a model's `macs_per_step()` counts.
+
+    `op_counts["dense_macs"]` is one sample's step counted as dense MACs. Spiking models add
+    `op_counts["synaptic_ops_max"]`, the part of it fed by spikes (the synaptic operations if
+    every neuron spiked), and `activity` holds that step's per-sample counters
+    {"spikes": [B], "neurons": [B]}. The spike-fed part then costs
+    synaptic_ops_max * spikes / neurons accumulates (spikes x fan-out, for a common fan-out)
+    and only the rest runs as MACs. Models without `activity` run fully dense.
+    """
+    dense_macs = int(op_counts["dense_macs"]) * batch * steps
+    spike_fed_max = int(op_counts.get("synaptic_ops_max", 0))
+    if not activity or spike_fed_max == 0:
+        return usage_from_counts(macs=dense_macs, energy=energy)
+    if steps != 1:
+        raise ValueError("activity counters describe one step; sum the usage of each step")
+    spikes = activity["spikes"].detach().double().cpu()  # [B]
+    neurons = activity["neurons"].detach().double().cpu()  # [B]
+    if spikes.shape != (batch,) or neurons.shape != (batch,):
+        raise ValueError(
+            f"activity counters must be [batch={batch}], got spikes {list(spikes.shape)}, "
+            f"neurons {list(neurons.shape)}"
+        )
+    if bool((neurons <= 0).any()) or bool((spikes < 0).any()) or bool((spikes > neurons).any()):
+        raise ValueError("activity counters need 0 <= spikes <= neurons and neurons > 0")
+    accumulates = round(float((spike_fed_max * spikes / neurons).sum()))
+    return usage_from_counts(
+        macs=dense_macs - spike_fed_max * batch,
+        accumulates=accumulates,
+        dense_equivalent_macs=dense_macs,
+        spikes=round(float(spikes.sum())),
+        neuron_steps=round(float(neurons.sum())),
+        energy=energy,
     )
