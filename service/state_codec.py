@@ -1,0 +1,438 @@
+"""Session state serialisation: named tensors + header <-> one self-checking byte string.
+
+A session's recurrent state is a mapping of names to tensors whose leading dimension is the
+batch (one row per session). It is stored as safetensors bytes behind a small JSON header that
+says which model, version and backend wrote it, how many steps it has seen, when it was
+created and last updated, a hash of its schema, and a little JSON session metadata (alpha,
+score, options, owner).
+
+Blob layout (all integers big-endian):
+
+    b"NSST" | format: u8 | header length: u32 | header JSON (utf-8) | safetensors | sha256
+
+The trailing sha256 covers every byte before it, so any corruption (a flipped bit, a torn or
+truncated write) is caught before parsing. Parsing still validates every field as if the
+checksum could be forged, so a decoder bug can never turn bad bytes into a crash.
+
+`decode_state` raises `CorruptStateError` for bytes that are not a well-formed blob and
+`IncompatibleStateError` for a well-formed blob that does not fit what the caller expects
+(another model, version, backend or state schema), so the service can answer with a clear
+error instead of running a model on the wrong state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import struct
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+
+MAGIC = b"NSST"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct(">4sBI")  # magic, format, header length
+_DIGEST_BYTES = 32  # sha256
+MAX_HEADER_BYTES = 1 << 20
+MAX_METADATA_BYTES = 64 << 10
+_MAX_NDIM = 16
+_MAX_DIM = (1 << 31) - 1
+
+# The dtypes a state may use, by their safetensors names. complex64 is here because diagonal
+# linear recurrences (LRU) keep a complex hidden state.
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.complex64: "C64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_DTYPE_BY_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+_HEADER_FIELDS = {
+    "model",
+    "version",
+    "backend",
+    "step",
+    "schema_hash",
+    "created_at",
+    "updated_at",
+    "metadata",
+}
+_HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class StateCodecError(Exception):
+    """Root of the errors raised while decoding a stored state."""
+
+
+class CorruptStateError(StateCodecError):
+    """The stored bytes are not a well-formed state blob (damaged, truncated or foreign)."""
+
+
+class IncompatibleStateError(StateCodecError):
+    """A well-formed state that does not fit the model, version, backend or schema expected."""
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+def state_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of the sorted names, the shapes without the batch dimension, and dtypes.
+
+    Two states with the same hash can be stacked into one batch and fed to the same model.
+    """
+    entries = []
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        _check_tensor(name, tensor)
+        entries.append([name, list(tensor.shape[1:]), SAFETENSORS_DTYPES[tensor.dtype]])
+    canonical = json.dumps(entries, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StateSignature:
+    """What a caller expects a stored state to be: who wrote it and how it is shaped."""
+
+    model: str
+    version: str
+    backend: str
+    schema_hash: str
+
+    @classmethod
+    def of(
+        cls, tensors: Mapping[str, torch.Tensor], *, model: str, version: str, backend: str
+    ) -> StateSignature:
+        """The signature of states shaped like `tensors` (e.g. `model.init_state(1)`)."""
+        return cls(model, version, backend, state_schema_hash(tensors))
+
+
+# --- record -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StateRecord:
+    """One session's state and header. Build with `new`, move forward with `advance`.
+
+    Construction validates everything, so every record can be encoded. `metadata` is kept in
+    its JSON-normalised form (tuples become lists), so it compares equal after a round trip.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    model: str
+    version: str
+    backend: str
+    step: int
+    created_at: float
+    updated_at: float
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensors, Mapping):
+            raise TypeError(
+                f"state tensors must be a mapping of names to tensors, "
+                f"got {type(self.tensors).__name__}"
+            )
+        batch_sizes = set()
+        for name, tensor in self.tensors.items():
+            _check_tensor(name, tensor)
+            batch_sizes.add(tensor.shape[0])
+        if len(batch_sizes) > 1:
+            raise ValueError(
+                f"state tensors disagree on the batch size (leading dimension): "
+                f"{sorted(batch_sizes)}"
+            )
+        for name in ("model", "version", "backend"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"state step must be a non-negative integer, got {self.step!r}")
+        for name in ("created_at", "updated_at"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
+        object.__setattr__(self, "tensors", dict(self.tensors))
+        object.__setattr__(self, "metadata", _normalise_metadata(self.metadata))
+
+    @classmethod
+    def new(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        model: str,
+        version: str,
+        backend: str,
+        metadata: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> StateRecord:
+        """A fresh session state at step 0, created and updated `now` (default: wall clock)."""
+        now = time.time() if now is None else now
+        return cls(tensors, model, version, backend, 0, now, now, metadata or {})
+
+    def advance(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        steps: int,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        now: float | None = None,
+    ) -> StateRecord:
+        """The state after `steps` more time steps; keeps the metadata unless given new."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        return dataclasses.replace(
+            self,
+            tensors=tensors,
+            step=self.step + steps,
+            updated_at=time.time() if now is None else now,
+            metadata=self.metadata if metadata is None else metadata,
+        )
+
+    @property
+    def schema_hash(self) -> str:
+        return state_schema_hash(self.tensors)
+
+    @property
+    def signature(self) -> StateSignature:
+        return StateSignature(self.model, self.version, self.backend, self.schema_hash)
+
+
+def check_compatible(record: StateRecord, expected: StateSignature) -> None:
+    """Raise `IncompatibleStateError` naming every field where `record` differs from `expected`."""
+    actual = record.signature
+    differences = [
+        f"{name} {getattr(actual, name)!r} (expected {getattr(expected, name)!r})"
+        for name in ("model", "version", "backend", "schema_hash")
+        if getattr(actual, name) != getattr(expected, name)
+    ]
+    if differences:
+        raise IncompatibleStateError(
+            "stored session state does not fit this request: it has " + ", ".join(differences)
+        )
+
+
+# --- encode -------------------------------------------------------------------------------
+
+
+def encode_state(record: StateRecord) -> bytes:
+    """Serialise a record to one self-checking blob (see the module docstring for the layout)."""
+    header = {
+        "model": record.model,
+        "version": record.version,
+        "backend": record.backend,
+        "step": record.step,
+        "schema_hash": record.schema_hash,
+        "created_at": float(record.created_at),
+        "updated_at": float(record.updated_at),
+        "metadata": record.metadata,
+    }
+    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise ValueError(
+            f"state header is {len(header_bytes)} bytes, over the {MAX_HEADER_BYTES}-byte limit"
+        )
+    # safetensors needs contiguous CPU tensors; .contiguous() keeps the values bit-for-bit.
+    cpu_tensors = {name: t.detach().cpu().contiguous() for name, t in record.tensors.items()}
+    payload = safetensors.torch.save(cpu_tensors)
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+    return body + hashlib.sha256(body).digest()
+
+
+# --- decode -------------------------------------------------------------------------------
+
+
+def decode_state(blob: bytes, expected: StateSignature | None = None) -> StateRecord:
+    """Parse and validate a blob; check it against `expected` when given.
+
+    Raises `CorruptStateError` for anything that is not a well-formed blob and
+    `IncompatibleStateError` for a good blob that is of another format or does not match.
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise CorruptStateError(f"state blob must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) < _PREFIX.size + _DIGEST_BYTES:
+        raise CorruptStateError(f"state blob is truncated: {len(blob)} bytes")
+    magic, format_version, header_length = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptStateError("bytes are not a neuroserve state blob (bad magic)")
+    body, digest = blob[:-_DIGEST_BYTES], blob[-_DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptStateError("state blob checksum mismatch: the stored bytes are damaged")
+    if format_version != FORMAT_VERSION:
+        raise IncompatibleStateError(
+            f"state blob has format {format_version}; this server reads format {FORMAT_VERSION}"
+        )
+    header_end = _PREFIX.size + header_length
+    if header_length > MAX_HEADER_BYTES or header_end > len(body):
+        raise CorruptStateError(f"state header length {header_length} exceeds the blob")
+    header = _parse_header(body[_PREFIX.size : header_end])
+    tensors = _parse_safetensors(body[header_end:])
+    try:
+        record = StateRecord(
+            tensors,
+            header["model"],
+            header["version"],
+            header["backend"],
+            header["step"],
+            header["created_at"],
+            header["updated_at"],
+            header["metadata"],
+        )
+    except (TypeError, ValueError) as exc:
+        raise CorruptStateError(f"stored state header is invalid: {exc}") from exc
+    if record.schema_hash != header["schema_hash"]:
+        raise CorruptStateError("stored schema hash does not match the stored tensors")
+    if expected is not None:
+        check_compatible(record, expected)
+    return record
+
+
+def _parse_header(header_bytes: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(
+            header_bytes.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptStateError(f"state header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict) or set(header) != _HEADER_FIELDS:
+        raise CorruptStateError("state header does not have the expected fields")
+    if not isinstance(header["schema_hash"], str) or not _HEX_SHA256.fullmatch(
+        header["schema_hash"]
+    ):
+        raise CorruptStateError("state header schema_hash is not a sha256 hex digest")
+    if not isinstance(header["metadata"], dict):
+        raise CorruptStateError("state header metadata is not a JSON object")
+    return header
+
+
+def _parse_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
+    """Validate the safetensors layout ourselves, then let safetensors build the tensors."""
+    if len(payload) < 8:
+        raise CorruptStateError("state tensor payload is truncated")
+    (index_length,) = struct.unpack_from("<Q", payload)
+    if index_length > len(payload) - 8 or index_length > MAX_HEADER_BYTES:
+        raise CorruptStateError(f"tensor index length {index_length} exceeds the payload")
+    try:
+        index = json.loads(
+            payload[8 : 8 + index_length].decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptStateError(f"tensor index is not valid JSON: {exc}") from exc
+    if not isinstance(index, dict):
+        raise CorruptStateError("tensor index is not a JSON object")
+    metadata = index.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptStateError("tensor index __metadata__ is not a string mapping")
+    spans = []
+    for name, entry in index.items():
+        spans.append((*_check_index_entry(name, entry), name))
+    data_length = len(payload) - 8 - index_length
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise CorruptStateError(f"tensor {name!r} data is not contiguous with the previous")
+        position = end
+    if position != data_length:
+        raise CorruptStateError(
+            f"tensor data is {data_length} bytes but the index covers {position}"
+        )
+    try:
+        return safetensors.torch.load(payload)
+    except Exception as exc:  # the layout passed our checks; anything else is still corrupt
+        raise CorruptStateError(f"tensor payload could not be read: {exc}") from exc
+
+
+def _check_index_entry(name: str, entry: Any) -> tuple[int, int]:
+    if not name or not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptStateError(f"tensor index entry {name!r} is malformed")
+    dtype = _DTYPE_BY_CODE.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if (
+        dtype is None
+        or not isinstance(shape, list)
+        or not 1 <= len(shape) <= _MAX_NDIM
+        or not all(_is_int_in(d, 0, _MAX_DIM) for d in shape)
+        or not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int_in(o, 0, 1 << 62) for o in offsets)
+    ):
+        raise CorruptStateError(f"tensor index entry {name!r} has a bad dtype, shape or offsets")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise CorruptStateError(f"tensor {name!r} offsets do not match its shape and dtype")
+    return begin, end
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _check_tensor(name: Any, tensor: Any) -> None:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"state tensor names must be non-empty strings, got {name!r}")
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"state entry {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise ValueError(f"state tensor {name!r} must be dense, got layout {tensor.layout}")
+    if tensor.dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"state tensor {name!r} has unsupported dtype {tensor.dtype}; "
+            f"supported: {', '.join(str(d) for d in SAFETENSORS_DTYPES)}"
+        )
+    if tensor.ndim == 0:
+        raise ValueError(f"state tensor {name!r} needs a leading batch dimension, got a scalar")
+
+
+def _normalise_metadata(metadata: Any) -> dict[str, Any]:
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"session metadata must be a mapping, got {type(metadata).__name__}")
+    bad_keys = [key for key in metadata if not isinstance(key, str)]
+    if bad_keys:
+        raise ValueError(f"session metadata keys must be strings, got {bad_keys!r}")
+    try:
+        text = json.dumps(dict(metadata), separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValueError(
+            f"session metadata must be JSON-serialisable (finite numbers, string keys): {exc}"
+        ) from exc
+    if len(text) > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"session metadata is {len(text)} bytes, over the {MAX_METADATA_BYTES}-byte limit"
+        )
+    return json.loads(text)
+
+
+def _is_int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key in JSON object")
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} in JSON")
