@@ -1,0 +1,378 @@
+"""A tiled analog matrix-vector multiply on PCM crossbars, with DAC/ADC periphery.
+
+A weight matrix W [out, in] is cut into tiles of at most ``tile_rows`` inputs x ``tile_cols``
+outputs. Each tile stores its block, normalised to |w| <= 1 by a per-tile (or per-column)
+scale, as differential conductance pairs w = (G+ - G-)/g_max: the positive part of a weight on
+G+, the negative part on G-, the other device at 0. One multiply then runs, per tile:
+
+    input x --noise management (divide by abs-max)--> DAC (quantise, clip to ±inp_bound)
+      --> crossbar (Ohm + Kirchhoff: y = W_read x, with W_read a fresh noisy read)
+      --> + output noise --> ADC (quantise, clip to ±out_bound)
+      --> bound management (if any output clipped, halve the input and try again)
+      --> digital: undo the input scaling, times the tile's weight scale and drift factor
+
+and the partial results of the tiles along the input dimension are summed digitally.
+The periphery follows IBM aihwkit's inference defaults (``InferenceRPUConfig``): 7-bit signed
+DAC (resolution 1/126 of the full range), ADC resolution 1/510 with bound 12, output noise
+0.06 (all in normalised units), abs-max noise management, iterative bound management.
+
+Global drift compensation follows aihwkit's ``GlobalDriftCompensation``: right after
+programming, and again at the inference time, the tile is read through its full noisy forward
+pass with one-hot probe inputs; the ratio of the mean absolute outputs rescales the tile's
+output. Because the probe goes through output noise and the ADC, the ratio is slightly too
+small when the weights have drifted (the noise floor does not drift), so it under-corrects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hardware_backends.pcm_model import (
+    PCMConfig,
+    ProgrammedDevices,
+    program_devices,
+    read_conductance,
+)
+
+WEIGHT_SCALINGS = ("tile", "column")
+NOISE_MANAGEMENTS = ("abs_max", "none")
+BOUND_MANAGEMENTS = ("iterative", "none")
+
+
+@dataclass(frozen=True)
+class CrossbarConfig:
+    """Array size and periphery; defaults are aihwkit's inference defaults."""
+
+    tile_rows: int = 512  # inputs (word lines) per tile
+    tile_cols: int = 512  # outputs (bit lines) per tile
+    weight_scaling: str = "tile"  # one scale per tile, or one per column of a tile
+    inp_res: float = 1.0 / 126.0  # DAC step as a fraction of the range 2·inp_bound; 0 = exact
+    inp_bound: float = 1.0
+    out_res: float = 1.0 / 510.0  # ADC step as a fraction of the range 2·out_bound; 0 = exact
+    out_bound: float = 12.0  # normalised units (one input at full scale times one full weight)
+    out_noise: float = 0.06  # std of additive output noise, normalised units
+    noise_management: str = "abs_max"
+    bound_management: str = "iterative"
+    max_bm_factor: float = 1000.0  # bound management gives up beyond this input reduction ...
+    max_bm_res: float = 0.25  # ... or when the reduced input falls below this many DAC steps
+
+    def __post_init__(self) -> None:
+        for name in ("tile_rows", "tile_cols"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"CrossbarConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("inp_res", "out_res"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+                raise ValueError(
+                    f"CrossbarConfig.{name} is a step as a fraction of the range and must lie "
+                    f"in [0, 1), got {value!r}"
+                )
+        for name in ("inp_bound", "out_bound", "max_bm_factor", "max_bm_res"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"CrossbarConfig.{name} must be a positive number, got {value!r}")
+        if not (isinstance(self.out_noise, (int, float)) and self.out_noise >= 0):
+            raise ValueError(f"CrossbarConfig.out_noise must be >= 0, got {self.out_noise!r}")
+        choices = {
+            "weight_scaling": WEIGHT_SCALINGS,
+            "noise_management": NOISE_MANAGEMENTS,
+            "bound_management": BOUND_MANAGEMENTS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"CrossbarConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+
+def quantize(x: Tensor, resolution: float, bound: float) -> Tensor:
+    """Round to the nearest multiple of resolution·2·bound (no clipping); 0 = no rounding."""
+    if resolution == 0:
+        return x
+    step = resolution * 2.0 * bound
+    return torch.round(x / step) * step
+
+
+# --- mapping weights onto tiles ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How an [out, in] matrix is cut: K row tiles of ``rows`` inputs, column tiles of ``cols``."""
+
+    out_features: int
+    in_features: int
+    rows: int  # inputs per tile (the last tile is zero-padded)
+    cols: int  # outputs per tile (the last tile may be narrower)
+
+    @property
+    def row_tiles(self) -> int:
+        return math.ceil(self.in_features / self.rows)
+
+    @property
+    def col_tiles(self) -> int:
+        return math.ceil(self.out_features / self.cols)
+
+    def split_inputs(self, x: Tensor) -> Tensor:
+        """[R, in] -> [R, K, rows], zero-padding the last row tile."""
+        pad = self.row_tiles * self.rows - self.in_features
+        if pad:
+            x = torch.nn.functional.pad(x, (0, pad))
+        return x.view(x.shape[0], self.row_tiles, self.rows)
+
+    def per_column(self, per_tile: Tensor) -> Tensor:
+        """[K, col_tiles] -> [K, out]: each tile's value repeated over its columns."""
+        return per_tile.repeat_interleave(self.cols, dim=1)[:, : self.out_features]
+
+    def tile_any(self, flags: Tensor) -> Tensor:
+        """[..., out] booleans -> [..., col_tiles]: whether any column of a tile is set."""
+        pad = self.col_tiles * self.cols - self.out_features
+        if pad:
+            flags = torch.nn.functional.pad(flags, (0, pad))
+        return flags.view(*flags.shape[:-1], self.col_tiles, self.cols).any(dim=-1)
+
+
+def layout_for(weight: Tensor, config: CrossbarConfig) -> TileLayout:
+    out_features, in_features = weight.shape
+    return TileLayout(
+        out_features, in_features, min(config.tile_rows, in_features), config.tile_cols
+    )
+
+
+def weight_tiles(
+    weight: Tensor, layout: TileLayout, config: CrossbarConfig
+) -> tuple[Tensor, Tensor]:
+    """Normalised tile blocks [K, out, rows] in [-1, 1] and their digital scales [K, out]."""
+    blocks = layout.split_inputs(weight).permute(1, 0, 2)  # [K, out, rows]
+    abs_max = blocks.abs().amax(dim=2)  # [K, out], per column of each row tile
+    if config.weight_scaling == "tile":
+        per_tile = torch.stack(
+            [part.amax(dim=1) for part in abs_max.split(layout.cols, dim=1)], dim=1
+        )  # [K, col_tiles]
+        abs_max = layout.per_column(per_tile)  # [K, out]
+    scale = torch.where(abs_max > 0, abs_max, torch.ones_like(abs_max))  # [K, out]
+    return blocks / scale.unsqueeze(-1), scale
+
+
+# --- one analog pass through the periphery -----------------------------------------------------
+
+
+def _analog_pass(
+    x: Tensor, weights: Tensor, config: CrossbarConfig, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """DAC -> crossbar -> output noise -> ADC. x [R, K, rows], weights [K, out, rows]
+    -> (y [R, K, out] clipped to ±out_bound, which outputs clipped)."""
+    x_dac = quantize(x, config.inp_res, config.inp_bound).clamp(-config.inp_bound, config.inp_bound)
+    y = torch.bmm(x_dac.transpose(0, 1), weights.transpose(1, 2)).transpose(0, 1)  # [R, K, out]
+    if config.out_noise > 0:
+        y = y + config.out_noise * torch.randn(y.shape, generator=generator, dtype=y.dtype)
+    y = quantize(y, config.out_res, config.out_bound)
+    clipped = y.abs() > config.out_bound  # [R, K, out]
+    return y.clamp(-config.out_bound, config.out_bound), clipped
+
+
+def tile_mvm(
+    x: Tensor,
+    weights: Tensor,
+    layout: TileLayout,
+    config: CrossbarConfig,
+    generator: torch.Generator,
+) -> Tensor:
+    """Per-tile analog products with noise and bound management, in the units of x.
+
+    x [R, K, rows] (inputs split over row tiles), weights [K, out, rows] (normalised)
+    -> [R, K, out]: each row tile's partial product, before the digital weight scale.
+    """
+    if config.noise_management == "abs_max":
+        nm = x.abs().amax(dim=-1, keepdim=True)  # [R, K, 1]
+        nm = torch.where(nm > 0, nm, torch.ones_like(nm))
+    else:
+        nm = torch.ones_like(x[..., :1])
+    x_managed = x / nm  # [R, K, rows]
+
+    if config.bound_management == "none":
+        y, _ = _analog_pass(x_managed, weights, config, generator)
+        return y * nm
+
+    # Iterative bound management (aihwkit): a tile whose ADC clipped reruns with the input
+    # halved, until it fits or the input would sink below max_bm_res DAC steps.
+    dac_step = config.inp_res * 2.0 * config.inp_bound
+    give_up_above = config.max_bm_factor
+    if dac_step > 0:
+        give_up_above = min(give_up_above, config.max_bm_res / dac_step)
+    result = torch.zeros(x.shape[0], x.shape[1], layout.out_features, dtype=x.dtype)
+    pending = torch.ones(x.shape[0], x.shape[1], layout.col_tiles, dtype=torch.bool)
+    reduction = 1.0
+    while True:
+        y, clipped = _analog_pass(x_managed / reduction, weights, config, generator)
+        forced = reduction > give_up_above
+        accept = pending if forced else pending & ~layout.tile_any(clipped)  # [R, K, col_tiles]
+        accept_cols = layout.per_column(accept.flatten(0, 1).float()).view_as(y) > 0
+        result = torch.where(accept_cols, y * reduction, result)
+        pending = pending & ~accept
+        if forced or not pending.any():
+            return result * nm
+        reduction *= 2.0
+
+
+def reference_tile_mvm(
+    x: Tensor, weights: Tensor, layout: TileLayout, config: CrossbarConfig
+) -> Tensor:
+    """The slow, obvious version of `tile_mvm` without output noise: one input row and one
+    tile at a time, bound management as a plain loop. Same shapes as `tile_mvm`."""
+    if config.out_noise != 0:
+        raise ValueError("reference_tile_mvm is deterministic; set out_noise=0")
+    dac_step = config.inp_res * 2.0 * config.inp_bound
+    give_up_above = config.max_bm_factor
+    if dac_step > 0:
+        give_up_above = min(give_up_above, config.max_bm_res / dac_step)
+    rows, tiles, _ = x.shape
+    out = torch.zeros(rows, tiles, layout.out_features, dtype=x.dtype)
+    for r in range(rows):
+        for k in range(tiles):
+            xi = x[r, k]  # [rows]
+            nm = float(xi.abs().max()) if config.noise_management == "abs_max" else 1.0
+            nm = nm if nm > 0 else 1.0
+            for c in range(layout.col_tiles):
+                cols = slice(c * layout.cols, min((c + 1) * layout.cols, layout.out_features))
+                w = weights[k, cols]  # [tile cols, rows]
+                reduction = 1.0
+                while True:
+                    x_dac = quantize(xi / nm / reduction, config.inp_res, config.inp_bound)
+                    x_dac = x_dac.clamp(-config.inp_bound, config.inp_bound)
+                    y = quantize(w @ x_dac, config.out_res, config.out_bound)
+                    fits = bool((y.abs() <= config.out_bound).all())
+                    done = config.bound_management == "none" or fits or reduction > give_up_above
+                    if done:
+                        out[r, k, cols] = (
+                            y.clamp(-config.out_bound, config.out_bound) * reduction * nm
+                        )
+                        break
+                    reduction *= 2.0
+    return out
+
+
+# --- a programmed crossbar and its reads -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgrammedCrossbar:
+    """One weight matrix written to PCM tiles: fixed once programmed (the chip is written once)."""
+
+    layout: TileLayout
+    scale: Tensor  # [K, out] digital weight scale (normalised weight -> real weight)
+    positive: ProgrammedDevices  # G+ devices, [K, out, rows] µS
+    negative: ProgrammedDevices  # G- devices, [K, out, rows] µS
+    reference_readout: Tensor | None  # [K, col_tiles] drift-compensation baseline, or None
+
+
+def program_crossbar(
+    weight: Tensor,
+    config: CrossbarConfig,
+    pcm: PCMConfig,
+    generator: torch.Generator,
+    with_drift_reference: bool = True,
+) -> ProgrammedCrossbar:
+    """Map ``weight [out, in]`` to conductance pairs and program them (noise drawn here, once)."""
+    if weight.dim() != 2:
+        raise ValueError(f"a crossbar holds a matrix [out, in], got shape {list(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("cannot program non-finite weights onto a crossbar")
+    weight = weight.detach().float()
+    layout = layout_for(weight, config)
+    normalised, scale = weight_tiles(weight, layout, config)  # [K, out, rows], [K, out]
+    g_plus = normalised.clamp(min=0.0) * pcm.g_max  # [K, out, rows] µS
+    g_minus = (-normalised).clamp(min=0.0) * pcm.g_max
+    positive = program_devices(g_plus, pcm, generator)
+    negative = program_devices(g_minus, pcm, generator)
+    reference = None
+    if with_drift_reference:
+        programmed = (positive.g_programmed - negative.g_programmed) / pcm.g_max
+        reference = probe_readout(programmed, layout, config, generator)
+    return ProgrammedCrossbar(layout, scale, positive, negative, reference)
+
+
+def read_weights(
+    crossbar: ProgrammedCrossbar, t_inference: float, pcm: PCMConfig, generator: torch.Generator
+) -> Tensor:
+    """One noisy read of the normalised weights at ``t_inference``: [K, out, rows]."""
+    g_plus = read_conductance(crossbar.positive, t_inference, pcm, generator)
+    g_minus = read_conductance(crossbar.negative, t_inference, pcm, generator)
+    return (g_plus - g_minus) / pcm.g_max
+
+
+def probe_readout(
+    weights: Tensor, layout: TileLayout, config: CrossbarConfig, generator: torch.Generator
+) -> Tensor:
+    """Mean |output| of each tile for one-hot probes through the noisy forward: [K, col_tiles]."""
+    k_tiles = layout.row_tiles
+    probe = torch.eye(layout.rows).unsqueeze(1).expand(layout.rows, k_tiles, layout.rows)
+    y = tile_mvm(probe.contiguous(), weights, layout, config, generator).abs()  # [rows, K, out]
+    # Only probe rows that exist in each tile (the last one is padded).
+    valid_rows = torch.arange(layout.rows).unsqueeze(1) + layout.rows * torch.arange(k_tiles)
+    y = y * (valid_rows < layout.in_features).unsqueeze(-1)  # [rows, K, out]
+    sums, counts = [], []
+    for c in range(layout.col_tiles):
+        cols = slice(c * layout.cols, min((c + 1) * layout.cols, layout.out_features))
+        sums.append(y[:, :, cols].sum(dim=(0, 2)))  # [K]
+        n_rows = (valid_rows < layout.in_features).sum(dim=0)  # [K]
+        counts.append(n_rows * (cols.stop - cols.start))
+    mean_abs = torch.stack(sums, dim=1) / torch.stack(counts, dim=1)  # [K, col_tiles]
+    return mean_abs.clamp(min=1e-4)
+
+
+class AnalogMatmul:
+    """``F.linear`` on a programmed crossbar at a fixed time since programming.
+
+    Each call reads the conductances afresh (1/f read noise) and pays the periphery's noise;
+    the drift-compensation factor is measured once here, as the chip would after waking up.
+    Counts the multiply-accumulates it executed in ``macs``.
+    """
+
+    def __init__(
+        self,
+        crossbar: ProgrammedCrossbar,
+        config: CrossbarConfig,
+        pcm: PCMConfig,
+        t_inference: float,
+        drift_compensation: bool,
+        generator: torch.Generator,
+    ) -> None:
+        self.crossbar, self.config, self.pcm = crossbar, config, pcm
+        self.t_inference = float(t_inference)
+        self.generator = generator
+        self.macs = 0
+        layout = crossbar.layout
+        alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
+        if drift_compensation:
+            if crossbar.reference_readout is None:
+                raise ValueError("drift compensation needs a crossbar programmed with a reference")
+            now = probe_readout(self.read(), layout, config, generator)
+            alpha = crossbar.reference_readout / now
+        self.alpha = alpha
+        self.output_scale = crossbar.scale * layout.per_column(alpha)  # [K, out]
+
+    def read(self) -> Tensor:
+        return read_weights(self.crossbar, self.t_inference, self.pcm, self.generator)
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        layout = self.crossbar.layout
+        if x.shape[-1] != layout.in_features:
+            raise ValueError(
+                f"crossbar expects {layout.in_features} input features, got {x.shape[-1]}"
+            )
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, layout.in_features).float()  # [R, in]
+        partial = tile_mvm(
+            layout.split_inputs(rows), self.read(), layout, self.config, self.generator
+        )
+        y = (partial * self.output_scale).sum(dim=1)  # [R, out], digital sum over row tiles
+        self.macs += rows.shape[0] * layout.in_features * layout.out_features
+        if bias is not None:
+            y = y + bias
+        return y.to(x.dtype).view(*lead, layout.out_features)

@@ -1,0 +1,166 @@
+"""The tiled analog matmul: exact when ideal, fast path == slow path, periphery as specified."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hardware_backends.crossbar import (
+    AnalogMatmul,
+    CrossbarConfig,
+    layout_for,
+    program_crossbar,
+    quantize,
+    reference_tile_mvm,
+    tile_mvm,
+    weight_tiles,
+)
+from hardware_backends.pcm_model import PCMConfig
+
+IDEAL_PCM = PCMConfig(prog_noise_scale=0.0, drift_scale=0.0, read_noise_scale=0.0)
+IDEAL_XBAR = CrossbarConfig(inp_res=0.0, out_res=0.0, out_noise=0.0, bound_management="none")
+YEAR = 365.0 * 86_400.0
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _matmul(weight, xbar, pcm=IDEAL_PCM, t=0.0, compensate=False, seed=0) -> AnalogMatmul:
+    crossbar = program_crossbar(weight, xbar, pcm, _gen(seed))
+    return AnalogMatmul(crossbar, xbar, pcm, t, compensate, _gen(seed + 1))
+
+
+def test_ideal_crossbar_equals_float_linear_across_many_tiles() -> None:
+    torch.manual_seed(0)
+    weight, bias = torch.randn(21, 45), torch.randn(21)  # 3 x 3 tiles of 16 x 8, both padded
+    x = torch.randn(5, 7, 45)
+    xbar = CrossbarConfig(**{**IDEAL_XBAR.__dict__, "tile_rows": 16, "tile_cols": 8})
+    for scaling in ("tile", "column"):
+        cfg = CrossbarConfig(**{**xbar.__dict__, "weight_scaling": scaling})
+        matmul = _matmul(weight, cfg)
+        torch.testing.assert_close(matmul(x, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        assert matmul.macs == 5 * 7 * 45 * 21
+
+
+def test_fast_tile_mvm_agrees_with_reference_loop() -> None:
+    torch.manual_seed(1)
+    weight = torch.randn(13, 37)
+    # Small output bound so that bound management has to step in for many rows.
+    cfg = CrossbarConfig(tile_rows=16, tile_cols=5, out_bound=1.5, out_noise=0.0)
+    layout = layout_for(weight, cfg)
+    blocks, _ = weight_tiles(weight, layout, cfg)
+    x = layout.split_inputs(torch.randn(40, 37) * torch.rand(40, 1) * 3)
+    for bm in ("iterative", "none"):
+        bm_cfg = CrossbarConfig(**{**cfg.__dict__, "bound_management": bm})
+        fast = tile_mvm(x, blocks, layout, bm_cfg, _gen())
+        slow = reference_tile_mvm(x, blocks, layout, bm_cfg)
+        torch.testing.assert_close(fast, slow, rtol=0, atol=1e-6)
+
+
+def test_iterative_bound_management_recovers_clipped_outputs() -> None:
+    torch.manual_seed(2)
+    weight = torch.rand(8, 64)  # all positive: outputs add up far beyond the bound
+    x = torch.rand(32, 64)
+    exact = F.linear(x, weight)
+    errors = {}
+    for bm in ("iterative", "none"):
+        cfg = CrossbarConfig(out_noise=0.0, out_bound=4.0, bound_management=bm)
+        errors[bm] = float((_matmul(weight, cfg)(x) - exact).abs().max() / exact.abs().max())
+    assert errors["none"] > 0.5  # saturated at the bound
+    assert errors["iterative"] < 0.05  # only quantisation error left
+
+
+def test_dac_is_seven_bit_signed_and_adc_has_511_levels() -> None:
+    cfg = CrossbarConfig()
+    ramp = torch.linspace(-1.0, 1.0, 10_001)
+    dac_levels = torch.unique(quantize(ramp, cfg.inp_res, cfg.inp_bound).clamp(-1, 1))
+    assert dac_levels.numel() == 127  # -63..63 steps of 2/126
+    big_ramp = torch.linspace(-20.0, 20.0, 100_001)
+    adc = quantize(big_ramp, cfg.out_res, cfg.out_bound).clamp(-cfg.out_bound, cfg.out_bound)
+    assert torch.unique(adc).numel() == 511  # -255..255 steps of 24/510
+
+
+def test_output_noise_has_the_configured_std_in_real_units() -> None:
+    # One tile, exact devices and converters: the only noise is out_noise, added in normalised
+    # units, so in real units its std is out_noise * (input abs-max) * (weight scale).
+    torch.manual_seed(3)
+    weight = torch.randn(4, 16)
+    cfg = CrossbarConfig(inp_res=0.0, out_res=0.0, out_noise=0.06, bound_management="none")
+    matmul = _matmul(weight, cfg)
+    n = 20_000
+    x = torch.randn(n, 16)
+    x = 2.5 * x / x.abs().amax(dim=1, keepdim=True)  # every row has abs-max 2.5
+    residual = matmul(x) - F.linear(x, weight)  # [n, 4]
+    expected = 0.06 * 2.5 * weight.abs().max()
+    tolerance = 5.0 * expected / math.sqrt(2 * residual.numel())  # SE of a sample std
+    assert abs(float(residual.std()) - float(expected)) <= tolerance
+    assert abs(float(residual.mean())) <= 5.0 * float(expected) / math.sqrt(residual.numel())
+
+
+def test_column_scaling_normalises_each_column() -> None:
+    weight = torch.tensor([[1.0, -4.0], [0.5, 0.25], [0.0, 0.0]])
+    cfg = CrossbarConfig(weight_scaling="column")
+    blocks, scale = weight_tiles(weight, layout_for(weight, cfg), cfg)
+    torch.testing.assert_close(scale, torch.tensor([[4.0, 0.5, 1.0]]))
+    torch.testing.assert_close(blocks[0], torch.tensor([[0.25, -1.0], [1.0, 0.5], [0.0, 0.0]]))
+    tile_blocks, tile_scale = weight_tiles(
+        weight, layout_for(weight, CrossbarConfig()), CrossbarConfig()
+    )
+    torch.testing.assert_close(tile_scale, torch.full((1, 3), 4.0))
+    assert float(tile_blocks.abs().max()) == 1.0
+
+
+def _mean_gain(matmul: AnalogMatmul, x: torch.Tensor, weight: torch.Tensor) -> float:
+    """Least-squares gain of the analog output against the exact one."""
+    y, exact = matmul(x), F.linear(x, weight)
+    return float((y * exact).sum() / (exact * exact).sum())
+
+
+def test_drift_compensation_restores_most_but_not_all_of_the_gain() -> None:
+    torch.manual_seed(4)
+    weight = torch.randn(64, 128) * 0.1
+    x = torch.randn(256, 128)
+    pcm = PCMConfig()
+    plain = _matmul(weight, CrossbarConfig(), pcm, t=YEAR, compensate=False)
+    compensated = _matmul(weight, CrossbarConfig(), pcm, t=YEAR, compensate=True)
+    # The weights shrink by the drift factor; measure it on the devices themselves.
+    crossbar = plain.crossbar
+    programmed = (crossbar.positive.g_programmed - crossbar.negative.g_programmed).abs().mean()
+    drift = plain.read().abs().mean() * pcm.g_max
+    shrink = float(programmed / drift)
+    assert shrink > 1.3  # a year of drift at ν ≈ 0.05..0.1
+    gain_plain = _mean_gain(plain, x, weight)
+    gain_compensated = _mean_gain(compensated, x, weight)
+    assert gain_plain < 0.8
+    assert 0.85 < gain_compensated < 1.0  # under-corrects: the noise floor does not drift
+    assert float(compensated.alpha.mean()) < shrink
+
+
+def test_same_seed_same_chip_and_reads() -> None:
+    weight = torch.randn(6, 10, generator=_gen(5))
+    x = torch.randn(3, 10, generator=_gen(6))
+    a = _matmul(weight, CrossbarConfig(), PCMConfig(), t=3600.0, compensate=True, seed=11)
+    b = _matmul(weight, CrossbarConfig(), PCMConfig(), t=3600.0, compensate=True, seed=11)
+    c = _matmul(weight, CrossbarConfig(), PCMConfig(), t=3600.0, compensate=True, seed=12)
+    assert torch.equal(a(x), b(x))
+    assert not torch.equal(a(x), c(x))
+    # Read noise is fresh on every call.
+    assert not torch.equal(a(x), a(x))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="inp_res"):
+        CrossbarConfig(inp_res=2.0)
+    with pytest.raises(ValueError, match="bound_management"):
+        CrossbarConfig(bound_management="shift")
+    with pytest.raises(ValueError, match="matrix"):
+        program_crossbar(torch.ones(3), CrossbarConfig(), PCMConfig(), _gen())
+    with pytest.raises(ValueError, match="non-finite"):
+        program_crossbar(torch.tensor([[float("nan")]]), CrossbarConfig(), PCMConfig(), _gen())
+    matmul = _matmul(torch.ones(2, 3), CrossbarConfig())
+    with pytest.raises(ValueError, match="3 input features"):
+        matmul(torch.ones(4, 5))
