@@ -1,0 +1,157 @@
+"""The analog_imc backend on real models: routing, exactness in the ideal limit, drift, usage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hardware_backends.analog_imc import (
+    AnalogIMCBackend,
+    AnalogIMCConfig,
+    find_linear_weights,
+)
+from hardware_backends.base import Runner
+from hardware_backends.crossbar import CrossbarConfig
+from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
+from hardware_backends.pcm_model import PCMConfig
+from models.lru import LRUConfig, LRUModel
+from models.selective import SelectiveConfig, SelectiveModel
+
+YEAR = 365.0 * 86_400.0
+IDEAL = AnalogIMCConfig(
+    crossbar=CrossbarConfig(inp_res=0.0, out_res=0.0, out_noise=0.0, bound_management="none"),
+    pcm=PCMConfig(prog_noise_scale=0.0, drift_scale=0.0, read_noise_scale=0.0),
+)
+
+
+def _lru(seed: int = 0) -> LRUModel:
+    torch.manual_seed(seed)
+    return LRUModel(LRUConfig(d_model=16, d_state=12, n_layers=2)).eval()
+
+
+def _selective_tokens(seed: int = 0) -> SelectiveModel:
+    torch.manual_seed(seed)
+    cfg = SelectiveConfig(vocab_size=20, d_output=20, d_model=16, d_state=4, n_layers=1)
+    return SelectiveModel(cfg).eval()
+
+
+def _digits_like(batch: int = 6, steps: int = 5, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, steps, 8, generator=torch.Generator().manual_seed(seed)) * 16
+
+
+def test_finds_every_linear_weight_and_only_those() -> None:
+    lru = find_linear_weights(_lru())
+    expected = {"encoder.proj.weight", "head.weight"}
+    for i in range(2):
+        expected |= {f"layers.{i}.lru.{m}" for m in ("B_re", "B_im", "C_re", "C_im")}
+        expected.add(f"layers.{i}.mixer.proj.weight")
+    assert set(lru) == expected
+
+    selective = find_linear_weights(_selective_tokens())
+    assert set(selective) == {
+        "encoder.embed.weight",  # as the tied head; its lookups stay digital
+        "layers.0.mixer.in_proj.weight",
+        "layers.0.mixer.x_proj.weight",
+        "layers.0.mixer.dt_proj.weight",
+        "layers.0.mixer.out_proj.weight",
+    }  # A_log (2-D, elementwise) and the depthwise conv stay digital
+
+
+@pytest.mark.parametrize("factory", [_lru, _selective_tokens], ids=["lru", "selective"])
+def test_ideal_chip_reproduces_the_float_model(factory) -> None:
+    model = factory()
+    x = _digits_like() if model.input_kind == "features" else torch.randint(0, 20, (6, 5))
+    runner = AnalogIMCBackend(IDEAL).prepare(model, model_key="m/1")
+    assert isinstance(runner, Runner)
+    with torch.no_grad():
+        expected, expected_state = model(x)
+    logits, state, _ = runner.run(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    stepped, _, _ = runner.run_by_steps(x)  # the reference path agrees
+    torch.testing.assert_close(stepped, expected, rtol=1e-4, atol=1e-4)
+    for name in expected_state:
+        torch.testing.assert_close(state[name], expected_state[name], rtol=1e-4, atol=1e-4)
+
+
+def test_usage_prices_crossbar_and_digital_work_separately() -> None:
+    model = _lru()
+    runner = AnalogIMCBackend().prepare(model, model_key="lru/1")
+    x = _digits_like(batch=3, steps=4)
+    _, _, usage = runner.run(x)
+    dense = model.macs_per_step()["dense_macs"] * 3 * 4
+    cfg = model.config
+    # Λ·h (complex), γ scaling and D·u stay digital in each LRU layer.
+    digital = (6 * cfg.d_state + cfg.d_model) * cfg.n_layers * 3 * 4
+    assert usage.macs == dense
+    expected = (dense - digital) * ANALOG_PCM.mac_joules + digital * DIGITAL_FP32.mac_joules
+    assert usage.energy_joules == pytest.approx(expected, rel=1e-9)
+    _, _, step_usage = runner.step(x[:, 0], runner.init_state(3))
+    assert step_usage.energy_joules == pytest.approx(expected / 4, rel=1e-9)
+
+
+def _relative_error(runner, model, x) -> float:
+    with torch.no_grad():
+        exact, _ = model(x)
+    logits, _, _ = runner.run(x)
+    return float((logits - exact).norm() / exact.norm())
+
+
+def test_drift_compensation_keeps_a_year_old_chip_closer_to_the_float_model() -> None:
+    model = _lru()
+    x = _digits_like(batch=64, steps=8)
+    backend = AnalogIMCBackend()
+    fresh = _relative_error(backend.prepare(model, model_key="lru/1"), model, x)
+    options = {"t_inference": YEAR, "drift_compensation": False}
+    drifted = _relative_error(backend.prepare(model, model_key="lru/1", options=options), model, x)
+    options["drift_compensation"] = True
+    compensated = _relative_error(
+        backend.prepare(model, model_key="lru/1", options=options), model, x
+    )
+    assert fresh < compensated < drifted
+
+
+def test_chip_is_programmed_once_per_seed_and_reads_are_reproducible() -> None:
+    model = _lru()
+    backend = AnalogIMCBackend()
+    hour = backend.prepare(model, model_key="lru/1", options={"t_inference": 3600.0})
+    day = backend.prepare(model, model_key="lru/1", options={"t_inference": 86_400.0})
+    other = backend.prepare(model, model_key="lru/1", options={"seed": 1})
+    name = "head.weight"
+    assert hour.engines[name].crossbar is day.engines[name].crossbar
+    assert other.engines[name].crossbar is not hour.engines[name].crossbar
+
+    x = _digits_like()
+    again = AnalogIMCBackend().prepare(model, model_key="lru/1", options={"t_inference": 3600.0})
+    first, _, _ = hour.run(x)
+    torch.testing.assert_close(again.run(x)[0], first, rtol=0, atol=0)
+    assert not torch.equal(other.run(x)[0], first)
+
+
+def test_runner_snapshot_is_isolated_from_later_model_changes() -> None:
+    model = _lru()
+    runner = AnalogIMCBackend(IDEAL).prepare(model, model_key="lru/1")
+    x = _digits_like()
+    before, _, _ = runner.run(x)
+    with torch.no_grad():
+        model.head.weight.mul_(3.0)
+    torch.testing.assert_close(runner.run(x)[0], before, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_options_and_inputs_raise_clear_errors() -> None:
+    backend = AnalogIMCBackend()
+    model = _lru()
+    with pytest.raises(ValueError, match="t_inferense"):
+        backend.prepare(model, model_key="lru/1", options={"t_inferense": 1.0})
+    with pytest.raises(ValueError, match="t_inference"):
+        backend.prepare(model, model_key="lru/1", options={"t_inference": -1.0})
+    with pytest.raises(ValueError, match="stuck"):
+        backend.prepare(
+            model,
+            model_key="lru/1",
+            options={"stuck_at_zero_fraction": 0.8, "stuck_at_gmax_fraction": 0.8},
+        )
+    runner = backend.prepare(model, model_key="lru/1")
+    with pytest.raises(ValueError, match="batch"):
+        runner.init_state(0)
+    with pytest.raises(ValueError, match="feature"):
+        runner.run(torch.ones(2, 3, 5))
