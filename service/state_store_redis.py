@@ -1,0 +1,412 @@
+"""The Redis state store: redis-py's asyncio client (hiredis parser) behind `StateStore`.
+
+A session is a Redis hash `{version, blob}`. Creating and compare-and-set are Lua scripts, so
+checking the version and writing blob, version and TTL happen atomically on the server. The
+scripts run by EVALSHA; when the server has lost its script cache (restart, failover, SCRIPT
+FLUSH) the NOSCRIPT reply makes us load the script and run just the affected commands again.
+Batch loads and stores go out as one non-transactional pipeline: one network round trip.
+
+URL forms, recognised by scheme:
+
+    redis://[[user]:password@]host[:6379][/db]        plain TCP (redis-py's own URL parsing,
+    rediss://...                                       so its query options work too)
+    unix://[[user]:password@]/path/to.sock[?db=0]      TLS; Unix socket
+    redis+sentinel://[[user]:password@]host[:26379][,host[:26379]...]/master-name[/db]
+    rediss+sentinel://...                              Sentinel (TLS to the master)
+    redis+cluster://[[user]:password@]host[:6379][,host[:6379]...]
+    rediss+cluster://...                               Cluster (database 0 only)
+
+For Sentinel, the credentials in the URL are for the master; a query parameter
+`sentinel_password=` (and `sentinel_username=`) authenticates to the sentinels themselves.
+
+Every connection, timeout or failover error becomes one `StateStoreUnavailableError`, so the
+service can answer 503 and report itself not ready. Timeouts and the retry count are small by
+default so that an unreachable Redis is noticed within about a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as redis_asyncio
+import redis.exceptions as redis_errors
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialWithJitterBackoff
+
+from service.state_store import (
+    DEFAULT_PREFIX,
+    RawLoad,
+    StateStore,
+    StateStoreError,
+    StateStoreUnavailableError,
+)
+
+# KEYS[1] = session key; ARGV = blob, ttl in ms. Returns 1 if created, 0 if the key exists.
+CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'version', 1, 'blob', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] = session key; ARGV = expected version, blob, ttl in ms.
+# Returns the new version; 0 when the key is gone; minus the current version when it moved on.
+CAS_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'version')
+if not current then return 0 end
+current = tonumber(current)
+if current ~= tonumber(ARGV[1]) then return -current end
+redis.call('HSET', KEYS[1], 'version', current + 1, 'blob', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return current + 1
+"""
+
+# Errors that mean "the store cannot serve right now", not "the request was wrong".
+_UNAVAILABLE_ERRORS = (
+    redis_errors.ConnectionError,  # includes BusyLoading, MaxConnections, auth failures
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,  # writing to a replica during failover
+    redis_errors.OutOfMemoryError,
+    redis_errors.ClusterDownError,  # includes MasterDownError
+    redis_errors.TryAgainError,
+    redis_errors.RedisClusterException,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+_SENTINEL_DEFAULT_PORT = 26379
+_REDIS_DEFAULT_PORT = 6379
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where and how to connect, as recognised from a URL by `parse_redis_url`."""
+
+    kind: Literal["standalone", "sentinel", "cluster"]
+    url: str
+    tls: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()  # sentinels or cluster seed nodes
+    service_name: str | None = None  # the Sentinel master's name
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_username: str | None = None
+    sentinel_password: str | None = None
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password replaced by `***`, for logs and error messages."""
+        return redact_url(self.url)
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """Recognise the URL form (see the module docstring); `ValueError` for anything else."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"not a Redis URL: {redact_url(str(url))!r}")
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return RedisTarget("standalone", url, tls=scheme == "rediss")
+    base, _, mode = scheme.partition("+")
+    if base not in ("redis", "rediss") or mode not in ("sentinel", "cluster"):
+        raise ValueError(
+            f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss://, unix://, "
+            f"redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
+        )
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username, password = _split_userinfo(userinfo)
+    default_port = _SENTINEL_DEFAULT_PORT if mode == "sentinel" else _REDIS_DEFAULT_PORT
+    nodes = tuple(_parse_node(node, default_port, url) for node in hostlist.split(","))
+    query = {name: values[-1] for name, values in parse_qs(parts.query).items()}
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if mode == "cluster":
+        if path not in ([], ["0"]):
+            raise ValueError(f"a Redis Cluster has only database 0: {redact_url(url)!r}")
+        return RedisTarget(
+            "cluster",
+            url,
+            tls=base == "rediss",
+            nodes=nodes,
+            username=username,
+            password=password,
+        )
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(
+            f"a Sentinel URL needs the master name as its path, then optionally the database: "
+            f"redis+sentinel://host:26379/mymaster/0, got {redact_url(url)!r}"
+        )
+    return RedisTarget(
+        "sentinel",
+        url,
+        tls=base == "rediss",
+        nodes=nodes,
+        service_name=path[0],
+        db=int(path[1]) if len(path) == 2 else 0,
+        username=username,
+        password=password,
+        sentinel_username=query.get("sentinel_username"),
+        sentinel_password=query.get("sentinel_password"),
+    )
+
+
+def redact_url(url: str) -> str:
+    """Replace the password in a URL's userinfo (and `password=` options) with `***`."""
+    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"((?:sentinel_)?password=)[^&]*", r"\1***", url)
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    """How patient the client is. Small defaults: a dead Redis should cost ~1 s, not 10."""
+
+    socket_timeout: float = 1.0
+    connect_timeout: float = 1.0
+    retries: int = 1  # extra attempts after a connection error, with jittered backoff
+    max_connections: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)  # passed on to redis-py
+
+
+def connect(target: RedisTarget, options: ConnectionOptions) -> tuple[Any, list[Any]]:
+    """Build (lazily connecting) the redis-py client for `target`.
+
+    Returns the client and any helper clients to close with it (the sentinels).
+    """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), options.retries)
+    common = {
+        "socket_timeout": options.socket_timeout,
+        "socket_connect_timeout": options.connect_timeout,
+        "retry": retry,
+        **options.extra,
+    }
+    if target.kind == "standalone":
+        pool = redis_asyncio.ConnectionPool.from_url(
+            target.url, max_connections=options.max_connections, **common
+        )
+        return redis_asyncio.Redis.from_pool(pool), []
+    if target.kind == "cluster":
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            username=target.username,
+            password=target.password,
+            ssl=target.tls,
+            max_connections=options.max_connections,
+            **common,
+        )
+        return client, []
+    sentinel_auth = {
+        "username": target.sentinel_username,
+        "password": target.sentinel_password,
+    }
+    sentinel = Sentinel(
+        list(target.nodes),
+        sentinel_kwargs={
+            "socket_timeout": options.socket_timeout,
+            "socket_connect_timeout": options.connect_timeout,
+            **{k: v for k, v in sentinel_auth.items() if v is not None},
+        },
+    )
+    client = sentinel.master_for(
+        target.service_name,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.tls,
+        max_connections=options.max_connections,
+        **common,
+    )
+    return client, list(sentinel.sentinels)
+
+
+class RedisStateStore(StateStore):
+    """`StateStore` on Redis (standalone, Sentinel or Cluster); build with `from_url`."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        seed: int = 0,
+        description: str = "redis",
+        helpers: Sequence[Any] = (),
+    ) -> None:
+        super().__init__(prefix=prefix, seed=seed)
+        self._client = client
+        self._helpers = list(helpers)
+        self._description = description
+        self._script_shas: dict[str, str] = {}
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        seed: int = 0,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        retries: int = 1,
+        max_connections: int = 64,
+        **redis_options: Any,
+    ) -> RedisStateStore:
+        """A store for any URL form in the module docstring. Connects on first use."""
+        target = parse_redis_url(url)
+        options = ConnectionOptions(
+            socket_timeout, connect_timeout, retries, max_connections, redis_options
+        )
+        client, helpers = connect(target, options)
+        return cls(
+            client,
+            prefix=prefix,
+            seed=seed,
+            description=f"Redis {target.kind} at {target.redacted_url}",
+            helpers=helpers,
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStateStore({self._description}, prefix={self.prefix!r})"
+
+    async def ping(self) -> None:
+        with self._errors("PING"):
+            await self._client.ping()
+
+    async def close(self) -> None:
+        for client in [self._client, *self._helpers]:
+            await client.aclose()
+
+    # --- sessions -------------------------------------------------------------------------
+
+    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int) -> bool:
+        (created,) = await self._run_scripts(CREATE_SCRIPT, [(key, (blob, ttl_ms))])
+        return created == 1
+
+    async def _get_raw_many(self, keys: Sequence[str], touch_ttl_ms: int | None) -> list[RawLoad]:
+        with self._errors("load"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, "version", "blob")
+                    if touch_ttl_ms is not None:
+                        pipe.pexpire(key, touch_ttl_ms)
+                replies = await pipe.execute()
+        step = 1 if touch_ttl_ms is None else 2
+        loads: list[RawLoad] = []
+        for version, blob in replies[::step]:
+            loads.append(None if version is None or blob is None else (blob, int(version)))
+        return loads
+
+    async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
+        calls = [(key, (expected, blob, ttl_ms)) for key, blob, expected, ttl_ms in writes]
+        return [int(result) for result in await self._run_scripts(CAS_SCRIPT, calls)]
+
+    async def _delete_raw(self, key: str) -> bool:
+        with self._errors("DEL"):
+            return await self._client.delete(key) == 1
+
+    async def _touch_raw(self, key: str, ttl_ms: int) -> bool:
+        with self._errors("PEXPIRE"):
+            return bool(await self._client.pexpire(key, ttl_ms))
+
+    # --- generic records ------------------------------------------------------------------
+
+    async def _put_raw(self, key: str, value: bytes, ttl_ms: int | None) -> None:
+        with self._errors("SET"):
+            await self._client.set(key, value, px=ttl_ms)
+
+    async def _get_raw(self, key: str) -> bytes | None:
+        with self._errors("GET"):
+            return await self._client.get(key)
+
+    async def _incr_raw(self, key: str, amount: int, ttl_ms: int | None) -> int:
+        with self._errors("INCRBY"):
+            try:
+                async with self._client.pipeline(transaction=True) as pipe:
+                    pipe.incrby(key, amount)
+                    if ttl_ms is not None:
+                        pipe.pexpire(key, ttl_ms)
+                    replies = await pipe.execute()
+            except redis_errors.ResponseError as exc:
+                if "not an integer" in str(exc) or "overflow" in str(exc):
+                    raise ValueError(
+                        f"record {key} does not hold a 64-bit integer or would overflow: {exc}"
+                    ) from None
+                raise
+        return int(replies[0])
+
+    # --- scripts --------------------------------------------------------------------------
+
+    async def _run_scripts(self, source: str, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
+        """EVALSHA `source` once per (key, args) in one pipeline; reload on NOSCRIPT.
+
+        Each call touches one key and stands alone, so after a NOSCRIPT only the calls that
+        got it are run again (possibly all of them).
+        """
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for attempt in range(2):
+            sha = await self._script_sha(source, reload=attempt > 0)
+            with self._errors("EVALSHA"):
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for index in pending:
+                        key, args = calls[index]
+                        pipe.evalsha(sha, 1, key, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+            retry = []
+            for index, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, redis_errors.NoScriptError):
+                    retry.append(index)
+                elif isinstance(reply, Exception):
+                    self._raise_mapped(reply, "EVALSHA")
+                else:
+                    results[index] = reply
+            if not retry:
+                return results
+            pending = retry
+        raise StateStoreError("Redis kept losing the state store's Lua scripts")
+
+    async def _script_sha(self, source: str, *, reload: bool) -> str:
+        if reload or source not in self._script_shas:
+            with self._errors("SCRIPT LOAD"):
+                self._script_shas[source] = await self._client.script_load(source)
+        return self._script_shas[source]
+
+    # --- errors ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self, operation: str) -> Iterator[None]:
+        """Turn redis-py's errors into the store's: unavailable, or a plain store error."""
+        try:
+            yield
+        except (redis_errors.RedisError, *_UNAVAILABLE_ERRORS) as exc:
+            self._raise_mapped(exc, operation)
+
+    def _raise_mapped(self, exc: BaseException, operation: str) -> None:
+        if isinstance(exc, _UNAVAILABLE_ERRORS):
+            raise StateStoreUnavailableError(
+                f"state store unavailable ({self._description}): {operation} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        raise StateStoreError(
+            f"state store error ({self._description}): {operation} failed: {exc}"
+        ) from exc
+
+
+def _split_userinfo(userinfo: str) -> tuple[str | None, str | None]:
+    if not userinfo:
+        return None, None
+    user, has_password, password = userinfo.partition(":")
+    return unquote(user) or None, unquote(password) if has_password else None
+
+
+def _parse_node(node: str, default_port: int, url: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\[\]:]+)(?::(\d{1,5}))?", node)
+    if match is None or (match.group(2) is not None and not 0 < int(match.group(2)) < 65536):
+        raise ValueError(f"bad host:port {node!r} in Redis URL {redact_url(url)!r}")
+    host = match.group(1).strip("[]")
+    return host, int(match.group(2)) if match.group(2) else default_port

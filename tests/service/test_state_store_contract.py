@@ -1,0 +1,630 @@
+"""One contract, run against every state store: in-process and a real Redis server.
+
+The Redis variant uses the `redis_url` fixture (tests/conftest.py), which starts a private
+redis-server when no test server is configured; each test gets its own key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis
+import torch
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+
+from service.state_codec import (
+    CorruptStateError,
+    IncompatibleStateError,
+    StateRecord,
+    StateSignature,
+    encode_state,
+)
+from service.state_store import (
+    CasWrite,
+    InMemoryStateStore,
+    StaleVersionError,
+    StateExistsError,
+    StateNotFoundError,
+    StateStore,
+    StateStoreUnavailableError,
+    open_state_store,
+)
+from service.state_store_redis import (
+    ConnectionOptions,
+    RedisStateStore,
+    connect,
+    parse_redis_url,
+    redact_url,
+)
+
+pytestmark = pytest.mark.anyio
+
+SIGNATURE = StateSignature.of(
+    {"count": torch.zeros(1, 1, dtype=torch.int64), "h": torch.zeros(1, 4)},
+    model="counter",
+    version="1",
+    backend="torch",
+)
+LONG_TTL = 60.0
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def store_factory(request: pytest.FixtureRequest) -> Callable[[], StateStore]:
+    """Makes stores that share one backing store (the same dict, or the same Redis prefix)."""
+    if request.param == "memory":
+        shared = InMemoryStateStore(prefix="nstest")
+        return lambda: shared
+    url = request.getfixturevalue("redis_url")
+    prefix = request.getfixturevalue("redis_prefix")
+    return lambda: RedisStateStore.from_url(url, prefix=prefix)
+
+
+@pytest.fixture
+async def store(store_factory: Callable[[], StateStore]) -> AsyncIterator[StateStore]:
+    async with store_factory() as opened:
+        yield opened
+
+
+def counter_record(count: int = 0, seed: int = 0) -> StateRecord:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {
+        "count": torch.tensor([[count]], dtype=torch.int64),  # [B=1, 1]
+        "h": torch.randn(1, 4, generator=generator),  # [B=1, 4]
+    }
+    return StateRecord.new(
+        tensors, model="counter", version="1", backend="torch", metadata={"alpha": 0.1}
+    )
+
+
+def increment(record: StateRecord) -> StateRecord:
+    count = record.tensors["count"]
+    return record.advance({**record.tensors, "count": count + 1}, 1)
+
+
+def count_of(record: StateRecord) -> int:
+    return int(record.tensors["count"].item())
+
+
+# --- create / get / delete / touch --------------------------------------------------------
+
+
+async def test_create_then_get_returns_the_exact_record_at_version_one(store: StateStore) -> None:
+    record = counter_record(count=7, seed=3)
+    assert await store.create("s1", record, LONG_TTL) == 1
+
+    loaded, version = await store.get("s1", expected=SIGNATURE)
+
+    assert version == 1
+    for name, tensor in record.tensors.items():
+        assert loaded.tensors[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
+    assert loaded.signature == record.signature
+    assert (loaded.step, loaded.metadata, loaded.created_at) == (
+        0,
+        {"alpha": 0.1},
+        record.created_at,
+    )
+    assert await store.get("never-created") is None
+
+
+async def test_create_refuses_an_existing_session(store: StateStore) -> None:
+    await store.create("s1", counter_record(1), LONG_TTL)
+    with pytest.raises(StateExistsError, match="'s1' already exists"):
+        await store.create("s1", counter_record(2), LONG_TTL)
+    loaded, version = await store.get("s1")
+    assert (count_of(loaded), version) == (1, 1)
+
+
+async def test_delete_removes_a_session_once(store: StateStore) -> None:
+    await store.create("s1", counter_record(), LONG_TTL)
+    assert await store.delete("s1") is True
+    assert await store.delete("s1") is False
+    assert await store.get("s1") is None
+    assert await store.create("s1", counter_record(), LONG_TTL) == 1  # the id is free again
+
+
+async def test_get_refuses_state_of_another_model_version(store: StateStore) -> None:
+    await store.create("s1", counter_record(), LONG_TTL)
+    newer = StateSignature("counter", "2", "torch", SIGNATURE.schema_hash)
+    with pytest.raises(IncompatibleStateError, match="version '1' \\(expected '2'\\)"):
+        await store.get("s1", expected=newer)
+
+
+async def test_corrupted_blob_is_refused(store: StateStore) -> None:
+    blob = bytearray(encode_state(counter_record()))
+    blob[len(blob) // 2] ^= 0x10
+    assert await store._create_raw(store.session_key("bad"), bytes(blob), 60_000)
+    with pytest.raises(CorruptStateError, match="checksum"):
+        await store.get("bad")
+    with pytest.raises(CorruptStateError):
+        await store.update("bad", increment, LONG_TTL)
+
+
+# --- compare-and-set ----------------------------------------------------------------------
+
+
+async def test_compare_and_set_advances_the_version(store: StateStore) -> None:
+    await store.create("s1", counter_record(0), LONG_TTL)
+    assert await store.compare_and_set("s1", counter_record(1), 1, LONG_TTL) == 2
+    assert await store.compare_and_set("s1", counter_record(2), 2, LONG_TTL) == 3
+    loaded, version = await store.get("s1")
+    assert (count_of(loaded), version) == (2, 3)
+
+
+async def test_compare_and_set_detects_a_concurrent_write(store: StateStore) -> None:
+    await store.create("s1", counter_record(0), LONG_TTL)
+    first, version = await store.get("s1")
+    second, _ = await store.get("s1")
+    await store.compare_and_set("s1", increment(first), version, LONG_TTL)
+    with pytest.raises(StaleVersionError, match="at version 2, not 1"):
+        await store.compare_and_set("s1", increment(second), version, LONG_TTL)
+    loaded, version = await store.get("s1")
+    assert (count_of(loaded), version) == (1, 2)  # the losing write left no trace
+
+
+async def test_compare_and_set_never_resurrects_a_deleted_session(store: StateStore) -> None:
+    await store.create("s1", counter_record(), LONG_TTL)
+    await store.delete("s1")
+    with pytest.raises(StateNotFoundError, match="'s1' not found"):
+        await store.compare_and_set("s1", counter_record(), 1, LONG_TTL)
+    assert await store.get("s1") is None
+
+
+# --- TTL ----------------------------------------------------------------------------------
+
+
+async def test_session_expires_after_its_ttl(store: StateStore) -> None:
+    await store.create("s1", counter_record(), 0.3)
+    assert await store.get("s1") is not None
+    await asyncio.sleep(0.45)
+    assert await store.get("s1") is None
+    assert await store.touch("s1", LONG_TTL) is False
+    with pytest.raises(StateNotFoundError):
+        await store.compare_and_set("s1", counter_record(), 1, LONG_TTL)
+
+
+async def test_every_write_and_touch_restarts_the_ttl(store: StateStore) -> None:
+    await store.create("written", counter_record(), 0.4)
+    await store.create("touched", counter_record(), 0.4)
+    await store.create("read", counter_record(), 0.4)
+    await store.create("idle", counter_record(), 0.4)
+    await asyncio.sleep(0.25)
+    await store.compare_and_set("written", counter_record(1), 1, 0.4)
+    assert await store.touch("touched", 0.4) is True
+    await store.get("read", touch_ttl=0.4)
+    await asyncio.sleep(0.25)  # 0.5 s after creation, 0.25 s after the refresh
+    assert await store.get("idle") is None
+    for session_id in ("written", "touched", "read"):
+        assert await store.get(session_id) is not None, session_id
+
+
+# --- update under contention --------------------------------------------------------------
+
+
+async def test_update_applies_the_function_and_bumps_the_version(store: StateStore) -> None:
+    await store.create("s1", counter_record(0), LONG_TTL)
+    record, version = await store.update("s1", increment, LONG_TTL, expected=SIGNATURE)
+    assert (count_of(record), record.step, version) == (1, 1, 2)
+    with pytest.raises(StateNotFoundError):
+        await store.update("missing", increment, LONG_TTL)
+
+
+async def test_update_loses_nothing_under_50_concurrent_tasks(store: StateStore) -> None:
+    await store.create("s1", counter_record(0), LONG_TTL)
+    calls = 0
+
+    async def slow_increment(record: StateRecord) -> StateRecord:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)  # let the other tasks read the same version meanwhile
+        return increment(record)
+
+    await asyncio.gather(
+        *(store.update("s1", slow_increment, LONG_TTL, retries=200) for _ in range(50))
+    )
+
+    record, version = await store.get("s1")
+    assert (count_of(record), record.step, version) == (50, 50, 51)
+    assert calls > 50  # conflicts really happened and were retried
+
+
+async def test_update_gives_up_after_the_retry_budget(store: StateStore) -> None:
+    await store.create("s1", counter_record(0), LONG_TTL)
+
+    async def meddling_increment(record: StateRecord) -> StateRecord:
+        # Someone else writes between our read and our write, every time.
+        await store.update("s1", increment, LONG_TTL)
+        return increment(record)
+
+    with pytest.raises(StaleVersionError, match="gave up after 3 attempts"):
+        await store.update("s1", meddling_increment, LONG_TTL, retries=2)
+    record, _ = await store.get("s1")
+    assert count_of(record) == 3  # only the three meddling writes landed
+
+
+def _increment_in_thread(make_store: Callable[[], StateStore], times: int) -> None:
+    async def run() -> None:
+        # Each thread has its own loop, so its own Redis connections; the in-process store
+        # is one shared object (closing it is a no-op).
+        async with make_store() as own:
+            for _ in range(times):
+                await own.update("shared", increment, LONG_TTL, retries=500)
+
+    asyncio.run(run())
+
+
+async def test_update_loses_nothing_across_threads_with_their_own_loops(
+    store: StateStore, store_factory: Callable[[], StateStore]
+) -> None:
+    await store.create("shared", counter_record(0), LONG_TTL)
+    threads = [
+        threading.Thread(target=_increment_in_thread, args=(store_factory, 10)) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for _ in range(10):  # this loop contends too
+        await store.update("shared", increment, LONG_TTL, retries=500)
+    await asyncio.to_thread(lambda: [thread.join(timeout=60) for thread in threads])
+
+    record, version = await store.get("shared")
+    assert (count_of(record), version) == (50, 51)
+
+
+def _increment_in_process(url: str, prefix: str, times: int) -> None:
+    async def run() -> None:
+        async with RedisStateStore.from_url(url, prefix=prefix, seed=times) as replica:
+            for _ in range(times):
+                await replica.update("shared", increment, LONG_TTL, retries=500)
+
+    asyncio.run(run())
+
+
+@pytest.mark.redis
+async def test_update_loses_nothing_across_processes(redis_url: str, redis_prefix: str) -> None:
+    """Separate processes play separate service replicas sharing one Redis."""
+    async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
+        await store.create("shared", counter_record(0), LONG_TTL)
+        spawn = multiprocessing.get_context("spawn")
+        replicas = [
+            spawn.Process(target=_increment_in_process, args=(redis_url, redis_prefix, 20))
+            for _ in range(2)
+        ]
+        for replica in replicas:
+            replica.start()
+        for _ in range(20):
+            await store.update("shared", increment, LONG_TTL, retries=500)
+        await asyncio.to_thread(lambda: [replica.join(timeout=120) for replica in replicas])
+
+        assert [replica.exitcode for replica in replicas] == [0, 0]
+        record, version = await store.get("shared")
+        assert (count_of(record), version) == (60, 61)
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+async def test_get_many_returns_each_session_in_order(store: StateStore) -> None:
+    for index in range(4):
+        await store.create(f"s{index}", counter_record(index), LONG_TTL)
+    await store.compare_and_set("s2", counter_record(20), 1, LONG_TTL)
+    blob = bytearray(encode_state(counter_record()))
+    blob[-1] ^= 1
+    await store._create_raw(store.session_key("bad"), bytes(blob), 60_000)
+
+    outcomes = await store.get_many(["s3", "missing", "s2", "bad", "s0"], expected=SIGNATURE)
+
+    assert [count_of(o.record) for o in (outcomes[0], outcomes[2], outcomes[4])] == [3, 20, 0]
+    assert [outcomes[0].version, outcomes[2].version, outcomes[4].version] == [1, 2, 1]
+    assert outcomes[1] is None
+    assert isinstance(outcomes[3], CorruptStateError)
+    assert await store.get_many([]) == []
+
+
+async def test_cas_many_applies_each_write_on_its_own(store: StateStore) -> None:
+    for index in range(3):
+        await store.create(f"s{index}", counter_record(0), LONG_TTL)
+    await store.compare_and_set("s1", counter_record(5), 1, LONG_TTL)  # s1 is now at v2
+
+    outcomes = await store.cas_many(
+        [
+            CasWrite("s0", counter_record(1), 1, LONG_TTL),
+            CasWrite("s1", counter_record(1), 1, LONG_TTL),  # stale
+            CasWrite("missing", counter_record(1), 1, LONG_TTL),
+            CasWrite("s2", counter_record(1), 1, LONG_TTL),
+        ]
+    )
+
+    assert outcomes[0] == 2 and outcomes[3] == 2
+    assert isinstance(outcomes[1], StaleVersionError)
+    assert isinstance(outcomes[2], StateNotFoundError)
+    loads = await store.get_many(["s0", "s1", "s2", "missing"])
+    assert [count_of(load.record) for load in loads[:3]] == [1, 5, 1]
+    assert loads[3] is None  # a failed write creates nothing
+    assert await store.cas_many([]) == []
+
+
+async def test_a_batch_step_round_trip(store: StateStore) -> None:
+    """The micro-batcher's pattern: load a batch, step it, store it; repeat."""
+    session_ids = [f"s{index}" for index in range(8)]
+    for session_id in session_ids:
+        await store.create(session_id, counter_record(0), LONG_TTL)
+    for _ in range(3):
+        loads = await store.get_many(session_ids, expected=SIGNATURE)
+        writes = [
+            CasWrite(session_id, increment(load.record), load.version, LONG_TTL)
+            for session_id, load in zip(session_ids, loads, strict=True)
+        ]
+        assert await store.cas_many(writes) == [load.version + 1 for load in loads]
+    loads = await store.get_many(session_ids)
+    assert {(count_of(load.record), load.record.step, load.version) for load in loads} == {
+        (3, 3, 4)
+    }
+
+
+# --- generic TTL records ------------------------------------------------------------------
+
+
+async def test_records_store_bytes_and_json(store: StateStore) -> None:
+    await store.put_record("predictions", "p1", b"\x00\xffraw", LONG_TTL)
+    await store.put_json("aci", "digits-lru", {"alpha_t": 0.093, "seen": 12}, None)
+    assert await store.get_record("predictions", "p1") == b"\x00\xffraw"
+    assert await store.get_json("aci", "digits-lru") == {"alpha_t": 0.093, "seen": 12}
+    assert await store.get_record("predictions", "missing") is None
+    assert await store.get_json("aci", "missing") is None
+    assert await store.delete_record("predictions", "p1") is True
+    assert await store.get_record("predictions", "p1") is None
+
+
+async def test_records_expire_and_ttl_none_keeps_them(store: StateStore) -> None:
+    await store.put_record("predictions", "short", b"x", 0.3)
+    await store.put_record("predictions", "kept", b"y", None)
+    await asyncio.sleep(0.45)
+    assert await store.get_record("predictions", "short") is None
+    assert await store.get_record("predictions", "kept") == b"y"
+
+
+async def test_counters_increment_atomically(store: StateStore) -> None:
+    results = await asyncio.gather(*(store.incr("feedback", "digits", 2) for _ in range(20)))
+    assert sorted(results) == list(range(2, 41, 2))
+    assert await store.get_record("feedback", "digits") == b"40"
+    assert await store.incr("feedback", "digits", -40) == 0
+    await store.incr("feedback", "short", ttl=0.3)
+    await asyncio.sleep(0.45)
+    assert await store.incr("feedback", "short") == 1  # expired, so it counted from zero
+
+
+async def test_incr_refuses_a_record_that_is_not_an_integer(store: StateStore) -> None:
+    await store.put_record("feedback", "text", b"twelve", None)
+    with pytest.raises(ValueError, match="64-bit integer"):
+        await store.incr("feedback", "text")
+    assert await store.get_record("feedback", "text") == b"twelve"
+
+
+async def test_sessions_and_records_do_not_collide(store: StateStore) -> None:
+    await store.create("x", counter_record(), LONG_TTL)
+    await store.put_record("other", "x", b"record", LONG_TTL)
+    assert count_of((await store.get("x")).record) == 0
+    with pytest.raises(ValueError, match="reserved for sessions"):
+        await store.put_record("session", "x", b"clobber", LONG_TTL)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [0, -1.0, float("nan"), float("inf"), "10"])
+async def test_bad_ttl_is_refused(store: StateStore, ttl: object) -> None:
+    with pytest.raises(ValueError, match="ttl must be"):
+        await store.create("s1", counter_record(), ttl)  # type: ignore[arg-type]
+    assert await store.get("s1") is None
+
+
+@pytest.mark.parametrize("session_id", ["", "has space", "tab\t", "x" * 257, 42])
+async def test_bad_session_ids_are_refused(store: StateStore, session_id: object) -> None:
+    with pytest.raises(ValueError, match="session id must be"):
+        await store.create(session_id, counter_record(), LONG_TTL)  # type: ignore[arg-type]
+
+
+async def test_bad_versions_namespaces_and_values_are_refused(store: StateStore) -> None:
+    with pytest.raises(ValueError, match="expected_version must be a positive integer"):
+        await store.compare_and_set("s1", counter_record(), 0, LONG_TTL)
+    with pytest.raises(ValueError, match="record namespace must be"):
+        await store.put_record("Bad Namespace", "k", b"v", LONG_TTL)
+    with pytest.raises(TypeError, match="record value must be bytes"):
+        await store.put_record("ns", "k", "text", LONG_TTL)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not JSON-serialisable"):
+        await store.put_json("ns", "k", {"x": float("nan")}, LONG_TTL)
+    with pytest.raises(ValueError, match="retries must be"):
+        await store.update("s1", increment, LONG_TTL, retries=-1)
+
+
+# --- in-process specifics -----------------------------------------------------------------
+
+
+async def test_in_memory_store_sweeps_expired_entries() -> None:
+    now = [100.0]
+    store = InMemoryStateStore(clock=lambda: now[0], sweep_interval=1.0)
+    for index in range(5):
+        await store.create(f"s{index}", counter_record(), 2.0)
+    await store.put_record("ns", "kept", b"v", None)
+    assert len(store) == 6
+    now[0] += 2.0  # exactly at the deadline: gone
+    assert len(store) == 1
+    assert await store.get("s0") is None
+
+
+def test_open_state_store_picks_the_implementation() -> None:
+    assert isinstance(open_state_store(None), InMemoryStateStore)
+    assert isinstance(open_state_store(""), InMemoryStateStore)
+    assert isinstance(open_state_store("redis://127.0.0.1:1/0"), RedisStateStore)
+    with pytest.raises(ValueError, match="only apply to a Redis"):
+        open_state_store(None, socket_timeout=1.0)
+    with pytest.raises(ValueError, match="prefix must be"):
+        InMemoryStateStore(prefix="{tagged}")
+
+
+# --- Redis specifics ----------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_redis_keys_are_namespaced_under_the_prefix(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
+        await store.create("abc", counter_record(), LONG_TTL)
+        await store.put_record("aci", "m1", b"1", LONG_TTL)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = sorted(client.scan_iter(match=f"{redis_prefix}:*"))
+        ttl_ms = client.pttl(f"{redis_prefix}:session:abc")
+    finally:
+        client.close()
+    assert keys == [f"{redis_prefix}:aci:m1".encode(), f"{redis_prefix}:session:abc".encode()]
+    assert 0 < ttl_ms <= LONG_TTL * 1000
+
+
+@pytest.mark.redis
+async def test_redis_prefixes_isolate_stores(redis_url: str, redis_prefix: str) -> None:
+    async with (
+        RedisStateStore.from_url(redis_url, prefix=f"{redis_prefix}:a") as first,
+        RedisStateStore.from_url(redis_url, prefix=f"{redis_prefix}:b") as second,
+    ):
+        await first.create("s1", counter_record(1), LONG_TTL)
+        assert await second.get("s1") is None
+        await second.create("s1", counter_record(2), LONG_TTL)
+        assert count_of((await first.get("s1")).record) == 1
+
+
+@pytest.mark.redis
+async def test_redis_store_recovers_when_the_script_cache_is_flushed(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
+        await store.create("s1", counter_record(0), LONG_TTL)
+        await store._client.script_flush()  # as after a restart or failover
+        assert await store.compare_and_set("s1", counter_record(1), 1, LONG_TTL) == 2
+        await store._client.script_flush()
+        writes = [CasWrite("s1", counter_record(2), 2, LONG_TTL)] * 2
+        outcomes = await store.cas_many(writes)
+        assert outcomes[0] == 3 and isinstance(outcomes[1], StaleVersionError)
+
+
+async def test_unreachable_redis_raises_unavailable_quickly(unused_redis_url: str) -> None:
+    store = RedisStateStore.from_url(unused_redis_url, connect_timeout=0.2, retries=0)
+    operations = [
+        store.ping(),
+        store.create("s1", counter_record(), LONG_TTL),
+        store.get("s1"),
+        store.get_many(["s1", "s2"]),
+        store.compare_and_set("s1", counter_record(), 1, LONG_TTL),
+        store.cas_many([CasWrite("s1", counter_record(), 1, LONG_TTL)]),
+        store.update("s1", increment, LONG_TTL),
+        store.delete("s1"),
+        store.touch("s1", LONG_TTL),
+        store.put_record("ns", "k", b"v", LONG_TTL),
+        store.get_record("ns", "k"),
+        store.incr("ns", "k"),
+    ]
+    started = time.monotonic()
+    for operation in operations:
+        with pytest.raises(StateStoreUnavailableError, match="state store unavailable"):
+            await operation
+    assert time.monotonic() - started < 5.0  # connection refused is immediate; no long retry
+    await store.close()
+
+
+async def test_unavailable_error_never_shows_the_password(unused_redis_url: str) -> None:
+    url = unused_redis_url.replace("redis://", "redis://user:s3cret@")
+    store = RedisStateStore.from_url(url, connect_timeout=0.2, retries=0)
+    with pytest.raises(StateStoreUnavailableError) as caught:
+        await store.ping()
+    assert "s3cret" not in str(caught.value) and "user:***@" in str(caught.value)
+    await store.close()
+
+
+# --- Redis URL forms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "tls"),
+    [
+        ("redis://localhost:6379/0", False),
+        ("rediss://:pw@cache.example:6380/2", True),
+        ("unix:///run/redis/redis.sock?db=3", False),
+    ],
+)
+def test_standalone_urls_go_to_redis_py_unchanged(url: str, tls: bool) -> None:
+    target = parse_redis_url(url)
+    assert (target.kind, target.url, target.tls) == ("standalone", url, tls)
+
+
+def test_sentinel_url_lists_sentinels_master_and_credentials() -> None:
+    target = parse_redis_url(
+        "redis+sentinel://app:p%40ss@s1.example,s2.example:26380,[::1]:5000/mymaster/4"
+        "?sentinel_password=spw"
+    )
+    assert target.kind == "sentinel" and not target.tls
+    assert target.nodes == (("s1.example", 26379), ("s2.example", 26380), ("::1", 5000))
+    assert (target.service_name, target.db) == ("mymaster", 4)
+    assert (target.username, target.password, target.sentinel_password) == ("app", "p@ss", "spw")
+    assert parse_redis_url("rediss+sentinel://s1/main").tls
+    assert parse_redis_url("redis+sentinel://s1/main").db == 0
+
+
+def test_cluster_url_lists_seed_nodes() -> None:
+    target = parse_redis_url("rediss+cluster://:pw@n1:7000,n2:7001,n3")
+    assert (target.kind, target.tls, target.password) == ("cluster", True, "pw")
+    assert target.nodes == (("n1", 7000), ("n2", 7001), ("n3", 6379))
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("localhost:6379", "not a Redis URL"),
+        ("http://localhost", "unsupported Redis URL scheme"),
+        ("redis+replica://h/x", "unsupported Redis URL scheme"),
+        ("redis+sentinel://h:26379", "master name"),
+        ("redis+sentinel://h/master/notadb", "master name"),
+        ("redis+sentinel://h:99999/master", "bad host:port"),
+        ("redis+cluster://h1,,h2", "bad host:port"),
+        ("redis+cluster://h1:7000/3", "only database 0"),
+    ],
+)
+def test_bad_urls_are_refused_with_a_clear_message(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_redis_url(url)
+
+
+def test_clients_are_built_for_each_url_form_without_connecting() -> None:
+    options = ConnectionOptions()
+    cluster, _ = connect(parse_redis_url("redis+cluster://127.0.0.1:1,127.0.0.1:2"), options)
+    assert isinstance(cluster, RedisCluster)
+    master, sentinels = connect(parse_redis_url("redis+sentinel://127.0.0.1:1/main/2"), options)
+    assert isinstance(master.connection_pool, SentinelConnectionPool)
+    assert master.connection_pool.service_name == "main"
+    assert master.connection_pool.connection_kwargs["db"] == 2
+    assert len(sentinels) == 1
+
+
+def test_redaction_hides_passwords_in_all_places() -> None:
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://:pw@h") == "redis://:***@h"
+    assert redact_url("redis+sentinel://h/m?sentinel_password=x&a=1") == (
+        "redis+sentinel://h/m?sentinel_password=***&a=1"
+    )
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_hiredis_parser_is_available() -> None:
+    from redis.utils import HIREDIS_AVAILABLE
+
+    assert HIREDIS_AVAILABLE, "install redis[hiredis]: the pure-Python parser is much slower"
