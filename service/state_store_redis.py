@@ -4,7 +4,9 @@ A session is a Redis hash `{version, blob}`. Creating and compare-and-set are Lu
 checking the version and writing blob, version and TTL happen atomically on the server. The
 scripts run by EVALSHA; when the server has lost its script cache (restart, failover, SCRIPT
 FLUSH) the NOSCRIPT reply makes us load the script and run just the affected commands again.
-Batch loads and stores go out as one non-transactional pipeline: one network round trip.
+(In a Cluster they run by EVAL: redis-py refuses EVALSHA in Cluster pipelines.) Batch loads
+and stores go out as one non-transactional pipeline: one network round trip (per node, in
+parallel, on a Cluster).
 
 URL forms, recognised by scheme:
 
@@ -242,6 +244,7 @@ class RedisStateStore(StateStore):
         self._helpers = list(helpers)
         self._description = description
         self._script_shas: dict[str, str] = {}
+        self._is_cluster = isinstance(client, RedisCluster)
 
     @classmethod
     def from_url(
@@ -342,27 +345,32 @@ class RedisStateStore(StateStore):
     # --- scripts --------------------------------------------------------------------------
 
     async def _run_scripts(self, source: str, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
-        """EVALSHA `source` once per (key, args) in one pipeline; reload on NOSCRIPT.
+        """Run the script `source` once per (key, args), all in one pipeline.
 
-        Each call touches one key and stands alone, so after a NOSCRIPT only the calls that
-        got it are run again (possibly all of them).
+        EVALSHA, reloading on NOSCRIPT: each call touches one key and stands alone, so only
+        the calls that got NOSCRIPT are run again. redis-py refuses EVALSHA in a Cluster
+        pipeline, so there every call sends the source with EVAL (the server still caches
+        the compiled script).
         """
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            sha = await self._script_sha(source, reload=attempt > 0)
-            with self._errors("EVALSHA"):
+            sha = None if self._is_cluster else await self._script_sha(source, attempt > 0)
+            with self._errors("EVAL"):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for index in pending:
                         key, args = calls[index]
-                        pipe.evalsha(sha, 1, key, *args)
+                        if sha is None:
+                            pipe.eval(source, 1, key, *args)
+                        else:
+                            pipe.evalsha(sha, 1, key, *args)
                     replies = await pipe.execute(raise_on_error=False)
             retry = []
             for index, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, redis_errors.NoScriptError):
                     retry.append(index)
                 elif isinstance(reply, Exception):
-                    self._raise_mapped(reply, "EVALSHA")
+                    self._raise_mapped(reply, "EVAL")
                 else:
                     results[index] = reply
             if not retry:
@@ -370,7 +378,7 @@ class RedisStateStore(StateStore):
             pending = retry
         raise StateStoreError("Redis kept losing the state store's Lua scripts")
 
-    async def _script_sha(self, source: str, *, reload: bool) -> str:
+    async def _script_sha(self, source: str, reload: bool) -> str:
         if reload or source not in self._script_shas:
             with self._errors("SCRIPT LOAD"):
                 self._script_shas[source] = await self._client.script_load(source)

@@ -10,6 +10,7 @@ import asyncio
 import multiprocessing
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -59,14 +60,24 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+        pytest.param("redis-sentinel", marks=pytest.mark.redis),
+    ]
+)
 def store_factory(request: pytest.FixtureRequest) -> Callable[[], StateStore]:
     """Makes stores that share one backing store (the same dict, or the same Redis prefix)."""
     if request.param == "memory":
         shared = InMemoryStateStore(prefix="nstest")
         return lambda: shared
-    url = request.getfixturevalue("redis_url")
-    prefix = request.getfixturevalue("redis_prefix")
+    if request.param == "redis":
+        url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    else:  # private servers, gone after the session: a fresh prefix suffices
+        url = request.getfixturevalue(request.param.replace("-", "_") + "_url")
+        prefix = f"nstest-{uuid.uuid4().hex[:12]}"
     return lambda: RedisStateStore.from_url(url, prefix=prefix)
 
 
