@@ -212,6 +212,7 @@ def connect(target: RedisTarget, options: ConnectionOptions) -> tuple[Any, list[
         sentinel_kwargs={
             "socket_timeout": options.socket_timeout,
             "socket_connect_timeout": options.connect_timeout,
+            "retry": retry,
             **{k: v for k, v in sentinel_auth.items() if v is not None},
         },
     )

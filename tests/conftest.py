@@ -215,6 +215,12 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def unused_redis_url() -> str:
-    """A Redis URL on a loopback port where nothing listens (for unavailability tests)."""
-    return f"redis://127.0.0.1:{free_tcp_port()}/0"
+def unused_tcp_port() -> int:
+    """A loopback port where nothing listens (for unavailability tests)."""
+    return free_tcp_port()
+
+
+@pytest.fixture
+def unused_redis_url(unused_tcp_port: int) -> str:
+    """A Redis URL on a loopback port where nothing listens."""
+    return f"redis://127.0.0.1:{unused_tcp_port}/0"

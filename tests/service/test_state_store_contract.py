@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import socket
 import threading
 import time
 import uuid
@@ -529,8 +530,20 @@ async def test_redis_store_recovers_when_the_script_cache_is_flushed(
         assert outcomes[0] == 3 and isinstance(outcomes[1], StaleVersionError)
 
 
-async def test_unreachable_redis_raises_unavailable_quickly(unused_redis_url: str) -> None:
-    store = RedisStateStore.from_url(unused_redis_url, connect_timeout=0.2, retries=0)
+@pytest.mark.parametrize(
+    "url_form",
+    [
+        "redis://127.0.0.1:{port}/0",
+        "redis+sentinel://127.0.0.1:{port}/main",
+        "redis+cluster://127.0.0.1:{port}",
+    ],
+    ids=["standalone", "sentinel", "cluster"],
+)
+async def test_unreachable_redis_raises_unavailable_quickly(
+    url_form: str, unused_tcp_port: int
+) -> None:
+    url = url_form.format(port=unused_tcp_port)
+    store = RedisStateStore.from_url(url, connect_timeout=0.2, retries=0)
     operations = [
         store.ping(),
         store.create("s1", counter_record(), LONG_TTL),
@@ -551,6 +564,19 @@ async def test_unreachable_redis_raises_unavailable_quickly(unused_redis_url: st
             await operation
     assert time.monotonic() - started < 5.0  # connection refused is immediate; no long retry
     await store.close()
+
+
+async def test_a_redis_that_never_answers_times_out_as_unavailable() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nobody ever replies
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        store = RedisStateStore.from_url(url, socket_timeout=0.2, connect_timeout=0.2, retries=0)
+        started = time.monotonic()
+        with pytest.raises(StateStoreUnavailableError, match="Timeout"):
+            await store.get("s1")
+        assert time.monotonic() - started < 2.0
+        await store.close()
 
 
 async def test_unavailable_error_never_shows_the_password(unused_redis_url: str) -> None:
