@@ -159,6 +159,12 @@ def weight_tiles(
     return blocks / scale.unsqueeze(-1), scale
 
 
+def dense_weight(blocks: Tensor, scale: Tensor, layout: TileLayout) -> Tensor:
+    """Inverse of `weight_tiles`: blocks [K, out, rows] and scales [K, out] -> [out, in]."""
+    weight = (blocks * scale.unsqueeze(-1)).permute(1, 0, 2)  # [out, K, rows]
+    return weight.reshape(layout.out_features, -1)[:, : layout.in_features]
+
+
 # --- one analog pass through the periphery -----------------------------------------------------
 
 

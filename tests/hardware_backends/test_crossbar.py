@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hardware_backends.crossbar import (
     AnalogMatmul,
     CrossbarConfig,
+    dense_weight,
     layout_for,
     program_crossbar,
     quantize,
@@ -112,6 +113,15 @@ def test_column_scaling_normalises_each_column() -> None:
     )
     torch.testing.assert_close(tile_scale, torch.full((1, 3), 4.0))
     assert float(tile_blocks.abs().max()) == 1.0
+
+
+def test_dense_weight_inverts_the_tiling() -> None:
+    weight = torch.randn(11, 37, generator=_gen(9))
+    for scaling in ("tile", "column"):
+        cfg = CrossbarConfig(tile_rows=8, tile_cols=4, weight_scaling=scaling)
+        layout = layout_for(weight, cfg)
+        blocks, scale = weight_tiles(weight, layout, cfg)
+        torch.testing.assert_close(dense_weight(blocks, scale, layout), weight)
 
 
 def _mean_gain(matmul: AnalogMatmul, x: torch.Tensor, weight: torch.Tensor) -> float:
