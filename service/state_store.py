@@ -379,7 +379,8 @@ class InMemoryStateStore(StateStore):
     Safe to share between threads, each running its own event loop: every operation takes
     a `threading.Lock` for a few dict operations and never awaits while holding it, so the
     event loop is never blocked for long. Expired entries vanish on access and are swept
-    out at most once per `sweep_interval` seconds.
+    out at most once per `sweep_interval` seconds. `close` is a no-op: the data lives as long
+    as the object, so a store shared between threads may be closed by any of them.
     """
 
     def __init__(
