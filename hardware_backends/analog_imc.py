@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import threading
 import zlib
@@ -228,6 +229,16 @@ def program_model(
     }
 
 
+def weights_fingerprint(weights: dict[str, Tensor]) -> str:
+    """SHA-256 over names, shapes and values: a chip is reused only for the very same weights
+    (a model_key alone could be reused by a caller for a different model)."""
+    digest = hashlib.sha256()
+    for name, weight in sorted(weights.items()):
+        digest.update(f"{name}{list(weight.shape)}".encode())
+        digest.update(weight.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class _ProgrammedChipCache:
     """Programmed chips keyed by (model_key, seed, device config): each chip is written once
     and then read at any number of inference times."""
@@ -259,7 +270,11 @@ class RoutedRunner:
     """Runs a model snapshot with some of its ``F.linear`` weights routed to engines.
 
     Shared by the analog and stochastic backends; `engine_mac_joules` prices engine MACs.
-    Calls are serialised by a lock: engines keep counters and a random stream.
+    Engines that draw fresh noise on every call (`noisy_engines`) run a sequence step by
+    step, so that a step sees the same noise whether it comes alone, in a chunk or in a
+    whole sequence: the draws follow the runner's stream in step order. Deterministic
+    engines use the model's (parallel) `forward`. Calls are serialised by a lock: engines
+    keep counters and a random stream.
     """
 
     backend = "routed"
@@ -270,12 +285,14 @@ class RoutedRunner:
         model: StatefulModel,
         engines: dict[str, MatmulEngine],
         engine_mac_joules: float,
+        noisy_engines: bool,
     ) -> None:
         self.model = model
         self.engines = engines
         self.engine_mac_joules = engine_mac_joules
         self.op_counts = model.macs_per_step()
-        self.event_driven = "synaptic_ops_max" in self.op_counts
+        # Spiking models report their activity only from step_with_activity.
+        self.by_steps = noisy_engines or "synaptic_ops_max" in self.op_counts
         parameters = dict(model.named_parameters())
         self._router = LinearRouter({id(parameters[name]): e for name, e in engines.items()})
         self._lock = threading.Lock()
@@ -299,7 +316,7 @@ class RoutedRunner:
         return logits, new_state, usage
 
     def run(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Usage]:
-        if self.event_driven:  # spike counts come from step_with_activity only
+        if self.by_steps:
             return self.run_by_steps(x, state)
         self.model.check_sequence_input(x)
         if state is None:
@@ -325,7 +342,7 @@ class AnalogIMCRunner(RoutedRunner):
     def __init__(
         self, model: StatefulModel, engines: dict[str, AnalogMatmul], config: AnalogIMCConfig
     ) -> None:
-        super().__init__(model, engines, ANALOG_PCM.mac_joules)
+        super().__init__(model, engines, ANALOG_PCM.mac_joules, noisy_engines=True)
         self.config = config
 
 
@@ -355,7 +372,7 @@ class AnalogIMCBackend:
         )
         snapshot = eval_snapshot(model)
         weights = find_linear_weights(snapshot)
-        key = (model_key, config.seed, config.crossbar, config.pcm)
+        key = (model_key, weights_fingerprint(weights), config.seed, config.crossbar, config.pcm)
         chip = self._chips.get(key, lambda: program_model(weights, config))
         read_stream = derived_generator(config.seed, f"read:{config.t_inference!r}")
         engines = {

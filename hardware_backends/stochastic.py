@@ -198,7 +198,7 @@ class SamplingRunner(RoutedRunner):
     def __init__(
         self, model: StatefulModel, engines: dict[str, SampledMatmul], samples: int
     ) -> None:
-        super().__init__(model, engines, ANALOG_PCM.mac_joules)
+        super().__init__(model, engines, ANALOG_PCM.mac_joules, noisy_engines=False)
         self.samples = samples
 
     def init_state(self, batch: int) -> State:
@@ -215,7 +215,7 @@ class SamplingRunner(RoutedRunner):
 
     def run(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Usage]:
         self.model.check_sequence_input(x)
-        if self.event_driven:
+        if self.by_steps:
             return self.run_by_steps(x, state)
         if state is None:
             state = self.init_state(x.shape[0])
@@ -252,7 +252,7 @@ class StochasticBackend:
             engines = {
                 name: StochasticMatmul(w, config, source) for name, w in sorted(weights.items())
             }
-            return BitstreamRunner(snapshot, engines, DIGITAL_FP32.mac_joules)
+            return BitstreamRunner(snapshot, engines, DIGITAL_FP32.mac_joules, noisy_engines=True)
 
         samples = parsed.samples or DEFAULT_SAMPLES
         engines = {}

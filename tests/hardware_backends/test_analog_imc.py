@@ -155,3 +155,26 @@ def test_bad_options_and_inputs_raise_clear_errors() -> None:
         runner.init_state(0)
     with pytest.raises(ValueError, match="feature"):
         runner.run(torch.ones(2, 3, 5))
+
+
+def test_a_reused_model_key_never_serves_another_model_s_chip() -> None:
+    backend = AnalogIMCBackend(IDEAL)
+    x = _digits_like()
+    for seed in (0, 1):
+        model = _lru(seed)
+        logits, _, _ = backend.prepare(model, model_key="same/1").run(x)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_noise_follows_the_steps_so_chunks_and_whole_sequences_agree() -> None:
+    model = _lru()
+    x = _digits_like(batch=4, steps=6)
+    backend = AnalogIMCBackend()
+    whole, whole_state, _ = backend.prepare(model, model_key="lru/1").run(x)
+    chunked = backend.prepare(model, model_key="lru/1")
+    first, state, _ = chunked.run(x[:, :2])
+    second, state, _ = chunked.run(x[:, 2:], state)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=0, atol=0)
+    for name in state:
+        torch.testing.assert_close(state[name], whole_state[name], rtol=0, atol=0)
