@@ -1,0 +1,309 @@
+"""The calibration artifact of one (model, version, backend): everything needed to turn raw
+logits into calibrated probabilities and a conformal prediction set for any alpha.
+
+Fitting (`fit_calibration_artifact`) shuffles the labelled calibration logits once (seeded)
+and splits them in two:
+
+- a tuning part (`tune_fraction`, default 25%) that fits the calibration map (chosen by
+  cross-validated NLL, see `calibration.maps`) and RAPS's k_reg and lam;
+- a conformal part whose calibrated probabilities give the stored conformity scores.
+
+Keeping the two apart is what makes the coverage guarantee exact: the stored scores are a
+fixed function of points the map never saw, hence exchangeable with test points. Fitting
+the map on the same points would bias their scores low (the map is tuned to make exactly
+those labels probable). The fit metrics (NLL/ECE before and after the map) are measured on
+the conformal part, i.e. held out from the map fit.
+
+Storage is JSON (metadata, map parameters, metrics) plus safetensors (scores and labels),
+no pickle; `save`/`load` write `<stem>.json` and `<stem>.safetensors` side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import Tensor
+
+from calibration.aci import AdaptiveConformal
+from calibration.checks import ArrayLike, as_labels, as_logits, check_alpha
+from calibration.conformal import SplitConformal, include_top_label_if_empty
+from calibration.maps import CalibrationMap, fit_best_map, map_from_dict
+from calibration.metrics import calibration_report
+from calibration.scores import SCORE_NAMES, ConformityScore, make_score, tune_raps
+
+ARTIFACT_FORMAT = 1
+DEFAULT_TUNE_FRACTION = 0.25
+DEFAULT_RAPS_ALPHA = 0.1
+MIN_TUNE_EXAMPLES = 4  # RAPS's two-fold lam search needs two points per half
+
+
+def hash_calibration_data(logits: Tensor, labels: Tensor) -> str:
+    """sha256 over shape and bytes of the float64 logits and int64 labels."""
+    digest = hashlib.sha256()
+    for tensor in (logits.to(torch.float64), labels.to(torch.int64)):
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: compare fields
+class CalibrationArtifact:
+    model: str
+    version: str
+    backend: str
+    calibration_map: CalibrationMap
+    scores: dict[str, Tensor]  # score name -> [n] float64 conformity scores of the true labels
+    labels: Tensor  # [n] long labels of the conformal part
+    num_classes: int
+    raps_lam: float
+    raps_k_reg: int
+    raps_alpha: float  # the alpha RAPS's k_reg and lam were tuned for
+    metrics: dict[str, float]  # before/after the map, on the conformal part
+    map_cv_nll: dict[str, float]  # candidate map -> cross-validated NLL on the tuning part
+    created: str  # ISO 8601 UTC
+    data_hash: str
+    seed: int
+    n_tune: int
+    _predictors: dict[str, SplitConformal] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        n = self.labels.shape[0]
+        if n == 0:
+            raise ValueError("a calibration artifact needs a non-empty conformal part")
+        if set(self.scores) != set(SCORE_NAMES):
+            raise ValueError(f"artifact scores must be {SCORE_NAMES}, got {sorted(self.scores)}")
+        for name, values in self.scores.items():
+            if values.shape != (n,) or values.dtype != torch.float64:
+                raise ValueError(f"scores {name!r} must be float64 [{n}], got {values.shape}")
+        for name in SCORE_NAMES:
+            score = self.make_score(name)
+            self._predictors[name] = SplitConformal(
+                score, self.scores[name], self.labels, self.num_classes
+            )
+
+    @property
+    def n(self) -> int:
+        return self.labels.shape[0]
+
+    def make_score(self, name: str) -> ConformityScore:
+        if name.startswith("raps"):
+            return make_score(name, lam=self.raps_lam, k_reg=self.raps_k_reg)
+        return make_score(name)
+
+    def _predictor(self, score: str) -> SplitConformal:
+        if score not in self._predictors:
+            raise ValueError(f"unknown conformity score {score!r}; expected one of {SCORE_NAMES}")
+        return self._predictors[score]
+
+    def calibrate(self, logits: ArrayLike) -> Tensor:
+        """Calibrated probabilities [N, C] from raw logits [N, C]."""
+        logits = as_logits(logits)
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"artifact is for {self.num_classes} classes, got logits with {logits.shape[1]}"
+            )
+        return self.calibration_map.apply(logits)
+
+    def quantile(self, alpha: float, score: str = "aps", class_conditional: bool = False) -> Tensor:
+        """qhat for this alpha: a scalar tensor, or [C] when class_conditional."""
+        return self._predictor(score).quantile(alpha, class_conditional)
+
+    def predict(
+        self,
+        logits: ArrayLike,
+        alpha: float,
+        score: str = "aps",
+        class_conditional: bool = False,
+        never_empty: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(calibrated probs [N, C], set mask [N, C]) for raw logits [N, C] at this alpha.
+
+        Randomised scores ("aps_randomized", "raps_randomized") need a seeded `rng`.
+        """
+        probs = self.calibrate(logits)
+        predictor = self._predictor(score)
+        sets = predictor.predict(probs, alpha, class_conditional, never_empty, rng)
+        return probs, sets
+
+    def predict_online(
+        self,
+        logits: ArrayLike,
+        aci: AdaptiveConformal,
+        score: str = "aps",
+        never_empty: bool = False,
+        rng: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Like `predict` at the online level aci.alpha_t, which may lie outside (0, 1).
+
+        Feed back `aci.update(covered)` once the label is known. `never_empty` voids ACI's
+        miscoverage bound (see `calibration.aci`).
+        """
+        probs = self.calibrate(logits)
+        predictor = self._predictor(score)
+        sets = predictor.score.prediction_sets(
+            probs, aci.quantile(predictor.calibration_scores), rng
+        )
+        return probs, include_top_label_if_empty(sets, probs) if never_empty else sets
+
+    # ---- storage -------------------------------------------------------------------------
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format": ARTIFACT_FORMAT,
+            "model": self.model,
+            "version": self.version,
+            "backend": self.backend,
+            "created": self.created,
+            "data_hash": self.data_hash,
+            "seed": self.seed,
+            "num_classes": self.num_classes,
+            "n": self.n,
+            "n_tune": self.n_tune,
+            "map": self.calibration_map.to_dict(),
+            "map_cv_nll": dict(self.map_cv_nll),
+            "raps": {"lam": self.raps_lam, "k_reg": self.raps_k_reg, "alpha": self.raps_alpha},
+            "metrics": dict(self.metrics),
+            "scores": list(SCORE_NAMES),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_json_dict(), indent=2, sort_keys=True, allow_nan=False)
+
+    def to_safetensors(self) -> bytes:
+        tensors = {f"scores.{name}": values.contiguous() for name, values in self.scores.items()}
+        tensors["labels"] = self.labels.contiguous()
+        return save_tensors(tensors)
+
+    @classmethod
+    def from_serialized(cls, json_text: str, tensor_bytes: bytes) -> CalibrationArtifact:
+        meta = json.loads(json_text)
+        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(
+                f"unsupported calibration artifact format {found!r}; expected {ARTIFACT_FORMAT}"
+            )
+        tensors = load_tensors(tensor_bytes)
+        missing = ({f"scores.{name}" for name in SCORE_NAMES} | {"labels"}) - tensors.keys()
+        if missing:
+            raise ValueError(f"calibration tensors are missing {sorted(missing)}")
+        if tensors["labels"].shape[0] != meta["n"]:
+            raise ValueError(f"artifact says n={meta['n']} but holds {tensors['labels'].shape[0]}")
+        return cls(
+            model=meta["model"],
+            version=meta["version"],
+            backend=meta["backend"],
+            calibration_map=map_from_dict(meta["map"]),
+            scores={name: tensors[f"scores.{name}"] for name in SCORE_NAMES},
+            labels=tensors["labels"],
+            num_classes=int(meta["num_classes"]),
+            raps_lam=float(meta["raps"]["lam"]),
+            raps_k_reg=int(meta["raps"]["k_reg"]),
+            raps_alpha=float(meta["raps"]["alpha"]),
+            metrics={key: float(value) for key, value in meta["metrics"].items()},
+            map_cv_nll={key: float(value) for key, value in meta["map_cv_nll"].items()},
+            created=meta["created"],
+            data_hash=meta["data_hash"],
+            seed=int(meta["seed"]),
+            n_tune=int(meta["n_tune"]),
+        )
+
+    def save(self, directory: str | Path, stem: str = "calibration") -> tuple[Path, Path]:
+        """Write `<stem>.json` and `<stem>.safetensors` into an existing directory."""
+        directory = Path(directory)
+        json_path = directory / f"{stem}.json"
+        tensor_path = directory / f"{stem}.safetensors"
+        tensor_path.write_bytes(self.to_safetensors())
+        json_path.write_text(self.to_json() + "\n")
+        return json_path, tensor_path
+
+    @classmethod
+    def load(cls, directory: str | Path, stem: str = "calibration") -> CalibrationArtifact:
+        directory = Path(directory)
+        json_path = directory / f"{stem}.json"
+        tensor_path = directory / f"{stem}.safetensors"
+        for path in (json_path, tensor_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"calibration artifact file {path} does not exist")
+        return cls.from_serialized(json_path.read_text(), tensor_path.read_bytes())
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{key}_{prefix}": value for key, value in metrics.items()}
+
+
+def fit_calibration_artifact(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    model: str,
+    version: str,
+    backend: str,
+    seed: int = 0,
+    tune_fraction: float = DEFAULT_TUNE_FRACTION,
+    raps_alpha: float = DEFAULT_RAPS_ALPHA,
+    created: str | None = None,
+) -> CalibrationArtifact:
+    """Fit the map, tune RAPS and store every score's calibration scores.
+
+    logits [N, C] must come from the same (model, version, backend) the artifact is for, on
+    labelled calibration data the model was not trained on.
+    """
+    logits = as_logits(logits)
+    labels = as_labels(labels, logits.shape[0], logits.shape[1])
+    raps_alpha = check_alpha(raps_alpha)
+    if not 0.0 < tune_fraction < 1.0:
+        raise ValueError(f"tune_fraction must be in the open interval (0, 1), got {tune_fraction}")
+    n_total, num_classes = logits.shape
+    n_tune = math.ceil(tune_fraction * n_total)
+    if n_tune < MIN_TUNE_EXAMPLES or n_total - n_tune < 1:
+        raise ValueError(
+            f"{n_total} calibration examples are too few: the tuning part ({n_tune}) needs "
+            f"at least {MIN_TUNE_EXAMPLES} and the conformal part at least 1"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_total, generator=generator)  # [N]
+    tune, held = order[:n_tune], order[n_tune:]
+
+    selection = fit_best_map(logits[tune], labels[tune], seed=seed)
+    calibration_map = selection.map
+    tune_probs = calibration_map.apply(logits[tune])  # [n_tune, C]
+    raps = tune_raps(tune_probs, labels[tune], raps_alpha)
+
+    held_probs = calibration_map.apply(logits[held])  # [n, C]
+    held_labels = labels[held]  # [n]
+    scores = {}
+    for name in SCORE_NAMES:
+        # Randomised RAPS reuses the lam and k_reg tuned on the deterministic variant.
+        score = make_score(name, lam=raps.lam, k_reg=raps.k_reg)
+        scores[name] = score.score(held_probs, held_labels, generator).to(torch.float64)
+    metrics = _prefixed("before", calibration_report(logits[held].softmax(dim=1), held_labels))
+    metrics |= _prefixed("after", calibration_report(held_probs, held_labels))
+    return CalibrationArtifact(
+        model=model,
+        version=str(version),
+        backend=backend,
+        calibration_map=calibration_map,
+        scores=scores,
+        labels=held_labels.clone(),
+        num_classes=num_classes,
+        raps_lam=raps.lam,
+        raps_k_reg=raps.k_reg,
+        raps_alpha=raps_alpha,
+        metrics=metrics,
+        map_cv_nll=selection.cv_nll,
+        created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        data_hash=hash_calibration_data(logits, labels),
+        seed=seed,
+        n_tune=n_tune,
+    )
