@@ -138,33 +138,44 @@ def usage_of_steps(
 ) -> Usage:
     """Usage of `steps` steps of `batch` sequences from a model's `macs_per_step()` counts.
 
-    `op_counts["dense_macs"]` is one sample's step counted as dense MACs. Spiking models add
-    `op_counts["synaptic_ops_max"]`, the part of it fed by spikes (the synaptic operations if
-    every neuron spiked), and `activity` holds that step's per-sample counters
-    {"spikes": [B], "neurons": [B]}. The spike-fed part then costs
-    synaptic_ops_max * spikes / neurons accumulates (spikes x fan-out, for a common fan-out)
-    and only the rest runs as MACs. Models without `activity` run fully dense.
+    `op_counts["dense_macs"]` is the dense work of one sample's step, run as MACs. Spiking
+    models add `op_counts["synaptic_ops_max"]`, the synaptic operations if every neuron
+    spiked, and report one step's per-sample counters in `activity`: "spikes" and "neurons"
+    [B], and optionally "synaptic_ops" [B] (spikes x fan-out summed over layers). The
+    spike-driven work is those synaptic operations, counted as accumulates; without
+    "synaptic_ops" it is synaptic_ops_max * spikes / neurons (exact for a common fan-out).
+    The dense-equivalent figure prices dense_macs + synaptic_ops_max per step as MACs.
     """
+    if batch < 1 or steps < 1:
+        raise ValueError(f"batch and steps must be >= 1, got {batch}, {steps}")
     dense_macs = int(op_counts["dense_macs"]) * batch * steps
-    spike_fed_max = int(op_counts.get("synaptic_ops_max", 0))
-    if not activity or spike_fed_max == 0:
+    spike_driven_max = int(op_counts.get("synaptic_ops_max", 0))
+    if not activity:
+        if spike_driven_max:
+            raise ValueError("a spiking model's usage needs its per-step activity counters")
         return usage_from_counts(macs=dense_macs, energy=energy)
     if steps != 1:
         raise ValueError("activity counters describe one step; sum the usage of each step")
-    spikes = activity["spikes"].detach().double().cpu()  # [B]
-    neurons = activity["neurons"].detach().double().cpu()  # [B]
-    if spikes.shape != (batch,) or neurons.shape != (batch,):
-        raise ValueError(
-            f"activity counters must be [batch={batch}], got spikes {list(spikes.shape)}, "
-            f"neurons {list(neurons.shape)}"
-        )
+    counters = {name: activity[name].detach().double().cpu() for name in activity}  # [B] each
+    for name in ("spikes", "neurons"):
+        if name not in counters:
+            raise ValueError(f"activity must report {name!r}, got {sorted(counters)}")
+    for name, counter in counters.items():
+        if counter.shape != (batch,):
+            raise ValueError(
+                f"activity {name!r} must be [batch={batch}], got {list(counter.shape)}"
+            )
+    spikes, neurons = counters["spikes"], counters["neurons"]
     if bool((neurons <= 0).any()) or bool((spikes < 0).any()) or bool((spikes > neurons).any()):
         raise ValueError("activity counters need 0 <= spikes <= neurons and neurons > 0")
-    accumulates = round(float((spike_fed_max * spikes / neurons).sum()))
+    if "synaptic_ops" in counters:
+        synaptic_ops = counters["synaptic_ops"]
+    else:
+        synaptic_ops = spike_driven_max * spikes / neurons
     return usage_from_counts(
-        macs=dense_macs - spike_fed_max * batch,
-        accumulates=accumulates,
-        dense_equivalent_macs=dense_macs,
+        macs=dense_macs,
+        accumulates=round(float(synaptic_ops.sum())),
+        dense_equivalent_macs=dense_macs + spike_driven_max * batch,
         spikes=round(float(spikes.sum())),
         neuron_steps=round(float(neurons.sum())),
         energy=energy,
