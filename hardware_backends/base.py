@@ -121,6 +121,11 @@ def parse_options(backend: str, schema: type[OptionsT], options: Mapping | None)
         ) from None
 
 
+def check_batch(batch: int) -> None:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+
+
 def check_sequence_input(x: Tensor) -> None:
     """A sequence is float features [B, T, F] or long tokens [B, T]."""
     if not isinstance(x, Tensor):

@@ -17,7 +17,14 @@ import pydantic
 import torch
 from torch import Tensor
 
-from hardware_backends.base import BackendOptions, State, Usage, parse_options, run_by_steps
+from hardware_backends.base import (
+    BackendOptions,
+    State,
+    Usage,
+    check_batch,
+    parse_options,
+    run_by_steps,
+)
 from hardware_backends.energy import DIGITAL_FP32, EnergyModel, usage_of_steps
 from hardware_backends.onnx_export import (
     ACTIVITY_PREFIX,
@@ -27,7 +34,6 @@ from hardware_backends.onnx_export import (
     ExportedStep,
     export_cache,
 )
-from hardware_backends.torch_backend import check_batch
 
 if TYPE_CHECKING:
     import onnxruntime

@@ -19,6 +19,7 @@ from hardware_backends.base import (
     BackendUnavailableError,
     State,
     Usage,
+    check_batch,
     parse_options,
     run_by_steps,
 )
@@ -43,11 +44,6 @@ def resolve_device(choice: str) -> torch.device:
 
 def _to(state: State, device: torch.device) -> State:
     return {name: tensor.to(device) for name, tensor in state.items()}
-
-
-def check_batch(batch: int) -> None:
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
 
 
 class TorchRunner:
