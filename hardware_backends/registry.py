@@ -49,7 +49,7 @@ def freeze_options(options: Any) -> Hashable:
 
 
 class RunnerCache:
-    """LRU of prepared runners keyed by (backend, model_key, frozen options); thread-safe.
+    """LRU of prepared runners keyed by (backend, model_key, frozen options) tuples; thread-safe.
 
     Preparing can be slow (an ONNX export), so two requests for the same key wait for one
     preparation instead of doing it twice, while other keys go ahead.
