@@ -1,0 +1,169 @@
+"""Errors the server raises, and how each becomes an HTTP response.
+
+One root, `NeuroserveError`, carries its HTTP status and a short machine-readable `code`;
+everything under `service/` raises a subclass with a message written for the client.
+`install_error_handlers` maps these, the models layer's repository errors, request
+validation errors and anything unexpected onto the two wire formats:
+
+- native REST (`/v1/...`): `{"error": {"code": "...", "message": "..."}}`
+- Open Inference Protocol (`/v2/...`): `{"error": "..."}`
+
+An unexpected exception is logged with its traceback and answered with a generic 500: the
+client never sees internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.repository import ArtifactError, ModelNotFoundError
+
+logger = logging.getLogger("neuroserve.errors")
+
+V2_PREFIX = "/v2"
+
+
+class NeuroserveError(Exception):
+    """Root of every error the server answers on purpose; subclasses fix the status."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(NeuroserveError):
+    status_code = 404
+    code = "not_found"
+
+
+class BadInputError(NeuroserveError):
+    status_code = 422
+    code = "bad_input"
+
+
+class NotCalibratedError(NeuroserveError):
+    status_code = 409
+    code = "not_calibrated"
+
+
+class ConflictError(NeuroserveError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLargeError(NeuroserveError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class RateLimitedError(NeuroserveError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class BackendUnavailableError(NeuroserveError):
+    status_code = 503
+    code = "backend_unavailable"
+
+
+# Starlette raises HTTPException for routing failures (unknown path, wrong method).
+_HTTP_STATUS_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def error_response(request: Request, status_code: int, code: str, message: str) -> JSONResponse:
+    """The error body in the format of the protocol the request came in on."""
+    if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
+        body: dict[str, Any] = {"error": message}
+    else:
+        body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status_code)
+
+
+def describe_validation_errors(errors: Sequence[Any], limit: int = 5) -> str:
+    """One readable line per pydantic error: `inputs[0][2][1]: Input should be a finite number`."""
+    lines = []
+    for error in errors[:limit]:
+        if error.get("type") == "json_invalid":
+            reason = error.get("ctx", {}).get("error", "malformed")
+            position = error.get("loc", ("body", "?"))[-1]
+            lines.append(f"request body is not valid JSON: {reason} at character {position}")
+            continue
+        location = format_location(error.get("loc", ()))
+        message = str(error.get("msg", "invalid value"))
+        lines.append(f"{location}: {message}" if location else message)
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more problems")
+    return "; ".join(lines)
+
+
+def format_location(location: Sequence[int | str]) -> str:
+    """`("body", "inputs", 0, 2)` -> `inputs[0][2]`; the transport prefix is dropped."""
+    parts = list(location)
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+async def _handle_neuroserve_error(request: Request, error: NeuroserveError) -> JSONResponse:
+    return error_response(request, error.status_code, error.code, error.message)
+
+
+async def _handle_model_not_found(request: Request, error: ModelNotFoundError) -> JSONResponse:
+    message = str(error.args[0]) if error.args else str(error)
+    return error_response(request, 404, NotFoundError.code, message)
+
+
+async def _handle_artifact_error(request: Request, error: ArtifactError) -> JSONResponse:
+    # A broken or unreadable artifact is the server's problem, not the client's.
+    logger.error("model artifact error on %s: %s", request.url.path, error)
+    message = f"model artifact could not be loaded: {error}"
+    return error_response(request, 503, "artifact_error", message)
+
+
+async def _handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    message = "invalid request: " + describe_validation_errors(error.errors())
+    return error_response(request, 422, BadInputError.code, message)
+
+
+async def _handle_http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_STATUS_CODES.get(error.status_code, "http_error")
+    response = error_response(request, error.status_code, code, str(error.detail))
+    if error.headers:
+        response.headers.update(error.headers)
+    return response
+
+
+async def _handle_unexpected(request: Request, error: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(request, 500, "internal_error", "internal server error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register every handler above on `app`."""
+    app.add_exception_handler(NeuroserveError, _handle_neuroserve_error)
+    app.add_exception_handler(ModelNotFoundError, _handle_model_not_found)
+    app.add_exception_handler(ArtifactError, _handle_artifact_error)
+    app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
+    app.add_exception_handler(Exception, _handle_unexpected)

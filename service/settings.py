@@ -1,0 +1,77 @@
+"""Server configuration: one pydantic-settings class, read from `NEUROSERVE_*` variables.
+
+Every field can be set by an environment variable named after it with the `NEUROSERVE_`
+prefix (`NEUROSERVE_PORT=9000`, `NEUROSERVE_REDIS_URL=redis://...`) or passed to
+`Settings(...)` directly; keyword arguments win over the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.repository import default_repository_root
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Everything the server reads at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="NEUROSERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    model_repository: Path = Field(
+        default_factory=default_repository_root,
+        description="Root folder of the model repository: <root>/<name>/<version>/.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL for session state; unset uses the embedded in-process store.",
+    )
+    max_batch_size: int = Field(64, ge=1, description="Most sequences in one predict request.")
+    max_sequence_length: int = Field(
+        4096, ge=1, description="Most time steps per sequence in one request."
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted; bigger bodies get 413.",
+    )
+    allow_uncalibrated: bool = Field(
+        False,
+        description=(
+            "Serve models that have no calibration artifact for the requested backend "
+            "(their predictions then carry raw softmax confidence and no prediction set)."
+        ),
+    )
+    preload_models: bool = Field(
+        True, description="Load the latest version of every model at start-up."
+    )
+    log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_url_means_embedded(cls, value: object) -> object:
+        # `NEUROSERVE_REDIS_URL=` (set but empty) is a common way to say "no Redis".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def redis_url_for_logs(self) -> str | None:
+        """The Redis URL with any password replaced by `***`, safe to log."""
+        if self.redis_url is None:
+            return None
+        scheme, separator, rest = self.redis_url.partition("://")
+        credentials, at, location = rest.rpartition("@")
+        if not separator or not at or ":" not in credentials:
+            return self.redis_url
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{location}"
