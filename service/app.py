@@ -1,0 +1,132 @@
+"""The application factory: `create_app(settings)` builds a fresh FastAPI app.
+
+Nothing lives at module level: every app owns its settings, repository and data plane (on
+`app.state`), so tests can run several side by side. The lifespan opens the model
+repository, logs where models come from and which state store is configured, and preloads
+the models in a worker thread; `/v2/health/ready` turns 200 once that has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from models.repository import ModelRepository
+from service.dataplane import DataPlane, InputLimits
+from service.errors import PayloadTooLargeError, error_response, install_error_handlers
+from service.routers import v1_models, v2
+from service.settings import Settings
+
+logger = logging.getLogger("neuroserve.app")
+
+
+class RequestSizeLimit:
+    """Refuse request bodies over `max_bytes` with 413 before the app sees them.
+
+    The body is buffered here (the app would buffer it anyway to parse JSON) and replayed, so
+    a client that lies in Content-Length, or streams without one, is caught too.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for the disconnect as usual
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = PayloadTooLargeError(
+            f"request body exceeds the limit of {self.max_bytes} bytes "
+            "(NEUROSERVE_MAX_REQUEST_BYTES); split the batch into smaller requests"
+        )
+        response = error_response(Request(scope), error.status_code, error.code, error.message)
+        response.headers["connection"] = "close"  # the unread rest of the body is discarded
+        await response(scope, receive, send)
+
+
+def _describe_store(settings: Settings) -> str:
+    if settings.redis_url is None:
+        return "embedded in-process store (no NEUROSERVE_REDIS_URL set)"
+    return f"redis at {settings.redis_url_for_logs()}"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app serving the repository named in `settings` (read from the environment when
+    omitted)."""
+    settings = settings if settings is not None else Settings()
+    logging.getLogger("neuroserve").setLevel(settings.log_level.upper())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        repository = ModelRepository(settings.model_repository)
+        dataplane = DataPlane(
+            repository,
+            InputLimits(settings.max_batch_size, settings.max_sequence_length),
+        )
+        app.state.settings = settings
+        app.state.dataplane = dataplane
+        root = settings.model_repository.resolve()
+        if not root.is_dir():
+            logger.warning("model repository %s does not exist: no models to serve", root)
+        names = await run_in_threadpool(repository.list_models)
+        logger.info("serving models from %s: %s", root, ", ".join(names) or "none")
+        logger.info("session state: %s", _describe_store(settings))
+        if settings.preload_models:
+            preload = asyncio.ensure_future(run_in_threadpool(dataplane.preload))
+        else:
+            dataplane.ready = True
+            preload = None
+        try:
+            yield
+        finally:
+            if preload is not None:
+                await preload  # a load in a worker thread cannot be cancelled; let it finish
+
+    app = FastAPI(
+        title="neuroserve",
+        version=v2.server_version(),
+        summary="Uncertainty-aware inference for stateful neuromorphic models.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(v1_models.router)
+    app.include_router(v2.router)
+    return app

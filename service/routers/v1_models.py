@@ -1,0 +1,114 @@
+"""Native REST routes for models: list, describe, predict (`/v1/models...`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from models.repository import ModelCard
+from service.dataplane import DataPlane, PredictionBatch
+from service.routers import get_dataplane
+from service.schemas import (
+    ErrorResponse,
+    InputSpec,
+    ModelInfo,
+    ModelList,
+    ModelSummary,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    Usage,
+)
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown model or version."}
+}
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Request body too large."},
+    422: {"model": ErrorResponse, "description": "Malformed input; the message says where."},
+}
+
+
+def _summary(card: ModelCard, versions: list[str]) -> ModelSummary:
+    return ModelSummary(
+        name=card.name,
+        task=card.config["task"],
+        architecture=card.config["architecture"],
+        latest_version=versions[-1],
+        versions=versions,
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="List models")
+def list_models(dataplane: DataPlaneDependency) -> ModelList:
+    cards = dataplane.list_models()
+    return ModelList(models=[_summary(card, dataplane.versions(card.name)) for card in cards])
+
+
+@router.get(
+    "/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, summary="Describe a model"
+)
+def model_info(
+    name: str,
+    dataplane: DataPlaneDependency,
+    version: Annotated[str | None, Query(description="Version; the latest when omitted.")] = None,
+) -> ModelInfo:
+    card = dataplane.card(name, version)
+    config = card.config
+    versions = dataplane.versions(name)
+    return ModelInfo(
+        name=card.name,
+        version=card.version,
+        latest_version=versions[-1],
+        versions=versions,
+        task=config["task"],
+        architecture=config["architecture"],
+        labels=config.get("labels"),
+        vocabulary=config.get("vocabulary"),
+        input=InputSpec.model_validate(config["input"]),
+        metrics=config.get("metrics") or {},
+        dataset=config.get("dataset"),
+        provenance=config.get("provenance") or {},
+    )
+
+
+def _predict_response(batch: PredictionBatch) -> PredictResponse:
+    return PredictResponse(
+        model=batch.model,
+        version=batch.version,
+        backend=batch.backend,
+        calibrated=batch.calibrated,
+        predictions=[
+            Prediction(
+                id=p.id,
+                label=p.label,
+                confidence=p.confidence,
+                probabilities=p.probabilities,
+                entropy=p.entropy,
+                prediction_set=p.prediction_set,
+                set_size=p.set_size,
+                abstain=p.abstain,
+            )
+            for p in batch.predictions
+        ],
+        usage=Usage(**batch.usage),
+    )
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=PredictResponse,
+    responses={**_NOT_FOUND, **_BAD_INPUT},
+    summary="Predict on whole sequences",
+)
+async def predict(
+    name: str, request: PredictRequest, dataplane: DataPlaneDependency
+) -> PredictResponse:
+    batch = await dataplane.predict(
+        name, request.inputs, version=request.version, backend=request.backend
+    )
+    return _predict_response(batch)
