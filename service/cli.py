@@ -1,5 +1,115 @@
-"""Command-line entry point (placeholder until the CLI lands)."""
+"""The `neuroserve` command line: argparse with one sub-command per task.
+
+Each command module exposes `register(subparsers)`, which adds its sub-parser and sets
+`func=<handler(args) -> exit code>` as the parser default; adding a command is one entry in
+`command_registrars()`. Heavy imports (torch, uvicorn) happen inside the handlers, so
+`neuroserve --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
+
+try:
+    import service.cli_models as cli_models
+except ModuleNotFoundError as error:  # `train`/`evaluate` land separately; drop this guard then
+    if error.name != "service.cli_models":
+        raise
+    cli_models: ModuleType | None = None  # type: ignore[no-redef]
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def main() -> None:
-    raise SystemExit("neuroserve: no commands yet")
+def register_serve(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description=(
+            "Serve the model repository over HTTP (native REST under /v1, Open Inference "
+            "Protocol under /v2, OpenAPI docs at /docs). Options left out fall back to the "
+            "NEUROSERVE_* environment variables, then to the defaults."
+        ),
+    )
+    parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository root (default: the built-in models/artifacts)",
+    )
+    parser.add_argument("--redis-url", help="Redis URL for session state (default: in-process)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.errors import describe_validation_errors
+    from service.settings import Settings
+
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "model_repository": args.repository,
+        "redis_url": args.redis_url,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        print(
+            f"neuroserve serve: invalid settings: {describe_validation_errors(error.errors())}",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+def command_registrars() -> list[Registrar]:
+    """Every sub-command, in the order `neuroserve --help` lists them."""
+    registrars: list[Registrar] = [register_serve]
+    if cli_models is not None:
+        registrars.append(cli_models.register)
+    return registrars
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuroserve",
+        description="Uncertainty-aware inference server for stateful neuromorphic models.",
+    )
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for register in command_registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
