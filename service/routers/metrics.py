@@ -48,8 +48,17 @@ def label_request(
 def route_template(scope: Scope) -> str:
     """The path template of the route that handled `scope`, or UNMATCHED_ROUTE."""
     route = scope.get("route")
-    path = getattr(route, "path", None) if isinstance(route, BaseRoute) else None
-    return path if isinstance(path, str) and path else UNMATCHED_ROUTE
+    template = getattr(route, "path", None) if isinstance(route, BaseRoute) else None
+    if not isinstance(template, str) or not template:
+        return UNMATCHED_ROUTE
+    # A route reached through a mount or an include prefix may know only its own part of the
+    # path; the segments in front of it are literal, so take them from the request path.
+    path_segments = scope.get("path", "").rstrip("/").split("/")
+    template_segments = template.rstrip("/").split("/")
+    extra = len(path_segments) - len(template_segments)
+    if extra > 0 and ":path}" not in template:  # {x:path} spans segments: no prefix to add
+        return "/".join(path_segments[: extra + 1]) + template
+    return template
 
 
 class RequestMetricsMiddleware:

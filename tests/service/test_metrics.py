@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI, HTTPException, Request, WebSocket
+from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -388,6 +388,42 @@ def test_metrics_endpoint_speaks_openmetrics_when_asked() -> None:
 
 def test_route_template_without_a_route_is_unmatched() -> None:
     assert route_template({"type": "http", "path": "/x"}) == UNMATCHED_ROUTE
+
+
+def test_route_templates_keep_include_prefixes_and_mounts() -> None:
+    inner = APIRouter()
+
+    @inner.get("/jobs/{job_id}")
+    def job(job_id: str) -> dict:
+        return {"job_id": job_id}
+
+    @inner.get("/files/{rest:path}")
+    def files(rest: str) -> dict:
+        return {"rest": rest}
+
+    sub_app = FastAPI()
+
+    @sub_app.get("/items/{item_id}")
+    def item(item_id: str) -> dict:
+        return {"item_id": item_id}
+
+    app = tiny_app()
+    app.include_router(inner, prefix="/v1/finetune")
+    app.mount("/admin", sub_app)
+    client = TestClient(app)
+    assert client.get("/v1/finetune/jobs/j-42").status_code == 200
+    assert client.get("/v1/finetune/files/a/b/c").status_code == 200
+    assert client.get("/admin/items/i-7").status_code == 200
+
+    routes = {
+        dict(labels)["route"]
+        for (name, labels) in parse_samples(client.get("/metrics").text)
+        if name == "neuroserve_requests_total"
+    }
+    assert "/v1/finetune/jobs/{job_id}" in routes
+    assert "/admin/items/{item_id}" in routes
+    assert not any("j-42" in route or "i-7" in route for route in routes)
+    assert any(route.endswith("/files/{rest:path}") for route in routes)
 
 
 def test_websockets_pass_through_the_middleware() -> None:
