@@ -78,3 +78,32 @@ def settings_env_names() -> set[str]:
 
     prefix = Settings.model_config.get("env_prefix", "")
     return {f"{prefix}{name}".upper() for name in Settings.model_fields}
+
+
+def app_route_paths() -> set[str]:
+    """Path templates the real app serves, from its OpenAPI document (full paths, prefixes
+    included); the app is only built, nothing is loaded or served."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    return set(create_app(Settings(preload_models=False)).openapi()["paths"])
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of the Dockerfile, continuation lines joined."""
+    joined = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instructions = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, arguments = line.partition(" ")
+            instructions.append((keyword.upper(), arguments.strip()))
+    return instructions
+
+
+def dockerfile_exec_form(instruction: str) -> list[str]:
+    """The JSON (exec form) arguments of the last `instruction` of the final stage."""
+    (arguments,) = [args for keyword, args in dockerfile_instructions() if keyword == instruction][
+        -1:
+    ]
+    return json.loads(arguments)
