@@ -70,8 +70,8 @@ class VectorScaling:
             [scale, bias],
             lr=1.0,
             max_iter=max_iter,
-            tolerance_grad=1e-10,
-            tolerance_change=1e-14,
+            tolerance_grad=1e-8,
+            tolerance_change=1e-12,
             line_search_fn="strong_wolfe",
         )
 

@@ -6,10 +6,12 @@ ranked above it plus its own mass:
     deterministic:  score(x, y) = mass_above(y) + p_y
     randomised:     score(x, y) = mass_above(y) + U * p_y,   U ~ Uniform[0, 1) per example
 
-The deterministic score counts the whole mass of the label that crosses the threshold, so
-for the same coverage its sets are larger; randomising how much of that last label counts
-gives smaller sets with coverage still on 1 - alpha (Romano et al., Theorem 2), at the price
-of occasionally empty sets.
+A label is in the set iff its score is at most qhat. The deterministic score counts the
+whole mass of the label that crosses qhat, so for the same coverage its sets are larger, and
+a set is empty when the top label's probability alone exceeds qhat. Randomising how much of
+that last label counts gives smaller sets with coverage still on 1 - alpha (Romano et al.,
+Theorem 2), also with occasionally empty sets. (Libraries that always keep the crossing
+label never return an empty set but over-cover; here that is the `never_empty` option.)
 """
 
 from __future__ import annotations
