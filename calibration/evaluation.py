@@ -16,7 +16,6 @@ variant the same holds per class with n_c, the class's calibration count in that
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +41,6 @@ class ResplitResult:
     @property
     def n_splits(self) -> int:
         return self.coverage.shape[0]
-
-    def mean_and_standard_error(self, values: Tensor) -> tuple[float, float]:
-        """Mean over splits (ignoring NaN) and its standard error from the spread."""
-        values = values[~torch.isnan(values)]
-        if values.numel() < 2:
-            return float(values.mean()), math.inf
-        return float(values.mean()), float(values.std() / math.sqrt(values.numel()))
 
 
 def random_splits(
