@@ -78,9 +78,13 @@ class CalibrationArtifact:
     )
 
     def __post_init__(self) -> None:
-        n = self.labels.shape[0]
-        if n == 0:
-            raise ValueError("a calibration artifact needs a non-empty conformal part")
+        n = self.labels.shape[0] if self.labels.ndim == 1 else -1
+        if n <= 0 or self.labels.dtype != torch.long:
+            raise ValueError(
+                "a calibration artifact needs non-empty int64 labels [n], got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+        as_labels(self.labels, n, self.num_classes)  # raises when a label is out of range
         if set(self.scores) != set(SCORE_NAMES):
             raise ValueError(f"artifact scores must be {SCORE_NAMES}, got {sorted(self.scores)}")
         for name, values in self.scores.items():

@@ -209,3 +209,20 @@ def test_corrupt_storage_is_rejected(artifact, tmp_path) -> None:
         CalibrationArtifact.from_serialized(artifact.to_json(), partial)
     with pytest.raises(FileNotFoundError, match="calibration.json"):
         CalibrationArtifact.load(tmp_path)
+
+
+def test_inconsistent_contents_are_rejected(artifact) -> None:
+    meta = json.loads(artifact.to_json())
+    meta["num_classes"] = 3  # stored labels go up to 9
+    with pytest.raises(ValueError, match="labels must lie in 0..2"):
+        CalibrationArtifact.from_serialized(json.dumps(meta), artifact.to_safetensors())
+    from safetensors.torch import save
+
+    tensors = {f"scores.{name}": values for name, values in artifact.scores.items()}
+    tensors["labels"] = artifact.labels.to(torch.int32)
+    with pytest.raises(ValueError, match="int64 labels"):
+        CalibrationArtifact.from_serialized(artifact.to_json(), save(tensors))
+    tensors["labels"] = artifact.labels
+    tensors["scores.lac"] = artifact.scores["lac"][:-1]
+    with pytest.raises(ValueError, match="scores 'lac' must be float64"):
+        CalibrationArtifact.from_serialized(artifact.to_json(), save(tensors))
