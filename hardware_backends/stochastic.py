@@ -44,7 +44,12 @@ from hardware_backends.crossbar import (
 )
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
 from hardware_backends.pcm_model import PCMConfig
-from hardware_backends.stochastic_computing import BitSource, StochasticMatmul, StreamConfig
+from hardware_backends.stochastic_computing import (
+    MAX_STREAM_LENGTH,
+    BitSource,
+    StochasticMatmul,
+    StreamConfig,
+)
 
 if TYPE_CHECKING:
     from models.base import StatefulModel
@@ -165,7 +170,7 @@ class StochasticOptions(BackendOptions):
     t_inference: pydantic.confloat(ge=0.0, allow_inf_nan=False) | None = None
     drift_compensation: bool | None = None
     # bitstream mode
-    stream_length: pydantic.conint(ge=1, le=1 << 16) | None = None
+    stream_length: pydantic.conint(ge=1, le=MAX_STREAM_LENGTH) | None = None
     source: Literal["random", "sobol"] | None = None
     accumulation: Literal["count", "mux"] | None = None
 

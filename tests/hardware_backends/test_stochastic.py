@@ -106,30 +106,73 @@ def test_low_discrepancy_streams_beat_independent_ones() -> None:
 
 
 @pytest.mark.parametrize("accumulation", ["count", "mux"])
-@pytest.mark.parametrize("kind", ["random", "sobol"])
-def test_fast_matvec_equals_packed_bit_reference(kind: str, accumulation: str) -> None:
-    x, w = _uniform((3, 5), 7), _uniform((4, 5), 8)
-    length = 100  # not a multiple of 8: padding bits of the packed bytes must not count
-    fast = sc_matvec(x, w, BitSource(kind, length, seed=9), accumulation)
-    slow = reference_sc_matvec(x, w, BitSource(kind, length, seed=9), accumulation)
+@pytest.mark.parametrize("length", [8, 100, 256])
+def test_sobol_matvec_equals_packed_bit_reference_exactly(length: int, accumulation: str) -> None:
+    x, w = _uniform((6, 5), 7), _uniform((4, 5), 8)  # lengths not a multiple of 8 included
+    fast = sc_matvec(x, w, BitSource("sobol", length, seed=9), accumulation)
+    slow = reference_sc_matvec(x, w, BitSource("sobol", length, seed=9), accumulation)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("accumulation", ["count", "mux"])
-def test_matvec_estimate_has_the_adder_s_variance(accumulation: str) -> None:
-    x, w = _uniform((1, 6), 10), _uniform((1, 6), 11)
-    exact = float(x @ w.T)
-    calls, length, n = 600, 256, 6
-    source = BitSource("random", length, seed=12)
-    est = torch.tensor([float(sc_matvec(x, w, source, accumulation)) for _ in range(calls)])
+def _expected_moments(x: torch.Tensor, w: torch.Tensor, length: int, accumulation: str):
+    """Exact mean [O], variance [O] and covariance of outputs 0 and 1 of one row's estimate.
+
+    In bipolar form a product bit is A·W_i with A = ±1 from x's stream (shared by the
+    outputs) and W_i = ±1 from w_i's own stream; E[A·W_i·A·W_k] = w_i·w_k since A² = 1.
+    """
+    n = x.shape[0]
+    products = w * x  # [O, n]
     if accumulation == "count":
-        var = float((1 - (x * w) ** 2).sum()) / length
-    else:
-        mean = exact / n
-        var = n**2 * (1 - mean**2) / length
-    assert abs(float(est.mean()) - exact) <= 5 * math.sqrt(var / calls)
-    # Sample variance of ~normal estimates: standard error var·sqrt(2/(calls − 1)).
-    assert abs(float(est.var()) - var) <= 5 * var * math.sqrt(2 / (calls - 1))
+        mean = products.sum(1)
+        var = (1 - products**2).sum(1) / length
+        cov = float((w[0] * w[1] * (1 - x**2)).sum()) / length
+    else:  # each output bit takes one input at random: bits iid with bipolar mean m
+        m = products.mean(1)
+        mean, var = n * m, n**2 * (1 - m**2) / length
+        cov = n**2 * (float((w[0] * w[1]).mean()) - float(m[0] * m[1])) / length
+    return mean, var, cov
+
+
+def _assert_matches_moments(est: torch.Tensor, mean, var, cov) -> None:
+    """est [R, O]: R independent estimates of one row; 5-standard-error checks."""
+    rows = est.shape[0]
+    est = est.double()
+    assert torch.all((est.mean(0) - mean).abs() <= 5 * torch.sqrt(var / rows))
+    # Sample (co)variances of ~normal estimates: standard error ≈ scale·sqrt(2/(R − 1)).
+    assert torch.all((est.var(0) - var).abs() <= 5 * var * math.sqrt(2 / (rows - 1)))
+    centred = est - est.mean(0)
+    sample_cov = float((centred[:, 0] * centred[:, 1]).sum()) / (rows - 1)
+    cov_se = math.sqrt(float(var[0] * var[1]) + cov**2) / math.sqrt(rows - 1)
+    assert abs(sample_cov - cov) <= 5 * cov_se
+
+
+@pytest.mark.parametrize("accumulation", ["count", "mux"])
+def test_random_streams_give_the_adders_mean_variance_and_output_correlation(
+    accumulation: str,
+) -> None:
+    n, length = 6, 64
+    x = _uniform((n,), 10)
+    w = torch.cat([_uniform((1, n), 11), _uniform((1, n), 11) * 0.8, _uniform((1, n), 12)])
+    mean, var, cov = _expected_moments(x, w.double(), length, accumulation)
+    # Fast path: every row gets fresh streams, so identical rows are independent trials.
+    fast = sc_matvec(x.expand(20_000, n), w, BitSource("random", length, 13), accumulation)
+    _assert_matches_moments(fast, mean, var, cov)
+    # Reference path: the same law from explicitly drawn, packed bits.
+    slow = reference_sc_matvec(x.expand(600, n), w, BitSource("random", length, 14), accumulation)
+    _assert_matches_moments(slow, mean, var, cov)
+
+
+def test_low_discrepancy_matvec_beats_independent_streams() -> None:
+    x, w = _uniform((200, 16), 15), _uniform((8, 16), 16)
+    exact = x @ w.T
+    for length in (64, 1024):
+        errors = {
+            kind: float(
+                (sc_matvec(x, w, BitSource(kind, length, 0), "count") - exact).pow(2).mean()
+            )
+            for kind in ("random", "sobol")
+        }
+        assert errors["sobol"] < errors["random"] / 4
 
 
 def test_stochastic_matmul_converges_to_the_float_product() -> None:
@@ -148,6 +191,8 @@ def test_stochastic_matmul_converges_to_the_float_product() -> None:
 def test_stream_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError, match="stream length"):
         StreamConfig(length=0)
+    with pytest.raises(ValueError, match="at most 4096"):
+        StreamConfig(length=8192)
     with pytest.raises(ValueError, match="source"):
         StreamConfig(source="halton")
     with pytest.raises(ValueError, match="accumulation"):
