@@ -38,7 +38,7 @@ class Settings(BaseSettings):
         4096, ge=1, description="Most time steps per sequence in one request."
     )
     max_request_bytes: int = Field(
-        16 * 1024 * 1024,
+        32 * 1024 * 1024,
         ge=1024,
         description="Largest request body accepted; bigger bodies get 413.",
     )

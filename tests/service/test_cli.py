@@ -1,0 +1,104 @@
+"""The `neuroserve` command: help, bad settings, and `serve` answering readiness."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.repository import ModelRepository
+
+START_TIMEOUT_S = 60.0
+# The installed console script beside this interpreter; `python -m service.cli` otherwise.
+SCRIPT = Path(sys.executable).with_name("neuroserve")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=60, env=cli_env(**env)
+    )
+
+
+def test_help_lists_the_sub_commands() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "serve" in result.stdout
+    assert "run the HTTP server" in result.stdout
+
+
+def test_serve_help_documents_its_options() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--host", "--port", "--repository", "--redis-url", "--log-level"):
+        assert option in result.stdout
+
+
+def test_no_command_is_a_usage_error() -> None:
+    result = run_cli()
+    assert result.returncode == 2
+    assert "usage: neuroserve" in result.stderr
+
+
+def test_invalid_setting_from_the_environment_is_named() -> None:
+    result = run_cli("serve", NEUROSERVE_PORT="not-a-port")
+    assert result.returncode == 2
+    assert "invalid settings: port" in result.stderr
+
+
+def test_serve_starts_and_answers_readiness(test_repository: ModelRepository) -> None:
+    # --port 0 lets the OS pick a free port; uvicorn logs the one it bound.
+    process = subprocess.Popen(
+        [*COMMAND, "serve", "--port", "0", "--repository", str(test_repository.root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+    )
+    log: list[str] = []
+    try:
+        base_url = _wait_for_listening(process, log)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while httpx.get(f"{base_url}/v2/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+        models = httpx.get(f"{base_url}/v1/models", timeout=5).json()["models"]
+        assert {model["name"] for model in models} == {"broken", "tiny-charlm", "tiny-digits"}
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            remaining, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            remaining, _ = process.communicate()
+        log.append(remaining)
+    assert process.returncode == 0, "".join(log)
+    text = "".join(log)
+    assert f"serving models from {test_repository.root.resolve()}" in text
+    assert "embedded in-process store" in text
+
+
+def _wait_for_listening(process: subprocess.Popen[str], log: list[str]) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            pytest.fail("neuroserve serve exited early:\n" + "".join(log))
+        log.append(line)
+        match = re.search(r"Uvicorn running on (http://[\d.]+:\d+)", line)
+        if match:
+            return match.group(1)
+    pytest.fail("neuroserve serve did not start listening:\n" + "".join(log))
