@@ -39,7 +39,7 @@ from hardware_backends.crossbar import (
     ProgrammedCrossbar,
     program_crossbar,
 )
-from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32, usage_of_steps
+from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32, EnergyModel, usage_of_steps
 from hardware_backends.pcm_model import PCMConfig
 
 if TYPE_CHECKING:
@@ -137,17 +137,21 @@ def usage_with_engines(
     steps: int,
     activity: dict[str, Tensor],
     engine_macs: int,
-    engine_mac_joules: float,
+    engine_energy: EnergyModel,
 ) -> Usage:
-    """Usage of a step where `engine_macs` of the work ran on engines priced at
-    `engine_mac_joules` per MAC and the rest of the model's dense work ran digitally (FP32).
-    Spike-driven work is priced as engine work (one spike row read = one engine MAC)."""
-    energy = dataclasses.replace(
-        ANALOG_PCM, mac_joules=engine_mac_joules, accumulate_joules=engine_mac_joules
-    )
-    usage = usage_of_steps(op_counts, batch, steps, activity, energy)
-    digital_macs = max(int(op_counts["dense_macs"]) * batch * steps - engine_macs, 0)
-    extra = digital_macs * (DIGITAL_FP32.mac_joules - engine_mac_joules)
+    """Usage of `steps` steps of `batch` sequences when `engine_macs` MACs ran on engines.
+
+    The model's counts (`energy.usage_of_steps`) are priced with `engine_energy`: spike-driven
+    synaptic operations run on the engines too (one spike row read per accumulate). Engine
+    MACs beyond the spike-fed maximum (``synaptic_ops_max``) are the dense work the engines
+    did; the rest of the dense work (recurrences, gates, decays) ran digitally and is
+    re-priced with the FP32 figure, in the estimate and in its dense equivalent alike.
+    """
+    usage = usage_of_steps(op_counts, batch, steps, activity, engine_energy)
+    dense_macs = int(op_counts["dense_macs"]) * batch * steps
+    spike_fed_macs = int(op_counts.get("synaptic_ops_max", 0)) * batch * steps
+    digital_macs = max(dense_macs - max(engine_macs - spike_fed_macs, 0), 0)
+    extra = digital_macs * (DIGITAL_FP32.mac_joules - engine_energy.mac_joules)
     usage.energy_joules += extra
     usage.dense_equivalent_energy_joules += extra
     return usage
@@ -269,7 +273,7 @@ class _ProgrammedChipCache:
 class RoutedRunner:
     """Runs a model snapshot with some of its ``F.linear`` weights routed to engines.
 
-    Shared by the analog and stochastic backends; `engine_mac_joules` prices engine MACs.
+    Shared by the analog and stochastic backends; `engine_energy` prices the engines' work.
     Engines that draw fresh noise on every call (`noisy_engines`) run a sequence step by
     step, so that a step sees the same noise whether it comes alone, in a chunk or in a
     whole sequence: the draws follow the runner's stream in step order. Deterministic
@@ -284,12 +288,12 @@ class RoutedRunner:
         self,
         model: StatefulModel,
         engines: dict[str, MatmulEngine],
-        engine_mac_joules: float,
+        engine_energy: EnergyModel,
         noisy_engines: bool,
     ) -> None:
         self.model = model
         self.engines = engines
-        self.engine_mac_joules = engine_mac_joules
+        self.engine_energy = engine_energy
         self.op_counts = model.macs_per_step()
         # Spiking models report their activity only from step_with_activity.
         self.by_steps = noisy_engines or "synaptic_ops_max" in self.op_counts
@@ -311,7 +315,7 @@ class RoutedRunner:
             logits, new_state, activity = self.model.step_with_activity(x_t, state)  # [B, C]
             engine_macs = self._engine_macs() - before
         usage = usage_with_engines(
-            self.op_counts, x_t.shape[0], 1, activity, engine_macs, self.engine_mac_joules
+            self.op_counts, x_t.shape[0], 1, activity, engine_macs, self.engine_energy
         )
         return logits, new_state, usage
 
@@ -326,7 +330,7 @@ class RoutedRunner:
             logits, new_state = self.model(x, state)  # [B, T, C]
             engine_macs = self._engine_macs() - before
         usage = usage_with_engines(
-            self.op_counts, x.shape[0], x.shape[1], {}, engine_macs, self.engine_mac_joules
+            self.op_counts, x.shape[0], x.shape[1], {}, engine_macs, self.engine_energy
         )
         return logits, new_state, usage
 
@@ -342,7 +346,7 @@ class AnalogIMCRunner(RoutedRunner):
     def __init__(
         self, model: StatefulModel, engines: dict[str, AnalogMatmul], config: AnalogIMCConfig
     ) -> None:
-        super().__init__(model, engines, ANALOG_PCM.mac_joules, noisy_engines=True)
+        super().__init__(model, engines, ANALOG_PCM, noisy_engines=True)
         self.config = config
 
 

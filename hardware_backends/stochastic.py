@@ -203,7 +203,7 @@ class SamplingRunner(RoutedRunner):
     def __init__(
         self, model: StatefulModel, engines: dict[str, SampledMatmul], samples: int
     ) -> None:
-        super().__init__(model, engines, ANALOG_PCM.mac_joules, noisy_engines=False)
+        super().__init__(model, engines, ANALOG_PCM, noisy_engines=False)
         self.samples = samples
 
     def init_state(self, batch: int) -> State:
@@ -257,7 +257,7 @@ class StochasticBackend:
             engines = {
                 name: StochasticMatmul(w, config, source) for name, w in sorted(weights.items())
             }
-            return BitstreamRunner(snapshot, engines, DIGITAL_FP32.mac_joules, noisy_engines=True)
+            return BitstreamRunner(snapshot, engines, DIGITAL_FP32, noisy_engines=True)
 
         samples = parsed.samples or DEFAULT_SAMPLES
         engines = {}

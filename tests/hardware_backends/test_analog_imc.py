@@ -16,6 +16,7 @@ from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
 from hardware_backends.pcm_model import PCMConfig
 from models.lru import LRUConfig, LRUModel
 from models.selective import SelectiveConfig, SelectiveModel
+from models.snn import SNNConfig, SNNModel
 
 YEAR = 365.0 * 86_400.0
 IDEAL = AnalogIMCConfig(
@@ -33,6 +34,11 @@ def _selective_tokens(seed: int = 0) -> SelectiveModel:
     torch.manual_seed(seed)
     cfg = SelectiveConfig(vocab_size=20, d_output=20, d_model=16, d_state=4, n_layers=1)
     return SelectiveModel(cfg).eval()
+
+
+def _snn(seed: int = 0) -> SNNModel:
+    torch.manual_seed(seed)
+    return SNNModel(SNNConfig(d_model=24, n_layers=2)).eval()
 
 
 def _digits_like(batch: int = 6, steps: int = 5, seed: int = 1) -> torch.Tensor:
@@ -57,7 +63,9 @@ def test_finds_every_linear_weight_and_only_those() -> None:
     }  # A_log (2-D, elementwise) and the depthwise conv stay digital
 
 
-@pytest.mark.parametrize("factory", [_lru, _selective_tokens], ids=["lru", "selective"])
+@pytest.mark.parametrize(
+    "factory", [_lru, _selective_tokens, _snn], ids=["lru", "selective", "snn"]
+)
 def test_ideal_chip_reproduces_the_float_model(factory) -> None:
     model = factory()
     x = _digits_like() if model.input_kind == "features" else torch.randint(0, 20, (6, 5))
@@ -87,6 +95,27 @@ def test_usage_prices_crossbar_and_digital_work_separately() -> None:
     assert usage.energy_joules == pytest.approx(expected, rel=1e-9)
     _, _, step_usage = runner.step(x[:, 0], runner.init_state(3))
     assert step_usage.energy_joules == pytest.approx(expected / 4, rel=1e-9)
+
+
+def test_spiking_usage_prices_spike_driven_and_digital_work() -> None:
+    model = _snn()
+    runner = AnalogIMCBackend().prepare(model, model_key="snn/1")
+    x = _digits_like(batch=5, steps=8) * 4  # strong input: the random network spikes
+    _, _, usage = runner.run(x)
+    counts, rows = model.macs_per_step(), 5 * 8
+    encoder = model.encoder.macs() * rows  # dense input projection, on the crossbar
+    decays = counts["dense_macs"] * rows - encoder  # membrane and current decays, digital
+    assert usage.macs == counts["dense_macs"] * rows
+    assert 0 < usage.spikes <= usage.neuron_steps == rows * 2 * 24
+    expected = (
+        encoder * ANALOG_PCM.mac_joules
+        + decays * DIGITAL_FP32.mac_joules
+        + usage.accumulates * ANALOG_PCM.accumulate_joules  # one spike row read each
+    )
+    assert usage.energy_joules == pytest.approx(expected, rel=1e-9)
+    dense_equivalent = (encoder + counts["synaptic_ops_max"] * rows) * ANALOG_PCM.mac_joules
+    dense_equivalent += decays * DIGITAL_FP32.mac_joules
+    assert usage.dense_equivalent_energy_joules == pytest.approx(dense_equivalent, rel=1e-9)
 
 
 def _relative_error(runner, model, x) -> float:
