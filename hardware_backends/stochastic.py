@@ -7,10 +7,12 @@ Two modes (option ``mode``):
   instance) from either Gaussian weight noise with std ``relative_std`` times the matrix's
   abs-max ("gaussian"), or the PCM device model of `pcm_model` -- programming noise, drift to
   ``t_inference`` and one read, with an exact per-tile drift-compensation factor ("pcm").
-  The chains are stacked on the batch dimension (sample-major, [S·B, ...]), so the state of
-  a sampling runner has S·B rows. `predictive_probabilities`, `predictive_entropy`,
-  `expected_entropy` and `mutual_information` turn [S, ..., C] logits into the predictive
-  distribution and its total / aleatoric / epistemic uncertainty.
+  The chains are stacked on the batch dimension, each sequence's S chains next to each
+  other (row b·S + s), so the state of a sampling runner has S rows per sequence and the
+  states of separate sequences concatenate into a batch as usual.
+  `predictive_probabilities`, `predictive_entropy`, `expected_entropy` and
+  `mutual_information` turn [S, ..., C] logits into the predictive distribution and its
+  total / aleatoric / epistemic uncertainty.
 - "bitstream": every matrix product is computed by bipolar stochastic computing
   (`stochastic_computing`) with ``stream_length`` bits per number; one chain (S = 1).
 
@@ -99,7 +101,8 @@ def mutual_information(logits: Tensor) -> Tensor:
 
 
 class SampledMatmul:
-    """``F.linear`` with S weight samples at once: rows arrive sample-major ([S·B·..., in])."""
+    """``F.linear`` with S weight samples at once. The leading dimension of the input holds
+    B sequences x S chains, chain-minor (row b·S + s), as the sampling runner lays them out."""
 
     def __init__(self, weights: Tensor) -> None:
         self.weights = weights  # [S, out, in]
@@ -107,17 +110,20 @@ class SampledMatmul:
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         samples, out_features, in_features = self.weights.shape
-        if x.shape[-1] != in_features or x.numel() % (samples * in_features):
+        if x.dim() < 2 or x.shape[-1] != in_features or x.shape[0] % samples:
             raise ValueError(
-                f"expected sample-major rows of {in_features} features for {samples} samples, "
-                f"got shape {list(x.shape)}"
+                f"expected [B·{samples}, ..., {in_features}] inputs (B sequences x {samples} "
+                f"chains), got shape {list(x.shape)}"
             )
-        rows = x.reshape(samples, -1, in_features)  # [S, M, in]
-        y = torch.bmm(rows, self.weights.transpose(1, 2))  # [S, M, out]
+        batch = x.shape[0] // samples
+        rows = x.reshape(batch, samples, -1, in_features).transpose(0, 1)  # [S, B, M, in]
+        rows = rows.reshape(samples, -1, in_features)  # [S, B·M, in]
+        y = torch.bmm(rows, self.weights.transpose(1, 2))  # [S, B·M, out]
         self.macs += rows.shape[0] * rows.shape[1] * in_features * out_features
         if bias is not None:
             y = y + bias
-        return y.view(*x.shape[:-1], out_features)
+        y = y.view(samples, batch, -1, out_features).transpose(0, 1)  # [B, S, M, out]
+        return y.reshape(*x.shape[:-1], out_features)
 
 
 def gaussian_weight_samples(
@@ -196,7 +202,8 @@ class StochasticOptions(BackendOptions):
 
 
 class SamplingRunner(RoutedRunner):
-    """S chains with sampled weights; logits carry a leading [S] dim and state has S·B rows."""
+    """S chains with sampled weights: logits carry a leading [S] dim; the state has S rows per
+    sequence (row b·S + s), so `init_state(B)` returns B·S rows."""
 
     backend = "stochastic"
 
@@ -211,12 +218,16 @@ class SamplingRunner(RoutedRunner):
         return self.model.init_state(self.samples * batch)
 
     def _repeat(self, x: Tensor) -> Tensor:
-        return x.repeat(self.samples, *([1] * (x.dim() - 1)))  # [S·B, ...], sample-major
+        return x.repeat_interleave(self.samples, dim=0)  # [B·S, ...], row b·S + s
+
+    def _samples_first(self, logits: Tensor) -> Tensor:
+        """[B·S, ...] -> [S, B, ...]."""
+        return logits.view(-1, self.samples, *logits.shape[1:]).transpose(0, 1)
 
     def step(self, x_t: Tensor, state: State) -> tuple[Tensor, State, Usage]:
         self.model.check_step_input(x_t)
-        logits, new_state, usage = super().step(self._repeat(x_t), state)  # [S·B, C]
-        return logits.view(self.samples, x_t.shape[0], -1), new_state, usage
+        logits, new_state, usage = super().step(self._repeat(x_t), state)  # [B·S, C]
+        return self._samples_first(logits), new_state, usage
 
     def run(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State, Usage]:
         self.model.check_sequence_input(x)
@@ -224,8 +235,8 @@ class SamplingRunner(RoutedRunner):
             return self.run_by_steps(x, state)
         if state is None:
             state = self.init_state(x.shape[0])
-        logits, new_state, usage = super().run(self._repeat(x), state)  # [S·B, T, C]
-        return logits.view(self.samples, *x.shape[:2], -1), new_state, usage
+        logits, new_state, usage = super().run(self._repeat(x), state)  # [B·S, T, C]
+        return self._samples_first(logits), new_state, usage
 
 
 class BitstreamRunner(RoutedRunner):

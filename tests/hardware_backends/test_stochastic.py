@@ -286,6 +286,20 @@ def test_each_chain_is_the_model_with_its_own_weight_sample(factory, noise: str)
     assert not torch.allclose(logits[0], logits[1])
 
 
+def test_sequences_states_concatenate_into_one_batch() -> None:
+    # Each sequence owns S consecutive state rows, so a server can batch sessions by
+    # concatenating their states and split the result back by rows.
+    model = _lru()
+    runner = StochasticBackend().prepare(model, model_key="lru/1", options={"samples": 3})
+    x = _inputs(model)  # [3, 5, 8]
+    alone = [runner.run(x[b : b + 1, :4]) for b in range(3)]
+    state = {name: torch.cat([a[1][name] for a in alone]) for name in alone[0][1]}
+    together, _, _ = runner.step(x[:, 4], state)  # [S, 3, C]
+    for b in range(3):
+        single, _, _ = runner.step(x[b : b + 1, 4], alone[b][1])  # [S, 1, C]
+        torch.testing.assert_close(together[:, b : b + 1], single, rtol=1e-5, atol=1e-5)
+
+
 def test_gaussian_weight_noise_has_the_requested_relative_std() -> None:
     weight = _uniform((32, 64), 16) * 2
     samples = gaussian_weight_samples(weight, 50, 0.1, torch.Generator().manual_seed(0))
