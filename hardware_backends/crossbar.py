@@ -182,6 +182,14 @@ def _analog_pass(
     return y.clamp(-config.out_bound, config.out_bound), clipped
 
 
+def _largest_input_reduction(config: CrossbarConfig) -> float:
+    """Bound management stops once the input has been divided by more than this."""
+    dac_step = config.inp_res * 2.0 * config.inp_bound
+    if dac_step > 0:
+        return min(config.max_bm_factor, config.max_bm_res / dac_step)
+    return config.max_bm_factor
+
+
 def tile_mvm(
     x: Tensor,
     weights: Tensor,
@@ -207,10 +215,7 @@ def tile_mvm(
 
     # Iterative bound management (aihwkit): a tile whose ADC clipped reruns with the input
     # halved, until it fits or the input would sink below max_bm_res DAC steps.
-    dac_step = config.inp_res * 2.0 * config.inp_bound
-    give_up_above = config.max_bm_factor
-    if dac_step > 0:
-        give_up_above = min(give_up_above, config.max_bm_res / dac_step)
+    give_up_above = _largest_input_reduction(config)
     result = torch.zeros(x.shape[0], x.shape[1], layout.out_features, dtype=x.dtype)
     pending = torch.ones(x.shape[0], x.shape[1], layout.col_tiles, dtype=torch.bool)
     reduction = 1.0
@@ -233,10 +238,7 @@ def reference_tile_mvm(
     tile at a time, bound management as a plain loop. Same shapes as `tile_mvm`."""
     if config.out_noise != 0:
         raise ValueError("reference_tile_mvm is deterministic; set out_noise=0")
-    dac_step = config.inp_res * 2.0 * config.inp_bound
-    give_up_above = config.max_bm_factor
-    if dac_step > 0:
-        give_up_above = min(give_up_above, config.max_bm_res / dac_step)
+    give_up_above = _largest_input_reduction(config)
     rows, tiles, _ = x.shape
     out = torch.zeros(rows, tiles, layout.out_features, dtype=x.dtype)
     for r in range(rows):
