@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuroserve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the integration tests run for real: Redis (state store, job queue).
-TEST_APT_PACKAGES ?= redis-server
+# Debian packages the integration tests run for real: Redis (state store, job queue) and
+# Prometheus (promtool rule tests, a live scrape test).
+TEST_APT_PACKAGES ?= redis-server prometheus
 
 .PHONY: install serve test test-all lint bench system-deps clean
 
