@@ -7,7 +7,7 @@ split (397 images; the map never sees them).
 Rows per model:
 - raw:       the model's own softmax of its last-step logits
 - artifact:  `fit_calibration_artifact` on the calibration split, as the server fits it (map
-             chosen by cross-validated NLL on the 25% tuning part, 100 images)
+             chosen by cross-validated NLL on its tuning half, 200 images)
 - map (400): `fit_best_map` on the whole calibration split (400 images)
 
 ECE uses 15 equal-width top-label bins. With 397 test images ECE has a sampling floor of its

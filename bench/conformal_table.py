@@ -7,8 +7,8 @@ calibration/test re-splits, through the same pipeline the server uses.
 Sources: a built-in digits classifier (its calibration and test splits pooled, 797 images,
 re-split at random 400/397), or "synthetic" (797 i.i.d. examples of a 10-class classifier
 that is 1.5x overconfident, see `calibration.synthetic`). For every split a
-`CalibrationArtifact` is fitted on the 400 calibration points (map and RAPS tuned on 100 of
-them, conformal scores from the other n = 300) and every test point gets a set for each
+`CalibrationArtifact` is fitted on the 400 calibration points (map and RAPS tuned on 200 of
+them, conformal scores from the other n = 200) and every test point gets a set for each
 score and alpha: plain, never-empty (top label added to empty sets) and class-conditional.
 
 Columns: coverage as mean ± standard error over splits; the interval split conformal

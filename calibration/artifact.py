@@ -4,15 +4,20 @@ logits into calibrated probabilities and a conformal prediction set for any alph
 Fitting (`fit_calibration_artifact`) shuffles the labelled calibration logits once (seeded)
 and splits them in two:
 
-- a tuning part (`tune_fraction`, default 25%) that fits the calibration map (chosen by
+- a tuning part (`tune_fraction`, default half) that fits the calibration map (chosen by
   cross-validated NLL, see `calibration.maps`) and RAPS's k_reg and lam;
 - a conformal part whose calibrated probabilities give the stored conformity scores.
 
 Keeping the two apart is what makes the coverage guarantee exact: the stored scores are a
 fixed function of points the map never saw, hence exchangeable with test points. Fitting
-the map on the same points would bias their scores low (the map is tuned to make exactly
-those labels probable). The fit metrics (NLL/ECE before and after the map) are measured on
-the conformal part, i.e. held out from the map fit.
+the map on the same points biases their scores low, because the map is tuned to make
+exactly those labels probable. Measured on synthetic 10-class data at alpha = 0.1 (150
+repetitions, coverage on 20k test points): vector scaling fitted on the same 400 points
+covered 0.888 +- 0.001 (0.850 with 100 points), fitted on other points 0.899; temperature
+scaling is too simple to matter (0.899 either way). Half, not less, goes to tuning because a
+classifier that is right 96% of the time makes only a handful of mistakes in 100 points,
+too few to pin down even a temperature. The fit metrics (NLL/ECE before and after the map)
+are measured on the conformal part, i.e. held out from the map fit.
 
 Storage is JSON (metadata, map parameters, metrics) plus safetensors (scores and labels),
 no pickle; `save`/`load` write `<stem>.json` and `<stem>.safetensors` side by side.
@@ -41,7 +46,7 @@ from calibration.metrics import calibration_report
 from calibration.scores import SCORE_NAMES, ConformityScore, make_score, tune_raps
 
 ARTIFACT_FORMAT = 1
-DEFAULT_TUNE_FRACTION = 0.25
+DEFAULT_TUNE_FRACTION = 0.5
 DEFAULT_RAPS_ALPHA = 0.1
 MIN_TUNE_EXAMPLES = 4  # RAPS's two-fold lam search needs two points per half
 

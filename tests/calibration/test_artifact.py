@@ -56,7 +56,7 @@ def assert_same_artifact(a: CalibrationArtifact, b: CalibrationArtifact) -> None
 
 def test_fit_records_what_it_did(artifact: CalibrationArtifact, data) -> None:
     assert (artifact.model, artifact.version, artifact.backend) == ("synthetic", "3", "torch")
-    assert artifact.n_tune == 200 and artifact.n == 600
+    assert artifact.n_tune == 400 and artifact.n == 400
     assert artifact.calibration_map.kind == "temperature"  # the data is only overconfident
     assert artifact.metrics["nll_after"] < artifact.metrics["nll_before"]
     assert set(artifact.map_cv_nll) == {"identity", "temperature", "vector_scaling"}
@@ -226,3 +226,42 @@ def test_inconsistent_contents_are_rejected(artifact) -> None:
     tensors["scores.lac"] = artifact.scores["lac"][:-1]
     with pytest.raises(ValueError, match="scores 'lac' must be float64"):
         CalibrationArtifact.from_serialized(artifact.to_json(), save(tensors))
+
+
+@pytest.mark.slow
+def test_fitting_vector_scaling_on_the_scored_points_undercovers() -> None:
+    """Why the artifact keeps its map-fitting and conformal parts apart (the figures quoted
+    in `calibration.artifact`): fitted on the very points whose scores set the quantile,
+    vector scaling makes those labels look likelier than fresh ones, and coverage drops."""
+    from calibration.quantile import conformal_quantile
+    from calibration.scores import LAC
+    from calibration.vector_scaling import VectorScaling
+
+    generator = torch.Generator().manual_seed(0)
+    bias = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    test_logits, test_labels = sample_classifier_outputs(
+        20_000, 10, generator, overconfidence=1.5, class_bias=bias
+    )
+    rows = torch.arange(len(test_labels))
+    coverage = {"same points": [], "other points": []}
+    for _ in range(150):
+        fit_logits, fit_labels = sample_classifier_outputs(
+            400, 10, generator, overconfidence=1.5, class_bias=bias
+        )
+        other_logits, other_labels = sample_classifier_outputs(
+            400, 10, generator, overconfidence=1.5, class_bias=bias
+        )
+        fitted = VectorScaling.fit(fit_logits, fit_labels)
+        test_probs = fitted.apply(test_logits)
+        for where, (logits, labels) in {
+            "same points": (fit_logits, fit_labels),
+            "other points": (other_logits, other_labels),
+        }.items():
+            qhat = conformal_quantile(LAC().score(fitted.apply(logits), labels), 0.1)
+            sets = LAC().prediction_sets(test_probs, qhat)
+            coverage[where].append(float(sets[rows, test_labels].to(torch.float64).mean()))
+    same = torch.tensor(coverage["same points"])
+    other = torch.tensor(coverage["other points"])
+    se = math.sqrt(float(same.var() + other.var()) / len(same))
+    assert float(other.mean()) >= 0.9 - 3 * float(other.std()) / math.sqrt(len(other))
+    assert float(other.mean() - same.mean()) > 3 * se
