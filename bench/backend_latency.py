@@ -1,0 +1,105 @@
+"""Per-step latency of the onnxruntime backend against the torch backend.
+
+For every built-in architecture (default config, seeded random weights) and batch sizes 1
+and 64, times `runner.step` (the serving path, conversions included) on both backends in
+the same process, with the same thread count, and prints a table with the ratio.
+
+    .venv/bin/python bench/backend_latency.py [--steps 200] [--threads 1] [--batches 1 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from hardware_backends.base import Runner
+from hardware_backends.onnx_export import ExportCache
+from hardware_backends.onnxruntime_backend import OnnxRuntimeBackend
+from hardware_backends.torch_backend import TorchBackend
+from models.architectures import ARCHITECTURES, build_model
+from models.base import StatefulModel
+
+REPEATS = 5  # timing blocks per measurement; the median block is reported
+
+
+def example_steps(model: StatefulModel, batch: int, steps: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    cfg = model.config
+    if model.input_kind == "tokens":
+        return torch.randint(0, cfg.vocab_size, (batch, steps), generator=generator)
+    return torch.rand(batch, steps, cfg.d_input, generator=generator) / abs(cfg.input_scale)
+
+
+def seconds_per_step(runner: Runner, x: torch.Tensor) -> float:
+    """Median over REPEATS blocks of the mean time of one `step`, after a warm-up block."""
+    block = x.shape[1]
+    timings = []
+    for repeat in range(REPEATS + 1):
+        state = runner.init_state(x.shape[0])
+        start = time.perf_counter()
+        for t in range(block):
+            _, state, _ = runner.step(x[:, t], state)
+        if repeat:  # the first block warms caches and allocators up
+            timings.append((time.perf_counter() - start) / block)
+    return statistics.median(timings)
+
+
+def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        onnx_backend = OnnxRuntimeBackend(cache_dir=cache_dir, exports=ExportCache())
+        for architecture in sorted(ARCHITECTURES):
+            torch.manual_seed(0)
+            model = build_model(architecture, {})
+            key = f"bench-{architecture}/1"
+            torch_runner = TorchBackend().prepare(model, model_key=key, options={"device": "cpu"})
+            options = {"intra_op_threads": threads, "inter_op_threads": 1}
+            onnx_runner = onnx_backend.prepare(model, model_key=key, options=options)
+            for batch in batches:
+                x = example_steps(model, batch, steps)
+                torch_s = seconds_per_step(torch_runner, x)
+                onnx_s = seconds_per_step(onnx_runner, x)
+                rows.append(
+                    {
+                        "architecture": architecture,
+                        "batch": batch,
+                        "dense_macs": model.macs_per_step()["dense_macs"],
+                        "torch_us": torch_s * 1e6,
+                        "onnxruntime_us": onnx_s * 1e6,
+                        "speedup": torch_s / onnx_s,
+                    }
+                )
+    return rows
+
+
+def print_table(rows: list[dict], threads: int) -> None:
+    print(f"per-step latency, median of {REPEATS} blocks, {threads} thread(s)")
+    columns = ["architecture", "batch", "dense MACs/sample", "torch µs/step"]
+    columns += ["onnxruntime µs/step", "torch/ort"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['architecture']} | {r['batch']} | {r['dense_macs']:,} | {r['torch_us']:.1f} "
+            f"| {r['onnxruntime_us']:.1f} | {r['speedup']:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="steps per timing block")
+    parser.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    args = parser.parse_args()
+    if args.steps < 1 or args.threads < 1 or min(args.batches) < 1:
+        parser.error("--steps, --threads and --batches must be positive")
+    print_table(measure(args.steps, args.threads, args.batches), args.threads)
+
+
+if __name__ == "__main__":
+    main()
