@@ -31,8 +31,6 @@ from models.repository import WEIGHTS_FILE, ModelRepository, default_repository_
 from service.app import create_app
 from service.settings import Settings
 
-torch.set_num_threads(1)
-
 # Small limits keep the limit tests cheap; the test models have no calibration artifacts.
 TEST_SETTINGS: dict[str, Any] = {
     "max_batch_size": 8,
