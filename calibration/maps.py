@@ -6,12 +6,11 @@ the in-sample NLL, because the candidates are nested (identity is temperature at
 which is vector scaling with equal scales and zero offsets): in-sample the richest map
 always wins, even when its extra 2C - 1 parameters only fit noise. Every candidate is scored
 on points it was not fitted on, so the flexible map only wins when it predicts held-out
-labels better, and (one-standard-error rule) by more than the noise of that estimate.
+labels better.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -104,14 +103,12 @@ def fit_best_map(
     seed: int = 0,
     candidates: tuple[str, ...] = ("identity", "temperature", "vector_scaling"),
 ) -> MapSelection:
-    """Choose a map by cross-validated NLL and refit it on all the data.
+    """Pick the candidate with the lowest cross-validated NLL and refit it on all the data.
 
-    `candidates` go from simplest to richest. The choice follows the one-standard-error rule
-    (Hastie, Tibshirani & Friedman, ESL 7.10): the simplest candidate whose held-out NLL is
-    within one standard error of the best one's, the error taken from the per-example paired
-    differences. With a few hundred confident predictions the held-out NLL rests on a handful
-    of mistakes, and a richer map that wins by less than that noise tends to lose on new data.
-    With fewer than `n_folds` examples the cross-validation becomes leave-one-out.
+    `candidates` go from simplest to richest; ties keep the simpler one. With fewer than
+    `n_folds` examples the cross-validation becomes leave-one-out. (A one-standard-error
+    rule in favour of simpler maps was tried on the built-in digits models and gave worse
+    test NLL: a plain argmin of the held-out NLL is already unbiased.)
     """
     logits = as_logits(logits)
     labels = as_labels(labels, logits.shape[0], logits.shape[1])
@@ -129,11 +126,6 @@ def fit_best_map(
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[permutation] = torch.arange(n) % n_folds  # balanced folds in random order
     losses = {kind: held_out_losses(kind, logits, labels, fold_of, n_folds) for kind in candidates}
-    best = min(candidates, key=lambda kind: float(losses[kind].mean()))
-    for kind in candidates:  # simplest first; `best` itself always qualifies
-        difference = losses[kind] - losses[best]  # [N] paired by example
-        if float(difference.mean()) <= float(difference.std() / math.sqrt(n)):
-            chosen = kind
-            break
     cv_nll = {kind: float(loss.mean()) for kind, loss in losses.items()}
+    chosen = min(candidates, key=lambda kind: cv_nll[kind])  # min keeps the first of equals
     return MapSelection(MAP_TYPES[chosen].fit(logits, labels), cv_nll)
