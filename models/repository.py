@@ -1,0 +1,420 @@
+"""The model repository: versioned, verified, atomically published model artifacts on disk.
+
+Layout: `<root>/<name>/<version>/config.json` + `weights.safetensors` (+ calibration files
+that other components write beside them). Versions are "1", "2", ... and never change once
+published. `config.json` holds:
+
+    name, version, architecture, model_config, task ("classification" | "language-model"),
+    labels (classification) or vocabulary (language-model), input, dataset, provenance
+    {data_sha256, seed, command, created, torch_version, neuroserve_version}, metrics,
+    weights_sha256, state_schema_hash
+
+Loading verifies everything it can (required keys, weights hash, exact tensor names and
+shapes, state schema) and raises `ArtifactError` naming the file and the problem. Weights are
+read and written only with safetensors, never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from models.architectures import build_model
+from models.base import StatefulModel
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+TASKS = ("classification", "language-model")
+# Keys the publisher must supply; publish() adds name, version and the two hashes.
+PUBLISHER_KEYS = ("architecture", "model_config", "task", "input", "provenance")
+REQUIRED_KEYS = ("name", "version", *PUBLISHER_KEYS, "weights_sha256", "state_schema_hash")
+PROVENANCE_KEYS = ("data_sha256", "seed", "command", "created", "torch_version")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TEMP_PREFIX = ".publishing-"
+
+
+class ModelNotFoundError(LookupError):
+    """An unknown model name or version; the message says what was asked and what exists."""
+
+
+class ArtifactError(ValueError):
+    """A corrupt or mismatched artifact; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    path: Path  # the version directory
+    config: dict[str, Any]  # parsed config.json
+
+
+@dataclass
+class LoadedModel:
+    card: ModelCard
+    model: StatefulModel  # in eval mode
+
+
+def default_repository_root() -> Path:
+    """The committed built-in artifacts: `models/artifacts` inside the package."""
+    return Path(__file__).resolve().parent / "artifacts"
+
+
+def is_safe_name(name: object) -> bool:
+    """A single path segment that cannot escape its directory or hide (no '..', no '/')."""
+    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_model_name(name: str) -> str:
+    """Return `name` if it is a safe single path segment; ValueError otherwise."""
+    if not is_safe_name(name):
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..' or slashes"
+        )
+    return name
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_schema_hash(model: StatefulModel) -> str:
+    """sha256 of the model's state schema (names, per-sample shapes, dtypes) as sorted JSON.
+
+    Stored session state carries this hash, so state from an incompatible model is refused.
+    """
+    schema = {name: [list(shape), dtype] for name, (shape, dtype) in model.state_schema().items()}
+    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
+
+
+def tied_names(model: StatefulModel) -> dict[str, str]:
+    """Alias -> canonical name for state-dict entries that share storage (tied weights, e.g.
+    a language model's head and embedding). Only the canonical entry is stored on disk:
+    safetensors refuses to save shared tensors."""
+    canonical: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel() == 0:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in canonical:
+            aliases[name] = canonical[key]
+        else:
+            canonical[key] = name
+    return aliases
+
+
+def check_state_dict(model: StatefulModel, tensors: dict[str, Tensor], source: str) -> None:
+    """ArtifactError naming every missing, unexpected and shape-mismatched tensor.
+
+    `tensors` holds the stored entries: tied aliases (see `tied_names`) must be absent.
+    """
+    aliases = tied_names(model)
+    expected = {
+        name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases
+    }
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [
+        f"{name}: expected {list(expected[name])}, found {list(found[name])}"
+        for name in sorted(set(expected) & set(found))
+        if expected[name] != found[name]
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {missing}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected}")
+        if mismatched:
+            problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
+        raise ArtifactError(f"{source}: weights do not match the model: {', '.join(problems)}")
+
+
+def stored_tensors(model: StatefulModel, state_dict: dict[str, Tensor], source: str) -> dict:
+    """The entries of `state_dict` to write: tied aliases dropped after checking that they
+    really equal their canonical tensor."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
+    for alias, name in tied_names(model).items():
+        if alias in tensors and name in tensors and not torch.equal(tensors[alias], tensors[name]):
+            raise ArtifactError(f"{source}: tied tensors {alias!r} and {name!r} differ")
+        tensors.pop(alias, None)
+    return tensors
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with path.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+class ModelRepository:
+    """Versioned model artifacts under one root directory; loaded models are cached."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._cache: dict[tuple[str, str], LoadedModel] = {}
+        self._cache_lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._publish_lock = threading.Lock()
+
+    # ---- listing ----------------------------------------------------------------------------
+    def list_models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            entry.name
+            for entry in self.root.iterdir()
+            if entry.is_dir() and is_safe_name(entry.name) and self.versions(entry.name)
+        )
+
+    def versions(self, name: str) -> list[str]:
+        """Published versions of `name`, sorted numerically; [] for an unknown name."""
+        model_dir = self.root / check_model_name(name)
+        if not model_dir.is_dir():
+            return []
+        numbers = [
+            int(entry.name)
+            for entry in model_dir.iterdir()
+            if entry.is_dir() and entry.name.isdigit() and entry.name == str(int(entry.name))
+        ]
+        return [str(number) for number in sorted(numbers)]
+
+    def latest(self, name: str) -> str:
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFoundError(
+                f"no model named {name!r} in {self.root}; available: {self.list_models()}"
+            )
+        return versions[-1]
+
+    def version_path(self, name: str, version: str) -> Path:
+        return self.root / check_model_name(name) / str(version)
+
+    # ---- reading ----------------------------------------------------------------------------
+    def _resolve(self, name: str, version: str | None) -> str:
+        if version is None:
+            return self.latest(name)
+        versions = self.versions(name)
+        if str(version) not in versions:
+            if not versions:
+                raise ModelNotFoundError(
+                    f"no model named {name!r} in {self.root}; available: {self.list_models()}"
+                )
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r}; available versions: {versions}"
+            )
+        return str(version)
+
+    def card(self, name: str, version: str | None = None) -> ModelCard:
+        """The parsed, key-checked config of one version (the latest when version is None)."""
+        version = self._resolve(name, version)
+        path = self.version_path(name, version)
+        config_path = path / CONFIG_FILE
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError as error:
+            raise ArtifactError(f"{config_path}: missing") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ArtifactError(f"{config_path}: not valid JSON ({error})") from error
+        _check_config(config, config_path, name, version)
+        return ModelCard(name=name, version=version, path=path, config=config)
+
+    def load(self, name: str, version: str | None = None) -> LoadedModel:
+        """Build, verify and load a version (cached; concurrent loads of one key build once)."""
+        version = self._resolve(name, version)
+        key = (name, version)
+        with self._cache_lock:
+            if key in self._cache:
+                return self._cache[key]
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            with self._cache_lock:
+                if key in self._cache:
+                    return self._cache[key]
+            loaded = self._load_uncached(name, version)
+            with self._cache_lock:
+                self._cache[key] = loaded
+            return loaded
+
+    def _load_uncached(self, name: str, version: str) -> LoadedModel:
+        card = self.card(name, version)
+        config_path = card.path / CONFIG_FILE
+        weights_path = card.path / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise ArtifactError(f"{weights_path}: missing")
+        actual_hash = file_sha256(weights_path)
+        if actual_hash != card.config["weights_sha256"]:
+            raise ArtifactError(
+                f"{weights_path}: sha256 {actual_hash} does not match weights_sha256 "
+                f"{card.config['weights_sha256']} in {CONFIG_FILE} (corrupted or replaced)"
+            )
+        model = _build(card.config, config_path)
+        try:
+            tensors = load_file(weights_path)
+        except Exception as error:  # safetensors raises its own error types
+            raise ArtifactError(f"{weights_path}: unreadable safetensors file ({error})") from error
+        check_state_dict(model, tensors, str(weights_path))
+        for alias, canonical in tied_names(model).items():
+            tensors[alias] = tensors[canonical]
+        model.load_state_dict(tensors, strict=True)
+        schema_hash = state_schema_hash(model)
+        if schema_hash != card.config["state_schema_hash"]:
+            raise ArtifactError(
+                f"{config_path}: state_schema_hash {card.config['state_schema_hash']} does not "
+                f"match the built model's {schema_hash} (edited model_config?)"
+            )
+        model.eval()
+        return LoadedModel(card=card, model=model)
+
+    # ---- writing ----------------------------------------------------------------------------
+    def publish(
+        self,
+        name: str,
+        config: dict[str, Any],
+        state_dict: dict[str, Tensor],
+        extra_files: dict[str, bytes] | None = None,
+    ) -> ModelCard:
+        """Publish the next version of `name` atomically and return its card.
+
+        The files are written and fsynced in a hidden temp dir inside root, then the dir is
+        renamed to `<root>/<name>/<next version>`, so readers see all of a version or none.
+        `config` must hold PUBLISHER_KEYS; name, version, weights_sha256 and
+        state_schema_hash are filled in here.
+        """
+        check_model_name(name)
+        missing = [key for key in PUBLISHER_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"cannot publish {name!r}: config lacks {missing}")
+        _check_content(config, f"config for {name!r}")
+        extra_files = dict(extra_files or {})
+        for file_name in extra_files:
+            if file_name in (CONFIG_FILE, WEIGHTS_FILE) or not is_safe_name(file_name):
+                raise ValueError(f"cannot publish {name!r}: invalid extra file name {file_name!r}")
+        model = _build(config, Path(f"<config for {name}>"))
+        tensors = stored_tensors(model, state_dict, f"state_dict for {name!r}")
+        check_state_dict(model, tensors, f"state_dict for {name!r}")
+        full_config = dict(config, name=name, state_schema_hash=state_schema_hash(model))
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / name).mkdir(exist_ok=True)
+        with self._publish_lock:
+            temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=self.root))
+            try:
+                weights_path = temp_dir / WEIGHTS_FILE
+                save_file(tensors, str(weights_path))
+                _fsync_path(weights_path)
+                full_config["weights_sha256"] = file_sha256(weights_path)
+                for file_name, data in extra_files.items():
+                    _write_file(temp_dir / file_name, data)
+                version = self._rename_into_place(temp_dir, name, full_config)
+            except BaseException:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise
+        return self.card(name, version)
+
+    def _rename_into_place(self, temp_dir: Path, name: str, config: dict[str, Any]) -> str:
+        """Write config.json for the next free version and rename; retry if another process
+        took that version first (rename onto a non-empty directory fails)."""
+        for _ in range(100):
+            versions = self.versions(name)
+            version = str(int(versions[-1]) + 1 if versions else 1)
+            config["version"] = version
+            _write_file(temp_dir / CONFIG_FILE, _config_bytes(config))
+            _fsync_path(temp_dir)
+            try:
+                os.rename(temp_dir, self.version_path(name, version))
+            except OSError:
+                if self.version_path(name, version).exists():
+                    continue
+                raise
+            _fsync_path(self.root / name)
+            return version
+        raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
+
+
+def _config_bytes(config: dict[str, Any]) -> bytes:
+    return (json.dumps(config, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
+def _check_config(config: Any, config_path: Path, name: str, version: str) -> None:
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise ArtifactError(f"{config_path}: missing required keys {missing}")
+    if config["name"] != name or str(config["version"]) != version:
+        raise ArtifactError(
+            f"{config_path}: says name={config['name']!r} version={config['version']!r} but "
+            f"lives at {name}/{version}"
+        )
+    _check_content(config, str(config_path))
+
+
+def _check_content(config: dict[str, Any], source: str) -> None:
+    """Checks shared by publish and load: task, labels or vocabulary, provenance."""
+    if config["task"] not in TASKS:
+        raise ArtifactError(f"{source}: task must be one of {TASKS}, got {config['task']!r}")
+    if not isinstance(config["model_config"], dict):
+        raise ArtifactError(f"{source}: model_config must be an object")
+    classification = config["task"] == "classification"
+    task_key = "labels" if classification else "vocabulary"
+    entries = config.get(task_key)
+    if not isinstance(entries, list) or not entries:
+        raise ArtifactError(f"{source}: a {config['task']} model needs a non-empty {task_key}")
+    size_key = "d_output" if classification else "vocab_size"
+    if len(entries) != config["model_config"].get(size_key):
+        raise ArtifactError(
+            f"{source}: {len(entries)} {task_key} but model_config.{size_key} is "
+            f"{config['model_config'].get(size_key)}"
+        )
+    provenance = config["provenance"]
+    if not isinstance(provenance, dict):
+        raise ArtifactError(f"{source}: provenance must be an object")
+    missing_provenance = [key for key in PROVENANCE_KEYS if key not in provenance]
+    if missing_provenance:
+        raise ArtifactError(f"{source}: provenance lacks {missing_provenance}")
+
+
+def _build(config: dict[str, Any], source: Path) -> StatefulModel:
+    try:
+        return build_model(config["architecture"], dict(config["model_config"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise ArtifactError(f"{source}: cannot build the model ({error})") from error
+
+
+__all__ = [
+    "ArtifactError",
+    "LoadedModel",
+    "ModelCard",
+    "ModelNotFoundError",
+    "ModelRepository",
+    "default_repository_root",
+]
