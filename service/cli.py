@@ -13,17 +13,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
+from service import cli_models
 
-try:
-    import service.cli_models as cli_models
-except ModuleNotFoundError as error:  # `train`/`evaluate` land separately; drop this guard then
-    if error.name != "service.cli_models":
-        raise
-    cli_models: ModuleType | None = None  # type: ignore[no-redef]
+Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -88,10 +82,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def command_registrars() -> list[Registrar]:
     """Every sub-command, in the order `neuroserve --help` lists them."""
-    registrars: list[Registrar] = [register_serve]
-    if cli_models is not None:
-        registrars.append(cli_models.register)
-    return registrars
+    return [register_serve, cli_models.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

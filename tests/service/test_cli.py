@@ -35,7 +35,8 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 def test_help_lists_the_sub_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr
-    assert "serve" in result.stdout
+    for command in ("serve", "train", "evaluate"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
     assert "run the HTTP server" in result.stdout
 
 
