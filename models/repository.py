@@ -321,7 +321,10 @@ class ModelRepository:
         model = _build(config, Path(f"<config for {name}>"))
         tensors = stored_tensors(model, state_dict, f"state_dict for {name!r}")
         check_state_dict(model, tensors, f"state_dict for {name!r}")
-        full_config = dict(config, name=name, state_schema_hash=state_schema_hash(model))
+        # name and version lead config.json; the hashes close it.
+        full_config = {"name": name, "version": None}
+        full_config.update((k, v) for k, v in config.items() if k not in ("name", "version"))
+        full_config["state_schema_hash"] = state_schema_hash(model)
 
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / name).mkdir(exist_ok=True)
