@@ -6,7 +6,7 @@
 - `broken`: a valid config whose weights file was corrupted after publishing
 
 `server_url` serves that repository with TEST_SETTINGS;
-`digits_classifier_url` serves the built-in `digits-lru` (or a stand-in trained here).
+`builtin_server_url` serves the committed built-in models (`models/artifacts`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from models.architectures import build_model
-from models.digits import load_digits_seq
-from models.evaluate import classification_metrics
 from models.repository import WEIGHTS_FILE, ModelRepository, default_repository_root
 from service.app import create_app
 from service.settings import Settings
@@ -43,14 +41,14 @@ DIGIT_LABELS = [str(d) for d in range(10)]
 SERVER_START_TIMEOUT_S = 30.0
 
 
-def lru_config(input_kind: str, n_out: int, vocab_size: int = 0, width: int = 16) -> dict[str, Any]:
+def lru_config(input_kind: str, n_out: int, vocab_size: int = 0) -> dict[str, Any]:
     return {
         "d_input": 8 if input_kind == "features" else 0,
         "vocab_size": vocab_size,
         "input_kind": input_kind,
         "d_output": n_out,
-        "d_model": width,
-        "d_state": width,
+        "d_model": 16,
+        "d_state": 16,
         "n_layers": 1,
         "dropout": 0.0,
     }
@@ -62,14 +60,10 @@ def publish_lru(
     seed: int,
     *,
     task: str = "classification",
-    width: int = 16,
-    model: torch.nn.Module | None = None,
-    metrics: dict[str, Any] | None = None,
-    dataset: str = "none (untrained test model)",
 ) -> None:
-    """Publish `model` (an LRU of this `width`), or a fresh one seeded with `seed`."""
+    """Publish a freshly initialised LRU, seeded with `seed`, under `name`."""
     if task == "classification":
-        model_config = lru_config("features", len(DIGIT_LABELS), width=width)
+        model_config = lru_config("features", len(DIGIT_LABELS))
         extra = {
             "labels": DIGIT_LABELS,
             "input": {
@@ -80,20 +74,19 @@ def publish_lru(
             },
         }
     else:
-        model_config = lru_config("tokens", len(CHAR_VOCABULARY), len(CHAR_VOCABULARY), width)
+        model_config = lru_config("tokens", len(CHAR_VOCABULARY), len(CHAR_VOCABULARY))
         extra = {
             "vocabulary": CHAR_VOCABULARY,
             "input": {"kind": "tokens", "vocab_size": len(CHAR_VOCABULARY)},
         }
-    if model is None:
-        torch.manual_seed(seed)
-        model = build_model("lru", model_config)
+    torch.manual_seed(seed)
+    model = build_model("lru", model_config)
     config = {
         "architecture": "lru",
         "model_config": model_config,
         "task": task,
         **extra,
-        "dataset": dataset,
+        "dataset": "none (untrained test model)",
         "provenance": {
             "data_sha256": None,
             "seed": seed,
@@ -101,7 +94,7 @@ def publish_lru(
             "created": "1970-01-01T00:00:00Z",
             "torch_version": torch.__version__,
         },
-        "metrics": metrics or {},
+        "metrics": {},
     }
     repository.publish(name, config, model.state_dict())
 
@@ -159,45 +152,12 @@ def server_url(test_repository: ModelRepository) -> Iterator[str]:
         yield base_url
 
 
-def train_digits_lru(repository: ModelRepository, name: str, seed: int = 0) -> None:
-    """Train a small digits LRU for a second and publish it with its test accuracy.
-
-    Stands in for the built-in `digits-lru` in a tree where that artifact does not exist.
-    """
-    train, test = load_digits_seq("train"), load_digits_seq("test")
-    torch.manual_seed(seed)
-    model = build_model("lru", lru_config("features", len(DIGIT_LABELS), width=32))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    batches = torch.Generator().manual_seed(seed)
-    for _ in range(150):
-        rows = torch.randint(0, len(train), (64,), generator=batches)
-        logits, _ = model(train.inputs[rows])  # [64, T, C]
-        loss = torch.nn.functional.cross_entropy(logits[:, -1], train.labels[rows])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    metrics = classification_metrics(model, test)
-    publish_lru(
-        repository,
-        name,
-        seed,
-        width=32,
-        model=model,
-        metrics={"test_accuracy": metrics["accuracy"]},
-        dataset="digits-seq/rows (train 150 Adam steps; test split for the metric)",
-    )
-
-
 @pytest.fixture(scope="session")
-def digits_classifier_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(base URL, model name) of a served digits classifier with a recorded test accuracy:
-    the built-in `digits-lru` when it exists, else a small one trained here."""
+def builtin_server_url() -> Iterator[str]:
+    """The committed built-in models (`models/artifacts`) served with default settings."""
     root = default_repository_root()
-    if not (root / "digits-lru").is_dir():
-        root = tmp_path_factory.mktemp("digits-repository")
-        train_digits_lru(ModelRepository(root), "digits-lru")
     with running_server(create_app(Settings(model_repository=root))) as base_url:
-        yield base_url, "digits-lru"
+        yield base_url
 
 
 @pytest.fixture

@@ -104,12 +104,10 @@ def test_language_model_predicts_the_next_character_of_each_prompt(client: httpx
         )
 
 
-def test_digits_classifier_reaches_its_recorded_test_accuracy(
-    digits_classifier_url: tuple[str, str],
-) -> None:
-    base_url, name = digits_classifier_url
-    test_split = load_digits_seq("test")
-    with httpx.Client(base_url=base_url, timeout=60) as http:
+def test_builtin_digits_lru_reaches_its_recorded_test_accuracy(builtin_server_url: str) -> None:
+    name = "digits-lru"
+    test_split = load_digits_seq("test")  # rng(0) permutation of 1797, idx[1400:]
+    with httpx.Client(base_url=builtin_server_url, timeout=60) as http:
         info = http.get(f"/v1/models/{name}").json()
         correct = 0
         for start in range(0, len(test_split), 64):
