@@ -8,8 +8,10 @@ validation errors and anything unexpected onto the two wire formats:
 - native REST (`/v1/...`): `{"error": {"code": "...", "message": "..."}}`
 - Open Inference Protocol (`/v2/...`): `{"error": "..."}`
 
-An unexpected exception is logged with its traceback and answered with a generic 500: the
-client never sees internals.
+State store errors map onto the same statuses: a missing session is 404; a lost
+compare-and-set, a taken id or a stored state that does not fit is 409; an unreachable store
+is 503. An unexpected exception is logged with its traceback and answered with a generic 500:
+the client never sees internals.
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.repository import ArtifactError, ModelNotFoundError
+from service.state_codec import CorruptStateError, IncompatibleStateError
+from service.state_store import (
+    StaleVersionError,
+    StateExistsError,
+    StateNotFoundError,
+    StateStoreUnavailableError,
+)
 
 logger = logging.getLogger("neuroserve.errors")
 
@@ -141,6 +150,27 @@ async def _handle_artifact_error(request: Request, error: ArtifactError) -> JSON
     return error_response(request, 503, "artifact_error", message)
 
 
+async def _handle_state_not_found(request: Request, error: StateNotFoundError) -> JSONResponse:
+    return error_response(request, 404, NotFoundError.code, str(error))
+
+
+async def _handle_state_conflict(request: Request, error: Exception) -> JSONResponse:
+    # A lost compare-and-set (after retries), an id already taken, or a stored state that
+    # does not fit the model now served: the client can retry or start a new session.
+    message = str(error)
+    if isinstance(error, CorruptStateError):
+        message = f"stored session state is damaged: {error}"
+    return error_response(request, 409, ConflictError.code, message)
+
+
+async def _handle_store_unavailable(
+    request: Request, error: StateStoreUnavailableError
+) -> JSONResponse:
+    logger.warning("state store unavailable on %s: %s", request.url.path, error)
+    message = "state store unavailable: session state cannot be read or written now; retry later"
+    return error_response(request, 503, "state_store_unavailable", message)
+
+
 async def _handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     message = "invalid request: " + describe_validation_errors(error.errors())
     return error_response(request, 422, BadInputError.code, message)
@@ -164,6 +194,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(NeuroserveError, _handle_neuroserve_error)
     app.add_exception_handler(ModelNotFoundError, _handle_model_not_found)
     app.add_exception_handler(ArtifactError, _handle_artifact_error)
+    app.add_exception_handler(StateNotFoundError, _handle_state_not_found)
+    for conflict in (
+        StaleVersionError,
+        StateExistsError,
+        IncompatibleStateError,
+        CorruptStateError,
+    ):
+        app.add_exception_handler(conflict, _handle_state_conflict)
+    app.add_exception_handler(StateStoreUnavailableError, _handle_store_unavailable)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     app.add_exception_handler(Exception, _handle_unexpected)

@@ -52,6 +52,33 @@ class Settings(BaseSettings):
     preload_models: bool = Field(
         True, description="Load the latest version of every model at start-up."
     )
+    state_store_prefix: str = Field(
+        "neuroserve",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Key prefix in the state store; replicas sharing sessions use the same one.",
+    )
+    session_ttl_seconds: float = Field(
+        3600.0, gt=0, description="Default time to live of a session, restarted on every use."
+    )
+    session_max_ttl_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Largest ttl_seconds a client may ask for."
+    )
+    max_sessions: int = Field(
+        100_000, ge=1, description="Most live sessions one replica creates and serves."
+    )
+    batching: bool = Field(
+        True, description="Micro-batch concurrent session steps (false: one run per step)."
+    )
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a micro-batch waits for more steps after its first one.",
+    )
+    batch_max_size: int = Field(64, ge=1, description="Most session steps in one micro-batch.")
+    store_check_seconds: float = Field(
+        2.0, gt=0, description="How often readiness re-checks that the state store answers."
+    )
     log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
 
     @field_validator("log_level", mode="before")
