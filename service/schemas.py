@@ -161,3 +161,178 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+
+
+# ---- V2 (Open Inference Protocol) model metadata and inference ------------------------------
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(description="V2 datatype: FP32, INT64, BOOL, BYTES, ...")
+    shape: list[int] = Field(description="Dimensions; -1 where any size is accepted.")
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2ModelReady(BaseModel):
+    name: str
+    version: str
+    ready: bool
+
+
+class V2RequestTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] = Field(description="Row-major elements, flat or nested like `shape`.")
+
+
+class V2RequestedOutput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    parameters: dict[str, Any] | None = Field(
+        None, description="Accepted and ignored (outputs are always JSON)."
+    )
+
+
+class V2InferRequest(BaseModel):
+    """An Open Inference Protocol request. Unknown keys and parameters are ignored; the
+    tensors are checked by `service.v2_codec`, which names each problem."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | None = Field(None, description="Echoed in the response.")
+    parameters: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "`alpha`, `score`, `backend`; Triton's `sequence_id`, `sequence_start`, "
+            "`sequence_end` map onto sessions. Others are ignored."
+        ),
+    )
+    inputs: SkipValidation[list[V2RequestTensor]]
+    outputs: list[V2RequestedOutput] | None = Field(
+        None, description="The outputs to return; all of them when omitted."
+    )
+
+
+class V2ResponseTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any]
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="For sequence requests: `sequence_id` and the session's total steps."
+    )
+    outputs: list[V2ResponseTensor]
+
+
+# ---- token generation (`WS /v1/generate`, `POST /v1/models/{name}/generate`) ----------------
+
+
+def _stop_as_list(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+class GenerateOptions(StrictRequest):
+    """How to generate: the body of `POST /v1/models/{name}/generate`."""
+
+    prompt: str = Field(
+        min_length=1,
+        description="Text fed to the model before generating (continues the session if given).",
+    )
+    max_tokens: int = Field(ge=1, description="Most tokens to generate.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature on the model's logits; 0 is greedy."
+    )
+    alpha: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Miscoverage level of the next-token sets."
+    )
+    score: Literal["lac", "aps", "raps", "topk"] | None = Field(
+        None, description="Conformal score; the session's when omitted."
+    )
+    session_id: str | None = Field(
+        None, min_length=1, description="Continue this session; a new session when omitted."
+    )
+    stop: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=64)]], BeforeValidator(_stop_as_list)
+    ] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Stop once the generated text contains one of these strings (kept in it).",
+    )
+    max_set_size: int | None = Field(
+        None, ge=1, description="Abstain (stop) when the next-token set has more tokens."
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Sampling seed; when omitted the server picks one."
+    )
+    version: VersionField = Field(None, description="Model version for a new session.")
+    backend: str | None = Field(None, min_length=1, description="Backend for a new session.")
+
+
+class GenerateMessage(GenerateOptions):
+    """The first message on `WS /v1/generate`."""
+
+    model: str = Field(min_length=1, description="A language model's name.")
+
+
+class GeneratedTokenOut(BaseModel):
+    type: Literal["token"] = "token"
+    index: int = Field(description="Position among the generated tokens, from 0.")
+    token: str
+    token_id: int = Field(description="Index of `token` in the model's vocabulary.")
+    probability: float = Field(description="Probability of `token` under the next-token answer.")
+    confidence: float = Field(description="Probability of the most likely next token.")
+    prediction_set: list[str] | None = Field(None, description="Conformal set of next tokens.")
+    set_size: int | None = None
+    entropy: float = Field(description="Entropy of the next-token distribution, nats.")
+    id: str = Field(description="Prediction id, for feedback with the true next token.")
+
+
+class GenerationDoneOut(BaseModel):
+    type: Literal["done"] = "done"
+    finish_reason: Literal["length", "stop", "abstain"]
+    session_id: str = Field(description="Pass it back to continue from here.")
+    model: str
+    version: str
+    backend: str
+    tokens: int = Field(description="Tokens generated.")
+    text: str = Field(description="The generated text.")
+    step: int = Field(description="The session's total steps (prompts and tokens consumed).")
+    seed: int
+    usage: dict[str, Any]
+
+
+class GenerateResponse(BaseModel):
+    """The whole generation at once: the streamed messages' content."""
+
+    finish_reason: Literal["length", "stop", "abstain"]
+    session_id: str
+    model: str
+    version: str
+    backend: str
+    text: str
+    tokens: list[GeneratedTokenOut]
+    step: int
+    seed: int
+    usage: dict[str, Any]
+
+
+class GenerationErrorOut(BaseModel):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
