@@ -1,0 +1,785 @@
+"""Stateful sessions over the state store: create, step, inspect and delete.
+
+A session is one sequence that a client feeds chunk by chunk. Its recurrent state lives in
+the state store (in-process or Redis) under the session's key, stamped with the model,
+version, backend and state-schema hash that wrote it, so any replica can continue it and a
+model redeployed with another state shape is refused (409) instead of run on garbage.
+
+Consistency:
+- Every write is a compare-and-set on the store's version counter. A step that loses the
+  race (another replica wrote first) reloads the fresh state and re-applies its chunk, with a
+  jittered back-off, up to `retries` times; then 409.
+- Within a replica, steps on one session run one at a time in arrival order (`FifoLocks`).
+- A step either commits completely (state, step count and TTL in one atomic write) or not at
+  all. A step whose caller is cancelled before its batch starts never runs; once its batch
+  has started it commits, and the caller just does not see the answer.
+
+Steps for sessions that share a runner (model, version, backend, options) are micro-batched
+(`service.batching`): their states are loaded with one `get_many`, run as one batched step in
+a worker thread, and stored with one `cas_many`. With `batching=False` every step runs the
+same code as a batch of one (the reference path).
+
+Session ids are `secrets.token_urlsafe(24)` (192 random bits) unless the caller brings its
+own (V2 sequence ids). Ids live in the caller's `owner` namespace: the store key is
+`<owner>/<id>` (just `<id>` without an owner), so a session is reachable only with the owner
+it was created with, and two owners' given ids never collide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import re
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Hashable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
+from torch import Tensor
+
+from hardware_backends import base as backend_base
+from hardware_backends.base import Runner
+from hardware_backends.registry import freeze_options, prepare_runner
+from models.repository import ArtifactError, ModelCard, ModelNotFoundError
+from service import metrics
+from service.batching import ChunkResult, MicroBatcher, run_chunks, state_rows
+from service.dataplane import DataPlane
+from service.errors import (
+    BackendUnavailableError,
+    BadInputError,
+    ConflictError,
+    NeuroserveError,
+    NotFoundError,
+    RateLimitedError,
+    describe_validation_errors,
+)
+from service.state_codec import (
+    CorruptStateError,
+    IncompatibleStateError,
+    StateRecord,
+    StateSignature,
+    check_compatible,
+)
+from service.state_store import (
+    DEFAULT_UPDATE_RETRIES,
+    CasWrite,
+    InMemoryStateStore,
+    LoadOutcome,
+    StaleVersionError,
+    StateExistsError,
+    StateNotFoundError,
+    StateStore,
+    VersionedState,
+)
+
+logger = logging.getLogger("neuroserve.sessions")
+
+SCORES = ("lac", "aps", "raps", "topk")
+GENERATED_ID_BYTES = 24  # token_urlsafe(24): 32 characters, 192 random bits
+# Printable ASCII without spaces and without "/", which separates owner and id in store keys.
+_ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
+_META_CACHE_SIZE = 100_000
+_GROUP_CACHE_SIZE = 64
+_FINITE = TypeAdapter(list[list[float]])
+_TOKEN_IDS = TypeAdapter(list[int])
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    ttl_seconds: float = 3600.0  # default time to live, refreshed on every use
+    max_ttl_seconds: float = 7 * 24 * 3600.0
+    max_sessions: int = 100_000  # live sessions this replica tracks
+    max_steps_per_chunk: int = 4096
+    batching: bool = True
+    batch_window_seconds: float = 0.002
+    batch_max_size: int = 64
+    retries: int = DEFAULT_UPDATE_RETRIES
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    model: str
+    version: str
+    backend: str
+    alpha: float
+    score: str
+    step: int  # total time steps consumed so far
+    created_at: float  # unix time
+    expires_at: float  # unix time; every use pushes it back by the session's TTL
+    options: dict  # backend options (e.g. t_inference)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    info: SessionInfo  # after the step (step count updated)
+    logits: Tensor  # [C] after the last step of the chunk, or [S, C] for sampling backends
+    step_logits: Tensor | None  # [T, C] (or [S, T, C]) per step when per_step=True
+    usage: dict  # Usage.to_dict() of this chunk, plus steps, batch_size, compute_seconds
+
+
+# ---- per-session metadata and per-runner groups ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SessionMeta:
+    """What never changes during a session's life, read from its stored header."""
+
+    model: str
+    version: str
+    backend: str
+    created_at: float
+    metadata: Mapping[str, Any]  # alpha, score, options, owner, ttl_seconds
+
+    @classmethod
+    def of(cls, record: StateRecord) -> _SessionMeta:
+        return cls(record.model, record.version, record.backend, record.created_at, record.metadata)
+
+    def matches(self, record: StateRecord) -> bool:
+        """False when the stored session was deleted and re-created since this was read."""
+        return record.created_at == self.created_at and record.metadata == self.metadata
+
+    @property
+    def ttl(self) -> float:
+        return float(self.metadata["ttl_seconds"])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.metadata["options"])
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one chunk of a session's inputs looks like."""
+
+    kind: str  # "features" or "tokens"
+    features: int | None  # F per time step (features)
+    vocabulary: list[str] | None  # tokens
+    labels: list[str]  # output labels (or the vocabulary)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Sessions that share a runner and can therefore be batched together."""
+
+    key: Hashable
+    card: ModelCard
+    runner: Runner
+    signature: StateSignature
+    rows: int  # state rows per session (S chains for sampling backends)
+    spec: InputSpec
+
+
+@dataclass
+class _StepJob:
+    key: str
+    session_id: str
+    meta: _SessionMeta
+    group: _Group
+    inputs: Tensor  # [T, F] or [T]
+    per_step: bool
+    preloaded: VersionedState | None = None
+
+
+class _Retry(Exception):
+    """Internal: run the step again (lost a compare-and-set, or the cached header is stale)."""
+
+    def __init__(self, stale_meta: bool) -> None:
+        super().__init__("retry")
+        self.stale_meta = stale_meta
+
+
+# ---- in-replica ordering and bookkeeping ----------------------------------------------------
+
+
+class FifoLocks:
+    """One FIFO lock per key, created on demand and dropped when nobody holds or awaits it.
+
+    `asyncio.Lock` hands the lock to waiters in the order they arrived, which is what keeps
+    steps on one session in arrival order within a replica.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class _LiveSessions:
+    """Sessions this replica created or used, with their expiry, counted per model."""
+
+    def __init__(self) -> None:
+        self._expiry: dict[str, tuple[str, float]] = {}  # key -> (model, expires_at)
+        self._counts: dict[str, int] = {}
+        self._next_sweep = 0.0
+
+    def count(self, now: float) -> int:
+        """Live sessions; ones that expired in the last second may still be counted."""
+        self._sweep(now)
+        return len(self._expiry)
+
+    def seen(self, key: str, model: str, expires_at: float) -> None:
+        if key not in self._expiry:
+            self._counts[model] = self._counts.get(model, 0) + 1
+            metrics.set_active_sessions(model, self._counts[model])
+        self._expiry[key] = (model, expires_at)
+        self._sweep(time.time())
+
+    def gone(self, key: str) -> None:
+        entry = self._expiry.pop(key, None)
+        if entry is not None:
+            self._counts[entry[0]] -= 1
+            metrics.set_active_sessions(entry[0], self._counts[entry[0]])
+
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for key in [k for k, (_, expires_at) in self._expiry.items() if expires_at <= now]:
+            self.gone(key)
+
+
+# ---- the manager ----------------------------------------------------------------------------
+
+
+class SessionManager:
+    """Sessions of one app (`app.state.sessions`), over one state store."""
+
+    def __init__(
+        self, store: StateStore, dataplane: DataPlane, settings: SessionSettings | None = None
+    ) -> None:
+        self.store = store
+        self.dataplane = dataplane
+        self.settings = settings or SessionSettings()
+        self.store_name = "memory" if isinstance(store, InMemoryStateStore) else "redis"
+        self._locks = FifoLocks()
+        self._live = _LiveSessions()
+        self._meta: OrderedDict[str, _SessionMeta] = OrderedDict()
+        self._groups: OrderedDict[Hashable, _Group] = OrderedDict()
+        self._group_builds: dict[Hashable, asyncio.Task[_Group]] = {}
+        self._backoff = random.Random(0)  # jitter of the retry back-off
+        self._batcher: MicroBatcher[_StepJob, StepOutcome] = MicroBatcher(
+            self._process_batch,
+            window_seconds=self.settings.batch_window_seconds,
+            max_batch=self.settings.batch_max_size,
+        )
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    # ---- public API ---------------------------------------------------------------------
+    async def create(
+        self,
+        *,
+        model: str,
+        version: str | None = None,
+        backend: str = "torch",
+        alpha: float = 0.1,
+        score: str = "aps",
+        ttl_seconds: float | None = None,
+        options: dict | None = None,
+        owner: str | None = None,
+        session_id: str | None = None,
+    ) -> SessionInfo:
+        """Start a session at step 0. A given `session_id` that exists → ConflictError."""
+        _check_alpha(alpha)
+        if score not in SCORES:
+            raise BadInputError(f"score must be one of {list(SCORES)}, got {score!r}")
+        ttl = self._check_ttl(ttl_seconds)
+        options = _check_options(options)
+        owner = _check_id(owner, "owner") if owner is not None else None
+        if session_id is None:
+            session_id = secrets.token_urlsafe(GENERATED_ID_BYTES)
+        else:
+            session_id = _check_id(session_id, "session_id")
+        now = time.time()
+        if self._live.count(now) >= self.settings.max_sessions:
+            raise RateLimitedError(
+                f"this server holds its limit of {self.settings.max_sessions} live sessions "
+                "(NEUROSERVE_MAX_SESSIONS); delete sessions or wait for them to expire"
+            )
+        card = await run_in_threadpool(self.dataplane.card, model, version)
+        group = await self._group(card.name, card.version, backend, options)
+        metadata = {
+            "alpha": float(alpha),
+            "score": score,
+            "options": options,
+            "owner": owner,
+            "ttl_seconds": ttl,
+        }
+        record = StateRecord.new(
+            group.runner.init_state(1),
+            model=card.name,
+            version=card.version,
+            backend=backend,
+            metadata=metadata,
+            now=now,
+        )
+        key = _store_key(session_id, owner)
+        try:
+            with self._timed("create", expected=(StateExistsError,)):
+                await self.store.create(key, record, ttl)
+        except StateExistsError:
+            raise ConflictError(f"session {session_id!r} already exists") from None
+        self._remember(key, _SessionMeta.of(record))
+        self._live.seen(key, card.name, now + ttl)
+        return _info(session_id, record, now + ttl)
+
+    async def get(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
+        """The session's info; counts as use (restarts its TTL). Unknown → NotFoundError."""
+        key = _lookup_key(session_id, owner)
+        loaded = await self._load(key, session_id)
+        meta = _SessionMeta.of(loaded.record)
+        with self._timed("touch"):
+            touched = await self.store.touch(key, meta.ttl)
+        if not touched:
+            raise self._not_found(key, session_id)
+        expires_at = time.time() + meta.ttl
+        self._live.seen(key, meta.model, expires_at)
+        return _info(session_id, loaded.record, expires_at)
+
+    async def delete(self, session_id: str, *, owner: str | None = None) -> bool:
+        """Remove the session. Unknown → NotFoundError."""
+        key = _lookup_key(session_id, owner)
+        with self._timed("delete"):
+            existed = await self.store.delete(key)
+        self._forget(key)
+        if not existed:
+            raise NotFoundError(f"no session {session_id!r} (never created, deleted or expired)")
+        return True
+
+    async def input_spec(self, session_id: str, *, owner: str | None = None) -> InputSpec:
+        """What the session's chunks look like (served from a cache after the first use)."""
+        key = _lookup_key(session_id, owner)
+        meta, _ = await self._session_meta(key, session_id)
+        return (await self._session_group(meta, session_id)).spec
+
+    async def inputs_from_json(
+        self, session_id: str, inputs: object, *, owner: str | None = None
+    ) -> Tensor:
+        """A JSON chunk as a tensor: [[f, ...], ...] → float [T, F]; a string or token ids →
+        long [T]. BadInputError says what is wrong and where."""
+        spec = await self.input_spec(session_id, owner=owner)
+        return parse_chunk(inputs, spec, self.settings.max_steps_per_chunk)
+
+    async def step(
+        self,
+        session_id: str,
+        inputs: Tensor,
+        *,
+        per_step: bool = False,
+        owner: str | None = None,
+    ) -> StepOutcome:
+        """Advance the session by a chunk: float [T, F] features or long [T] token ids."""
+        key = _lookup_key(session_id, owner)
+        async with self._locks.hold(key):
+            for attempt in range(self.settings.retries + 1):
+                meta, preloaded = await self._session_meta(key, session_id)
+                group = await self._session_group(meta, session_id)
+                chunk = check_chunk(inputs, group.spec, self.settings.max_steps_per_chunk)
+                job = _StepJob(key, session_id, meta, group, chunk, per_step, preloaded)
+                try:
+                    if self.settings.batching:
+                        return await self._batcher.submit(group.key, job)
+                    (outcome,) = await self._process_batch(group.key, [job])
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    return outcome
+                except _Retry as retry:
+                    if retry.stale_meta:
+                        self._meta.pop(key, None)
+                    else:
+                        await asyncio.sleep(self._backoff_seconds(attempt))
+        raise ConflictError(
+            f"session {session_id!r} kept changing under concurrent writers: gave up after "
+            f"{self.settings.retries + 1} attempts; retry the step"
+        )
+
+    # ---- one batch --------------------------------------------------------------------------
+    async def _process_batch(
+        self, group_key: Hashable, jobs: list[_StepJob]
+    ) -> list[StepOutcome | BaseException]:
+        """Load, run and store the states of `jobs` (sessions of one group) together."""
+        group = jobs[0].group  # every job of a batch has the same group key
+        outcomes: list[StepOutcome | BaseException | None] = [None] * len(jobs)
+        loaded = await self._load_batch(group, jobs, outcomes)
+        if not loaded:
+            return [outcome for outcome in outcomes if outcome is not None]
+        started = time.perf_counter()
+        results: list[ChunkResult] = await run_in_threadpool(
+            run_chunks,
+            group.runner,
+            [state.record.tensors for _, state in loaded],
+            [jobs[i].inputs for i, _ in loaded],
+        )
+        compute_seconds = time.perf_counter() - started
+        metrics.record_batch(group.card.name, group.signature.backend, len(loaded))
+        now = time.time()
+        writes, records = [], []
+        for (i, state), result in zip(loaded, results, strict=True):
+            record = state.record.advance(result.state, int(jobs[i].inputs.shape[0]), now=now)
+            records.append(record)
+            writes.append(CasWrite(jobs[i].key, record, state.version, jobs[i].meta.ttl))
+        with self._timed("cas_many"):
+            written = await self.store.cas_many(writes)
+        for (i, _), record, result, outcome in zip(loaded, records, results, written, strict=True):
+            job = jobs[i]
+            if isinstance(outcome, StaleVersionError):
+                outcomes[i] = _Retry(stale_meta=False)
+            elif isinstance(outcome, StateNotFoundError):
+                outcomes[i] = self._not_found(job.key, job.session_id)
+            else:
+                expires_at = now + job.meta.ttl
+                self._live.seen(job.key, record.model, expires_at)
+                usage = {
+                    **result.usage,
+                    "steps": int(job.inputs.shape[0]),
+                    "compute_seconds": compute_seconds,
+                }
+                outcomes[i] = StepOutcome(
+                    info=_info(job.session_id, record, expires_at),
+                    logits=result.logits[..., -1, :],  # [C] or [S, C]
+                    step_logits=result.logits if job.per_step else None,
+                    usage=usage,
+                )
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _load_batch(
+        self,
+        group: _Group,
+        jobs: list[_StepJob],
+        outcomes: list[StepOutcome | BaseException | None],
+    ) -> list[tuple[int, VersionedState]]:
+        """(job index, state) for the jobs that can run; failures go into `outcomes`."""
+        to_load = [i for i, job in enumerate(jobs) if job.preloaded is None]
+        fetched: dict[int, LoadOutcome] = {}
+        if to_load:
+            with self._timed("get_many"):
+                found = await self.store.get_many([jobs[i].key for i in to_load])
+            fetched = dict(zip(to_load, found, strict=True))
+        loaded = []
+        for i, job in enumerate(jobs):
+            state = job.preloaded if job.preloaded is not None else fetched[i]
+            try:
+                if state is None:
+                    raise self._not_found(job.key, job.session_id)
+                if not isinstance(state, VersionedState):
+                    raise state  # the decode error of this one session
+                if not job.meta.matches(state.record):
+                    raise _Retry(stale_meta=True)
+                check_compatible(state.record, group.signature)
+            except (CorruptStateError, IncompatibleStateError) as error:
+                outcomes[i] = await self._state_error(job.key, job.session_id, error)
+            except (NeuroserveError, _Retry) as error:
+                outcomes[i] = error
+            else:
+                loaded.append((i, state))
+        return loaded
+
+    # ---- sessions' headers and groups -------------------------------------------------------
+    async def _load(self, key: str, session_id: str) -> VersionedState:
+        """The stored state (any schema) or NotFoundError / ConflictError."""
+        try:
+            with self._timed("get", expected=(CorruptStateError, IncompatibleStateError)):
+                loaded = await self.store.get(key)
+        except (CorruptStateError, IncompatibleStateError) as error:
+            raise await self._state_error(key, session_id, error) from None
+        if loaded is None:
+            raise self._not_found(key, session_id)
+        return loaded
+
+    async def _session_meta(
+        self, key: str, session_id: str
+    ) -> tuple[_SessionMeta, VersionedState | None]:
+        """The session's header from the cache, or from the store (then with its state)."""
+        meta = self._meta.get(key)
+        if meta is not None:
+            self._meta.move_to_end(key)
+            return meta, None
+        loaded = await self._load(key, session_id)
+        meta = _SessionMeta.of(loaded.record)
+        self._remember(key, meta)
+        return meta, loaded
+
+    async def _session_group(self, meta: _SessionMeta, session_id: str) -> _Group:
+        try:
+            return await self._group(meta.model, meta.version, meta.backend, meta.options)
+        except (NotFoundError, ModelNotFoundError):
+            raise ConflictError(
+                f"session {session_id!r} runs model {meta.model!r} version {meta.version!r}, "
+                "which this server no longer serves; create a new session"
+            ) from None
+
+    async def _group(
+        self, model: str, version: str, backend: str, options: dict[str, Any]
+    ) -> _Group:
+        """The prepared runner for these settings, built once (in a worker thread)."""
+        key = (model, version, backend, freeze_options(options))
+        group = self._groups.get(key)
+        if group is not None:
+            self._groups.move_to_end(key)
+            return group
+        build = self._group_builds.get(key)
+        if build is None:
+            build = asyncio.ensure_future(
+                run_in_threadpool(self._build_group, key, model, version, backend, options)
+            )
+            self._group_builds[key] = build
+        try:
+            group = await asyncio.shield(build)
+        finally:
+            if build.done() and self._group_builds.get(key) is build:
+                del self._group_builds[key]
+        self._groups[key] = group
+        while len(self._groups) > _GROUP_CACHE_SIZE:
+            self._groups.popitem(last=False)
+        return group
+
+    def _build_group(
+        self, key: Hashable, model: str, version: str, backend: str, options: dict[str, Any]
+    ) -> _Group:
+        card = self.dataplane.card(model, version)
+        loaded = self.dataplane.repository.load(card.name, card.version)
+        model_key = f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
+        try:
+            runner = prepare_runner(backend, loaded.model, model_key=model_key, options=options)
+        except backend_base.UnknownBackendError as error:
+            raise BadInputError(str(error)) from None
+        except backend_base.BackendUnavailableError as error:
+            raise BackendUnavailableError(str(error)) from None
+        except ArtifactError:
+            raise
+        except ValueError as error:  # options that the backend's schema refuses
+            raise BadInputError(str(error)) from None
+        initial = runner.init_state(1)
+        config = card.config
+        tokens = config["input"]["kind"] == "tokens"
+        spec = InputSpec(
+            kind=config["input"]["kind"],
+            features=None if tokens else int(config["input"]["features"]),
+            vocabulary=list(config["vocabulary"]) if tokens else None,
+            labels=list(config["vocabulary"] if tokens else config["labels"]),
+        )
+        signature = StateSignature.of(
+            initial, model=card.name, version=card.version, backend=backend
+        )
+        return _Group(key, card, runner, signature, state_rows(initial), spec)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _remember(self, key: str, meta: _SessionMeta) -> None:
+        self._meta[key] = meta
+        self._meta.move_to_end(key)
+        while len(self._meta) > _META_CACHE_SIZE:
+            self._meta.popitem(last=False)
+
+    def _forget(self, key: str) -> None:
+        self._meta.pop(key, None)
+        self._live.gone(key)
+
+    def _not_found(self, key: str, session_id: str) -> NotFoundError:
+        self._forget(key)
+        return NotFoundError(f"no session {session_id!r} (never created, deleted or expired)")
+
+    async def _state_error(
+        self, key: str, session_id: str, error: CorruptStateError | IncompatibleStateError
+    ) -> ConflictError:
+        if isinstance(error, CorruptStateError):
+            # Damaged bytes can never be stepped again: drop them so the id can be reused.
+            logger.error("session %r has corrupt state, deleting it: %s", session_id, error)
+            with self._timed("delete"):
+                await self.store.delete(key)
+            self._forget(key)
+            return ConflictError(
+                f"session {session_id!r} had damaged stored state ({error}); it has been "
+                "deleted: create a new session"
+            )
+        return ConflictError(
+            f"session {session_id!r} cannot continue: {error}. The model was probably "
+            "redeployed with another state shape; create a new session"
+        )
+
+    def _check_ttl(self, ttl_seconds: float | None) -> float:
+        if ttl_seconds is None:
+            return self.settings.ttl_seconds
+        limit = self.settings.max_ttl_seconds
+        if (
+            isinstance(ttl_seconds, bool)
+            or not isinstance(ttl_seconds, (int, float))
+            or not math.isfinite(ttl_seconds)
+            or not 0 < ttl_seconds <= limit
+        ):
+            raise BadInputError(f"ttl_seconds must be > 0 and <= {limit:g}, got {ttl_seconds!r}")
+        return float(ttl_seconds)
+
+    def _backoff_seconds(self, attempt: int) -> float:
+        # Full jitter in [0, min(50 ms, 1 ms * 2**attempt)], as the store's own `update`.
+        return self._backoff.uniform(0.0, min(0.05, 0.001 * 2**attempt))
+
+    def _timed(self, operation: str, expected: tuple[type[BaseException], ...] = ()) -> Any:
+        return metrics.record_store_op(self.store_name, operation, expected=expected)
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+
+
+def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+    """A JSON chunk as a tensor for `spec`: float [T, F] features, or long [T] token ids from
+    a string (each character a token) or a list of ids."""
+    if spec.kind == "tokens":
+        if isinstance(inputs, str):
+            if len(inputs) > max_steps:
+                raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
+            index = {token: i for i, token in enumerate(spec.vocabulary or [])}
+            unknown = sorted({char for char in inputs if char not in index})
+            if unknown:
+                shown = ", ".join(repr(char) for char in unknown[:10])
+                raise BadInputError(f"inputs has characters outside the vocabulary: {shown}")
+            ids = [index[char] for char in inputs]
+        else:
+            _check_length(inputs, max_steps, "a string or a list of token ids")
+            ids = _validated(_TOKEN_IDS, inputs)
+        return check_chunk(torch.tensor(ids, dtype=torch.long), spec, max_steps)
+    _check_length(inputs, max_steps, f"a list of time steps, shape [T, {spec.features}]")
+    values = _validated(_FINITE, inputs)
+    for t, row in enumerate(values):
+        if len(row) != spec.features:
+            raise BadInputError(
+                f"inputs[{t}] has {len(row)} features; the model expects {spec.features} per "
+                f"time step (shape [T, {spec.features}])"
+            )
+    with np.errstate(over="ignore"):  # overflow to inf is reported by check_chunk
+        array = np.asarray(values, dtype=np.float32).reshape(len(values), spec.features)
+    return check_chunk(torch.from_numpy(array), spec, max_steps)
+
+
+def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+    """Validate a chunk tensor against the session's model; float32 [T, F] or long [T]."""
+    if not isinstance(inputs, Tensor):
+        raise BadInputError(f"inputs must be a tensor, got {type(inputs).__name__}")
+    if spec.kind == "tokens":
+        if inputs.dtype.is_floating_point or inputs.dtype.is_complex or inputs.dtype == torch.bool:
+            raise BadInputError(f"this model takes integer token ids, got dtype {inputs.dtype}")
+        if inputs.dim() != 1:
+            raise BadInputError(f"token inputs must have shape [T], got {list(inputs.shape)}")
+        vocab = len(spec.vocabulary or [])
+        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+            raise BadInputError(f"token ids must lie in [0, {vocab}), got {inputs.tolist()[:10]}")
+        chunk = inputs.to(torch.long)
+    else:
+        if not inputs.dtype.is_floating_point:
+            raise BadInputError(f"this model takes float features, got dtype {inputs.dtype}")
+        if inputs.dim() != 2 or inputs.shape[1] != spec.features:
+            raise BadInputError(
+                f"feature inputs must have shape [T, {spec.features}], got {list(inputs.shape)}"
+            )
+        chunk = inputs.to(torch.float32)
+        if not torch.isfinite(chunk).all():
+            t, f = (int(i) for i in torch.nonzero(~torch.isfinite(chunk))[0])
+            raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
+    if chunk.shape[0] < 1:
+        raise BadInputError("inputs is empty: send at least one time step")
+    if chunk.shape[0] > max_steps:
+        raise BadInputError(f"inputs has {chunk.shape[0]} steps; the limit is {max_steps}")
+    return chunk
+
+
+def _check_length(inputs: object, max_steps: int, expected: str) -> None:
+    if not isinstance(inputs, list):
+        raise BadInputError(f"inputs must be {expected}, got {type(inputs).__name__}")
+    if len(inputs) > max_steps:
+        raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
+
+
+def _validated(adapter: TypeAdapter, inputs: object) -> Any:
+    try:
+        return adapter.validate_python(inputs, strict=True)
+    except ValidationError as error:
+        located = [dict(e, loc=("inputs", *e["loc"])) for e in error.errors()]
+        raise BadInputError(describe_validation_errors(located)) from None
+
+
+# ---- small helpers ----------------------------------------------------------------------------
+
+
+def _info(session_id: str, record: StateRecord, expires_at: float) -> SessionInfo:
+    metadata = record.metadata
+    return SessionInfo(
+        session_id=session_id,
+        model=record.model,
+        version=record.version,
+        backend=record.backend,
+        alpha=float(metadata["alpha"]),
+        score=str(metadata["score"]),
+        step=record.step,
+        created_at=record.created_at,
+        expires_at=expires_at,
+        options=dict(metadata["options"]),
+    )
+
+
+def _check_alpha(alpha: object) -> None:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or not 0 < alpha < 1
+    ):
+        raise BadInputError(f"alpha must be strictly between 0 and 1, got {alpha!r}")
+
+
+def _check_options(options: object) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise BadInputError(f"options must be an object, got {type(options).__name__}")
+    try:
+        freeze_options(options)
+    except ValueError as error:
+        raise BadInputError(f"options: {error}") from None
+    return dict(options)
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
+        raise BadInputError(
+            f"{what} must be 1-128 printable ASCII characters without spaces or '/', got {value!r}"
+        )
+    return value
+
+
+def _store_key(session_id: str, owner: str | None) -> str:
+    return session_id if owner is None else f"{owner}/{session_id}"
+
+
+def _lookup_key(session_id: str, owner: str | None) -> str:
+    """The store key of an existing session; a malformed id or owner cannot name one."""
+    for value in (session_id, owner):
+        if value is not None and (not isinstance(value, str) or not _ID_PATTERN.fullmatch(value)):
+            raise NotFoundError(f"no session {session_id!r} (not a valid session id)")
+    return _store_key(session_id, owner)
