@@ -1,0 +1,208 @@
+"""Per-step latency and per-session state against context length: selective SSM vs Transformer.
+
+Generating one token costs a state-space model the same at any context length: its state is
+a fixed-size summary. A Transformer decoding with a KV cache attends to every cached
+position, so its per-step time and its cache (the state a server would keep per session)
+grow linearly with the context. This bench measures both, batch 1, on CPU:
+
+- the selective SSM in the `charlm-selective` configuration (seeded random weights: speed
+  and memory do not depend on training), fed the context with `forward`, then timed `step`;
+- a decoder-only Transformer with a KV cache (`bench/_transformer_baseline.py`), as deep as
+  the SSM and as wide as brings its parameter count closest, prefilled with the context, then
+  timed `step`.
+
+Each figure is the median over `--repeats` blocks of `--steps` decode steps, each block
+starting again from the same context length (after one warm-up block).
+
+    .venv/bin/python bench/context_length.py [--contexts 64 256 1024 2048 4096 8192]
+        [--steps 16] [--repeats 5] [--threads 1] [--append docs/BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from models.architectures import build_model
+from models.base import StatefulModel
+from models.builtin import BUILTIN_RECIPES
+from models.charcorpus import VOCABULARY
+
+try:
+    from bench._transformer_baseline import DecoderConfig, TransformerDecoder
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _transformer_baseline import DecoderConfig, TransformerDecoder
+
+DEFAULT_CONTEXTS = [64, 256, 1024, 2048, 4096, 8192]
+HEADING = "## Context length"
+
+
+def selective_lm() -> StatefulModel:
+    """The charlm-selective architecture and sizes over the character vocabulary."""
+    recipe = BUILTIN_RECIPES["charlm-selective"]
+    vocab = len(VOCABULARY)
+    config = {**recipe.model_config, "input_kind": "tokens", "vocab_size": vocab, "d_output": vocab}
+    torch.manual_seed(0)
+    return build_model(recipe.architecture, config).eval()
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # tied weights are counted once
+
+
+def matched_decoder(target: int, n_layers: int, n_heads: int = 4) -> TransformerDecoder:
+    """The Transformer of `n_layers` whose width gives the parameter count closest to target."""
+    candidates = []
+    for d_model in range(2 * n_heads, 1025, 2 * n_heads):  # even head dims for the positions
+        torch.manual_seed(0)
+        candidates.append(
+            TransformerDecoder(DecoderConfig(len(VOCABULARY), d_model, n_heads, n_layers))
+        )
+        if parameter_count(candidates[-1]) > target:
+            break
+    return min(candidates, key=lambda m: abs(parameter_count(m) - target)).eval()
+
+
+def median_seconds_per_step(
+    start_block: Callable[[], None], step: Callable[[int], None], steps: int, repeats: int
+) -> float:
+    """Median over `repeats` blocks (after one warm-up block) of the mean time of `step`."""
+    timings = []
+    for block in range(repeats + 1):
+        start_block()
+        started = time.perf_counter()
+        for t in range(steps):
+            step(t)
+        if block:
+            timings.append((time.perf_counter() - started) / steps)
+    return statistics.median(timings)
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.nbytes for tensor in state.values())
+
+
+@torch.inference_mode()
+def measure_ssm(model: StatefulModel, context: torch.Tensor, steps: int, repeats: int) -> dict:
+    _, after_context = model(context)  # state after `context`, [1, ...] tensors
+    next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
+    state = {}
+
+    def start_block() -> None:
+        state.clear()
+        state.update(after_context)
+
+    def step(t: int) -> None:
+        _, new_state = model.step(next_tokens[t], state)
+        state.update(new_state)
+
+    seconds = median_seconds_per_step(start_block, step, steps, repeats)
+    return {"seconds": seconds, "bytes": state_bytes(after_context)}
+
+
+@torch.inference_mode()
+def measure_transformer(
+    model: TransformerDecoder, context: torch.Tensor, steps: int, repeats: int
+) -> dict:
+    length = context.shape[1]
+    cache = model.new_cache(1, length + steps)
+    model(context, cache)  # prefill
+    next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
+
+    def start_block() -> None:
+        cache.length = length  # later slots are overwritten by the block's steps
+
+    seconds = median_seconds_per_step(
+        start_block, lambda t: model.step(next_tokens[t], cache), steps, repeats
+    )
+    cache.length = length
+    return {"seconds": seconds, "bytes": cache.nbytes(), "macs": model.macs_per_step(length)}
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def measure(contexts: list[int], steps: int, repeats: int, threads: int) -> tuple[list, dict]:
+    torch.set_num_threads(threads)
+    ssm = selective_lm()
+    decoder = matched_decoder(parameter_count(ssm), n_layers=ssm.config.n_layers)
+    models = {
+        "ssm_parameters": parameter_count(ssm),
+        "ssm_macs_per_step": ssm.macs_per_step()["dense_macs"],
+        "transformer_parameters": parameter_count(decoder),
+        "transformer_config": decoder.config,
+    }
+    rows = []
+    for length in contexts:
+        context = torch.randint(0, len(VOCABULARY), (1, length), generator=_generator(0))
+        ssm_result = measure_ssm(ssm, context, steps, repeats)
+        transformer_result = measure_transformer(decoder, context, steps, repeats)
+        rows.append({"context": length, "ssm": ssm_result, "transformer": transformer_result})
+        print(f"context {length}: done", file=sys.stderr, flush=True)
+    return rows, models
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def format_table(rows: list[dict], models: dict, threads: int, steps: int, repeats: int) -> str:
+    tf = models["transformer_config"]
+    lines = [
+        f"Batch 1, CPU ({platform.processor() or platform.machine()}), {threads} torch "
+        f"thread(s), torch {torch.__version__}; median of {repeats} blocks of {steps} steps. "
+        f"Selective SSM (charlm-selective config): {models['ssm_parameters']:,} parameters, "
+        f"{models['ssm_macs_per_step']:,} MACs/step. Transformer ({tf.n_layers} layers, "
+        f"d_model {tf.d_model}, {tf.n_heads} heads, KV cache): "
+        f"{models['transformer_parameters']:,} parameters.",
+        "",
+        "| context | SSM µs/step | SSM state KiB | Transformer µs/step | Transformer KV cache KiB "
+        "| Transformer MACs/step | time ratio T/SSM | memory ratio T/SSM |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ssm, tr = row["ssm"], row["transformer"]
+        lines.append(
+            f"| {row['context']:,} | {ssm['seconds'] * 1e6:,.0f} | {_kib(ssm['bytes'])} "
+            f"| {tr['seconds'] * 1e6:,.0f} | {_kib(tr['bytes'])} | {tr['macs']:,} "
+            f"| {tr['seconds'] / ssm['seconds']:.2f} | {tr['bytes'] / ssm['bytes']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def append_section(path: Path, table: str, command: str) -> None:
+    """Append the table under the heading (the file is created if missing; never rewritten)."""
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    separator = "" if not existing else ("\n" if existing.endswith("\n") else "\n\n")
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"{separator}{HEADING}\n\n`{command}`\n\n{table}\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps per timing block")
+    parser.add_argument("--repeats", type=int, default=5, help="timing blocks (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--append", type=Path, default=None, help="append the table here")
+    args = parser.parse_args()
+    if any(c < 1 for c in args.contexts) or args.steps < 1 or args.repeats < 1:
+        parser.error("contexts, steps and repeats must be positive")
+    rows, models = measure(args.contexts, args.steps, args.repeats, args.threads)
+    table = format_table(rows, models, args.threads, args.steps, args.repeats)
+    print(table)
+    if args.append is not None:
+        command = "python bench/context_length.py " + " ".join(sys.argv[1:])
+        append_section(args.append, table, command.strip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The context-length bench's Transformer baseline and measurements: the KV-cache decode path
+agrees with the full causal forward pass, the cache grows linearly with the context while the
+SSM state does not, and the baseline's size matches the SSM's."""
+
+from __future__ import annotations
+
+import torch
+
+from bench._transformer_baseline import DecoderConfig, TransformerDecoder
+from bench.context_length import (
+    append_section,
+    matched_decoder,
+    measure_ssm,
+    measure_transformer,
+    parameter_count,
+    selective_lm,
+)
+
+# float32 attention computed over a different number of keys at a time: rounding only.
+FLOAT32_AGREEMENT = 1e-5
+
+
+def test_cached_decode_agrees_with_the_full_causal_forward() -> None:
+    torch.manual_seed(0)
+    model = TransformerDecoder(DecoderConfig(vocab_size=11, d_model=16, n_heads=2)).eval()
+    tokens = torch.randint(0, 11, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(tokens)  # [3, 20, 11]
+        cache = model.new_cache(3, capacity=20)
+        prefilled = model(tokens[:, :7], cache)  # [3, 7, 11]
+        stepped = [model.step(tokens[:, t], cache) for t in range(7, 20)]  # 13 x [3, 11]
+    torch.testing.assert_close(prefilled, reference[:, :7], atol=FLOAT32_AGREEMENT, rtol=0)
+    torch.testing.assert_close(
+        torch.stack(stepped, dim=1), reference[:, 7:], atol=FLOAT32_AGREEMENT, rtol=0
+    )
+    assert cache.length == 20
+
+
+def test_ssm_state_is_flat_while_the_kv_cache_grows_linearly() -> None:
+    ssm = selective_lm()
+    decoder = matched_decoder(parameter_count(ssm), n_layers=ssm.config.n_layers)
+    assert abs(parameter_count(decoder) - parameter_count(ssm)) < 0.1 * parameter_count(ssm)
+    sizes = {}
+    for length in (8, 32):
+        context = torch.randint(0, decoder.config.vocab_size, (1, length))
+        sizes[length] = (
+            measure_ssm(ssm, context, steps=2, repeats=1)["bytes"],
+            measure_transformer(decoder, context, steps=2, repeats=1)["bytes"],
+        )
+    assert sizes[8][0] == sizes[32][0]
+    cfg = decoder.config
+    for length, (_, cache_bytes) in sizes.items():
+        assert cache_bytes == 2 * cfg.n_layers * length * cfg.d_model * 4  # keys + values, fp32
+
+
+def test_append_section_keeps_what_the_file_had(tmp_path) -> None:
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Sessions\n\nrows")
+    append_section(path, "| a |\n|---|", "python bench/context_length.py")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\n## Sessions\n\nrows\n\n## Context length\n\n")
+    assert text.endswith("| a |\n|---|\n")
