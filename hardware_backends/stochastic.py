@@ -30,14 +30,7 @@ import pydantic
 import torch
 from torch import Tensor
 
-from hardware_backends.analog_imc import (
-    RoutedRunner,
-    check_batch,
-    derived_generator,
-    eval_snapshot,
-    find_linear_weights,
-)
-from hardware_backends.base import BackendOptions, State, Usage, parse_options
+from hardware_backends.base import BackendOptions, State, Usage, check_batch, parse_options
 from hardware_backends.crossbar import (
     CrossbarConfig,
     dense_weight,
@@ -46,6 +39,12 @@ from hardware_backends.crossbar import (
 )
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
 from hardware_backends.pcm_model import PCMConfig
+from hardware_backends.routing import (
+    RoutedRunner,
+    derived_generator,
+    eval_snapshot,
+    find_linear_weights,
+)
 from hardware_backends.stochastic_computing import (
     MAX_STREAM_LENGTH,
     BitSource,

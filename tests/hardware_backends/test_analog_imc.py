@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hardware_backends.analog_imc import (
-    AnalogIMCBackend,
-    AnalogIMCConfig,
-    find_linear_weights,
-)
+from hardware_backends.analog_imc import AnalogIMCBackend, AnalogIMCConfig
 from hardware_backends.base import Runner
 from hardware_backends.crossbar import CrossbarConfig
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
 from hardware_backends.pcm_model import PCMConfig
+from hardware_backends.routing import find_linear_weights
 from models.lru import LRUConfig, LRUModel
 from models.selective import SelectiveConfig, SelectiveModel
 from models.snn import SNNConfig, SNNModel
