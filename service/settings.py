@@ -79,6 +79,51 @@ class Settings(BaseSettings):
     store_check_seconds: float = Field(
         2.0, gt=0, description="How often readiness re-checks that the state store answers."
     )
+    # ---- fine-tuning jobs (service/jobs.py, `neuroserve worker`) ----
+    job_queue_url: str | None = Field(
+        None,
+        description=(
+            "Redis URL of the fine-tuning job queue (RQ); unset uses redis_url. With neither, "
+            "the server runs jobs itself in one local worker process."
+        ),
+    )
+    job_queue_name: str = Field(
+        "neuroserve-finetune",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="RQ queue the server puts fine-tuning jobs on (`neuroserve worker --queues`).",
+    )
+    max_active_jobs: int = Field(
+        4, ge=1, description="Most queued plus running fine-tuning jobs; more get 429."
+    )
+    job_timeout_seconds: float = Field(
+        6 * 3600.0, gt=0, description="A fine-tuning job running longer than this is stopped."
+    )
+    job_retries: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description=(
+            "Re-runs of a job whose worker process died or timed out (an error in the job "
+            "itself is never retried: it would fail the same way)."
+        ),
+    )
+    job_heartbeat_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description=(
+            "How often a running job reports that it is alive; three missed beats mark it "
+            "failed (or retried) as lost with its worker."
+        ),
+    )
+    job_record_ttl_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="How long finished job records stay readable."
+    )
+    max_upload_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest .npz dataset a fine-tuning job may upload (decoded bytes).",
+    )
     log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
 
     @field_validator("log_level", mode="before")
@@ -91,6 +136,16 @@ class Settings(BaseSettings):
     def _empty_url_means_embedded(cls, value: object) -> object:
         # `NEUROSERVE_REDIS_URL=` (set but empty) is a common way to say "no Redis".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("job_queue_url", mode="before")
+    @classmethod
+    def _empty_queue_url_means_default(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def job_queue_redis_url(self) -> str | None:
+        """Where fine-tuning jobs are queued: job_queue_url, else redis_url, else None
+        (the embedded local worker)."""
+        return self.job_queue_url if self.job_queue_url is not None else self.redis_url
 
     def redis_url_for_logs(self) -> str | None:
         """The Redis URL with any password replaced by `***`, safe to log."""
