@@ -19,10 +19,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.repository import ModelRepository
-from service.dataplane import DataPlane, InputLimits
+from service.calibration_store import CalibrationStore
+from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
-from service.routers import v1_models, v2
+from service.feedback import FeedbackLog
+from service.routers import metrics, v1_feedback, v1_models, v2
 from service.settings import Settings
+from service.state_store import open_state_store
 
 logger = logging.getLogger("neuroserve.app")
 
@@ -96,11 +99,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         repository = ModelRepository(settings.model_repository)
+        # One store for everything the replicas share: sessions, predictions awaiting
+        # feedback, online (ACI) levels and counters.
+        state_store = open_state_store(settings.redis_url, prefix=settings.state_store_prefix)
+        calibrations = CalibrationStore(repository)
         dataplane = DataPlane(
             repository,
             InputLimits(settings.max_batch_size, settings.max_sequence_length),
+            policy=CalibrationPolicy(
+                allow_uncalibrated=settings.allow_uncalibrated,
+                abstain_set_size=settings.abstain_set_size,
+            ),
+            calibrations=calibrations,
+            feedback=FeedbackLog(
+                state_store,
+                calibrations,
+                ttl_seconds=settings.feedback_ttl_seconds,
+                aci_target_alpha=settings.aci_target_alpha,
+                aci_gamma=settings.aci_gamma,
+            ),
         )
         app.state.settings = settings
+        app.state.state_store = state_store
         app.state.dataplane = dataplane
         root = settings.model_repository.resolve()
         if not root.is_dir():
@@ -118,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if preload is not None:
                 await preload  # a load in a worker thread cannot be cancelled; let it finish
+            await state_store.close()
 
     app = FastAPI(
         title="neuroserve",
@@ -126,7 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(metrics.RequestMetricsMiddleware)  # outermost: times 413s too
     install_error_handlers(app)
     app.include_router(v1_models.router)
+    app.include_router(v1_feedback.router)
     app.include_router(v2.router)
+    app.include_router(metrics.router)
     return app

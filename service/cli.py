@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service import cli_models
+from service import cli_calibrate, cli_models
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
 
@@ -82,7 +82,12 @@ def serve(args: argparse.Namespace) -> int:
 
 def command_registrars() -> list[Registrar]:
     """Every sub-command, in the order `neuroserve --help` lists them."""
-    return [register_serve, cli_models.register]
+    return [
+        register_serve,
+        cli_models.register,
+        cli_calibrate.register_calibrate,
+        cli_calibrate.register_export_onnx,
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SkipValidation
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    StrictInt,
+    StrictStr,
+)
 
 
 def _version_as_text(value: object) -> object:
@@ -76,6 +84,29 @@ class ModelList(BaseModel):
     models: list[ModelSummary]
 
 
+class BackendCalibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created: str
+    n_conformal: int = Field(description="Calibration examples behind the conformal scores.")
+    n_tune: int = Field(description="Calibration examples that fitted the map and RAPS.")
+    map: dict[str, Any] = Field(description="The calibration map: identity, temperature, ...")
+    metrics: dict[str, float] = Field(
+        description="NLL, ECE, ... before and after the map, on the conformal examples."
+    )
+    backend_options: dict[str, Any] = Field(description="Options the calibration ran with.")
+    source: dict[str, Any] = Field(description="Where the calibration data came from.")
+
+
+class BackendInfo(BaseModel):
+    name: str
+    available: bool = Field(description="Whether the backend can run on this server.")
+    reason: str | None = Field(None, description="Why it cannot, when it cannot.")
+    calibrated: bool = Field(description="Whether this model version has its calibration.")
+    calibration: BackendCalibration | None = None
+    calibration_error: str | None = Field(None, description="A calibration file that is broken.")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str = Field(description="The version described here.")
@@ -89,9 +120,16 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: Any = None
     provenance: dict[str, Any] = Field(default_factory=dict)
+    backends: list[BackendInfo] = Field(
+        default_factory=list,
+        description="Registered backends: does each run here, is this version calibrated on it.",
+    )
 
 
 # ---- predict --------------------------------------------------------------------------------
+
+
+ScoreName = Literal["lac", "aps", "aps_randomized", "raps", "raps_randomized", "topk"]
 
 
 class PredictRequest(StrictRequest):
@@ -109,9 +147,48 @@ class PredictRequest(StrictRequest):
     alpha: float = Field(
         0.1, gt=0.0, lt=1.0, description="Miscoverage level of the conformal prediction set."
     )
-    backend: str = Field("torch", min_length=1, description="Hardware backend to run on.")
+    backend: str = Field(
+        "torch",
+        min_length=1,
+        description="Hardware backend: torch, onnxruntime, analog_imc, stochastic or a plugin.",
+    )
+    backend_options: dict[str, Any] | None = Field(
+        None,
+        description='Options of the backend, e.g. {"t_inference": 3600} for analog_imc.',
+        examples=[{"t_inference": 3600}],
+    )
     version: VersionField = Field(None, description="Model version; the latest when null.")
-    score: Literal["lac", "aps", "raps"] = Field("aps", description="Conformal score.")
+    score: ScoreName = Field(
+        "raps",
+        description=(
+            "Conformity score of the set. Randomised variants draw one uniform number per "
+            "prediction from `seed`."
+        ),
+    )
+    class_conditional: bool = Field(
+        False, description="Per-class (Mondrian) quantiles: coverage holds within every class."
+    )
+    never_empty: bool = Field(
+        False, description="Add the top label to an empty set (over-covers; not with online)."
+    )
+    online: bool = Field(
+        False,
+        description=(
+            "Build the set at the online (ACI) level that label feedback keeps adjusting, "
+            "instead of at `alpha`."
+        ),
+    )
+    max_set_size: int | None = Field(
+        None,
+        ge=0,
+        description="Abstain when the set holds more labels; the server's setting when null.",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="Seed of a randomised score; the server draws one (and returns it) if null.",
+    )
 
 
 class Prediction(BaseModel):
@@ -127,6 +204,13 @@ class Prediction(BaseModel):
     )
     set_size: int | None = Field(None, description="Size of `prediction_set`.")
     abstain: bool | None = Field(None, description="True when the set is too wide to decide.")
+    epistemic: float | None = Field(
+        None,
+        description=(
+            "Sampling backends: mutual information between label and sample (nats), the "
+            "epistemic part of `entropy`."
+        ),
+    )
 
 
 class Usage(BaseModel):
@@ -135,6 +219,17 @@ class Usage(BaseModel):
     sequences: int = Field(description="Sequences run.")
     steps: int = Field(description="Time steps run, summed over sequences.")
     compute_seconds: float = Field(description="Wall time of the model run.")
+    macs: int | None = Field(None, description="Multiply-accumulates executed (dense work).")
+    accumulates: int | None = Field(None, description="Accumulates driven by spikes.")
+    spikes: int | None = Field(None, description="Spikes emitted.")
+    neuron_steps: int | None = Field(None, description="Neuron updates.")
+    sparsity: float | None = Field(None, description="spikes / neuron_steps (spiking models).")
+    energy_joules: float | None = Field(
+        None, description="Estimated energy on this backend (event-driven where it applies)."
+    )
+    dense_equivalent_energy_joules: float | None = Field(
+        None, description="The same work counted as dense multiply-accumulates."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -142,8 +237,60 @@ class PredictResponse(BaseModel):
     version: str
     backend: str
     calibrated: bool = Field(description="Whether confidence and sets come from calibration.")
+    alpha: float | None = Field(
+        None, description="Level the sets were built at (the ACI level when online)."
+    )
+    score: str | None = Field(None, description="Conformity score of the sets.")
+    seed: int | None = Field(None, description="Seed of a randomised score (to reproduce sets).")
     predictions: list[Prediction]
     usage: Usage
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why an answer may not carry its usual guarantee (uncalibrated, options).",
+    )
+
+
+# ---- feedback and calibration status --------------------------------------------------------
+
+
+class FeedbackRequest(StrictRequest):
+    prediction_id: str = Field(min_length=1, description="`id` of an earlier prediction.")
+    label: StrictStr | StrictInt = Field(
+        description="The true label: a label name (as predictions name them) or its index."
+    )
+
+
+class FeedbackResponse(BaseModel):
+    prediction_id: str
+    model: str
+    version: str
+    backend: str
+    label: str
+    correct: bool = Field(description="The prediction's top label was the true one.")
+    covered: bool | None = Field(
+        None, description="The returned prediction set held the label (null: no set)."
+    )
+    aci_covered: bool | None = Field(
+        None, description="The set at the online (ACI) level held the label."
+    )
+    aci_alpha: float | None = Field(None, description="The online level after this label.")
+    session_aci_alpha: float | None = Field(
+        None, description="The session's own online level, for predictions made in a session."
+    )
+    coverage: float | None = Field(
+        None, description="Running coverage of this model and backend's sets with feedback."
+    )
+    feedback_count: int = Field(description="Labels received for this model and backend.")
+
+
+class CalibrationStatus(BaseModel):
+    model: str
+    version: str
+    backend: str
+    fit: BackendCalibration = Field(description="The calibration artifact's fit.")
+    live: dict[str, Any] | None = Field(
+        None, description="Feedback so far: coverage, accuracy and the online (ACI) level."
+    )
 
 
 # ---- V2 server metadata and health ----------------------------------------------------------

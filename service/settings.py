@@ -49,6 +49,28 @@ class Settings(BaseSettings):
             "(their predictions then carry raw softmax confidence and no prediction set)."
         ),
     )
+    abstain_set_size: int = Field(
+        1,
+        ge=0,
+        description=(
+            "Abstain (`abstain: true`) when a prediction set holds more labels than this; "
+            "a request's `max_set_size` overrides it."
+        ),
+    )
+    feedback_ttl_seconds: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="How long a prediction is remembered for label feedback (POST /v1/feedback).",
+    )
+    aci_target_alpha: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Miscoverage the online (ACI) level of each model and backend aims at.",
+    )
+    aci_gamma: float = Field(
+        0.005, gt=0.0, le=1.0, description="Step size of the online (ACI) level per label."
+    )
     preload_models: bool = Field(
         True, description="Load the latest version of every model at start-up."
     )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 
 from models.repository import ModelCard
-from service.dataplane import DataPlane, PredictionBatch
+from service.dataplane import ConformalOptions, DataPlane, PredictionBatch
 from service.routers import get_dataplane
+from service.routers.metrics import label_request
 from service.schemas import (
+    BackendInfo,
     ErrorResponse,
     InputSpec,
     ModelInfo,
@@ -30,6 +32,13 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
 _BAD_INPUT: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Request body too large."},
     422: {"model": ErrorResponse, "description": "Malformed input; the message says where."},
+}
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": ErrorResponse,
+        "description": "The model is not calibrated on this backend (`neuroserve calibrate`).",
+    },
+    503: {"model": ErrorResponse, "description": "The backend cannot run on this server."},
 }
 
 
@@ -73,6 +82,7 @@ def model_info(
         metrics=config.get("metrics") or {},
         dataset=config.get("dataset"),
         provenance=config.get("provenance") or {},
+        backends=[BackendInfo.model_validate(info) for info in dataplane.backend_infos(card)],
     )
 
 
@@ -82,6 +92,9 @@ def _predict_response(batch: PredictionBatch) -> PredictResponse:
         version=batch.version,
         backend=batch.backend,
         calibrated=batch.calibrated,
+        alpha=batch.alpha,
+        score=batch.conformal.score if batch.conformal is not None else None,
+        seed=batch.seed,
         predictions=[
             Prediction(
                 id=p.id,
@@ -92,23 +105,40 @@ def _predict_response(batch: PredictionBatch) -> PredictResponse:
                 prediction_set=p.prediction_set,
                 set_size=p.set_size,
                 abstain=p.abstain,
+                epistemic=p.epistemic,
             )
             for p in batch.predictions
         ],
         usage=Usage(**batch.usage),
+        warnings=batch.warnings,
     )
 
 
 @router.post(
     "/models/{name}/predict",
     response_model=PredictResponse,
-    responses={**_NOT_FOUND, **_BAD_INPUT},
+    responses={**_NOT_FOUND, **_BAD_INPUT, **_PREDICT_ERRORS},
     summary="Predict on whole sequences",
 )
 async def predict(
-    name: str, request: PredictRequest, dataplane: DataPlaneDependency
+    name: str, body: PredictRequest, request: Request, dataplane: DataPlaneDependency
 ) -> PredictResponse:
-    batch = await dataplane.predict(
-        name, request.inputs, version=request.version, backend=request.backend
+    conformal = ConformalOptions(
+        alpha=body.alpha,
+        score=body.score,
+        class_conditional=body.class_conditional,
+        never_empty=body.never_empty,
+        online=body.online,
+        max_set_size=body.max_set_size,
+        seed=body.seed,
     )
+    batch = await dataplane.predict(
+        name,
+        body.inputs,
+        version=body.version,
+        backend=body.backend,
+        backend_options=body.backend_options,
+        conformal=conformal,
+    )
+    label_request(request, model=batch.model, backend=batch.backend)
     return _predict_response(batch)

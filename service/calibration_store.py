@@ -1,0 +1,215 @@
+"""Calibration artifacts of served models: where they live, how they are written and cached.
+
+One artifact per (model, version, backend), beside the weights:
+
+    <repository>/<name>/<version>/calibration/<backend>.json          metadata, map, metrics
+    <repository>/<name>/<version>/calibration/<backend>.safetensors   conformity scores, labels
+
+The JSON is `CalibrationArtifact.to_json_dict()` plus one `"serving"` object that the
+calibration package ignores: the backend options the calibration data ran with, where that
+data came from, and the sha256 of the safetensors file. Writing is atomic per file (a temp
+file in the same folder, fsync, rename), tensors first and JSON last; the JSON names the
+tensor file's hash, so a reader that catches a newer tensor file beside an older JSON notices
+and reads again instead of mixing two calibrations.
+
+`CalibrationStore.get` caches parsed artifacts and revalidates them against the JSON file's
+mtime and size on every call (one `stat`), so `neuroserve calibrate` on a running server's
+repository takes effect on the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from calibration import CalibrationArtifact
+from models.repository import ArtifactError, ModelRepository
+
+CALIBRATION_DIR = "calibration"
+SERVING_KEY = "serving"
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_READ_ATTEMPTS = 3  # a concurrent writer can swap a file between our two reads
+
+
+class CalibrationFileError(ArtifactError):
+    """A calibration file that exists but cannot be used; the message names it (served as
+    503, like any broken artifact)."""
+
+
+@dataclass(frozen=True)
+class StoredCalibration:
+    """An artifact as the server serves it, with how it was made."""
+
+    artifact: CalibrationArtifact
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # data name, sha256, n, command
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-safe description for the API: fit metrics, map, sizes, provenance."""
+        artifact = self.artifact
+        return {
+            "created": artifact.created,
+            "n_conformal": artifact.n,
+            "n_tune": artifact.n_tune,
+            "map": artifact.calibration_map.to_dict(),
+            "metrics": dict(artifact.metrics),
+            "raps": {
+                "lam": artifact.raps_lam,
+                "k_reg": artifact.raps_k_reg,
+                "alpha": artifact.raps_alpha,
+            },
+            "seed": artifact.seed,
+            "data_hash": artifact.data_hash,
+            "backend_options": dict(self.backend_options),
+            "source": dict(self.source),
+        }
+
+
+def check_backend_name(backend: str) -> str:
+    """Backend names become file names: letters, digits and `_.-` only."""
+    if not isinstance(backend, str) or not _BACKEND_NAME.fullmatch(backend):
+        raise ValueError(
+            f"backend name {backend!r} cannot name a calibration file: use 1-64 letters, "
+            "digits and _.- starting with a letter or digit"
+        )
+    return backend
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; servers may run as others
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+class CalibrationStore:
+    """Reads and writes the calibration artifacts of one model repository; thread-safe."""
+
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self._cache: dict[tuple[str, str, str], tuple[tuple[int, int], StoredCalibration]] = {}
+        self._lock = threading.Lock()
+
+    def directory(self, name: str, version: str) -> Path:
+        return self.repository.version_path(name, version) / CALIBRATION_DIR
+
+    def paths(self, name: str, version: str, backend: str) -> tuple[Path, Path]:
+        """(JSON path, safetensors path) of one artifact, whether or not it exists."""
+        folder = self.directory(name, version)
+        stem = check_backend_name(backend)
+        return folder / f"{stem}.json", folder / f"{stem}.safetensors"
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def get(self, name: str, version: str, backend: str) -> StoredCalibration | None:
+        """The artifact for (name, version, backend), or None when it was never calibrated.
+
+        Raises `CalibrationFileError` when the files exist but are unusable.
+        """
+        json_path, _ = self.paths(name, version, backend)
+        key = (name, str(version), backend)
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                stat = json_path.stat()
+            except FileNotFoundError:
+                with self._lock:
+                    self._cache.pop(key, None)
+                return None
+            signature = (stat.st_mtime_ns, stat.st_size)
+            with self._lock:
+                cached = self._cache.get(key)
+            if cached is not None and cached[0] == signature:
+                return cached[1]
+            stored = self._read(name, str(version), backend)
+            if stored is not None:
+                with self._lock:
+                    self._cache[key] = (signature, stored)
+                return stored
+        raise CalibrationFileError(
+            f"{json_path}: its tensor file kept changing while being read; is a calibration "
+            "being written right now? Try again."
+        )
+
+    def _read(self, name: str, version: str, backend: str) -> StoredCalibration | None:
+        """Parse and verify one artifact; None when the two files do not belong together yet."""
+        json_path, tensor_path = self.paths(name, version, backend)
+        try:
+            json_text = json_path.read_text(encoding="utf-8")
+            tensor_bytes = tensor_path.read_bytes()
+        except FileNotFoundError as error:
+            raise CalibrationFileError(f"{error.filename}: missing") from None
+        try:
+            meta = json.loads(json_text)
+        except json.JSONDecodeError as error:
+            raise CalibrationFileError(f"{json_path}: not valid JSON ({error})") from None
+        serving = meta.get(SERVING_KEY, {}) if isinstance(meta, dict) else {}
+        expected_hash = serving.get("tensors_sha256")
+        if expected_hash is not None and hashlib.sha256(tensor_bytes).hexdigest() != expected_hash:
+            return None  # the tensor file was replaced after this JSON: read both again
+        try:
+            artifact = CalibrationArtifact.from_serialized(json_text, tensor_bytes)
+        except (ValueError, KeyError, TypeError) as error:
+            raise CalibrationFileError(f"{json_path}: unusable calibration ({error})") from None
+        if (artifact.model, artifact.version, artifact.backend) != (name, version, backend):
+            raise CalibrationFileError(
+                f"{json_path}: holds the calibration of {artifact.model} version "
+                f"{artifact.version} on {artifact.backend}, not {name} version {version} on "
+                f"{backend}"
+            )
+        return StoredCalibration(
+            artifact=artifact,
+            backend_options=dict(serving.get("backend_options") or {}),
+            source=dict(serving.get("source") or {}),
+        )
+
+    def calibrated_backends(self, name: str, version: str) -> list[str]:
+        """Backends with a calibration file for this version, sorted."""
+        folder = self.directory(name, version)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            path.stem
+            for path in folder.glob("*.json")
+            if _BACKEND_NAME.fullmatch(path.stem) and path.with_suffix(".safetensors").is_file()
+        )
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def save(
+        self,
+        artifact: CalibrationArtifact,
+        *,
+        backend_options: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> tuple[Path, Path]:
+        """Write the artifact beside its model version's weights, atomically; the two paths."""
+        name, version, backend = artifact.model, artifact.version, artifact.backend
+        if not self.repository.version_path(name, version).is_dir():
+            raise ValueError(f"model {name!r} has no published version {version!r} to calibrate")
+        json_path, tensor_path = self.paths(name, version, backend)
+        json_path.parent.mkdir(exist_ok=True)
+        tensor_bytes = artifact.to_safetensors()
+        meta = artifact.to_json_dict()
+        meta[SERVING_KEY] = {
+            "backend_options": dict(backend_options or {}),
+            "source": dict(source or {}),
+            "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+        }
+        json_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        _write_atomically(tensor_path, tensor_bytes)
+        _write_atomically(json_path, json_text.encode("utf-8"))
+        return json_path, tensor_path
