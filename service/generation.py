@@ -22,21 +22,28 @@ from the prediction builder, i.e. they are calibrated when the model is.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Protocol
 
 import torch
+from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
+from hardware_backends.base import Usage
 from models.repository import ModelCard
-from service.dataplane import ClassPrediction, DataPlane, encode_prompts, predictions_from_logits
+from service.dataplane import (
+    TORCH_BACKEND,
+    ClassPrediction,
+    ConformalOptions,
+    DataPlane,
+    encode_prompts,
+)
 from service.errors import BadInputError
 from service.schemas import GenerateOptions
 
 FinishReason = Literal["length", "stop", "abstain"]
-DEFAULT_ALPHA = 0.1
-DEFAULT_SCORE = "aps"
+ADDITIVE_USAGE = (*(f.name for f in fields(Usage)), "steps", "compute_seconds")
 
 
 class SessionsLike(Protocol):
@@ -91,20 +98,27 @@ class GenerationDone:
 # ---- pieces ---------------------------------------------------------------------------------
 
 
-def step_predictor(
-    dataplane: DataPlane, card: ModelCard, backend: str, *, alpha: float, score: str
-) -> Callable[[Tensor], ClassPrediction]:
-    """The prediction for one step's logits: [C], or [S, C] from a sampling backend, whose
-    samples are summarised by the mean of their probabilities."""
-    config = card.config
-    labels = config["vocabulary"] if config["task"] == "language-model" else config["labels"]
-
-    def predict(logits: Tensor) -> ClassPrediction:
-        if logits.dim() == 2:  # [S, C]: log of the predictive mean is a valid logit vector
-            logits = torch.softmax(logits.double(), dim=-1).mean(dim=0).log()  # [C]
-        return predictions_from_logits(logits.unsqueeze(0), labels)[0]
-
-    return predict
+async def session_prediction(
+    dataplane: DataPlane,
+    outcome: Any,
+    conformal: ConformalOptions,
+    *,
+    usage: dict[str, Any] | None = None,
+) -> ClassPrediction:
+    """The answer for a session step's last logits ([C], or [S, C] from a sampling backend),
+    built by the data plane (calibration, conformal set) and published (metrics, feedback)."""
+    info = outcome.info
+    batch = await run_in_threadpool(
+        dataplane.build_predictions,
+        outcome.card,
+        info.backend,
+        outcome.logits.unsqueeze(-2),  # [1, C] or [S, 1, C]
+        usage,
+        conformal=conformal,
+        backend_options=info.options,
+    )
+    await dataplane.publish(batch, session_id=info.session_id)
+    return batch.predictions[0]
 
 
 def sampling_probabilities(logits: Tensor, temperature: float) -> Tensor:
@@ -132,16 +146,16 @@ def stop_reached(text: str, new_token: str, stops: Sequence[str]) -> bool:
 
 
 def sum_usage(chunks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Usage of several steps: counts and energies add up; sparsity is recomputed."""
+    """Usage of several steps: the work counts, energies, steps and compute time add up;
+    sparsity is recomputed; per-step facts such as the batch size are left out."""
     total: dict[str, Any] = {}
     for chunk in chunks:
-        for key, value in chunk.items():
-            if key != "sparsity" and isinstance(value, int | float) and not isinstance(value, bool):
-                total[key] = total.get(key, 0) + value
+        for key in ADDITIVE_USAGE:
+            if isinstance(chunk.get(key), int | float):
+                total[key] = total.get(key, 0) + chunk[key]
     if "spikes" in total and "neuron_steps" in total:
-        total["sparsity"] = (
-            total["spikes"] / total["neuron_steps"] if total["neuron_steps"] else None
-        )
+        neuron_steps = total["neuron_steps"]
+        total["sparsity"] = total["spikes"] / neuron_steps if neuron_steps else None
     return total
 
 
@@ -173,18 +187,27 @@ def check_generation_limits(options: GenerateOptions, dataplane: DataPlane) -> N
 
 
 async def _open_session(
-    sessions: SessionsLike, options: GenerateOptions, card: ModelCard, owner: str | None
-) -> Any:
-    """The session to generate in: the given one (checked against the request) or a new one."""
+    sessions: SessionsLike,
+    dataplane: DataPlane,
+    options: GenerateOptions,
+    card: ModelCard,
+    owner: str | None,
+) -> tuple[Any, ModelCard]:
+    """The session to generate in, the given one (checked against the request) or a new
+    one, and the model version it runs. An uncalibrated backend is refused (409) before the
+    session is created or stepped."""
     if options.session_id is None:
-        return await sessions.create(
+        backend = options.backend or TORCH_BACKEND
+        await run_in_threadpool(dataplane.calibration, card, backend)
+        chosen = {"alpha": options.alpha, "score": options.score}
+        info = await sessions.create(
             model=card.name,
             version=card.version,
-            backend=options.backend or "torch",
-            alpha=options.alpha if options.alpha is not None else DEFAULT_ALPHA,
-            score=options.score or DEFAULT_SCORE,
+            backend=backend,
             owner=owner,
+            **{key: value for key, value in chosen.items() if value is not None},
         )
+        return info, card
     info = await sessions.get(options.session_id, owner=owner)
     if info.model != card.name or (options.version is not None and info.version != card.version):
         raise BadInputError(
@@ -196,7 +219,9 @@ async def _open_session(
             f"session {options.session_id!r} runs on backend {info.backend!r}; it cannot "
             f"switch to {options.backend!r}"
         )
-    return info
+    card = await run_in_threadpool(language_model_card, dataplane, info.model, info.version)
+    await run_in_threadpool(dataplane.calibration, card, info.backend)
+    return info, card
 
 
 async def generate(
@@ -209,26 +234,25 @@ async def generate(
 ) -> AsyncIterator[GeneratedToken | GenerationDone]:
     """Feed `options.prompt` into a session, then generate up to `max_tokens` tokens.
 
-    Everything a request can get wrong (unknown model, not a language model, prompt
-    characters outside the vocabulary, limits) is checked before a session is created or
-    stepped, so a refused request changes nothing.
+    Everything a request can get wrong (unknown model or session, not a language model,
+    prompt characters outside the vocabulary, limits, an uncalibrated backend) is checked
+    before the session is created or stepped, so a refused request changes nothing.
+    Generation abstains only when the request sets `max_set_size`; a set the data plane
+    marks `abstain` under the server-wide limit does not stop it.
     """
-    card = language_model_card(dataplane, model, options.version)
+    card = await run_in_threadpool(language_model_card, dataplane, model, options.version)
     vocabulary: list[str] = card.config["vocabulary"]
     check_generation_limits(options, dataplane)
     (prompt_ids,) = encode_prompts([options.prompt], vocabulary, dataplane.limits)  # [T]
     seed = options.seed if options.seed is not None else secrets.randbits(63)
     generator = torch.Generator().manual_seed(seed)
 
-    info = await _open_session(sessions, options, card, owner)
-    if info.version != card.version:  # a resumed session keeps the version it started on
-        card = language_model_card(dataplane, info.model, info.version)
-    predict = step_predictor(
-        dataplane,
-        card,
-        info.backend,
+    info, card = await _open_session(sessions, dataplane, options, card, owner)
+    vocabulary = card.config["vocabulary"]
+    conformal = ConformalOptions(
         alpha=options.alpha if options.alpha is not None else info.alpha,
         score=options.score or info.score,
+        max_set_size=options.max_set_size,
     )
     outcome = await sessions.step(info.session_id, prompt_ids, owner=owner)
     usage = [outcome.usage]
@@ -236,7 +260,12 @@ async def generate(
     generated = 0
     finish: FinishReason = "length"
     for index in range(options.max_tokens):
-        prediction = predict(outcome.logits)
+        # A randomised score draws from its own seed per token, so a seeded request is
+        # reproducible in its sets as well as its tokens.
+        token_conformal = replace(conformal, seed=(seed + 1 + index) % 2**63)
+        prediction = await session_prediction(
+            dataplane, outcome, token_conformal, usage=outcome.usage
+        )
         if exceeds(prediction.set_size, options.max_set_size):
             finish = "abstain"
             break

@@ -34,7 +34,13 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from models.repository import ArtifactError, ModelCard
-from service.dataplane import ClassPrediction, DataPlane, encode_prompts
+from service.dataplane import (
+    TORCH_BACKEND,
+    ClassPrediction,
+    ConformalOptions,
+    DataPlane,
+    encode_prompts,
+)
 from service.errors import (
     BackendUnavailableError,
     BadInputError,
@@ -42,7 +48,7 @@ from service.errors import (
     NotFoundError,
     describe_validation_errors,
 )
-from service.generation import step_predictor
+from service.generation import session_prediction
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -78,7 +84,8 @@ class V2Route(APIRoute):
         return v2_handler
 
 
-router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route)
+# Stock clients (tritonclient) post JSON without a Content-Type header: parse it anyway.
+router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route, strict_content_type=False)
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 
 SERVER_NAME = "neuroserve"
@@ -369,6 +376,15 @@ def _sessions(request: Request) -> Any:
     return sessions
 
 
+def _conformal(params: InferParameters, alpha: float | None, score: str | None) -> ConformalOptions:
+    """The request's conformal options over the given defaults (BadInputError when invalid)."""
+    chosen = {
+        "alpha": params.alpha if params.alpha is not None else alpha,
+        "score": params.score or score,
+    }
+    return ConformalOptions(**{key: value for key, value in chosen.items() if value is not None})
+
+
 async def run_sequence_step(
     request: Request,
     dataplane: DataPlane,
@@ -382,18 +398,30 @@ async def run_sequence_step(
 
     `sequence_start` creates the session (409 if that sequence is still open); a request
     without it continues one (404 if there is none); `sequence_end` deletes it after the
-    answer is built. A sequence belongs to the model (and version) it started on.
+    answer is built. A sequence belongs to the model (and version) it started on, and every
+    input is checked before a session is created.
     """
     sessions = _sessions(request)
     session_id = sequence_session_id(sequence_id)
+    if card.config["input"]["kind"] == "tokens":
+        prompts = _prompt_batch(tensor)
+        _check_single_sequence(len(prompts), sequence_id)
+        (inputs,) = encode_prompts(prompts, card.config["vocabulary"], dataplane.limits)  # [T]
+    else:
+        batch = _feature_batch(tensor, int(card.config["input"]["features"]))  # [N, T, F]
+        _check_single_sequence(batch.shape[0], sequence_id)
+        inputs = torch.from_numpy(batch[0].astype(np.float32))  # [T, F]
     if params.sequence_start:
+        backend = params.backend or TORCH_BACKEND
+        _conformal(params, None, None)  # refuse a bad alpha/score before creating anything
+        await run_in_threadpool(dataplane.calibration, card, backend)
+        chosen = {"alpha": params.alpha, "score": params.score}
         info = await sessions.create(
             model=card.name,
             version=card.version,
-            backend=params.backend or "torch",
-            alpha=params.alpha if params.alpha is not None else 0.1,
-            score=params.score or "aps",
+            backend=backend,
             session_id=session_id,
+            **{key: value for key, value in chosen.items() if value is not None},
         )
     else:
         try:
@@ -414,28 +442,19 @@ async def run_sequence_step(
                 f"sequence {sequence_id!r} runs on backend {info.backend!r}; a sequence "
                 f"cannot switch to {params.backend!r}"
             )
+    label_request(request, model=card.name, backend=info.backend)
+    conformal = _conformal(params, info.alpha, info.score)
     try:
-        if card.config["input"]["kind"] == "tokens":
-            prompts = _prompt_batch(tensor)
-            _check_single_sequence(len(prompts), sequence_id)
-            (inputs,) = encode_prompts(prompts, card.config["vocabulary"], dataplane.limits)
-        else:
-            batch = _feature_batch(tensor, int(card.config["input"]["features"]))  # [N, T, F]
-            _check_single_sequence(batch.shape[0], sequence_id)
-            inputs = torch.from_numpy(batch[0].astype(np.float32))  # [T, F]
         outcome = await sessions.step(session_id, inputs)
     except Exception:
         if params.sequence_start:  # a sequence that never took a step does not stay open
             await sessions.delete(session_id)
         raise
-    alpha = params.alpha if params.alpha is not None else outcome.info.alpha
-    score = params.score or outcome.info.score
-    predict = step_predictor(dataplane, card, outcome.info.backend, alpha=alpha, score=score)
-    predictions = [predict(outcome.logits)]
+    prediction = await session_prediction(dataplane, outcome, conformal, usage=outcome.usage)
     if params.sequence_end:
         await sessions.delete(session_id)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}
-    return predictions, sequence
+    return [prediction], sequence
 
 
 def _check_single_sequence(n: int, sequence_id: int | str) -> None:
@@ -464,7 +483,7 @@ async def _infer(
     labels = card.config["vocabulary"] if tokens else card.config["labels"]
     tensor = _decoded_input(body.inputs, PROMPT_INPUT if tokens else FEATURES_INPUT)
     requested = _requested_outputs(body.outputs)
-    backend = params.backend or "torch"
+    backend = params.backend or TORCH_BACKEND
     response_parameters: dict[str, Any] = {}
     if params.sequence_id is not None:
         predictions, response_parameters = await run_sequence_step(
@@ -481,9 +500,10 @@ async def _infer(
             inputs,
             version=card.version,
             backend=backend,
+            conformal=_conformal(params, None, None),
         )
         predictions = batch.predictions
-    label_request(request, model=card.name, backend=backend)
+        label_request(request, model=card.name, backend=backend)
 
     def describe_uncalibrated() -> str:
         return (
