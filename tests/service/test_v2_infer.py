@@ -343,3 +343,28 @@ def test_sequence_parameters_follow_tritons_conventions() -> None:
     for bad in ({"sequence_id": "a b"}, {"sequence_id": -1}, {"sequence_start": "yes"}):
         with pytest.raises(V2BadRequestError):
             parse_parameters(bad)
+
+
+def test_backend_and_score_parameters_are_checked(client: httpx.Client) -> None:
+    tensor = features_tensor(digit_like(1))
+    unknown = infer(
+        client, "tiny-digits", {"inputs": [tensor], "parameters": {"backend": "gpu9"}}, 400
+    )
+    assert "gpu9" in unknown["error"]
+    score = infer(client, "tiny-digits", {"inputs": [tensor], "parameters": {"score": "best"}}, 400)
+    assert "best" in score["error"]
+
+
+def test_a_language_model_sequence_continues_its_prompt(client: httpx.Client) -> None:
+    def prompt(text: str, **parameters: Any) -> dict[str, Any]:
+        tensor = {"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [text]}
+        request = {"inputs": [tensor], "outputs": [{"name": "probabilities"}]}
+        return infer(client, "tiny-charlm", {**request, "parameters": parameters})
+
+    prompt("the ", sequence_id="lm-1", sequence_start=True)
+    chunked = prompt("cat", sequence_id="lm-1", sequence_end=True)
+    whole = prompt("the cat")
+    assert chunked["parameters"] == {"sequence_id": "lm-1", "sequence_step": 7}
+    np.testing.assert_allclose(
+        chunked["outputs"][0]["data"], whole["outputs"][0]["data"], rtol=0, atol=1e-6
+    )
