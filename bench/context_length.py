@@ -11,8 +11,9 @@ grow linearly with the context. This bench measures both, batch 1, on CPU:
   the SSM and as wide as brings its parameter count closest, prefilled with the context, then
   timed `step`.
 
-Each figure is the median over `--repeats` blocks of `--steps` decode steps, each block
-starting again from the same context length (after one warm-up block).
+Each time is the fastest of `--repeats` blocks of `--steps` decode steps, every block
+starting again from the same context; blocks of all contexts and both models take turns
+(after a warm-up round), so changes in machine load hit them alike.
 
     .venv/bin/python bench/context_length.py [--contexts 64 256 1024 2048 4096 8192]
         [--steps 16] [--repeats 5] [--threads 1] [--append docs/BENCHMARKS.md]
@@ -21,14 +22,17 @@ starting again from the same context length (after one warm-up block).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from models.architectures import build_model
 from models.base import StatefulModel
@@ -70,66 +74,70 @@ def matched_decoder(target: int, n_layers: int, n_heads: int = 4) -> Transformer
     return min(candidates, key=lambda m: abs(parameter_count(m) - target)).eval()
 
 
-def median_seconds_per_step(
-    start_block: Callable[[], None], step: Callable[[int], None], steps: int, repeats: int
-) -> float:
-    """Median over `repeats` blocks (after one warm-up block) of the mean time of `step`."""
-    timings = []
-    for block in range(repeats + 1):
-        start_block()
-        started = time.perf_counter()
-        for t in range(steps):
-            step(t)
-        if block:
-            timings.append((time.perf_counter() - started) / steps)
-    return statistics.median(timings)
+@dataclass
+class DecodeRun:
+    """One model decoding after one context: `reset` goes back to the state right after the
+    context, `step(t)` decodes the t-th token of the block."""
+
+    reset: Callable[[], None]
+    step: Callable[[int], None]
+    state_bytes: int  # what a server keeps per session at this context length
 
 
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(tensor.nbytes for tensor in state.values())
-
-
-@torch.inference_mode()
-def measure_ssm(model: StatefulModel, context: torch.Tensor, steps: int, repeats: int) -> dict:
-    _, after_context = model(context)  # state after `context`, [1, ...] tensors
-    next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
-    state = {}
-
-    def start_block() -> None:
-        state.clear()
-        state.update(after_context)
+def ssm_run(model: StatefulModel, context: Tensor, next_tokens: Tensor) -> DecodeRun:
+    _, after_context = model(context)  # {name: [1, ...]}, the fixed-size state
+    state: dict[str, Tensor] = {}
 
     def step(t: int) -> None:
         _, new_state = model.step(next_tokens[t], state)
         state.update(new_state)
 
-    seconds = median_seconds_per_step(start_block, step, steps, repeats)
-    return {"seconds": seconds, "bytes": state_bytes(after_context)}
-
-
-@torch.inference_mode()
-def measure_transformer(
-    model: TransformerDecoder, context: torch.Tensor, steps: int, repeats: int
-) -> dict:
-    length = context.shape[1]
-    cache = model.new_cache(1, length + steps)
-    model(context, cache)  # prefill
-    next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
-
-    def start_block() -> None:
-        cache.length = length  # later slots are overwritten by the block's steps
-
-    seconds = median_seconds_per_step(
-        start_block, lambda t: model.step(next_tokens[t], cache), steps, repeats
+    return DecodeRun(
+        reset=lambda: state.update(after_context),
+        step=step,
+        state_bytes=sum(tensor.nbytes for tensor in after_context.values()),
     )
-    cache.length = length
-    return {"seconds": seconds, "bytes": cache.nbytes(), "macs": model.macs_per_step(length)}
+
+
+def transformer_run(model: TransformerDecoder, context: Tensor, next_tokens: Tensor) -> DecodeRun:
+    length = context.shape[1]
+    cache = model.new_cache(1, length + len(next_tokens))
+    model(context, cache)  # prefill: keys and values of every context position
+
+    def reset() -> None:
+        cache.length = length  # the block's own slots are simply overwritten
+
+    return DecodeRun(
+        reset=reset,
+        step=lambda t: model.step(next_tokens[t], cache),
+        state_bytes=cache.nbytes(),
+    )
+
+
+def seconds_per_step(runs: list[DecodeRun], steps: int, repeats: int) -> list[float]:
+    """The fastest block's mean step time for every run.
+
+    Blocks go round-robin over all runs, `repeats` rounds after a warm-up round, so a change
+    in machine load hits every context alike; the fastest block is reported because on a
+    shared machine the slower ones measure the other load, not the code.
+    """
+    best = [math.inf] * len(runs)
+    for round_ in range(repeats + 1):
+        for i, run in enumerate(runs):
+            run.reset()
+            started = time.perf_counter()
+            for t in range(steps):
+                run.step(t)
+            if round_:
+                best[i] = min(best[i], (time.perf_counter() - started) / steps)
+    return best
 
 
 def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@torch.inference_mode()
 def measure(contexts: list[int], steps: int, repeats: int, threads: int) -> tuple[list, dict]:
     torch.set_num_threads(threads)
     ssm = selective_lm()
@@ -140,13 +148,25 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: int) -> tupl
         "transformer_parameters": parameter_count(decoder),
         "transformer_config": decoder.config,
     }
-    rows = []
+    next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
+    ssm_runs, transformer_runs = [], []
     for length in contexts:
         context = torch.randint(0, len(VOCABULARY), (1, length), generator=_generator(0))
-        ssm_result = measure_ssm(ssm, context, steps, repeats)
-        transformer_result = measure_transformer(decoder, context, steps, repeats)
-        rows.append({"context": length, "ssm": ssm_result, "transformer": transformer_result})
-        print(f"context {length}: done", file=sys.stderr, flush=True)
+        ssm_runs.append(ssm_run(ssm, context, next_tokens))
+        transformer_runs.append(transformer_run(decoder, context, next_tokens))
+    seconds = seconds_per_step(ssm_runs + transformer_runs, steps, repeats)
+    rows = [
+        {
+            "context": length,
+            "ssm": {"seconds": seconds[i], "bytes": ssm_runs[i].state_bytes},
+            "transformer": {
+                "seconds": seconds[len(contexts) + i],
+                "bytes": transformer_runs[i].state_bytes,
+                "macs": decoder.macs_per_step(length),
+            },
+        }
+        for i, length in enumerate(contexts)
+    ]
     return rows, models
 
 
@@ -157,8 +177,10 @@ def _kib(n: int) -> str:
 def format_table(rows: list[dict], models: dict, threads: int, steps: int, repeats: int) -> str:
     tf = models["transformer_config"]
     lines = [
-        f"Batch 1, CPU ({platform.processor() or platform.machine()}), {threads} torch "
-        f"thread(s), torch {torch.__version__}; median of {repeats} blocks of {steps} steps. "
+        f"Batch 1, CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f} when the run ended), {threads} torch "
+        f"thread(s), torch {torch.__version__}; fastest of {repeats} interleaved blocks of "
+        f"{steps} steps. "
         f"Selective SSM (charlm-selective config): {models['ssm_parameters']:,} parameters, "
         f"{models['ssm_macs_per_step']:,} MACs/step. Transformer ({tf.n_layers} layers, "
         f"d_model {tf.d_model}, {tf.n_heads} heads, KV cache): "

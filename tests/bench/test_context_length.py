@@ -10,10 +10,11 @@ from bench._transformer_baseline import DecoderConfig, TransformerDecoder
 from bench.context_length import (
     append_section,
     matched_decoder,
-    measure_ssm,
-    measure_transformer,
+    measure,
     parameter_count,
     selective_lm,
+    ssm_run,
+    transformer_run,
 )
 
 # float32 attention computed over a different number of keys at a time: rounding only.
@@ -40,13 +41,15 @@ def test_ssm_state_is_flat_while_the_kv_cache_grows_linearly() -> None:
     ssm = selective_lm()
     decoder = matched_decoder(parameter_count(ssm), n_layers=ssm.config.n_layers)
     assert abs(parameter_count(decoder) - parameter_count(ssm)) < 0.1 * parameter_count(ssm)
+    next_tokens = torch.zeros(2, 1, dtype=torch.long)
     sizes = {}
-    for length in (8, 32):
-        context = torch.randint(0, decoder.config.vocab_size, (1, length))
-        sizes[length] = (
-            measure_ssm(ssm, context, steps=2, repeats=1)["bytes"],
-            measure_transformer(decoder, context, steps=2, repeats=1)["bytes"],
-        )
+    with torch.inference_mode():
+        for length in (8, 32):
+            context = torch.randint(0, decoder.config.vocab_size, (1, length))
+            sizes[length] = (
+                ssm_run(ssm, context, next_tokens).state_bytes,
+                transformer_run(decoder, context, next_tokens).state_bytes,
+            )
     assert sizes[8][0] == sizes[32][0]
     cfg = decoder.config
     for length, (_, cache_bytes) in sizes.items():
@@ -60,3 +63,11 @@ def test_append_section_keeps_what_the_file_had(tmp_path) -> None:
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\n## Sessions\n\nrows\n\n## Context length\n\n")
     assert text.endswith("| a |\n|---|\n")
+
+
+def test_measure_reports_every_context_with_positive_times() -> None:
+    rows, models = measure([4, 16], steps=2, repeats=1, threads=1)
+    assert [row["context"] for row in rows] == [4, 16]
+    assert all(row["ssm"]["seconds"] > 0 and row["transformer"]["seconds"] > 0 for row in rows)
+    assert rows[1]["transformer"]["macs"] > rows[0]["transformer"]["macs"]
+    assert models["ssm_parameters"] == parameter_count(selective_lm())
