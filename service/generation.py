@@ -24,7 +24,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -41,18 +41,10 @@ from service.dataplane import (
 )
 from service.errors import BadInputError
 from service.schemas import GenerateOptions
+from service.sessions import SessionInfo, SessionManager, StepOutcome
 
 FinishReason = Literal["length", "stop", "abstain"]
 ADDITIVE_USAGE = (*(f.name for f in fields(Usage)), "steps", "compute_seconds")
-
-
-class SessionsLike(Protocol):
-    """The part of `service.sessions.SessionManager` that generation uses."""
-
-    async def create(self, *, model: str, **kwargs: Any) -> Any: ...
-    async def step(self, session_id: str, inputs: Tensor, **kwargs: Any) -> Any: ...
-    async def get(self, session_id: str, **kwargs: Any) -> Any: ...
-    async def delete(self, session_id: str, **kwargs: Any) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +92,7 @@ class GenerationDone:
 
 async def session_prediction(
     dataplane: DataPlane,
-    outcome: Any,
+    outcome: StepOutcome,
     conformal: ConformalOptions,
     *,
     usage: dict[str, Any] | None = None,
@@ -187,12 +179,12 @@ def check_generation_limits(options: GenerateOptions, dataplane: DataPlane) -> N
 
 
 async def _open_session(
-    sessions: SessionsLike,
+    sessions: SessionManager,
     dataplane: DataPlane,
     options: GenerateOptions,
     card: ModelCard,
     owner: str | None,
-) -> tuple[Any, ModelCard]:
+) -> tuple[SessionInfo, ModelCard]:
     """The session to generate in, the given one (checked against the request) or a new
     one, and the model version it runs. An uncalibrated backend is refused (409) before the
     session is created or stepped."""
@@ -228,7 +220,7 @@ async def generate(
     options: GenerateOptions,
     model: str,
     *,
-    sessions: SessionsLike,
+    sessions: SessionManager,
     dataplane: DataPlane,
     owner: str | None = None,
 ) -> AsyncIterator[GeneratedToken | GenerationDone]:

@@ -27,6 +27,7 @@ from models.evaluate import generate as reference_generate
 from models.repository import ModelRepository
 from service.app import create_app
 from service.calibration_store import CalibrationStore
+from service.generation import sample_token, sampling_probabilities, stop_reached, sum_usage
 from service.settings import Settings
 from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 
@@ -293,3 +294,45 @@ def test_a_client_that_disconnects_leaves_its_session_consistent(
     _, one_run = generated(stream(lm_url, {**more, "prompt": prompt + committed + " and"}))
     assert resumed["text"] == one_run["text"]
     assert resumed["step"] == one_run["step"]
+
+
+# ---- sampling units -------------------------------------------------------------------------
+
+
+def test_sampling_backends_draw_from_the_mean_of_their_samples() -> None:
+    # Two samples that each favour a different token; their mean favours neither alone.
+    logits = torch.tensor([[4.0, 0.0, 2.0], [0.0, 4.0, 2.0]])  # [S, C]
+    expected = torch.softmax(logits, dim=-1).mean(dim=0, keepdim=True)  # [1, C]
+    torch.testing.assert_close(sampling_probabilities(logits, 1.0), expected)
+    greedy = sample_token(logits, 0.0, torch.Generator())
+    assert greedy == int(expected.argmax())
+
+
+def test_sampled_frequencies_follow_the_tempered_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    temperature, draws = 2.0, 4000
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(
+        torch.tensor([sample_token(logits, temperature, generator) for _ in range(draws)]),
+        minlength=3,
+    )
+    target = torch.softmax(logits / temperature, dim=-1)  # flatter than [0.5, 0.3, 0.2]
+    # Each count is binomial: 4 standard errors make a false failure ~1 in 15,000.
+    standard_error = torch.sqrt(target * (1 - target) / draws)
+    assert ((counts / draws - target).abs() < 4 * standard_error).all(), (counts, target)
+
+
+def test_stop_strings_are_found_across_token_boundaries() -> None:
+    assert stop_reached("the end", "nd", ["end"])  # completed by a two-character token
+    assert not stop_reached("the end.", ".", ["end"])  # found earlier, not by this token
+    assert stop_reached("a\n\n", "\n", ["\n\n"])
+
+
+def test_usage_of_several_steps_adds_up() -> None:
+    chunks = [
+        {"macs": 10, "spikes": 1, "neuron_steps": 4, "steps": 2, "batch_size": 8, "sparsity": 0.25},
+        {"macs": 5, "spikes": 3, "neuron_steps": 4, "steps": 1, "batch_size": 1, "sparsity": 0.75},
+    ]
+    total = sum_usage(chunks)
+    assert total["macs"] == 15 and total["steps"] == 3 and total["sparsity"] == 0.5
+    assert "batch_size" not in total
