@@ -483,3 +483,47 @@ class GenerationErrorOut(BaseModel):
     type: Literal["error"] = "error"
     code: str
     message: str
+
+
+# ---- fine-tuning jobs (`/v1/finetune/jobs`) -------------------------------------------------
+
+
+FinetuneJobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class FinetuneJobProgress(BaseModel):
+    step: int = Field(description="Optimisation steps done.")
+    total_steps: int = Field(description="Steps the job will run at most.")
+    loss: float | None = Field(None, description="Training loss at the latest step.")
+    validation_accuracy: float | None = Field(
+        None, description="Accuracy on the held-out validation split at the latest evaluation."
+    )
+    eta_seconds: float | None = Field(
+        None, description="Estimated seconds until the last step, from the pace so far."
+    )
+
+
+class FinetuneJob(BaseModel):
+    """A fine-tuning job: where it stands, and how it ended."""
+
+    job_id: str
+    status: FinetuneJobStatus = Field(
+        description="queued -> running -> succeeded | failed | cancelled."
+    )
+    model: str = Field(description="The model being tuned.")
+    created_at: str | None = Field(None, description="ISO 8601 time of submission (UTC).")
+    started_at: str | None = Field(None, description="When the current (or last) run began.")
+    ended_at: str | None = Field(None, description="When the job ended.")
+    progress: FinetuneJobProgress | None = None
+    result: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "When succeeded: the new version and the metrics before and after tuning "
+            "(the fine-tuning module's result, as JSON)."
+        ),
+    )
+    error: str | None = Field(None, description="When failed: what went wrong.")
+    cancel_requested: bool = Field(
+        False, description="A cancel was asked for; a running job stops at its next step."
+    )
+    attempts: int = Field(0, description="Runs started (more than one after a retry).")
