@@ -124,9 +124,10 @@ async def _first_message(websocket: WebSocket) -> GenerateMessage | None:
         return None
 
 
-async def _refuse(websocket: WebSocket, code: str, message: str, close_code: int = 0) -> None:
+async def _refuse(
+    websocket: WebSocket, code: str, message: str, close_code: int = POLICY_VIOLATION
+) -> None:
     """Send an error message and close; a client that already left is not an error."""
-    close_code = close_code or POLICY_VIOLATION
     with suppress(WebSocketDisconnect, WebSocketDisconnected, RuntimeError):
         await websocket.send_json({"type": "error", "code": code, "message": message})
         await websocket.close(close_code, reason=message[:120])
