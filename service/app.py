@@ -23,9 +23,10 @@ from service.calibration_store import CalibrationStore
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.feedback import FeedbackLog
-from service.routers import metrics, v1_feedback, v1_models, v2
+from service.routers import metrics, v1_feedback, v1_models, v1_sessions, v2
+from service.sessions import SessionManager, SessionSettings
 from service.settings import Settings
-from service.state_store import open_state_store
+from service.state_store import StateStore, StateStoreUnavailableError, open_state_store
 
 logger = logging.getLogger("neuroserve.app")
 
@@ -90,6 +91,27 @@ def _describe_store(settings: Settings) -> str:
     return f"redis at {settings.redis_url_for_logs()}"
 
 
+async def watch_store(
+    store: StateStore, dataplane: DataPlane, preload: asyncio.Future | None, interval: float
+) -> None:
+    """Keep readiness false while the state store does not answer: a replica that cannot
+    read or write session state should get no traffic."""
+    healthy = True
+    while True:
+        try:
+            await store.ping()
+            answered = True
+        except StateStoreUnavailableError as error:
+            answered = False
+            if healthy:
+                logger.warning("state store unavailable, reporting not ready: %s", error)
+        if answered and not healthy:
+            logger.info("state store answers again")
+        healthy = answered
+        dataplane.ready = answered and (preload is None or preload.done())
+        await asyncio.sleep(interval)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the repository named in `settings` (read from the environment when
     omitted)."""
@@ -119,9 +141,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 aci_gamma=settings.aci_gamma,
             ),
         )
+        sessions = SessionManager(state_store, dataplane, SessionSettings.from_settings(settings))
         app.state.settings = settings
         app.state.state_store = state_store
         app.state.dataplane = dataplane
+        app.state.sessions = sessions
         root = settings.model_repository.resolve()
         if not root.is_dir():
             logger.warning("model repository %s does not exist: no models to serve", root)
@@ -133,11 +157,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             dataplane.ready = True
             preload = None
+        watcher = asyncio.ensure_future(
+            watch_store(state_store, dataplane, preload, settings.store_check_seconds)
+        )
         try:
             yield
         finally:
+            watcher.cancel()
             if preload is not None:
                 await preload  # a load in a worker thread cannot be cancelled; let it finish
+            await sessions.close()
             await state_store.close()
 
     app = FastAPI(
@@ -151,6 +180,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v1_models.router)
     app.include_router(v1_feedback.router)
+    app.include_router(v1_sessions.router)
     app.include_router(v2.router)
     app.include_router(metrics.router)
     return app

@@ -527,3 +527,70 @@ class FinetuneJob(BaseModel):
         False, description="A cancel was asked for; a running job stops at its next step."
     )
     attempts: int = Field(0, description="Runs started (more than one after a retry).")
+
+
+# ---- sessions (`/v1/sessions`) --------------------------------------------------------------
+
+
+class SessionCreateRequest(StrictRequest):
+    """Start a stateful session: the model's recurrent state is kept between steps."""
+
+    model: str = Field(min_length=1, description="Model name.")
+    version: VersionField = Field(None, description="Model version; the latest when null.")
+    backend: str = Field("torch", min_length=1, description="Hardware backend to run on.")
+    alpha: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Miscoverage level of the conformal prediction sets."
+    )
+    score: str = Field("aps", min_length=1, description="Conformal score of the sets.")
+    ttl_seconds: float | None = Field(
+        None,
+        gt=0.0,
+        description="Idle time after which the session expires; the server default when null.",
+    )
+    options: dict[str, Any] | None = Field(
+        None, description='Backend options, e.g. {"t_inference": 3600} for analog_imc.'
+    )
+
+
+class SessionResponse(BaseModel):
+    session_id: str = Field(description="The handle for steps; keep it secret.")
+    model: str
+    version: str
+    backend: str
+    alpha: float
+    score: str
+    step: int = Field(description="Time steps consumed so far.")
+    created_at: float = Field(description="Unix time of creation.")
+    expires_at: float = Field(description="Unix time the session expires unless used again.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
+
+
+class SessionStepRequest(StrictRequest):
+    """One chunk of the session's sequence."""
+
+    # Checked against the session's model: features [T, F], or a string / token ids for LMs.
+    inputs: SkipValidation[list[list[float]] | str | list[int]] = Field(
+        description=(
+            "Feature models: T time steps of F numbers, shape [T, F]. Language models: a "
+            "string (one token per character) or a list of token ids."
+        ),
+        examples=[[[0.0, 3.0, 12.0, 16.0, 9.0, 0.0, 0.0, 0.0]], "the quick"],
+    )
+    return_steps: bool = Field(
+        False, description="Also return the prediction after every step of the chunk."
+    )
+
+
+class SessionStepResponse(BaseModel):
+    session_id: str
+    model: str
+    version: str
+    backend: str
+    step: int = Field(description="The session's total time steps after this chunk.")
+    expires_at: float
+    calibrated: bool = Field(description="Whether confidence and sets come from calibration.")
+    prediction: Prediction = Field(description="The prediction after the chunk's last step.")
+    step_predictions: list[Prediction] | None = Field(
+        None, description="One prediction per step of the chunk (when return_steps)."
+    )
+    usage: Usage

@@ -38,11 +38,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
@@ -62,6 +62,7 @@ from service.errors import (
     RateLimitedError,
     describe_validation_errors,
 )
+from service.settings import Settings
 from service.state_codec import (
     CorruptStateError,
     IncompatibleStateError,
@@ -89,7 +90,8 @@ GENERATED_ID_BYTES = 24  # token_urlsafe(24): 32 characters, 192 random bits
 _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
 _META_CACHE_SIZE = 100_000
 _GROUP_CACHE_SIZE = 64
-_FINITE = TypeAdapter(list[list[float]])
+# Strict: a JSON number is a feature, while true/false, "1.5", NaN and Infinity are errors.
+_FINITE = TypeAdapter(list[list[Annotated[float, Field(allow_inf_nan=False)]]])
 _TOKEN_IDS = TypeAdapter(list[int])
 
 
@@ -103,6 +105,20 @@ class SessionSettings:
     batch_window_seconds: float = 0.002
     batch_max_size: int = 64
     retries: int = DEFAULT_UPDATE_RETRIES
+    # Concurrent store calls; below the Redis client's pool of 64, leaving room for others.
+    store_concurrency: int = 32
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SessionSettings:
+        return cls(
+            ttl_seconds=settings.session_ttl_seconds,
+            max_ttl_seconds=settings.session_max_ttl_seconds,
+            max_sessions=settings.max_sessions,
+            max_steps_per_chunk=settings.max_sequence_length,
+            batching=settings.batching,
+            batch_window_seconds=settings.batch_window_ms / 1000,
+            batch_max_size=settings.batch_max_size,
+        )
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class StepOutcome:
     logits: Tensor  # [C] after the last step of the chunk, or [S, C] for sampling backends
     step_logits: Tensor | None  # [T, C] (or [S, T, C]) per step when per_step=True
     usage: dict  # Usage.to_dict() of this chunk, plus steps, batch_size, compute_seconds
+    card: ModelCard  # the model version that ran (labels, calibration lookups)
 
 
 # ---- per-session metadata and per-runner groups ---------------------------------------------
@@ -284,6 +301,8 @@ class SessionManager:
         self._groups: OrderedDict[Hashable, _Group] = OrderedDict()
         self._group_builds: dict[Hashable, asyncio.Task[_Group]] = {}
         self._backoff = random.Random(0)  # jitter of the retry back-off
+        self.conflicts = 0  # steps that lost a compare-and-set and were re-applied
+        self._store_slots = asyncio.Semaphore(self.settings.store_concurrency)
         self._batcher: MicroBatcher[_StepJob, StepOutcome] = MicroBatcher(
             self._process_batch,
             window_seconds=self.settings.batch_window_seconds,
@@ -343,7 +362,7 @@ class SessionManager:
         )
         key = _store_key(session_id, owner)
         try:
-            with self._timed("create", expected=(StateExistsError,)):
+            async with self._store_op("create", expected=(StateExistsError,)):
                 await self.store.create(key, record, ttl)
         except StateExistsError:
             raise ConflictError(f"session {session_id!r} already exists") from None
@@ -356,7 +375,7 @@ class SessionManager:
         key = _lookup_key(session_id, owner)
         loaded = await self._load(key, session_id)
         meta = _SessionMeta.of(loaded.record)
-        with self._timed("touch"):
+        async with self._store_op("touch"):
             touched = await self.store.touch(key, meta.ttl)
         if not touched:
             raise self._not_found(key, session_id)
@@ -367,7 +386,7 @@ class SessionManager:
     async def delete(self, session_id: str, *, owner: str | None = None) -> bool:
         """Remove the session. Unknown → NotFoundError."""
         key = _lookup_key(session_id, owner)
-        with self._timed("delete"):
+        async with self._store_op("delete"):
             existed = await self.store.delete(key)
         self._forget(key)
         if not existed:
@@ -446,11 +465,12 @@ class SessionManager:
             record = state.record.advance(result.state, int(jobs[i].inputs.shape[0]), now=now)
             records.append(record)
             writes.append(CasWrite(jobs[i].key, record, state.version, jobs[i].meta.ttl))
-        with self._timed("cas_many"):
+        async with self._store_op("cas_many"):
             written = await self.store.cas_many(writes)
         for (i, _), record, result, outcome in zip(loaded, records, results, written, strict=True):
             job = jobs[i]
             if isinstance(outcome, StaleVersionError):
+                self.conflicts += 1
                 outcomes[i] = _Retry(stale_meta=False)
             elif isinstance(outcome, StateNotFoundError):
                 outcomes[i] = self._not_found(job.key, job.session_id)
@@ -467,6 +487,7 @@ class SessionManager:
                     logits=result.logits[..., -1, :],  # [C] or [S, C]
                     step_logits=result.logits if job.per_step else None,
                     usage=usage,
+                    card=group.card,
                 )
         return [outcome for outcome in outcomes if outcome is not None]
 
@@ -480,7 +501,7 @@ class SessionManager:
         to_load = [i for i, job in enumerate(jobs) if job.preloaded is None]
         fetched: dict[int, LoadOutcome] = {}
         if to_load:
-            with self._timed("get_many"):
+            async with self._store_op("get_many"):
                 found = await self.store.get_many([jobs[i].key for i in to_load])
             fetched = dict(zip(to_load, found, strict=True))
         loaded = []
@@ -506,7 +527,7 @@ class SessionManager:
     async def _load(self, key: str, session_id: str) -> VersionedState:
         """The stored state (any schema) or NotFoundError / ConflictError."""
         try:
-            with self._timed("get", expected=(CorruptStateError, IncompatibleStateError)):
+            async with self._store_op("get", expected=(CorruptStateError, IncompatibleStateError)):
                 loaded = await self.store.get(key)
         except (CorruptStateError, IncompatibleStateError) as error:
             raise await self._state_error(key, session_id, error) from None
@@ -612,7 +633,7 @@ class SessionManager:
         if isinstance(error, CorruptStateError):
             # Damaged bytes can never be stepped again: drop them so the id can be reused.
             logger.error("session %r has corrupt state, deleting it: %s", session_id, error)
-            with self._timed("delete"):
+            async with self._store_op("delete"):
                 await self.store.delete(key)
             self._forget(key)
             return ConflictError(
@@ -641,8 +662,15 @@ class SessionManager:
         # Full jitter in [0, min(50 ms, 1 ms * 2**attempt)], as the store's own `update`.
         return self._backoff.uniform(0.0, min(0.05, 0.001 * 2**attempt))
 
-    def _timed(self, operation: str, expected: tuple[type[BaseException], ...] = ()) -> Any:
-        return metrics.record_store_op(self.store_name, operation, expected=expected)
+    @asynccontextmanager
+    async def _store_op(
+        self, operation: str, expected: tuple[type[BaseException], ...] = ()
+    ) -> AsyncIterator[None]:
+        """A timed store call, at most `store_concurrency` at once: a burst of requests then
+        waits for a connection instead of exhausting the Redis client's pool (which fails)."""
+        async with self._store_slots:
+            with metrics.record_store_op(self.store_name, operation, expected=expected):
+                yield
 
 
 # ---- inputs -----------------------------------------------------------------------------------
