@@ -72,6 +72,12 @@ def next_token_windows(ids: Tensor, context: int, count: int, seed: int) -> tupl
     return windows, ids[torch.from_numpy(starts) + context]  # [N]
 
 
+def dataset_spec(card: ModelCard) -> str:
+    """The training data spec a model records ("digits-seq:rows", "charcorpus", ...) or ""."""
+    dataset = card.config.get("dataset")
+    return str(dataset.get("spec", "")) if isinstance(dataset, dict) else ""
+
+
 def _encode_text(text: str, vocabulary: list[str]) -> Tensor:
     import torch
 
@@ -101,8 +107,12 @@ def _language_data(card: ModelCard, data: Path | None, seed: int) -> Calibration
             raise CalibrateError(f"{data}: cannot read it as UTF-8 text ({error})") from None
         ids, name = _encode_text(text, vocabulary), f"text:{data.name}"
     else:
-        spec = (card.config.get("dataset") or {}).get("spec", "")
-        loaded = load_training_data(spec) if spec else None
+        spec = dataset_spec(card)
+        loaded = (
+            load_training_data(spec)
+            if spec in ("charcorpus",) or spec.startswith("text:")
+            else None
+        )
         if not isinstance(loaded, LanguageData) or tuple(vocabulary) != loaded.corpus.vocabulary:
             raise CalibrateError(
                 f"{card.name} has no held-out text of its own; pass --data FILE.txt"
@@ -135,7 +145,7 @@ def _classifier_data(card: ModelCard, data: Path | None) -> CalibrationData:
                 f"{data}: labels {dataset.label_names[:10]} do not match {card.name}'s {labels}"
             )
     else:
-        spec = (card.config.get("dataset") or {}).get("spec", "")
+        spec = dataset_spec(card)
         loaded = load_training_data(spec) if spec.startswith("digits-seq") else None
         if not isinstance(loaded, ClassificationData) or "calibration" not in loaded.evaluation:
             raise CalibrateError(
@@ -162,12 +172,11 @@ def prepared_runner(
     """The model on `backend`, prepared as the server prepares it (same cache key)."""
     from hardware_backends.base import BackendUnavailableError, UnknownBackendError
     from hardware_backends.registry import prepare_runner
+    from service.dataplane import runner_key
 
     model = repository.load(card.name, card.version).model
     try:
-        return prepare_runner(
-            backend, model, model_key=f"{card.name}/{card.version}", options=options
-        )
+        return prepare_runner(backend, model, model_key=runner_key(card), options=options)
     except (UnknownBackendError, BackendUnavailableError, ValueError) as error:
         raise CalibrateError(str(error)) from None
 

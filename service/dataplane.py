@@ -356,6 +356,12 @@ def model_labels(card: ModelCard) -> list[str]:
     return list(card.config.get("labels") or card.config.get("vocabulary") or [])
 
 
+def runner_key(card: ModelCard) -> str:
+    """The registry's cache key for a model version: the weights hash is part of it, so two
+    repositories that both hold a "name/1" never share a prepared runner."""
+    return f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
+
+
 def _same_options(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
     return freeze_options(dict(a or {})) == freeze_options(dict(b or {}))
 
@@ -427,7 +433,7 @@ class DataPlane:
             return prepare_runner(
                 backend,
                 model,
-                model_key=f"{card.name}/{card.version}",
+                model_key=runner_key(card),
                 options=dict(backend_options or {}),
             )
         except UnknownBackendError as error:
