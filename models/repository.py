@@ -337,6 +337,11 @@ class ModelRepository:
                 full_config["weights_sha256"] = file_sha256(weights_path)
                 for file_name, data in extra_files.items():
                     _write_file(temp_dir / file_name, data)
+                # mkdtemp and safetensors create owner-only entries; artifacts are for every
+                # reader (a server often runs as another user than the trainer).
+                os.chmod(temp_dir, 0o755)
+                for path in temp_dir.iterdir():
+                    os.chmod(path, 0o644)
                 version = self._rename_into_place(temp_dir, name, full_config)
             except BaseException:
                 shutil.rmtree(temp_dir, ignore_errors=True)
@@ -351,6 +356,7 @@ class ModelRepository:
             version = str(int(versions[-1]) + 1 if versions else 1)
             config["version"] = version
             _write_file(temp_dir / CONFIG_FILE, _config_bytes(config))
+            os.chmod(temp_dir / CONFIG_FILE, 0o644)
             _fsync_path(temp_dir)
             try:
                 os.rename(temp_dir, self.version_path(name, version))
