@@ -59,6 +59,12 @@ def test_save_then_load_gives_identical_outputs(tmp_path: Path) -> None:
     model, card = _publish(repo)
     assert (card.name, card.version, card.path) == ("toy", "1", tmp_path / "toy" / "1")
     assert card.config["weights_sha256"] == file_sha256(card.path / WEIGHTS_FILE)
+    # Readable by everyone, as a server may run as another user than the publisher.
+    assert card.path.stat().st_mode & 0o777 == 0o755
+    assert {(p.name, p.stat().st_mode & 0o777) for p in card.path.iterdir()} == {
+        (CONFIG_FILE, 0o644),
+        (WEIGHTS_FILE, 0o644),
+    }
     loaded = repo.load("toy")
     assert loaded.card == card and not loaded.model.training
     x = torch.rand(5, 7, 3)  # [B, T, F]
