@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from models.charcorpus import load_char_corpus
-from models.digits import load_digits_seq
 from models.evaluate import (
     bits_per_character,
     classification_metrics,
@@ -23,7 +22,7 @@ from models.evaluate import (
     unigram_bits_per_character,
 )
 from models.repository import ModelCard, ModelRepository
-from models.training import TrainingRecipe, train_and_publish
+from models.training import TrainingRecipe, load_training_data, train_and_publish
 
 BUILTIN_RECIPES: dict[str, TrainingRecipe] = {
     # ~10 s on one core.
@@ -134,8 +133,7 @@ def _target_text(name: str, metric: str) -> str:
 
 
 def _classifier_rows(name: str, version: str, model, spec: str) -> list[ReportRow]:
-    variant = spec.partition(":")[2] or "rows"
-    test = load_digits_seq("test", variant)
+    test = load_training_data(spec).evaluation["test"]
     metrics = classification_metrics(model, test)
     rows = [
         ReportRow(
@@ -206,7 +204,7 @@ def format_report(rows: list[ReportRow]) -> str:
 
 
 def report_metrics(rows: list[ReportRow]) -> dict[str, dict[str, Any]]:
-    """The numeric rows as {model: {metric: value}}."""
+    """The rows as {model: {metric: value}}."""
     metrics: dict[str, dict[str, Any]] = {}
     for row in rows:
         metrics.setdefault(row.model, {})[row.metric] = row.value

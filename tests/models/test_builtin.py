@@ -1,0 +1,124 @@
+"""The committed built-in artifacts: they load, reach their stated metrics on held-out data,
+record the recipe that made them, and `neuroserve evaluate` reports them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from models.builtin import (
+    BUILTIN_RECIPES,
+    BUILTIN_TARGETS,
+    MetricTarget,
+    ReportRow,
+    builtin_report,
+    ensure_builtin_models,
+    format_report,
+    report_metrics,
+)
+from models.charcorpus import load_char_corpus
+from models.repository import ModelRepository, default_repository_root
+from service.cli_models import main as cli_main
+
+BUILTINS = ("digits-lru", "digits-snn", "charlm-selective")
+
+
+@pytest.fixture(scope="module")
+def repository() -> ModelRepository:
+    return ModelRepository(default_repository_root())
+
+
+@pytest.fixture(scope="module")
+def report(repository: ModelRepository) -> dict[str, dict]:
+    return report_metrics(builtin_report(repository, sample_tokens=40))
+
+
+def test_every_builtin_has_a_recipe_a_target_and_a_committed_artifact(
+    repository: ModelRepository,
+) -> None:
+    assert set(BUILTIN_RECIPES) == set(BUILTIN_TARGETS) == set(BUILTINS)
+    assert set(BUILTINS) <= set(repository.list_models())
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_artifact_records_its_recipe_and_command(repository: ModelRepository, name: str) -> None:
+    config = repository.card(name).config
+    assert config["training"] == asdict(BUILTIN_RECIPES[name])
+    assert config["dataset"]["spec"] == BUILTIN_RECIPES[name].dataset
+    assert f"train --builtin {name}" in config["provenance"]["command"]
+    assert len(config["provenance"]["data_sha256"]) == 64
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_reaches_its_stated_metric(
+    repository: ModelRepository, report: dict[str, dict], name: str
+) -> None:
+    target = BUILTIN_TARGETS[name]
+    measured = report[name][target.metric]
+    stored = repository.card(name).config["metrics"][target.metric]
+    assert target.met_by(measured), f"{name}: {target.metric} = {measured}, target {target}"
+    if name == "charlm-selective":
+        # The corpus is this Python's stdlib docstrings: equal only where the text is equal.
+        data_hash = repository.card(name).config["provenance"]["data_sha256"]
+        if load_char_corpus().sha256 != data_hash:
+            pytest.skip("this Python's stdlib docstrings differ from the training machine's")
+    assert measured == pytest.approx(stored, abs=1e-4)
+
+
+def test_snn_reports_sparse_spiking_and_event_driven_cost(report: dict[str, dict]) -> None:
+    snn = report["digits-snn"]
+    assert 0.0 < snn["test_spike_fraction"] < 0.5
+    # Event-driven accumulates are far fewer than a dense implementation's operations.
+    assert (
+        snn["test_synaptic_ops_per_inference"]
+        < 0.5 * snn["test_dense_equivalent_macs_per_inference"]
+    )
+
+
+def test_language_model_beats_unigram_and_writes_text(report: dict[str, dict]) -> None:
+    lm = report["charlm-selective"]
+    assert lm["valid_bpc"] < lm["unigram_valid_bpc"] - 1.5
+    greedy = lm["sample_greedy"]
+    assert greedy.startswith("Return the ") and len(greedy) == len("Return the ") + 40
+    words = greedy.split()
+    assert sum(word.isalpha() for word in words) >= len(words) // 2  # mostly real-looking words
+
+
+def test_metric_target_bounds() -> None:
+    assert MetricTarget("acc", minimum=0.9).met_by(0.9)
+    assert not MetricTarget("acc", minimum=0.9).met_by(0.89)
+    assert MetricTarget("bpc", maximum=2.5).met_by(2.4)
+    assert not MetricTarget("bpc", maximum=2.5).met_by(2.6)
+
+
+def test_format_report_aligns_columns() -> None:
+    rows = [
+        ReportRow("a", "1", "test_accuracy", 0.98765, ">= 0.97"),
+        ReportRow("bb", "2", "x", "hi"),
+    ]
+    lines = format_report(rows).splitlines()
+    assert lines[0].split() == ["model", "version", "metric", "value", "target"]
+    assert lines[1].split() == ["a", "1", "test_accuracy", "0.9877", ">=", "0.97"]
+    assert lines[2].split() == ["bb", "2", "x", "'hi'"]
+    assert lines[0].index("value") == lines[1].index("0.9877") == lines[2].index("'hi'")
+
+
+def test_cli_evaluate_prints_every_builtin(capsys) -> None:
+    assert cli_main(["evaluate", "--sample-tokens", "10"]) == 0
+    out = capsys.readouterr().out
+    for name in BUILTINS:
+        assert name in out
+    for metric in ("test_accuracy", "test_spike_fraction", "valid_bpc", "unigram_valid_bpc"):
+        assert metric in out
+
+
+def test_ensure_builtin_models_trains_what_is_missing(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path)
+    trained = ensure_builtin_models(repo, ["digits-lru"])
+    assert [card.name for card in trained] == ["digits-lru"]
+    assert BUILTIN_TARGETS["digits-lru"].met_by(trained[0].config["metrics"]["test_accuracy"])
+    assert ensure_builtin_models(repo, ["digits-lru"]) == []  # already there: nothing to do
+    with pytest.raises(ValueError, match="unknown built-in 'nope'"):
+        ensure_builtin_models(repo, ["nope"])
