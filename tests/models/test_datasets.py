@@ -144,6 +144,14 @@ def test_encode_decode_roundtrip_and_unknown_characters() -> None:
         decode([5, 97])
 
 
+def test_vectorised_encode_matches_a_per_character_lookup() -> None:
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, 200, 500), rng.integers(0x100, 0x1F600, 20)])
+    text = "".join(chr(code) for code in codes if not 0xD800 <= code < 0xE000)
+    lookup = {char: index for index, char in enumerate(VOCABULARY)}
+    assert encode(text).tolist() == [lookup.get(char, 0) for char in text]
+
+
 def test_stdlib_documents_start_with_the_first_module_docstring() -> None:
     documents = charcorpus.stdlib_documents(max_chars=20_000)
     assert documents[0] == inspect.cleandoc(__future__.__doc__)
