@@ -89,7 +89,8 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route, strict_conten
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 
 SERVER_NAME = "neuroserve"
-# Optional protocol extensions we implement (none yet: sequences come with sessions).
+# Optional protocol extensions advertised: none. Triton's sequence parameters are honoured
+# (see `run_sequence_step`) without claiming the whole of Triton's sequence extension.
 EXTENSIONS: list[str] = []
 FEATURES_INPUT = "input"
 PROMPT_INPUT = "prompt"
