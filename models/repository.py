@@ -2,7 +2,9 @@
 
 Layout: `<root>/<name>/<version>/config.json` + `weights.safetensors` (+ calibration files
 that other components write beside them). Versions are "1", "2", ... and never change once
-published. `config.json` holds:
+published. A zeroth-order fine-tuned version may hold `trajectory.json` instead of weights
+(config "weights": {"kind": "trajectory"}); `load` rebuilds it through `models.trajectory`.
+`config.json` holds:
 
     name, version, architecture, model_config, task ("classification" | "language-model"),
     labels (classification) or vocabulary (language-model), input, dataset, provenance
@@ -267,21 +269,16 @@ class ModelRepository:
     def _load_uncached(self, name: str, version: str) -> LoadedModel:
         card = self.card(name, version)
         config_path = card.path / CONFIG_FILE
-        weights_path = card.path / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise ArtifactError(f"{weights_path}: missing")
-        actual_hash = file_sha256(weights_path)
-        if actual_hash != card.config["weights_sha256"]:
-            raise ArtifactError(
-                f"{weights_path}: sha256 {actual_hash} does not match weights_sha256 "
-                f"{card.config['weights_sha256']} in {CONFIG_FILE} (corrupted or replaced)"
-            )
+        weights = card.config.get("weights")
+        if isinstance(weights, dict) and weights.get("kind") == "trajectory":
+            # A fine-tuned version stored as its base plus zeroth-order steps: rebuilt by replay.
+            from models.trajectory import TRAJECTORY_FILE, materialize_trajectory
+
+            tensors, source = materialize_trajectory(self, card), card.path / TRAJECTORY_FILE
+        else:
+            tensors, source = _read_weights(card), card.path / WEIGHTS_FILE
         model = _build(card.config, config_path)
-        try:
-            tensors = load_file(weights_path)
-        except Exception as error:  # safetensors raises its own error types
-            raise ArtifactError(f"{weights_path}: unreadable safetensors file ({error})") from error
-        check_state_dict(model, tensors, str(weights_path))
+        check_state_dict(model, tensors, str(source))
         for alias, canonical in tied_names(model).items():
             tensors[alias] = tensors[canonical]
         model.load_state_dict(tensors, strict=True)
@@ -367,6 +364,23 @@ class ModelRepository:
             _fsync_path(self.root / name)
             return version
         raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
+
+
+def _read_weights(card: ModelCard) -> dict[str, Tensor]:
+    """The tensors of `weights.safetensors`, after checking its sha256 against config.json."""
+    weights_path = card.path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ArtifactError(f"{weights_path}: missing")
+    actual_hash = file_sha256(weights_path)
+    if actual_hash != card.config["weights_sha256"]:
+        raise ArtifactError(
+            f"{weights_path}: sha256 {actual_hash} does not match weights_sha256 "
+            f"{card.config['weights_sha256']} in {CONFIG_FILE} (corrupted or replaced)"
+        )
+    try:
+        return load_file(weights_path)
+    except Exception as error:  # safetensors raises its own error types
+        raise ArtifactError(f"{weights_path}: unreadable safetensors file ({error})") from error
 
 
 def _config_bytes(config: dict[str, Any]) -> bytes:
