@@ -28,6 +28,7 @@ it was created with, and two owners' given ids never collide.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -35,7 +36,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -46,12 +47,13 @@ from pydantic import Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
+from calibration import SCORE_NAMES
 from hardware_backends import base as backend_base
 from hardware_backends.base import Runner
 from hardware_backends.registry import freeze_options, prepare_runner
 from models.repository import ArtifactError, ModelCard, ModelNotFoundError
 from service import metrics
-from service.batching import ChunkResult, MicroBatcher, run_chunks, state_rows
+from service.batching import MicroBatcher, run_chunks, state_rows
 from service.dataplane import DataPlane
 from service.errors import (
     BackendUnavailableError,
@@ -84,7 +86,7 @@ from service.state_store import (
 
 logger = logging.getLogger("neuroserve.sessions")
 
-SCORES = ("lac", "aps", "raps", "topk")
+SCORES = SCORE_NAMES
 GENERATED_ID_BYTES = 24  # token_urlsafe(24): 32 characters, 192 random bits
 # Printable ASCII without spaces and without "/", which separates owner and id in store keys.
 _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
@@ -142,6 +144,13 @@ class StepOutcome:
     step_logits: Tensor | None  # [T, C] (or [S, T, C]) per step when per_step=True
     usage: dict  # Usage.to_dict() of this chunk, plus steps, batch_size, compute_seconds
     card: ModelCard  # the model version that ran (labels, calibration lookups)
+    prediction: Any = None  # what `step(..., predict=...)` made of this outcome
+
+
+# Called in the batch's worker thread with the (not yet written) outcomes of the steps that
+# passed it, once per batch; returns one prediction, or an exception that fails that step
+# without writing it, per outcome.
+PredictFn = Callable[[Sequence[StepOutcome]], Sequence[Any]]
 
 
 # ---- per-session metadata and per-runner groups ---------------------------------------------
@@ -204,6 +213,7 @@ class _StepJob:
     group: _Group
     inputs: Tensor  # [T, F] or [T]
     per_step: bool
+    predict: PredictFn | None
     preloaded: VersionedState | None = None
 
 
@@ -345,6 +355,9 @@ class SessionManager:
             )
         card = await run_in_threadpool(self.dataplane.card, model, version)
         group = await self._group(card.name, card.version, backend, options)
+        # Fail fast: steps of a session whose backend has no calibration (and a server that
+        # does not allow raw answers) could never be answered.
+        await run_in_threadpool(self.dataplane.calibration, card, backend)
         metadata = {
             "alpha": float(alpha),
             "score": score,
@@ -414,15 +427,21 @@ class SessionManager:
         *,
         per_step: bool = False,
         owner: str | None = None,
+        predict: PredictFn | None = None,
     ) -> StepOutcome:
-        """Advance the session by a chunk: float [T, F] features or long [T] token ids."""
+        """Advance the session by a chunk: float [T, F] features or long [T] token ids.
+
+        `predict`, when given, turns the outcomes of a whole micro-batch into predictions in
+        the batch's worker thread, before the states are written (see `PredictFn`); its
+        answer for this step lands in `StepOutcome.prediction`.
+        """
         key = _lookup_key(session_id, owner)
         async with self._locks.hold(key):
             for attempt in range(self.settings.retries + 1):
                 meta, preloaded = await self._session_meta(key, session_id)
                 group = await self._session_group(meta, session_id)
                 chunk = check_chunk(inputs, group.spec, self.settings.max_steps_per_chunk)
-                job = _StepJob(key, session_id, meta, group, chunk, per_step, preloaded)
+                job = _StepJob(key, session_id, meta, group, chunk, per_step, predict, preloaded)
                 try:
                     if self.settings.batching:
                         return await self._batcher.submit(group.key, job)
@@ -450,45 +469,31 @@ class SessionManager:
         loaded = await self._load_batch(group, jobs, outcomes)
         if not loaded:
             return [outcome for outcome in outcomes if outcome is not None]
-        started = time.perf_counter()
-        results: list[ChunkResult] = await run_in_threadpool(
-            run_chunks,
-            group.runner,
-            [state.record.tensors for _, state in loaded],
-            [jobs[i].inputs for i, _ in loaded],
-        )
-        compute_seconds = time.perf_counter() - started
+        runnable = [jobs[i] for i, _ in loaded]
+        states = [state for _, state in loaded]
+        advanced = await run_in_threadpool(_advance, group, runnable, states)
         metrics.record_batch(group.card.name, group.signature.backend, len(loaded))
-        now = time.time()
-        writes, records = [], []
-        for (i, state), result in zip(loaded, results, strict=True):
-            record = state.record.advance(result.state, int(jobs[i].inputs.shape[0]), now=now)
-            records.append(record)
-            writes.append(CasWrite(jobs[i].key, record, state.version, jobs[i].meta.ttl))
+        writes = [
+            CasWrite(job.key, record, state.version, job.meta.ttl)
+            for job, state, (record, outcome) in zip(runnable, states, advanced, strict=True)
+            if not isinstance(outcome, BaseException)
+        ]
         async with self._store_op("cas_many"):
-            written = await self.store.cas_many(writes)
-        for (i, _), record, result, outcome in zip(loaded, records, results, written, strict=True):
+            written = iter(await self.store.cas_many(writes))
+        for (i, _), (record, outcome) in zip(loaded, advanced, strict=True):
             job = jobs[i]
-            if isinstance(outcome, StaleVersionError):
+            if isinstance(outcome, BaseException):  # `predict` refused it: nothing written
+                outcomes[i] = outcome
+                continue
+            result = next(written)
+            if isinstance(result, StaleVersionError):
                 self.conflicts += 1
                 outcomes[i] = _Retry(stale_meta=False)
-            elif isinstance(outcome, StateNotFoundError):
+            elif isinstance(result, StateNotFoundError):
                 outcomes[i] = self._not_found(job.key, job.session_id)
             else:
-                expires_at = now + job.meta.ttl
-                self._live.seen(job.key, record.model, expires_at)
-                usage = {
-                    **result.usage,
-                    "steps": int(job.inputs.shape[0]),
-                    "compute_seconds": compute_seconds,
-                }
-                outcomes[i] = StepOutcome(
-                    info=_info(job.session_id, record, expires_at),
-                    logits=result.logits[..., -1, :],  # [C] or [S, C]
-                    step_logits=result.logits if job.per_step else None,
-                    usage=usage,
-                    card=group.card,
-                )
+                self._live.seen(job.key, record.model, outcome.info.expires_at)
+                outcomes[i] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _load_batch(
@@ -671,6 +676,61 @@ class SessionManager:
         async with self._store_slots:
             with metrics.record_store_op(self.store_name, operation, expected=expected):
                 yield
+
+
+# ---- the batch's work in the worker thread -----------------------------------------------------
+
+
+def _advance(
+    group: _Group, jobs: list[_StepJob], states: list[VersionedState]
+) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
+    """Run the chunks as one batched step and make each session's next record and outcome
+    (and its prediction, with the jobs' `predict`). Runs in a worker thread."""
+    started = time.perf_counter()
+    results = run_chunks(group.runner, [s.record.tensors for s in states], [j.inputs for j in jobs])
+    compute_seconds = time.perf_counter() - started
+    now = time.time()
+    advanced: list[tuple[StateRecord, StepOutcome | BaseException]] = []
+    for job, state, result in zip(jobs, states, results, strict=True):
+        steps = int(job.inputs.shape[0])
+        record = state.record.advance(result.state, steps, now=now)
+        usage = {**result.usage, "steps": steps, "compute_seconds": compute_seconds}
+        outcome = StepOutcome(
+            info=_info(job.session_id, record, now + job.meta.ttl),
+            logits=result.logits[..., -1, :],  # [C] or [S, C]
+            step_logits=result.logits if job.per_step else None,
+            usage=usage,
+            card=group.card,
+        )
+        advanced.append((record, outcome))
+    _attach_predictions(jobs, advanced)
+    return advanced
+
+
+def _attach_predictions(
+    jobs: list[_StepJob], advanced: list[tuple[StateRecord, StepOutcome | BaseException]]
+) -> None:
+    """Call each distinct `predict` once with the outcomes of its jobs, in place."""
+    by_function: dict[int, tuple[PredictFn, list[int]]] = {}
+    for i, job in enumerate(jobs):
+        if job.predict is not None:
+            by_function.setdefault(id(job.predict), (job.predict, []))[1].append(i)
+    for predict, positions in by_function.values():
+        outcomes = [advanced[i][1] for i in positions]  # all StepOutcomes at this point
+        try:
+            predictions = list(predict(outcomes))  # type: ignore[arg-type]
+            if len(predictions) != len(positions):
+                raise RuntimeError(
+                    f"predict returned {len(predictions)} answers for {len(positions)} steps"
+                )
+        except Exception as error:  # e.g. NotCalibratedError: those steps fail, unwritten
+            predictions = [error] * len(positions)
+        for i, prediction in zip(positions, predictions, strict=True):
+            record, outcome = advanced[i]
+            if isinstance(prediction, BaseException):
+                advanced[i] = (record, prediction)
+            else:
+                advanced[i] = (record, dataclasses.replace(outcome, prediction=prediction))
 
 
 # ---- inputs -----------------------------------------------------------------------------------

@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Hashable, Sequence
 from typing import Annotated, Any
 
+import torch
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from service.dataplane import ClassPrediction, ConformalOptions, DataPlane
+from hardware_backends.registry import freeze_options
+from service.dataplane import ClassPrediction, ConformalOptions, DataPlane, PredictionBatch
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -133,14 +136,15 @@ async def step_session(
     dataplane: DataPlaneDependency,
 ) -> SessionStepResponse:
     inputs = await sessions.inputs_from_json(session_id, body.inputs)
-    outcome = await sessions.step(session_id, inputs, per_step=body.return_steps)
+    outcome = await sessions.step(
+        session_id, inputs, per_step=body.return_steps, predict=_step_predictions(request)
+    )
     info = outcome.info
     label_request(request, model=info.model, backend=info.backend)
-    batch, steps = await run_in_threadpool(_build, dataplane, outcome)
-    await dataplane.publish(batch, session_id=info.session_id)
+    last, steps = outcome.prediction
+    await dataplane.publish(last, session_id=info.session_id)
     if steps is not None:
         await dataplane.publish(steps, session_id=info.session_id)
-    usage = {**outcome.usage, "sequences": 1}
     return SessionStepResponse(
         session_id=info.session_id,
         model=info.model,
@@ -148,31 +152,96 @@ async def step_session(
         backend=info.backend,
         step=info.step,
         expires_at=info.expires_at,
-        calibrated=batch.calibrated,
-        prediction=_prediction_out(batch.predictions[0]),
+        calibrated=last.calibrated,
+        prediction=_prediction_out(last.predictions[0]),
         step_predictions=(
             None if steps is None else [_prediction_out(p) for p in steps.predictions]
         ),
-        usage=Usage(**usage),
+        usage=Usage(**{**outcome.usage, "sequences": 1}),
     )
 
 
-def _build(dataplane: DataPlane, outcome: StepOutcome) -> tuple[Any, Any]:
-    """The prediction after the chunk and, when asked, one per step (as prediction batches)."""
-    info = outcome.info
-    conformal = ConformalOptions(alpha=info.alpha, score=info.score)
+# ---- predictions for a whole micro-batch at once --------------------------------------------
 
-    def build(logits: Any, usage: dict[str, Any] | None) -> Any:
-        return dataplane.build_predictions(
-            outcome.card,
-            info.backend,
-            logits,
-            usage,
-            conformal=conformal,
-            backend_options=info.options,
+
+class StepPredictions:
+    """The session manager's `predict` hook: builds the predictions of a micro-batch's steps
+    with the dataplane's builder, one call per (model version, backend, options, alpha,
+    score), in the batch's worker thread and before its states are written, so a refusal
+    (e.g. a backend that is not calibrated) leaves those sessions where they were.
+
+    Per step: (the prediction after the chunk, the per-step predictions or None), as
+    prediction batches of their own. A randomised score draws one seeded number per row, so
+    those steps are built alone: each answer's reported seed then reproduces its own set.
+    """
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    def __call__(
+        self, outcomes: Sequence[StepOutcome]
+    ) -> list[tuple[PredictionBatch, PredictionBatch | None] | Exception]:
+        groups: dict[Hashable, list[int]] = {}
+        for i, outcome in enumerate(outcomes):
+            groups.setdefault(_conformal_group(i, outcome), []).append(i)
+        answers: list[tuple[PredictionBatch, PredictionBatch | None] | Exception] = [
+            RuntimeError("not built")
+        ] * len(outcomes)
+        for positions in groups.values():
+            members = [outcomes[i] for i in positions]
+            try:
+                built = self._build_group(members)
+            except Exception as error:  # every step of the group fails alike, unwritten
+                built = [error] * len(members)
+            for i, answer in zip(positions, built, strict=True):
+                answers[i] = answer
+        return answers
+
+    def _build_group(
+        self, outcomes: list[StepOutcome]
+    ) -> list[tuple[PredictionBatch, PredictionBatch | None]]:
+        first = outcomes[0].info
+        rows = []  # per outcome: its last step, then (when asked) every step
+        for outcome in outcomes:
+            rows.append(outcome.logits.unsqueeze(-2))  # [1, C] or [S, 1, C]
+            if outcome.step_logits is not None:
+                rows.append(outcome.step_logits)  # [T, C] or [S, T, C]
+        batch = self.dataplane.build_predictions(
+            outcomes[0].card,
+            first.backend,
+            torch.cat(rows, dim=-2),  # [R, C] or [S, R, C]
+            None,
+            conformal=ConformalOptions(alpha=first.alpha, score=first.score),
+            backend_options=first.options,
         )
+        predictions = iter(batch.predictions)
+        answers = []
+        for outcome in outcomes:
+            last = dataclasses.replace(
+                batch, predictions=[next(predictions)], usage=dict(outcome.usage)
+            )
+            steps = None
+            if outcome.step_logits is not None:
+                count = outcome.step_logits.shape[-2]
+                taken = [next(predictions) for _ in range(count)]
+                # The chunk's usage is counted once, with the last prediction.
+                steps = dataclasses.replace(batch, predictions=taken, usage={})
+            answers.append((last, steps))
+        return answers
 
-    last = build(outcome.logits.unsqueeze(-2), outcome.usage)  # [1, C] or [S, 1, C]
-    # The chunk's usage is counted once, with the last prediction.
-    steps = None if outcome.step_logits is None else build(outcome.step_logits, None)  # T rows
-    return last, steps
+
+def _conformal_group(position: int, outcome: StepOutcome) -> Hashable:
+    """Steps that can share one builder call; randomised scores never share."""
+    info = outcome.info
+    alone = position if info.score.endswith("_randomized") else None  # calibration's names
+    options = freeze_options(info.options)
+    return (info.model, info.version, info.backend, options, info.alpha, info.score, alone)
+
+
+def _step_predictions(request: Request) -> StepPredictions:
+    """One hook per app, so the steps of a micro-batch share it (and one builder call)."""
+    state = request.app.state
+    hook = getattr(state, "session_step_predictions", None)
+    if hook is None or hook.dataplane is not state.dataplane:
+        hook = state.session_step_predictions = StepPredictions(state.dataplane)
+    return hook

@@ -15,12 +15,11 @@ import torch
 
 from models.repository import ModelRepository
 from service.app import create_app
-from service.dataplane import DataPlane, InputLimits
 from service.sessions import SessionManager
 from service.settings import Settings
 from service.state_store import open_state_store
 from tests.service.conftest import TEST_SETTINGS
-from tests.service.test_sessions_http import digit_chunks, reference_logits
+from tests.service.test_sessions_http import digit_chunks, raw_softmax_dataplane, reference_logits
 
 # Batched runs re-order float32 sums inside matrix products, moving a logit z by at most a
 # few ulps of max|z| (tests/service/test_batching.py: ULPS = 16). Softmax moves by
@@ -147,7 +146,7 @@ def test_two_managers_on_one_redis_never_lose_an_update(
         managers = []
         for _ in range(2):
             store = open_state_store(redis_url, prefix=redis_prefix)
-            dataplane = DataPlane(test_repository, InputLimits(8, 32))
+            dataplane = raw_softmax_dataplane(test_repository)
             managers.append(SessionManager(store, dataplane))
         created = await managers[0].create(model="tiny-digits")
         outcomes = await asyncio.gather(

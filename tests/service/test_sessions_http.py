@@ -19,7 +19,7 @@ from models.architectures import build_model
 from models.repository import ModelRepository
 from service.app import create_app
 from service.batching import run_chunks
-from service.dataplane import DataPlane, InputLimits
+from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import BadInputError, ConflictError, NotFoundError
 from service.sessions import SessionManager
 from service.settings import Settings
@@ -91,6 +91,12 @@ def reference_probabilities(
 def assert_probabilities_close(got: list[float], want: list[float]) -> None:
     # The server computes the same float32 logits (batch of one) and the same float64 softmax.
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=1e-9)
+
+
+def raw_softmax_dataplane(repository: ModelRepository) -> DataPlane:
+    """A dataplane over the (uncalibrated) test models that answers with the raw softmax."""
+    policy = CalibrationPolicy(allow_uncalibrated=True)
+    return DataPlane(repository, InputLimits(8, 32), policy=policy)
 
 
 def create(client: httpx.Client, **body: Any) -> dict[str, Any]:
@@ -198,6 +204,15 @@ def test_bad_session_requests_are_refused_with_a_reason(
 ) -> None:
     response = client.post("/v1/sessions", json={"model": "tiny-digits", **body})
     assert fragment in v1_error(response, 422)
+
+
+def test_an_uncalibrated_backend_is_refused_at_create_unless_allowed(
+    test_repository: ModelRepository, server_factory: Callable[..., Any]
+) -> None:
+    settings = Settings(model_repository=test_repository.root, allow_uncalibrated=False)
+    with server_factory(create_app(settings)) as url, httpx.Client(base_url=url) as strict:
+        message = v1_error(strict.post("/v1/sessions", json={"model": "tiny-digits"}), 409)
+        assert "not calibrated" in message and "neuroserve calibrate tiny-digits" in message
 
 
 def test_unknown_models_and_versions_are_404(client: httpx.Client) -> None:
@@ -381,9 +396,7 @@ def test_session_metrics_are_exported(client: httpx.Client) -> None:
 
 def test_owners_namespace_given_session_ids(test_repository: ModelRepository) -> None:
     async def scenario() -> None:
-        manager = SessionManager(
-            InMemoryStateStore(), DataPlane(test_repository, InputLimits(8, 32))
-        )
+        manager = SessionManager(InMemoryStateStore(), raw_softmax_dataplane(test_repository))
         alice = await manager.create(model="tiny-digits", owner="alice", session_id="seq-7")
         assert alice.session_id == "seq-7"
         await manager.create(model="tiny-digits", owner="bob", session_id="seq-7")
@@ -404,11 +417,32 @@ def test_owners_namespace_given_session_ids(test_repository: ModelRepository) ->
     asyncio.run(scenario())
 
 
+def test_a_step_whose_prediction_is_refused_is_not_written(
+    test_repository: ModelRepository,
+) -> None:
+    def refuse_odd_steps(outcomes):
+        return [
+            ConflictError("refused") if outcome.info.step % 2 else outcome.info.step
+            for outcome in outcomes
+        ]
+
+    async def scenario() -> None:
+        dataplane = raw_softmax_dataplane(test_repository)
+        manager = SessionManager(InMemoryStateStore(), dataplane)
+        session_id = (await manager.create(model="tiny-digits")).session_id
+        outcome = await manager.step(session_id, torch.ones(2, 8), predict=refuse_odd_steps)
+        assert outcome.prediction == 2 and outcome.info.step == 2
+        with pytest.raises(ConflictError, match="refused"):
+            await manager.step(session_id, torch.ones(1, 8), predict=refuse_odd_steps)
+        assert (await manager.get(session_id)).step == 2  # the refused step left no trace
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
 def test_step_tensors_are_checked_against_the_model(test_repository: ModelRepository) -> None:
     async def scenario() -> None:
-        manager = SessionManager(
-            InMemoryStateStore(), DataPlane(test_repository, InputLimits(8, 32))
-        )
+        manager = SessionManager(InMemoryStateStore(), raw_softmax_dataplane(test_repository))
         digits = (await manager.create(model="tiny-digits")).session_id
         charlm = (await manager.create(model="tiny-charlm")).session_id
         bad = [
