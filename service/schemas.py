@@ -492,11 +492,17 @@ FinetuneJobStatus = Literal["queued", "running", "succeeded", "failed", "cancell
 
 
 class FinetuneJobProgress(BaseModel):
+    stage: str | None = Field(
+        None, description="loading, tuning, calibrating, publishing, done or cancelled."
+    )
     step: int = Field(description="Optimisation steps done.")
     total_steps: int = Field(description="Steps the job will run at most.")
     loss: float | None = Field(None, description="Training loss at the latest step.")
     validation_accuracy: float | None = Field(
         None, description="Accuracy on the held-out validation split at the latest evaluation."
+    )
+    best_step: int | None = Field(
+        None, description="Step of the best validation so far: the checkpoint to publish."
     )
     eta_seconds: float | None = Field(
         None, description="Estimated seconds until the last step, from the pace so far."

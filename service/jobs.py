@@ -1,0 +1,402 @@
+"""Fine-tuning jobs: one status model and one queue interface, two implementations.
+
+A job moves through `queued -> running -> succeeded | failed | cancelled` (a queued job can
+also be cancelled directly). `JobQueue` is what the HTTP routes use:
+
+- `RedisJobQueue` (`service.jobs_redis`): jobs go on an RQ queue in Redis and any number of
+  `neuroserve worker` processes, on any machines, run them; every replica reads the same
+  status. Chosen when a job queue URL (or the state store's Redis URL) is configured.
+- `LocalJobQueue` (here): the embedded default without Redis. The server runs one job at a
+  time in one child process of its own (spawned, not forked: the server has threads), so
+  the tuning's CPU work and any crash stay out of the process that serves requests; records
+  live in memory and die with the server.
+
+Both hand the same JSON payload to `service.worker` and read back the same progress and
+outcome dictionaries, so both produce the same `JobRecord`s. Job ids are 32 hex digits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import re
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from service import metrics
+
+logger = logging.getLogger("neuroserve.jobs")
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+POLL_SECONDS = 0.2  # how often the local dispatcher looks at its child between messages
+
+
+class JobError(Exception):
+    """Root of the job queue's errors."""
+
+
+class JobNotFoundError(JobError):
+    """No job with this id (never submitted, or its record expired)."""
+
+
+class TooManyJobsError(JobError):
+    """The limit of queued plus running jobs is reached."""
+
+
+class JobQueueUnavailableError(JobError):
+    """The queue's Redis cannot be reached."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # RQ stores naive UTC datetimes
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat()
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_job_id(job_id: str) -> str:
+    """The id itself, or JobNotFoundError: a malformed id cannot name a job (and never
+    reaches a Redis key)."""
+    if not JOB_ID_PATTERN.match(job_id):
+        raise JobNotFoundError(f"no fine-tuning job {job_id!r} (job ids are 32 hex digits)")
+    return job_id
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What a client sees of a job (the `GET /v1/finetune/jobs/{id}` body)."""
+
+    job_id: str
+    status: JobStatus
+    model: str
+    created_at: str | None
+    started_at: str | None = None
+    ended_at: str | None = None
+    progress: dict[str, Any] | None = None  # step, total_steps, loss, validation_accuracy, eta
+    result: dict[str, Any] | None = None  # when succeeded: metrics before/after, new version
+    error: str | None = None  # when failed: what went wrong, for the client
+    cancel_requested: bool = False
+    attempts: int = 0  # runs started (more than one after a retry)
+
+
+@dataclass(frozen=True)
+class JobSubmission:
+    """A validated job: the spec as JSON, the model it tunes, an uploaded .npz if any."""
+
+    spec: dict[str, Any]
+    model: str
+    upload: bytes | None = None
+
+
+def worker_payload(job_id: str, submission: JobSubmission) -> dict[str, Any]:
+    """The JSON a worker receives (the upload travels beside it)."""
+    return {"job_id": job_id, "spec": submission.spec, "has_upload": submission.upload is not None}
+
+
+class JobQueue(ABC):
+    """Submit, inspect and cancel fine-tuning jobs. Methods block briefly (Redis round trips):
+    async callers run them in a thread."""
+
+    kind: str  # "redis" or "local", for logs
+
+    @abstractmethod
+    def submit(self, submission: JobSubmission) -> JobRecord:
+        """Queue a job; TooManyJobsError when `max_active` jobs are queued or running."""
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord:
+        """The job's record; JobNotFoundError for an unknown id."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job is removed (status `cancelled`); a running one is asked to stop (its
+        `should_cancel` turns true, it ends `cancelled` without publishing); a finished job
+        is left as it is. Returns the record after the request."""
+
+    @abstractmethod
+    def active_count(self) -> int:
+        """Jobs queued or running now."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and processes."""
+
+
+def open_job_queue(settings: Any) -> JobQueue:
+    """The queue `settings` asks for: RQ on Redis when a URL is configured, else local."""
+    url = settings.job_queue_redis_url()
+    if url is None:
+        return LocalJobQueue(
+            Path(settings.model_repository),
+            max_active=settings.max_active_jobs,
+            retries=settings.job_retries,
+            timeout_seconds=settings.job_timeout_seconds,
+            record_ttl_seconds=settings.job_record_ttl_seconds,
+        )
+    from service.jobs_redis import RedisJobQueue
+
+    return RedisJobQueue.from_settings(settings)
+
+
+# ---- the embedded local queue ---------------------------------------------------------------
+
+
+@dataclass
+class _LocalJob:
+    submission: JobSubmission
+    record: JobRecord
+    started: float | None = None  # monotonic start of the current run
+    finished: float | None = None  # monotonic end, for expiring the record
+
+
+@dataclass
+class _Child:
+    """The local worker process and the parent's end of its pipe."""
+
+    process: Any
+    connection: Any
+
+
+class LocalJobQueue(JobQueue):
+    """Jobs in memory, run one at a time by one spawned child process (`service.worker.
+    local_worker_main`). A thread of the server sends each job to the child over a pipe and
+    reads its progress and outcome as JSON messages. The child is started on the first job
+    and kept for the next ones; if it dies mid-job (killed, out of memory) the job is failed,
+    or queued again while it has retries left, and the next job gets a fresh child.
+    """
+
+    kind = "local"
+
+    def __init__(
+        self,
+        repository_root: Path,
+        *,
+        max_active: int,
+        retries: int = 0,
+        timeout_seconds: float = 6 * 3600.0,
+        record_ttl_seconds: float = 7 * 24 * 3600.0,
+    ) -> None:
+        self.repository_root = Path(repository_root)
+        self.max_active = max_active
+        self.retries = retries
+        self.timeout_seconds = timeout_seconds
+        self.record_ttl_seconds = record_ttl_seconds
+        self._context = multiprocessing.get_context("spawn")
+        # The id of the running job to stop: the child compares it with its own job's id, so
+        # a cancel that arrives as one job ends can never stop the next one.
+        self._cancel_box = self._context.Array("c", 32)
+        self._jobs: dict[str, _LocalJob] = {}
+        self._pending: deque[str] = deque()
+        self._condition = threading.Condition()
+        self._closed = False
+        self._child: _Child | None = None
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name="neuroserve-local-jobs", daemon=True
+        )
+        self._dispatcher.start()
+
+    # ---- the interface ----
+    def submit(self, submission: JobSubmission) -> JobRecord:
+        with self._condition:
+            self._forget_expired()
+            if self._active() >= self.max_active:
+                raise TooManyJobsError(self._limit_message())
+            job_id = new_job_id()
+            record = JobRecord(job_id, "queued", submission.model, iso(utc_now()))
+            self._jobs[job_id] = _LocalJob(submission, record)
+            self._pending.append(job_id)
+            self._condition.notify_all()
+        metrics.record_job("queued")
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._condition:
+            return self._job(job_id).record
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._condition:
+            job = self._job(job_id)
+            status = job.record.status
+            if status == "queued":
+                self._pending.remove(job_id)
+                self._finish(job, "cancelled")
+                metrics.record_job("cancelled")
+            elif status == "running":
+                job.record = replace(job.record, cancel_requested=True)
+                self._cancel_box.value = job_id.encode()
+            return job.record
+
+    def active_count(self) -> int:
+        with self._condition:
+            return self._active()
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the local worker process while it lives (for operators and logs)."""
+        child = self._child
+        return child.process.pid if child is not None and child.process.is_alive() else None
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        child = self._child
+        if child is not None:
+            child.process.terminate()  # the dispatcher then fails the running job, if any
+        self._dispatcher.join(timeout=30)
+        self._stop_child()
+
+    # ---- bookkeeping (call with the condition held) ----
+    def _job(self, job_id: str) -> _LocalJob:
+        job = self._jobs.get(check_job_id(job_id))
+        if job is None:
+            raise JobNotFoundError(f"no fine-tuning job {job_id!r}")
+        return job
+
+    def _active(self) -> int:
+        return sum(job.record.status not in FINISHED for job in self._jobs.values())
+
+    def _limit_message(self) -> str:
+        return (
+            f"{self.max_active} fine-tuning jobs are already queued or running "
+            "(NEUROSERVE_MAX_ACTIVE_JOBS); wait for one to finish or cancel one"
+        )
+
+    def _forget_expired(self) -> None:
+        horizon = time.monotonic() - self.record_ttl_seconds
+        for job_id in [k for k, job in self._jobs.items() if (job.finished or 1e300) < horizon]:
+            del self._jobs[job_id]
+
+    def _finish(self, job: _LocalJob, status: JobStatus, **changes: Any) -> None:
+        job.record = replace(job.record, status=status, ended_at=iso(utc_now()), **changes)
+        job.finished = time.monotonic()
+
+    # ---- the dispatcher thread ----
+    def _dispatch(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                job_id = self._pending.popleft()
+                job = self._jobs[job_id]
+                attempts = job.record.attempts + 1
+                job.record = replace(
+                    job.record, status="running", started_at=iso(utc_now()), attempts=attempts
+                )
+                job.started = time.monotonic()
+            try:
+                self._run(job_id, job)
+            except Exception:  # keep the dispatcher alive whatever happens to one job
+                logger.exception("local fine-tuning job %s failed in the dispatcher", job_id)
+                with self._condition:
+                    if job.record.status == "running":
+                        self._finish(job, "failed", error="internal error running the job")
+                        metrics.record_job("failed", time.monotonic() - job.started)
+
+    def _ensure_child(self) -> _Child:
+        if self._child is not None and self._child.process.is_alive():
+            return self._child
+        self._stop_child()
+        from service.worker import local_worker_main
+
+        parent_end, child_end = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=local_worker_main,
+            args=(child_end, self._cancel_box, str(self.repository_root)),
+            name="neuroserve-local-worker",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()  # only the child holds it now: its death reads as EOF here
+        self._child = _Child(process, parent_end)
+        logger.info("started local fine-tuning worker process %s", process.pid)
+        return self._child
+
+    def _stop_child(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        child.connection.close()
+        if child.process.is_alive():
+            child.process.terminate()
+        child.process.join(timeout=10)
+        if child.process.is_alive():
+            child.process.kill()
+            child.process.join()
+
+    def _run(self, job_id: str, job: _LocalJob) -> None:
+        child = self._ensure_child()
+        payload = worker_payload(job_id, job.submission)
+        child.connection.send_bytes(json.dumps(payload).encode())
+        child.connection.send_bytes(job.submission.upload or b"")
+        while True:
+            try:
+                if not child.connection.poll(POLL_SECONDS):
+                    if time.monotonic() - job.started > self.timeout_seconds:
+                        child.process.kill()  # a timed-out job cannot be interrupted politely
+                        self._lost(job, f"it ran longer than {self.timeout_seconds:g} s")
+                        return
+                    if child.process.is_alive() or child.connection.poll(0):
+                        continue
+                    raise EOFError
+                message = json.loads(child.connection.recv_bytes())
+            except (EOFError, OSError):
+                child.process.join(timeout=10)
+                self._lost(job, f"the worker process died (exit code {child.process.exitcode})")
+                return
+            if message["type"] == "progress":
+                with self._condition:
+                    job.record = replace(job.record, progress=message["progress"])
+            elif message["type"] == "outcome":
+                self._complete(job_id, job, message["outcome"])
+                return
+
+    def _complete(self, job_id: str, job: _LocalJob, outcome: dict[str, Any]) -> None:
+        with self._condition:
+            if self._cancel_box.value == job_id.encode():
+                self._cancel_box.value = b""
+            status = outcome["status"]
+            self._finish(job, status, result=outcome.get("result"), error=outcome.get("error"))
+            if outcome.get("progress") is not None:
+                job.record = replace(job.record, progress=outcome["progress"])
+        metrics.record_job(status, time.monotonic() - job.started)
+
+    def _lost(self, job: _LocalJob, reason: str) -> None:
+        """The child is gone mid-job: queue the job again while it has retries, else fail it."""
+        self._stop_child()
+        job_id = job.record.job_id
+        with self._condition:
+            if self._cancel_box.value == job_id.encode():
+                self._cancel_box.value = b""
+            retry = job.record.attempts <= self.retries and not job.record.cancel_requested
+            if retry and not self._closed:
+                logger.warning("local fine-tuning job %s lost (%s); retrying", job_id, reason)
+                job.record = replace(job.record, status="queued", progress=None)
+                self._pending.appendleft(job_id)
+                self._condition.notify_all()
+                return
+            error = f"the job stopped unexpectedly: {reason}; no model version was published"
+            if self._closed:
+                error = "the server shut down while the job ran; no model version was published"
+            self._finish(job, "failed", error=error)
+        metrics.record_job("failed", time.monotonic() - job.started)
