@@ -74,8 +74,8 @@ def _scan_sequential(lam: Tensor, bu: Tensor, h0: Tensor) -> Tensor:
     h0 [B, N] (complex); returns every h_t, [B, T, N]."""
     h = h0
     out = []
-    for t in range(bu.shape[1]):
-        h = lam * h + bu[:, t]  # [B, N]
+    for bu_t in bu.unbind(1):
+        h = lam * h + bu_t  # [B, N]
         out.append(h)
     return torch.stack(out, dim=1)  # [B, T, N]
 

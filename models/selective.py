@@ -88,8 +88,8 @@ def _scan_sequential(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
     """Reference loop. a, b [B, T, ...], h0 [B, ...] -> every h_t, [B, T, ...]."""
     h = h0
     out = []
-    for t in range(a.shape[1]):
-        h = a[:, t] * h + b[:, t]  # [B, ...]
+    for a_t, b_t in zip(a.unbind(1), b.unbind(1), strict=True):
+        h = a_t * h + b_t  # [B, ...]
         out.append(h)
     return torch.stack(out, dim=1)
 

@@ -76,7 +76,7 @@ def test_initialisation_follows_mamba() -> None:
     expected_A = -torch.arange(1, cfg.d_state + 1, dtype=torch.float32).expand(cfg.d_inner, -1)
     assert torch.allclose(-torch.exp(mixer.A_log), expected_A)
     # softplus(bias) is the initial Δ and lies in [dt_min, dt_max].
-    dt = F.softplus(mixer.dt_proj.bias)
+    dt = F.softplus(mixer.dt_proj.bias.detach())
     assert float(dt.min()) >= 0.002 * (1 - 1e-4) and float(dt.max()) <= 0.05 * (1 + 1e-4)
     assert mixer.dt_proj.in_features == math.ceil(cfg.d_model / 16)
 
@@ -109,21 +109,21 @@ def test_char_lm_learns_a_repeating_text() -> None:
     text = "the quick brown fox jumps over the lazy dog. " * 12
     chars = sorted(set(text))
     ids = torch.tensor([chars.index(c) for c in text])
-    V, L = len(chars), 48
+    V, L = len(chars), 40
     model = SelectiveModel(
-        SelectiveConfig(vocab_size=V, d_output=V, d_model=32, n_layers=1, d_state=8)
+        SelectiveConfig(vocab_size=V, d_output=V, d_model=24, n_layers=1, d_state=8)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    starts = torch.arange(0, len(ids) - L - 1, 7)
+    starts = torch.arange(0, len(ids) - L - 1, 20)
     x = torch.stack([ids[s : s + L] for s in starts])  # [B, L]
     y = torch.stack([ids[s + 1 : s + L + 1] for s in starts])
     losses = []
-    for _ in range(80):
+    for _ in range(50):
         logits, _ = model(x)
         loss = F.cross_entropy(logits[:, L // 2 :].reshape(-1, V), y[:, L // 2 :].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert abs(losses[0] - math.log(V)) < 0.5
     assert losses[-1] < 0.1
