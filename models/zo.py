@@ -51,6 +51,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 PARAMETER_SELECTIONS = ("all", "readout_and_norm")
 GAUSSIAN_CLIP = 6.0  # |z| is clipped here so the grid can reserve headroom for εz
 MAX_SEED = 2**53 - 1  # seeds stay exact in every JSON parser (JavaScript numbers included)
+MAX_UPDATE = 1e30  # |lr · g · z| beyond this is divergence (float32 overflows at 3.4e38)
 
 # The output head of each built-in architecture, by attribute name.
 READOUT_MODULES = {"lru": "head", "selective": "head", "snn": "readout"}
@@ -256,6 +257,10 @@ class ZOOptimizer:
             raise FloatingPointError(f"non-finite update: grads {list(grads)}, lr {lr}")
         # Applied as float32 values: what a trajectory stores, so a replay applies the same.
         grads, lr = [as_float32(g) for g in grads], as_float32(lr)
+        # Refuse an update that could overflow before touching any weight, so a diverging
+        # run stops with weights that still match its trajectory.
+        if lr * max(abs(g) for g in grads) * self.config.z_max > MAX_UPDATE:
+            raise FloatingPointError(f"update too large: lr {lr} x projected gradients {grads}")
         name = self.config.optimizer
         if name == "zo_adam":
             self._start_moments()

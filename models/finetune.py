@@ -1,0 +1,603 @@
+"""The fine-tuning job: data -> zeroth-order tuning with early stopping -> recalibration ->
+an atomically published trajectory version.
+
+`run_finetune(spec, repository, progress=..., should_cancel=...)` depends only on its
+arguments and the repository on disk, so a job worker can run it anywhere. `FinetuneSpec`
+validates every hyper-parameter (its pydantic errors name the field: the API's 422), and
+`FinetuneResult` and `ProgressEvent` are JSON-able pydantic models.
+
+Data and splits (deterministic):
+- built-in `digits-seq` with an optional shift: tune and validation come from the fixed
+  digits train split (its last `validation_fraction`, after a seeded shuffle, validates);
+  calibration and test are the fixed calibration and test splits, images the base models
+  never trained on;
+- inline examples or an uploaded `.npz`: one seeded permutation cut into test, calibration,
+  validation and tune parts by the spec's fractions.
+
+Tuning runs `steps` ZO steps (`models.zo`) on minibatches of the tune split through the
+job's backend. Every `eval_every` steps (and at the start and the end) the current weights
+are scored on the validation split; the best evaluation (accuracy, then lower loss, then
+fewer steps) names the checkpoint, and the trajectory truncated there is what gets
+published. `patience` stops a run after that many evaluations without improvement, and a
+run whose loss stops being finite ends there ("diverged") with its best checkpoint kept.
+
+Recalibration: the chosen weights are rebuilt by replaying the truncated trajectory, their
+logits on the calibration split (never seen by tuning) fit a `CalibrationArtifact` for the
+job's backend, stored as `calibration/<backend>.json` + `.safetensors` in the new version.
+For comparison the base model gets the same treatment: its calibration is refitted on the
+same split, and both are scored on the test split (accuracy, ECE, NLL, coverage and mean
+set size at the spec's alpha and score).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pydantic
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from calibration.artifact import CalibrationArtifact, fit_calibration_artifact
+from calibration.metrics import expected_calibration_error, negative_log_likelihood
+from calibration.scores import SCORE_NAMES
+from models import digits
+from models.base import StatefulModel
+from models.datasets import SequenceDataset
+from models.repository import ModelCard, ModelRepository, is_safe_name
+from models.trajectory import (
+    BaseReference,
+    Trajectory,
+    publish_trajectory_version,
+    rebuild_weights,
+    tensor_digest,
+)
+from models.userdata import load_npz_dataset
+from models.zo import (
+    BackendForward,
+    ZOConfig,
+    ZOOptimizer,
+    learning_rate,
+    select_parameters,
+)
+
+MAX_INLINE_EXAMPLES = 10_000
+MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
+MIN_CALIBRATION_EXAMPLES = 8  # fit_calibration_artifact needs 4 to tune and 1 to score
+PROGRESS_UPDATES = 100  # progress reports per run, besides stage changes and evaluations
+
+# ---- the job's specification -----------------------------------------------------------------
+
+_Strict = ConfigDict(extra="forbid", frozen=True)
+
+
+class InlineData(BaseModel):
+    """Examples in the request: inputs [N, T, F] (finite numbers) and integer labels [N]."""
+
+    model_config = _Strict
+    kind: Literal["inline"]
+    inputs: list[list[list[pydantic.FiniteFloat]]] = Field(max_length=MAX_INLINE_EXAMPLES)
+    labels: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_INLINE_EXAMPLES)
+
+    @pydantic.model_validator(mode="after")
+    def _consistent_shapes(self) -> InlineData:
+        if not self.inputs:
+            raise ValueError("inputs must hold at least one example")
+        steps, features = len(self.inputs[0]), len(self.inputs[0][0]) if self.inputs[0] else 0
+        if steps < 1 or features < 1:
+            raise ValueError("every example needs at least one step of at least one feature")
+        for i, sequence in enumerate(self.inputs):
+            if len(sequence) != steps or any(len(row) != features for row in sequence):
+                raise ValueError(f"inputs[{i}] is not [{steps}, {features}] like inputs[0]")
+        if len(self.inputs) * steps * features > MAX_INLINE_VALUES:
+            raise ValueError(f"inputs hold more than {MAX_INLINE_VALUES} numbers; upload a .npz")
+        if len(self.labels) != len(self.inputs):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.inputs)} input sequences")
+        return self
+
+
+class BuiltinData(BaseModel):
+    """A shipped dataset, optionally under one of its named shifts."""
+
+    model_config = _Strict
+    kind: Literal["builtin"]
+    name: Literal["digits-seq"] = "digits-seq"
+    variant: Literal["rows", "pixels"] = "rows"
+    shift: Literal["gaussian_noise", "inverted", "translated"] | None = None
+    shift_seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class NpzData(BaseModel):
+    """An uploaded `.npz` file (see `models.userdata` for its format)."""
+
+    model_config = _Strict
+    kind: Literal["npz"]
+    path: str = Field(min_length=5, pattern=r"\.npz$")
+
+
+DataSpec = Annotated[InlineData | BuiltinData | NpzData, Field(discriminator="kind")]
+
+
+class FinetuneSpec(BaseModel):
+    """Everything a fine-tuning job needs; unknown keys and out-of-range values are refused."""
+
+    model_config = _Strict
+    model: str = Field(description="The model to tune.")
+    version: str | None = Field(None, pattern=r"^[1-9][0-9]*$", description="Default: latest.")
+    output_name: str | None = Field(None, description="Publish under this name (default: model).")
+    data: DataSpec
+    backend: Literal["torch", "analog_imc"] = "torch"
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
+    parameters: Literal["all", "readout_and_norm"] = "all"
+    objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
+    direction: Literal["gaussian", "rademacher"] = "gaussian"
+    steps: int = Field(1000, ge=1, le=200_000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    eps: float = Field(1e-3, ge=1e-7, le=1.0)
+    n_perturbations: int = Field(1, ge=1, le=64)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
+    eval_every: int = Field(100, ge=1, le=200_000)
+    patience: int | None = Field(None, ge=1, le=10_000)
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    alpha: float = Field(0.1, gt=0.0, lt=1.0)
+    score: Literal[SCORE_NAMES] = "aps"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @pydantic.field_validator("model", "output_name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        if name is not None and not is_safe_name(name):
+            raise ValueError("use 1-128 letters, digits, '.', '_' or '-' (no slashes or '..')")
+        return name
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> FinetuneSpec:
+        held_out = self.validation_fraction + self.calibration_fraction + self.test_fraction
+        if held_out >= 0.9:
+            raise ValueError(
+                f"validation_fraction + calibration_fraction + test_fraction is {held_out:.3g}; "
+                "keep it below 0.9 so that some data is left to tune on"
+            )
+        if self.backend == "torch" and self.backend_options:
+            raise ValueError("backend 'torch' takes no backend_options (tuning runs on the CPU)")
+        if self.backend == "analog_imc":
+            from hardware_backends.analog_imc import AnalogIMCOptions
+            from hardware_backends.base import parse_options
+
+            parse_options(self.backend, AnalogIMCOptions, self.backend_options)
+        return self
+
+    @property
+    def target_name(self) -> str:
+        return self.output_name or self.model
+
+    def zo_config(self) -> ZOConfig:
+        return ZOConfig(
+            optimizer=self.optimizer,
+            eps=self.eps,
+            n_perturbations=self.n_perturbations,
+            direction=self.direction,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            adam_eps=self.adam_eps,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The spec as JSON, inline examples replaced by their count (they can be megabytes)."""
+        summary = self.model_dump(mode="json")
+        if isinstance(self.data, InlineData):
+            summary["data"] = {"kind": "inline", "examples": len(self.data.labels)}
+        return summary
+
+
+# ---- what the job reports --------------------------------------------------------------------
+
+Stage = Literal["loading", "tuning", "calibrating", "publishing", "done", "cancelled"]
+StopReason = Literal["steps", "patience", "diverged", "cancelled"]
+
+
+class ProgressEvent(BaseModel):
+    stage: Stage
+    step: int = 0  # ZO steps done
+    total_steps: int = 0
+    train_loss: float | None = None  # mean of the last step's perturbed losses
+    validation_accuracy: float | None = None  # at the latest evaluation
+    best_step: int | None = None
+    message: str = ""
+
+
+class HeldOutMetrics(BaseModel):
+    """A model with its calibration on the test split."""
+
+    accuracy: float  # of the model's own argmax
+    calibrated_accuracy: float  # of the calibrated argmax (vector scaling can move it)
+    ece: float  # of the calibrated probabilities, 15 equal-width bins
+    nll: float
+    coverage: float  # fraction of test labels inside the conformal set
+    mean_set_size: float
+    n: int
+
+
+class EvaluationPoint(BaseModel):
+    step: int
+    validation_accuracy: float
+    validation_loss: float  # cross-entropy
+
+
+class FinetuneResult(BaseModel):
+    """What a job did; JSON-able with `model_dump(mode="json")`."""
+
+    model_config = ConfigDict(validate_assignment=True)
+    status: Literal["completed", "cancelled"]
+    model: str  # the published name
+    version: str | None  # None when nothing was published
+    base_model: str
+    base_version: str
+    backend: str
+    steps_run: int
+    best_step: int | None
+    stop_reason: StopReason
+    history: list[EvaluationPoint]
+    before: HeldOutMetrics | None = None  # base model, base calibration refitted
+    after: HeldOutMetrics | None = None  # the published checkpoint and its calibration
+    alpha: float
+    score: str
+    split_sizes: dict[str, int]
+    data_sha256: str
+    tuned_parameters: int
+    trajectory_bytes: int | None = None
+    wall_seconds: float = 0.0
+    seed: int
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FinetuneData:
+    tune: SequenceDataset
+    validation: SequenceDataset
+    calibration: SequenceDataset
+    test: SequenceDataset
+    description: str
+
+    @property
+    def sha256(self) -> str:
+        parts = (self.tune, self.validation, self.calibration, self.test)
+        return hashlib.sha256("\n".join(d.sha256 for d in parts).encode()).hexdigest()
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {
+            "tune": len(self.tune),
+            "validation": len(self.validation),
+            "calibration": len(self.calibration),
+            "test": len(self.test),
+        }
+
+
+def load_finetune_data(spec: FinetuneSpec, labels: list[str], d_input: int) -> FinetuneData:
+    """The spec's data split four ways; ValueError when it cannot serve this model."""
+    source = spec.data
+    if isinstance(source, BuiltinData):
+        data = _builtin_splits(source, spec)
+    else:
+        if isinstance(source, InlineData):
+            inputs = np.asarray(source.inputs, dtype=np.float32)  # [N, T, F]
+            name = f"inline/{len(source.labels)}"
+            dataset = SequenceDataset.from_arrays(name, inputs, np.asarray(source.labels), labels)
+        else:
+            dataset = load_npz_dataset(source.path)
+        data = _random_splits(dataset, spec)
+    for name, part in (("tune", data.tune), ("test", data.test)):
+        if part.n_features != d_input:
+            raise ValueError(
+                f"the model reads {d_input} features per step, the data has {part.n_features}"
+            )
+        if part.label_names != labels:
+            raise ValueError(
+                f"{name} data labels {part.label_names} differ from the model's {labels}"
+            )
+    sizes = data.split_sizes
+    if min(sizes.values()) < 1 or sizes["calibration"] < MIN_CALIBRATION_EXAMPLES:
+        raise ValueError(
+            f"too little data for tuning, validation, calibration (>= {MIN_CALIBRATION_EXAMPLES}) "
+            f"and test: the splits would be {sizes}"
+        )
+    return data
+
+
+def _builtin_splits(source: BuiltinData, spec: FinetuneSpec) -> FinetuneData:
+    def split(name: str) -> SequenceDataset:
+        return digits.load_digits_seq(name, source.variant, source.shift, source.shift_seed)
+
+    train = split("train")
+    order = np.random.default_rng([spec.seed, 0]).permutation(len(train))
+    n_validation = max(1, round(len(train) * spec.validation_fraction))
+    return FinetuneData(
+        tune=train.subset(np.sort(order[n_validation:]), f"{train.name}/tune"),
+        validation=train.subset(np.sort(order[:n_validation]), f"{train.name}/validation"),
+        calibration=split("calibration"),
+        test=split("test"),
+        description=f"{source.name}:{source.variant}/{source.shift or 'unshifted'}",
+    )
+
+
+def _random_splits(dataset: SequenceDataset, spec: FinetuneSpec) -> FinetuneData:
+    n = len(dataset)
+    order = np.random.default_rng([spec.seed, 0]).permutation(n)
+    fractions = (spec.test_fraction, spec.calibration_fraction, spec.validation_fraction)
+    sizes = [round(n * fraction) for fraction in fractions]
+    bounds = np.cumsum([0, *sizes])
+    parts = [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    parts.append(np.sort(order[bounds[-1] :]))
+    test, calibration, validation, tune = (
+        dataset.subset(idx, f"{dataset.name}/{name}")
+        for idx, name in zip(parts, ("test", "calibration", "validation", "tune"), strict=True)
+    )
+    return FinetuneData(tune, validation, calibration, test, dataset.name)
+
+
+# ---- tuning with early stopping ------------------------------------------------------------
+
+
+@dataclass
+class TuningOutcome:
+    trajectory: Trajectory  # every step run
+    history: list[EvaluationPoint]
+    best_step: int  # the checkpoint: steps applied at the best evaluation
+    stop_reason: StopReason  # all steps ran, no progress for `patience`, non-finite, cancelled
+
+
+def _evaluate(forward: BackendForward, data: SequenceDataset, step: int) -> EvaluationPoint:
+    logits = forward.final_logits(data.inputs)  # [N, C], on the chip the job deploys to
+    accuracy = float((logits.argmax(dim=-1) == data.labels).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, data.labels))
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the validation loss after step {step} is {loss}")
+    return EvaluationPoint(step=step, validation_accuracy=accuracy, validation_loss=loss)
+
+
+def _better(point: EvaluationPoint, best: EvaluationPoint) -> bool:
+    """Higher accuracy wins, then lower loss; a tie keeps the earlier (shorter) checkpoint."""
+    return (point.validation_accuracy, -point.validation_loss) > (
+        best.validation_accuracy,
+        -best.validation_loss,
+    )
+
+
+class _Batches:
+    """Seeded minibatches of the tune split, reshuffled every epoch."""
+
+    def __init__(self, data: SequenceDataset, batch_size: int, seed: int) -> None:
+        self.data, self.batch_size = data, batch_size
+        self.rng = np.random.default_rng([seed, 1])
+        self.order, self.cursor = self.rng.permutation(len(data)), 0
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        if self.cursor + self.batch_size > len(self.order):
+            self.order, self.cursor = self.rng.permutation(len(self.data)), 0
+        index = torch.from_numpy(self.order[self.cursor : self.cursor + self.batch_size])
+        self.cursor += self.batch_size
+        return self.data.inputs[index], self.data.labels[index]  # [b, T, F], [b]
+
+
+def tune(
+    model: StatefulModel,
+    spec: FinetuneSpec,
+    data: FinetuneData,
+    base_ref: BaseReference,
+    progress: Callable[[ProgressEvent], None],
+    should_cancel: Callable[[], bool],
+) -> TuningOutcome:
+    """Run up to `spec.steps` ZO steps on `model` in place, evaluating as it goes."""
+    optimizer = ZOOptimizer(select_parameters(model, spec.parameters), spec.zo_config())
+    trajectory = Trajectory(base_ref, optimizer.config, spec.parameters, optimizer.names)
+    forward = BackendForward(model, spec.backend, spec.backend_options)
+    batches = _Batches(data.tune, spec.batch_size, spec.seed)
+    seeds = np.random.default_rng([spec.seed, 2])
+    history = [_evaluate(forward, data.validation, 0)]
+    best, since_best = history[0], 0
+    report_every = max(1, math.ceil(spec.steps / PROGRESS_UPDATES))
+
+    def report(step: int, best_step: int, **fields: Any) -> None:
+        at = {"step": step, "total_steps": spec.steps, "best_step": best_step}
+        progress(ProgressEvent(stage="tuning", **at, **fields))
+
+    for step in range(1, spec.steps + 1):
+        if should_cancel():
+            return TuningOutcome(trajectory, history, best.step, "cancelled")
+        inputs, labels = batches.next()
+        lr = learning_rate(step - 1, spec.steps, spec.lr, spec.schedule, spec.min_lr_fraction)
+        step_seeds = [int(s) for s in seeds.integers(0, 2**32, size=spec.n_perturbations)]
+
+        def loss(seed: int, inputs: Tensor = inputs, labels: Tensor = labels) -> float:
+            return forward.loss(inputs, labels, spec.objective, chip_seed=seed)
+
+        try:
+            result = optimizer.step(step_seeds, loss, lr)  # refused before any weight moves
+            trajectory.append(step_seeds, result.projected_grads, lr)
+            evaluated = step % spec.eval_every == 0 or step == spec.steps
+            point = _evaluate(forward, data.validation, step) if evaluated else None
+        except FloatingPointError as error:
+            report(trajectory.n_steps, best.step, message=f"diverged: {error}")
+            return TuningOutcome(trajectory, history, best.step, "diverged")
+        if point is not None:
+            history.append(point)
+            best, since_best = (point, 0) if _better(point, best) else (best, since_best + 1)
+        if point is not None or step % report_every == 0:
+            accuracy = point.validation_accuracy if point is not None else None
+            train_loss = float(np.mean(result.losses))
+            report(step, best.step, train_loss=train_loss, validation_accuracy=accuracy)
+        if point is not None and spec.patience is not None and since_best >= spec.patience:
+            return TuningOutcome(trajectory, history, best.step, "patience")
+    return TuningOutcome(trajectory, history, best.step, "steps")
+
+
+# ---- recalibration and held-out metrics ------------------------------------------------------
+
+
+def calibrate_and_score(
+    forward: BackendForward, data: FinetuneData, spec: FinetuneSpec, name: str, version: str
+) -> tuple[CalibrationArtifact, HeldOutMetrics]:
+    """Fit a calibration artifact on the calibration split and score it on the test split."""
+    calibration_logits = forward.final_logits(data.calibration.inputs)  # [Nc, C]
+    artifact = fit_calibration_artifact(
+        calibration_logits, data.calibration.labels, name, version, spec.backend, seed=spec.seed
+    )
+    test_logits = forward.final_logits(data.test.inputs)  # [Nt, C]
+    labels = data.test.labels
+    rng = torch.Generator().manual_seed(spec.seed)  # randomised scores draw from it
+    probs, sets = artifact.predict(test_logits, spec.alpha, spec.score, rng=rng)  # [Nt, C] each
+    metrics = HeldOutMetrics(
+        accuracy=float((test_logits.argmax(dim=1) == labels).double().mean()),
+        calibrated_accuracy=float((probs.argmax(dim=1) == labels).double().mean()),
+        ece=expected_calibration_error(probs, labels),
+        nll=negative_log_likelihood(probs, labels),
+        coverage=float(sets[torch.arange(len(labels)), labels].double().mean()),
+        mean_set_size=float(sets.sum(dim=1).double().mean()),
+        n=len(labels),
+    )
+    return artifact, metrics
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+
+def _version_config(
+    spec: FinetuneSpec,
+    data: FinetuneData,
+    result: FinetuneResult,
+    base: ModelCard,
+) -> dict[str, Any]:
+    """What the new version's config.json says beyond its base's: data, provenance, metrics."""
+    try:
+        version = metadata.version("neuroserve")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "dataset": {"spec": data.description, "split_sizes": data.split_sizes},
+        "provenance": {
+            "data_sha256": data.sha256,
+            "seed": spec.seed,
+            "command": f"run_finetune(FinetuneSpec(**finetune.spec)) on {base.name}/{base.version}",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "neuroserve_version": version,
+        },
+        "metrics": {f"test_{key}": value for key, value in result.after.model_dump().items()},
+        "finetune": {
+            "spec": spec.summary(),
+            **result.model_dump(
+                mode="json", exclude={"status", "version", "model", "wall_seconds"}
+            ),
+        },
+    }
+
+
+def _check_replay(model: StatefulModel, base: StatefulModel, trajectory: Trajectory) -> None:
+    """The published version is rebuilt by replay: make sure replay gives the tuned weights."""
+    replayed, _ = rebuild_weights(base, trajectory)
+    for (name, tuned), again in zip(model.named_parameters(), replayed.parameters(), strict=True):
+        if not torch.equal(tuned, again):
+            raise RuntimeError(f"replaying the trajectory did not reproduce {name} bit for bit")
+
+
+def run_finetune(
+    spec: FinetuneSpec,
+    repository: ModelRepository,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> FinetuneResult:
+    """Tune `spec.model` on `spec.data`, recalibrate and publish a trajectory version.
+
+    `progress` receives a `ProgressEvent` at every stage, every evaluation and about every
+    1% of the steps; `should_cancel` is polled before every step and before publishing, and
+    a cancelled job publishes nothing. Errors propagate; a failure leaves no version behind.
+    """
+    started = time.monotonic()
+    report = progress or (lambda event: None)
+    cancelled = should_cancel or (lambda: False)
+    report(ProgressEvent(stage="loading", total_steps=spec.steps, message=spec.model))
+    base = repository.load(spec.model, spec.version)
+    if base.card.config["task"] != "classification":
+        raise ValueError(f"{spec.model} is a {base.card.config['task']} model, not a classifier")
+    data = load_finetune_data(spec, list(base.card.config["labels"]), base.model.config.d_input)
+    base_ref = BaseReference(base.card.name, base.card.version, base.card.config["weights_sha256"])
+
+    report(ProgressEvent(stage="tuning", total_steps=spec.steps, message=data.description))
+    model = copy.deepcopy(base.model)  # the repository's cached base stays untouched
+    outcome = tune(model, spec, data, base_ref, report, cancelled)
+    steps_run = outcome.trajectory.n_steps
+    result = FinetuneResult(
+        status="cancelled",
+        model=spec.target_name,
+        version=None,
+        base_model=base.card.name,
+        base_version=base.card.version,
+        backend=spec.backend,
+        steps_run=steps_run,
+        best_step=outcome.best_step,
+        stop_reason=outcome.stop_reason,
+        history=outcome.history,
+        alpha=spec.alpha,
+        score=spec.score,
+        split_sizes=data.split_sizes,
+        data_sha256=data.sha256,
+        tuned_parameters=sum(p.numel() for _, p in select_parameters(model, spec.parameters)),
+        seed=spec.seed,
+    )
+    at = {"step": steps_run, "total_steps": spec.steps, "best_step": outcome.best_step}
+    if outcome.stop_reason != "cancelled":
+        report(ProgressEvent(stage="calibrating", **at))
+        _check_replay(model, base.model, outcome.trajectory)
+        checkpoint = outcome.trajectory.truncated(outcome.best_step)
+        tuned, tensors = rebuild_weights(base.model, checkpoint)
+        forward = functools.partial(
+            BackendForward, backend=spec.backend, options=spec.backend_options
+        )
+        result.before = calibrate_and_score(
+            forward(base.model), data, spec, base.card.name, base.card.version
+        )[1]
+        artifact, result.after = calibrate_and_score(
+            forward(tuned.eval()), data, spec, spec.target_name, "0"
+        )
+    if outcome.stop_reason == "cancelled" or cancelled():
+        report(ProgressEvent(stage="cancelled", **at, message="nothing was published"))
+        result.wall_seconds = time.monotonic() - started
+        return result
+
+    report(ProgressEvent(stage="publishing", **at))
+    card = publish_trajectory_version(
+        repository,
+        spec.target_name,
+        base.card,
+        checkpoint,
+        tensor_digest(tensors),
+        _version_config(spec, data, result, base.card),
+        calibrations=[artifact],
+    )
+    result.status, result.version = "completed", card.version
+    result.trajectory_bytes = len(checkpoint.to_json_bytes())
+    result.wall_seconds = time.monotonic() - started
+    report(ProgressEvent(stage="done", **at, message=f"published {card.name}/{card.version}"))
+    return result
