@@ -32,44 +32,46 @@ import dataclasses
 import logging
 import math
 import random
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
-import torch
-from pydantic import Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from calibration import SCORE_NAMES
-from hardware_backends import base as backend_base
-from hardware_backends.base import Runner
-from hardware_backends.registry import freeze_options, prepare_runner
-from models.repository import ArtifactError, ModelCard, ModelNotFoundError
+from models.repository import ModelCard, ModelNotFoundError
 from service import metrics
-from service.batching import MicroBatcher, run_chunks, state_rows
+from service.batching import MicroBatcher, run_chunks
 from service.dataplane import DataPlane
 from service.errors import (
-    BackendUnavailableError,
     BadInputError,
     ConflictError,
     NeuroserveError,
     NotFoundError,
     RateLimitedError,
-    describe_validation_errors,
 )
+from service.session_inputs import (
+    InputSpec,
+    check_alpha,
+    check_chunk,
+    check_id,
+    check_options,
+    lookup_key,
+    parse_chunk,
+    store_key,
+)
+from service.session_runners import SessionRunner, SessionRunners
+from service.session_tracking import FifoLocks, LiveSessions
 from service.settings import Settings
 from service.state_codec import (
     CorruptStateError,
     IncompatibleStateError,
     StateRecord,
-    StateSignature,
     check_compatible,
 )
 from service.state_store import (
@@ -88,13 +90,7 @@ logger = logging.getLogger("neuroserve.sessions")
 
 SCORES = SCORE_NAMES
 GENERATED_ID_BYTES = 24  # token_urlsafe(24): 32 characters, 192 random bits
-# Printable ASCII without spaces and without "/", which separates owner and id in store keys.
-_ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
 _META_CACHE_SIZE = 100_000
-_GROUP_CACHE_SIZE = 64
-# Strict: a JSON number is a feature, while true/false, "1.5", NaN and Infinity are errors.
-_FINITE = TypeAdapter(list[list[Annotated[float, Field(allow_inf_nan=False)]]])
-_TOKEN_IDS = TypeAdapter(list[int])
 
 
 @dataclass(frozen=True)
@@ -153,7 +149,7 @@ class StepOutcome:
 PredictFn = Callable[[Sequence[StepOutcome]], Sequence[Any]]
 
 
-# ---- per-session metadata and per-runner groups ---------------------------------------------
+# ---- what a step carries ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -183,34 +179,12 @@ class _SessionMeta:
         return dict(self.metadata["options"])
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """What one chunk of a session's inputs looks like."""
-
-    kind: str  # "features" or "tokens"
-    features: int | None  # F per time step (features)
-    vocabulary: list[str] | None  # tokens
-    labels: list[str]  # output labels (or the vocabulary)
-
-
-@dataclass(frozen=True)
-class _Group:
-    """Sessions that share a runner and can therefore be batched together."""
-
-    key: Hashable
-    card: ModelCard
-    runner: Runner
-    signature: StateSignature
-    rows: int  # state rows per session (S chains for sampling backends)
-    spec: InputSpec
-
-
 @dataclass
 class _StepJob:
     key: str
     session_id: str
     meta: _SessionMeta
-    group: _Group
+    group: SessionRunner  # the runner its session shares with others: the batching key
     inputs: Tensor  # [T, F] or [T]
     per_step: bool
     predict: PredictFn | None
@@ -223,73 +197,6 @@ class _Retry(Exception):
     def __init__(self, stale_meta: bool) -> None:
         super().__init__("retry")
         self.stale_meta = stale_meta
-
-
-# ---- in-replica ordering and bookkeeping ----------------------------------------------------
-
-
-class FifoLocks:
-    """One FIFO lock per key, created on demand and dropped when nobody holds or awaits it.
-
-    `asyncio.Lock` hands the lock to waiters in the order they arrived, which is what keeps
-    steps on one session in arrival order within a replica.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-
-class _LiveSessions:
-    """Sessions this replica created or used, with their expiry, counted per model."""
-
-    def __init__(self) -> None:
-        self._expiry: dict[str, tuple[str, float]] = {}  # key -> (model, expires_at)
-        self._counts: dict[str, int] = {}
-        self._next_sweep = 0.0
-
-    def count(self, now: float) -> int:
-        """Live sessions; ones that expired in the last second may still be counted."""
-        self._sweep(now)
-        return len(self._expiry)
-
-    def seen(self, key: str, model: str, expires_at: float) -> None:
-        if key not in self._expiry:
-            self._counts[model] = self._counts.get(model, 0) + 1
-            metrics.set_active_sessions(model, self._counts[model])
-        self._expiry[key] = (model, expires_at)
-        self._sweep(time.time())
-
-    def gone(self, key: str) -> None:
-        entry = self._expiry.pop(key, None)
-        if entry is not None:
-            self._counts[entry[0]] -= 1
-            metrics.set_active_sessions(entry[0], self._counts[entry[0]])
-
-    def _sweep(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 1.0
-        for key in [k for k, (_, expires_at) in self._expiry.items() if expires_at <= now]:
-            self.gone(key)
 
 
 # ---- the manager ----------------------------------------------------------------------------
@@ -306,10 +213,9 @@ class SessionManager:
         self.settings = settings or SessionSettings()
         self.store_name = "memory" if isinstance(store, InMemoryStateStore) else "redis"
         self._locks = FifoLocks()
-        self._live = _LiveSessions()
+        self._live = LiveSessions()
         self._meta: OrderedDict[str, _SessionMeta] = OrderedDict()
-        self._groups: OrderedDict[Hashable, _Group] = OrderedDict()
-        self._group_builds: dict[Hashable, asyncio.Task[_Group]] = {}
+        self._runners = SessionRunners(dataplane)
         self._backoff = random.Random(0)  # jitter of the retry back-off
         self.conflicts = 0  # steps that lost a compare-and-set and were re-applied
         self._store_slots = asyncio.Semaphore(self.settings.store_concurrency)
@@ -337,16 +243,16 @@ class SessionManager:
         session_id: str | None = None,
     ) -> SessionInfo:
         """Start a session at step 0. A given `session_id` that exists → ConflictError."""
-        _check_alpha(alpha)
+        check_alpha(alpha)
         if score not in SCORES:
             raise BadInputError(f"score must be one of {list(SCORES)}, got {score!r}")
         ttl = self._check_ttl(ttl_seconds)
-        options = _check_options(options)
-        owner = _check_id(owner, "owner") if owner is not None else None
+        options = check_options(options)
+        owner = check_id(owner, "owner") if owner is not None else None
         if session_id is None:
             session_id = secrets.token_urlsafe(GENERATED_ID_BYTES)
         else:
-            session_id = _check_id(session_id, "session_id")
+            session_id = check_id(session_id, "session_id")
         now = time.time()
         if self._live.count(now) >= self.settings.max_sessions:
             raise RateLimitedError(
@@ -354,7 +260,7 @@ class SessionManager:
                 "(NEUROSERVE_MAX_SESSIONS); delete sessions or wait for them to expire"
             )
         card = await run_in_threadpool(self.dataplane.card, model, version)
-        group = await self._group(card.name, card.version, backend, options)
+        group = await self._runners.get(card.name, card.version, backend, options)
         # Fail fast: steps of a session whose backend has no calibration (and a server that
         # does not allow raw answers) could never be answered.
         await run_in_threadpool(self.dataplane.calibration, card, backend)
@@ -373,7 +279,7 @@ class SessionManager:
             metadata=metadata,
             now=now,
         )
-        key = _store_key(session_id, owner)
+        key = store_key(session_id, owner)
         try:
             async with self._store_op("create", expected=(StateExistsError,)):
                 await self.store.create(key, record, ttl)
@@ -385,7 +291,7 @@ class SessionManager:
 
     async def get(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
         """The session's info; counts as use (restarts its TTL). Unknown → NotFoundError."""
-        key = _lookup_key(session_id, owner)
+        key = lookup_key(session_id, owner)
         loaded = await self._load(key, session_id)
         meta = _SessionMeta.of(loaded.record)
         async with self._store_op("touch"):
@@ -398,7 +304,7 @@ class SessionManager:
 
     async def delete(self, session_id: str, *, owner: str | None = None) -> bool:
         """Remove the session. Unknown → NotFoundError."""
-        key = _lookup_key(session_id, owner)
+        key = lookup_key(session_id, owner)
         async with self._store_op("delete"):
             existed = await self.store.delete(key)
         self._forget(key)
@@ -408,7 +314,7 @@ class SessionManager:
 
     async def input_spec(self, session_id: str, *, owner: str | None = None) -> InputSpec:
         """What the session's chunks look like (served from a cache after the first use)."""
-        key = _lookup_key(session_id, owner)
+        key = lookup_key(session_id, owner)
         meta, _ = await self._session_meta(key, session_id)
         return (await self._session_group(meta, session_id)).spec
 
@@ -435,7 +341,7 @@ class SessionManager:
         the batch's worker thread, before the states are written (see `PredictFn`); its
         answer for this step lands in `StepOutcome.prediction`.
         """
-        key = _lookup_key(session_id, owner)
+        key = lookup_key(session_id, owner)
         async with self._locks.hold(key):
             for attempt in range(self.settings.retries + 1):
                 meta, preloaded = await self._session_meta(key, session_id)
@@ -498,7 +404,7 @@ class SessionManager:
 
     async def _load_batch(
         self,
-        group: _Group,
+        group: SessionRunner,
         jobs: list[_StepJob],
         outcomes: list[StepOutcome | BaseException | None],
     ) -> list[tuple[int, VersionedState]]:
@@ -553,69 +459,14 @@ class SessionManager:
         self._remember(key, meta)
         return meta, loaded
 
-    async def _session_group(self, meta: _SessionMeta, session_id: str) -> _Group:
+    async def _session_group(self, meta: _SessionMeta, session_id: str) -> SessionRunner:
         try:
-            return await self._group(meta.model, meta.version, meta.backend, meta.options)
+            return await self._runners.get(meta.model, meta.version, meta.backend, meta.options)
         except (NotFoundError, ModelNotFoundError):
             raise ConflictError(
                 f"session {session_id!r} runs model {meta.model!r} version {meta.version!r}, "
                 "which this server no longer serves; create a new session"
             ) from None
-
-    async def _group(
-        self, model: str, version: str, backend: str, options: dict[str, Any]
-    ) -> _Group:
-        """The prepared runner for these settings, built once (in a worker thread)."""
-        key = (model, version, backend, freeze_options(options))
-        group = self._groups.get(key)
-        if group is not None:
-            self._groups.move_to_end(key)
-            return group
-        build = self._group_builds.get(key)
-        if build is None:
-            build = asyncio.ensure_future(
-                run_in_threadpool(self._build_group, key, model, version, backend, options)
-            )
-            self._group_builds[key] = build
-        try:
-            group = await asyncio.shield(build)
-        finally:
-            if build.done() and self._group_builds.get(key) is build:
-                del self._group_builds[key]
-        self._groups[key] = group
-        while len(self._groups) > _GROUP_CACHE_SIZE:
-            self._groups.popitem(last=False)
-        return group
-
-    def _build_group(
-        self, key: Hashable, model: str, version: str, backend: str, options: dict[str, Any]
-    ) -> _Group:
-        card = self.dataplane.card(model, version)
-        loaded = self.dataplane.repository.load(card.name, card.version)
-        model_key = f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
-        try:
-            runner = prepare_runner(backend, loaded.model, model_key=model_key, options=options)
-        except backend_base.UnknownBackendError as error:
-            raise BadInputError(str(error)) from None
-        except backend_base.BackendUnavailableError as error:
-            raise BackendUnavailableError(str(error)) from None
-        except ArtifactError:
-            raise
-        except ValueError as error:  # options that the backend's schema refuses
-            raise BadInputError(str(error)) from None
-        initial = runner.init_state(1)
-        config = card.config
-        tokens = config["input"]["kind"] == "tokens"
-        spec = InputSpec(
-            kind=config["input"]["kind"],
-            features=None if tokens else int(config["input"]["features"]),
-            vocabulary=list(config["vocabulary"]) if tokens else None,
-            labels=list(config["vocabulary"] if tokens else config["labels"]),
-        )
-        signature = StateSignature.of(
-            initial, model=card.name, version=card.version, backend=backend
-        )
-        return _Group(key, card, runner, signature, state_rows(initial), spec)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _remember(self, key: str, meta: _SessionMeta) -> None:
@@ -682,7 +533,7 @@ class SessionManager:
 
 
 def _advance(
-    group: _Group, jobs: list[_StepJob], states: list[VersionedState]
+    group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
 ) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
     """Run the chunks as one batched step and make each session's next record and outcome
     (and its prediction, with the jobs' `predict`). Runs in a worker thread."""
@@ -733,85 +584,6 @@ def _attach_predictions(
                 advanced[i] = (record, dataclasses.replace(outcome, prediction=prediction))
 
 
-# ---- inputs -----------------------------------------------------------------------------------
-
-
-def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
-    """A JSON chunk as a tensor for `spec`: float [T, F] features, or long [T] token ids from
-    a string (each character a token) or a list of ids."""
-    if spec.kind == "tokens":
-        if isinstance(inputs, str):
-            if len(inputs) > max_steps:
-                raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
-            index = {token: i for i, token in enumerate(spec.vocabulary or [])}
-            unknown = sorted({char for char in inputs if char not in index})
-            if unknown:
-                shown = ", ".join(repr(char) for char in unknown[:10])
-                raise BadInputError(f"inputs has characters outside the vocabulary: {shown}")
-            ids = [index[char] for char in inputs]
-        else:
-            _check_length(inputs, max_steps, "a string or a list of token ids")
-            ids = _validated(_TOKEN_IDS, inputs)
-        return check_chunk(torch.tensor(ids, dtype=torch.long), spec, max_steps)
-    _check_length(inputs, max_steps, f"a list of time steps, shape [T, {spec.features}]")
-    values = _validated(_FINITE, inputs)
-    for t, row in enumerate(values):
-        if len(row) != spec.features:
-            raise BadInputError(
-                f"inputs[{t}] has {len(row)} features; the model expects {spec.features} per "
-                f"time step (shape [T, {spec.features}])"
-            )
-    with np.errstate(over="ignore"):  # overflow to inf is reported by check_chunk
-        array = np.asarray(values, dtype=np.float32).reshape(len(values), spec.features)
-    return check_chunk(torch.from_numpy(array), spec, max_steps)
-
-
-def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
-    """Validate a chunk tensor against the session's model; float32 [T, F] or long [T]."""
-    if not isinstance(inputs, Tensor):
-        raise BadInputError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if spec.kind == "tokens":
-        if inputs.dtype.is_floating_point or inputs.dtype.is_complex or inputs.dtype == torch.bool:
-            raise BadInputError(f"this model takes integer token ids, got dtype {inputs.dtype}")
-        if inputs.dim() != 1:
-            raise BadInputError(f"token inputs must have shape [T], got {list(inputs.shape)}")
-        vocab = len(spec.vocabulary or [])
-        if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
-            raise BadInputError(f"token ids must lie in [0, {vocab}), got {inputs.tolist()[:10]}")
-        chunk = inputs.to(torch.long)
-    else:
-        if not inputs.dtype.is_floating_point:
-            raise BadInputError(f"this model takes float features, got dtype {inputs.dtype}")
-        if inputs.dim() != 2 or inputs.shape[1] != spec.features:
-            raise BadInputError(
-                f"feature inputs must have shape [T, {spec.features}], got {list(inputs.shape)}"
-            )
-        chunk = inputs.to(torch.float32)
-        if not torch.isfinite(chunk).all():
-            t, f = (int(i) for i in torch.nonzero(~torch.isfinite(chunk))[0])
-            raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
-    if chunk.shape[0] < 1:
-        raise BadInputError("inputs is empty: send at least one time step")
-    if chunk.shape[0] > max_steps:
-        raise BadInputError(f"inputs has {chunk.shape[0]} steps; the limit is {max_steps}")
-    return chunk
-
-
-def _check_length(inputs: object, max_steps: int, expected: str) -> None:
-    if not isinstance(inputs, list):
-        raise BadInputError(f"inputs must be {expected}, got {type(inputs).__name__}")
-    if len(inputs) > max_steps:
-        raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
-
-
-def _validated(adapter: TypeAdapter, inputs: object) -> Any:
-    try:
-        return adapter.validate_python(inputs, strict=True)
-    except ValidationError as error:
-        located = [dict(e, loc=("inputs", *e["loc"])) for e in error.errors()]
-        raise BadInputError(describe_validation_errors(located)) from None
-
-
 # ---- small helpers ----------------------------------------------------------------------------
 
 
@@ -829,45 +601,3 @@ def _info(session_id: str, record: StateRecord, expires_at: float) -> SessionInf
         expires_at=expires_at,
         options=dict(metadata["options"]),
     )
-
-
-def _check_alpha(alpha: object) -> None:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or not 0 < alpha < 1
-    ):
-        raise BadInputError(f"alpha must be strictly between 0 and 1, got {alpha!r}")
-
-
-def _check_options(options: object) -> dict[str, Any]:
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise BadInputError(f"options must be an object, got {type(options).__name__}")
-    try:
-        freeze_options(options)
-    except ValueError as error:
-        raise BadInputError(f"options: {error}") from None
-    return dict(options)
-
-
-def _check_id(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _ID_PATTERN.fullmatch(value):
-        raise BadInputError(
-            f"{what} must be 1-128 printable ASCII characters without spaces or '/', got {value!r}"
-        )
-    return value
-
-
-def _store_key(session_id: str, owner: str | None) -> str:
-    return session_id if owner is None else f"{owner}/{session_id}"
-
-
-def _lookup_key(session_id: str, owner: str | None) -> str:
-    """The store key of an existing session; a malformed id or owner cannot name one."""
-    for value in (session_id, owner):
-        if value is not None and (not isinstance(value, str) or not _ID_PATTERN.fullmatch(value)):
-            raise NotFoundError(f"no session {session_id!r} (not a valid session id)")
-    return _store_key(session_id, owner)
