@@ -23,7 +23,15 @@ from service.calibration_store import CalibrationStore
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.feedback import FeedbackLog
-from service.routers import metrics, v1_feedback, v1_generate, v1_models, v1_sessions, v2
+from service.routers import (
+    metrics,
+    v1_feedback,
+    v1_finetune,
+    v1_generate,
+    v1_models,
+    v1_sessions,
+    v2,
+)
 from service.sessions import SessionManager, SessionSettings
 from service.settings import Settings
 from service.state_store import StateStore, StateStoreUnavailableError, open_state_store
@@ -182,6 +190,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1_feedback.router)
     app.include_router(v1_sessions.router)
     app.include_router(v1_generate.router)
+    app.include_router(v1_finetune.router)
     app.include_router(v2.router)
     app.include_router(metrics.router)
     return app
