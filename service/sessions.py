@@ -519,12 +519,20 @@ class SessionManager:
         return self._backoff.uniform(0.0, min(0.05, 0.001 * 2**attempt))
 
     @asynccontextmanager
+    async def store_slot(self) -> AsyncIterator[None]:
+        """Hold one of the `store_concurrency` slots for store work done on behalf of a
+        session request (such as recording its predictions for feedback): a burst of
+        requests then queues here instead of exhausting the Redis client's connection pool,
+        which fails the calls that find it empty."""
+        async with self._store_slots:
+            yield
+
+    @asynccontextmanager
     async def _store_op(
         self, operation: str, expected: tuple[type[BaseException], ...] = ()
     ) -> AsyncIterator[None]:
-        """A timed store call, at most `store_concurrency` at once: a burst of requests then
-        waits for a connection instead of exhausting the Redis client's pool (which fails)."""
-        async with self._store_slots:
+        """A timed store call, in a store slot."""
+        async with self.store_slot():
             with metrics.record_store_op(self.store_name, operation, expected=expected):
                 yield
 

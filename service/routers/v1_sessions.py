@@ -142,9 +142,10 @@ async def step_session(
     info = outcome.info
     label_request(request, model=info.model, backend=info.backend)
     last, steps = outcome.prediction
-    await dataplane.publish(last, session_id=info.session_id)
-    if steps is not None:
-        await dataplane.publish(steps, session_id=info.session_id)
+    async with sessions.store_slot():  # recording for feedback writes to the same store
+        await dataplane.publish(last, session_id=info.session_id)
+        if steps is not None:
+            await dataplane.publish(steps, session_id=info.session_id)
     return SessionStepResponse(
         session_id=info.session_id,
         model=info.model,

@@ -1,6 +1,6 @@
-"""Concurrency with batching on: many steps on one session lose nothing, many sessions at
-once each get exactly their own sequential answer, and two managers writing one session
-through one Redis never lose an update."""
+"""Concurrency with batching on: many steps on one session lose nothing and apply in arrival
+order, many sessions at once each get exactly their own sequential answer, and two managers
+writing one session through one Redis never lose an update."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from models.repository import ModelRepository
 from service.app import create_app
-from service.sessions import SessionManager
+from service.sessions import SessionManager, StepOutcome
 from service.settings import Settings
 from service.state_store import open_state_store
 from tests.service.conftest import TEST_SETTINGS
@@ -167,3 +167,30 @@ def test_two_managers_on_one_redis_never_lose_an_update(
     assert conflicts > 0, "the two managers never raced; the test did not exercise retries"
     for step, probs in zip(steps, probabilities, strict=True):
         assert_matches_reference(probs, reference[step - 1][-1])
+
+
+def test_steps_on_one_session_apply_in_arrival_order(test_repository: ModelRepository) -> None:
+    """Twenty different chunks sent at once to one session: each lands in the order it was
+    sent, so the i-th answer is the reference after the first i chunks."""
+    chunks = digit_chunks([1 + i % 3 for i in range(20)], seed=31)
+    reference = reference_logits(test_repository, "tiny-digits", chunks)
+
+    async def scenario() -> list[StepOutcome]:
+        store = open_state_store(None)
+        manager = SessionManager(store, raw_softmax_dataplane(test_repository))
+        session_id = (await manager.create(model="tiny-digits")).session_id
+        tasks = [
+            asyncio.ensure_future(manager.step(session_id, torch.tensor(chunk))) for chunk in chunks
+        ]
+        outcomes = await asyncio.gather(*tasks)
+        assert len(manager._locks) == 0  # the per-session lock is dropped when idle
+        await manager.close()
+        return list(outcomes)
+
+    outcomes = asyncio.run(scenario())
+    total = 0
+    for chunk, outcome, want in zip(chunks, outcomes, reference, strict=True):
+        total += len(chunk)
+        assert outcome.info.step == total
+        probabilities = torch.softmax(outcome.logits.double(), -1).tolist()
+        assert_matches_reference(probabilities, want[-1])

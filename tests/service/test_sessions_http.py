@@ -20,8 +20,8 @@ from models.repository import ModelRepository
 from service.app import create_app
 from service.batching import run_chunks
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
-from service.errors import BadInputError, ConflictError, NotFoundError
-from service.sessions import SessionManager
+from service.errors import BadInputError, ConflictError, NotFoundError, RateLimitedError
+from service.sessions import SessionManager, SessionSettings
 from service.settings import Settings
 from service.state_store import InMemoryStateStore
 from tests.conftest import RedisProcesses
@@ -435,6 +435,23 @@ def test_a_step_whose_prediction_is_refused_is_not_written(
         with pytest.raises(ConflictError, match="refused"):
             await manager.step(session_id, torch.ones(1, 8), predict=refuse_odd_steps)
         assert (await manager.get(session_id)).step == 2  # the refused step left no trace
+        await manager.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_replica_refuses_sessions_beyond_its_limit(test_repository: ModelRepository) -> None:
+    async def scenario() -> None:
+        settings = SessionSettings(max_sessions=2)
+        manager = SessionManager(
+            InMemoryStateStore(), raw_softmax_dataplane(test_repository), settings
+        )
+        first = await manager.create(model="tiny-digits")
+        await manager.create(model="tiny-digits")
+        with pytest.raises(RateLimitedError, match="limit of 2 live sessions"):
+            await manager.create(model="tiny-digits")
+        await manager.delete(first.session_id)
+        await manager.create(model="tiny-digits")  # a slot came free
         await manager.close()
 
     asyncio.run(scenario())
