@@ -97,7 +97,10 @@ def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
             raise BadInputError(f"token inputs must have shape [T], got {list(inputs.shape)}")
         vocab = len(spec.vocabulary or [])
         if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
-            raise BadInputError(f"token ids must lie in [0, {vocab}), got {inputs.tolist()[:10]}")
+            outside = inputs[(inputs < 0) | (inputs >= vocab)]
+            raise BadInputError(
+                f"token ids must lie in [0, {vocab}), got {outside.tolist()[:10]} outside it"
+            )
         chunk = inputs.to(torch.long)
     else:
         if not inputs.dtype.is_floating_point:
