@@ -26,7 +26,7 @@ from service.settings import Settings
 from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 from tests.service.test_cli import run_cli
 
-BUILT_IN_MODELS = ("digits-lru", "digits-snn")
+BUILT_IN_MODELS = ("digits-lru", "digits-snn", "charlm-selective")
 BUILT_IN_BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
 
 
@@ -179,15 +179,19 @@ def test_npz_that_does_not_fit_the_model_is_refused(
 
 def test_every_built_in_model_is_calibrated_on_every_built_in_backend() -> None:
     store = CalibrationStore(ModelRepository(default_repository_root()))
-    calibration_split = load_digits_seq("calibration")
+    digits_sha256 = load_digits_seq("calibration").sha256
     for model in BUILT_IN_MODELS:
         assert set(BUILT_IN_BACKENDS) <= set(store.calibrated_backends(model, "1"))
         for backend in BUILT_IN_BACKENDS:
             stored = store.get(model, "1", backend)
             assert stored is not None
             assert (stored.artifact.model, stored.artifact.backend) == (model, backend)
-            assert stored.source["data_sha256"] == calibration_split.sha256
             assert stored.backend_options == {}
+            if model.startswith("digits"):
+                assert stored.source["data_sha256"] == digits_sha256
+            else:  # next-token windows of the held-out docstrings
+                assert stored.source["data"].startswith("charcorpus/stdlib-docstrings")
+                assert stored.artifact.num_classes == 97 and stored.source["n"] == 2000
 
 
 def test_the_committed_torch_calibration_is_reproduced_by_the_command(

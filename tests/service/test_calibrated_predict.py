@@ -256,3 +256,17 @@ def test_allowed_uncalibrated_answers_say_so(client: httpx.Client) -> None:
     assert "not calibrated" in body["warnings"][0]
     prediction = body["predictions"][0]
     assert prediction["prediction_set"] is None and prediction["abstain"] is None
+
+
+def test_the_language_model_answers_calibrated_next_token_sets(builtin: httpx.Client) -> None:
+    vocabulary = builtin.get("/v1/models/charlm-selective").json()["vocabulary"]
+    prompts = ["Return the ", "def __init__(self", "If the argument is"]
+    body = builtin.post(
+        "/v1/models/charlm-selective/predict", json={"inputs": prompts, "alpha": 0.1}
+    ).json()
+    assert body["calibrated"] is True and body["score"] == "raps"
+    for prediction in body["predictions"]:
+        assert len(prediction["probabilities"]) == len(vocabulary) == 97
+        assert math.fsum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-12)
+        assert set(prediction["prediction_set"]) <= set(vocabulary)
+        assert prediction["set_size"] == len(prediction["prediction_set"])
