@@ -14,8 +14,8 @@ and each row keeps its fastest round: on a shared machine that is the round leas
 by other work, and every row had the same chances. The load generator is a minimal HTTP/1.1
 client on asyncio streams (an HTTP library would cost more CPU than the server on a small
 machine); it runs in this process, on the same cores as the servers, so absolute numbers are
-machine-bound: compare rows of one run. Time: about (1 + repeats) x seconds x 20 rows, plus
-start-up.
+machine-bound: compare rows of one run. Time: about 20 rows x (0.5 + repeats x seconds) s,
+plus start-up.
 
     .venv/bin/python bench/session_throughput.py [--seconds 1.5] [--repeats 3]
         [--concurrency 1 16 64 256] [--model digits-lru] [--redis-url URL] [--window-ms 2]
@@ -194,24 +194,31 @@ def step_body(features: int, rng: random.Random) -> bytes:
 async def closed_loop(
     port: int, paths: list[str], bodies: list[bytes], seconds: float, read_batch: bool
 ) -> Cell:
-    """Each path gets one connection posting its body back to back for `seconds`. Counted:
-    the requests that complete inside that window, whenever they were sent."""
+    """Each path gets one connection posting its body back to back. The window of `seconds`
+    opens once every client has had its first answer (the pipeline is full), and counts the
+    requests that complete inside it, whenever they were sent."""
     connections = [await Connection.open("127.0.0.1", port) for _ in paths]
     latencies: list[float] = []
     batches: list[int] = []
-    start = time.perf_counter()
-    end = start + seconds
+    window: list[float] = []  # [opens, closes] once every client has been answered
+    answered = 0
 
     async def worker(connection: Connection, path: str, body: bytes) -> None:
+        nonlocal answered
+        first = True
         while True:
             sent = time.perf_counter()
-            if sent >= end:
+            if window and sent >= window[1]:
                 return
             status, answer = await connection.post(path, body)
             done = time.perf_counter()
             if status != 200:
                 raise RuntimeError(f"{path}: HTTP {status}: {answer[:300]!r}")
-            if done <= end:
+            if first:
+                first, answered = False, answered + 1
+                if answered == len(paths):
+                    window.extend([done, done + seconds])
+            if window and window[0] <= done <= window[1]:
                 latencies.append(done - sent)
                 if read_batch:
                     batches.append(json.loads(answer)["usage"]["batch_size"])
@@ -221,6 +228,8 @@ async def closed_loop(
     for connection in connections:
         await connection.close()
     latencies.sort()
+    if not latencies:
+        return Cell(0.0, float("nan"), float("nan"), None)
     return Cell(
         rate=len(latencies) / seconds,
         p50_ms=1000 * statistics.median(latencies),
