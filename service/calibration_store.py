@@ -13,7 +13,7 @@ tensor file's hash, so a reader that catches a newer tensor file beside an older
 and reads again instead of mixing two calibrations.
 
 `CalibrationStore.get` caches parsed artifacts and revalidates them against the JSON file's
-mtime and size on every call (one `stat`), so `neuroserve calibrate` on a running server's
+inode, mtime and size on every call (one `stat`), so `neuroserve calibrate` on a running server's
 repository takes effect on the next request without a restart.
 """
 
@@ -101,7 +101,7 @@ class CalibrationStore:
 
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
-        self._cache: dict[tuple[str, str, str], tuple[tuple[int, int], StoredCalibration]] = {}
+        self._cache: dict[tuple[str, str, str], tuple[tuple[int, ...], StoredCalibration]] = {}
         self._lock = threading.Lock()
 
     def directory(self, name: str, version: str) -> Path:
@@ -129,7 +129,9 @@ class CalibrationStore:
                 with self._lock:
                     self._cache.pop(key, None)
                 return None
-            signature = (stat.st_mtime_ns, stat.st_size)
+            # Every save renames a new file into place, so the inode changes even when a
+            # rewrite lands within the clock tick of the last one with the same size.
+            signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
             with self._lock:
                 cached = self._cache.get(key)
             if cached is not None and cached[0] == signature:

@@ -15,11 +15,12 @@ import onnxruntime
 import pytest
 import torch
 
+from calibration import CalibrationArtifact, fit_calibration_artifact
 from models.digits import load_digits_seq
 from models.repository import CONFIG_FILE, WEIGHTS_FILE, ModelRepository, default_repository_root
 from models.userdata import load_npz_dataset
 from service.app import create_app
-from service.calibration_store import CalibrationStore
+from service.calibration_store import CalibrationFileError, CalibrationStore
 from service.cli import main
 from service.cli_calibrate import LM_CONTEXT, next_token_windows
 from service.settings import Settings
@@ -208,6 +209,43 @@ def test_the_committed_torch_calibration_is_reproduced_by_the_command(
     fresh = CalibrationStore(copy).get("digits-lru", "1", "torch").artifact
     assert fresh.to_json_dict() | {"created": None} == committed.to_json_dict() | {"created": None}
     assert fresh.to_safetensors() == committed.to_safetensors()
+
+
+# ---- the store behind the command --------------------------------------------------------
+
+
+def _artifact(seed: int, model: str = "tiny-digits", version: str = "2") -> CalibrationArtifact:
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(60, 10, generator=generator, dtype=torch.float64) * 3  # [60, 10]
+    labels = torch.randint(0, 10, (60,), generator=generator)  # [60]
+    return fit_calibration_artifact(logits, labels, model, version, "torch", seed=seed)
+
+
+def test_a_new_calibration_is_served_without_a_restart(repository: ModelRepository) -> None:
+    store = CalibrationStore(repository)
+    assert store.get("tiny-digits", "2", "torch") is None
+    store.save(_artifact(seed=1), source={"data": "first"})
+    first = store.get("tiny-digits", "2", "torch")
+    assert first is store.get("tiny-digits", "2", "torch")  # cached while the file stays
+    store.save(_artifact(seed=2), source={"data": "second"})
+    second = store.get("tiny-digits", "2", "torch")
+    assert second.source == {"data": "second"} and second.artifact.seed == 2
+
+
+def test_mismatched_or_foreign_files_are_refused(repository: ModelRepository) -> None:
+    store = CalibrationStore(repository)
+    json_path, tensor_path = store.paths("tiny-digits", "2", "torch")
+    store.save(_artifact(seed=1))
+    tensor_path.write_bytes(_artifact(seed=2).to_safetensors())  # half of another calibration
+    with pytest.raises(CalibrationFileError, match="tensor file kept changing"):
+        store.get("tiny-digits", "2", "torch")
+    store.save(_artifact(seed=1, version="1"))  # version 1's calibration ...
+    json_path.write_bytes(store.paths("tiny-digits", "1", "torch")[0].read_bytes())
+    tensor_path.write_bytes(store.paths("tiny-digits", "1", "torch")[1].read_bytes())
+    with pytest.raises(CalibrationFileError, match="not tiny-digits version 2"):
+        store.get("tiny-digits", "2", "torch")  # ... copied under version 2 is not version 2's
+    with pytest.raises(ValueError, match="cannot name a calibration file"):
+        store.paths("tiny-digits", "2", "../escape")
 
 
 # ---- export-onnx --------------------------------------------------------------------------
