@@ -17,7 +17,8 @@ training more robust (Zenke & Vogels, Neural Computation 2021).
 The first layer's W x is a dense projection of the (scaled) raw input; deeper layers and
 the recurrence are driven by binary spikes only, so their cost is one accumulate per
 spike and synapse. The readout is a non-spiking leaky integrator whose membrane is the
-logits: out_t = β_out ⊙ out_{t-1} + W_out s_t + b.
+logits: out_t = β_out ⊙ out_{t-1} + W_out s_t + b. In training, dropout acts on the spikes
+sent forward (to the next layer and the readout), never on the recurrence.
 
 Spiking is nonlinear in the state, so `forward` necessarily loops over time; it calls the
 very same cell as `step`, which keeps the two identical.
@@ -57,6 +58,10 @@ class SNNConfig:
     learn_decays: bool = True
     surrogate: str = "fast_sigmoid"
     surrogate_slope: float = 3.0  # a wide surrogate; 10+ trained markedly worse here
+    # Training-time dropout on the spikes sent forward (next layer, readout), not on the
+    # recurrence: one recurrent layer overfits 1000 digits, and this is the regulariser
+    # that travels with the model whatever the training loop.
+    dropout: float = 0.5
 
     def __post_init__(self) -> None:
         check_common_config(self)
@@ -69,6 +74,8 @@ class SNNConfig:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         if not self.surrogate_slope > 0.0:
             raise ValueError(f"surrogate_slope must be > 0, got {self.surrogate_slope}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
 # ---- the spike nonlinearity ---------------------------------------------------------------
@@ -165,6 +172,7 @@ class SNNModel(StatefulModel):
         self.feedforward = nn.ModuleList(nn.Linear(n, n) for _ in range(L - 1))  # layer i -> i+1
         self.layers = nn.ModuleList(LIFLayer(config) for _ in range(L))
         self.readout = LeakyReadout(config)
+        self.drop = nn.Dropout(config.dropout)  # on forward-going spikes, training only
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         n = self.config.d_model
@@ -194,8 +202,8 @@ class SNNModel(StatefulModel):
             spikes = spikes + layer_spikes
             synaptic_ops = synaptic_ops + layer_spikes * self._fan_out(i)
             if i + 1 < len(self.layers):
-                current = self.feedforward[i](spk)  # [B, n], spike-driven input of the next layer
-        logits = self.readout(spk, state["readout.mem"])  # [B, n_out]
+                current = self.feedforward[i](self.drop(spk))  # [B, n], spike-driven
+        logits = self.readout(self.drop(spk), state["readout.mem"])  # [B, n_out]
         new_state["readout.mem"] = logits
         neurons = torch.full_like(spikes, self.config.d_model * self.config.n_layers)
         activity = {"spikes": spikes, "neurons": neurons, "synaptic_ops": synaptic_ops}

@@ -159,3 +159,5 @@ def test_config_rejects_bad_values() -> None:
         SNNConfig(surrogate="relu")
     with pytest.raises(ValueError, match="surrogate_slope"):
         SNNConfig(surrogate_slope=-1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        SNNConfig(dropout=1.0)
