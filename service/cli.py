@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service import cli_calibrate, cli_models
+from service import cli_calibrate, cli_models, cli_worker
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
 
@@ -87,6 +87,7 @@ def command_registrars() -> list[Registrar]:
         cli_models.register,
         cli_calibrate.register_calibrate,
         cli_calibrate.register_export_onnx,
+        cli_worker.register,
     ]
 
 

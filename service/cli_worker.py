@@ -1,0 +1,105 @@
+"""`neuroserve worker`: run fine-tuning jobs from the Redis queue (RQ).
+
+Start as many workers as there are cores or machines to spare, all on the same Redis: each
+takes one job at a time, runs it in a forked work-horse process and publishes the new
+version into the model repository it shares with the servers. Without Redis there is
+nothing to do here: the server then runs jobs itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run fine-tuning jobs from the Redis job queue",
+        description=(
+            "Take fine-tuning jobs from the Redis job queue and run them, one at a time, each "
+            "in its own work-horse process; any number of workers may share one Redis. "
+            "Options left out fall back to the NEUROSERVE_* environment variables."
+        ),
+    )
+    parser.add_argument(
+        "--redis-url",
+        help="Redis URL of the job queue (default: NEUROSERVE_JOB_QUEUE_URL, then "
+        "NEUROSERVE_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--queues",
+        nargs="+",
+        metavar="QUEUE",
+        help="queues to take jobs from, in priority order; commas also separate "
+        "(default: NEUROSERVE_JOB_QUEUE_NAME, neuroserve-finetune)",
+    )
+    parser.add_argument(
+        "--burst", action="store_true", help="exit once the queues are empty instead of waiting"
+    )
+    parser.add_argument(
+        "--repository", type=Path, help="model repository root the new versions go to"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="port of the worker's Prometheus /metrics (default 9100; 0 turns it off)",
+    )
+    parser.add_argument("--name", help="worker name in RQ (default: a random id)")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.set_defaults(func=worker)
+
+
+def worker(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.errors import describe_validation_errors
+    from service.metrics import WORKER_METRICS_PORT
+    from service.settings import Settings
+    from service.worker import run_worker
+
+    overrides = {
+        "job_queue_url": args.redis_url,
+        "model_repository": args.repository,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = describe_validation_errors(error.errors())
+        print(f"neuroserve worker: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    if settings.job_queue_redis_url() is None:
+        print(
+            "neuroserve worker: no Redis to take jobs from: pass --redis-url or set "
+            "NEUROSERVE_JOB_QUEUE_URL or NEUROSERVE_REDIS_URL (without Redis the server runs "
+            "fine-tuning jobs itself)",
+            file=sys.stderr,
+        )
+        return 2
+    queues = [name for item in args.queues or [] for name in item.split(",") if name.strip()]
+    metrics_port = WORKER_METRICS_PORT if args.metrics_port is None else args.metrics_port
+    if not 0 <= metrics_port <= 65535:
+        print(f"neuroserve worker: --metrics-port {metrics_port} is not a port", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return run_worker(
+            settings,
+            queue_names=[q.strip() for q in queues] or [settings.job_queue_name],
+            burst=args.burst,
+            metrics_port=metrics_port,
+            name=args.name,
+        )
+    except (ValueError, OSError) as error:  # a bad URL, Redis down, the port taken
+        print(f"neuroserve worker: {error}", file=sys.stderr)
+        return 1
