@@ -58,6 +58,7 @@ def register(subparsers: Any) -> None:
 
 def worker(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
+    from redis import RedisError
 
     from service.errors import describe_validation_errors
     from service.metrics import WORKER_METRICS_PORT
@@ -100,6 +101,6 @@ def worker(args: argparse.Namespace) -> int:
             metrics_port=metrics_port,
             name=args.name,
         )
-    except (ValueError, OSError) as error:  # a bad URL, Redis down, the port taken
+    except (ValueError, OSError, RedisError) as error:  # a bad URL, Redis down, port taken
         print(f"neuroserve worker: {error}", file=sys.stderr)
         return 1

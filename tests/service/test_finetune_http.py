@@ -290,3 +290,16 @@ def test_the_routes_are_in_the_openapi_schema(client: httpx.Client) -> None:
     submit = paths["/v1/finetune/jobs"]["post"]
     assert {"202", "404", "422", "429"} <= set(submit["responses"])
     assert {"get", "delete"} <= set(paths["/v1/finetune/jobs/{job_id}"])
+
+
+def test_an_unreachable_job_queue_is_503(
+    repository: ModelRepository, unused_redis_url: str
+) -> None:
+    settings = Settings(model_repository=repository.root, job_queue_url=unused_redis_url)
+    with running_server(create_app(settings)) as base_url:
+        response = httpx.post(f"{base_url}/v1/finetune/jobs", json=quick_spec(), timeout=30)
+        status = httpx.get(f"{base_url}/v1/finetune/jobs/{'0' * 32}", timeout=30)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "job_queue_unavailable"
+    assert "cannot be reached" in response.json()["error"]["message"]
+    assert status.status_code == 503

@@ -24,11 +24,12 @@ import redis
 
 from models.digits import load_digits_seq
 from models.repository import ModelRepository
+from service import cli
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import free_tcp_port
 from tests.service.conftest import running_server
-from tests.service.test_cli import COMMAND, cli_env
+from tests.service.test_cli import COMMAND, cli_env, run_cli
 from tests.service.test_finetune_http import shifted_subset_spec, wait_for_job, wait_until_finished
 from tests.service.test_jobs import (
     assert_repository_intact,
@@ -300,3 +301,39 @@ def test_a_lost_worker_s_job_is_retried_on_another_worker(
     assert job["attempts"] == 2
     assert repository.versions("tiny") == [*versions, job["result"]["version"]]
     assert_repository_intact(repository, "tiny", repository.versions("tiny"))
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+
+def test_the_worker_without_redis_explains_itself(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NEUROSERVE_REDIS_URL", "NEUROSERVE_JOB_QUEUE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["worker"]) == 2
+    assert "no Redis to take jobs from: pass --redis-url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+cluster://127.0.0.1:7000", "cannot use a Redis Cluster"),
+        ("http://127.0.0.1:6379", "unsupported Redis URL scheme"),
+        ("unused", "Connection refused"),
+    ],
+)
+def test_the_worker_refuses_a_queue_it_cannot_use(
+    capsys: pytest.CaptureFixture[str], unused_redis_url: str, url: str, message: str
+) -> None:
+    url = unused_redis_url if url == "unused" else url
+    assert cli.main(["worker", "--redis-url", url, "--metrics-port", "0"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_a_burst_worker_exits_once_its_queue_is_empty(redis_url: str) -> None:
+    queue = f"nse2e-burst-{uuid.uuid4().hex[:8]}"
+    result = run_cli(
+        "worker", "--redis-url", redis_url, "--queues", queue, "--burst", "--metrics-port", "0"
+    )
+    assert result.returncode == 0, result.stderr
