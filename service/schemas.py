@@ -595,8 +595,15 @@ class SessionStepResponse(BaseModel):
     step: int = Field(description="The session's total time steps after this chunk.")
     expires_at: float
     calibrated: bool = Field(description="Whether confidence and sets come from calibration.")
+    alpha: float | None = Field(None, description="Level the sets were built at.")
+    score: str | None = Field(None, description="Conformity score of the sets.")
+    seed: int | None = Field(None, description="Seed of a randomised score (to reproduce sets).")
     prediction: Prediction = Field(description="The prediction after the chunk's last step.")
     step_predictions: list[Prediction] | None = Field(
         None, description="One prediction per step of the chunk (when return_steps)."
     )
     usage: Usage
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why an answer may not carry its usual guarantee (uncalibrated, options).",
+    )

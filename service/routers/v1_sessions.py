@@ -154,11 +154,15 @@ async def step_session(
         step=info.step,
         expires_at=info.expires_at,
         calibrated=last.calibrated,
+        alpha=last.alpha,
+        score=last.conformal.score if last.conformal is not None else None,
+        seed=last.seed,
         prediction=_prediction_out(last.predictions[0]),
         step_predictions=(
             None if steps is None else [_prediction_out(p) for p in steps.predictions]
         ),
         usage=Usage(**{**outcome.usage, "sequences": 1}),
+        warnings=last.warnings,
     )
 
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis
 import torch
+from sklearn.datasets import load_digits
 
 from hardware_backends.registry import prepare_runner
 from models.architectures import build_model
@@ -129,6 +130,9 @@ def test_a_session_lives_from_create_to_delete(client: httpx.Client) -> None:
     assert body["prediction"]["label"] in DIGIT_LABELS
     assert body["step_predictions"] is None
     assert body["usage"]["steps"] == 3 and body["usage"]["sequences"] == 1
+    # The test models have no calibration: raw softmax, no set, and a warning saying so.
+    assert body["calibrated"] is False and body["prediction"]["prediction_set"] is None
+    assert body["warnings"] and "not calibrated" in body["warnings"][0]
 
     info = client.get(f"/v1/sessions/{session_id}").json()
     assert info["step"] == 3 and info["session_id"] == session_id
@@ -137,6 +141,28 @@ def test_a_session_lives_from_create_to_delete(client: httpx.Client) -> None:
     assert "no session" in v1_error(client.get(f"/v1/sessions/{session_id}"), 404)
     v1_error(step(client, session_id, [[0.0] * 8]), 404)
     v1_error(client.delete(f"/v1/sessions/{session_id}"), 404)
+
+
+def test_a_calibrated_session_answers_like_predict_on_the_same_sequence(
+    builtin_server_url: str,
+) -> None:
+    """digits-lru is calibrated on torch: one chunk of a whole image gets the same calibrated
+    answer, with its conformal set, as /predict on that image."""
+    image = (load_digits().images[0]).tolist()  # 8 rows of 8 pixels in [0, 16]
+    with httpx.Client(base_url=builtin_server_url, timeout=30) as client:
+        session_id = create(client, model="digits-lru", alpha=0.2, score="lac")["session_id"]
+        stepped = step(client, session_id, image).json()
+        predicted = client.post(
+            "/v1/models/digits-lru/predict",
+            json={"inputs": [image], "alpha": 0.2, "score": "lac"},
+        ).json()
+    assert stepped["calibrated"] is True and predicted["calibrated"] is True
+    assert stepped["alpha"] == predicted["alpha"] == 0.2 and stepped["score"] == "lac"
+    session_answer, whole = stepped["prediction"], predicted["predictions"][0]
+    assert session_answer["label"] == whole["label"] == "0"
+    assert session_answer["prediction_set"] == whole["prediction_set"]
+    assert session_answer["set_size"] == len(session_answer["prediction_set"]) >= 1
+    assert_probabilities_close(session_answer["probabilities"], whole["probabilities"])
 
 
 def test_steps_continue_the_sequence_exactly(
