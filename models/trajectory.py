@@ -142,11 +142,10 @@ class Trajectory:
             "torch_version": self.torch_version,
             "n_steps": self.n_steps,
         }
-        floats = lambda row: "[" + ",".join(str(np.float32(v)) for v in row) + "]"  # noqa: E731
         steps = {
             "seeds": "[" + ",".join(json.dumps(s) for s in self.seeds) + "]",
-            "projected_grads": "[" + ",".join(floats(g) for g in self.projected_grads) + "]",
-            "learning_rates": floats(self.learning_rates),
+            "projected_grads": "[" + ",".join(map(_float32_list, self.projected_grads)) + "]",
+            "learning_rates": _float32_list(self.learning_rates),
         }
         lines = json.dumps(header, indent=1)[:-2]  # drop the closing "\n}"
         lines += "".join(f',\n "{key}": {text}' for key, text in steps.items())
@@ -213,6 +212,12 @@ class Trajectory:
                     break
         if problems:
             raise ArtifactError(f"{source}: corrupt trajectory: {'; '.join(problems)}")
+
+
+def _float32_list(values: list[float]) -> str:
+    """A JSON array of float32 values in their shortest decimal form ("0.0005", not
+    "0.0005000000237487257"): str(np.float32) round-trips through float32."""
+    return "[" + ",".join(str(np.float32(value)) for value in values) + "]"
 
 
 def _is_seed_list(values: Any, n: int) -> bool:
