@@ -161,7 +161,7 @@ def open_job_queue(settings: Any) -> JobQueue:
 
 @dataclass
 class _LocalJob:
-    submission: JobSubmission
+    submission: JobSubmission | None  # dropped once the job ends (inline data can be large)
     record: JobRecord
     started: float | None = None  # monotonic start of the current run
     finished: float | None = None  # monotonic end, for expiring the record
@@ -288,6 +288,7 @@ class LocalJobQueue(JobQueue):
     def _finish(self, job: _LocalJob, status: JobStatus, **changes: Any) -> None:
         job.record = replace(job.record, status=status, ended_at=iso(utc_now()), **changes)
         job.finished = time.monotonic()
+        job.submission = None
 
     # ---- the dispatcher thread ----
     def _dispatch(self) -> None:
@@ -346,30 +347,34 @@ class LocalJobQueue(JobQueue):
 
     def _run(self, job_id: str, job: _LocalJob) -> None:
         child = self._ensure_child()
-        payload = worker_payload(job_id, job.submission)
-        child.connection.send_bytes(json.dumps(payload).encode())
-        child.connection.send_bytes(job.submission.upload or b"")
+        try:
+            child.connection.send_bytes(json.dumps(worker_payload(job_id, job.submission)).encode())
+            child.connection.send_bytes(job.submission.upload or b"")
+            outcome = self._follow(child, job)
+        except (EOFError, OSError):  # the pipe broke: the child is gone
+            child.process.join(timeout=10)
+            self._lost(job, f"the worker process died (exit code {child.process.exitcode})")
+            return
+        if outcome is None:
+            child.process.kill()  # a timed-out job cannot be interrupted politely
+            self._lost(job, f"it ran longer than {self.timeout_seconds:g} s")
+            return
+        self._complete(job_id, job, outcome)
+
+    def _follow(self, child: _Child, job: _LocalJob) -> dict[str, Any] | None:
+        """Apply the child's progress messages until its outcome (None: timed out first)."""
         while True:
-            try:
-                if not child.connection.poll(POLL_SECONDS):
-                    if time.monotonic() - job.started > self.timeout_seconds:
-                        child.process.kill()  # a timed-out job cannot be interrupted politely
-                        self._lost(job, f"it ran longer than {self.timeout_seconds:g} s")
-                        return
-                    if child.process.is_alive() or child.connection.poll(0):
-                        continue
+            if not child.connection.poll(POLL_SECONDS):
+                if time.monotonic() - job.started > self.timeout_seconds:
+                    return None
+                if not child.process.is_alive() and not child.connection.poll(0):
                     raise EOFError
-                message = json.loads(child.connection.recv_bytes())
-            except (EOFError, OSError):
-                child.process.join(timeout=10)
-                self._lost(job, f"the worker process died (exit code {child.process.exitcode})")
-                return
-            if message["type"] == "progress":
-                with self._condition:
-                    job.record = replace(job.record, progress=message["progress"])
-            elif message["type"] == "outcome":
-                self._complete(job_id, job, message["outcome"])
-                return
+                continue
+            message = json.loads(child.connection.recv_bytes())
+            if message["type"] == "outcome":
+                return message["outcome"]
+            with self._condition:
+                job.record = replace(job.record, progress=message["progress"])
 
     def _complete(self, job_id: str, job: _LocalJob, outcome: dict[str, Any]) -> None:
         with self._condition:

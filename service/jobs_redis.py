@@ -8,11 +8,12 @@ per-job process isolation); Celery brings a broker abstraction, its own result b
 far more configuration than one queue of long CPU jobs needs.
 
 What lives where (JSON only: RQ runs with its JSON serializer, never pickle):
-- the RQ job (`rq:job:<id>`): the worker payload as its argument, `meta` with the model, the
-  heartbeat interval, the attempts and the latest progress, and the worker's outcome dict
-  as its result;
-- `<prefix>:finetune:upload:<id>`: an uploaded .npz (kept out of the job hash, which every
-  status read loads), deleted once the job finishes;
+- the RQ job (`rq:job:<id>`): a small payload (id, key names, heartbeat interval) as its
+  argument, `meta` with the model, the attempts and the latest progress, and the worker's
+  outcome dict as its result;
+- `<prefix>:finetune:spec:<id>` and `...:upload:<id>`: the spec as JSON and an uploaded .npz,
+  kept out of the job hash (which every status read loads: inline data can be megabytes)
+  and deleted once the job has ended for good;
 - `<prefix>:finetune:cancel:<id>`: set by DELETE; the running job polls it (`should_cancel`);
 - `<prefix>:finetune:alive:<id>`: refreshed by the running job every heartbeat interval.
 
@@ -27,6 +28,7 @@ the server sweeps before it reads a running job or counts active jobs.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,7 +67,8 @@ _QUEUED = {RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED, RQStatus.CREA
 
 def job_keys(prefix: str, job_id: str) -> dict[str, str]:
     """Redis keys of one job besides RQ's own (see the module docstring)."""
-    return {name: f"{prefix}:finetune:{name}:{job_id}" for name in ("upload", "cancel", "alive")}
+    names = ("spec", "upload", "cancel", "alive")
+    return {name: f"{prefix}:finetune:{name}:{job_id}" for name in names}
 
 
 def connect_job_redis(url: str, socket_timeout: float | None = 5.0) -> redis.Redis:
@@ -164,13 +167,15 @@ class RedisJobQueue(JobQueue):
                 )
             job_id = new_job_id()
             keys = job_keys(self.prefix, job_id)
-            payload = worker_payload(job_id, submission) | {
-                "keys": keys,
-                "heartbeat_seconds": self.heartbeat_seconds,
-            }
+            payload = worker_payload(job_id, submission)
+            spec = json.dumps(payload.pop("spec")).encode()
+            payload |= {"keys": keys, "heartbeat_seconds": self.heartbeat_seconds}
             ttl = int(self.record_ttl_seconds)
-            if submission.upload is not None:
-                self.connection.set(keys["upload"], submission.upload, ex=ttl)
+            with self.connection.pipeline() as pipeline:
+                pipeline.set(keys["spec"], spec, ex=ttl)
+                if submission.upload is not None:
+                    pipeline.set(keys["upload"], submission.upload, ex=ttl)
+                pipeline.execute()
             self.queue.enqueue_call(
                 JOB_FUNCTION,
                 kwargs={"payload": payload},
@@ -211,7 +216,7 @@ class RedisJobQueue(JobQueue):
                     metrics.record_job("cancelled")
                 except InvalidJobOperation:  # cancelled by someone else meanwhile
                     pass
-                self.connection.delete(keys["upload"])
+                self.connection.delete(keys["spec"], keys["upload"])
             return self.get(job_id)
 
     def active_count(self) -> int:
@@ -267,6 +272,8 @@ class RedisJobQueue(JobQueue):
         status = job.get_status()
         logger.warning("fine-tuning job %s lost with its worker; now %s", job.id, status)
         if status == RQStatus.FAILED:
+            keys = self._keys(job)
+            self.connection.delete(keys["spec"], keys["upload"])  # no run will need them now
             metrics.record_job("failed")
 
     def _keys(self, job: Job) -> dict[str, str]:

@@ -101,15 +101,19 @@ def execute_finetune(
     from models.repository import ModelRepository
 
     tracker = ProgressTracker(progress)
+    scratch_file = "?"  # where an upload is written: never shown to the client
     try:
         if should_cancel():  # cancelled between being taken and starting
             return {"status": "cancelled", "result": None, "error": None, "progress": None}
+        if payload["spec"] is None:
+            raise ValueError("the job's spec is gone (its record expired before it ran)")
         with tempfile.TemporaryDirectory(prefix="neuroserve-job-") as scratch:
             spec_data = dict(payload["spec"])
             if payload.get("has_upload"):
                 if upload is None:
                     raise ValueError("the uploaded .npz is gone (its record expired)")
                 spec_data = _with_uploaded_dataset(spec_data, upload, Path(scratch))
+                scratch_file = spec_data["data"]["path"]
             spec = FinetuneSpec.model_validate(spec_data)
             result = run_finetune(
                 spec,
@@ -124,7 +128,7 @@ def execute_finetune(
         return {
             "status": "failed",
             "result": None,
-            "error": f"{type(error).__name__}: {error}",
+            "error": f"{type(error).__name__}: {error}".replace(scratch_file, "the uploaded .npz"),
             "progress": tracker.latest,
         }
     return _outcome(result, tracker.latest)
@@ -219,9 +223,10 @@ def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
 
     beat = float(payload["heartbeat_seconds"])
     with Heartbeat(connection, keys["alive"], beat, LOST_AFTER_BEATS):
+        spec = connection.get(keys["spec"])
         upload = connection.get(keys["upload"]) if payload.get("has_upload") else None
         outcome = execute_finetune(
-            payload,
+            {**payload, "spec": json.loads(spec) if spec is not None else None},
             upload,
             _repository_root,
             progress=save_progress,
@@ -230,7 +235,7 @@ def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
         )
     job.meta["progress"] = outcome["progress"]
     job.save_meta()
-    connection.delete(keys["upload"])  # the job ended for good: no retry will need it
+    connection.delete(keys["spec"], keys["upload"])  # ended for good: no retry needs them
     return outcome
 
 
