@@ -182,6 +182,18 @@ def test_steps_continue_the_sequence_exactly(
         assert_probabilities_close(body["prediction"]["probabilities"], want[-1])
 
 
+def test_a_sampling_backend_session_reports_epistemic_uncertainty(client: httpx.Client) -> None:
+    options = {"samples": 4, "relative_std": 0.2}
+    created = create(client, backend="stochastic", options=options)
+    assert created["backend"] == "stochastic" and created["options"] == options
+    body = step(client, created["session_id"], digit_chunks([3], seed=2)[0], return_steps=True)
+    answer = body.json()
+    assert answer["step"] == 3 and len(answer["step_predictions"]) == 3
+    for prediction in [answer["prediction"], *answer["step_predictions"]]:
+        assert prediction["epistemic"] is not None and prediction["epistemic"] > 0
+        assert sum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-9)
+
+
 def test_language_model_sessions_take_text_or_token_ids(
     client: httpx.Client, test_repository: ModelRepository
 ) -> None:
