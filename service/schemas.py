@@ -20,6 +20,8 @@ from pydantic import (
     StrictStr,
 )
 
+from models.finetune import BuiltinData, FinetuneSpec, InlineData
+
 
 def _version_as_text(value: object) -> object:
     # Versions are directory names ("1", "2", ...); accept the JSON number 1 as well.
@@ -408,7 +410,7 @@ class GenerateOptions(StrictRequest):
     alpha: float | None = Field(
         None, gt=0.0, lt=1.0, description="Miscoverage level of the next-token sets."
     )
-    score: Literal["lac", "aps", "raps", "topk"] | None = Field(
+    score: ScoreName | None = Field(
         None, description="Conformal score; the session's when omitted."
     )
     session_id: str | None = Field(
@@ -488,6 +490,42 @@ class GenerationErrorOut(BaseModel):
 # ---- fine-tuning jobs (`/v1/finetune/jobs`) -------------------------------------------------
 
 
+def _refuse_server_paths(value: object) -> object:
+    if isinstance(value, dict) and "path" in value:
+        raise ValueError(
+            "naming a file on the server (`path`) is not allowed; send the .npz itself as `base64`"
+        )
+    return value
+
+
+class NpzUpload(StrictRequest):
+    """An `.npz` dataset sent with the job (its format: `models/userdata.py`)."""
+
+    kind: Literal["npz"]
+    base64: str = Field(
+        min_length=1,
+        description="The file's bytes, base64-encoded (NEUROSERVE_MAX_UPLOAD_BYTES decoded).",
+    )
+
+
+JobData = Annotated[
+    InlineData | BuiltinData | Annotated[NpzUpload, BeforeValidator(_refuse_server_paths)],
+    Field(discriminator="kind"),
+]
+
+
+class FinetuneJobRequest(FinetuneSpec):
+    """A fine-tuning job: the fine-tuning spec (`models.finetune.FinetuneSpec`), with an
+    `.npz` dataset sent in the body instead of named by path."""
+
+    data: JobData = Field(
+        description=(
+            "Examples inline, a built-in dataset under a named shift, or an .npz (base64)."
+        ),
+        examples=[{"kind": "builtin", "name": "digits-seq", "shift": "translated"}],
+    )
+
+
 FinetuneJobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -547,7 +585,7 @@ class SessionCreateRequest(StrictRequest):
     alpha: float = Field(
         0.1, gt=0.0, lt=1.0, description="Miscoverage level of the conformal prediction sets."
     )
-    score: str = Field("aps", min_length=1, description="Conformal score of the sets.")
+    score: ScoreName = Field("raps", description="Conformal score of the sets.")
     ttl_seconds: float | None = Field(
         None,
         gt=0.0,

@@ -236,7 +236,7 @@ class SessionManager:
         version: str | None = None,
         backend: str = "torch",
         alpha: float = 0.1,
-        score: str = "aps",
+        score: str = "raps",
         ttl_seconds: float | None = None,
         options: dict | None = None,
         owner: str | None = None,
