@@ -29,26 +29,20 @@ V2 and generation routes, which run their runners themselves.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
-import uuid
-from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
-from pydantic import Field, TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from calibration import SCORE_NAMES, AdaptiveConformal
+from calibration import AdaptiveConformal
 from hardware_backends.base import BackendUnavailableError as BackendCannotRunError
 from hardware_backends.base import Runner, UnknownBackendError, Usage
 from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
-from models.base import StatefulModel
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
 from service.calibration_store import CalibrationFileError, CalibrationStore, StoredCalibration
 from service.errors import (
@@ -56,33 +50,51 @@ from service.errors import (
     BadInputError,
     NotCalibratedError,
     NotFoundError,
-    describe_validation_errors,
 )
 from service.feedback import FeedbackLog, FeedbackResult, PredictionRecord
+from service.inputs import InputLimits, encode_prompts, feature_tensor
 from service.metrics import record_prediction, record_usage
+from service.predictions import (
+    DEFAULT_ALPHA,
+    DEFAULT_SCORE,
+    ClassPrediction,
+    ConformalOptions,
+    PredictionBatch,
+    calibration_inputs,
+    last_step_logits,
+    model_labels,
+    predictions_from_logits,
+    predictions_from_probabilities,
+    prompt_logits,
+    run_last_step,
+)
 from service.state_store import StateStoreError
+
+# Re-exported: the routers and session code import these from here.
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_SCORE",
+    "TORCH_BACKEND",
+    "CalibrationPolicy",
+    "ClassPrediction",
+    "ConformalOptions",
+    "DataPlane",
+    "InputLimits",
+    "PredictionBatch",
+    "calibration_inputs",
+    "encode_prompts",
+    "feature_tensor",
+    "last_step_logits",
+    "predictions_from_logits",
+    "prompt_logits",
+    "run_last_step",
+    "runner_key",
+]
 
 logger = logging.getLogger("neuroserve.dataplane")
 
 TORCH_BACKEND = "torch"
-DEFAULT_ALPHA = 0.1
-# Deterministic APS puts 3-5 labels in the sets of confident models and randomised scores
-# make a set depend on a coin; RAPS covers on target with single-label sets on the digits
-# models (docs/BENCHMARKS.md) and answers the same input with the same set.
-DEFAULT_SCORE = "raps"
 DEFAULT_ABSTAIN_SET_SIZE = 1
-_MAX_SEED = 2**63 - 1
-
-_FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
-# Strict: a JSON number is a feature, while true/false and "1.5" are type errors.
-_FEATURE_SEQUENCES = TypeAdapter(list[list[list[_FiniteNumber]]])
-_PROMPTS = TypeAdapter(list[str])
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    max_batch_size: int
-    max_sequence_length: int
 
 
 @dataclass(frozen=True)
@@ -91,269 +103,6 @@ class CalibrationPolicy:
 
     allow_uncalibrated: bool = False  # answer raw softmax (no sets) where no artifact exists
     abstain_set_size: int = DEFAULT_ABSTAIN_SET_SIZE  # abstain when a set holds more labels
-
-
-@dataclass(frozen=True)
-class ConformalOptions:
-    """What one request asks of calibration; invalid values raise BadInputError."""
-
-    alpha: float = DEFAULT_ALPHA
-    score: str = DEFAULT_SCORE
-    class_conditional: bool = False
-    never_empty: bool = False
-    online: bool = False  # build the set at the ACI level instead of `alpha`
-    max_set_size: int | None = None  # abstain above this set size (server setting when None)
-    seed: int | None = None  # randomised scores; the server draws and reports one when None
-
-    def __post_init__(self) -> None:
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-            raise BadInputError(
-                f"alpha must be a number in the open interval (0, 1), got {alpha!r}"
-            )
-        if self.score not in SCORE_NAMES:
-            raise BadInputError(
-                f"unknown conformal score {self.score!r}; expected one of {list(SCORE_NAMES)}"
-            )
-        if self.online and self.never_empty:
-            raise BadInputError(
-                "never_empty cannot be combined with online: adding a label to an empty ACI "
-                "set voids its long-run miscoverage bound"
-            )
-        if self.online and self.class_conditional:
-            raise BadInputError(
-                "class_conditional cannot be combined with online: the ACI level is marginal"
-            )
-        for name in ("max_set_size", "seed"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEED
-            ):
-                raise BadInputError(f"{name} must be a non-negative integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ClassPrediction:
-    id: str  # uuid4 hex, the handle for later feedback
-    label: str
-    index: int  # position of `label` in the model's labels (or vocabulary)
-    confidence: float
-    probabilities: list[float]
-    entropy: float  # nats, of `probabilities`
-    prediction_set: list[str] | None = None
-    set_size: int | None = None
-    abstain: bool | None = None
-    epistemic: float | None = None  # mutual information (nats), sampling backends only
-    set_indices: list[int] | None = None  # `prediction_set` as label indices
-
-
-@dataclass(frozen=True)
-class PredictionBatch:
-    model: str
-    version: str
-    backend: str
-    calibrated: bool
-    predictions: list[ClassPrediction]
-    usage: dict[str, Any] = field(default_factory=dict)
-    conformal: ConformalOptions | None = None  # what was asked (None: plain softmax)
-    alpha: float | None = None  # the level the sets were built at (ACI's when online)
-    seed: int | None = None  # the seed of a randomised score
-    warnings: list[str] = field(default_factory=list)
-
-
-# ---- input validation -----------------------------------------------------------------------
-
-
-def _check_batch(inputs: object, limits: InputLimits, expected: str) -> list[Any]:
-    """Cheap checks first, so an oversized request is refused before its values are parsed."""
-    if not isinstance(inputs, list):
-        raise BadInputError(f"inputs must be {expected}, got {type(inputs).__name__}")
-    if not inputs:
-        raise BadInputError("inputs is empty: send at least one sequence")
-    if len(inputs) > limits.max_batch_size:
-        raise BadInputError(
-            f"inputs has {len(inputs)} sequences; the limit is {limits.max_batch_size} per request"
-        )
-    for i, sequence in enumerate(inputs):
-        if isinstance(sequence, list | str) and len(sequence) > limits.max_sequence_length:
-            raise BadInputError(
-                f"inputs[{i}] has {len(sequence)} steps; the limit is "
-                f"{limits.max_sequence_length} per sequence"
-            )
-    return inputs
-
-
-def _validated(adapter: TypeAdapter, inputs: list[Any]) -> Any:
-    try:
-        return adapter.validate_python(inputs, strict=True)
-    except ValidationError as error:
-        located = [dict(e, loc=("inputs", *e["loc"])) for e in error.errors()]
-        raise BadInputError(describe_validation_errors(located)) from None
-
-
-def feature_tensor(inputs: object, n_features: int, limits: InputLimits) -> Tensor:
-    """A batch of equal-length feature sequences as float32 [N, T, F], or BadInputError."""
-    batch = _check_batch(inputs, limits, "a list of sequences of shape [N, T, F]")
-    values = _validated(_FEATURE_SEQUENCES, batch)
-    try:
-        with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
-            array = np.asarray(values, dtype=np.float32)  # [N, T, F] when rectangular
-    except ValueError:
-        array = None  # ragged; _describe_shape_problem says where
-    if array is None or array.ndim != 3 or array.shape[1] == 0 or array.shape[2] != n_features:
-        raise BadInputError(_describe_shape_problem(values, n_features))
-    if not np.isfinite(array).all():
-        # Finite as JSON doubles but beyond float32 (|x| > 3.4e38).
-        n, t, f = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
-        raise BadInputError(
-            f"inputs[{n}][{t}][{f}] = {values[n][t][f]!r} is outside the float32 range"
-        )
-    return torch.from_numpy(array)
-
-
-def _describe_shape_problem(values: list[list[list[float]]], n_features: int) -> str:
-    """The first place where `values` is not [N, T, F] with equal T and F = n_features."""
-    first_length = len(values[0])
-    for i, sequence in enumerate(values):
-        if not sequence:
-            return f"inputs[{i}] is empty: every sequence needs at least one time step"
-        if len(sequence) != first_length:
-            return (
-                f"sequences must all have the same number of steps: inputs[0] has "
-                f"{first_length}, inputs[{i}] has {len(sequence)}; send sequences of "
-                "different lengths in separate requests"
-            )
-        for t, step in enumerate(sequence):
-            if len(step) != n_features:
-                return (
-                    f"inputs[{i}][{t}] has {len(step)} features; the model expects "
-                    f"{n_features} per time step (shape [N, T, {n_features}])"
-                )
-    return f"inputs must have shape [N, T, {n_features}]"
-
-
-def encode_prompts(inputs: object, vocabulary: Sequence[str], limits: InputLimits) -> list[Tensor]:
-    """Prompt strings as token ids, one long [T] tensor each, or BadInputError."""
-    batch = _check_batch(inputs, limits, "a list of prompt strings")
-    prompts: list[str] = _validated(_PROMPTS, batch)
-    index = {token: i for i, token in enumerate(vocabulary)}
-    encoded = []
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise BadInputError(f"inputs[{i}] is an empty prompt: send at least one character")
-        unknown = sorted({char for char in prompt if char not in index})
-        if unknown:
-            shown = ", ".join(repr(char) for char in unknown[:10])
-            raise BadInputError(
-                f"inputs[{i}] has characters outside the model's vocabulary: {shown}"
-            )
-        encoded.append(torch.tensor([index[char] for char in prompt], dtype=torch.long))  # [T]
-    return encoded
-
-
-# ---- running and reading out ----------------------------------------------------------------
-
-
-def last_step_logits(model: StatefulModel, x: Tensor) -> Tensor:
-    """Logits after the last step of each sequence, running the model itself (the reference
-    for the torch backend): x [N, T, F] or [N, T] -> [N, C]."""
-    with torch.inference_mode():
-        logits, _ = model(x)  # [N, T, C]
-    return logits[:, -1]  # [N, C]
-
-
-def run_last_step(runner: Runner, x: Tensor) -> tuple[Tensor, Usage]:
-    """Last-step logits of a backend run: [N, C], or [S, N, C] from a sampling backend."""
-    logits, _, usage = runner.run(x)  # [N, T, C] or [S, N, T, C]
-    return logits[..., -1, :], usage
-
-
-def prompt_logits(run: Callable[[Tensor], Tensor], prompts: Sequence[Tensor]) -> Tensor:
-    """Next-token logits for prompts of any lengths: one batched `run` per distinct length.
-
-    `run` maps tokens [n, T] to last-step logits [n, C] (or [S, n, C]); the result is [N, C]
-    (or [S, N, C]) in prompt order.
-    """
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(i)
-    rows: list[Tensor | None] = [None] * len(prompts)
-    for positions in by_length.values():
-        tokens = torch.stack([prompts[i] for i in positions])  # [n, T]
-        logits = run(tokens)  # [n, C] or [S, n, C]
-        for j, i in enumerate(positions):
-            rows[i] = logits[..., j, :]  # [C] or [S, C]
-    return torch.stack(rows, dim=-2)  # [N, C] or [S, N, C]
-
-
-def calibration_inputs(last_logits: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The logits calibration works on [N, C] (float64), and the epistemic part [N] or None.
-
-    Sampled logits [S, N, C] become the log of the predictive mean of the S softmaxes, whose
-    softmax is that mean, so every calibration map and score sees the predictive
-    distribution. Epistemic = H(mean) - mean H (mutual information, nats, >= 0).
-    """
-    if last_logits.dim() == 2:
-        return last_logits.double(), None
-    if last_logits.dim() != 3:
-        raise ValueError(f"expected logits [N, C] or [S, N, C], got {list(last_logits.shape)}")
-    log_probs = torch.log_softmax(last_logits.double(), dim=-1)  # [S, N, C]
-    samples = log_probs.shape[0]
-    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(samples)  # [N, C]
-    total = -(log_mean.exp() * log_mean).sum(dim=-1)  # [N] entropy of the mean
-    aleatoric = -(log_probs.exp() * log_probs).sum(dim=-1).mean(dim=0)  # [N] mean entropy
-    return log_mean, (total - aleatoric).clamp_min(0.0)
-
-
-def _entropy(probs: Tensor) -> Tensor:
-    """Entropy in nats of rows [N, C]; 0 log 0 counts as 0."""
-    return (-torch.special.xlogy(probs, probs).sum(dim=-1)).clamp_min(0.0)  # [N]
-
-
-def predictions_from_probabilities(
-    probs: Tensor,
-    labels: Sequence[str],
-    *,
-    sets: Tensor | None = None,
-    abstain_above: int | None = None,
-    epistemic: Tensor | None = None,
-) -> list[ClassPrediction]:
-    """One prediction per row of probs [N, C] (float64), with its set [N, C] bool if given."""
-    confidence, index = probs.max(dim=-1)  # [N], [N]
-    entropy = _entropy(probs)  # [N]
-    predictions = []
-    for n in range(probs.shape[0]):
-        members = None if sets is None else sets[n].nonzero().flatten().tolist()
-        predictions.append(
-            ClassPrediction(
-                id=uuid.uuid4().hex,
-                label=labels[int(index[n])],
-                index=int(index[n]),
-                confidence=float(confidence[n]),
-                probabilities=probs[n].tolist(),
-                entropy=float(entropy[n]),
-                prediction_set=None if members is None else [labels[i] for i in members],
-                set_size=None if members is None else len(members),
-                abstain=(
-                    None
-                    if members is None or abstain_above is None
-                    else len(members) > abstain_above
-                ),
-                epistemic=None if epistemic is None else float(epistemic[n]),
-                set_indices=members,
-            )
-        )
-    return predictions
-
-
-def predictions_from_logits(logits: Tensor, labels: Sequence[str]) -> list[ClassPrediction]:
-    """Uncalibrated: softmax, arg-max label, its probability and the entropy, per row of [N, C]."""
-    return predictions_from_probabilities(torch.softmax(logits.double(), dim=-1), labels)
-
-
-def model_labels(card: ModelCard) -> list[str]:
-    """Class labels of a classifier, or the vocabulary of a language model."""
-    return list(card.config.get("labels") or card.config.get("vocabulary") or [])
 
 
 def runner_key(card: ModelCard) -> str:

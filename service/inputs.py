@@ -1,0 +1,116 @@
+"""Request inputs checked against a model's input spec: feature sequences [N, T, F] as float32
+tensors, prompts as token ids. Every problem becomes a `BadInputError` naming where it is
+(`inputs[2][5]`), and cheap size checks come before parsing values, so an oversized request
+is refused before its numbers are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from pydantic import Field, TypeAdapter, ValidationError
+from torch import Tensor
+
+from service.errors import BadInputError, describe_validation_errors
+
+_FiniteNumber = Annotated[float, Field(allow_inf_nan=False)]
+# Strict: a JSON number is a feature, while true/false and "1.5" are type errors.
+_FEATURE_SEQUENCES = TypeAdapter(list[list[list[_FiniteNumber]]])
+_PROMPTS = TypeAdapter(list[str])
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_batch_size: int
+    max_sequence_length: int
+
+
+def _check_batch(inputs: object, limits: InputLimits, expected: str) -> list[Any]:
+    """Cheap checks first, so an oversized request is refused before its values are parsed."""
+    if not isinstance(inputs, list):
+        raise BadInputError(f"inputs must be {expected}, got {type(inputs).__name__}")
+    if not inputs:
+        raise BadInputError("inputs is empty: send at least one sequence")
+    if len(inputs) > limits.max_batch_size:
+        raise BadInputError(
+            f"inputs has {len(inputs)} sequences; the limit is {limits.max_batch_size} per request"
+        )
+    for i, sequence in enumerate(inputs):
+        if isinstance(sequence, list | str) and len(sequence) > limits.max_sequence_length:
+            raise BadInputError(
+                f"inputs[{i}] has {len(sequence)} steps; the limit is "
+                f"{limits.max_sequence_length} per sequence"
+            )
+    return inputs
+
+
+def _validated(adapter: TypeAdapter, inputs: list[Any]) -> Any:
+    try:
+        return adapter.validate_python(inputs, strict=True)
+    except ValidationError as error:
+        located = [dict(e, loc=("inputs", *e["loc"])) for e in error.errors()]
+        raise BadInputError(describe_validation_errors(located)) from None
+
+
+def feature_tensor(inputs: object, n_features: int, limits: InputLimits) -> Tensor:
+    """A batch of equal-length feature sequences as float32 [N, T, F], or BadInputError."""
+    batch = _check_batch(inputs, limits, "a list of sequences of shape [N, T, F]")
+    values = _validated(_FEATURE_SEQUENCES, batch)
+    try:
+        with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
+            array = np.asarray(values, dtype=np.float32)  # [N, T, F] when rectangular
+    except ValueError:
+        array = None  # ragged; _describe_shape_problem says where
+    if array is None or array.ndim != 3 or array.shape[1] == 0 or array.shape[2] != n_features:
+        raise BadInputError(_describe_shape_problem(values, n_features))
+    if not np.isfinite(array).all():
+        # Finite as JSON doubles but beyond float32 (|x| > 3.4e38).
+        n, t, f = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
+        raise BadInputError(
+            f"inputs[{n}][{t}][{f}] = {values[n][t][f]!r} is outside the float32 range"
+        )
+    return torch.from_numpy(array)
+
+
+def _describe_shape_problem(values: list[list[list[float]]], n_features: int) -> str:
+    """The first place where `values` is not [N, T, F] with equal T and F = n_features."""
+    first_length = len(values[0])
+    for i, sequence in enumerate(values):
+        if not sequence:
+            return f"inputs[{i}] is empty: every sequence needs at least one time step"
+        if len(sequence) != first_length:
+            return (
+                f"sequences must all have the same number of steps: inputs[0] has "
+                f"{first_length}, inputs[{i}] has {len(sequence)}; send sequences of "
+                "different lengths in separate requests"
+            )
+        for t, step in enumerate(sequence):
+            if len(step) != n_features:
+                return (
+                    f"inputs[{i}][{t}] has {len(step)} features; the model expects "
+                    f"{n_features} per time step (shape [N, T, {n_features}])"
+                )
+    return f"inputs must have shape [N, T, {n_features}]"
+
+
+def encode_prompts(inputs: object, vocabulary: Sequence[str], limits: InputLimits) -> list[Tensor]:
+    """Prompt strings as token ids, one long [T] tensor each, or BadInputError."""
+    batch = _check_batch(inputs, limits, "a list of prompt strings")
+    prompts: list[str] = _validated(_PROMPTS, batch)
+    index = {token: i for i, token in enumerate(vocabulary)}
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise BadInputError(f"inputs[{i}] is an empty prompt: send at least one character")
+        unknown = sorted({char for char in prompt if char not in index})
+        if unknown:
+            shown = ", ".join(repr(char) for char in unknown[:10])
+            raise BadInputError(
+                f"inputs[{i}] has characters outside the model's vocabulary: {shown}"
+            )
+        encoded.append(torch.tensor([index[char] for char in prompt], dtype=torch.long))  # [T]
+    return encoded

@@ -1,0 +1,204 @@
+"""Predictions as the server answers them: what a request asks of calibration
+(`ConformalOptions`), one answer per sequence (`ClassPrediction`) and per request
+(`PredictionBatch`), and the read-out from logits.
+
+Backends return last-step logits [N, C], or [S, N, C] when they sample (stochastic weights).
+`calibration_inputs` turns either into the logits calibration works on and, for samples, the
+epistemic part of the uncertainty; `predictions_from_probabilities` reads labels, confidence,
+entropy and the conformal set out of calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from calibration import SCORE_NAMES
+from hardware_backends.base import Runner, Usage
+from models.base import StatefulModel
+from models.repository import ModelCard
+from service.errors import BadInputError
+
+DEFAULT_ALPHA = 0.1
+# Deterministic APS puts 3-5 labels in the sets of confident models and randomised scores
+# make a set depend on a coin; RAPS covers on target with single-label sets on the digits
+# models (docs/BENCHMARKS.md) and answers the same input with the same set.
+DEFAULT_SCORE = "raps"
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class ConformalOptions:
+    """What one request asks of calibration; invalid values raise BadInputError."""
+
+    alpha: float = DEFAULT_ALPHA
+    score: str = DEFAULT_SCORE
+    class_conditional: bool = False
+    never_empty: bool = False
+    online: bool = False  # build the set at the ACI level instead of `alpha`
+    max_set_size: int | None = None  # abstain above this set size (server setting when None)
+    seed: int | None = None  # randomised scores; the server draws and reports one when None
+
+    def __post_init__(self) -> None:
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
+            raise BadInputError(
+                f"alpha must be a number in the open interval (0, 1), got {alpha!r}"
+            )
+        if self.score not in SCORE_NAMES:
+            raise BadInputError(
+                f"unknown conformal score {self.score!r}; expected one of {list(SCORE_NAMES)}"
+            )
+        if self.online and self.never_empty:
+            raise BadInputError(
+                "never_empty cannot be combined with online: adding a label to an empty ACI "
+                "set voids its long-run miscoverage bound"
+            )
+        if self.online and self.class_conditional:
+            raise BadInputError(
+                "class_conditional cannot be combined with online: the ACI level is marginal"
+            )
+        for name in ("max_set_size", "seed"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEED
+            ):
+                raise BadInputError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ClassPrediction:
+    id: str  # uuid4 hex, the handle for later feedback
+    label: str
+    index: int  # position of `label` in the model's labels (or vocabulary)
+    confidence: float
+    probabilities: list[float]
+    entropy: float  # nats, of `probabilities`
+    prediction_set: list[str] | None = None
+    set_size: int | None = None
+    abstain: bool | None = None
+    epistemic: float | None = None  # mutual information (nats), sampling backends only
+    set_indices: list[int] | None = None  # `prediction_set` as label indices
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    model: str
+    version: str
+    backend: str
+    calibrated: bool
+    predictions: list[ClassPrediction]
+    usage: dict[str, Any] = field(default_factory=dict)
+    conformal: ConformalOptions | None = None  # what was asked (None: plain softmax)
+    alpha: float | None = None  # the level the sets were built at (ACI's when online)
+    seed: int | None = None  # the seed of a randomised score
+    warnings: list[str] = field(default_factory=list)
+
+
+def last_step_logits(model: StatefulModel, x: Tensor) -> Tensor:
+    """Logits after the last step of each sequence, running the model itself (the reference
+    for the torch backend): x [N, T, F] or [N, T] -> [N, C]."""
+    with torch.inference_mode():
+        logits, _ = model(x)  # [N, T, C]
+    return logits[:, -1]  # [N, C]
+
+
+def run_last_step(runner: Runner, x: Tensor) -> tuple[Tensor, Usage]:
+    """Last-step logits of a backend run: [N, C], or [S, N, C] from a sampling backend."""
+    logits, _, usage = runner.run(x)  # [N, T, C] or [S, N, T, C]
+    return logits[..., -1, :], usage
+
+
+def prompt_logits(run: Callable[[Tensor], Tensor], prompts: Sequence[Tensor]) -> Tensor:
+    """Next-token logits for prompts of any lengths: one batched `run` per distinct length.
+
+    `run` maps tokens [n, T] to last-step logits [n, C] (or [S, n, C]); the result is [N, C]
+    (or [S, N, C]) in prompt order.
+    """
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(i)
+    rows: list[Tensor | None] = [None] * len(prompts)
+    for positions in by_length.values():
+        tokens = torch.stack([prompts[i] for i in positions])  # [n, T]
+        logits = run(tokens)  # [n, C] or [S, n, C]
+        for j, i in enumerate(positions):
+            rows[i] = logits[..., j, :]  # [C] or [S, C]
+    return torch.stack(rows, dim=-2)  # [N, C] or [S, N, C]
+
+
+def calibration_inputs(last_logits: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The logits calibration works on [N, C] (float64), and the epistemic part [N] or None.
+
+    Sampled logits [S, N, C] become the log of the predictive mean of the S softmaxes, whose
+    softmax is that mean, so every calibration map and score sees the predictive
+    distribution. Epistemic = H(mean) - mean H (mutual information, nats, >= 0).
+    """
+    if last_logits.dim() == 2:
+        return last_logits.double(), None
+    if last_logits.dim() != 3:
+        raise ValueError(f"expected logits [N, C] or [S, N, C], got {list(last_logits.shape)}")
+    log_probs = torch.log_softmax(last_logits.double(), dim=-1)  # [S, N, C]
+    samples = log_probs.shape[0]
+    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(samples)  # [N, C]
+    total = -(log_mean.exp() * log_mean).sum(dim=-1)  # [N] entropy of the mean
+    aleatoric = -(log_probs.exp() * log_probs).sum(dim=-1).mean(dim=0)  # [N] mean entropy
+    return log_mean, (total - aleatoric).clamp_min(0.0)
+
+
+def _entropy(probs: Tensor) -> Tensor:
+    """Entropy in nats of rows [N, C]; 0 log 0 counts as 0."""
+    return (-torch.special.xlogy(probs, probs).sum(dim=-1)).clamp_min(0.0)  # [N]
+
+
+def predictions_from_probabilities(
+    probs: Tensor,
+    labels: Sequence[str],
+    *,
+    sets: Tensor | None = None,
+    abstain_above: int | None = None,
+    epistemic: Tensor | None = None,
+) -> list[ClassPrediction]:
+    """One prediction per row of probs [N, C] (float64), with its set [N, C] bool if given."""
+    confidence, index = probs.max(dim=-1)  # [N], [N]
+    entropy = _entropy(probs)  # [N]
+    predictions = []
+    for n in range(probs.shape[0]):
+        members = None if sets is None else sets[n].nonzero().flatten().tolist()
+        predictions.append(
+            ClassPrediction(
+                id=uuid.uuid4().hex,
+                label=labels[int(index[n])],
+                index=int(index[n]),
+                confidence=float(confidence[n]),
+                probabilities=probs[n].tolist(),
+                entropy=float(entropy[n]),
+                prediction_set=None if members is None else [labels[i] for i in members],
+                set_size=None if members is None else len(members),
+                abstain=(
+                    None
+                    if members is None or abstain_above is None
+                    else len(members) > abstain_above
+                ),
+                epistemic=None if epistemic is None else float(epistemic[n]),
+                set_indices=members,
+            )
+        )
+    return predictions
+
+
+def predictions_from_logits(logits: Tensor, labels: Sequence[str]) -> list[ClassPrediction]:
+    """Uncalibrated: softmax, arg-max label, its probability and the entropy, per row of [N, C]."""
+    return predictions_from_probabilities(torch.softmax(logits.double(), dim=-1), labels)
+
+
+def model_labels(card: ModelCard) -> list[str]:
+    """Class labels of a classifier, or the vocabulary of a language model."""
+    return list(card.config.get("labels") or card.config.get("vocabulary") or [])
