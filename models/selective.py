@@ -257,7 +257,11 @@ class SelectiveModel(StatefulModel):
         self, x: Tensor, state: State | None = None, scan=_scan_parallel
     ) -> tuple[Tensor, State]:
         """x: [B, T, d_input] floats or [B, T] tokens -> logits [B, T, n_out], final state.
-        `scan=_scan_sequential` runs the reference loop instead of the parallel scan."""
+
+        `scan=_scan_sequential` runs the reference loop instead of the parallel scan. On one
+        CPU core the loop is the faster of the two (about 2x end to end at T = 128,
+        d_state 16): the parallel scan buys O(log T) depth with extra passes over
+        [B, T, E, N] tensors, which pays off on parallel hardware, not on a CPU."""
         self.check_sequence_input(x)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=self.head.weight.dtype)
