@@ -2,9 +2,10 @@
 `JobQueue` (`service.jobs`), which this router's lifespan opens beside the app's own.
 
 The body of `POST /v1/finetune/jobs` is the fine-tuning spec (`models.finetune.FinetuneSpec`:
-model, version, backend, dataset, optimiser and every hyper-parameter), validated here so a
-bad value is a 422 naming the field before anything is queued. One thing differs from the
-spec: a client never names a file on the server. An .npz dataset travels in the body as
+model, version, backend, data, optimiser and every hyper-parameter; `FinetuneJobRequest` in
+the schemas), validated so that a bad value is a 422 naming the field, and its data loaded
+and checked against the model, before anything is queued. One thing differs from the spec:
+a client never names a file on the server. An .npz dataset travels in the body as
 `{"kind": "npz", "base64": "..."}` (bounded by `max_upload_bytes`); it is checked here and
 handed to the worker beside the spec, which writes it to a scratch file of its own.
 """
@@ -21,16 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from models.finetune import FinetuneSpec, NpzData, load_finetune_data
 from service.dataplane import DataPlane
 from service.errors import (
     BadInputError,
     NeuroserveError,
     NotFoundError,
     RateLimitedError,
-    describe_validation_errors,
 )
 from service.jobs import (
     FINISHED,
@@ -43,7 +43,7 @@ from service.jobs import (
     open_job_queue,
 )
 from service.routers import get_dataplane
-from service.schemas import ErrorResponse, FinetuneJob
+from service.schemas import ErrorResponse, FinetuneJob, FinetuneJobRequest, NpzUpload
 
 logger = logging.getLogger("neuroserve.finetune")
 
@@ -89,11 +89,6 @@ _UNKNOWN_JOB = _error(404, "Unknown job id (or its record expired).")
 _UNAVAILABLE = _error(503, "The job queue's Redis cannot be reached.")
 
 
-SPEC_DESCRIPTION = (
-    "The fine-tuning spec (`models.finetune.FinetuneSpec`): model, version (latest when "
-    "omitted), backend, data (inline examples, a built-in shifted dataset, or an .npz sent "
-    'as `{"kind": "npz", "base64": "..."}`), optimiser and hyper-parameters.'
-)
 SPEC_EXAMPLE: dict[str, Any] = {
     "model": "digits-lru",
     "backend": "torch",
@@ -107,16 +102,8 @@ SPEC_EXAMPLE: dict[str, Any] = {
 # ---- the body -> a validated submission -----------------------------------------------------
 
 
-def decode_upload(data: dict[str, Any], max_bytes: int) -> bytes:
-    """The .npz bytes of a `{"kind": "npz", "base64": ...}` data entry, size-checked."""
-    if "path" in data:
-        raise BadInputError(
-            "data.path: naming a file on the server is not allowed; send the .npz itself as "
-            "data.base64"
-        )
-    encoded = data.get("base64")
-    if not isinstance(encoded, str) or not encoded:
-        raise BadInputError("data.base64: an .npz dataset needs its bytes, base64-encoded")
+def decode_upload(encoded: str, max_bytes: int) -> bytes:
+    """The bytes of an .npz sent as base64, checked against the upload limit."""
     if len(encoded) > (max_bytes + 2) // 3 * 4 + 4:  # base64 holds 3 bytes per 4 characters
         raise BadInputError(
             f"data.base64: the .npz exceeds the upload limit of {max_bytes} bytes "
@@ -142,26 +129,24 @@ def _invalid(detail: str) -> BadInputError:
     return BadInputError(f"invalid fine-tuning job: {detail}")
 
 
-def validate_job(body: dict[str, Any], upload: bytes | None, dataplane: DataPlane) -> Any:
-    """The body as a `FinetuneSpec` whose data fits its model, or an error naming the
-    problem: BadInputError (422) for a bad field or data, NotFoundError (404) for an
-    unknown model or version. The data is loaded and split exactly as the job will."""
-    from models.finetune import FinetuneSpec, load_finetune_data
-
+def validate_job(
+    request: FinetuneJobRequest, upload: bytes | None, dataplane: DataPlane
+) -> FinetuneSpec:
+    """The request as the `FinetuneSpec` the worker will run, once its data is known to fit
+    its model: BadInputError (422) naming the problem, NotFoundError (404) for an unknown
+    model or version. The data is loaded and split exactly as the job will do it."""
     with tempfile.TemporaryDirectory(prefix="neuroserve-upload-") as scratch:
         path = Path(scratch) / "dataset.npz"
-        if upload is not None:
+        fields = request.model_dump(exclude={"data"})
+        if upload is None:
+            spec = FinetuneSpec(**fields, data=request.data)
+        else:
             path.write_bytes(upload)
-            body = {**body, "data": {"kind": "npz", "path": str(path)}}
-        try:
-            spec = FinetuneSpec.model_validate(body)
-        except ValidationError as error:
-            raise _invalid(describe_validation_errors(error.errors())) from None
+            spec = FinetuneSpec(**fields, data=NpzData(kind="npz", path=str(path)))
         card = dataplane.card(spec.model, spec.version)
         if card.config["task"] != "classification":
-            raise _invalid(
-                f"model: {spec.model} is a {card.config['task']} model, not a classifier"
-            )
+            task = card.config["task"]
+            raise _invalid(f"model: {spec.model} is a {task} model; only classifiers are tuned")
         d_input = int(card.config["model_config"]["d_input"])
         try:
             load_finetune_data(spec, list(card.config["labels"]), d_input)
@@ -170,14 +155,15 @@ def validate_job(body: dict[str, Any], upload: bytes | None, dataplane: DataPlan
     return spec
 
 
-def build_submission(body: dict[str, Any], dataplane: DataPlane, max_upload: int) -> JobSubmission:
-    """Validate the body and package what the worker needs (an upload travels beside the
-    spec; the worker writes it to a path of its own)."""
-    data = body.get("data")
+def build_submission(
+    request: FinetuneJobRequest, dataplane: DataPlane, max_upload: int
+) -> JobSubmission:
+    """Validate the job and package what the worker needs: the spec as JSON and an upload
+    beside it (the worker writes it to a path of its own and points `data` there)."""
     upload = None
-    if isinstance(data, dict) and data.get("kind") == "npz":
-        upload = decode_upload(data, max_upload)
-    spec = validate_job(body, upload, dataplane)
+    if isinstance(request.data, NpzUpload):
+        upload = decode_upload(request.data.base64, max_upload)
+    spec = validate_job(request, upload, dataplane)
     spec_json = spec.model_dump(mode="json")
     if upload is not None:
         spec_json["data"] = {"kind": "npz"}
@@ -221,7 +207,7 @@ async def submit_job(
     response: Response,
     jobs: JobsDependency,
     dataplane: DataPlaneDependency,
-    body: Annotated[dict[str, Any], Body(description=SPEC_DESCRIPTION, examples=[SPEC_EXAMPLE])],
+    body: Annotated[FinetuneJobRequest, Body(examples=[SPEC_EXAMPLE])],
 ) -> FinetuneJob:
     max_upload = request.app.state.settings.max_upload_bytes
     submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
