@@ -205,6 +205,8 @@ class RedisJobQueue(JobQueue):
     def cancel(self, job_id: str) -> JobRecord:
         with _unavailable_as_error():
             job = self._fetch(job_id)
+            if job.get_status() not in _QUEUED | {RQStatus.STARTED}:
+                return self._record(job)  # it has ended: nothing to cancel
             keys = self._keys(job)
             # The flag first: a worker that takes the job right now still sees it.
             self.connection.set(keys["cancel"], b"1", ex=int(self.record_ttl_seconds))

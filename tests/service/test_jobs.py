@@ -204,6 +204,7 @@ def test_local_job_runs_to_success_and_publishes_a_version(
     history = {point["step"]: point["validation_accuracy"] for point in result["history"]}
     assert history[result["best_step"]] >= history[0]
     assert set(result["before"]) == set(result["after"]) >= {"accuracy", "ece", "coverage"}
+    assert local_queue.cancel(record.job_id) == done  # a finished job is left as it was
 
 
 def test_local_cancel_of_a_running_job_publishes_nothing(

@@ -206,6 +206,10 @@ def test_a_job_runs_on_a_worker_process_end_to_end(
     assert job["attempts"] == 1 and job["progress"]["stage"] == "done"
     new_version = job["result"]["version"]
     assert client.get("/v1/models/tiny").json()["versions"] == [*versions_before, new_version]
+    late_cancel = client.delete(f"/v1/finetune/jobs/{job['job_id']}")
+    assert late_cancel.status_code == 200
+    assert late_cancel.json()["status"] == "succeeded"
+    assert not late_cancel.json()["cancel_requested"]
     session = client.post("/v1/sessions", json={"model": "tiny", "version": new_version})
     assert session.status_code == 201, session.text
     sequence = load_digits_seq("test", shift="translated").inputs[0].tolist()  # [8, 8]
