@@ -169,10 +169,13 @@ class _LocalJob:
 
 @dataclass
 class _Child:
-    """The local worker process and the parent's end of its pipe."""
+    """The local worker process, the parent's end of its job pipe, and the sending end of
+    its cancel pipe (ids of jobs to stop: the child stops only the job it is running, so a
+    cancel that crosses the end of one job can never stop the next)."""
 
     process: Any
     connection: Any
+    cancels: Any
 
 
 class LocalJobQueue(JobQueue):
@@ -200,9 +203,6 @@ class LocalJobQueue(JobQueue):
         self.timeout_seconds = timeout_seconds
         self.record_ttl_seconds = record_ttl_seconds
         self._context = multiprocessing.get_context("spawn")
-        # The id of the running job to stop: the child compares it with its own job's id, so
-        # a cancel that arrives as one job ends can never stop the next one.
-        self._cancel_box = self._context.Array("c", 32)
         self._jobs: dict[str, _LocalJob] = {}
         self._pending: deque[str] = deque()
         self._condition = threading.Condition()
@@ -241,7 +241,7 @@ class LocalJobQueue(JobQueue):
                 metrics.record_job("cancelled")
             elif status == "running":
                 job.record = replace(job.record, cancel_requested=True)
-                self._cancel_box.value = job_id.encode()
+                self._send_cancel(job_id)
             return job.record
 
     def active_count(self) -> int:
@@ -314,6 +314,15 @@ class LocalJobQueue(JobQueue):
                         self._finish(job, "failed", error="internal error running the job")
                         metrics.record_job("failed", time.monotonic() - job.started)
 
+    def _send_cancel(self, job_id: str) -> None:
+        """Tell the child to stop `job_id` (call with the condition held: one sender)."""
+        child = self._child
+        try:
+            if child is not None:
+                child.cancels.send_bytes(job_id.encode())
+        except OSError:  # the child is gone; the dispatcher is finding out right now
+            pass
+
     def _ensure_child(self) -> _Child:
         if self._child is not None and self._child.process.is_alive():
             return self._child
@@ -321,15 +330,17 @@ class LocalJobQueue(JobQueue):
         from service.worker import local_worker_main
 
         parent_end, child_end = self._context.Pipe(duplex=True)
+        cancels_in, cancels_out = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=local_worker_main,
-            args=(child_end, self._cancel_box, str(self.repository_root)),
+            args=(child_end, cancels_in, str(self.repository_root)),
             name="neuroserve-local-worker",
             daemon=True,
         )
         process.start()
-        child_end.close()  # only the child holds it now: its death reads as EOF here
-        self._child = _Child(process, parent_end)
+        child_end.close()  # only the child holds them now: its death reads as EOF here
+        cancels_in.close()
+        self._child = _Child(process, parent_end, cancels_out)
         logger.info("started local fine-tuning worker process %s", process.pid)
         return self._child
 
@@ -338,6 +349,7 @@ class LocalJobQueue(JobQueue):
         if child is None:
             return
         child.connection.close()
+        child.cancels.close()
         if child.process.is_alive():
             child.process.terminate()
         child.process.join(timeout=10)
@@ -378,8 +390,6 @@ class LocalJobQueue(JobQueue):
 
     def _complete(self, job_id: str, job: _LocalJob, outcome: dict[str, Any]) -> None:
         with self._condition:
-            if self._cancel_box.value == job_id.encode():
-                self._cancel_box.value = b""
             status = outcome["status"]
             self._finish(job, status, result=outcome.get("result"), error=outcome.get("error"))
             if outcome.get("progress") is not None:
@@ -391,8 +401,6 @@ class LocalJobQueue(JobQueue):
         self._stop_child()
         job_id = job.record.job_id
         with self._condition:
-            if self._cancel_box.value == job_id.encode():
-                self._cancel_box.value = b""
             retry = job.record.attempts <= self.retries and not job.record.cancel_requested
             if retry and not self._closed:
                 logger.warning("local fine-tuning job %s lost (%s); retrying", job_id, reason)

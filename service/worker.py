@@ -352,17 +352,23 @@ def _redacted(url: str) -> str:
 # ---- the embedded local worker process ------------------------------------------------------
 
 
-def local_worker_main(connection: Any, cancel_box: Any, repository_root: str) -> None:
+def local_worker_main(connection: Any, cancels: Any, repository_root: str) -> None:
     """Child process of `LocalJobQueue`: run jobs from the pipe until it closes.
 
     Receives a JSON payload and then the upload's bytes (empty: none) per job; sends JSON
     `{"type": "progress", "progress": {...}}` messages and one `{"type": "outcome", ...}`.
-    `cancel_box` holds the id of the job to stop.
+    `cancels` delivers ids of jobs to stop; only the running job's id stops anything.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it stops us
+    cancelled: set[bytes] = set()
 
     def send(message: dict[str, Any]) -> None:
         connection.send_bytes(json.dumps(message).encode())
+
+    def should_cancel(job_id: bytes) -> bool:
+        while cancels.poll():
+            cancelled.add(cancels.recv_bytes())
+        return job_id in cancelled
 
     while True:
         try:
@@ -376,6 +382,7 @@ def local_worker_main(connection: Any, cancel_box: Any, repository_root: str) ->
             upload,
             Path(repository_root),
             progress=lambda progress: send({"type": "progress", "progress": progress}),
-            should_cancel=lambda job_id=job_id: cancel_box.value == job_id,
+            should_cancel=lambda job_id=job_id: should_cancel(job_id),
         )
+        cancelled.discard(job_id)
         send({"type": "outcome", "outcome": outcome})
