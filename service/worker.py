@@ -12,7 +12,7 @@ Around it, two hosts:
   `FinetuneWorker` (`neuroserve worker`): progress goes to the job's meta, cancellation is a
   Redis key, a heartbeat thread keeps the job's alive key fresh (`service.jobs_redis`).
 - `local_worker_main` is the child process of the server's `LocalJobQueue`: jobs and
-  messages travel as JSON over a pipe, cancellation is a shared job-id box.
+  messages travel as JSON over a pipe, cancellations (job ids) over a second one.
 """
 
 from __future__ import annotations
