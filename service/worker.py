@@ -30,6 +30,7 @@ from typing import Any
 
 from rq import Worker, get_current_job
 from rq.job import Job
+from rq.job import JobStatus as RQStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseTimeoutException
@@ -257,8 +258,6 @@ class FinetuneWorker(Worker):
             self._record(job, time.monotonic() - started)
 
     def _record(self, job: Job, seconds: float) -> None:
-        from rq.job import JobStatus as RQStatus
-
         try:
             status = job.get_status(refresh=True)
             if status == RQStatus.FINISHED:
