@@ -50,6 +50,7 @@ BUILTIN_RECIPES: dict[str, TrainingRecipe] = {
             "readout_beta_init": 0.8,
             "surrogate": "arctan",
             "surrogate_slope": 2.0,
+            "dropout": 0.0,  # the committed artifact was trained without spike dropout
         },
         epochs=80,
         batch_size=64,
