@@ -131,7 +131,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ModelRepository(settings.model_repository)
         # One store for everything the replicas share: sessions, predictions awaiting
         # feedback, online (ACI) levels and counters.
-        state_store = open_state_store(settings.redis_url, prefix=settings.state_store_prefix)
+        state_store = open_state_store(
+            settings.redis_url,
+            prefix=settings.state_store_prefix,
+            **({"pool_timeout": settings.redis_pool_timeout_seconds} if settings.redis_url else {}),
+        )
         calibrations = CalibrationStore(repository)
         dataplane = DataPlane(
             repository,

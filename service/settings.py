@@ -8,10 +8,10 @@ prefix (`NEUROSERVE_PORT=9000`, `NEUROSERVE_REDIS_URL=redis://...`) or passed to
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.repository import default_repository_root
 
@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         description="How long a micro-batch waits for more steps after its first one.",
     )
     batch_max_size: int = Field(64, ge=1, description="Most session steps in one micro-batch.")
+    redis_pool_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "How long a request waits for a free Redis connection when the pool (64) is busy; "
+            "only then does it get 503."
+        ),
+    )
     store_check_seconds: float = Field(
         2.0, gt=0, description="How often readiness re-checks that the state store answers."
     )
@@ -147,6 +155,52 @@ class Settings(BaseSettings):
         description="Largest .npz dataset a fine-tuning job may upload (decoded bytes).",
     )
     log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
+    # ---- API keys and per-key limits (service/auth.py, service/limits.py) ----
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "API keys as sha256 hex digests, bare or `name:digest`, comma-separated "
+            "(`neuroserve hash-key` prints one); none configured leaves the server open."
+        ),
+    )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Keys that may also run fine-tuning jobs; same format as api_keys.",
+    )
+    rate_limit_per_second: float = Field(
+        0.0, ge=0, description="Requests a second per API key per replica; 0 is unlimited."
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests a key may send at once before the rate applies."
+    )
+    max_sessions_per_key: int = Field(
+        1000, ge=1, description="Most live REST sessions one API key holds per replica."
+    )
+    max_jobs_per_key: int = Field(
+        2, ge=1, description="Most queued plus running fine-tuning jobs per API key."
+    )
+    ws_max_message_bytes: int = Field(
+        64 * 1024, ge=256, description="Largest websocket message accepted (close 1009)."
+    )
+    ws_max_messages_per_second: float = Field(
+        20.0, gt=0, description="Most websocket messages a client sends a second (close 1008)."
+    )
+
+    @field_validator("api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _well_formed_keys(cls, value: list[str]) -> list[str]:
+        from service.auth import parse_key_entry  # auth imports nothing from settings
+
+        for entry in value:
+            parse_key_entry(entry, admin=False)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -21,6 +21,10 @@ URL forms, recognised by scheme:
 For Sentinel, the credentials in the URL are for the master; a query parameter
 `sentinel_password=` (and `sentinel_username=`) authenticates to the sentinels themselves.
 
+Connections come from a blocking pool: when all `max_connections` are busy, a request waits up
+to `pool_timeout` seconds for one instead of failing at once, so a burst queues rather than
+answering 503.
+
 Every connection, timeout or failover error becomes one `StateStoreUnavailableError`, so the
 service can answer 503 and report itself not ready. Timeouts and the retry count are small by
 default so that an unreachable Redis is noticed within about a second.
@@ -40,7 +44,7 @@ import redis.asyncio as redis_asyncio
 import redis.exceptions as redis_errors
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 
 from service.state_store import (
@@ -173,6 +177,7 @@ class ConnectionOptions:
     connect_timeout: float = 1.0
     retries: int = 1  # extra attempts after a connection error, with jittered backoff
     max_connections: int = 64
+    pool_timeout: float = 5.0  # how long a request waits for a free connection
     extra: dict[str, Any] = field(default_factory=dict)  # passed on to redis-py
 
 
@@ -189,8 +194,11 @@ def connect(target: RedisTarget, options: ConnectionOptions) -> tuple[Any, list[
         **options.extra,
     }
     if target.kind == "standalone":
-        pool = redis_asyncio.ConnectionPool.from_url(
-            target.url, max_connections=options.max_connections, **common
+        pool = redis_asyncio.BlockingConnectionPool.from_url(
+            target.url,
+            max_connections=options.max_connections,
+            timeout=options.pool_timeout,
+            **common,
         )
         return redis_asyncio.Redis.from_pool(pool), []
     if target.kind == "cluster":
@@ -218,14 +226,24 @@ def connect(target: RedisTarget, options: ConnectionOptions) -> tuple[Any, list[
     )
     client = sentinel.master_for(
         target.service_name,
+        connection_pool_class=BlockingSentinelConnectionPool,
         db=target.db,
         username=target.username,
         password=target.password,
         ssl=target.tls,
         max_connections=options.max_connections,
+        timeout=options.pool_timeout,
         **common,
     )
     return client, list(sentinel.sentinels)
+
+
+class BlockingSentinelConnectionPool(SentinelConnectionPool, redis_asyncio.BlockingConnectionPool):
+    """Sentinel's master discovery with the blocking pool's wait for a free connection.
+
+    (redis-py's asyncio Cluster client keeps its own per-node connection lists and has no
+    blocking variant: there `max_connections` still bounds each node without waiting.)
+    """
 
 
 class RedisStateStore(StateStore):
@@ -258,12 +276,13 @@ class RedisStateStore(StateStore):
         connect_timeout: float = 1.0,
         retries: int = 1,
         max_connections: int = 64,
+        pool_timeout: float = 5.0,
         **redis_options: Any,
     ) -> RedisStateStore:
         """A store for any URL form in the module docstring. Connects on first use."""
         target = parse_redis_url(url)
         options = ConnectionOptions(
-            socket_timeout, connect_timeout, retries, max_connections, redis_options
+            socket_timeout, connect_timeout, retries, max_connections, pool_timeout, redis_options
         )
         client, helpers = connect(target, options)
         return cls(
