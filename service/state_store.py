@@ -91,7 +91,8 @@ class CasWrite:
 # What a batch method returns per session when that one session failed.
 LoadOutcome = VersionedState | None | StateCodecError
 CasOutcome = int | StaleVersionError | StateNotFoundError
-RawLoad = tuple[bytes, int] | None
+# (blob, version), None when missing, or the error of an entry that is not a session at all.
+RawLoad = tuple[bytes, int] | None | StateCodecError
 UpdateFn = Callable[[StateRecord], StateRecord | Awaitable[StateRecord]]
 
 
@@ -205,8 +206,8 @@ class StateStore(ABC):
         raw = await self._get_raw_many(keys, touch_ms) if keys else []
         outcomes: list[LoadOutcome] = []
         for found in raw:
-            if found is None:
-                outcomes.append(None)
+            if found is None or isinstance(found, StateCodecError):
+                outcomes.append(found)
                 continue
             blob, version = found
             try:

@@ -47,6 +47,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 
+from service.state_codec import CorruptStateError
 from service.state_store import (
     DEFAULT_PREFIX,
     RawLoad,
@@ -317,12 +318,25 @@ class RedisStateStore(StateStore):
                     pipe.hmget(key, "version", "blob")
                     if touch_ttl_ms is not None:
                         pipe.pexpire(key, touch_ttl_ms)
-                replies = await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         step = 1 if touch_ttl_ms is None else 2
-        loads: list[RawLoad] = []
-        for version, blob in replies[::step]:
-            loads.append(None if version is None or blob is None else (blob, int(version)))
-        return loads
+        return [
+            self._raw_load(key, reply) for key, reply in zip(keys, replies[::step], strict=True)
+        ]
+
+    def _raw_load(self, key: str, reply: Any) -> RawLoad:
+        """One HMGET reply as a load. Something else written under a session's key (another
+        type, a version that is not a number) is damaged state, not a store failure."""
+        if isinstance(reply, redis_errors.ResponseError) and "WRONGTYPE" in str(reply):
+            return CorruptStateError(f"{key} holds another Redis type, not a session hash")
+        if isinstance(reply, Exception):
+            self._raise_mapped(reply, "load")
+        version, blob = reply
+        if version is None or blob is None:
+            return None
+        if not version.isdigit():
+            return CorruptStateError(f"{key} has a version that is not a number: {version[:32]!r}")
+        return blob, int(version)
 
     async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
         calls = [(key, (expected, blob, ttl_ms)) for key, blob, expected, ttl_ms in writes]
