@@ -19,10 +19,12 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.repository import ModelRepository
+from service.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.calibration_store import CalibrationStore
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.feedback import FeedbackLog
+from service.limits import OwnedCount, RequestRateLimit
 from service.routers import (
     metrics,
     v1_feedback,
@@ -125,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     omitted)."""
     settings = settings if settings is not None else Settings()
     logging.getLogger("neuroserve").setLevel(settings.log_level.upper())
+    keys = KeyRing(settings.api_keys, settings.admin_api_keys)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,6 +161,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.state_store = state_store
         app.state.dataplane = dataplane
         app.state.sessions = sessions
+        app.state.sessions_per_key = OwnedCount()
+        app.state.jobs_per_key = OwnedCount()
+        warn_if_open(keys, settings.host)
         root = settings.model_repository.resolve()
         if not root.is_dir():
             logger.warning("model repository %s does not exist: no models to serve", root)
@@ -187,8 +193,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Uncertainty-aware inference for stateful neuromorphic models.",
         lifespan=lifespan,
     )
+    # The last added runs first: metrics, then the key check, the key's rate, the body size.
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(metrics.RequestMetricsMiddleware)  # outermost: times 413s too
+    app.add_middleware(
+        RequestRateLimit,
+        rate=settings.rate_limit_per_second,
+        burst=settings.rate_limit_burst,
+    )
+    app.add_middleware(ApiKeyAuth, keys=keys)
+    app.add_middleware(metrics.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
     install_error_handlers(app)
     app.include_router(v1_models.router)
     app.include_router(v1_feedback.router)

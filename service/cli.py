@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service import cli_calibrate, cli_models, cli_worker
+from service import cli_calibrate, cli_keys, cli_models, cli_worker
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
 
@@ -88,6 +88,7 @@ def command_registrars() -> list[Registrar]:
         cli_calibrate.register_calibrate,
         cli_calibrate.register_export_onnx,
         cli_worker.register,
+        cli_keys.register,
     ]
 
 

@@ -37,13 +37,14 @@ def _check_batch(inputs: object, limits: InputLimits, expected: str) -> list[Any
         raise BadInputError("inputs is empty: send at least one sequence")
     if len(inputs) > limits.max_batch_size:
         raise BadInputError(
-            f"inputs has {len(inputs)} sequences; the limit is {limits.max_batch_size} per request"
+            f"inputs has {len(inputs)} sequences; the limit is {limits.max_batch_size} per request "
+            "(NEUROSERVE_MAX_BATCH_SIZE)"
         )
     for i, sequence in enumerate(inputs):
         if isinstance(sequence, list | str) and len(sequence) > limits.max_sequence_length:
             raise BadInputError(
                 f"inputs[{i}] has {len(sequence)} steps; the limit is "
-                f"{limits.max_sequence_length} per sequence"
+                f"{limits.max_sequence_length} per sequence (NEUROSERVE_MAX_SEQUENCE_LENGTH)"
             )
     return inputs
 

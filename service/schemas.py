@@ -437,6 +437,11 @@ class GenerateMessage(GenerateOptions):
     """The first message on `WS /v1/generate`."""
 
     model: str = Field(min_length=1, description="A language model's name.")
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        description="The API key, when the connection did not send one in its headers.",
+    )
 
 
 class GeneratedTokenOut(BaseModel):

@@ -62,7 +62,10 @@ def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
     if spec.kind == "tokens":
         if isinstance(inputs, str):
             if len(inputs) > max_steps:
-                raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
+                raise BadInputError(
+                    f"inputs has {len(inputs)} steps; the limit is {max_steps} "
+                    "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
+                )
             index = {token: i for i, token in enumerate(spec.vocabulary or [])}
             unknown = sorted({char for char in inputs if char not in index})
             if unknown:
@@ -116,7 +119,10 @@ def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
     if chunk.shape[0] < 1:
         raise BadInputError("inputs is empty: send at least one time step")
     if chunk.shape[0] > max_steps:
-        raise BadInputError(f"inputs has {chunk.shape[0]} steps; the limit is {max_steps}")
+        raise BadInputError(
+            f"inputs has {chunk.shape[0]} steps; the limit is {max_steps} "
+            "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
+        )
     return chunk
 
 
@@ -124,7 +130,10 @@ def _check_length(inputs: object, max_steps: int, expected: str) -> None:
     if not isinstance(inputs, list):
         raise BadInputError(f"inputs must be {expected}, got {type(inputs).__name__}")
     if len(inputs) > max_steps:
-        raise BadInputError(f"inputs has {len(inputs)} steps; the limit is {max_steps}")
+        raise BadInputError(
+            f"inputs has {len(inputs)} steps; the limit is {max_steps} "
+            "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
+        )
 
 
 def _validated(adapter: TypeAdapter, inputs: object) -> Any:

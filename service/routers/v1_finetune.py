@@ -25,6 +25,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from models.finetune import FinetuneSpec, NpzData, load_finetune_data
+from service.auth import Principal, get_principal, require_admin
 from service.dataplane import DataPlane
 from service.errors import (
     BadInputError,
@@ -79,13 +80,16 @@ def get_jobs(request: Request) -> JobQueue:
 
 JobsDependency = Annotated[JobQueue, Depends(get_jobs)]
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+PrincipalDependency = Annotated[Principal, Depends(get_principal)]
+JOB_OWNERS = "job-owner"  # state store namespace: job id -> the key that submitted it
 
 
 def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": description}}
 
 
-_UNKNOWN_JOB = _error(404, "Unknown job id (or its record expired).")
+_UNKNOWN_JOB = _error(404, "Unknown job id (or its record expired, or another key's job).")
+_ADMIN_ONLY = _error(403, "The API key is not an admin key (NEUROSERVE_ADMIN_API_KEYS).")
 _UNAVAILABLE = _error(503, "The job queue's Redis cannot be reached.")
 
 
@@ -186,6 +190,38 @@ async def _call(function: Any, *args: Any) -> JobRecord:
         raise JobQueueUnavailable(str(error)) from None
 
 
+# ---- ownership ------------------------------------------------------------------------------
+
+
+async def _check_owner(request: Request, principal: Principal, job_id: str) -> None:
+    """NotFoundError unless `principal` submitted the job: another key's job is answered
+    exactly like a missing one, so ids reveal nothing. Open mode shares every job."""
+    if principal.owner is None:
+        return
+    store = request.app.state.state_store
+    owner = await store.get_record(JOB_OWNERS, job_id)
+    if owner is None or owner.decode() != principal.owner:
+        raise NotFoundError(f"no fine-tuning job with id {job_id!r}")
+
+
+async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueue) -> None:
+    """RateLimitedError when the key already has its limit of queued or running jobs
+    (counted from the jobs this replica accepted for it). Open mode has only the server-wide
+    limit, NEUROSERVE_MAX_ACTIVE_JOBS."""
+    if principal.owner is None:
+        return
+    held = request.app.state.jobs_per_key
+    for job_id in held.keys(principal.owner):
+        try:
+            record = await run_in_threadpool(jobs.get, job_id)
+        except JobNotFoundError:
+            record = None
+        if record is None or record.status in FINISHED:
+            held.gone(principal.owner, job_id)
+    limit = request.app.state.settings.max_jobs_per_key
+    held.check(principal.owner, limit, "queued or running jobs", "NEUROSERVE_MAX_JOBS_PER_KEY")
+
+
 # ---- routes ---------------------------------------------------------------------------------
 
 
@@ -196,8 +232,13 @@ async def _call(function: Any, *args: Any) -> JobRecord:
     responses={
         **_error(404, "Unknown model or version."),
         **_error(413, "Request body too large."),
+        **_ADMIN_ONLY,
         **_error(422, "An invalid spec; the message names the field."),
-        **_error(429, "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS)."),
+        **_error(
+            429,
+            "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS, "
+            "NEUROSERVE_MAX_JOBS_PER_KEY).",
+        ),
         **_UNAVAILABLE,
     },
     summary="Submit a fine-tuning job",
@@ -207,11 +248,19 @@ async def submit_job(
     response: Response,
     jobs: JobsDependency,
     dataplane: DataPlaneDependency,
+    principal: PrincipalDependency,
     body: Annotated[FinetuneJobRequest, Body(examples=[SPEC_EXAMPLE])],
 ) -> FinetuneJob:
+    require_admin(principal)
+    await _check_job_quota(request, principal, jobs)
     max_upload = request.app.state.settings.max_upload_bytes
     submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
     record = await _call(jobs.submit, submission)
+    if principal.owner is not None:
+        request.app.state.jobs_per_key.seen(principal.owner, record.job_id)
+        ttl = request.app.state.settings.job_record_ttl_seconds
+        store = request.app.state.state_store
+        await store.put_record(JOB_OWNERS, record.job_id, principal.owner.encode(), ttl)
     response.headers["Location"] = f"/v1/finetune/jobs/{record.job_id}"
     return _job_out(record)
 
@@ -222,7 +271,10 @@ async def submit_job(
     responses={**_UNKNOWN_JOB, **_UNAVAILABLE},
     summary="Status, progress and result of a job",
 )
-async def get_job(job_id: str, jobs: JobsDependency) -> FinetuneJob:
+async def get_job(
+    job_id: str, request: Request, jobs: JobsDependency, principal: PrincipalDependency
+) -> FinetuneJob:
+    await _check_owner(request, principal, job_id)
     return _job_out(await _call(jobs.get, job_id))
 
 
@@ -231,15 +283,24 @@ async def get_job(job_id: str, jobs: JobsDependency) -> FinetuneJob:
     response_model=FinetuneJob,
     responses={
         202: {"model": FinetuneJob, "description": "Running: asked to stop at its next step."},
+        **_ADMIN_ONLY,
         **_UNKNOWN_JOB,
         **_UNAVAILABLE,
     },
     summary="Cancel a job",
 )
-async def cancel_job(job_id: str, response: Response, jobs: JobsDependency) -> FinetuneJob:
+async def cancel_job(
+    job_id: str,
+    request: Request,
+    response: Response,
+    jobs: JobsDependency,
+    principal: PrincipalDependency,
+) -> FinetuneJob:
     """A queued job is removed at once (200, `cancelled`); a running one is asked to stop
     and ends `cancelled` without publishing (202, still `running`); a finished job is left
     as it was (200)."""
+    require_admin(principal)
+    await _check_owner(request, principal, job_id)
     record = await _call(jobs.cancel, job_id)
     response.status_code = 200 if record.status in FINISHED else 202
     return _job_out(record)

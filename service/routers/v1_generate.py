@@ -12,6 +12,9 @@ The websocket protocol:
    `{"type": "error", "code", "message"}` and a close with 1008 (policy violation), or 1011
    when the server itself could not serve it (5xx-class errors).
 Messages the client sends after the first are read (to notice a disconnect) and ignored.
+With API keys configured, a connection without a key header sends its key as `api_key` in
+the first message (`unauthorized`, 1008, when missing or unknown). A message over
+`ws_max_message_bytes` is refused with 1009; more than `ws_max_messages_per_second` with 1008.
 A client that disconnects ends the generation after the token being committed; the session
 keeps exactly the prompt and the tokens committed so far.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from contextlib import aclosing, suppress
 from typing import Annotated, Any
 
@@ -29,9 +33,11 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 from models.repository import ArtifactError, ModelNotFoundError
+from service.auth import Principal, authenticate_key, get_principal
 from service.dataplane import DataPlane
 from service.errors import NeuroserveError, describe_validation_errors
 from service.generation import GeneratedToken, GenerationDone, generate
+from service.limits import TokenBucket
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -45,8 +51,10 @@ logger = logging.getLogger("neuroserve.generate")
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 
 POLICY_VIOLATION = 1008  # the client's request is refused
+MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011  # the server could not serve a valid request
 FIRST_MESSAGE_TIMEOUT_S = 30.0
 
@@ -72,11 +80,21 @@ def _sessions(app_state: Any) -> Any:
     summary="Generate tokens (all at once)",
 )
 async def generate_all(
-    name: str, body: GenerateOptions, request: Request, dataplane: DataPlaneDependency
+    name: str,
+    body: GenerateOptions,
+    request: Request,
+    dataplane: DataPlaneDependency,
+    principal: PrincipalDependency,
 ) -> GenerateResponse:
     tokens: list[dict[str, Any]] = []
     done: GenerationDone | None = None
-    stream = generate(body, name, sessions=_sessions(request.app.state), dataplane=dataplane)
+    stream = generate(
+        body,
+        name,
+        sessions=_sessions(request.app.state),
+        dataplane=dataplane,
+        owner=principal.owner,
+    )
     async with aclosing(stream):
         async for event in stream:
             if isinstance(event, GeneratedToken):
@@ -103,6 +121,10 @@ async def _first_message(websocket: WebSocket) -> GenerateMessage | None:
         await _refuse(websocket, "timeout", "no request within 30 s of connecting")
         return None
     if message["type"] == "websocket.disconnect":
+        return None
+    oversize = _oversize(websocket, message)
+    if oversize is not None:
+        await _refuse(websocket, "message_too_big", oversize, MESSAGE_TOO_BIG)
         return None
     text = message.get("text")
     if text is None and message.get("bytes") is not None:
@@ -133,12 +155,42 @@ async def _refuse(
         await websocket.close(close_code, reason=message[:120])
 
 
+def _oversize(websocket: WebSocket, message: Any) -> str | None:
+    """Why `message` is over NEUROSERVE_WS_MAX_MESSAGE_BYTES, or None when it fits."""
+    limit = websocket.app.state.settings.ws_max_message_bytes
+    text, data = message.get("text"), message.get("bytes")
+    size = len(text.encode("utf-8")) if text is not None else len(data or b"")
+    if size <= limit:
+        return None
+    return (
+        f"a websocket message has {size} bytes; the limit is {limit} "
+        "(NEUROSERVE_WS_MAX_MESSAGE_BYTES)"
+    )
+
+
 async def _watch_for_disconnect(websocket: WebSocket, gone: asyncio.Event) -> None:
-    """Read (and ignore) what the client sends until it disconnects."""
+    """Read (and ignore) what the client sends until it disconnects; a client that sends
+    too much, or too often, is refused and counts as gone."""
+    rate = websocket.app.state.settings.ws_max_messages_per_second
+    bucket = TokenBucket(rate, max(rate, 1.0), time.monotonic)
     try:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
+                break
+            oversize = _oversize(websocket, message)
+            if oversize is not None:
+                gone.set()  # no token goes out after the refusal
+                await _refuse(websocket, "message_too_big", oversize, MESSAGE_TOO_BIG)
+                break
+            if bucket.take() > 0.0:
+                gone.set()
+                await _refuse(
+                    websocket,
+                    "rate_limited",
+                    f"more than {rate:g} websocket messages a second "
+                    "(NEUROSERVE_WS_MAX_MESSAGES_PER_SECOND)",
+                )
                 break
     except (WebSocketDisconnect, WebSocketDisconnected, RuntimeError):
         pass
@@ -151,12 +203,21 @@ async def generate_stream(websocket: WebSocket) -> None:
     request = await _first_message(websocket)
     if request is None:
         return
+    try:
+        principal = authenticate_key(websocket, request.api_key)
+    except NeuroserveError as error:
+        await _refuse(websocket, error.code, error.message)
+        return
     gone = asyncio.Event()
     watcher = asyncio.create_task(_watch_for_disconnect(websocket, gone))
     app_state = websocket.app.state
-    options = GenerateOptions.model_validate(request.model_dump(exclude={"model"}))
+    options = GenerateOptions.model_validate(request.model_dump(exclude={"model", "api_key"}))
     stream = generate(
-        options, request.model, sessions=_sessions(app_state), dataplane=app_state.dataplane
+        options,
+        request.model,
+        sessions=_sessions(app_state),
+        dataplane=app_state.dataplane,
+        owner=principal.owner,
     )
     try:
         async with aclosing(stream):

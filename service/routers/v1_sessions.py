@@ -12,6 +12,7 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 
 from hardware_backends.registry import freeze_options
+from service.auth import Principal, get_principal
 from service.dataplane import ClassPrediction, ConformalOptions, DataPlane, PredictionBatch
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
@@ -36,6 +37,7 @@ def get_sessions(request: Request) -> SessionManager:
 
 SessionsDependency = Annotated[SessionManager, Depends(get_sessions)]
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 
 
 def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
@@ -67,6 +69,22 @@ def _session_out(info: SessionInfo) -> SessionResponse:
     )
 
 
+def _check_session_quota(request: Request, principal: Principal) -> None:
+    """429 when the key holds its limit of live sessions on this replica (keys only: open
+    mode has the server-wide NEUROSERVE_MAX_SESSIONS)."""
+    if principal.owner is None:
+        return
+    limit = request.app.state.settings.max_sessions_per_key
+    request.app.state.sessions_per_key.check(
+        principal.owner, limit, "live sessions", "NEUROSERVE_MAX_SESSIONS_PER_KEY"
+    )
+
+
+def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
+    if principal.owner is not None:
+        request.app.state.sessions_per_key.seen(principal.owner, info.session_id, info.expires_at)
+
+
 def _prediction_out(prediction: ClassPrediction) -> Prediction:
     # Every field the wire schema knows, so fields the builder adds later come along.
     fields = {name: getattr(prediction, name) for name in Prediction.model_fields}
@@ -77,14 +95,24 @@ def _prediction_out(prediction: ClassPrediction) -> Prediction:
     "/sessions",
     status_code=201,
     response_model=SessionResponse,
-    responses={**_error(404, "Unknown model or version."), **_BAD_INPUT, **_UNAVAILABLE},
+    responses={
+        **_error(404, "Unknown model or version."),
+        **_BAD_INPUT,
+        **_error(429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."),
+        **_UNAVAILABLE,
+    },
     summary="Start a session",
 )
 async def create_session(
-    body: SessionCreateRequest, request: Request, sessions: SessionsDependency
+    body: SessionCreateRequest,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
 ) -> SessionResponse:
     label_request(request, model=body.model, backend=body.backend)
+    _check_session_quota(request, principal)
     info = await sessions.create(
+        owner=principal.owner,
         model=body.model,
         version=body.version,
         backend=body.backend,
@@ -93,6 +121,7 @@ async def create_session(
         ttl_seconds=body.ttl_seconds,
         options=body.options,
     )
+    _note_session(request, principal, info)
     return _session_out(info)
 
 
@@ -103,9 +132,10 @@ async def create_session(
     summary="Describe a session (counts as use: its TTL restarts)",
 )
 async def get_session(
-    session_id: str, request: Request, sessions: SessionsDependency
+    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
 ) -> SessionResponse:
-    info = await sessions.get(session_id)
+    info = await sessions.get(session_id, owner=principal.owner)
+    _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     return _session_out(info)
 
@@ -117,8 +147,12 @@ async def get_session(
     responses={**_UNKNOWN, **_UNAVAILABLE},
     summary="End a session",
 )
-async def delete_session(session_id: str, sessions: SessionsDependency) -> Response:
-    await sessions.delete(session_id)
+async def delete_session(
+    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+) -> Response:
+    await sessions.delete(session_id, owner=principal.owner)
+    if principal.owner is not None:
+        request.app.state.sessions_per_key.gone(principal.owner, session_id)
     return Response(status_code=204)
 
 
@@ -134,12 +168,19 @@ async def step_session(
     request: Request,
     sessions: SessionsDependency,
     dataplane: DataPlaneDependency,
+    principal: PrincipalDependency,
 ) -> SessionStepResponse:
-    inputs = await sessions.inputs_from_json(session_id, body.inputs)
+    owner = principal.owner
+    inputs = await sessions.inputs_from_json(session_id, body.inputs, owner=owner)
     outcome = await sessions.step(
-        session_id, inputs, per_step=body.return_steps, predict=_step_predictions(request)
+        session_id,
+        inputs,
+        per_step=body.return_steps,
+        predict=_step_predictions(request),
+        owner=owner,
     )
     info = outcome.info
+    _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     last, steps = outcome.prediction
     async with sessions.store_slot():  # recording for feedback writes to the same store

@@ -34,6 +34,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from models.repository import ArtifactError, ModelCard
+from service.auth import get_principal
 from service.dataplane import (
     TORCH_BACKEND,
     ClassPrediction,
@@ -404,6 +405,7 @@ async def run_sequence_step(
     """
     sessions = _sessions(request)
     session_id = sequence_session_id(sequence_id)
+    owner = get_principal(request).owner  # a sequence belongs to the key that started it
     if card.config["input"]["kind"] == "tokens":
         prompts = _prompt_batch(tensor)
         _check_single_sequence(len(prompts), sequence_id)
@@ -422,11 +424,12 @@ async def run_sequence_step(
             version=card.version,
             backend=backend,
             session_id=session_id,
+            owner=owner,
             **{key: value for key, value in chosen.items() if value is not None},
         )
     else:
         try:
-            info = await sessions.get(session_id)
+            info = await sessions.get(session_id, owner=owner)
         except NotFoundError:
             raise NotFoundError(
                 f"no open sequence {sequence_id!r} (expired or never started); start "
@@ -446,14 +449,14 @@ async def run_sequence_step(
     label_request(request, model=card.name, backend=info.backend)
     conformal = _conformal(params, info.alpha, info.score)
     try:
-        outcome = await sessions.step(session_id, inputs)
+        outcome = await sessions.step(session_id, inputs, owner=owner)
     except Exception:
         if params.sequence_start:  # a sequence that never took a step does not stay open
-            await sessions.delete(session_id)
+            await sessions.delete(session_id, owner=owner)
         raise
     prediction = await session_prediction(dataplane, outcome, conformal, usage=outcome.usage)
     if params.sequence_end:
-        await sessions.delete(session_id)
+        await sessions.delete(session_id, owner=owner)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}
     return [prediction], sequence
 
