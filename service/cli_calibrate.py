@@ -8,7 +8,10 @@
 the server will), fits the calibration artifact (`calibration.fit_calibration_artifact`:
 map chosen by cross-validated NLL on one half, conformity scores of the other half), stores
 it beside the weights (`service.calibration_store`) and prints NLL, ECE, ... before and after
-the map. The data:
+the map. For classifiers it also stores the calibrated probabilities after every time step of
+the examples held out from the map, which sessions' early-decision rules are fitted on
+(`service.early_decision`), and prints the rule's coverage at the stopping time and the steps
+it saves on the digits test split. The data:
 
 - classifiers trained on digits-seq: the fixed calibration split (400 images, never trained on);
 - language models: `LM_WINDOWS` windows of `LM_CONTEXT` characters from the held-out text,
@@ -33,10 +36,13 @@ if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help
     from calibration import CalibrationArtifact
     from hardware_backends.base import Runner
     from models.repository import ModelCard, ModelRepository
+    from service.early_decision import EarlyDecisionData
 
 LM_CONTEXT = 64  # characters of context per next-token example
 LM_WINDOWS = 2000  # next-token examples drawn from the held-out text
 RUN_BATCH = 256  # sequences per backend call (bounds memory on sampling backends)
+EARLY_REPORT_ALPHAS = (0.05, 0.1, 0.2)  # levels the early-decision report is printed at
+EARLY_REPORT_SCORES = ("lac", "raps")  # LAC stops soonest; RAPS is the server's default
 METRIC_ORDER = ("accuracy", "nll", "ece", "adaptive_ece", "mce", "brier")
 
 
@@ -156,6 +162,18 @@ def _classifier_data(card: ModelCard, data: Path | None) -> CalibrationData:
     return CalibrationData(dataset.name, dataset.sha256, dataset.inputs, dataset.labels)
 
 
+def test_data(card: ModelCard) -> CalibrationData | None:
+    """The test split of a digits classifier (early-decision report), or None."""
+    from models.training import ClassificationData, load_training_data
+
+    spec = dataset_spec(card)
+    loaded = load_training_data(spec) if spec.startswith("digits-seq") else None
+    if not isinstance(loaded, ClassificationData) or "test" not in loaded.evaluation:
+        return None
+    dataset = loaded.evaluation["test"]
+    return CalibrationData(dataset.name, dataset.sha256, dataset.inputs, dataset.labels)
+
+
 def calibration_data(card: ModelCard, data: Path | None, seed: int) -> CalibrationData:
     """The labelled examples to calibrate `card`'s model with (see the module docstring)."""
     if card.config["task"] == "language-model":
@@ -192,6 +210,86 @@ def backend_logits(runner: Runner, inputs: Tensor, batch_size: int = RUN_BATCH) 
         last, _ = run_last_step(runner, inputs[start : start + batch_size])  # [n, C]/[S, n, C]
         parts.append(calibration_inputs(last)[0])  # [n, C]
     return torch.cat(parts)  # [N, C]
+
+
+def backend_step_logits(runner: Runner, inputs: Tensor, batch_size: int = RUN_BATCH) -> Tensor:
+    """Logits after every step [N, T, C] (or [S, N, T, C] from a sampling backend)."""
+    import torch
+
+    parts = [
+        runner.run(inputs[i : i + batch_size])[0] for i in range(0, inputs.shape[0], batch_size)
+    ]
+    return torch.cat(parts, dim=-3)
+
+
+def early_decision_report(
+    rule_data: EarlyDecisionData, artifact: CalibrationArtifact, probs: Tensor, labels: Tensor
+) -> list[dict[str, Any]]:
+    """Coverage at the stopping time and steps saved on test streams, per reported level."""
+    rows = []
+    for score in EARLY_REPORT_SCORES:
+        for alpha in EARLY_REPORT_ALPHAS:
+            rule = rule_data.rule(artifact, alpha, score, max_set_size=1)
+            report = rule.evaluate(probs, labels)
+            rows.append(
+                {"alpha": alpha, "score": score, "max_set_size": 1, "n": len(labels)}
+                | dataclasses.asdict(report)
+            )
+    return rows
+
+
+def fit_early_decisions(
+    repository: ModelRepository,
+    runner: Runner,
+    artifact: CalibrationArtifact,
+    data: CalibrationData,
+    test: CalibrationData | None,
+) -> tuple[list[dict[str, Any]], tuple[Path, Path]]:
+    """Store the calibrated per-step probabilities of the examples held out from the map fit
+    (every time step is a checkpoint) and measure the early-decision rule on `test`."""
+    from service.calibration_store import CalibrationStore
+    from service.early_decision import (
+        EarlyDecisionData,
+        EarlyDecisionStore,
+        checkpoint_probabilities,
+    )
+
+    held = conformal_part(artifact, data.labels.shape[0])
+    if not bool((data.labels[held] == artifact.labels).all()):
+        raise CalibrateError("the early-decision streams do not match the calibration split")
+    probs = checkpoint_probabilities(artifact, backend_step_logits(runner, data.inputs[held]))
+    steps = tuple(range(1, probs.shape[1] + 1))
+    rule_data = EarlyDecisionData(
+        probs, artifact.labels, steps, artifact.created, artifact.data_hash, {}
+    )
+    report: list[dict[str, Any]] = []
+    if test is not None:
+        test_probs = checkpoint_probabilities(artifact, backend_step_logits(runner, test.inputs))
+        report = early_decision_report(rule_data, artifact, test_probs, test.labels)
+    store = EarlyDecisionStore(CalibrationStore(repository))
+    paths = store.save(
+        artifact,
+        probs,
+        artifact.labels,
+        steps,
+        {"test": test.name if test else None, "rows": report},
+    )
+    return report, paths
+
+
+def format_early_decisions(report: list[dict[str, Any]], paths: tuple[Path, Path]) -> str:
+    lines = ["early decisions (max_set_size 1, stop at the first small set):"]
+    if not report:
+        lines.append("  no test split to measure them on")
+    for row in report:
+        lines.append(
+            f"  alpha={row['alpha']:g} {row['score']}: coverage at stopping "
+            f"{row['coverage']:.4f} (>= {1 - row['alpha']:g} guaranteed), mean stop step "
+            f"{row['mean_stop_step']:.2f}, steps saved {row['mean_steps_saved']:.2f} "
+            f"({100 * row['fraction_steps_saved']:.1f}%) on {row['n']} test streams"
+        )
+    lines.append(f"wrote {paths[0]}\nwrote {paths[1]}")
+    return "\n".join(lines)
 
 
 def conformal_part(artifact: CalibrationArtifact, n: int) -> Tensor:
@@ -248,6 +346,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         json_path, tensor_path = CalibrationStore(repository).save(
             artifact, backend_options=options, source=source
         )
+        early = None
+        if card.config["task"] != "language-model":
+            test = test_data(card) if args.data is None else None
+            early = fit_early_decisions(repository, runner, artifact, data, test)
     except (CalibrateError, ModelNotFoundError, ArtifactError, ValueError) as error:
         print(f"neuroserve calibrate: {error}", file=sys.stderr)
         return 2
@@ -262,6 +364,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"raps: lam={artifact.raps_lam:g} k_reg={artifact.raps_k_reg}")
     print(format_metrics(artifact))
     print(f"wrote {json_path}\nwrote {tensor_path}")
+    if early is not None:
+        print(format_early_decisions(*early))
     if args.plot is not None:
         from calibration.plot import plot_reliability_diagram
 
