@@ -176,7 +176,16 @@ async def _handle_validation_error(request: Request, error: RequestValidationErr
     return error_response(request, 422, BadInputError.code, message)
 
 
+# What FastAPI raises (as a 400) for a body that is not even text, e.g. invalid UTF-8.
+_UNPARSABLE_BODY = "There was an error parsing the body"
+
+
 async def _handle_http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    if error.status_code == 400 and error.detail == _UNPARSABLE_BODY:
+        # Answered like any other malformed JSON: 422 on /v1, 400 on /v2 (its own convention).
+        is_v2 = request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/")
+        message = "invalid request: request body is not valid JSON (not UTF-8 text)"
+        return error_response(request, 400 if is_v2 else 422, BadInputError.code, message)
     code = _HTTP_STATUS_CODES.get(error.status_code, "http_error")
     response = error_response(request, error.status_code, code, str(error.detail))
     if error.headers:
