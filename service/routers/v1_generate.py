@@ -152,7 +152,9 @@ async def _refuse(
     """Send an error message and close; a client that already left is not an error."""
     with suppress(WebSocketDisconnect, WebSocketDisconnected, RuntimeError):
         await websocket.send_json({"type": "error", "code": code, "message": message})
-        await websocket.close(close_code, reason=message[:120])
+        # A close reason may hold at most 123 bytes of UTF-8, whatever the characters.
+        reason = message.encode()[:123].decode(errors="ignore")
+        await websocket.close(close_code, reason=reason)
 
 
 def _oversize(websocket: WebSocket, message: Any) -> str | None:
