@@ -1,0 +1,236 @@
+"""A bounded load test on loopback: many concurrent sessions stepping for a fixed time.
+
+Starts its own `neuroserve serve` on loopback (state in a private `redis-server` when one is on
+PATH, else in the server's process, or in `--redis-url`), creates `--sessions` sessions of the
+built-in digits model and steps each one, one time step per request on its own keep-alive
+connection, back to back, for `--seconds`; then it stops by itself. Every answer must be 200
+and carry the step count this client expects, and afterwards every session's stored step count
+must equal the number of steps the client sent and had acknowledged: a lost or doubled update
+shows up as a mismatch. Reported: requests, errors, lost updates, steps per second, p50/p99/max
+latency. The load generator shares the machine's cores with the server, so the absolute figures
+are machine-bound.
+
+    .venv/bin/python bench/load_test.py [--sessions 200] [--seconds 60] [--model digits-lru]
+        [--redis-url URL | --in-process] [--append docs/BENCHMARKS.md]
+
+The default suite runs a 10-second, 50-session version (tests/bench/test_load_test.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.session_throughput import (  # noqa: E402
+    Connection,
+    create_sessions,
+    neuroserve,
+    private_redis,
+    step_body,
+)
+
+CONNECT_BATCH = 50  # sessions created / connections opened at a time
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    sessions: int
+    seconds: float  # how long the stepping actually ran
+    store: str
+    requests: int  # answered step requests
+    errors: list[str]  # non-200 answers, wrong step counts, broken connections
+    lost_updates: list[str]  # sessions whose stored step count differs from what was sent
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    def table_row(self) -> str:
+        return (
+            f"| {self.sessions} | {self.seconds:.0f} | {self.store} | {self.requests} | "
+            f"{self.steps_per_second:.0f} | {self.p50_ms:.1f} | {self.p99_ms:.1f} | "
+            f"{self.max_ms:.1f} | {len(self.errors)} | {len(self.lost_updates)} |"
+        )
+
+
+TABLE_HEADER = (
+    "| sessions | seconds | store | step requests | steps/s | p50 ms | p99 ms | max ms | "
+    "errors | lost updates |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+async def step_sessions(
+    port: int, session_ids: list[str], seconds: float, features: int = 8
+) -> tuple[dict[str, int], list[float], list[str], float]:
+    """Step every session back to back until `seconds` have passed.
+
+    Returns per session the acknowledged step count, the latencies, the errors and the time
+    the stepping took. A session stops at its first error (its count is then still exact).
+    """
+    connections: list[Connection] = []
+    for start in range(0, len(session_ids), CONNECT_BATCH):
+        batch = session_ids[start : start + CONNECT_BATCH]
+        connections += await asyncio.gather(*(Connection.open("127.0.0.1", port) for _ in batch))
+    acknowledged = dict.fromkeys(session_ids, 0)
+    latencies: list[float] = []
+    errors: list[str] = []
+    began = time.perf_counter()
+    deadline = began + seconds
+
+    async def stepper(session_id: str, connection: Connection) -> None:
+        rng = random.Random(session_id)
+        path = f"/v1/sessions/{session_id}/step"
+        while time.perf_counter() < deadline:
+            body = step_body(features, rng)
+            sent = time.perf_counter()
+            try:
+                status, answer = await connection.post(path, body)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as error:
+                errors.append(f"{session_id}: connection failed: {error!r}")
+                return
+            latencies.append(time.perf_counter() - sent)
+            if status != 200:
+                errors.append(f"{session_id}: HTTP {status}: {answer[:200]!r}")
+                return
+            step = json.loads(answer)["step"]
+            if step != acknowledged[session_id] + 1:
+                errors.append(f"{session_id}: answered step {step}, expected the next one")
+                return
+            acknowledged[session_id] = step
+
+    await asyncio.gather(*(stepper(s, c) for s, c in zip(session_ids, connections, strict=True)))
+    took = time.perf_counter() - began
+    for connection in connections:
+        await connection.close()
+    return acknowledged, latencies, errors, took
+
+
+def stored_steps(base_url: str, session_ids: list[str]) -> dict[str, int | None]:
+    """Each session's step count as the server has stored it (None if it is gone)."""
+    steps: dict[str, int | None] = {}
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        for session_id in session_ids:
+            response = client.get(f"/v1/sessions/{session_id}")
+            steps[session_id] = response.json()["step"] if response.status_code == 200 else None
+    return steps
+
+
+def percentile_ms(ordered: list[float], fraction: float) -> float:
+    if not ordered:
+        return float("nan")
+    return 1000 * ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run_load(
+    sessions: int,
+    seconds: float,
+    *,
+    model: str = "digits-lru",
+    redis_url: str | None = None,
+    use_redis: bool = True,
+) -> LoadReport:
+    """Start a server, run the load, check every session, stop the server; the report."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="load-test-")))
+        if redis_url is None and use_redis:
+            redis_url = stack.enter_context(private_redis(workdir))
+        store = "redis" if redis_url else "in-process"
+        prefix = f"loadtest-{uuid.uuid4().hex[:8]}"
+        port = stack.enter_context(
+            neuroserve(workdir, "server", redis_url, batching=True, prefix=prefix, window_ms=2.0)
+        )
+        session_ids = asyncio.run(create_all(port, model, sessions))
+        acknowledged, latencies, errors, took = asyncio.run(
+            step_sessions(port, session_ids, seconds)
+        )
+        stored = stored_steps(f"http://127.0.0.1:{port}", session_ids)
+    lost = [
+        f"{session_id}: sent and acknowledged {acknowledged[session_id]} steps, "
+        f"stored {stored[session_id]}"
+        for session_id in session_ids
+        if stored[session_id] != acknowledged[session_id]
+    ]
+    latencies.sort()
+    return LoadReport(
+        sessions=sessions,
+        seconds=took,
+        store=store,
+        requests=len(latencies),
+        errors=errors,
+        lost_updates=lost,
+        p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
+        p99_ms=percentile_ms(latencies, 0.99),
+        max_ms=1000 * latencies[-1] if latencies else float("nan"),
+    )
+
+
+async def create_all(port: int, model: str, count: int) -> list[str]:
+    batches = [min(CONNECT_BATCH, count - start) for start in range(0, count, CONNECT_BATCH)]
+    created = await asyncio.gather(*(create_sessions(port, model, size) for size in batches))
+    return [session_id for batch in created for session_id in batch]
+
+
+def section(report: LoadReport) -> str:
+    machine = (
+        f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {sys.version.split()[0]}"
+    )
+    return (
+        f"\n## Load\n\n{report.sessions} concurrent sessions for {report.seconds:.0f} s "
+        "(`.venv/bin/python bench/load_test.py --sessions "
+        f"{report.sessions} --seconds {report.seconds:.0f}`): one `neuroserve serve` on "
+        "loopback, every session stepping one time step per request on its own keep-alive "
+        "connection, back to back; the load generator runs on the same cores "
+        f"({machine}).\n\n{TABLE_HEADER}\n{report.table_row()}\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--model", default="digits-lru")
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument("--redis-url", help="an existing Redis for the sessions")
+    store.add_argument("--in-process", action="store_true", help="the server's own store")
+    parser.add_argument("--append", type=Path, help="append the result to this Markdown file")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.seconds <= 0:
+        parser.error("--sessions must be at least 1 and --seconds positive")
+    report = run_load(
+        args.sessions,
+        args.seconds,
+        model=args.model,
+        redis_url=args.redis_url,
+        use_redis=not args.in_process,
+    )
+    print(TABLE_HEADER)
+    print(report.table_row())
+    for problem in (report.errors + report.lost_updates)[:20]:
+        print("  ", problem)
+    if args.append is not None:
+        with args.append.open("a") as output:
+            output.write(section(report))
+    return 0 if not report.errors and not report.lost_updates else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
