@@ -581,6 +581,23 @@ class FinetuneJob(BaseModel):
 # ---- sessions (`/v1/sessions`) --------------------------------------------------------------
 
 
+class EarlyDecisionRequest(StrictRequest):
+    """Ask every step at a calibrated checkpoint whether the session may stop reading."""
+
+    max_set_size: int = Field(
+        1, ge=1, description="Stop once the set at level alpha / K holds at most this many labels."
+    )
+
+
+class EarlyDecision(BaseModel):
+    stop: bool = Field(description="The set is small enough (or this is the last checkpoint).")
+    checkpoint: int = Field(description="The time step this decision was taken at.")
+    prediction_set: list[str] = Field(description="The set at level alpha / K here.")
+    guaranteed_coverage: float = Field(
+        description="1 - alpha: the set at the first stop holds the label with this probability."
+    )
+
+
 class SessionCreateRequest(StrictRequest):
     """Start a stateful session: the model's recurrent state is kept between steps."""
 
@@ -599,6 +616,13 @@ class SessionCreateRequest(StrictRequest):
     options: dict[str, Any] | None = Field(
         None, description='Backend options, e.g. {"t_inference": 3600} for analog_imc.'
     )
+    early_decision: EarlyDecisionRequest | None = Field(
+        None,
+        description=(
+            "Sequential early decisions (classifiers with a fitted rule): each step at a "
+            "calibrated checkpoint says whether to stop, with coverage 1 - alpha at the stop."
+        ),
+    )
 
 
 class SessionResponse(BaseModel):
@@ -612,6 +636,9 @@ class SessionResponse(BaseModel):
     created_at: float = Field(description="Unix time of creation.")
     expires_at: float = Field(description="Unix time the session expires unless used again.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
+    early_decision: EarlyDecisionRequest | None = Field(
+        None, description="The session's early-decision settings, when it asked for them."
+    )
 
 
 class SessionStepRequest(StrictRequest):
@@ -644,6 +671,10 @@ class SessionStepResponse(BaseModel):
     prediction: Prediction = Field(description="The prediction after the chunk's last step.")
     step_predictions: list[Prediction] | None = Field(
         None, description="One prediction per step of the chunk (when return_steps)."
+    )
+    decision: EarlyDecision | None = Field(
+        None,
+        description="Early decision at this step (sessions that asked, at calibrated checkpoints).",
     )
     usage: Usage
     warnings: list[str] = Field(

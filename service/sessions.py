@@ -48,6 +48,7 @@ from models.repository import ModelCard, ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_chunks
 from service.dataplane import DataPlane
+from service.early_decision import EarlyDecisionStore, check_max_set_size, decide
 from service.errors import (
     BadInputError,
     ConflictError,
@@ -55,6 +56,7 @@ from service.errors import (
     NotFoundError,
     RateLimitedError,
 )
+from service.predictions import model_labels
 from service.session_inputs import (
     InputSpec,
     check_alpha,
@@ -131,6 +133,7 @@ class SessionInfo:
     created_at: float  # unix time
     expires_at: float  # unix time; every use pushes it back by the session's TTL
     options: dict  # backend options (e.g. t_inference)
+    early_decision: dict | None = None  # {"max_set_size": k} when the session asked for it
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class SessionManager:
         self._live = LiveSessions()
         self._meta: OrderedDict[str, _SessionMeta] = OrderedDict()
         self._runners = SessionRunners(dataplane)
+        self.early_decisions = EarlyDecisionStore(dataplane.calibrations)
         self._backoff = random.Random(0)  # jitter of the retry back-off
         self.conflicts = 0  # steps that lost a compare-and-set and were re-applied
         self._store_slots = asyncio.Semaphore(self.settings.store_concurrency)
@@ -241,8 +245,12 @@ class SessionManager:
         options: dict | None = None,
         owner: str | None = None,
         session_id: str | None = None,
+        early_decision: Mapping[str, Any] | None = None,
     ) -> SessionInfo:
-        """Start a session at step 0. A given `session_id` that exists → ConflictError."""
+        """Start a session at step 0. A given `session_id` that exists → ConflictError.
+
+        `early_decision` ({"max_set_size": k}) asks for a stop/continue decision at every
+        calibrated checkpoint; a backend without a fitted rule → ConflictError."""
         check_alpha(alpha)
         if score not in SCORES:
             raise BadInputError(f"score must be one of {list(SCORES)}, got {score!r}")
@@ -263,7 +271,7 @@ class SessionManager:
         group = await self._runners.get(card.name, card.version, backend, options)
         # Fail fast: steps of a session whose backend has no calibration (and a server that
         # does not allow raw answers) could never be answered.
-        await run_in_threadpool(self.dataplane.calibration, card, backend)
+        stored = await run_in_threadpool(self.dataplane.calibration, card, backend)
         metadata = {
             "alpha": float(alpha),
             "score": score,
@@ -271,6 +279,18 @@ class SessionManager:
             "owner": owner,
             "ttl_seconds": ttl,
         }
+        if early_decision is not None:
+            size = check_max_set_size(early_decision.get("max_set_size"), len(model_labels(card)))
+            await run_in_threadpool(  # fit (and cache) the rule now: 409 when there is none
+                self.early_decisions.rule,
+                card,
+                backend,
+                stored,
+                alpha=alpha,
+                score=score,
+                max_set_size=size,
+            )
+            metadata["early_decision"] = {"max_set_size": size}
         record = StateRecord.new(
             group.runner.init_state(1),
             model=card.name,
@@ -364,6 +384,24 @@ class SessionManager:
             f"session {session_id!r} kept changing under concurrent writers: gave up after "
             f"{self.settings.retries + 1} attempts; retry the step"
         )
+
+    def early_decision(self, outcome: StepOutcome) -> dict[str, Any] | None:
+        """The early decision after a step (see `service.early_decision`), or None when the
+        session did not ask for one or its step is no checkpoint. Blocking: call in a thread."""
+        info = outcome.info
+        if info.early_decision is None:
+            return None
+        stored = self.dataplane.calibration(outcome.card, info.backend)
+        rule = self.early_decisions.rule(
+            outcome.card,
+            info.backend,
+            stored,
+            alpha=info.alpha,
+            score=info.score,
+            max_set_size=int(info.early_decision["max_set_size"]),
+        )
+        assert stored is not None  # `rule` refuses a backend without a calibration
+        return decide(rule, stored.artifact, outcome.logits, info.step, model_labels(outcome.card))
 
     # ---- one batch --------------------------------------------------------------------------
     async def _process_batch(
@@ -608,4 +646,5 @@ def _info(session_id: str, record: StateRecord, expires_at: float) -> SessionInf
         created_at=record.created_at,
         expires_at=expires_at,
         options=dict(metadata["options"]),
+        early_decision=metadata.get("early_decision"),
     )

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from hardware_backends.registry import freeze_options
 from service.auth import Principal, get_principal
@@ -17,6 +18,7 @@ from service.dataplane import ClassPrediction, ConformalOptions, DataPlane, Pred
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
+    EarlyDecision,
     ErrorResponse,
     Prediction,
     SessionCreateRequest,
@@ -48,7 +50,8 @@ _UNKNOWN = _error(404, "Unknown, deleted or expired session.")
 _CONFLICT = _error(
     409,
     "The session's stored state does not fit the model now served (redeployed with another "
-    "state shape), or it kept changing under concurrent writers.",
+    "state shape), or it kept changing under concurrent writers; at create: early decisions "
+    "asked of a backend without a fitted rule.",
 )
 _UNAVAILABLE = _error(503, "The state store (or the backend) cannot serve right now.")
 _BAD_INPUT = _error(422, "Malformed input; the message says where.")
@@ -66,6 +69,7 @@ def _session_out(info: SessionInfo) -> SessionResponse:
         created_at=info.created_at,
         expires_at=info.expires_at,
         options=info.options,
+        early_decision=info.early_decision,
     )
 
 
@@ -120,6 +124,7 @@ async def create_session(
         score=body.score,
         ttl_seconds=body.ttl_seconds,
         options=body.options,
+        early_decision=(None if body.early_decision is None else body.early_decision.model_dump()),
     )
     _note_session(request, principal, info)
     return _session_out(info)
@@ -183,6 +188,7 @@ async def step_session(
     _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     last, steps = outcome.prediction
+    decision = await run_in_threadpool(sessions.early_decision, outcome)
     async with sessions.store_slot():  # recording for feedback writes to the same store
         await dataplane.publish(last, session_id=info.session_id)
         if steps is not None:
@@ -204,6 +210,7 @@ async def step_session(
         ),
         usage=Usage(**{**outcome.usage, "sequences": 1}),
         warnings=last.warnings,
+        decision=None if decision is None else EarlyDecision(**decision),
     )
 
 
