@@ -17,6 +17,7 @@ from models import digits
 from models.repository import ModelRepository, default_repository_root
 from service.app import create_app
 from service.calibration_store import CalibrationStore
+from service.cli import main
 from service.early_decision import EarlyDecisionStore
 from service.settings import Settings
 from tests.service.conftest import running_server
@@ -172,3 +173,22 @@ def test_a_damaged_rule_file_is_a_503_naming_it(tmp_path: Path) -> None:
         body = {"model": "digits-snn", "early_decision": {"max_set_size": 1}}
         message = v1_error(client.post("/v1/sessions", json=body), 503)
         assert "unusable early-decision file" in message and "torch.json" in message
+
+
+def test_calibrate_fits_the_rule_and_prints_its_test_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(default_repository_root() / "digits-snn", root / "digits-snn")
+    shutil.rmtree(root / "digits-snn" / "1" / "calibration")
+    assert main(["calibrate", "digits-snn", "--repository", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "alpha=0.1 lac: coverage at stopping" in printed and "397 test streams" in printed
+    stored = EarlyDecisionStore(CalibrationStore(ModelRepository(root))).get(
+        "digits-snn", "1", "torch"
+    )
+    assert stored is not None and stored.checkpoint_steps == tuple(range(1, 9))
+    assert stored.probs.shape == (200, 8, 10)  # the half held out from the map fit
+    (row,) = [r for r in stored.report["rows"] if r["alpha"] == 0.1 and r["score"] == "lac"]
+    assert f"coverage at stopping {row['coverage']:.4f}" in printed
+    assert row["mean_stop_step"] < 8
