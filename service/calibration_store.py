@@ -82,7 +82,7 @@ def check_backend_name(backend: str) -> str:
     return backend
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -212,6 +212,6 @@ class CalibrationStore:
             "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
         }
         json_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        _write_atomically(tensor_path, tensor_bytes)
-        _write_atomically(json_path, json_text.encode("utf-8"))
+        write_atomically(tensor_path, tensor_bytes)
+        write_atomically(json_path, json_text.encode("utf-8"))
         return json_path, tensor_path

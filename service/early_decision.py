@@ -41,7 +41,7 @@ from service.calibration_store import (
     CalibrationFileError,
     CalibrationStore,
     StoredCalibration,
-    _write_atomically,
+    write_atomically,
 )
 from service.errors import BadInputError, ConflictError
 from service.predictions import calibration_inputs
@@ -135,9 +135,9 @@ class EarlyDecisionStore:
             "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
         }
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(tensor_path, tensor_bytes)
+        write_atomically(tensor_path, tensor_bytes)
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
-        _write_atomically(json_path, text.encode("utf-8"))
+        write_atomically(json_path, text.encode("utf-8"))
         return json_path, tensor_path
 
     def get(self, name: str, version: str, backend: str) -> EarlyDecisionData | None:
