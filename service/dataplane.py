@@ -246,8 +246,9 @@ class DataPlane:
         backend_options: Mapping[str, Any] | None = None,
         conformal: ConformalOptions | None = None,
         session_id: str | None = None,
+        owner: str | None = None,
     ) -> PredictionBatch:
-        """Predict on whole sequences and remember the predictions for feedback.
+        """Predict on whole sequences and remember the predictions for feedback (as `owner`'s).
 
         Validation and the model run happen in a worker thread, so the event loop never
         waits on torch."""
@@ -267,7 +268,7 @@ class DataPlane:
             conformal=conformal,
             aci=aci,
         )
-        await self.publish(batch, session_id=session_id)
+        await self.publish(batch, session_id=session_id, owner=owner)
         return batch
 
     def predict_blocking(
@@ -414,7 +415,9 @@ class DataPlane:
             raise BadInputError("online sets need label feedback, which this server does not keep")
         return await self.feedback.aci(card.name, card.version, backend, session_id)
 
-    async def publish(self, batch: PredictionBatch, *, session_id: str | None = None) -> None:
+    async def publish(
+        self, batch: PredictionBatch, *, session_id: str | None = None, owner: str | None = None
+    ) -> None:
         """Record the batch's metrics and remember its predictions for feedback (once per
         answered batch). A state store that is down costs the feedback, not the answer."""
         record_usage(batch.model, batch.backend, batch.usage)
@@ -449,6 +452,7 @@ class DataPlane:
                 target_alpha=target,
                 online=conformal is not None and conformal.online,
                 session_id=session_id,
+                owner=owner,
             )
             for p in batch.predictions
         ]
@@ -460,10 +464,13 @@ class DataPlane:
     def _aci_target(self) -> float | None:
         return None if self.feedback is None else self.feedback.aci_target_alpha
 
-    async def submit_feedback(self, prediction_id: str, label: object) -> FeedbackResult:
+    async def submit_feedback(
+        self, prediction_id: str, label: object, owner: str | None = None
+    ) -> FeedbackResult:
+        """Match a late label to `owner`'s prediction; another key's id is not found."""
         if self.feedback is None:
             raise NotFoundError("this server keeps no predictions for feedback")
-        return await self.feedback.submit(prediction_id, label)
+        return await self.feedback.submit(prediction_id, label, owner)
 
     async def calibration_status(
         self, name: str, version: str | None, backend: str

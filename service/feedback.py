@@ -75,6 +75,7 @@ class PredictionRecord:
     online: bool
     session_id: str | None
     created: float = field(default_factory=time.time)  # unix seconds
+    owner: str | None = None  # the API key's principal that made it (None in open mode)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +83,8 @@ class PredictionRecord:
     @classmethod
     def from_json(cls, data: Any) -> PredictionRecord:
         fields = set(cls.__dataclass_fields__)
-        if not isinstance(data, dict) or set(data) != fields:
+        # Records written before owners were kept lack "owner": they belong to nobody.
+        if not isinstance(data, dict) or not fields - {"owner"} <= set(data) <= fields:
             raise ValueError(f"stored prediction record is malformed: {str(data)[:200]}")
         return cls(**data)
 
@@ -297,8 +299,12 @@ class FeedbackLog:
 
     # ---- feedback ---------------------------------------------------------------------------
 
-    async def submit(self, prediction_id: str, label: object) -> FeedbackResult:
+    async def submit(
+        self, prediction_id: str, label: object, owner: str | None = None
+    ) -> FeedbackResult:
         record = await self.recall(prediction_id)
+        if record.owner != owner:  # another key's prediction: as if it did not exist
+            raise NotFoundError(f"no prediction with id {prediction_id!r}")
         card = await run_in_threadpool(
             self.calibrations.repository.card, record.model, record.version
         )

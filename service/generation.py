@@ -96,6 +96,7 @@ async def session_prediction(
     conformal: ConformalOptions,
     *,
     usage: dict[str, Any] | None = None,
+    owner: str | None = None,
 ) -> ClassPrediction:
     """The answer for a session step's last logits ([C], or [S, C] from a sampling backend),
     built by the data plane (calibration, conformal set) and published (metrics, feedback)."""
@@ -109,7 +110,7 @@ async def session_prediction(
         conformal=conformal,
         backend_options=info.options,
     )
-    await dataplane.publish(batch, session_id=info.session_id)
+    await dataplane.publish(batch, session_id=info.session_id, owner=owner)
     return batch.predictions[0]
 
 
@@ -256,7 +257,7 @@ async def generate(
         # reproducible in its sets as well as its tokens.
         token_conformal = replace(conformal, seed=(seed + 1 + index) % 2**63)
         prediction = await session_prediction(
-            dataplane, outcome, token_conformal, usage=outcome.usage
+            dataplane, outcome, token_conformal, usage=outcome.usage, owner=owner
         )
         if exceeds(prediction.set_size, options.max_set_size):
             finish = "abstain"

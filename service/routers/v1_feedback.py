@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.auth import get_principal
 from service.dataplane import TORCH_BACKEND, DataPlane
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
@@ -41,7 +42,8 @@ def _error(description: str) -> dict[str, Any]:
 async def feedback(
     body: FeedbackRequest, request: Request, dataplane: DataPlaneDependency
 ) -> FeedbackResponse:
-    result = await dataplane.submit_feedback(body.prediction_id, body.label)
+    owner = get_principal(request).owner  # predictions belong to the key that asked
+    result = await dataplane.submit_feedback(body.prediction_id, body.label, owner)
     label_request(request, model=result.model, backend=result.backend)
     return FeedbackResponse(**asdict(result))
 

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from models.repository import ModelCard
+from service.auth import get_principal
 from service.dataplane import ConformalOptions, DataPlane, PredictionBatch
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
@@ -139,6 +140,7 @@ async def predict(
         backend=body.backend,
         backend_options=body.backend_options,
         conformal=conformal,
+        owner=get_principal(request).owner,
     )
     label_request(request, model=batch.model, backend=batch.backend)
     return _predict_response(batch)

@@ -190,9 +190,9 @@ async def step_session(
     last, steps = outcome.prediction
     decision = await run_in_threadpool(sessions.early_decision, outcome)
     async with sessions.store_slot():  # recording for feedback writes to the same store
-        await dataplane.publish(last, session_id=info.session_id)
+        await dataplane.publish(last, session_id=info.session_id, owner=owner)
         if steps is not None:
-            await dataplane.publish(steps, session_id=info.session_id)
+            await dataplane.publish(steps, session_id=info.session_id, owner=owner)
     return SessionStepResponse(
         session_id=info.session_id,
         model=info.model,

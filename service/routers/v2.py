@@ -454,7 +454,9 @@ async def run_sequence_step(
         if params.sequence_start:  # a sequence that never took a step does not stay open
             await sessions.delete(session_id, owner=owner)
         raise
-    prediction = await session_prediction(dataplane, outcome, conformal, usage=outcome.usage)
+    prediction = await session_prediction(
+        dataplane, outcome, conformal, usage=outcome.usage, owner=owner
+    )
     if params.sequence_end:
         await sessions.delete(session_id, owner=owner)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}
@@ -505,6 +507,7 @@ async def _infer(
             version=card.version,
             backend=backend,
             conformal=_conformal(params, None, None),
+            owner=get_principal(request).owner,
         )
         predictions = batch.predictions
         label_request(request, model=card.name, backend=backend)

@@ -157,6 +157,28 @@ def test_another_keys_session_is_404_on_every_route(http: httpx.Client) -> None:
     assert http.delete(path, headers=bearer(ALICE)).status_code == 204
 
 
+def test_another_keys_prediction_takes_no_feedback(http: httpx.Client) -> None:
+    """A prediction id, from /predict or a session step, answers feedback only to its key."""
+    predicted = http.post(
+        "/v1/models/tiny-digits/predict", json={"inputs": [FEATURES]}, headers=bearer(ALICE)
+    )
+    assert predicted.status_code == 200
+    session = http.post("/v1/sessions", json={"model": "tiny-digits"}, headers=bearer(ALICE))
+    stepped = http.post(
+        f"/v1/sessions/{session.json()['session_id']}/step",
+        json={"inputs": FEATURES},
+        headers=bearer(ALICE),
+    )
+    assert stepped.status_code == 200
+    for prediction in (predicted.json()["predictions"][0], stepped.json()["prediction"]):
+        label = {"prediction_id": prediction["id"], "label": prediction["label"]}
+        other = http.post("/v1/feedback", json=label, headers=bearer(BOB))
+        assert other.status_code == 404, other.text
+        own = http.post("/v1/feedback", json=label, headers=bearer(ALICE))
+        assert own.status_code == 200, own.text
+        assert own.json()["correct"] is True
+
+
 def test_another_keys_generation_session_is_404(http: httpx.Client) -> None:
     body = {"prompt": "ab", "max_tokens": 2}
     first = http.post("/v1/models/tiny-charlm/generate", json=body, headers=bearer(ALICE))
