@@ -30,6 +30,11 @@ from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
 from service.dataplane import runner_key
 
+try:
+    from bench._report import append_section
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _report import append_section
+
 HEADING = "## Backend cost"
 MODELS = ("digits-lru", "digits-snn")
 # (label, backend, options): what a request would name.
@@ -96,14 +101,6 @@ def format_table(rows: list[dict], batch: int, repeats: int, threads: int) -> st
     return "\n".join(lines)
 
 
-def append_section(path: Path, table: str, command: str) -> None:
-    """Append the table under the heading (the file is created if missing; never rewritten)."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    separator = "" if not existing else ("\n" if existing.endswith("\n") else "\n\n")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"{separator}{HEADING}\n\n`{command}`\n\n{table}\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="test images per run")
@@ -121,7 +118,7 @@ def main() -> None:
     print(table)
     if args.append is not None:
         command = "python bench/backend_cost.py " + " ".join(sys.argv[1:])
-        append_section(args.append, table, command.strip())
+        append_section(args.append, HEADING, table, command.strip())
 
 
 if __name__ == "__main__":

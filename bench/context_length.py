@@ -43,6 +43,10 @@ try:
     from bench._transformer_baseline import DecoderConfig, TransformerDecoder
 except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
     from _transformer_baseline import DecoderConfig, TransformerDecoder
+try:
+    from bench._report import append_section
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _report import append_section
 
 DEFAULT_CONTEXTS = [64, 256, 1024, 2048, 4096, 8192]
 HEADING = "## Context length"
@@ -200,14 +204,6 @@ def format_table(rows: list[dict], models: dict, threads: int, steps: int, repea
     return "\n".join(lines)
 
 
-def append_section(path: Path, table: str, command: str) -> None:
-    """Append the table under the heading (the file is created if missing; never rewritten)."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    separator = "" if not existing else ("\n" if existing.endswith("\n") else "\n\n")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"{separator}{HEADING}\n\n`{command}`\n\n{table}\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=DEFAULT_CONTEXTS)
@@ -223,7 +219,7 @@ def main() -> None:
     print(table)
     if args.append is not None:
         command = "python bench/context_length.py " + " ".join(sys.argv[1:])
-        append_section(args.append, table, command.strip())
+        append_section(args.append, HEADING, table, command.strip())
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ from service.calibration_store import CalibrationStore
 from service.cli_calibrate import backend_step_logits, prepared_runner, test_data
 from service.early_decision import EarlyDecisionStore, checkpoint_probabilities
 
+try:
+    from bench._report import append_section
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _report import append_section
+
 HEADING = "## Early decisions"
 MODELS = ("digits-lru", "digits-snn")
 BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
@@ -93,14 +98,6 @@ def format_table(rows: list[dict], max_set_size: int) -> str:
     return "\n".join(lines)
 
 
-def append_section(path: Path, table: str, command: str) -> None:
-    """Append the table under the heading (the file is created if missing; never rewritten)."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    separator = "" if not existing else ("\n" if existing.endswith("\n") else "\n\n")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"{separator}{HEADING}\n\n`{command}`\n\n{table}\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
@@ -115,7 +112,7 @@ def main() -> None:
     print(table)
     if args.append is not None:
         command = "python bench/early_decision.py " + " ".join(sys.argv[1:])
-        append_section(args.append, table, command.strip())
+        append_section(args.append, HEADING, table, command.strip())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
 from service.dataplane import ConformalOptions, DataPlane, InputLimits
 
+try:
+    from bench._report import append_section
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _report import append_section
+
 HEADING = "## Conformal coverage per backend"
 MODELS = ("digits-lru", "digits-snn")
 BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
@@ -84,14 +89,6 @@ def format_table(rows: list[dict], alpha: float, score: str) -> str:
     return "\n".join(lines)
 
 
-def append_section(path: Path, table: str, command: str) -> None:
-    """Append the table under the heading (the file is created if missing; never rewritten)."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    separator = "" if not existing else ("\n" if existing.endswith("\n") else "\n\n")
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"{separator}{HEADING}\n\n`{command}`\n\n{table}\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--alpha", type=float, default=0.1)
@@ -103,7 +100,7 @@ def main() -> None:
     print(table)
     if args.append is not None:
         command = "python bench/served_coverage.py " + " ".join(sys.argv[1:])
-        append_section(args.append, table, command.strip())
+        append_section(args.append, HEADING, table, command.strip())
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from bench._report import append_section
 from bench._transformer_baseline import DecoderConfig, TransformerDecoder
 from bench.context_length import (
-    append_section,
+    HEADING,
     matched_decoder,
     measure,
     parameter_count,
@@ -59,7 +60,7 @@ def test_ssm_state_is_flat_while_the_kv_cache_grows_linearly() -> None:
 def test_append_section_keeps_what_the_file_had(tmp_path) -> None:
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Sessions\n\nrows")
-    append_section(path, "| a |\n|---|", "python bench/context_length.py")
+    append_section(path, HEADING, "| a |\n|---|", "python bench/context_length.py")
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\n## Sessions\n\nrows\n\n## Context length\n\n")
     assert text.endswith("| a |\n|---|\n")
