@@ -362,6 +362,9 @@ class LocalJobQueue(JobQueue):
         try:
             child.connection.send_bytes(json.dumps(worker_payload(job_id, job.submission)).encode())
             child.connection.send_bytes(job.submission.upload or b"")
+            with self._condition:
+                if job.record.cancel_requested:  # asked before this child had the job
+                    self._send_cancel(job_id)
             outcome = self._follow(child, job)
         except (EOFError, OSError):  # the pipe broke: the child is gone
             child.process.join(timeout=10)
