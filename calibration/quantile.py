@@ -21,12 +21,28 @@ from calibration.checks import check_alpha
 
 # (n + 1)(1 - alpha) is an integer for many "round" pairs (n = 19, alpha = 0.05), but float
 # rounding can land it a hair above that integer; ceil would then demand one extra score.
-_RANK_SLACK = 1e-9
+# In float64 the product is off by at most (n + 1) * 2 eps (alpha and 1 - alpha each carry
+# half an ulp, the product another), so a slack of (n + 1) * 4 eps absorbs the rounding,
+# while a true fractional part, at least 1 / 1000 for an alpha with three decimals, stays far
+# above it for any n a calibration set can have (the slack is 1e-10 at n = 10^5).
+_RANK_SLACK_PER_POINT = 4 * torch.finfo(torch.float64).eps
+
+
+def conformal_ranks(n: Tensor, alpha: float) -> Tensor:
+    """k = ceil((n + 1)(1 - alpha)), at least 1, for every count in n [...] -> long [...].
+
+    Always in float64, whatever the dtype of n: an integer tensor times a Python float is
+    float32 in torch, whose 24-bit mantissa gets k wrong by one (in either direction) for
+    many alphas once n is in the tens of thousands, or as soon as n = 24 at alpha = 0.4.
+    """
+    count = torch.as_tensor(n).to(torch.float64) + 1.0  # [...]
+    k = torch.ceil(count * (1.0 - alpha) - count * _RANK_SLACK_PER_POINT)  # [...]
+    return k.long().clamp(min=1)
 
 
 def conformal_rank(n: int, alpha: float) -> int:
     """k = ceil((n + 1)(1 - alpha)): which order statistic of n scores is the quantile."""
-    return max(1, math.ceil((n + 1) * (1.0 - alpha) - _RANK_SLACK))
+    return int(conformal_ranks(torch.tensor(n), alpha))
 
 
 def _kth_smallest_or_inf(sorted_scores: Tensor, k: Tensor) -> Tensor:
@@ -100,7 +116,7 @@ def class_conditional_quantiles(
         n_class = in_class.sum(dim=-1)  # [...]
         # Other classes' scores move past the end of the sort as +inf.
         masked = torch.where(in_class, scores, torch.full_like(scores, math.inf))
-        k = torch.ceil((n_class + 1) * (1.0 - alpha) - _RANK_SLACK).long().clamp(min=1)  # [...]
+        k = conformal_ranks(n_class, alpha)  # [...]
         qhat = _kth_smallest_or_inf(masked.sort(dim=-1).values, k)
         quantiles.append(torch.where(k > n_class, torch.full_like(qhat, math.inf), qhat))
     return torch.stack(quantiles, dim=-1)  # [..., C]
