@@ -1,9 +1,10 @@
 """Held-out metrics for stateful models: accuracy and NLL, spike activity, bits per character,
 a unigram baseline, and text samples.
 
-Classification reads the logits of the last step of each sequence; a language model predicts
-the next token at every step. Every function puts the model in eval mode and runs without
-gradients, and none changes the model's parameters.
+Classification reads the logits of the last step of each sequence (or, for the answer after
+t steps, of every step); a language model predicts the next token at every step. Every
+function puts the model in eval mode and runs without gradients, and none changes the
+model's parameters.
 """
 
 from __future__ import annotations
@@ -37,6 +38,29 @@ def final_logits_stepwise(model: StatefulModel, inputs: Tensor) -> Tensor:
     for t in range(inputs.shape[1]):
         logits, state = model.step(inputs[:, t], state)  # [N, C]
     return logits
+
+
+@torch.no_grad()
+def step_logits(model: StatefulModel, inputs: Tensor, batch_size: int = 512) -> Tensor:
+    """Logits after every step of each sequence: inputs [N, T, F] -> [N, T, C]."""
+    model.eval()
+    parts = [model(inputs[i : i + batch_size])[0] for i in range(0, len(inputs), batch_size)]
+    return torch.cat(parts)  # [N, T, C]
+
+
+def step_classification_metrics(
+    model: StatefulModel, dataset: SequenceDataset
+) -> dict[str, list[float]]:
+    """Accuracy and mean NLL (nats) of the prediction after each of the T steps: what a
+    session that has read t steps would answer, for t = 1..T."""
+    logits = step_logits(model, dataset.inputs)  # [N, T, C]
+    labels = dataset.labels[:, None].expand(logits.shape[:2])  # [N, T]
+    correct = (logits.argmax(dim=-1) == labels).float()  # [N, T]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [N, T]
+    return {
+        "accuracy": [float(a) for a in correct.mean(dim=0)],
+        "nll": [float(v) for v in nll.mean(dim=0)],
+    }
 
 
 def classification_metrics(model: StatefulModel, dataset: SequenceDataset) -> dict[str, float]:

@@ -19,6 +19,8 @@ from models.evaluate import (
     final_logits,
     final_logits_stepwise,
     generate,
+    step_classification_metrics,
+    step_logits,
     unigram_bits_per_character,
 )
 from models.repository import ModelRepository
@@ -217,6 +219,22 @@ def test_final_logits_match_stepping() -> None:
     torch.testing.assert_close(
         final_logits(model, inputs, batch_size=16), final_logits_stepwise(model, inputs)
     )
+
+
+def test_step_logits_match_stepping_and_give_per_step_metrics() -> None:
+    torch.manual_seed(0)
+    model = build_model("lru", {"d_input": 8, "d_output": 10, **TINY_LRU}).eval()
+    test = load_training_data("digits-seq:rows").evaluation["test"]
+    logits = step_logits(model, test.inputs[:50], batch_size=16)  # [50, 8, 10]
+    state = model.init_state(50)
+    for t in range(8):
+        expected, state = model.step(test.inputs[:50, t], state)  # [50, 10]
+        torch.testing.assert_close(logits[:, t], expected)
+    per_step = step_classification_metrics(model, test)
+    final = classification_metrics(model, test)
+    assert len(per_step["accuracy"]) == len(per_step["nll"]) == 8
+    assert per_step["accuracy"][-1] == pytest.approx(final["accuracy"])
+    assert per_step["nll"][-1] == pytest.approx(final["nll"], rel=1e-5)
 
 
 def test_unigram_bpc_is_the_smoothed_cross_entropy() -> None:
