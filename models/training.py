@@ -49,6 +49,10 @@ from models.repository import ModelCard, ModelRepository
 from models.userdata import load_npz_dataset, load_text_corpus
 
 NPZ_HOLDOUT_FRACTION = 0.2
+# How a classifier's cross-entropy is spread over the steps of a sequence: the final step
+# only, or step t weighted by t ** power (see `step_loss_weights`).
+STEP_LOSS_POWERS = {"uniform": 0, "linear": 1, "quadratic": 2}
+STEP_LOSSES = ("last", *STEP_LOSS_POWERS)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class TrainingRecipe:
     warmup_fraction: float = 0.05
     grad_clip: float = 1.0
     input_noise: float = 0.0  # classification: std of Gaussian noise added to training inputs
+    step_loss: str = "last"  # classification: which steps' logits get cross-entropy (STEP_LOSSES)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -81,6 +86,10 @@ class TrainingRecipe:
             raise ValueError(f"input_noise must be finite and >= 0, got {self.input_noise}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.step_loss not in STEP_LOSSES:
+            raise ValueError(
+                f"step_loss must be one of {', '.join(STEP_LOSSES)}, got {self.step_loss!r}"
+            )
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -208,10 +217,45 @@ def _add_noise(
     return (inputs + noise).clamp(value_range[0], value_range[1])
 
 
+def step_loss_weights(step_loss: str, n_steps: int) -> Tensor:
+    """Weight of each step's cross-entropy in a classifier's loss, summing to 1: [T].
+
+    "last" trains only the answer after the whole sequence, so answers after fewer steps come
+    out near chance. The others train the answer after every step t (what a session that
+    has read t steps is served) with weight t ** power: "uniform" (1), "linear" (t) or
+    "quadratic" (t²; with T = 8 the final step keeps 64/204 of the loss). A later step has
+    read more, so it weighs more; the steeper the schedule, the less the final answer gives
+    up for the early ones.
+    """
+    if step_loss == "last":
+        weights = torch.zeros(n_steps)  # [T]
+        weights[-1] = 1.0
+    elif step_loss in STEP_LOSS_POWERS:
+        steps = torch.arange(1, n_steps + 1, dtype=torch.float32)  # [T]
+        weights = steps ** STEP_LOSS_POWERS[step_loss]  # [T]
+    else:
+        raise ValueError(f"step_loss must be one of {', '.join(STEP_LOSSES)}, got {step_loss!r}")
+    return weights / weights.sum()
+
+
+def step_cross_entropy(logits: Tensor, labels: Tensor, step_loss: str) -> Tensor:
+    """sum_t w_t * mean_b CE(logits[b, t], labels[b]) for logits [B, T, C], labels [B], with
+    w = step_loss_weights(step_loss, T)."""
+    if step_loss == "last":
+        # Not the weighted sum with zeros: that rounds differently, and the recipes trained
+        # before step_loss existed must reproduce bit for bit.
+        return F.cross_entropy(logits[:, -1], labels)
+    weights = step_loss_weights(step_loss, logits.shape[1]).to(logits.dtype)  # [T]
+    targets = labels[:, None].expand(logits.shape[:2])  # [B, T]
+    per_step = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, T]
+    return (per_step.mean(dim=0) * weights).sum()
+
+
 def fit_classifier(
     model: StatefulModel, train: SequenceDataset, recipe: TrainingRecipe, progress: bool = True
 ) -> list[float]:
-    """Minimise cross-entropy of the last-step logits; returns the per-batch losses."""
+    """Minimise cross-entropy of the logits after each step, weighted by the recipe's
+    `step_loss` (default: the last step only); returns the per-batch losses."""
     batches_per_epoch = math.ceil(len(train) / recipe.batch_size)
     total = recipe.epochs * batches_per_epoch
     optimiser, schedule = _optimiser(model, recipe, total)
@@ -227,12 +271,12 @@ def fit_classifier(
                 inputs = train.inputs[batch]  # [b, T, F]
                 if recipe.input_noise > 0:
                     inputs = _add_noise(inputs, recipe.input_noise, train.value_range, generator)
-                logits = model(inputs)[0][:, -1]  # [b, C]
+                logits = model(inputs)[0]  # [b, T, C]
                 labels = train.labels[batch]  # [b]
-                loss = F.cross_entropy(logits, labels)
+                loss = step_cross_entropy(logits, labels, recipe.step_loss)
                 _update(model, optimiser, schedule, loss, recipe.grad_clip)
                 losses.append(loss.item())
-                correct += int((logits.argmax(-1) == labels).sum())
+                correct += int((logits[:, -1].argmax(-1) == labels).sum())
                 seen += len(batch)
                 bar.update(1)
                 bar.set_postfix(

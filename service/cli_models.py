@@ -24,7 +24,16 @@ if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help
     from models.repository import ModelRepository
     from models.training import TrainingRecipe
 
-_RECIPE_FLAGS = ("epochs", "steps", "batch_size", "seq_len", "lr", "weight_decay", "seed")
+_RECIPE_FLAGS = (
+    "epochs",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "weight_decay",
+    "step_loss",
+    "seed",
+)
 
 
 def _parse_setting(text: str) -> tuple[str, Any]:
@@ -131,6 +140,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knobs.add_argument("--seq-len", dest="seq_len", type=int, help="language model window")
     knobs.add_argument("--lr", type=float)
     knobs.add_argument("--weight-decay", dest="weight_decay", type=float)
+    knobs.add_argument(
+        "--step-loss",
+        dest="step_loss",
+        help="classification: cross-entropy on the last step only (last) or on every step, "
+        "step t weighted by 1, t or t^2 (uniform, linear, quadratic)",
+    )
     knobs.add_argument("--seed", type=int)
     _add_repository_flag(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
