@@ -13,8 +13,16 @@ the long-run miscoverage for ANY sequence, shifted or adversarial (their Proposi
     | (1/T) sum_t err_t - alpha | <= (max(alpha_1, 1 - alpha_1) + gamma) / (T * gamma)
 
 The bound needs the raw sets: forcing a label into an empty set (never_empty) breaks it.
-The state is a handful of numbers, JSON-safe, so a service can keep one per (model, backend)
-and one per session.
+
+A server learns labels late: a set is served at the level of its time, and its error arrives
+after up to D other updates. err_t must then be the error of the set actually served, and
+alpha_t stays within [-(D + 1) gamma, 1 + (D + 1) gamma] (a set served while the level was
+past 1 or below 0 is empty or full), so the bound becomes
+
+    | (1/T) sum_t err_t - alpha | <= (max(alpha_1, 1 - alpha_1) + (D + 1) gamma) / (T * gamma)
+
+The state is two counters (labels seen, labels missed): alpha_t is a function of them, so a
+store can keep one level per key and update it with two atomic increments.
 """
 
 from __future__ import annotations
@@ -74,12 +82,30 @@ class AdaptiveConformal:
         """Fraction of labelled predictions whose label was outside the set (NaN before any)."""
         return self.miscovered / self.steps if self.steps else math.nan
 
-    def miscoverage_bound(self) -> float:
-        """Gibbs & Candès' deterministic bound on |miscoverage_rate - target_alpha|."""
+    def miscoverage_bound(self, max_delay: int = 0) -> float:
+        """Gibbs & Candès' deterministic bound on |miscoverage_rate - target_alpha|, when each
+        label arrived after at most `max_delay` other labels' updates (0: in order)."""
         if self.steps == 0:
             return math.inf
+        if isinstance(max_delay, bool) or not isinstance(max_delay, int) or max_delay < 0:
+            raise ValueError(f"max_delay must be an integer >= 0, got {max_delay!r}")
         worst_start = max(self.initial_alpha, 1.0 - self.initial_alpha)
-        return (worst_start + self.gamma) / (self.steps * self.gamma)
+        return (worst_start + (max_delay + 1) * self.gamma) / (self.steps * self.gamma)
+
+    @classmethod
+    def from_counts(
+        cls, target_alpha: float, gamma: float, steps: int, missed: int
+    ) -> AdaptiveConformal:
+        """The level after `steps` labels of which `missed` fell outside their sets, started
+        at `target_alpha`: the updates telescope to alpha + gamma * (steps * alpha - missed)."""
+        return cls(
+            target_alpha=target_alpha,
+            gamma=gamma,
+            alpha_t=target_alpha + gamma * (steps * target_alpha - missed),
+            initial_alpha=target_alpha,
+            steps=steps,
+            miscovered=missed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -38,11 +38,11 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from calibration.aci import AdaptiveConformal
 from calibration.checks import ArrayLike, as_labels, as_logits, check_alpha
-from calibration.conformal import SplitConformal, include_top_label_if_empty
+from calibration.conformal import SplitConformal
 from calibration.maps import CalibrationMap, fit_best_map, map_from_dict
 from calibration.metrics import calibration_report
+from calibration.quantile import quantile_at_level
 from calibration.scores import SCORE_NAMES, ConformityScore, make_score, tune_raps
 
 ARTIFACT_FORMAT = 1
@@ -136,35 +136,31 @@ class CalibrationArtifact:
         class_conditional: bool = False,
         never_empty: bool = False,
         rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(calibrated probs [N, C], set mask [N, C]) for raw logits [N, C] at this alpha.
 
-        Randomised scores ("aps_randomized", "raps_randomized") need a seeded `rng`.
+        Randomised scores ("aps_randomized", "raps_randomized") take one U per row from
+        `uniform` [N], or draw them from a seeded `rng`.
         """
         probs = self.calibrate(logits)
         predictor = self._predictor(score)
-        sets = predictor.predict(probs, alpha, class_conditional, never_empty, rng)
+        sets = predictor.predict(probs, alpha, class_conditional, never_empty, rng, uniform)
         return probs, sets
 
-    def predict_online(
+    def sets_at_level(
         self,
-        logits: ArrayLike,
-        aci: AdaptiveConformal,
+        probs: Tensor,
+        alpha_t: float,
         score: str = "aps",
-        never_empty: bool = False,
         rng: torch.Generator | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Like `predict` at the online level aci.alpha_t, which may lie outside (0, 1).
-
-        Feed back `aci.update(covered)` once the label is known. `never_empty` voids ACI's
-        miscoverage bound (see `calibration.aci`).
-        """
-        probs = self.calibrate(logits)
+        uniform: Tensor | None = None,
+    ) -> Tensor:
+        """Raw sets [N, C] of calibrated probs [N, C] at any real level, as online conformal
+        (ACI) needs: every label when alpha_t <= 0, none when alpha_t >= 1."""
         predictor = self._predictor(score)
-        sets = predictor.score.prediction_sets(
-            probs, aci.quantile(predictor.calibration_scores), rng
-        )
-        return probs, include_top_label_if_empty(sets, probs) if never_empty else sets
+        qhat = quantile_at_level(predictor.calibration_scores, alpha_t)
+        return predictor.score.prediction_sets(probs, qhat, rng, uniform)
 
     # ---- storage -------------------------------------------------------------------------
 
@@ -190,20 +186,27 @@ class CalibrationArtifact:
     def to_json(self) -> str:
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=True, allow_nan=False)
 
-    def to_safetensors(self) -> bytes:
+    def tensors(self) -> dict[str, Tensor]:
+        """The artifact's tensors by name: conformity scores and labels."""
         tensors = {f"scores.{name}": values.contiguous() for name, values in self.scores.items()}
         tensors["labels"] = self.labels.contiguous()
-        return save_tensors(tensors)
+        return tensors
+
+    def to_safetensors(self) -> bytes:
+        return save_tensors(self.tensors())
 
     @classmethod
     def from_serialized(cls, json_text: str, tensor_bytes: bytes) -> CalibrationArtifact:
-        meta = json.loads(json_text)
+        return cls.from_parts(json.loads(json_text), load_tensors(tensor_bytes))
+
+    @classmethod
+    def from_parts(cls, meta: Any, tensors: dict[str, Tensor]) -> CalibrationArtifact:
+        """Rebuild from `to_json_dict()` and `tensors()`."""
         if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise ValueError(
                 f"unsupported calibration artifact format {found!r}; expected {ARTIFACT_FORMAT}"
             )
-        tensors = load_tensors(tensor_bytes)
         missing = ({f"scores.{name}" for name in SCORE_NAMES} | {"labels"}) - tensors.keys()
         if missing:
             raise ValueError(f"calibration tensors are missing {sorted(missing)}")

@@ -96,3 +96,13 @@ def check_generator(rng: torch.Generator | None, who: str) -> torch.Generator:
     if not isinstance(rng, torch.Generator):
         raise ValueError(f"rng must be a torch.Generator, got {type(rng)}")
     return rng
+
+
+def check_uniform(uniform: ArrayLike, shape: torch.Size) -> Tensor:
+    """The caller's U draws of a randomised score: float64 of `shape`, each in [0, 1)."""
+    uniform = _as_float64(uniform, "uniform")
+    if uniform.shape != shape:
+        raise ValueError(f"uniform must have shape {tuple(shape)}, got {tuple(uniform.shape)}")
+    if ((uniform < 0) | (uniform >= 1)).any():
+        raise ValueError("uniform draws must lie in [0, 1)")
+    return uniform

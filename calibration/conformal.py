@@ -82,13 +82,16 @@ class SplitConformal:
         class_conditional: bool = False,
         never_empty: bool = False,
         rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
     ) -> Tensor:
-        """Prediction sets as a bool mask [N, C] for test probabilities [N, C]."""
+        """Prediction sets as a bool mask [N, C] for test probabilities [N, C].
+
+        Randomised scores take their U from `uniform` [N] when given, else from `rng`."""
         probs = as_probs(probs)
         if probs.shape[-1] != self.num_classes:
             raise ValueError(
                 f"calibrated for {self.num_classes} classes, got probs with {probs.shape[-1]}"
             )
         qhat = self.quantile(alpha, class_conditional)
-        sets = self.score.prediction_sets(probs, qhat, rng)  # [N, C]
+        sets = self.score.prediction_sets(probs, qhat, rng, uniform)  # [N, C]
         return include_top_label_if_empty(sets, probs) if never_empty else sets

@@ -5,7 +5,9 @@ the model's probabilities worse. Calibration uses the true label's score; a pred
 holds every label whose score is at most the conformal quantile qhat. Deriving both from one
 `label_scores` table makes them consistent by construction: label y is in the set iff
 `score(probs, y) <= qhat`. Randomised scores draw one U ~ Uniform[0, 1) per example from the
-caller's generator, first thing, so the same seed gives the same U in both calls.
+caller's generator, first thing, so the same seed gives the same U in both calls, or take
+the caller's own draws (`uniform`): a server that must be able to recompute a served set
+later keeps the U it used.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from calibration.checks import ArrayLike, as_labels, as_probs, check_generator
+from calibration.checks import ArrayLike, as_labels, as_probs, check_generator, check_uniform
 
 
 def rank_and_mass_above(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -43,27 +45,47 @@ class ConformityScore(ABC):
     def _label_scores(self, probs: Tensor, uniform: Tensor | None) -> Tensor:
         """probs [..., C] (validated float64), uniform [...] or None -> scores [..., C]."""
 
-    def label_scores(self, probs: ArrayLike, rng: torch.Generator | None = None) -> Tensor:
-        """The score every label would get [..., C]."""
+    def label_scores(
+        self,
+        probs: ArrayLike,
+        rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
+    ) -> Tensor:
+        """The score every label would get [..., C].
+
+        A randomised score uses `uniform` [...] (one U in [0, 1) per example) when given,
+        else draws it from `rng`; deterministic scores ignore both.
+        """
         probs = as_probs(probs)
-        uniform = None
-        if self.randomized:
+        if not self.randomized:
+            return self._label_scores(probs, None)
+        if uniform is not None:
+            uniform = check_uniform(uniform, probs.shape[:-1])
+        else:
             generator = check_generator(rng, f"score {self.name!r}")
             uniform = torch.rand(probs.shape[:-1], generator=generator, dtype=torch.float64)
         return self._label_scores(probs, uniform)
 
     def score(
-        self, probs: ArrayLike, labels: ArrayLike, rng: torch.Generator | None = None
+        self,
+        probs: ArrayLike,
+        labels: ArrayLike,
+        rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
     ) -> Tensor:
         """Calibration scores [N] of the true labels."""
-        table = self.label_scores(probs, rng)  # [N, C]
+        table = self.label_scores(probs, rng, uniform)  # [N, C]
         if table.ndim != 2:
             raise ValueError(f"probs must have shape [N, C], got {tuple(table.shape)}")
         labels = as_labels(labels, table.shape[0], table.shape[1])
         return table.gather(1, labels[:, None]).squeeze(1)  # [N]
 
     def prediction_sets(
-        self, probs: ArrayLike, qhat: float | Tensor, rng: torch.Generator | None = None
+        self,
+        probs: ArrayLike,
+        qhat: float | Tensor,
+        rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
     ) -> Tensor:
         """Boolean mask [..., C]: label in set iff its score <= qhat.
 
@@ -73,7 +95,7 @@ class ConformityScore(ABC):
         qhat = torch.as_tensor(qhat, dtype=torch.float64)
         if torch.isnan(qhat).any():
             raise ValueError("qhat is NaN")
-        return self.label_scores(probs, rng) <= qhat
+        return self.label_scores(probs, rng, uniform) <= qhat
 
     def params(self) -> dict[str, Any]:
         """JSON-safe parameters that rebuild this score with `make_score`."""

@@ -154,18 +154,29 @@ def test_never_empty_and_class_conditional_options(artifact, data) -> None:
         assert abs(coverage - mean) <= tolerance, f"class {label}: {coverage:.3f} vs {mean:.3f}"
 
 
-def test_online_sets_follow_the_aci_level(artifact, data) -> None:
+def test_sets_at_any_level_follow_the_aci_level(artifact, data) -> None:
     logits = data["test_logits"][:100]
-    on_target = AdaptiveConformal(0.1)
+    probs = artifact.calibrate(logits)
     assert torch.equal(
-        artifact.predict_online(logits, on_target, "lac")[1],
+        artifact.sets_at_level(probs, AdaptiveConformal(0.1).alpha_t, "lac"),
         artifact.predict(logits, 0.1, "lac")[1],
     )
-    full = AdaptiveConformal(0.1, alpha_t=-0.05)
-    assert artifact.predict_online(logits, full, "aps")[1].all()
-    empty = AdaptiveConformal(0.1, alpha_t=1.05)
-    assert not artifact.predict_online(logits, empty, "aps")[1].any()
-    assert artifact.predict_online(logits, empty, "aps", never_empty=True)[1].sum(1).eq(1).all()
+    assert artifact.sets_at_level(probs, -0.05, "aps").all()
+    assert not artifact.sets_at_level(probs, 1.05, "aps").any()
+
+
+def test_given_uniform_draws_reproduce_a_randomized_set(artifact, data) -> None:
+    logits = data["test_logits"][:100]
+    uniform = torch.rand(100, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    _, from_draws = artifact.predict(logits, 0.1, "aps_randomized", uniform=uniform)
+    _, from_rng = artifact.predict(
+        logits, 0.1, "aps_randomized", rng=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(from_draws, from_rng)
+    with pytest.raises(ValueError, match=r"uniform must have shape \(100,\)"):
+        artifact.predict(logits, 0.1, "aps_randomized", uniform=uniform[:5])
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\)"):
+        artifact.predict(logits, 0.1, "aps_randomized", uniform=uniform + 1.0)
 
 
 def test_bad_requests_are_rejected_with_a_clear_message(artifact, data) -> None:
