@@ -3,7 +3,8 @@
 Tensors in, tensors out; nothing else of ours is imported. Calibration maps (temperature,
 vector scaling), calibration metrics, conformity scores (LAC, APS, RAPS, Top-K), split and
 class-conditional conformal prediction, online conformal (ACI), early decisions for
-sequence models, and the per-(model, version, backend) `CalibrationArtifact`.
+sequence models, the per-(model, version, backend) `CalibrationArtifact` and the calibration
+per position of a sequence (`PositionalCalibration`).
 """
 
 from calibration.aci import AdaptiveConformal
@@ -26,6 +27,12 @@ from calibration.metrics import (
     negative_log_likelihood,
     reliability_bins,
 )
+from calibration.positional import (
+    PositionalCalibration,
+    PositionBuckets,
+    fit_positional_calibration,
+    fit_stepwise_calibration,
+)
 from calibration.quantile import class_conditional_quantiles, conformal_quantile
 from calibration.scores import SCORE_NAMES, ConformityScore, make_score, tune_raps
 from calibration.temperature import TemperatureScaling
@@ -41,6 +48,8 @@ __all__ = [
     "EarlyDecisionRule",
     "IdentityMap",
     "MapSelection",
+    "PositionBuckets",
+    "PositionalCalibration",
     "SplitConformal",
     "TemperatureScaling",
     "VectorScaling",
@@ -52,6 +61,8 @@ __all__ = [
     "expected_calibration_error",
     "fit_best_map",
     "fit_calibration_artifact",
+    "fit_positional_calibration",
+    "fit_stepwise_calibration",
     "include_top_label_if_empty",
     "make_score",
     "map_from_dict",

@@ -10,7 +10,11 @@ missed at some checkpoint, so by the union (Bonferroni) bound
     P(y not in C_stop) <= sum_k P(y not in C_k) <= K * alpha / K = alpha.
 
 Each checkpoint's quantile is the split-conformal quantile of that checkpoint's calibration
-scores, which are exchangeable with the test stream's scores at the same checkpoint.
+scores, which are exchangeable with the test stream's scores at the same checkpoint. A
+calibration per position (`calibration.positional`) already holds exactly those scores, each
+with its own calibration map and score parameters: `EarlyDecisionRule.from_calibration`
+builds the rule from it, and the probabilities a checkpoint decides on must then come from
+that checkpoint's map.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor
 
 from calibration.checks import ArrayLike, as_labels, as_probs, check_alpha, check_not_empty
+from calibration.positional import PositionalCalibration
 from calibration.quantile import conformal_quantile
 from calibration.scores.base import ConformityScore
 from calibration.scores.lac import LAC
@@ -45,7 +50,7 @@ class EarlyDecisionReport:
 
 @dataclass(frozen=True)
 class EarlyDecisionRule:
-    score: ConformityScore
+    score: ConformityScore | tuple[ConformityScore, ...]  # one for all, or one per checkpoint
     thresholds: Tensor  # [K] per-checkpoint quantiles at level alpha / K
     alpha: float
     max_set_size: int
@@ -54,6 +59,36 @@ class EarlyDecisionRule:
     @property
     def num_checkpoints(self) -> int:
         return len(self.checkpoint_steps)
+
+    def checkpoint_score(self, checkpoint: int) -> ConformityScore:
+        return self.score[checkpoint] if isinstance(self.score, tuple) else self.score
+
+    @classmethod
+    def from_calibration(
+        cls,
+        calibration: PositionalCalibration,
+        alpha: float,
+        score: str,
+        max_set_size: int = 1,
+    ) -> EarlyDecisionRule:
+        """A checkpoint at every position of a calibration with one bucket per step, each
+        with that position's score and quantile at level alpha / K."""
+        alpha = check_alpha(alpha)
+        buckets = calibration.buckets
+        if any(low != high for low, high in map(buckets.bounds, range(len(buckets)))):
+            raise ValueError("early decisions need a calibration with one bucket per step")
+        if isinstance(max_set_size, bool) or not 1 <= int(max_set_size) <= calibration.num_classes:
+            raise ValueError(
+                f"max_set_size must be in 1..{calibration.num_classes}, got {max_set_size!r}"
+            )
+        artifacts = calibration.artifacts
+        scores = tuple(artifact.make_score(score) for artifact in artifacts)
+        if any(s.randomized for s in scores):
+            raise ValueError(f"early decisions need a deterministic score, got {score!r}")
+        level = alpha / len(artifacts)
+        thresholds = torch.stack([conformal_quantile(a.scores[score], level) for a in artifacts])
+        steps = tuple(buckets.edges[:-1])
+        return cls(scores, thresholds, alpha, int(max_set_size), steps)
 
     @classmethod
     def calibrate(
@@ -103,7 +138,8 @@ class EarlyDecisionRule:
             raise ValueError(
                 f"checkpoint must be in 0..{self.num_checkpoints - 1}, got {checkpoint}"
             )
-        sets = self.score.prediction_sets(probs, self.thresholds[checkpoint], rng)  # [B, C]
+        score = self.checkpoint_score(checkpoint)
+        sets = score.prediction_sets(probs, self.thresholds[checkpoint], rng)  # [B, C]
         small_enough = sets.sum(dim=-1) <= self.max_set_size  # [B]
         last = checkpoint == self.num_checkpoints - 1
         return (torch.ones_like(small_enough) if last else small_enough), sets
@@ -112,7 +148,13 @@ class EarlyDecisionRule:
         """Whole streams probs [N, K, C] -> (stopping checkpoint [N], set there [N, C])."""
         probs = _as_streams(probs)
         self._check_streams(probs)
-        table = self.score.label_scores(probs, rng)  # [N, K, C]
+        table = torch.stack(  # [N, K, C]
+            [
+                self.checkpoint_score(k).label_scores(probs[:, k], rng)
+                for k in range(probs.shape[1])
+            ],
+            dim=1,
+        )
         sets = table <= self.thresholds[None, :, None]  # [N, K, C]
         stop = sets.sum(dim=2) <= self.max_set_size  # [N, K]
         stop[:, -1] = True
