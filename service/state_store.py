@@ -47,6 +47,8 @@ DEFAULT_UPDATE_RETRIES = 16
 _PREFIX_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no braces: they are cluster hash tags
 _NAMESPACE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _KEY_PATTERN = re.compile(r"[!-~]{1,256}")  # printable ASCII without spaces
+_FIELD_PATTERN = re.compile(r"[!-~]{1,128}")
+_FIELDS_TAG = b"\x00fields:"  # marks an in-process record written by `incr_fields`
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _REDIS_INTEGER = re.compile(rb"-?(0|[1-9][0-9]*)")
 
@@ -137,6 +139,15 @@ class StateStore(ABC):
 
     @abstractmethod
     async def _incr_raw(self, key: str, amount: int, ttl_ms: int | None) -> int: ...
+
+    @abstractmethod
+    async def _incr_fields_raw(
+        self, key: str, increments: Sequence[tuple[str, int]], ttl_ms: int | None
+    ) -> dict[str, int]:
+        """Add to integer fields of the hash at `key` in one atomic step; all its fields."""
+
+    @abstractmethod
+    async def _get_fields_raw(self, key: str) -> dict[str, int]: ...
 
     @abstractmethod
     async def ping(self) -> None:
@@ -363,6 +374,41 @@ class StateStore(ABC):
         ttl_ms = None if ttl is None else _ttl_ms(ttl)
         return await self._incr_raw(self.record_key(namespace, key), amount, ttl_ms)
 
+    async def incr_fields(
+        self,
+        namespace: str,
+        key: str,
+        increments: dict[str, int],
+        ttl: float | None = None,
+    ) -> dict[str, int]:
+        """Atomically add to several integer fields of one record (missing fields count as 0)
+        and return every field of it afterwards: counters that must move together (labels
+        seen and labels missed) never show one update without the other, to any reader.
+
+        With `ttl` the record's TTL restarts; without, any TTL it had is kept. Field names
+        are 1-128 printable ASCII characters without spaces.
+        """
+        if not increments:
+            raise ValueError("incr_fields needs at least one field to increment")
+        pairs = []
+        for field_name, amount in increments.items():
+            if not isinstance(field_name, str) or not _FIELD_PATTERN.fullmatch(field_name):
+                raise ValueError(
+                    f"field names must be 1-128 printable ASCII characters without spaces, "
+                    f"got {field_name!r}"
+                )
+            if isinstance(amount, bool) or not isinstance(amount, int):
+                raise TypeError(f"amount must be an integer, got {type(amount).__name__}")
+            if not _INT64[0] <= amount <= _INT64[1]:
+                raise ValueError(f"amount {amount} is outside the 64-bit integer range")
+            pairs.append((field_name, amount))
+        ttl_ms = None if ttl is None else _ttl_ms(ttl)
+        return await self._incr_fields_raw(self.record_key(namespace, key), pairs, ttl_ms)
+
+    async def get_fields(self, namespace: str, key: str) -> dict[str, int]:
+        """Every field of a record written by `incr_fields` ({} when absent)."""
+        return await self._get_fields_raw(self.record_key(namespace, key))
+
 
 # --- in-process implementation -------------------------------------------------------------
 
@@ -488,6 +534,29 @@ class InMemoryStateStore(StateStore):
             self._entries[key] = _Entry(str(total).encode(), 0, deadline)
             return total
 
+    async def _incr_fields_raw(
+        self, key: str, increments: Sequence[tuple[str, int]], ttl_ms: int | None
+    ) -> dict[str, int]:
+        with self._lock:
+            now = self._clock()
+            entry = self._live(key, now)
+            fields = {} if entry is None else _parse_fields(entry.value)
+            for field_name, amount in increments:
+                total = fields.get(field_name, 0) + amount
+                if not _INT64[0] <= total <= _INT64[1]:
+                    raise ValueError(f"incrementing {key} {field_name} would overflow 64 bits")
+                fields[field_name] = total
+            deadline = None if entry is None else entry.deadline
+            if ttl_ms is not None:
+                deadline = now + ttl_ms / 1000
+            self._entries[key] = _Entry(_FIELDS_TAG + json.dumps(fields).encode(), 0, deadline)
+            return dict(fields)
+
+    async def _get_fields_raw(self, key: str) -> dict[str, int]:
+        with self._lock:
+            entry = self._live(key, self._clock())
+            return {} if entry is None else _parse_fields(entry.value)
+
     def _live(self, key: str, now: float) -> _Entry | None:
         """The entry at `key` unless expired (expired ones are dropped). Hold the lock."""
         entry = self._entries.get(key)
@@ -553,3 +622,20 @@ def _parse_counter(value: bytes) -> int:
         if _INT64[0] <= number <= _INT64[1]:
             return number
     raise ValueError("record does not hold a 64-bit integer, so it cannot be incremented")
+
+
+def _parse_fields(value: bytes) -> dict[str, int]:
+    """The in-process store keeps a hash of counters as a tagged JSON object of integers (the
+    tag tells it from a JSON record that happens to hold integers, as Redis tells a hash from
+    a string)."""
+    fields = None
+    if value.startswith(_FIELDS_TAG):
+        try:
+            fields = json.loads(value[len(_FIELDS_TAG) :])
+        except ValueError:
+            fields = None
+    if not isinstance(fields, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in fields.values()
+    ):
+        raise ValueError("record does not hold integer fields, so they cannot be incremented")
+    return fields

@@ -76,6 +76,27 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return current + 1
 """
 
+# KEYS[1] = hash key; ARGV = ttl in ms (0: keep), then field, amount pairs.
+# Adds every amount in one atomic step and returns the whole hash (HGETALL's flat list). Redis
+# does not undo a script's earlier writes when a later command fails, so a field that cannot
+# move (not an integer, overflow) puts back the fields already moved before the error returns.
+INCR_FIELDS_SCRIPT = """
+local old = {}
+for i = 2, #ARGV, 2 do
+  old[i] = redis.call('HGET', KEYS[1], ARGV[i]) or false
+  local reply = redis.pcall('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  if type(reply) == 'table' and reply.err then
+    for j = i - 2, 2, -2 do
+      if old[j] then redis.call('HSET', KEYS[1], ARGV[j], old[j])
+      else redis.call('HDEL', KEYS[1], ARGV[j]) end
+    end
+    return reply
+  end
+end
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 # Errors that mean "the store cannot serve right now", not "the request was wrong".
 _UNAVAILABLE_ERRORS = (
     redis_errors.ConnectionError,  # includes BusyLoading, MaxConnections, auth failures
@@ -369,12 +390,37 @@ class RedisStateStore(StateStore):
                         pipe.pexpire(key, ttl_ms)
                     replies = await pipe.execute()
             except redis_errors.ResponseError as exc:
-                if "not an integer" in str(exc) or "overflow" in str(exc):
+                if _holds_no_integers(exc):
                     raise ValueError(
                         f"record {key} does not hold a 64-bit integer or would overflow: {exc}"
                     ) from None
                 raise
         return int(replies[0])
+
+    async def _incr_fields_raw(
+        self, key: str, increments: Sequence[tuple[str, int]], ttl_ms: int | None
+    ) -> dict[str, int]:
+        args = [ttl_ms or 0, *(item for pair in increments for item in pair)]
+        try:
+            (reply,) = await self._run_scripts(INCR_FIELDS_SCRIPT, [(key, tuple(args))])
+        except StateStoreError as exc:
+            if _holds_no_integers(exc):
+                raise ValueError(f"record {key} does not hold integer fields: {exc}") from None
+            raise
+        return _fields_from_flat(reply)
+
+    async def _get_fields_raw(self, key: str) -> dict[str, int]:
+        with self._errors("HGETALL"):
+            try:
+                reply = await self._client.hgetall(key)
+            except redis_errors.ResponseError as exc:
+                if "WRONGTYPE" in str(exc):
+                    raise ValueError(f"record {key} holds another Redis type, not a hash") from None
+                raise
+        try:
+            return {name.decode(): int(value) for name, value in reply.items()}
+        except ValueError:
+            raise ValueError(f"record {key} does not hold integer fields") from None
 
     # --- scripts --------------------------------------------------------------------------
 
@@ -437,6 +483,19 @@ class RedisStateStore(StateStore):
         raise StateStoreError(
             f"state store error ({self._description}): {operation} failed: {exc}"
         ) from exc
+
+
+def _holds_no_integers(exc: BaseException) -> bool:
+    text = str(exc)
+    return "WRONGTYPE" in text or "not an integer" in text or "overflow" in text
+
+
+def _fields_from_flat(reply: Sequence[Any]) -> dict[str, int]:
+    names, values = reply[0::2], reply[1::2]
+    return {
+        (n.decode() if isinstance(n, bytes) else str(n)): int(v)
+        for n, v in zip(names, values, strict=True)
+    }
 
 
 def _split_userinfo(userinfo: str) -> tuple[str | None, str | None]:

@@ -430,6 +430,109 @@ async def test_sessions_and_records_do_not_collide(store: StateStore) -> None:
         await store.put_record("session", "x", b"clobber", LONG_TTL)
 
 
+# --- integer fields: counters that move together (online levels, live coverage) -----------
+
+
+async def test_incr_fields_adds_to_several_fields_and_returns_them_all(store: StateStore) -> None:
+    assert await store.get_fields("levels", "k") == {}
+    assert await store.incr_fields("levels", "k", {"steps": 1, "missed": 0}) == {
+        "steps": 1,
+        "missed": 0,
+    }
+    after = await store.incr_fields("levels", "k", {"missed": 1, "a|0.1|8:steps": -3})
+    assert after == {"steps": 1, "missed": 1, "a|0.1|8:steps": -3}  # missing fields start at 0
+    assert await store.get_fields("levels", "k") == after
+    assert await store.get_fields("levels", "other") == {}
+
+
+async def test_incr_fields_is_one_atomic_step_under_concurrency(
+    store: StateStore, store_factory: Callable[[], StateStore]
+) -> None:
+    """Every increment moves `seen` up and `pending` down together: no reader, and no
+    returned snapshot, may ever see one without the other, and no increment is lost."""
+    tasks = 60
+    snapshots: list[dict[str, int]] = []
+
+    async def label(own: StateStore, index: int) -> None:
+        increments = {"seen": 1, "pending": -1, "missed": index % 2}
+        snapshots.append(await own.incr_fields("levels", "k", increments, ttl=LONG_TTL))
+
+    async def read_while_writing(own: StateStore, writers: asyncio.Future) -> None:
+        while not writers.done():
+            fields = await own.get_fields("levels", "k")
+            assert fields.get("seen", 0) + fields.get("pending", 0) == 0, fields
+            await asyncio.sleep(0)
+
+    async with store_factory() as other:  # a second client: another connection or replica
+        writers = asyncio.gather(*(label((store, other)[i % 2], i) for i in range(tasks)))
+        await asyncio.gather(writers, read_while_writing(other, writers))
+
+    assert sorted(s["seen"] for s in snapshots) == list(range(1, tasks + 1))
+    assert all(s["seen"] + s["pending"] == 0 and 0 <= s["missed"] <= s["seen"] for s in snapshots)
+    assert await store.get_fields("levels", "k") == {
+        "seen": tasks,
+        "pending": -tasks,
+        "missed": tasks // 2,
+    }
+
+
+async def test_incr_fields_ttl_restarts_with_a_ttl_and_is_kept_without(store: StateStore) -> None:
+    await store.incr_fields("levels", "short", {"n": 1}, ttl=0.3)
+    await store.incr_fields("levels", "kept", {"n": 1}, ttl=0.4)
+    await store.incr_fields("levels", "renewed", {"n": 1}, ttl=0.4)
+    await store.incr_fields("levels", "forever", {"n": 1})
+    await asyncio.sleep(0.25)
+    await store.incr_fields("levels", "kept", {"n": 1})  # no ttl: its 0.4 s still run
+    await store.incr_fields("levels", "renewed", {"n": 1}, ttl=0.4)
+    await asyncio.sleep(0.25)  # 0.5 s after the first writes, 0.25 s after the second
+    assert await store.get_fields("levels", "short") == {}
+    assert await store.get_fields("levels", "kept") == {}
+    assert await store.get_fields("levels", "renewed") == {"n": 2}
+    assert await store.get_fields("levels", "forever") == {"n": 1}
+    assert await store.incr_fields("levels", "short", {"n": 1}) == {"n": 1}  # from zero again
+
+
+async def test_incr_fields_refuses_records_that_are_not_integer_fields(store: StateStore) -> None:
+    await store.put_record("levels", "text", b"twelve", None)
+    await store.put_json("levels", "json", {"alpha_t": "0.1"}, None)
+    await store.put_json("levels", "integers", {"n": 1}, None)  # JSON, not a hash of fields
+    await store.incr("levels", "counter", 5)
+    for key in ("text", "json", "integers", "counter"):
+        with pytest.raises(ValueError, match="integer fields|not a hash"):
+            await store.incr_fields("levels", key, {"n": 1})
+        with pytest.raises(ValueError, match="integer fields|not a hash"):
+            await store.get_fields("levels", key)
+    assert await store.get_record("levels", "text") == b"twelve"
+    assert await store.get_json("levels", "json") == {"alpha_t": "0.1"}
+    assert await store.get_json("levels", "integers") == {"n": 1}
+    assert await store.incr("levels", "counter", 0) == 5
+    await store.incr_fields("levels", "fields", {"n": 1})
+    with pytest.raises(ValueError, match="integer"):  # a hash is no counter, on either store
+        await store.incr("levels", "fields", 1)
+
+
+async def test_incr_fields_applies_nothing_when_one_field_cannot_move(store: StateStore) -> None:
+    top = (1 << 63) - 1
+    await store.incr_fields("levels", "k", {"steps": 1, "full": top})
+    with pytest.raises(ValueError):
+        await store.incr_fields("levels", "k", {"steps": 1, "full": 1})
+    assert await store.get_fields("levels", "k") == {"steps": 1, "full": top}
+
+
+async def test_incr_fields_refuses_bad_fields_and_amounts(store: StateStore) -> None:
+    with pytest.raises(ValueError, match="at least one field"):
+        await store.incr_fields("levels", "k", {})
+    for name in ("", "has space", "tab\t", "x" * 129, 7):
+        with pytest.raises(ValueError, match="field names must be"):
+            await store.incr_fields("levels", "k", {name: 1})  # type: ignore[dict-item]
+    for amount in (1.0, True, "1"):
+        with pytest.raises(TypeError, match="amount must be an integer"):
+            await store.incr_fields("levels", "k", {"n": amount})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="64-bit"):
+        await store.incr_fields("levels", "k", {"n": 1 << 63})
+    assert await store.get_fields("levels", "k") == {}
+
+
 # --- bad input ----------------------------------------------------------------------------
 
 
