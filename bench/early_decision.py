@@ -5,11 +5,11 @@ time steps saved, per model, backend, score and alpha.
         [--alphas 0.05 0.1 0.2] [--scores lac raps] [--max-set-size 1]
         [--append docs/BENCHMARKS.md]
 
-Every test image is read row by row (8 steps); at each step the calibrated probabilities go
-through the early-decision rule that `neuroserve calibrate` stored beside the backend's
-calibration (the rule a session with `"early_decision"` is served), and the stream stops at
-the first checkpoint whose set at level alpha / 8 holds at most `max_set_size` labels. The
-served sessions take exactly these decisions (tests/service/test_early_decision.py).
+Every test image is read row by row (8 steps); at each step the probabilities calibrated by
+that step's own calibration go through the early-decision rule built from the backend's
+stored calibration per step (the rule a session with `"early_decision"` is served), and the
+stream stops at the first step whose set at level alpha / 8 holds at most `max_set_size`
+labels. The served sessions take exactly these decisions (tests/service/test_early_decision.py).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from calibration import EarlyDecisionRule
 from models.repository import ModelRepository, default_repository_root
+from service.calibration_data import classifier_examples, digits_test_split, prepared_runner
 from service.calibration_store import CalibrationStore
-from service.cli_calibrate import backend_step_logits, prepared_runner, test_data
-from service.early_decision import EarlyDecisionStore, checkpoint_probabilities
 
 try:
     from bench._report import append_section
@@ -41,24 +41,27 @@ def measure(
 ) -> list[dict]:
     repository = ModelRepository(default_repository_root())
     calibrations = CalibrationStore(repository)
-    early = EarlyDecisionStore(calibrations)
     rows = []
     for model in MODELS:
         card = repository.card(model)
-        test = test_data(card)
+        test = digits_test_split(card)
         assert test is not None, f"{model} has no digits test split"
         for backend in backends:
             stored = calibrations.get(model, card.version, backend)
-            data = early.get(model, card.version, backend)
-            if stored is None or data is None or not data.belongs_to(stored.artifact):
-                print(f"skipping {model} on {backend}: no current early-decision rule")
+            if stored is None:
+                print(f"skipping {model} on {backend}: not calibrated")
                 continue
             runner = prepared_runner(repository, card, backend, stored.backend_options)
-            step_logits = backend_step_logits(runner, test.inputs)
-            probs = checkpoint_probabilities(stored.artifact, step_logits)  # [N, 8, C]
+            examples = classifier_examples(runner, test)
+            artifacts = stored.positional.artifacts
+            probs = torch.stack(  # [N, 8, C], each step by its own calibration
+                [a.calibrate(x) for a, x in zip(artifacts, examples.logits, strict=True)], dim=1
+            )
             for score in scores:
                 for alpha in alphas:
-                    rule = data.rule(stored.artifact, alpha, score, max_set_size)
+                    rule = EarlyDecisionRule.from_calibration(
+                        stored.positional, alpha, score, max_set_size
+                    )
                     report = rule.evaluate(probs, test.labels)
                     n = int(test.labels.shape[0])
                     rows.append(

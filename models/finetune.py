@@ -22,7 +22,7 @@ published. `patience` stops a run after that many evaluations without improvemen
 run whose loss stops being finite ends there ("diverged") with its best checkpoint kept.
 
 Recalibration: the chosen weights are rebuilt by replaying the truncated trajectory, their
-logits on the calibration split (never seen by tuning) fit a `CalibrationArtifact` for the
+logits on the calibration split (never seen by tuning) fit a calibration per step for the
 job's backend, stored as `calibration/<backend>.json` + `.safetensors` in the new version.
 For comparison the base model gets the same treatment: its calibration is refitted on the
 same split, and both are scored on the test split (accuracy, ECE, NLL, coverage and mean
@@ -48,8 +48,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from calibration.artifact import CalibrationArtifact, fit_calibration_artifact
 from calibration.metrics import expected_calibration_error, negative_log_likelihood
+from calibration.positional import PositionalCalibration, fit_stepwise_calibration
 from calibration.scores import SCORE_NAMES
 from models import digits
 from models.base import StatefulModel
@@ -457,14 +457,21 @@ def tune(
 
 def calibrate_and_score(
     forward: BackendForward, data: FinetuneData, spec: FinetuneSpec, name: str, version: str
-) -> tuple[CalibrationArtifact, HeldOutMetrics]:
-    """Fit a calibration artifact on the calibration split and score it on the test split."""
-    calibration_logits = forward.final_logits(data.calibration.inputs)  # [Nc, C]
-    artifact = fit_calibration_artifact(
+) -> tuple[PositionalCalibration, HeldOutMetrics]:
+    """Fit a calibration per step on the calibration split and score its last step (the
+    whole sequence) on the test split."""
+    calibration_logits = forward.step_logits(data.calibration.inputs)  # [Nc, T, C]
+    positional = fit_stepwise_calibration(
         calibration_logits, data.calibration.labels, name, version, spec.backend, seed=spec.seed
     )
     test_logits = forward.final_logits(data.test.inputs)  # [Nt, C]
     labels = data.test.labels
+    artifact = positional.at(data.test.inputs.shape[1])
+    if artifact is None:
+        raise ValueError(
+            f"the test sequences ({data.test.inputs.shape[1]} steps) are longer than the "
+            f"calibration sequences ({positional.horizon} steps)"
+        )
     rng = torch.Generator().manual_seed(spec.seed)  # randomised scores draw from it
     probs, sets = artifact.predict(test_logits, spec.alpha, spec.score, rng=rng)  # [Nt, C] each
     metrics = HeldOutMetrics(
@@ -476,7 +483,7 @@ def calibrate_and_score(
         mean_set_size=float(sets.sum(dim=1).double().mean()),
         n=len(labels),
     )
-    return artifact, metrics
+    return positional, metrics
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -595,6 +602,12 @@ def run_finetune(
         tensor_digest(tensors),
         _version_config(spec, data, result, base.card),
         calibrations=[artifact],
+        serving={
+            spec.backend: {
+                "backend_options": dict(spec.backend_options or {}),
+                "source": {"data": data.description, "data_sha256": data.sha256},
+            }
+        },
     )
     result.status, result.version = "completed", card.version
     result.trajectory_bytes = len(checkpoint.to_json_bytes())

@@ -16,7 +16,7 @@ A trajectory version's directory:
     config.json         the base's config; "weights": {"kind": "trajectory", ...}; its
                         weights_sha256 is `tensor_digest` of the rebuilt tensors
     trajectory.json     base, optimiser settings, parameter names, torch version, steps
-    calibration/<backend>.json + .safetensors     calibration artifacts (`CalibrationArtifact`)
+    calibration/<backend>.json + .safetensors     calibrations (`PositionalCalibration`)
 
 `export_safetensors_version` turns one into a plain version (`weights.safetensors`).
 Publishing writes a hidden temp dir and renames it into place, as `ModelRepository.publish`
@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from calibration.artifact import CalibrationArtifact
+from calibration.positional import SERVING_KEY, PositionalCalibration
 from models.base import StatefulModel
 from models.repository import (
     CONFIG_FILE,
@@ -339,21 +339,35 @@ def materialize_trajectory(repository: ModelRepository, card: ModelCard) -> dict
 # ---- calibration files beside a version ------------------------------------------------------
 
 
-def calibration_files(artifact: CalibrationArtifact) -> dict[str, bytes]:
-    """`calibration/<backend>.json` and `.safetensors`, as `CalibrationArtifact.save` writes."""
-    stem = f"{CALIBRATION_DIR}/{artifact.backend}"
-    return {
-        f"{stem}.json": (artifact.to_json() + "\n").encode(),
-        f"{stem}.safetensors": artifact.to_safetensors(),
-    }
+def calibration_files(
+    calibration: PositionalCalibration, serving: Mapping[str, Any] | None = None
+) -> dict[str, bytes]:
+    """`calibration/<backend>.json` and `.safetensors`, as the calibration store writes them
+    (`serving`: the backend options the calibration data ran with, its source, ...)."""
+    stem = f"{CALIBRATION_DIR}/{calibration.backend}"
+    json_bytes, tensor_bytes = calibration.to_files(serving)
+    return {f"{stem}.json": json_bytes, f"{stem}.safetensors": tensor_bytes}
 
 
-def load_calibration(card: ModelCard, backend: str) -> CalibrationArtifact:
-    """The calibration artifact stored beside a version for `backend`."""
-    return CalibrationArtifact.load(card.path / CALIBRATION_DIR, stem=backend)
+def load_calibration(card: ModelCard, backend: str) -> PositionalCalibration:
+    """The calibration stored beside a version for `backend`."""
+    json_path, tensor_path = _calibration_paths(card, backend)
+    return PositionalCalibration.from_serialized(json_path.read_text(), tensor_path.read_bytes())
 
 
-def stored_calibrations(card: ModelCard) -> list[CalibrationArtifact]:
+def load_serving(card: ModelCard, backend: str) -> dict[str, Any]:
+    """The `serving` object of a stored calibration, without its tensor hash."""
+    json_path, _ = _calibration_paths(card, backend)
+    serving = json.loads(json_path.read_text()).get(SERVING_KEY) or {}
+    return {key: value for key, value in serving.items() if key != "tensors_sha256"}
+
+
+def _calibration_paths(card: ModelCard, backend: str) -> tuple[Path, Path]:
+    stem = card.path / CALIBRATION_DIR / backend
+    return stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+
+
+def stored_calibrations(card: ModelCard) -> list[PositionalCalibration]:
     directory = card.path / CALIBRATION_DIR
     if not directory.is_dir():
         return []
@@ -418,8 +432,12 @@ def _config_bytes(config: dict[str, Any]) -> bytes:
     return (json.dumps(config, indent=2, allow_nan=False) + "\n").encode()
 
 
-def _rekeyed(artifact: CalibrationArtifact, name: str, version: str) -> CalibrationArtifact:
-    return dataclasses.replace(artifact, model=name, version=version)
+def _rekeyed(calibration: PositionalCalibration, name: str, version: str) -> PositionalCalibration:
+    artifacts = tuple(
+        dataclasses.replace(artifact, model=name, version=version)
+        for artifact in calibration.artifacts
+    )
+    return PositionalCalibration(calibration.buckets, artifacts)
 
 
 def publish_trajectory_version(
@@ -429,13 +447,15 @@ def publish_trajectory_version(
     trajectory: Trajectory,
     weights_sha256: str,
     config_updates: dict[str, Any],
-    calibrations: list[CalibrationArtifact] = (),
+    calibrations: Sequence[PositionalCalibration] = (),
+    serving: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> ModelCard:
     """Publish `trajectory` (from `base`) as the next version of `name`.
 
     `weights_sha256` is `tensor_digest` of the rebuilt weights; `config_updates` (provenance,
-    metrics, dataset, ...) overlay the base's config. Calibration artifacts are stored under
-    `calibration/<backend>` keyed to the new name and version.
+    metrics, dataset, ...) overlay the base's config. Calibrations are stored under
+    `calibration/<backend>` keyed to the new name and version, each with its `serving[backend]`
+    object (the backend options its data ran with, its source).
     """
     trajectory_bytes = trajectory.to_json_bytes()
     ignored = ("name", "version", "weights_sha256", "weights", "training", "metrics")
@@ -454,7 +474,9 @@ def publish_trajectory_version(
     def files_for(version: str) -> dict[str, bytes]:
         files = {TRAJECTORY_FILE: trajectory_bytes}
         for artifact in calibrations:
-            files |= calibration_files(_rekeyed(artifact, name, version))
+            files |= calibration_files(
+                _rekeyed(artifact, name, version), (serving or {}).get(artifact.backend)
+            )
         files[CONFIG_FILE] = _config_bytes({"name": name, "version": version, **config})
         return files
 
@@ -484,11 +506,14 @@ def export_safetensors_version(
     )
     config["weights_sha256"] = hashlib.sha256(weights_bytes).hexdigest()
     calibrations = stored_calibrations(card)
+    serving = {c.backend: load_serving(card, c.backend) for c in calibrations}
 
     def files_for(new_version: str) -> dict[str, bytes]:
         files = {WEIGHTS_FILE: weights_bytes}
         for artifact in calibrations:
-            files |= calibration_files(_rekeyed(artifact, target, new_version))
+            files |= calibration_files(
+                _rekeyed(artifact, target, new_version), serving[artifact.backend]
+            )
         files[CONFIG_FILE] = _config_bytes({"name": target, "version": new_version, **config})
         return files
 

@@ -401,6 +401,18 @@ class BackendForward:
                 parts.append(logits[:, -1])
         return torch.cat(parts)  # [N, C]
 
+    @torch.no_grad()
+    def step_logits(
+        self, inputs: Tensor, chip_seed: int | None = None, batch_size: int = 512
+    ) -> Tensor:
+        """inputs [N, T, F] -> the logits after every step, [N, T, C] (calibration per step)."""
+        runner = self.runner(chip_seed)
+        parts = [
+            runner.run(inputs[start : start + batch_size])[0]  # [b, T, C]
+            for start in range(0, inputs.shape[0], batch_size)
+        ]
+        return torch.cat(parts)  # [N, T, C]
+
     def _streamed_final_logits(self, inputs: Tensor) -> Tensor:
         state = self.model.init_state(inputs.shape[0])
         logits = None

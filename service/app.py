@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from models.repository import ModelRepository
 from service.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.calibration_store import CalibrationStore
+from service.conformal_draws import ConformalDraws
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.feedback import FeedbackLog
@@ -152,8 +153,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 state_store,
                 calibrations,
                 ttl_seconds=settings.feedback_ttl_seconds,
-                aci_target_alpha=settings.aci_target_alpha,
                 aci_gamma=settings.aci_gamma,
+            ),
+            draws=ConformalDraws(
+                None
+                if settings.conformal_key is None
+                else settings.conformal_key.get_secret_value()
             ),
         )
         sessions = SessionManager(state_store, dataplane, SessionSettings.from_settings(settings))

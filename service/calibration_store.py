@@ -1,13 +1,15 @@
-"""Calibration artifacts of served models: where they live, how they are written and cached.
+"""Calibrations of served models: where they live, how they are written and cached.
 
-One artifact per (model, version, backend), beside the weights:
+One calibration per (model, version, backend), beside the weights, holding one calibration
+per position of the sequence (`calibration.PositionalCalibration`):
 
-    <repository>/<name>/<version>/calibration/<backend>.json          metadata, map, metrics
+    <repository>/<name>/<version>/calibration/<backend>.json          positions, maps, metrics
     <repository>/<name>/<version>/calibration/<backend>.safetensors   conformity scores, labels
 
-The JSON is `CalibrationArtifact.to_json_dict()` plus one `"serving"` object that the
+The JSON is `PositionalCalibration.to_json_dict()` plus one `"serving"` object that the
 calibration package ignores: the backend options the calibration data ran with, where that
-data came from, and the sha256 of the safetensors file. Writing is atomic per file (a temp
+data came from, what `neuroserve calibrate` measured on test data (`report`), and the sha256
+of the safetensors file. Writing is atomic per file (a temp
 file in the same folder, fsync, rename), tensors first and JSON last; the JSON names the
 tensor file's hash, so a reader that catches a newer tensor file beside an older JSON notices
 and reads again instead of mixing two calibrations.
@@ -25,15 +27,17 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calibration import CalibrationArtifact
+from calibration import CalibrationArtifact, PositionalCalibration
+from calibration.positional import SERVING_KEY
+from hardware_backends.registry import freeze_options
 from models.repository import ArtifactError, ModelRepository
 
 CALIBRATION_DIR = "calibration"
-SERVING_KEY = "serving"
 _BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _READ_ATTEMPTS = 3  # a concurrent writer can swap a file between our two reads
 
@@ -45,31 +49,58 @@ class CalibrationFileError(ArtifactError):
 
 @dataclass(frozen=True)
 class StoredCalibration:
-    """An artifact as the server serves it, with how it was made."""
+    """A calibration as the server serves it, with how it was made."""
 
-    artifact: CalibrationArtifact
+    positional: PositionalCalibration
     backend_options: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # data name, sha256, n, command
+    report: dict[str, Any] = field(default_factory=dict)  # measured on test data at fit time
+
+    @property
+    def calibration_id(self) -> str:
+        return self.positional.calibration_id
+
+    def at(self, position: int) -> CalibrationArtifact | None:
+        """The calibration of one position (1-based), or None past the horizon."""
+        return self.positional.at(position)
+
+    def fitted_with(self, backend_options: Mapping[str, Any] | None) -> bool:
+        """Whether these are the backend options the calibration data ran with."""
+        return freeze_options(dict(backend_options or {})) == freeze_options(self.backend_options)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-safe description for the API: fit metrics, map, sizes, provenance."""
-        artifact = self.artifact
+        """JSON-safe description for the API: horizon, per-position fits, provenance."""
+        positional = self.positional
+        buckets = positional.buckets
         return {
-            "created": artifact.created,
-            "n_conformal": artifact.n,
-            "n_tune": artifact.n_tune,
-            "map": artifact.calibration_map.to_dict(),
-            "metrics": dict(artifact.metrics),
-            "raps": {
-                "lam": artifact.raps_lam,
-                "k_reg": artifact.raps_k_reg,
-                "alpha": artifact.raps_alpha,
-            },
-            "seed": artifact.seed,
-            "data_hash": artifact.data_hash,
+            "created": positional.created,
+            "calibration_id": positional.calibration_id,
+            "horizon": positional.horizon,
+            "positions": [
+                {
+                    "first": buckets.bounds(k)[0],
+                    "last": buckets.bounds(k)[1],
+                    "n_conformal": artifact.n,
+                    "n_tune": artifact.n_tune,
+                    "map": artifact.calibration_map.to_dict(),
+                    "metrics": dict(artifact.metrics),
+                    "raps": {
+                        "lam": artifact.raps_lam,
+                        "k_reg": artifact.raps_k_reg,
+                        "alpha": artifact.raps_alpha,
+                    },
+                }
+                for k, artifact in enumerate(positional.artifacts)
+            ],
+            "seed": positional.artifacts[0].seed,
             "backend_options": dict(self.backend_options),
             "source": dict(self.source),
+            "report": dict(self.report),
         }
+
+
+def _recalibrate(name: str, version: str, backend: str) -> str:
+    return f"run `neuroserve calibrate {name} --version {version} --backend {backend}`"
 
 
 def check_backend_name(backend: str) -> str:
@@ -120,8 +151,9 @@ class CalibrationStore:
 
         Raises `CalibrationFileError` when the files exist but are unusable.
         """
-        json_path, _ = self.paths(name, version, backend)
+        json_path, tensor_path = self.paths(name, version, backend)
         key = (name, str(version), backend)
+        signatures = set()
         for _ in range(_READ_ATTEMPTS):
             try:
                 stat = json_path.stat()
@@ -132,6 +164,7 @@ class CalibrationStore:
             # Every save renames a new file into place, so the inode changes even when a
             # rewrite lands within the clock tick of the last one with the same size.
             signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            signatures.add(signature)
             with self._lock:
                 cached = self._cache.get(key)
             if cached is not None and cached[0] == signature:
@@ -141,6 +174,11 @@ class CalibrationStore:
                 with self._lock:
                     self._cache[key] = (signature, stored)
                 return stored
+        if len(signatures) == 1:  # the JSON stood still: its tensor file is not its own
+            raise CalibrationFileError(
+                f"{tensor_path} does not match the sha256 that {json_path.name} records "
+                f"(damaged, or from another calibration); {_recalibrate(name, version, backend)}"
+            )
         raise CalibrationFileError(
             f"{json_path}: its tensor file kept changing while being read; is a calibration "
             "being written right now? Try again."
@@ -163,19 +201,21 @@ class CalibrationStore:
         if expected_hash is not None and hashlib.sha256(tensor_bytes).hexdigest() != expected_hash:
             return None  # the tensor file was replaced after this JSON: read both again
         try:
-            artifact = CalibrationArtifact.from_serialized(json_text, tensor_bytes)
+            positional = PositionalCalibration.from_serialized(json_text, tensor_bytes)
         except (ValueError, KeyError, TypeError) as error:
             raise CalibrationFileError(f"{json_path}: unusable calibration ({error})") from None
-        if (artifact.model, artifact.version, artifact.backend) != (name, version, backend):
+        found = (positional.model, positional.version, positional.backend)
+        if found != (name, version, backend):
             raise CalibrationFileError(
-                f"{json_path}: holds the calibration of {artifact.model} version "
-                f"{artifact.version} on {artifact.backend}, not {name} version {version} on "
-                f"{backend}"
+                f"{json_path}: holds the calibration of {found[0]} version {found[1]} on "
+                f"{found[2]}, not {name} version {version} on {backend}; "
+                f"{_recalibrate(name, version, backend)}"
             )
         return StoredCalibration(
-            artifact=artifact,
+            positional=positional,
             backend_options=dict(serving.get("backend_options") or {}),
             source=dict(serving.get("source") or {}),
+            report=dict(serving.get("report") or {}),
         )
 
     def calibrated_backends(self, name: str, version: str) -> list[str]:
@@ -193,25 +233,25 @@ class CalibrationStore:
 
     def save(
         self,
-        artifact: CalibrationArtifact,
+        positional: PositionalCalibration,
         *,
         backend_options: dict[str, Any] | None = None,
         source: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None,
     ) -> tuple[Path, Path]:
-        """Write the artifact beside its model version's weights, atomically; the two paths."""
-        name, version, backend = artifact.model, artifact.version, artifact.backend
+        """Write the calibration beside its model version's weights, atomically; the paths."""
+        name, version, backend = positional.model, positional.version, positional.backend
         if not self.repository.version_path(name, version).is_dir():
             raise ValueError(f"model {name!r} has no published version {version!r} to calibrate")
         json_path, tensor_path = self.paths(name, version, backend)
         json_path.parent.mkdir(exist_ok=True)
-        tensor_bytes = artifact.to_safetensors()
-        meta = artifact.to_json_dict()
-        meta[SERVING_KEY] = {
-            "backend_options": dict(backend_options or {}),
-            "source": dict(source or {}),
-            "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
-        }
-        json_text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        json_bytes, tensor_bytes = positional.to_files(
+            {
+                "backend_options": dict(backend_options or {}),
+                "source": dict(source or {}),
+                "report": dict(report or {}),
+            }
+        )
         write_atomically(tensor_path, tensor_bytes)
-        write_atomically(json_path, json_text.encode("utf-8"))
+        write_atomically(json_path, json_bytes)
         return json_path, tensor_path

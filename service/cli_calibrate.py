@@ -5,17 +5,17 @@
     neuroserve export-onnx digits-lru --output digits-lru.onnx
 
 `calibrate` runs labelled calibration data through the model on one backend (exactly as
-the server will), fits the calibration artifact (`calibration.fit_calibration_artifact`:
-map chosen by cross-validated NLL on one half, conformity scores of the other half), stores
-it beside the weights (`service.calibration_store`) and prints NLL, ECE, ... before and after
-the map. For classifiers it also stores the calibrated probabilities after every time step of
-the examples held out from the map, which sessions' early-decision rules are fitted on
-(`service.early_decision`), and prints the rule's coverage at the stopping time and the steps
-it saves on the digits test split. The data:
+the server will) and fits one calibration per position (`calibration.PositionalCalibration`):
+per step for sequence classifiers, per context-length bucket for language models (the
+examples: `service.calibration_data`). Each position's fit chooses its map by
+cross-validated NLL on one half of its examples and keeps the conformity scores of the other
+half. The calibration is stored beside the weights (`service.calibration_store`) with a report
+measured on test data the calibration never saw (the digits test split, or the held-out
+text's last quarter): accuracy, coverage and set sizes by position, and early decisions for
+classifiers. Data:
 
 - classifiers trained on digits-seq: the fixed calibration split (400 images, never trained on);
-- language models: `LM_WINDOWS` windows of `LM_CONTEXT` characters from the held-out text,
-  each labelled with the character that follows (next-token classification);
+- language models: random windows of the held-out text (its first three quarters);
 - `--data FILE.npz` (classifiers: `inputs` [N, T, F], `labels` [N], see `models.userdata`)
   or `--data FILE.txt` (language models) instead.
 """
@@ -26,298 +26,135 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help` stays fast
-    from torch import Tensor
+    from calibration import PositionalCalibration
+    from models.repository import ModelCard
+    from service.calibration_data import PositionExamples
 
-    from calibration import CalibrationArtifact
-    from hardware_backends.base import Runner
-    from models.repository import ModelCard, ModelRepository
-    from service.early_decision import EarlyDecisionData
-
-LM_CONTEXT = 64  # characters of context per next-token example
-LM_WINDOWS = 2000  # next-token examples drawn from the held-out text
-RUN_BATCH = 256  # sequences per backend call (bounds memory on sampling backends)
-EARLY_REPORT_ALPHAS = (0.05, 0.1, 0.2)  # levels the early-decision report is printed at
+REPORT_ALPHA = 0.1  # the level the printed table shows (the stored report has more)
+EARLY_REPORT_ALPHAS = (0.05, 0.1, 0.2)
 EARLY_REPORT_SCORES = ("lac", "raps")  # LAC stops soonest; RAPS is the server's default
 METRIC_ORDER = ("accuracy", "nll", "ece", "adaptive_ece", "mce", "brier")
 
 
-class CalibrateError(ValueError):
-    """A problem with what the user asked for; printed without a traceback."""
-
-
-@dataclass(frozen=True)
-class CalibrationData:
-    name: str
-    sha256: str
-    inputs: Tensor  # [N, T, F] float32 features or [N, T] long tokens
-    labels: Tensor  # [N] long
-
-
-# ---- calibration data -----------------------------------------------------------------------
-
-
-def next_token_windows(ids: Tensor, context: int, count: int, seed: int) -> tuple[Tensor, Tensor]:
-    """`count` seeded windows of `context` tokens [N, context] and the token after each [N]."""
-    import numpy as np
-    import torch
-
-    positions = ids.shape[0] - context  # window starts 0 .. len - context - 1
-    if positions < 1:
-        raise CalibrateError(
-            f"the held-out text has {ids.shape[0]} tokens; next-token calibration needs more "
-            f"than the {context}-token context"
-        )
-    starts = np.sort(np.random.default_rng(seed).choice(positions, min(count, positions), False))
-    offsets = torch.arange(context)  # [context]
-    windows = ids[torch.from_numpy(starts)[:, None] + offsets]  # [N, context]
-    return windows, ids[torch.from_numpy(starts) + context]  # [N]
-
-
-def dataset_spec(card: ModelCard) -> str:
-    """The training data spec a model records ("digits-seq:rows", "charcorpus", ...) or ""."""
-    dataset = card.config.get("dataset")
-    return str(dataset.get("spec", "")) if isinstance(dataset, dict) else ""
-
-
-def _encode_text(text: str, vocabulary: list[str]) -> Tensor:
-    import torch
-
-    from models import charcorpus
-
-    text = charcorpus.normalize_text(text)
-    if tuple(vocabulary) == charcorpus.VOCABULARY:
-        return charcorpus.encode(text)
-    index = {token: i for i, token in enumerate(vocabulary)}
-    unknown = sorted({char for char in text if char not in index})
-    if unknown:
-        raise CalibrateError(
-            f"the text has characters outside the model's vocabulary: {unknown[:10]}"
-        )
-    return torch.tensor([index[char] for char in text], dtype=torch.long)
-
-
-def _language_data(card: ModelCard, data: Path | None, seed: int) -> CalibrationData:
-    from models.datasets import sha256_of_arrays
-    from models.training import LanguageData, load_training_data
-
-    vocabulary = card.config["vocabulary"]
-    if data is not None:
-        try:
-            text = data.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise CalibrateError(f"{data}: cannot read it as UTF-8 text ({error})") from None
-        ids, name = _encode_text(text, vocabulary), f"text:{data.name}"
-    else:
-        spec = dataset_spec(card)
-        loaded = (
-            load_training_data(spec)
-            if spec in ("charcorpus",) or spec.startswith("text:")
-            else None
-        )
-        if not isinstance(loaded, LanguageData) or tuple(vocabulary) != loaded.corpus.vocabulary:
-            raise CalibrateError(
-                f"{card.name} has no held-out text of its own; pass --data FILE.txt"
-            )
-        ids, name = loaded.corpus.valid_ids, f"{loaded.corpus.name}/valid"
-    inputs, labels = next_token_windows(ids, LM_CONTEXT, LM_WINDOWS, seed)
-    return CalibrationData(
-        name=f"{name} ({inputs.shape[0]} next-token windows of {LM_CONTEXT}, seed {seed})",
-        sha256=sha256_of_arrays(inputs.numpy(), labels.numpy()),
-        inputs=inputs,
-        labels=labels,
-    )
-
-
-def _classifier_data(card: ModelCard, data: Path | None) -> CalibrationData:
-    from models.training import ClassificationData, load_training_data
-    from models.userdata import load_npz_dataset
-
-    labels = card.config["labels"]
-    if data is not None:
-        dataset = load_npz_dataset(data)
-        if dataset.n_features != int(card.config["input"]["features"]):
-            raise CalibrateError(
-                f"{data}: inputs have {dataset.n_features} features per step, "
-                f"{card.name} expects {card.config['input']['features']}"
-            )
-        unnamed = dataset.label_names == [str(i) for i in range(dataset.n_classes)]
-        if dataset.n_classes > len(labels) or not (unnamed or dataset.label_names == labels):
-            raise CalibrateError(
-                f"{data}: labels {dataset.label_names[:10]} do not match {card.name}'s {labels}"
-            )
-    else:
-        spec = dataset_spec(card)
-        loaded = load_training_data(spec) if spec.startswith("digits-seq") else None
-        if not isinstance(loaded, ClassificationData) or "calibration" not in loaded.evaluation:
-            raise CalibrateError(
-                f"{card.name} was trained on {spec or 'data'} without a calibration split; "
-                "pass --data FILE.npz with labelled examples it was not trained on"
-            )
-        dataset = loaded.evaluation["calibration"]
-    return CalibrationData(dataset.name, dataset.sha256, dataset.inputs, dataset.labels)
-
-
-def test_data(card: ModelCard) -> CalibrationData | None:
-    """The test split of a digits classifier (early-decision report), or None."""
-    from models.training import ClassificationData, load_training_data
-
-    spec = dataset_spec(card)
-    loaded = load_training_data(spec) if spec.startswith("digits-seq") else None
-    if not isinstance(loaded, ClassificationData) or "test" not in loaded.evaluation:
-        return None
-    dataset = loaded.evaluation["test"]
-    return CalibrationData(dataset.name, dataset.sha256, dataset.inputs, dataset.labels)
-
-
-def calibration_data(card: ModelCard, data: Path | None, seed: int) -> CalibrationData:
-    """The labelled examples to calibrate `card`'s model with (see the module docstring)."""
-    if card.config["task"] == "language-model":
-        return _language_data(card, data, seed)
-    return _classifier_data(card, data)
-
-
-# ---- running and fitting --------------------------------------------------------------------
-
-
-def prepared_runner(
-    repository: ModelRepository, card: ModelCard, backend: str, options: dict[str, Any]
-) -> Runner:
-    """The model on `backend`, prepared as the server prepares it (same cache key)."""
-    from hardware_backends.base import BackendUnavailableError, UnknownBackendError
-    from hardware_backends.registry import prepare_runner
-    from service.dataplane import runner_key
-
-    model = repository.load(card.name, card.version).model
-    try:
-        return prepare_runner(backend, model, model_key=runner_key(card), options=options)
-    except (UnknownBackendError, BackendUnavailableError, ValueError) as error:
-        raise CalibrateError(str(error)) from None
-
-
-def backend_logits(runner: Runner, inputs: Tensor, batch_size: int = RUN_BATCH) -> Tensor:
-    """The logits calibration works on [N, C] float64, as the dataplane computes them."""
-    import torch
-
-    from service.dataplane import calibration_inputs, run_last_step
-
-    parts = []
-    for start in range(0, inputs.shape[0], batch_size):
-        last, _ = run_last_step(runner, inputs[start : start + batch_size])  # [n, C]/[S, n, C]
-        parts.append(calibration_inputs(last)[0])  # [n, C]
-    return torch.cat(parts)  # [N, C]
-
-
-def backend_step_logits(runner: Runner, inputs: Tensor, batch_size: int = RUN_BATCH) -> Tensor:
-    """Logits after every step [N, T, C] (or [S, N, T, C] from a sampling backend)."""
-    import torch
-
-    parts = [
-        runner.run(inputs[i : i + batch_size])[0] for i in range(0, inputs.shape[0], batch_size)
-    ]
-    return torch.cat(parts, dim=-3)
+# ---- the test report ------------------------------------------------------------------------
 
 
 def early_decision_report(
-    rule_data: EarlyDecisionData, artifact: CalibrationArtifact, probs: Tensor, labels: Tensor
+    positional: PositionalCalibration, test: PositionExamples
 ) -> list[dict[str, Any]]:
-    """Coverage at the stopping time and steps saved on test streams, per reported level."""
+    """Coverage at the stopping time and steps saved on the test streams, per level."""
+    import torch
+
+    from calibration import EarlyDecisionRule
+
+    probs = torch.stack(  # [N, K, C], each step by its own map
+        [a.calibrate(x) for a, x in zip(positional.artifacts, test.logits, strict=True)], dim=1
+    )
     rows = []
     for score in EARLY_REPORT_SCORES:
         for alpha in EARLY_REPORT_ALPHAS:
-            rule = rule_data.rule(artifact, alpha, score, max_set_size=1)
-            report = rule.evaluate(probs, labels)
+            rule = EarlyDecisionRule.from_calibration(positional, alpha, score, max_set_size=1)
+            report = rule.evaluate(probs, test.labels[0])
             rows.append(
-                {"alpha": alpha, "score": score, "max_set_size": 1, "n": len(labels)}
+                {"alpha": alpha, "score": score, "max_set_size": 1, "n": len(test.labels[0])}
                 | dataclasses.asdict(report)
             )
     return rows
 
 
-def fit_early_decisions(
-    repository: ModelRepository,
-    runner: Runner,
-    artifact: CalibrationArtifact,
-    data: CalibrationData,
-    test: CalibrationData | None,
-) -> tuple[list[dict[str, Any]], tuple[Path, Path]]:
-    """Store the calibrated per-step probabilities of the examples held out from the map fit
-    (every time step is a checkpoint) and measure the early-decision rule on `test`."""
-    from service.calibration_store import CalibrationStore
-    from service.early_decision import (
-        EarlyDecisionData,
-        EarlyDecisionStore,
-        checkpoint_probabilities,
-    )
+def report_on_test_data(
+    positional: PositionalCalibration, test: PositionExamples, classifier: bool
+) -> dict[str, Any]:
+    from calibration.position_report import position_report, rows_as_dicts
 
-    held = conformal_part(artifact, data.labels.shape[0])
-    if not bool((data.labels[held] == artifact.labels).all()):
-        raise CalibrateError("the early-decision streams do not match the calibration split")
-    probs = checkpoint_probabilities(artifact, backend_step_logits(runner, data.inputs[held]))
-    steps = tuple(range(1, probs.shape[1] + 1))
-    rule_data = EarlyDecisionData(
-        probs, artifact.labels, steps, artifact.created, artifact.data_hash, {}
-    )
-    report: list[dict[str, Any]] = []
-    if test is not None:
-        test_probs = checkpoint_probabilities(artifact, backend_step_logits(runner, test.inputs))
-        report = early_decision_report(rule_data, artifact, test_probs, test.labels)
-    store = EarlyDecisionStore(CalibrationStore(repository))
-    paths = store.save(
-        artifact,
-        probs,
-        artifact.labels,
-        steps,
-        {"test": test.name if test else None, "rows": report},
-    )
-    return report, paths
+    report: dict[str, Any] = {
+        "data": test.name,
+        "positions": rows_as_dicts(position_report(positional, test.logits, test.labels)),
+    }
+    if classifier:
+        report["early_decisions"] = early_decision_report(positional, test)
+    return report
 
 
-def format_early_decisions(report: list[dict[str, Any]], paths: tuple[Path, Path]) -> str:
+def format_positions(report: dict[str, Any]) -> str:
+    rows = [r for r in report["positions"] if r["alpha"] == REPORT_ALPHA]
+    lines = [
+        f"by position on {report['data']} (alpha {REPORT_ALPHA}; plain sets, and never-empty "
+        "sets as served by default):",
+        "  score            position  accuracy  coverage  size   never-empty coverage  size",
+    ]
+    for row in rows:
+        lines.append(
+            f"  {row['score']:<16} {row['position']:>8}  {row['accuracy']:8.3f}  "
+            f"{row['coverage']:8.3f}  {row['mean_set_size']:5.2f}  "
+            f"{row['never_empty_coverage']:20.3f}  {row['never_empty_mean_set_size']:5.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_early_decisions(rows: list[dict[str, Any]]) -> str:
     lines = ["early decisions (max_set_size 1, stop at the first small set):"]
-    if not report:
-        lines.append("  no test split to measure them on")
-    for row in report:
+    for row in rows:
         lines.append(
             f"  alpha={row['alpha']:g} {row['score']}: coverage at stopping "
             f"{row['coverage']:.4f} (>= {1 - row['alpha']:g} guaranteed), mean stop step "
             f"{row['mean_stop_step']:.2f}, steps saved {row['mean_steps_saved']:.2f} "
             f"({100 * row['fraction_steps_saved']:.1f}%) on {row['n']} test streams"
         )
-    lines.append(f"wrote {paths[0]}\nwrote {paths[1]}")
     return "\n".join(lines)
 
 
-def conformal_part(artifact: CalibrationArtifact, n: int) -> Tensor:
-    """Indices of the examples behind the artifact's conformity scores (held out from the map
-    fit), re-drawn as `fit_calibration_artifact` draws them (the caller checks the labels)."""
-    import torch
-
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(artifact.seed))
-    return order[artifact.n_tune :]
-
-
-def format_metrics(artifact: CalibrationArtifact) -> str:
-    rows = [("metric", "before", "after")]
-    for key in METRIC_ORDER:
-        before, after = artifact.metrics[f"{key}_before"], artifact.metrics[f"{key}_after"]
-        rows.append((key, f"{before:.4f}", f"{after:.4f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        "  ".join(
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+def format_metrics(positional: PositionalCalibration) -> str:
+    rows = [("position", "map", *(f"{key} before/after" for key in METRIC_ORDER[:3]))]
+    for k, artifact in enumerate(positional.artifacts):
+        metrics = artifact.metrics
+        rows.append(
+            (
+                positional.buckets.describe(k),
+                _map_name(artifact.calibration_map.to_dict()),
+                *(
+                    f"{metrics[f'{key}_before']:.4f} / {metrics[f'{key}_after']:.4f}"
+                    for key in METRIC_ORDER[:3]
+                ),
+            )
         )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
 
 
+def _map_name(description: dict[str, Any]) -> str:
+    from calibration.plot import describe_map
+
+    return describe_map(description)
+
+
+# ---- the command ----------------------------------------------------------------------------
+
+
+def examples(card: ModelCard, runner: Any, data: Path | None, seed: int) -> tuple:
+    """(calibration examples, test examples or None) of `card` through `runner`."""
+    from service import calibration_data as cd
+
+    if cd.is_language_model(card):
+        calibration_text, test_text = cd.split_text(cd.held_out_text(card, data))
+        return (
+            cd.language_examples(runner, calibration_text, seed),
+            cd.language_examples(runner, test_text, seed + 1),
+        )
+    fitted = cd.classifier_examples(runner, cd.classifier_data(card, data))
+    test = cd.digits_test_split(card) if data is None else None
+    return fitted, None if test is None else cd.classifier_examples(runner, test)
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
-    from calibration import fit_calibration_artifact
+    from calibration import fit_positional_calibration
     from models.repository import (
         ArtifactError,
         ModelNotFoundError,
@@ -325,58 +162,81 @@ def run_calibrate(args: argparse.Namespace) -> int:
         default_repository_root,
     )
     from models.training import current_command
+    from service.calibration_data import CalibrateError, is_language_model, prepared_runner
     from service.calibration_store import CalibrationStore
 
     repository = ModelRepository(args.repository or default_repository_root())
     options = dict(args.backend_option or [])
     try:
         card = repository.card(args.model, args.version)
-        data = calibration_data(card, args.data, args.seed)
         runner = prepared_runner(repository, card, args.backend, options)
-        logits = backend_logits(runner, data.inputs)  # [N, C]
-        artifact = fit_calibration_artifact(
-            logits, data.labels, card.name, card.version, args.backend, seed=args.seed
+        fitted, test = examples(card, runner, args.data, args.seed)
+        positional = fit_positional_calibration(
+            fitted.logits,
+            fitted.labels,
+            fitted.buckets,
+            card.name,
+            card.version,
+            args.backend,
+            seed=args.seed,
+        )
+        report = (
+            {}
+            if test is None
+            else report_on_test_data(positional, test, not is_language_model(card))
         )
         source = {
-            "data": data.name,
-            "data_sha256": data.sha256,
-            "n": int(data.labels.shape[0]),
+            "data": fitted.name,
+            "data_sha256": fitted.sha256,
+            "n": int(fitted.labels[0].shape[0]),
             "command": getattr(args, "command_line", None) or current_command(),
         }
         json_path, tensor_path = CalibrationStore(repository).save(
-            artifact, backend_options=options, source=source
+            positional, backend_options=options, source=source, report=report
         )
-        early = None
-        if card.config["task"] != "language-model":
-            test = test_data(card) if args.data is None else None
-            early = fit_early_decisions(repository, runner, artifact, data, test)
     except (CalibrateError, ModelNotFoundError, ArtifactError, ValueError) as error:
         print(f"neuroserve calibrate: {error}", file=sys.stderr)
         return 2
     print(
         f"calibrated {card.name} version {card.version} on {args.backend} "
-        f"{options or ''}with {data.name}"
+        f"{f'{options} ' if options else ''}with {fitted.name}: "
+        f"{len(positional.buckets)} positions up to {positional.horizon} (maps fitted on one "
+        "half of each position's examples, metrics on the other half)"
     )
-    print(
-        f"map: {artifact.calibration_map.to_dict()}  (fitted on {artifact.n_tune} examples; "
-        f"metrics on the other {artifact.n}, held out from the map)"
-    )
-    print(f"raps: lam={artifact.raps_lam:g} k_reg={artifact.raps_k_reg}")
-    print(format_metrics(artifact))
+    print(format_metrics(positional))
+    if report:
+        print(format_positions(report))
+        if "early_decisions" in report:
+            print(format_early_decisions(report["early_decisions"]))
     print(f"wrote {json_path}\nwrote {tensor_path}")
-    if early is not None:
-        print(format_early_decisions(*early))
     if args.plot is not None:
-        from calibration.plot import plot_reliability_diagram
-
-        held = conformal_part(artifact, logits.shape[0])
-        title = f"{card.name} v{card.version} on {args.backend}, calibrated"
-        if not bool((data.labels[held] == artifact.labels).all()):
-            held, title = slice(None), title + " (all calibration data)"
-        probs = artifact.calibrate(logits[held])
-        path = plot_reliability_diagram(probs, data.labels[held], args.plot, title=title)
-        print(f"wrote {path}")
+        print(f"wrote {plot(positional, fitted, test, args.plot, card, args.backend)}")
     return 0
+
+
+def plot(
+    positional: PositionalCalibration,
+    fitted: PositionExamples,
+    test: PositionExamples | None,
+    path: Path,
+    card: ModelCard,
+    backend: str,
+) -> Path:
+    """The reliability diagram of the last position, on the test examples when there are
+    some (else on the calibration examples, which the map was half fitted on: said so)."""
+    from calibration.plot import describe_map, plot_reliability_diagram
+
+    artifact = positional.artifacts[-1]
+    examples_used, where = (test, "test data") if test is not None else (fitted, "calibration data")
+    probs = artifact.calibrate(examples_used.logits[-1])
+    position = positional.buckets.describe(len(positional.buckets) - 1)
+    return plot_reliability_diagram(
+        probs,
+        examples_used.labels[-1],
+        path,
+        title=f"{card.name} v{card.version} on {backend}, position {position}, {where}",
+        map_name=describe_map(artifact.calibration_map.to_dict()),
+    )
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
@@ -461,7 +321,7 @@ def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
         help="labelled calibration data: FILE.npz (classifiers) or FILE.txt (language models)",
     )
     parser.add_argument("--plot", type=Path, help="write a reliability diagram PNG here")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split and windows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits and windows")
     parser.set_defaults(func=run_calibrate)
 
 

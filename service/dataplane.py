@@ -14,11 +14,13 @@ The path of one prediction:
 2. logits: the last step of every sequence, [N, C]. Sampling backends return [S, N, C];
    calibration then works on the log of the predictive mean of the S softmaxes, and the
    mutual information between label and sample is reported as `epistemic` (nats).
-3. calibration: the (model, version, backend) artifact (`service.calibration_store`) maps the
-   logits to calibrated probabilities and builds the conformal set at the request's alpha,
-   or at the online (ACI) level. A backend without an artifact is refused with 409 unless
-   the server allows uncalibrated answers; those carry the raw softmax, `calibrated: false`
-   and no set: a conformal set without calibration scores would have no guarantee at all.
+3. calibration: the (model, version, backend) calibration (`service.calibration_store`) has
+   one calibration per position (steps read, or context length); each row's logits are
+   mapped to calibrated probabilities and a conformal set at the request's alpha (or at the
+   request's online level) by its own position's calibration (`service.conformal_answer`).
+   A row no calibration covers (past the horizon, other backend options) answers the raw
+   softmax, `calibrated: false` and no set, with a warning. A backend without any
+   calibration is refused with 409 unless the server allows uncalibrated answers.
 4. `publish`: Prometheus series (predictions, set sizes, usage) and the prediction records
    that late labels (`POST /v1/feedback`) are matched against.
 
@@ -28,11 +30,11 @@ V2 and generation routes, which run their runners themselves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,27 +44,33 @@ from torch import Tensor
 from calibration import AdaptiveConformal
 from hardware_backends.base import BackendUnavailableError as BackendCannotRunError
 from hardware_backends.base import Runner, UnknownBackendError, Usage
-from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
+from hardware_backends.registry import backend_statuses, prepare_runner
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
 from service.calibration_store import CalibrationFileError, CalibrationStore, StoredCalibration
+from service.conformal_answer import conformal_answer
+from service.conformal_draws import ConformalDraws
 from service.errors import (
     BackendUnavailableError,
     BadInputError,
+    ConflictError,
     NotCalibratedError,
     NotFoundError,
 )
 from service.feedback import FeedbackLog, FeedbackResult, PredictionRecord
-from service.inputs import InputLimits, encode_prompts, feature_tensor
+from service.inputs import InputLimits, encode_prompts, feature_tensor, out_of_range_warning
 from service.metrics import record_prediction, record_usage
+from service.online_levels import SESSION_SCOPE, LevelKey
 from service.predictions import (
     DEFAULT_ALPHA,
     DEFAULT_SCORE,
     ClassPrediction,
     ConformalOptions,
     PredictionBatch,
+    batch_warnings,
     calibration_inputs,
     last_step_logits,
     model_labels,
+    new_prediction_ids,
     predictions_from_logits,
     predictions_from_probabilities,
     prompt_logits,
@@ -111,8 +119,23 @@ def runner_key(card: ModelCard) -> str:
     return f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
 
 
-def _same_options(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
-    return freeze_options(dict(a or {})) == freeze_options(dict(b or {}))
+@dataclass(frozen=True)
+class OnlineLevel:
+    """The online level one prediction row is served at, and the key it is kept under."""
+
+    key: LevelKey
+    level: AdaptiveConformal
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A stateless run of whole sequences, before calibration."""
+
+    card: ModelCard
+    logits: Tensor  # [N, C] last-step logits, or [S, N, C] from a sampling backend
+    positions: list[int]  # steps read (or prompt length) per row
+    usage: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---- the data plane -------------------------------------------------------------------------
@@ -129,12 +152,15 @@ class DataPlane:
         policy: CalibrationPolicy | None = None,
         calibrations: CalibrationStore | None = None,
         feedback: FeedbackLog | None = None,
+        draws: ConformalDraws | None = None,
     ) -> None:
         self.repository = repository
         self.limits = limits
         self.policy = policy or CalibrationPolicy()
         self.calibrations = calibrations or CalibrationStore(repository)
         self.feedback = feedback  # None: predictions are not remembered, no online level
+        self.levels = None if feedback is None else feedback.levels
+        self.draws = draws or ConformalDraws()
         self.ready = False  # set once the start-up preload has finished
 
     # ---- models -------------------------------------------------------------------------
@@ -197,10 +223,10 @@ class DataPlane:
         and the server does not allow uncalibrated answers."""
         stored = self.calibrations.get(card.name, card.version, backend)
         if stored is not None:
-            if stored.artifact.num_classes != len(model_labels(card)):
+            if stored.positional.num_classes != len(model_labels(card)):
                 raise CalibrationFileError(
                     f"calibration of {card.name} version {card.version} on {backend} is for "
-                    f"{stored.artifact.num_classes} classes, the model has "
+                    f"{stored.positional.num_classes} classes, the model has "
                     f"{len(model_labels(card))}; run `neuroserve calibrate` again"
                 )
             return stored
@@ -245,33 +271,42 @@ class DataPlane:
         backend: str = TORCH_BACKEND,
         backend_options: Mapping[str, Any] | None = None,
         conformal: ConformalOptions | None = None,
-        session_id: str | None = None,
         owner: str | None = None,
     ) -> PredictionBatch:
         """Predict on whole sequences and remember the predictions for feedback (as `owner`'s).
 
-        Validation and the model run happen in a worker thread, so the event loop never
-        waits on torch."""
+        Validation, the model run and the sets happen in worker threads, so the event loop
+        never waits on torch; online levels are read from the store in between."""
         conformal = conformal or ConformalOptions()
-        aci = None
-        if conformal.online:
-            card = await run_in_threadpool(self.card, name, version)
-            version = card.version  # the ACI level read must match the version run
-            aci = await self.online_level(card, backend, session_id)
-        batch = await run_in_threadpool(
-            self.predict_blocking,
+        run = await run_in_threadpool(
+            self.run_model,
             name,
             inputs,
             version=version,
             backend=backend,
             backend_options=backend_options,
-            conformal=conformal,
-            aci=aci,
         )
-        await self.publish(batch, session_id=session_id, owner=owner)
+        levels = None
+        if conformal.online:
+            levels = await self.online_levels(
+                run.card, backend, run.positions, conformal, owner=owner
+            )
+        batch = await run_in_threadpool(
+            self.build_predictions,
+            run.card,
+            backend,
+            run.logits,
+            run.usage,
+            positions=run.positions,
+            conformal=conformal,
+            backend_options=backend_options,
+            levels=levels,
+            warnings=run.warnings,
+        )
+        await self.publish(batch, owner=owner)
         return batch
 
-    def predict_blocking(
+    def run_model(
         self,
         name: str,
         inputs: object,
@@ -279,15 +314,17 @@ class DataPlane:
         version: str | None = None,
         backend: str = TORCH_BACKEND,
         backend_options: Mapping[str, Any] | None = None,
-        conformal: ConformalOptions | None = None,
-        aci: AdaptiveConformal | None = None,
-    ) -> PredictionBatch:
+    ) -> ModelRun:
+        """Validate the inputs and run whole sequences: last-step logits and their positions."""
         card = self.card(name, version)
         config = card.config
+        warnings = []
         if config["input"]["kind"] == "tokens":
             prompts = encode_prompts(inputs, config["vocabulary"], self.limits)
         else:
             x = feature_tensor(inputs, int(config["input"]["features"]), self.limits)  # [N, T, F]
+            note = out_of_range_warning(x, config["input"].get("value_range"))
+            warnings += [note] if note else []
         runner = self.runner(card, backend, backend_options)
         self.calibration(card, backend)  # refuse an uncalibrated backend before running
         total = Usage()
@@ -301,25 +338,17 @@ class DataPlane:
         started = time.perf_counter()
         if config["input"]["kind"] == "tokens":
             logits = prompt_logits(run, prompts)  # [N, V] or [S, N, V]
-            steps = sum(len(prompt) for prompt in prompts)
+            positions = [len(prompt) for prompt in prompts]
         else:
             logits = run(x)  # [N, C] or [S, N, C]
-            steps = x.shape[0] * x.shape[1]
+            positions = [x.shape[1]] * x.shape[0]
         usage = {
             "sequences": int(logits.shape[-2]),
-            "steps": int(steps),
+            "steps": int(sum(positions)),
             "compute_seconds": time.perf_counter() - started,
             **total.to_dict(),
         }
-        return self.build_predictions(
-            card,
-            backend,
-            logits,
-            usage,
-            conformal=conformal,
-            backend_options=backend_options,
-            aci=aci,
-        )
+        return ModelRun(card, logits, positions, usage, warnings)
 
     def build_predictions(
         self,
@@ -328,92 +357,143 @@ class DataPlane:
         last_logits: Tensor,
         usage: dict[str, Any] | None = None,
         *,
+        positions: int | Sequence[int],
         conformal: ConformalOptions | None = None,
         backend_options: Mapping[str, Any] | None = None,
-        aci: AdaptiveConformal | None = None,
+        levels: Mapping[int, OnlineLevel] | None = None,
+        warnings: Sequence[str] = (),
     ) -> PredictionBatch:
-        """The answer for last-step logits [N, C] (or [S, N, C] from a sampling backend).
+        """The answer for last-step logits [N, C] (or [S, N, C] from a sampling backend)
+        whose rows sit at `positions` (steps read, or context length; one for all rows or
+        one per row).
 
-        Calibrated when the backend has an artifact (else raw softmax if the policy allows,
-        NotCalibratedError otherwise). `aci` is required when `conformal.online`: read it
-        with `online_level` first. Pure computation, no I/O beyond the cached artifact.
+        Each row is calibrated with its own position's calibration, or says it is not
+        (`service.conformal_answer`); a backend without any calibration raises
+        NotCalibratedError unless the policy allows raw answers. Online requests need
+        `levels` from `online_levels`. Pure computation, no I/O beyond the cached artifact.
         """
-        conformal = conformal or ConformalOptions()
+        conformal = (conformal or ConformalOptions()).for_model(card)
         labels = model_labels(card)
         logits, epistemic = calibration_inputs(last_logits)  # [N, C] float64, [N] or None
         if logits.shape[-1] != len(labels):
             raise ValueError(
                 f"{card.name} produced {logits.shape[-1]} logits for {len(labels)} labels"
             )
+        n = logits.shape[0]
+        positions = [positions] * n if isinstance(positions, int) else list(positions)
+        if len(positions) != n:
+            raise ValueError(f"{n} rows of logits need {n} positions, got {len(positions)}")
         stored = self.calibration(card, backend)
         common = {"model": card.name, "version": card.version, "backend": backend}
+        ids = new_prediction_ids(n)
         if stored is None:
             note = (
                 f"backend {backend!r} of {card.name} version {card.version} is not calibrated: "
-                "probabilities are the raw softmax and no prediction set is made"
+                "probabilities are the raw softmax and no prediction set is made (run "
+                f"`neuroserve calibrate {card.name} --version {card.version} --backend {backend}`)"
             )
-            probs = torch.softmax(logits, dim=-1)  # [N, C]
+            predictions = predictions_from_probabilities(
+                torch.softmax(logits, dim=-1),  # [N, C]
+                labels,
+                epistemic=epistemic,
+                ids=ids,
+                positions=positions,
+                notes=[note] * n,
+            )
             return PredictionBatch(
                 **common,
                 calibrated=False,
-                predictions=predictions_from_probabilities(probs, labels, epistemic=epistemic),
+                predictions=predictions,
                 usage=dict(usage or {}),
-                warnings=[note],
+                warnings=batch_warnings(warnings, predictions),
             )
-        artifact = stored.artifact
-        seed = None
-        generator = None
-        if artifact.make_score(conformal.score).randomized:
-            seed = conformal.seed if conformal.seed is not None else secrets.randbits(63)
-            generator = torch.Generator().manual_seed(seed)
-        if conformal.online:
-            if aci is None:
-                raise ValueError("online sets need the current ACI monitor (online_level)")
-            probs, sets = artifact.predict_online(logits, aci, conformal.score, rng=generator)
-            level = aci.alpha_t
-        else:
-            probs, sets = artifact.predict(
-                logits,
-                conformal.alpha,
-                conformal.score,
-                conformal.class_conditional,
-                conformal.never_empty,
-                generator,
+        if levels and any(lv.key.calibration_id != stored.calibration_id for lv in levels.values()):
+            raise ConflictError(
+                f"the calibration of {card.name} version {card.version} on {backend} was "
+                "replaced while this request was answered; send it again"
             )
-            level = conformal.alpha
-        warnings = []
-        if not _same_options(backend_options, stored.backend_options):
-            warnings.append(
-                f"the calibration of {backend!r} was fitted with backend options "
-                f"{stored.backend_options}, this request used {dict(backend_options or {})}: "
-                "the coverage guarantee holds only for the calibrated options"
-            )
+        answer = conformal_answer(
+            stored,
+            logits,
+            positions,
+            conformal,
+            ids=ids,
+            draws=self.draws,
+            backend_options=backend_options,
+            levels=None if levels is None else {row: lv.level for row, lv in levels.items()},
+        )
         limit = (
             conformal.max_set_size
             if conformal.max_set_size is not None
             else self.policy.abstain_set_size
         )
+        predictions = predictions_from_probabilities(
+            answer.probs,
+            labels,
+            sets=answer.sets,
+            abstain_above=limit,
+            epistemic=epistemic,
+            ids=ids,
+            calibrated=answer.calibrated,
+            positions=positions,
+            uniforms=answer.uniforms,
+            aci_alphas=answer.aci_alphas,
+            has_set=answer.calibrated,
+            notes=answer.notes,
+        )
+        served_online = {} if levels is None else levels
         return PredictionBatch(
             **common,
-            calibrated=True,
-            predictions=predictions_from_probabilities(
-                probs, labels, sets=sets, abstain_above=limit, epistemic=epistemic
-            ),
+            calibrated=all(answer.calibrated),
+            predictions=predictions,
             usage=dict(usage or {}),
             conformal=conformal,
-            alpha=level,
-            seed=seed,
-            warnings=warnings,
+            alpha=conformal.alpha,
+            calibration_id=stored.calibration_id,
+            level_keys={row: lv.key for row, lv in served_online.items() if answer.calibrated[row]},
+            warnings=batch_warnings(warnings, predictions),
         )
 
-    # ---- online level, metrics and feedback records -------------------------------------
-    async def online_level(
-        self, card: ModelCard, backend: str, session_id: str | None = None
-    ) -> AdaptiveConformal:
-        """The ACI monitor online sets are built with (the session's own when given)."""
-        if self.feedback is None:
+    # ---- online levels, metrics and feedback records ------------------------------------
+    async def online_levels(
+        self,
+        card: ModelCard,
+        backend: str,
+        positions: Sequence[int],
+        conformal: ConformalOptions,
+        *,
+        owner: str | None = None,
+        session_key: str | None = None,
+    ) -> dict[int, OnlineLevel]:
+        """The online level each calibrated row is served at: the key's level for the row's
+        position bucket, or the session's own level (`session_key`)."""
+        if self.levels is None:
             raise BadInputError("online sets need label feedback, which this server does not keep")
-        return await self.feedback.aci(card.name, card.version, backend, session_id)
+        conformal = conformal.for_model(card)
+        stored = await run_in_threadpool(self.calibration, card, backend)
+        if stored is None:
+            return {}
+        buckets = stored.positional.buckets
+        keys: dict[int, LevelKey] = {}
+        for row, position in enumerate(positions):
+            bucket = buckets.index(position)
+            if bucket is None:
+                continue  # past the horizon: answered uncalibrated, no level
+            keys[row] = LevelKey(
+                model=card.name,
+                version=card.version,
+                backend=backend,
+                calibration_id=stored.calibration_id,
+                score=conformal.score,
+                alpha=float(conformal.alpha),
+                scope=SESSION_SCOPE if session_key is not None else buckets.describe(bucket),
+                owner=owner,
+                session_key=session_key,
+            )
+        distinct = list(dict.fromkeys(keys.values()))
+        read = await asyncio.gather(*(self.levels.read(key) for key in distinct))
+        level_of = dict(zip(distinct, read, strict=True))
+        return {row: OnlineLevel(key, level_of[key]) for row, key in keys.items()}
 
     async def publish(
         self, batch: PredictionBatch, *, session_id: str | None = None, owner: str | None = None
@@ -422,18 +502,18 @@ class DataPlane:
         answered batch). A state store that is down costs the feedback, not the answer."""
         record_usage(batch.model, batch.backend, batch.usage)
         conformal = batch.conformal
-        target = None
         if conformal is not None:
-            target = batch.alpha if not conformal.online else self._aci_target()
             for p in batch.predictions:
+                if p.set_size is None:
+                    continue
                 record_prediction(
                     batch.model,
                     batch.backend,
                     conformal.score,
-                    p.set_size or 0,
+                    p.set_size,
                     min(max(p.confidence, 0.0), 1.0),
                     bool(p.abstain),
-                    alpha=target,
+                    alpha=batch.alpha,
                 )
         if self.feedback is None:
             return
@@ -448,21 +528,22 @@ class DataPlane:
                 probabilities=p.probabilities,
                 set_indices=p.set_indices,
                 score=None if conformal is None else conformal.score,
-                alpha=batch.alpha,
-                target_alpha=target,
-                online=conformal is not None and conformal.online,
+                alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
+                target_alpha=batch.alpha,
+                online=row in batch.level_keys,
                 session_id=session_id,
                 owner=owner,
+                position=p.position,
+                uniform=p.uniform,
+                calibration_id=batch.calibration_id,
+                level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
             )
-            for p in batch.predictions
+            for row, p in enumerate(batch.predictions)
         ]
         try:
             await self.feedback.remember(records)
         except StateStoreError as error:
             logger.error("could not remember %d predictions for feedback: %s", len(records), error)
-
-    def _aci_target(self) -> float | None:
-        return None if self.feedback is None else self.feedback.aci_target_alpha
 
     async def submit_feedback(
         self, prediction_id: str, label: object, owner: str | None = None
@@ -473,9 +554,10 @@ class DataPlane:
         return await self.feedback.submit(prediction_id, label, owner)
 
     async def calibration_status(
-        self, name: str, version: str | None, backend: str
+        self, name: str, version: str | None, backend: str, owner: str | None = None
     ) -> dict[str, Any]:
-        """The artifact's fit metrics with the live, feedback-driven coverage and ACI level."""
+        """The calibration's fit with the live, feedback-driven coverage and `owner`'s online
+        levels."""
         card = await run_in_threadpool(self.card, name, version)
         known = backend_statuses()
         if backend not in known:
@@ -491,7 +573,9 @@ class DataPlane:
             )
         live = None
         if self.feedback is not None:
-            live = (await self.feedback.live(card.name, card.version, backend)).to_dict()
+            live = await self.feedback.live(
+                card.name, card.version, backend, stored.calibration_id, owner
+            )
         return {
             "model": card.name,
             "version": card.version,

@@ -4,19 +4,22 @@
 final `GenerationDone`; the websocket route streams them, the REST twin collects them.
 
 Each round: the prediction for the next token is built from the session's last logits by
-the data plane's prediction builder (probabilities, confidence, conformal set, entropy); if
-the set holds more than `max_set_size` tokens the model is too unsure to go on and
-generation stops with `abstain`; otherwise a token is sampled and *stepped into the session*
-before it is handed out. So every token a client receives has been committed through the
-session manager, and a client that leaves mid-stream leaves a session whose state and step
-count cover exactly the prompt and the tokens that were committed. Resuming the session with
-a new prompt therefore continues from prompt + generated text + new prompt.
+the data plane's prediction builder, with the calibration of the current context length
+(probabilities, conformal set, entropy); if the set holds more than `max_set_size` tokens the
+model is too unsure to go on and generation stops with `abstain`; otherwise a token is
+sampled and *stepped into the session* before it is handed out. So every token a client
+receives has been committed through the session manager, and a client that leaves
+mid-stream leaves a session whose state and step count cover exactly the prompt and the
+tokens that were committed. Resuming the session with a new prompt therefore continues from
+prompt + generated text + new prompt.
 
-Sampling uses the model's raw logits divided by `temperature` (the predictive mean of the
-softmax for sampling backends), with a `torch.Generator` seeded per request, exactly as
-`models.evaluate.generate` does: a seeded request reproduces that reference loop token for
-token. `temperature == 0` is greedy. The reported `probability`, `confidence` and set come
-from the prediction builder, i.e. they are calibrated when the model is.
+Honest sampling: the token is drawn from the very distribution whose probabilities and set
+are reported (the calibrated one where the context length is calibrated, the raw softmax
+where it is not), sharpened or flattened by `temperature` (p^(1/T), renormalised; 0 is
+greedy), with a `torch.Generator` seeded per request (`sample_token` is the reference). Each
+token message says the emitted token's probability, the top token and its probability, the
+set and whether the emitted token is in it; at temperature 1 a calibrated stream's tokens fall
+in their sets about 1 - alpha of the time.
 """
 
 from __future__ import annotations
@@ -37,10 +40,13 @@ from service.dataplane import (
     ClassPrediction,
     ConformalOptions,
     DataPlane,
+    OnlineLevel,
+    PredictionBatch,
     encode_prompts,
 )
 from service.errors import BadInputError
 from service.schemas import GenerateOptions
+from service.session_inputs import store_key
 from service.sessions import SessionInfo, SessionManager, StepOutcome
 
 FinishReason = Literal["length", "stop", "abstain"]
@@ -52,21 +58,38 @@ class GeneratedToken:
     index: int  # position among the generated tokens, from 0
     token: str
     token_id: int
-    probability: float  # of `token` under `prediction.probabilities`
+    sampling_probability: float  # of `token` under the distribution it was drawn from
     prediction: ClassPrediction  # the next-token answer the token was drawn against
+    vocabulary: Sequence[str]
+
+    @property
+    def probability(self) -> float:
+        """Of `token` under the reported (calibrated, where calibrated) distribution."""
+        return self.prediction.probabilities[self.token_id]
+
+    @property
+    def in_set(self) -> bool | None:
+        indices = self.prediction.set_indices
+        return None if indices is None else self.token_id in indices
 
     def message(self) -> dict[str, Any]:
+        prediction = self.prediction
         return {
             "type": "token",
             "index": self.index,
             "token": self.token,
             "token_id": self.token_id,
             "probability": self.probability,
-            "confidence": self.prediction.confidence,
-            "prediction_set": self.prediction.prediction_set,
-            "set_size": self.prediction.set_size,
-            "entropy": self.prediction.entropy,
-            "id": self.prediction.id,
+            "sampling_probability": self.sampling_probability,
+            "top_token": prediction.label,
+            "top_probability": prediction.confidence,
+            "prediction_set": prediction.prediction_set,
+            "set_size": prediction.set_size,
+            "in_set": self.in_set,
+            "calibrated": prediction.calibrated,
+            "position": prediction.position,
+            "entropy": prediction.entropy,
+            "id": prediction.id,
         }
 
 
@@ -80,7 +103,10 @@ class GenerationDone:
     tokens: int
     text: str
     step: int  # the session's total steps after this generation
-    seed: int
+    seed: str  # decimal: seeds reach 2**63, beyond what JSON numbers carry exactly
+    calibrated: bool  # every generated token's answer was calibrated
+    uncalibrated_tokens: int
+    warnings: list[str]
     usage: dict[str, Any]
 
     def message(self) -> dict[str, Any]:
@@ -90,16 +116,18 @@ class GenerationDone:
 # ---- pieces ---------------------------------------------------------------------------------
 
 
-async def session_prediction(
+async def session_batch(
     dataplane: DataPlane,
     outcome: StepOutcome,
     conformal: ConformalOptions,
     *,
     usage: dict[str, Any] | None = None,
     owner: str | None = None,
-) -> ClassPrediction:
-    """The answer for a session step's last logits ([C], or [S, C] from a sampling backend),
-    built by the data plane (calibration, conformal set) and published (metrics, feedback)."""
+    levels: Mapping[int, OnlineLevel] | None = None,
+) -> PredictionBatch:
+    """The answer for a session step's last logits ([C], or [S, C] from a sampling backend)
+    at the session's position, built by the data plane (calibration of that position,
+    conformal set; at `levels[0]` when online) and published (metrics, feedback)."""
     info = outcome.info
     batch = await run_in_threadpool(
         dataplane.build_predictions,
@@ -107,26 +135,38 @@ async def session_prediction(
         info.backend,
         outcome.logits.unsqueeze(-2),  # [1, C] or [S, 1, C]
         usage,
+        positions=info.step,
         conformal=conformal,
         backend_options=info.options,
+        levels=levels,
+        warnings=outcome.warnings,
     )
     await dataplane.publish(batch, session_id=info.session_id, owner=owner)
-    return batch.predictions[0]
+    return batch
 
 
-def sampling_probabilities(logits: Tensor, temperature: float) -> Tensor:
-    """The distribution tokens are drawn from: logits [C] or [S, C] -> probs [1, C] float32."""
-    samples = logits.unsqueeze(0) if logits.dim() == 1 else logits  # [S, C]
-    return torch.softmax(samples.float() / temperature, dim=-1).mean(dim=0, keepdim=True)  # [1, C]
+def sampling_probabilities(probabilities: Sequence[float], temperature: float) -> Tensor:
+    """The distribution tokens are drawn from: the reported probabilities [C] raised to
+    1 / temperature and renormalised ([C] float64; temperature > 0)."""
+    probs = torch.tensor(probabilities, dtype=torch.float64)  # [C]
+    if temperature == 1.0:
+        return probs
+    tempered = torch.special.xlogy(1.0 / temperature, probs)  # [C] log p / T, 0 log 0 = 0
+    tempered = torch.where(probs > 0, tempered, torch.full_like(probs, -torch.inf))
+    return torch.softmax(tempered, dim=-1)
 
 
-def sample_token(logits: Tensor, temperature: float, generator: torch.Generator) -> int:
-    """Greedy when temperature is 0, else one draw from `sampling_probabilities`."""
+def sample_token(
+    probabilities: Sequence[float], temperature: float, generator: torch.Generator
+) -> tuple[int, float]:
+    """(token id, its probability under the sampling distribution): the most probable token
+    when temperature is 0, else one draw from `sampling_probabilities`."""
     if temperature == 0.0:
-        samples = logits.unsqueeze(0) if logits.dim() == 1 else logits  # [S, C]
-        return int(torch.softmax(samples.double(), dim=-1).mean(dim=0).argmax())
-    probs = sampling_probabilities(logits, temperature)  # [1, C]
-    return int(torch.multinomial(probs, 1, generator=generator))
+        token = max(range(len(probabilities)), key=probabilities.__getitem__)
+        return token, 1.0
+    probs = sampling_probabilities(probabilities, temperature)  # [C]
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(probs[token])
 
 
 def stop_reached(text: str, new_token: str, stops: Sequence[str]) -> bool:
@@ -238,31 +278,41 @@ async def generate(
     check_generation_limits(options, dataplane)
     (prompt_ids,) = encode_prompts([options.prompt], vocabulary, dataplane.limits)  # [T]
     seed = options.seed if options.seed is not None else secrets.randbits(63)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # token sampling only, never the sets
 
     info, card = await _open_session(sessions, dataplane, options, card, owner)
     vocabulary = card.config["vocabulary"]
-    conformal = ConformalOptions(
+    conformal = replace(
+        info.conformal,  # the session's never_empty and online choices hold here too
         alpha=options.alpha if options.alpha is not None else info.alpha,
         score=options.score or info.score,
         max_set_size=options.max_set_size,
     )
+    session_key = store_key(info.session_id, owner)
     outcome = await sessions.step(info.session_id, prompt_ids, owner=owner)
     usage = [outcome.usage]
     text = ""
     generated = 0
+    uncalibrated = 0
+    warnings: list[str] = []
     finish: FinishReason = "length"
     for index in range(options.max_tokens):
-        # A randomised score draws from its own seed per token, so a seeded request is
-        # reproducible in its sets as well as its tokens.
-        token_conformal = replace(conformal, seed=(seed + 1 + index) % 2**63)
-        prediction = await session_prediction(
-            dataplane, outcome, token_conformal, usage=outcome.usage, owner=owner
+        levels = None
+        if conformal.online:  # the session's own level, as its steps are answered
+            levels = await dataplane.online_levels(
+                card, info.backend, [1], conformal, owner=owner, session_key=session_key
+            )
+        batch = await session_batch(
+            dataplane, outcome, conformal, usage=outcome.usage, owner=owner, levels=levels
         )
+        prediction = batch.predictions[0]
+        warnings = list(dict.fromkeys([*warnings, *batch.warnings]))
         if exceeds(prediction.set_size, options.max_set_size):
             finish = "abstain"
             break
-        token_id = sample_token(outcome.logits, options.temperature, generator)
+        token_id, sampling_probability = sample_token(
+            prediction.probabilities, options.temperature, generator
+        )
         outcome = await sessions.step(
             info.session_id, torch.tensor([token_id], dtype=torch.long), owner=owner
         )  # committed before the client sees the token
@@ -270,12 +320,14 @@ async def generate(
         token = vocabulary[token_id]
         text += token
         generated += 1
+        uncalibrated += not prediction.calibrated
         yield GeneratedToken(
             index=index,
             token=token,
             token_id=token_id,
-            probability=prediction.probabilities[token_id],
+            sampling_probability=sampling_probability,
             prediction=prediction,
+            vocabulary=vocabulary,
         )
         if stop_reached(text, token, options.stop):
             finish = "stop"
@@ -289,6 +341,9 @@ async def generate(
         tokens=generated,
         text=text,
         step=outcome.info.step,
-        seed=seed,
+        seed=str(seed),
+        calibrated=uncalibrated == 0,
+        uncalibrated_tokens=uncalibrated,
+        warnings=warnings,
         usage=sum_usage(usage),
     )

@@ -115,3 +115,23 @@ def encode_prompts(inputs: object, vocabulary: Sequence[str], limits: InputLimit
             )
         encoded.append(torch.tensor([index[char] for char in prompt], dtype=torch.long))  # [T]
     return encoded
+
+
+# Inputs this far beyond the training range (as a fraction of its width) get a warning: the
+# calibration was fitted on data inside the range, and coverage says nothing about such inputs.
+FAR_OUTSIDE_RANGE = 0.25
+
+
+def out_of_range_warning(features: Tensor, value_range: Sequence[float] | None) -> str | None:
+    """A warning when features [..., F] reach far outside the model's training value range."""
+    if value_range is None or len(value_range) != 2 or features.numel() == 0:
+        return None
+    low, high = float(value_range[0]), float(value_range[1])
+    margin = FAR_OUTSIDE_RANGE * (high - low)
+    smallest, largest = float(features.min()), float(features.max())
+    if low - margin <= smallest and largest <= high + margin:
+        return None
+    return (
+        f"inputs span [{smallest:g}, {largest:g}], far outside the range [{low:g}, {high:g}] the "
+        "model was trained and calibrated on: its confidence and sets carry no guarantee there"
+    )

@@ -14,7 +14,7 @@ import math
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,15 @@ DEFAULT_ALPHA = 0.1
 # make a set depend on a coin; RAPS covers on target with single-label sets on the digits
 # models (docs/BENCHMARKS.md) and answers the same input with the same set.
 DEFAULT_SCORE = "raps"
-_MAX_SEED = 2**63 - 1
+# A character model's top token is right ~65% of the time, so any APS-family set must reach
+# ~99% of the mass (or, for RAPS, always hold its k_reg ~5 first tokens): a 0.997-confident
+# step got 5-6 characters. LAC's sets are the top token alone on confident steps.
+LANGUAGE_MODEL_SCORE = "lac"
+
+
+def default_score(card: ModelCard) -> str:
+    """The score a request gets when it names none: LAC for language models, else RAPS."""
+    return LANGUAGE_MODEL_SCORE if card.config["task"] == "language-model" else DEFAULT_SCORE
 
 
 @dataclass(frozen=True)
@@ -39,12 +47,12 @@ class ConformalOptions:
     """What one request asks of calibration; invalid values raise BadInputError."""
 
     alpha: float = DEFAULT_ALPHA
-    score: str = DEFAULT_SCORE
+    score: str | None = None  # None: the model's default (`default_score`)
     class_conditional: bool = False
-    never_empty: bool = False
-    online: bool = False  # build the set at the ACI level instead of `alpha`
+    # Add the top label to an empty set. None: yes, unless online (an ACI set must stay raw).
+    never_empty: bool | None = None
+    online: bool = False  # build the set at the ACI level that aims at `alpha`
     max_set_size: int | None = None  # abstain above this set size (server setting when None)
-    seed: int | None = None  # randomised scores; the server draws and reports one when None
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -52,7 +60,7 @@ class ConformalOptions:
             raise BadInputError(
                 f"alpha must be a number in the open interval (0, 1), got {alpha!r}"
             )
-        if self.score not in SCORE_NAMES:
+        if self.score is not None and self.score not in SCORE_NAMES:
             raise BadInputError(
                 f"unknown conformal score {self.score!r}; expected one of {list(SCORE_NAMES)}"
             )
@@ -65,12 +73,18 @@ class ConformalOptions:
             raise BadInputError(
                 "class_conditional cannot be combined with online: the ACI level is marginal"
             )
-        for name in ("max_set_size", "seed"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_SEED
-            ):
-                raise BadInputError(f"{name} must be a non-negative integer, got {value!r}")
+        value = self.max_set_size
+        bad = isinstance(value, bool) or not isinstance(value, int) or value < 0
+        if value is not None and bad:
+            raise BadInputError(f"max_set_size must be a non-negative integer, got {value!r}")
+
+    def for_model(self, card: ModelCard) -> ConformalOptions:
+        """These options with the model's default score filled in."""
+        return self if self.score is not None else replace(self, score=default_score(card))
+
+    @property
+    def fills_empty_sets(self) -> bool:
+        return (not self.online) if self.never_empty is None else self.never_empty
 
 
 @dataclass(frozen=True)
@@ -81,11 +95,16 @@ class ClassPrediction:
     confidence: float
     probabilities: list[float]
     entropy: float  # nats, of `probabilities`
+    calibrated: bool = False  # probabilities and set come from the calibration of `position`
+    position: int | None = None  # steps read (or context length) when it was made
     prediction_set: list[str] | None = None
     set_size: int | None = None
     abstain: bool | None = None
     epistemic: float | None = None  # mutual information (nats), sampling backends only
     set_indices: list[int] | None = None  # `prediction_set` as label indices
+    uniform: float | None = None  # the U a randomised score's set was built with
+    aci_alpha: float | None = None  # the online level the set was built at (online only)
+    note: str | None = None  # why this prediction is not calibrated
 
 
 @dataclass(frozen=True)
@@ -93,13 +112,22 @@ class PredictionBatch:
     model: str
     version: str
     backend: str
-    calibrated: bool
+    calibrated: bool  # every prediction is calibrated
     predictions: list[ClassPrediction]
     usage: dict[str, Any] = field(default_factory=dict)
     conformal: ConformalOptions | None = None  # what was asked (None: plain softmax)
-    alpha: float | None = None  # the level the sets were built at (ACI's when online)
-    seed: int | None = None  # the seed of a randomised score
+    alpha: float | None = None  # the requested level (the online levels' target when online)
+    calibration_id: str | None = None  # the calibration the sets came from
+    level_keys: dict[int, Any] = field(default_factory=dict)  # prediction row -> LevelKey
     warnings: list[str] = field(default_factory=list)
+
+
+def batch_warnings(
+    request_warnings: Sequence[str], predictions: Sequence[ClassPrediction]
+) -> list[str]:
+    """A request's own warnings, then why any of its predictions is not calibrated (once)."""
+    notes = (p.note for p in predictions if p.note is not None)
+    return list(dict.fromkeys([*request_warnings, *notes]))
 
 
 def last_step_logits(model: StatefulModel, x: Tensor) -> Tensor:
@@ -158,6 +186,13 @@ def _entropy(probs: Tensor) -> Tensor:
     return (-torch.special.xlogy(probs, probs).sum(dim=-1)).clamp_min(0.0)  # [N]
 
 
+def abstains(set_size: int | None, max_set_size: int | None) -> bool | None:
+    """Abstain when the set does not single out one label: empty, or above the limit."""
+    if set_size is None or max_set_size is None:
+        return None
+    return set_size == 0 or set_size > max_set_size
+
+
 def predictions_from_probabilities(
     probs: Tensor,
     labels: Sequence[str],
@@ -165,33 +200,49 @@ def predictions_from_probabilities(
     sets: Tensor | None = None,
     abstain_above: int | None = None,
     epistemic: Tensor | None = None,
+    ids: Sequence[str] | None = None,
+    calibrated: Sequence[bool] | None = None,
+    positions: Sequence[int | None] | None = None,
+    uniforms: Sequence[float | None] | None = None,
+    aci_alphas: Sequence[float | None] | None = None,
+    has_set: Sequence[bool] | None = None,
+    notes: Sequence[str | None] | None = None,
 ) -> list[ClassPrediction]:
-    """One prediction per row of probs [N, C] (float64), with its set [N, C] bool if given."""
+    """One prediction per row of probs [N, C] (float64), with its set [N, C] bool if given
+    (rows whose `has_set` is False carry none)."""
     confidence, index = probs.max(dim=-1)  # [N], [N]
     entropy = _entropy(probs)  # [N]
     predictions = []
     for n in range(probs.shape[0]):
-        members = None if sets is None else sets[n].nonzero().flatten().tolist()
+        members = None
+        if sets is not None and (has_set is None or has_set[n]):
+            members = sets[n].nonzero().flatten().tolist()
         predictions.append(
             ClassPrediction(
-                id=uuid.uuid4().hex,
+                id=uuid.uuid4().hex if ids is None else ids[n],
                 label=labels[int(index[n])],
                 index=int(index[n]),
                 confidence=float(confidence[n]),
                 probabilities=probs[n].tolist(),
                 entropy=float(entropy[n]),
+                calibrated=bool(calibrated[n]) if calibrated is not None else False,
+                position=None if positions is None else positions[n],
                 prediction_set=None if members is None else [labels[i] for i in members],
                 set_size=None if members is None else len(members),
-                abstain=(
-                    None
-                    if members is None or abstain_above is None
-                    else len(members) > abstain_above
-                ),
+                abstain=abstains(None if members is None else len(members), abstain_above),
                 epistemic=None if epistemic is None else float(epistemic[n]),
                 set_indices=members,
+                uniform=None if uniforms is None else uniforms[n],
+                aci_alpha=None if aci_alphas is None else aci_alphas[n],
+                note=None if notes is None else notes[n],
             )
         )
     return predictions
+
+
+def new_prediction_ids(count: int) -> list[str]:
+    """Prediction ids: uuid4 hex, drawn before the sets (randomised scores' U derive from them)."""
+    return [uuid.uuid4().hex for _ in range(count)]
 
 
 def predictions_from_logits(logits: Tensor, labels: Sequence[str]) -> list[ClassPrediction]:

@@ -86,18 +86,35 @@ class ModelList(BaseModel):
     models: list[ModelSummary]
 
 
-class BackendCalibration(BaseModel):
+class PositionCalibration(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    created: str
+    first: int = Field(description="First position (steps read, or tokens of context) covered.")
+    last: int = Field(description="Last position covered.")
     n_conformal: int = Field(description="Calibration examples behind the conformal scores.")
     n_tune: int = Field(description="Calibration examples that fitted the map and RAPS.")
     map: dict[str, Any] = Field(description="The calibration map: identity, temperature, ...")
     metrics: dict[str, float] = Field(
         description="NLL, ECE, ... before and after the map, on the conformal examples."
     )
+
+
+class BackendCalibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    created: str
+    calibration_id: str = Field(description="Changes with every fit; online levels restart.")
+    horizon: int = Field(
+        description="Last calibrated position: answers past it are uncalibrated (no set)."
+    )
+    positions: list[PositionCalibration] = Field(
+        description="One calibration per position bucket (per step for classifiers)."
+    )
     backend_options: dict[str, Any] = Field(description="Options the calibration ran with.")
     source: dict[str, Any] = Field(description="Where the calibration data came from.")
+    report: dict[str, Any] = Field(
+        default_factory=dict, description="What `neuroserve calibrate` measured on test data."
+    )
 
 
 class BackendInfo(BaseModel):
@@ -160,24 +177,30 @@ class PredictRequest(StrictRequest):
         examples=[{"t_inference": 3600}],
     )
     version: VersionField = Field(None, description="Model version; the latest when null.")
-    score: ScoreName = Field(
-        "raps",
+    score: ScoreName | None = Field(
+        None,
         description=(
-            "Conformity score of the set. Randomised variants draw one uniform number per "
-            "prediction from `seed`."
+            "Conformity score of the set; by default `raps` for classifiers and `lac` for "
+            "language models. Randomised variants use one uniform number per prediction, drawn "
+            "by the server (never the client) from the prediction id."
         ),
     )
     class_conditional: bool = Field(
         False, description="Per-class (Mondrian) quantiles: coverage holds within every class."
     )
-    never_empty: bool = Field(
-        False, description="Add the top label to an empty set (over-covers; not with online)."
+    never_empty: bool | None = Field(
+        None,
+        description=(
+            "Add the top label to an empty set. Default: yes (sets then over-cover a little), "
+            "except with `online`; send false for the plain split-conformal set, which covers "
+            "1 - alpha exactly and is empty when no label is plausible enough."
+        ),
     )
     online: bool = Field(
         False,
         description=(
-            "Build the set at the online (ACI) level that label feedback keeps adjusting, "
-            "instead of at `alpha`."
+            "Build the set at the online (ACI) level of this API key, score, alpha and "
+            "position, which the key's label feedback keeps adjusting towards 1 - alpha."
         ),
     )
     max_set_size: int | None = Field(
@@ -185,11 +208,12 @@ class PredictRequest(StrictRequest):
         ge=0,
         description="Abstain when the set holds more labels; the server's setting when null.",
     )
-    seed: int | None = Field(
+    seed: int | StrictStr | None = Field(
         None,
-        ge=0,
-        lt=2**63,
-        description="Seed of a randomised score; the server draws one (and returns it) if null.",
+        description=(
+            "Accepted for compatibility and ignored: the uniform draw of randomised scores is "
+            "the server's, so that no client value can steer coverage (a warning says so)."
+        ),
     )
 
 
@@ -201,11 +225,35 @@ class Prediction(BaseModel):
         description="Softmax probabilities in the order of the model's labels (or vocabulary)."
     )
     entropy: float = Field(description="Entropy of `probabilities` in nats.")
+    calibrated: bool = Field(
+        description=(
+            "Probabilities and set come from the calibration of this model, version, backend, "
+            "options and position; false: raw softmax and no set (the warnings say why)."
+        )
+    )
+    position: int | None = Field(
+        None, description="Steps read (or tokens of context) when this prediction was made."
+    )
     prediction_set: list[str] | None = Field(
-        None, description="Conformal prediction set at level 1 - alpha (calibrated models)."
+        None, description="Conformal prediction set at level 1 - alpha (calibrated answers)."
     )
     set_size: int | None = Field(None, description="Size of `prediction_set`.")
-    abstain: bool | None = Field(None, description="True when the set is too wide to decide.")
+    abstain: bool | None = Field(
+        None,
+        description=(
+            "True when the set does not single out one label: empty, or larger than "
+            "`max_set_size` (1 by default)."
+        ),
+    )
+    aci_alpha: float | None = Field(
+        None, description="Online requests: the ACI level this set was built at."
+    )
+
+    @classmethod
+    def of(cls, prediction: Any) -> Prediction:
+        """The wire form of a `service.predictions.ClassPrediction`: every field it shares."""
+        return cls(**{name: getattr(prediction, name) for name in cls.model_fields})
+
     epistemic: float | None = Field(
         None,
         description=(
@@ -240,10 +288,10 @@ class PredictResponse(BaseModel):
     backend: str
     calibrated: bool = Field(description="Whether confidence and sets come from calibration.")
     alpha: float | None = Field(
-        None, description="Level the sets were built at (the ACI level when online)."
+        None,
+        description="The requested miscoverage (the target of the online levels when online).",
     )
     score: str | None = Field(None, description="Conformity score of the sets.")
-    seed: int | None = Field(None, description="Seed of a randomised score (to reproduce sets).")
     predictions: list[Prediction]
     usage: Usage
     warnings: list[str] = Field(
@@ -270,19 +318,19 @@ class FeedbackResponse(BaseModel):
     label: str
     correct: bool = Field(description="The prediction's top label was the true one.")
     covered: bool | None = Field(
-        None, description="The returned prediction set held the label (null: no set)."
+        None, description="The served prediction set held the label (null: no set)."
     )
-    aci_covered: bool | None = Field(
-        None, description="The set at the online (ACI) level held the label."
-    )
-    aci_alpha: float | None = Field(None, description="The online level after this label.")
-    session_aci_alpha: float | None = Field(
-        None, description="The session's own online level, for predictions made in a session."
+    aci_alpha: float | None = Field(
+        None,
+        description=(
+            "Online predictions: the level it was served at (its key's, or its session's), "
+            "after this label."
+        ),
     )
     coverage: float | None = Field(
-        None, description="Running coverage of this model and backend's sets with feedback."
+        None, description="Running coverage of this calibration's served sets with feedback."
     )
-    feedback_count: int = Field(description="Labels received for this model and backend.")
+    feedback_count: int = Field(description="Labels received for this calibration.")
 
 
 class CalibrationStatus(BaseModel):
@@ -291,7 +339,8 @@ class CalibrationStatus(BaseModel):
     backend: str
     fit: BackendCalibration = Field(description="The calibration artifact's fit.")
     live: dict[str, Any] | None = Field(
-        None, description="Feedback so far: coverage, accuracy and the online (ACI) level."
+        None,
+        description="Feedback so far: coverage, accuracy, and the caller's online (ACI) levels.",
     )
 
 
@@ -362,7 +411,7 @@ class V2InferRequest(BaseModel):
     parameters: dict[str, Any] | None = Field(
         None,
         description=(
-            "`alpha`, `score`, `backend`; Triton's `sequence_id`, `sequence_start`, "
+            "`alpha`, `score`, `backend`, `never_empty`; Triton's `sequence_id`, `sequence_start`, "
             "`sequence_end` map onto sessions. Others are ignored."
         ),
     )
@@ -392,6 +441,21 @@ class V2InferResponse(BaseModel):
 # ---- token generation (`WS /v1/generate`, `POST /v1/models/{name}/generate`) ----------------
 
 
+MAX_SEED = 2**63 - 1
+
+
+def _seed_from_text(value: object) -> object:
+    # Seeds reach 2**63, beyond the 2**53 that JSON numbers carry exactly in most clients.
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return value
+
+
+SeedField = Annotated[
+    Annotated[int, Field(ge=0, le=MAX_SEED)] | None, BeforeValidator(_seed_from_text)
+]
+
+
 def _stop_as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
@@ -405,7 +469,12 @@ class GenerateOptions(StrictRequest):
     )
     max_tokens: int = Field(ge=1, description="Most tokens to generate.")
     temperature: float = Field(
-        1.0, ge=0.0, description="Sampling temperature on the model's logits; 0 is greedy."
+        1.0,
+        ge=0.0,
+        description=(
+            "Tokens are drawn from the reported (calibrated) distribution raised to 1/T and "
+            "renormalised; 0 is greedy."
+        ),
     )
     alpha: float | None = Field(
         None, gt=0.0, lt=1.0, description="Miscoverage level of the next-token sets."
@@ -426,8 +495,13 @@ class GenerateOptions(StrictRequest):
     max_set_size: int | None = Field(
         None, ge=1, description="Abstain (stop) when the next-token set has more tokens."
     )
-    seed: int | None = Field(
-        None, ge=0, lt=2**63, description="Sampling seed; when omitted the server picks one."
+    seed: SeedField = Field(
+        None,
+        description=(
+            "Seed of the token sampling (an integer 0..2**63-1, or the same as a decimal "
+            "string, as the done message returns it); the server picks one when omitted. It "
+            "never touches the conformal sets."
+        ),
     )
     version: VersionField = Field(None, description="Model version for a new session.")
     backend: str | None = Field(None, min_length=1, description="Backend for a new session.")
@@ -449,10 +523,22 @@ class GeneratedTokenOut(BaseModel):
     index: int = Field(description="Position among the generated tokens, from 0.")
     token: str
     token_id: int = Field(description="Index of `token` in the model's vocabulary.")
-    probability: float = Field(description="Probability of `token` under the next-token answer.")
-    confidence: float = Field(description="Probability of the most likely next token.")
+    probability: float = Field(
+        description="Probability of `token` under the reported next-token distribution."
+    )
+    sampling_probability: float = Field(
+        description="Probability of `token` under the distribution it was drawn from "
+        "(the reported one at temperature 1; 1.0 when greedy)."
+    )
+    top_token: str = Field(description="The most probable next token.")
+    top_probability: float = Field(description="Its probability.")
     prediction_set: list[str] | None = Field(None, description="Conformal set of next tokens.")
     set_size: int | None = None
+    in_set: bool | None = Field(None, description="Whether `token` is in `prediction_set`.")
+    calibrated: bool = Field(
+        description="The distribution and set come from the calibration of this context length."
+    )
+    position: int | None = Field(None, description="Tokens of context the answer was made at.")
     entropy: float = Field(description="Entropy of the next-token distribution, nats.")
     id: str = Field(description="Prediction id, for feedback with the true next token.")
 
@@ -467,7 +553,12 @@ class GenerationDoneOut(BaseModel):
     tokens: int = Field(description="Tokens generated.")
     text: str = Field(description="The generated text.")
     step: int = Field(description="The session's total steps (prompts and tokens consumed).")
-    seed: int
+    seed: str = Field(description="The sampling seed, as a decimal string.")
+    calibrated: bool = Field(description="Every token's answer was calibrated.")
+    uncalibrated_tokens: int = Field(
+        description="Tokens answered past the calibrated context length (no set)."
+    )
+    warnings: list[str] = Field(default_factory=list)
     usage: dict[str, Any]
 
 
@@ -482,7 +573,10 @@ class GenerateResponse(BaseModel):
     text: str
     tokens: list[GeneratedTokenOut]
     step: int
-    seed: int
+    seed: str
+    calibrated: bool
+    uncalibrated_tokens: int
+    warnings: list[str] = Field(default_factory=list)
     usage: dict[str, Any]
 
 
@@ -607,7 +701,11 @@ class SessionCreateRequest(StrictRequest):
     alpha: float = Field(
         0.1, gt=0.0, lt=1.0, description="Miscoverage level of the conformal prediction sets."
     )
-    score: ScoreName = Field("raps", description="Conformal score of the sets.")
+    score: ScoreName | None = Field(
+        None,
+        description="Conformal score of the sets; `raps` for classifiers, `lac` for language "
+        "models when null.",
+    )
     ttl_seconds: float | None = Field(
         None,
         gt=0.0,
@@ -619,9 +717,20 @@ class SessionCreateRequest(StrictRequest):
     early_decision: EarlyDecisionRequest | None = Field(
         None,
         description=(
-            "Sequential early decisions (classifiers with a fitted rule): each step at a "
-            "calibrated checkpoint says whether to stop, with coverage 1 - alpha at the stop."
+            "Sequential early decisions (calibrated classifiers): each step within the "
+            "calibrated horizon says whether to stop, with coverage 1 - alpha at the stop."
         ),
+    )
+    online: bool = Field(
+        False,
+        description=(
+            "Answer at the session's own online (ACI) level: labels of its predictions move "
+            "it towards 1 - alpha."
+        ),
+    )
+    never_empty: bool | None = Field(
+        None,
+        description="Add the top label to an empty set; default yes unless online.",
     )
 
 
@@ -639,6 +748,8 @@ class SessionResponse(BaseModel):
     early_decision: EarlyDecisionRequest | None = Field(
         None, description="The session's early-decision settings, when it asked for them."
     )
+    online: bool = Field(False, description="Answers at the session's own online level.")
+    never_empty: bool | None = Field(None, description="As asked at creation.")
 
 
 class SessionStepRequest(StrictRequest):
@@ -664,10 +775,11 @@ class SessionStepResponse(BaseModel):
     backend: str
     step: int = Field(description="The session's total time steps after this chunk.")
     expires_at: float
-    calibrated: bool = Field(description="Whether confidence and sets come from calibration.")
-    alpha: float | None = Field(None, description="Level the sets were built at.")
+    calibrated: bool = Field(
+        description="Whether every prediction of this step comes from its position's calibration."
+    )
+    alpha: float | None = Field(None, description="The session's miscoverage level.")
     score: str | None = Field(None, description="Conformity score of the sets.")
-    seed: int | None = Field(None, description="Seed of a randomised score (to reproduce sets).")
     prediction: Prediction = Field(description="The prediction after the chunk's last step.")
     step_predictions: list[Prediction] | None = Field(
         None, description="One prediction per step of the chunk (when return_steps)."

@@ -47,8 +47,8 @@ from calibration import SCORE_NAMES
 from models.repository import ModelCard, ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_chunks
-from service.dataplane import DataPlane
-from service.early_decision import EarlyDecisionStore, check_max_set_size, decide
+from service.dataplane import ConformalOptions, DataPlane, OnlineLevel
+from service.early_decision import EarlyDecisions, check_max_set_size, decide
 from service.errors import (
     BadInputError,
     ConflictError,
@@ -56,7 +56,8 @@ from service.errors import (
     NotFoundError,
     RateLimitedError,
 )
-from service.predictions import model_labels
+from service.inputs import out_of_range_warning
+from service.predictions import default_score, model_labels
 from service.session_inputs import (
     InputSpec,
     check_alpha,
@@ -134,6 +135,15 @@ class SessionInfo:
     expires_at: float  # unix time; every use pushes it back by the session's TTL
     options: dict  # backend options (e.g. t_inference)
     early_decision: dict | None = None  # {"max_set_size": k} when the session asked for it
+    online: bool = False  # sets at the session's own online (ACI) level
+    never_empty: bool | None = None  # None: the server's default (never empty unless online)
+
+    @property
+    def conformal(self) -> ConformalOptions:
+        """What the session's answers ask of calibration."""
+        return ConformalOptions(
+            alpha=self.alpha, score=self.score, online=self.online, never_empty=self.never_empty
+        )
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,15 @@ class StepOutcome:
     usage: dict  # Usage.to_dict() of this chunk, plus steps, batch_size, compute_seconds
     card: ModelCard  # the model version that ran (labels, calibration lookups)
     prediction: Any = None  # what `step(..., predict=...)` made of this outcome
+    online_level: OnlineLevel | None = None  # the session's level, read before the step
+    warnings: tuple[str, ...] = ()  # e.g. inputs far outside the training range
+
+    @property
+    def positions(self) -> list[int]:
+        """Steps read after each row of `step_logits` (or after the last step alone)."""
+        last = self.info.step
+        count = 1 if self.step_logits is None else self.step_logits.shape[-2]
+        return list(range(last - count + 1, last + 1))
 
 
 # Called in the batch's worker thread with the (not yet written) outcomes of the steps that
@@ -192,6 +211,7 @@ class _StepJob:
     per_step: bool
     predict: PredictFn | None
     preloaded: VersionedState | None = None
+    online_level: OnlineLevel | None = None
 
 
 class _Retry(Exception):
@@ -219,7 +239,7 @@ class SessionManager:
         self._live = LiveSessions()
         self._meta: OrderedDict[str, _SessionMeta] = OrderedDict()
         self._runners = SessionRunners(dataplane)
-        self.early_decisions = EarlyDecisionStore(dataplane.calibrations)
+        self.early_decisions = EarlyDecisions()
         self._backoff = random.Random(0)  # jitter of the retry back-off
         self.conflicts = 0  # steps that lost a compare-and-set and were re-applied
         self._store_slots = asyncio.Semaphore(self.settings.store_concurrency)
@@ -240,20 +260,27 @@ class SessionManager:
         version: str | None = None,
         backend: str = "torch",
         alpha: float = 0.1,
-        score: str = "raps",
+        score: str | None = None,
         ttl_seconds: float | None = None,
         options: dict | None = None,
         owner: str | None = None,
         session_id: str | None = None,
         early_decision: Mapping[str, Any] | None = None,
+        online: bool = False,
+        never_empty: bool | None = None,
     ) -> SessionInfo:
         """Start a session at step 0. A given `session_id` that exists → ConflictError.
 
         `early_decision` ({"max_set_size": k}) asks for a stop/continue decision at every
-        calibrated checkpoint; a backend without a fitted rule → ConflictError."""
+        calibrated step; a backend whose calibration cannot give one → ConflictError.
+        `online` answers at the session's own ACI level (labels of its predictions move it)."""
         check_alpha(alpha)
-        if score not in SCORES:
+        if score is not None and score not in SCORES:
             raise BadInputError(f"score must be one of {list(SCORES)}, got {score!r}")
+        # Refuse combinations no step could answer (online with never_empty) before creating.
+        ConformalOptions(alpha=alpha, score=score, online=online, never_empty=never_empty)
+        if online and self.dataplane.levels is None:
+            raise BadInputError("online sets need label feedback, which this server does not keep")
         ttl = self._check_ttl(ttl_seconds)
         options = check_options(options)
         owner = check_id(owner, "owner") if owner is not None else None
@@ -268,6 +295,7 @@ class SessionManager:
                 "(NEUROSERVE_MAX_SESSIONS); delete sessions or wait for them to expire"
             )
         card = await run_in_threadpool(self.dataplane.card, model, version)
+        score = score or default_score(card)
         group = await self._runners.get(card.name, card.version, backend, options)
         # Fail fast: steps of a session whose backend has no calibration (and a server that
         # does not allow raw answers) could never be answered.
@@ -279,9 +307,13 @@ class SessionManager:
             "owner": owner,
             "ttl_seconds": ttl,
         }
+        if online:
+            metadata["online"] = True
+        if never_empty is not None:
+            metadata["never_empty"] = bool(never_empty)
         if early_decision is not None:
             size = check_max_set_size(early_decision.get("max_set_size"), len(model_labels(card)))
-            await run_in_threadpool(  # fit (and cache) the rule now: 409 when there is none
+            await run_in_threadpool(  # build (and cache) the rule now: 409 when there is none
                 self.early_decisions.rule,
                 card,
                 backend,
@@ -289,6 +321,7 @@ class SessionManager:
                 alpha=alpha,
                 score=score,
                 max_set_size=size,
+                backend_options=options,
             )
             metadata["early_decision"] = {"max_set_size": size}
         record = StateRecord.new(
@@ -359,7 +392,8 @@ class SessionManager:
 
         `predict`, when given, turns the outcomes of a whole micro-batch into predictions in
         the batch's worker thread, before the states are written (see `PredictFn`); its
-        answer for this step lands in `StepOutcome.prediction`.
+        answer for this step lands in `StepOutcome.prediction`. A session that asked for
+        online sets has its own level read first (`StepOutcome.online_level`).
         """
         key = lookup_key(session_id, owner)
         async with self._locks.hold(key):
@@ -367,7 +401,10 @@ class SessionManager:
                 meta, preloaded = await self._session_meta(key, session_id)
                 group = await self._session_group(meta, session_id)
                 chunk = check_chunk(inputs, group.spec, self.settings.max_steps_per_chunk)
-                job = _StepJob(key, session_id, meta, group, chunk, per_step, predict, preloaded)
+                level = await self._online_level(meta, group, key)
+                job = _StepJob(
+                    key, session_id, meta, group, chunk, per_step, predict, preloaded, level
+                )
                 try:
                     if self.settings.batching:
                         return await self._batcher.submit(group.key, job)
@@ -392,6 +429,8 @@ class SessionManager:
         if info.early_decision is None:
             return None
         stored = self.dataplane.calibration(outcome.card, info.backend)
+        if stored is None or not stored.fitted_with(info.options):
+            return None  # recalibrated mid-session with other options: no guarantee to give
         rule = self.early_decisions.rule(
             outcome.card,
             info.backend,
@@ -399,9 +438,28 @@ class SessionManager:
             alpha=info.alpha,
             score=info.score,
             max_set_size=int(info.early_decision["max_set_size"]),
+            backend_options=info.options,
         )
-        assert stored is not None  # `rule` refuses a backend without a calibration
-        return decide(rule, stored.artifact, outcome.logits, info.step, model_labels(outcome.card))
+        return decide(rule, stored, outcome.logits, info.step, model_labels(outcome.card))
+
+    async def _online_level(
+        self, meta: _SessionMeta, group: SessionRunner, key: str
+    ) -> OnlineLevel | None:
+        """The session's own online level, when it asked for online sets."""
+        if not meta.metadata.get("online"):
+            return None
+        alpha, score = float(meta.metadata["alpha"]), str(meta.metadata["score"])
+        conformal = ConformalOptions(alpha=alpha, score=score, online=True)
+        # Any calibrated position names the level: a session has one level for all steps.
+        levels = await self.dataplane.online_levels(
+            group.card,
+            meta.backend,
+            [1],
+            conformal,
+            owner=meta.metadata.get("owner"),
+            session_key=key,
+        )
+        return levels.get(0)
 
     # ---- one batch --------------------------------------------------------------------------
     async def _process_batch(
@@ -588,16 +646,24 @@ def _advance(
     compute_seconds = time.perf_counter() - started
     now = time.time()
     advanced: list[tuple[StateRecord, StepOutcome | BaseException]] = []
+    value_range = group.card.config["input"].get("value_range")
     for job, state, result in zip(jobs, states, results, strict=True):
         steps = int(job.inputs.shape[0])
         record = state.record.advance(result.state, steps, now=now)
         usage = {**result.usage, "steps": steps, "compute_seconds": compute_seconds}
+        note = (
+            None
+            if not job.inputs.is_floating_point()
+            else (out_of_range_warning(job.inputs, value_range))
+        )
         outcome = StepOutcome(
             info=_info(job.session_id, record, now + job.meta.ttl),
             logits=result.logits[..., -1, :],  # [C] or [S, C]
             step_logits=result.logits if job.per_step else None,
             usage=usage,
             card=group.card,
+            online_level=job.online_level,
+            warnings=(note,) if note else (),
         )
         advanced.append((record, outcome))
     _attach_predictions(jobs, advanced)
@@ -647,4 +713,6 @@ def _info(session_id: str, record: StateRecord, expires_at: float) -> SessionInf
         expires_at=expires_at,
         options=dict(metadata["options"]),
         early_decision=metadata.get("early_decision"),
+        online=bool(metadata.get("online", False)),
+        never_empty=metadata.get("never_empty"),
     )

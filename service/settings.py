@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.repository import default_repository_root
@@ -62,14 +62,16 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a prediction is remembered for label feedback (POST /v1/feedback).",
     )
-    aci_target_alpha: float = Field(
-        0.1,
-        gt=0.0,
-        lt=1.0,
-        description="Miscoverage the online (ACI) level of each model and backend aims at.",
-    )
     aci_gamma: float = Field(
-        0.005, gt=0.0, le=1.0, description="Step size of the online (ACI) level per label."
+        0.005, gt=0.0, le=1.0, description="Step size of the online (ACI) levels per label."
+    )
+    conformal_key: SecretStr | None = Field(
+        None,
+        description=(
+            "Server-held key from which each prediction's uniform draw for randomised scores "
+            "is derived (HMAC of the prediction id). Replicas should share it so any of them "
+            "can reproduce a served set; a random key per process when unset."
+        ),
     )
     preload_models: bool = Field(
         True, description="Load the latest version of every model at start-up."

@@ -65,6 +65,7 @@ async def calibration_status(
     backend: Annotated[str, Query(min_length=1, description="Backend.")] = TORCH_BACKEND,
     version: Annotated[str | None, Query(description="Version; the latest when omitted.")] = None,
 ) -> CalibrationStatus:
-    status = await dataplane.calibration_status(name, version, backend)
+    owner = get_principal(request).owner
+    status = await dataplane.calibration_status(name, version, backend, owner)
     label_request(request, model=status["model"], backend=backend)
     return CalibrationStatus.model_validate(status)

@@ -24,6 +24,11 @@ from service.schemas import (
     Usage,
 )
 
+IGNORED_SEED_WARNING = (
+    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
+    "prediction id, so that no request can steer coverage"
+)
+
 router = APIRouter(prefix="/v1", tags=["models"])
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
@@ -87,7 +92,7 @@ def model_info(
     )
 
 
-def _predict_response(batch: PredictionBatch) -> PredictResponse:
+def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictResponse:
     return PredictResponse(
         model=batch.model,
         version=batch.version,
@@ -95,23 +100,9 @@ def _predict_response(batch: PredictionBatch) -> PredictResponse:
         calibrated=batch.calibrated,
         alpha=batch.alpha,
         score=batch.conformal.score if batch.conformal is not None else None,
-        seed=batch.seed,
-        predictions=[
-            Prediction(
-                id=p.id,
-                label=p.label,
-                confidence=p.confidence,
-                probabilities=p.probabilities,
-                entropy=p.entropy,
-                prediction_set=p.prediction_set,
-                set_size=p.set_size,
-                abstain=p.abstain,
-                epistemic=p.epistemic,
-            )
-            for p in batch.predictions
-        ],
+        predictions=[Prediction.of(p) for p in batch.predictions],
         usage=Usage(**batch.usage),
-        warnings=batch.warnings,
+        warnings=warnings,
     )
 
 
@@ -131,7 +122,6 @@ async def predict(
         never_empty=body.never_empty,
         online=body.online,
         max_set_size=body.max_set_size,
-        seed=body.seed,
     )
     batch = await dataplane.predict(
         name,
@@ -143,4 +133,7 @@ async def predict(
         owner=get_principal(request).owner,
     )
     label_request(request, model=batch.model, backend=batch.backend)
-    return _predict_response(batch)
+    warnings = list(batch.warnings)
+    if body.seed is not None:
+        warnings.append(IGNORED_SEED_WARNING)
+    return _predict_response(batch, warnings)

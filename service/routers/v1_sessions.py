@@ -4,17 +4,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Hashable, Sequence
 from typing import Annotated, Any
 
-import torch
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from hardware_backends.registry import freeze_options
 from service.auth import Principal, get_principal
-from service.dataplane import ClassPrediction, ConformalOptions, DataPlane, PredictionBatch
+from service.dataplane import DataPlane
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -27,7 +23,8 @@ from service.schemas import (
     SessionStepResponse,
     Usage,
 )
-from service.sessions import SessionInfo, SessionManager, StepOutcome
+from service.session_answers import StepPredictions
+from service.sessions import SessionInfo, SessionManager
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -70,6 +67,8 @@ def _session_out(info: SessionInfo) -> SessionResponse:
         expires_at=info.expires_at,
         options=info.options,
         early_decision=info.early_decision,
+        online=info.online,
+        never_empty=info.never_empty,
     )
 
 
@@ -87,12 +86,6 @@ def _check_session_quota(request: Request, principal: Principal) -> None:
 def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
     if principal.owner is not None:
         request.app.state.sessions_per_key.seen(principal.owner, info.session_id, info.expires_at)
-
-
-def _prediction_out(prediction: ClassPrediction) -> Prediction:
-    # Every field the wire schema knows, so fields the builder adds later come along.
-    fields = {name: getattr(prediction, name) for name in Prediction.model_fields}
-    return Prediction(**fields)
 
 
 @router.post(
@@ -125,6 +118,8 @@ async def create_session(
         ttl_seconds=body.ttl_seconds,
         options=body.options,
         early_decision=(None if body.early_decision is None else body.early_decision.model_dump()),
+        online=body.online,
+        never_empty=body.never_empty,
     )
     _note_session(request, principal, info)
     return _session_out(info)
@@ -203,92 +198,12 @@ async def step_session(
         calibrated=last.calibrated,
         alpha=last.alpha,
         score=last.conformal.score if last.conformal is not None else None,
-        seed=last.seed,
-        prediction=_prediction_out(last.predictions[0]),
-        step_predictions=(
-            None if steps is None else [_prediction_out(p) for p in steps.predictions]
-        ),
+        prediction=Prediction.of(last.predictions[0]),
+        step_predictions=(None if steps is None else [Prediction.of(p) for p in steps.predictions]),
         usage=Usage(**{**outcome.usage, "sequences": 1}),
         warnings=last.warnings,
         decision=None if decision is None else EarlyDecision(**decision),
     )
-
-
-# ---- predictions for a whole micro-batch at once --------------------------------------------
-
-
-class StepPredictions:
-    """The session manager's `predict` hook: builds the predictions of a micro-batch's steps
-    with the dataplane's builder, one call per (model version, backend, options, alpha,
-    score), in the batch's worker thread and before its states are written, so a refusal
-    (e.g. a backend that is not calibrated) leaves those sessions where they were.
-
-    Per step: (the prediction after the chunk, the per-step predictions or None), as
-    prediction batches of their own. A randomised score draws one seeded number per row, so
-    those steps are built alone: each answer's reported seed then reproduces its own set.
-    """
-
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
-
-    def __call__(
-        self, outcomes: Sequence[StepOutcome]
-    ) -> list[tuple[PredictionBatch, PredictionBatch | None] | Exception]:
-        groups: dict[Hashable, list[int]] = {}
-        for i, outcome in enumerate(outcomes):
-            groups.setdefault(_conformal_group(i, outcome), []).append(i)
-        answers: list[tuple[PredictionBatch, PredictionBatch | None] | Exception] = [
-            RuntimeError("not built")
-        ] * len(outcomes)
-        for positions in groups.values():
-            members = [outcomes[i] for i in positions]
-            try:
-                built = self._build_group(members)
-            except Exception as error:  # every step of the group fails alike, unwritten
-                built = [error] * len(members)
-            for i, answer in zip(positions, built, strict=True):
-                answers[i] = answer
-        return answers
-
-    def _build_group(
-        self, outcomes: list[StepOutcome]
-    ) -> list[tuple[PredictionBatch, PredictionBatch | None]]:
-        first = outcomes[0].info
-        rows = []  # per outcome: its last step, then (when asked) every step
-        for outcome in outcomes:
-            rows.append(outcome.logits.unsqueeze(-2))  # [1, C] or [S, 1, C]
-            if outcome.step_logits is not None:
-                rows.append(outcome.step_logits)  # [T, C] or [S, T, C]
-        batch = self.dataplane.build_predictions(
-            outcomes[0].card,
-            first.backend,
-            torch.cat(rows, dim=-2),  # [R, C] or [S, R, C]
-            None,
-            conformal=ConformalOptions(alpha=first.alpha, score=first.score),
-            backend_options=first.options,
-        )
-        predictions = iter(batch.predictions)
-        answers = []
-        for outcome in outcomes:
-            last = dataclasses.replace(
-                batch, predictions=[next(predictions)], usage=dict(outcome.usage)
-            )
-            steps = None
-            if outcome.step_logits is not None:
-                count = outcome.step_logits.shape[-2]
-                taken = [next(predictions) for _ in range(count)]
-                # The chunk's usage is counted once, with the last prediction.
-                steps = dataclasses.replace(batch, predictions=taken, usage={})
-            answers.append((last, steps))
-        return answers
-
-
-def _conformal_group(position: int, outcome: StepOutcome) -> Hashable:
-    """Steps that can share one builder call; randomised scores never share."""
-    info = outcome.info
-    alone = position if info.score.endswith("_randomized") else None  # calibration's names
-    options = freeze_options(info.options)
-    return (info.model, info.version, info.backend, options, info.alpha, info.score, alone)
 
 
 def _step_predictions(request: Request) -> StepPredictions:

@@ -49,7 +49,7 @@ from service.errors import (
     NotFoundError,
     describe_validation_errors,
 )
-from service.generation import session_prediction
+from service.generation import session_batch
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -220,6 +220,7 @@ class InferParameters:
     sequence_id: int | str | None  # None: a stateless request
     sequence_start: bool
     sequence_end: bool
+    never_empty: bool | None = None  # None: the server's default (never empty)
 
 
 def parse_parameters(parameters: dict[str, Any] | None) -> InferParameters:
@@ -250,6 +251,11 @@ def parse_parameters(parameters: dict[str, Any] | None) -> InferParameters:
             f"parameters.sequence_id {sequence_id!r} must be 1-128 letters, digits, '.', '_', "
             "':' or '-'"
         )
+    never_empty = parameters.get("never_empty")
+    if never_empty is not None and not isinstance(never_empty, bool):
+        raise V2BadRequestError(
+            f"parameters.never_empty must be true or false, got {never_empty!r}"
+        )
     flags = {}
     for key in ("sequence_start", "sequence_end"):
         value = parameters.get(key, False)
@@ -267,6 +273,7 @@ def parse_parameters(parameters: dict[str, Any] | None) -> InferParameters:
         score=parameters.get("score"),
         backend=parameters.get("backend"),
         sequence_id=sequence_id,
+        never_empty=never_empty,
         **flags,
     )
 
@@ -343,7 +350,10 @@ def encode_predictions(
     has_sets = all(p.prediction_set is not None for p in predictions)
     if "prediction_set" in requested and not has_sets:
         if explicit:
-            raise NotCalibratedError(describe_uncalibrated())
+            notes = [p.note for p in predictions if p.note is not None]
+            raise NotCalibratedError(
+                f"no prediction_set: {notes[0]}" if notes else describe_uncalibrated()
+            )
         requested = [name for name in requested if name != "prediction_set"]
     index = {label: i for i, label in enumerate(labels)}
     tensors = []
@@ -383,6 +393,7 @@ def _conformal(params: InferParameters, alpha: float | None, score: str | None) 
     chosen = {
         "alpha": params.alpha if params.alpha is not None else alpha,
         "score": params.score or score,
+        "never_empty": params.never_empty,
     }
     return ConformalOptions(**{key: value for key, value in chosen.items() if value is not None})
 
@@ -454,9 +465,8 @@ async def run_sequence_step(
         if params.sequence_start:  # a sequence that never took a step does not stay open
             await sessions.delete(session_id, owner=owner)
         raise
-    prediction = await session_prediction(
-        dataplane, outcome, conformal, usage=outcome.usage, owner=owner
-    )
+    batch = await session_batch(dataplane, outcome, conformal, usage=outcome.usage, owner=owner)
+    prediction = batch.predictions[0]
     if params.sequence_end:
         await sessions.delete(session_id, owner=owner)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}

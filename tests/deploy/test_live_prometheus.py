@@ -5,8 +5,8 @@ only what these tests send) over a temporary copy of the built-in digits models 
 job publishes a new version there). Prometheus runs from a generated config: 1 s scrapes and
 rule evaluations, the repository's rules file, storage in a temporary folder.
 
-- Every metric family the issue promises has samples once the server has served predictions,
-  a session step, feedback and a fine-tuning job.
+- Every metric family the issue promises has samples once the server has served predictions
+  (online ones among them), a session step, feedback and a fine-tuning job.
 - The coverage recording rule, read back through Prometheus's HTTP API, equals the coverage
   computed from the `covered` flags of the feedback answers.
 """
@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.digits import load_digits_seq
 from models.repository import default_repository_root
 from service import metrics
+from service.settings import Settings
 from tests.conftest import free_tcp_port
 from tests.deploy.helpers import RULES_FILE
 from tests.service.test_cli import COMMAND, cli_env
@@ -49,6 +50,8 @@ START_TIMEOUT_S = 90.0  # server and Prometheus start-up on a busy two-core mach
 LIVE_TEST_BUDGET_S = 150.0  # the whole live test, well inside the rule's 5 minute window
 JOB_TIMEOUT_S = 180.0
 REQUEST_BATCH = 50  # sequences per predict request (the server's default limit is 64)
+ALPHA = 0.1  # the default miscoverage
+GAMMA = Settings.model_fields["aci_gamma"].default  # the server runs with default settings
 # A request or job in flight is never the reason a test waits: these series need a failure.
 NEVER_RECORDED_WITHOUT_FAILURES = {metrics.STORE_ERRORS._name}
 
@@ -232,12 +235,13 @@ def test_the_coverage_rule_read_from_prometheus_equals_the_feedback_coverage(
 
     # rate() counts what a series gained after its first sample in the window, so both series
     # (covered and not) must exist, and hold still, before Prometheus first scrapes them.
-    # Small sets (alpha 0.5) miss often enough that a few dozen labels give both outcomes.
+    # Small plain sets (alpha 0.5, never_empty off: the top label is not added to an empty
+    # set) miss often enough that a few dozen labels give both outcomes.
     warm_up: list[bool] = []
     for start in range(0, 150, 30):
         chunk = slice(start, start + 30)
-        warm_up += send_true_labels(http, predict(http, MODEL, inputs[chunk], alpha=0.5),
-                                    labels[chunk])  # fmt: skip
+        small = predict(http, MODEL, inputs[chunk], alpha=0.5, never_empty=False)
+        warm_up += send_true_labels(http, small, labels[chunk])
         if all(outcome in warm_up for outcome in (True, False)):
             break
     assert True in warm_up and False in warm_up, "the warm-up never saw both outcomes"
@@ -306,10 +310,13 @@ def test_every_promised_metric_family_is_recorded_by_the_running_server(
     test_split = load_digits_seq("test")
     inputs, labels = test_split.inputs[:12], test_split.labels[:12].tolist()
 
-    # Predictions with feedback (max_set_size 0: abstain on every non-empty set), ...
-    predictions = predict(http, MODEL, inputs, max_set_size=0)
-    assert any(p["abstain"] for p in predictions), predictions
-    send_true_labels(http, predictions, labels)
+    # Predictions with feedback (max_set_size 0: abstain on every set), online ones among
+    # them (a label for an online prediction moves its ACI level: the aci_alpha gauge), ...
+    predictions = predict(http, MODEL, inputs[:6], max_set_size=0)
+    assert all(p["abstain"] for p in predictions), predictions
+    online = predict(http, MODEL, inputs[6:], online=True)
+    assert all(p["aci_alpha"] is not None for p in online), online
+    covered = send_true_labels(http, predictions + online, labels)
     # ... a spiking model (spikes and neuron steps), ...
     predict(http, SPIKING_MODEL, inputs[:4])
     # ... a session step (micro-batches, active sessions, state-store operations), ...
@@ -361,3 +368,9 @@ def test_every_promised_metric_family_is_recorded_by_the_running_server(
     jobs = {s.labels["status"]: s.value for s in families["neuroserve_finetune_jobs"].samples
             if s.name == "neuroserve_finetune_jobs_total"}  # fmt: skip
     assert jobs.get("queued") == 1 and jobs.get("succeeded") == 1, jobs
+    # One online level (this model, score, alpha and position) took the six online labels:
+    # alpha_T = alpha + gamma * (T * alpha - misses).
+    misses = len(online) - sum(covered[len(predictions) :])
+    (aci,) = families["neuroserve_aci_alpha"].samples
+    assert aci.labels == {"model": MODEL, "backend": BACKEND}
+    assert aci.value == pytest.approx(ALPHA + GAMMA * (len(online) * ALPHA - misses), abs=1e-12)

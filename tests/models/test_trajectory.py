@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from calibration.artifact import fit_calibration_artifact
+from calibration import fit_stepwise_calibration
 from models.architectures import build_model, config_to_dict
 from models.repository import (
     CONFIG_FILE,
@@ -38,6 +38,7 @@ from models.trajectory import (
     tensor_digest,
 )
 from models.zo import BackendForward, ZOConfig, ZOOptimizer, select_parameters
+from service.calibration_store import CalibrationStore
 
 TINY_LRU = {"d_input": 3, "d_output": 4, "d_model": 8, "d_state": 4, "n_layers": 1}
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -268,17 +269,21 @@ def test_a_trajectory_can_start_from_a_trajectory_version(repo: ModelRepository)
 def test_export_gives_a_plain_version_with_the_same_weights_and_calibration(
     repo: ModelRepository,
 ) -> None:
+    """The calibration per step travels with a trajectory version and its export, keyed to
+    each new name and version, and the server's calibration store reads it."""
     base = _publish_base(repo)
     model, trajectory, _ = _tune(repo, base)
     base_model = repo.load(base.name, base.version).model
     _, tensors = rebuild_weights(base_model, trajectory)
-    logits = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
-    artifact = fit_calibration_artifact(logits, torch.arange(40) % 4, "toy", "0", "torch")
+    step_logits = torch.randn(40, 2, 4, generator=torch.Generator().manual_seed(0))  # [N, T, C]
+    calibration = fit_stepwise_calibration(step_logits, torch.arange(40) % 4, "toy", "0", "torch")
     card = publish_trajectory_version(
-        repo, "toy", base, trajectory, tensor_digest(tensors), {}, calibrations=[artifact]
+        repo, "toy", base, trajectory, tensor_digest(tensors), {}, calibrations=[calibration]
     )
     stored = load_calibration(card, "torch")
-    assert (stored.model, stored.version) == ("toy", "2")
+    assert (stored.model, stored.version, stored.horizon) == ("toy", "2", 2)
+    served = CalibrationStore(repo).get("toy", "2", "torch")
+    assert served is not None and served.positional.buckets == stored.buckets
 
     exported = export_safetensors_version(repo, "toy", "2", target_name="toy-plain")
     assert (exported.name, exported.version) == ("toy-plain", "1")
@@ -287,7 +292,14 @@ def test_export_gives_a_plain_version_with_the_same_weights_and_calibration(
     assert _equal(repo.load("toy-plain").model.state_dict(), model.state_dict())
     copied = load_calibration(exported, "torch")
     assert (copied.model, copied.version) == ("toy-plain", "1")
-    assert torch.equal(copied.scores["aps"], stored.scores["aps"])
+    assert copied.buckets == stored.buckets == calibration.buckets
+    for step in (1, 2):
+        for artifact in (stored.at(step), copied.at(step)):
+            assert torch.equal(artifact.scores["aps"], calibration.at(step).scores["aps"])
+            assert (
+                artifact.calibration_map.to_dict() == calibration.at(step).calibration_map.to_dict()
+            )
+    assert copied.at(3) is None  # past the calibrated horizon
 
 
 # ---- atomic publishing ------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Hardware backends behind `/v1/models/{name}/predict` over real HTTP: every built-in backend
 answers calibrated sets with its usage; conformal coverage holds on the simulated analog
-chip; a sampling backend reports its epistemic uncertainty from the predictive mean; model
-info lists the backends; an installed plugin works, an unavailable one gets 503."""
+chip; backend options the calibration was not fitted with are answered uncalibrated; a
+sampling backend reports its epistemic uncertainty from the predictive mean; model info lists
+the backends and their calibration per step; an installed plugin works, an unavailable one
+gets 503."""
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import textwrap
@@ -21,9 +24,10 @@ from hardware_backends.stochastic import mutual_information, predictive_probabil
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
 from service.dataplane import run_last_step, runner_key
-from tests.service.test_calibrated_predict import coverage_floor, empirical_coverage, predict_split
+from tests.service.test_calibrated_predict import coverage_band, empirical_coverage, predict_split
 
 BUILT_IN_BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
+STEPS = 8  # rows of a digit: the calibrated horizon of the digits models
 USAGE_KEYS = ("macs", "accumulates", "spikes", "neuron_steps", "sparsity", "energy_joules",
               "dense_equivalent_energy_joules")  # fmt: skip
 
@@ -75,7 +79,8 @@ def test_every_built_in_backend_answers_calibrated_sets_with_usage(
     macs_after = metric_value(builtin, "neuroserve_macs_total", backend=backend, model=model)
     assert macs_after - macs_before == usage["macs"]  # the same figure reaches the metrics
     for prediction in body["predictions"]:
-        assert prediction["set_size"] == len(prediction["prediction_set"])
+        assert prediction["calibrated"] is True and prediction["position"] == STEPS
+        assert prediction["set_size"] == len(prediction["prediction_set"]) >= 1
         assert (prediction["epistemic"] is not None) is (backend == "stochastic")
 
 
@@ -91,6 +96,8 @@ def test_served_usage_is_the_runners_usage(builtin: httpx.Client) -> None:
 
 
 def test_model_info_lists_backends_and_their_calibration(builtin: httpx.Client) -> None:
+    """Every built-in backend is calibrated once per step 1..8, each step on the same 400
+    calibration examples (split into map-fitting and conformal halves)."""
     info = builtin.get("/v1/models/digits-lru").json()
     backends = {entry["name"]: entry for entry in info["backends"]}
     assert set(BUILT_IN_BACKENDS) <= set(backends)
@@ -100,9 +107,19 @@ def test_model_info_lists_backends_and_their_calibration(builtin: httpx.Client) 
         assert entry["calibrated"] is True
         calibration = entry["calibration"]
         assert calibration["source"]["data"] == "digits-seq/rows/calibration"
-        assert calibration["n_conformal"] + calibration["n_tune"] == 400
-        for metric in ("nll", "ece", "accuracy"):
-            assert 0 <= calibration["metrics"][f"{metric}_after"] < 1.0
+        assert calibration["backend_options"] == {}
+        assert re.fullmatch(r"[0-9a-f]{16}", calibration["calibration_id"])
+        assert calibration["horizon"] == STEPS
+        positions = calibration["positions"]
+        assert [(p["first"], p["last"]) for p in positions] == [(t, t) for t in range(1, STEPS + 1)]
+        for position in positions:
+            assert position["n_conformal"] + position["n_tune"] == 400
+            assert position["map"]["kind"] in ("identity", "temperature", "vector_scaling")
+            metrics = position["metrics"]
+            assert metrics["nll_after"] >= 0
+            assert 0 <= metrics["ece_after"] <= 1 and 0 <= metrics["accuracy_after"] <= 1
+        for metric in ("nll", "ece", "accuracy"):  # after all 8 rows: a confident model
+            assert 0 <= positions[-1]["metrics"][f"{metric}_after"] < 1.0
 
 
 # ---- the analog chip: coverage after calibrating on it ----------------------------------------
@@ -115,19 +132,31 @@ def test_conformal_coverage_holds_on_the_analog_backend(builtin: httpx.Client) -
         builtin, "digits-lru", test_split.inputs, alpha=alpha, backend="analog_imc"
     )
     coverage = empirical_coverage(predictions, test_split.labels)
-    assert coverage >= coverage_floor(alpha, len(test_split)), coverage
+    low, _ = coverage_band(alpha, len(test_split))  # never-empty sets: only the floor holds
+    assert coverage >= low, coverage
 
 
-def test_options_other_than_the_calibrated_ones_are_served_with_a_warning(
+def test_options_other_than_the_calibrated_ones_are_answered_uncalibrated(
     builtin: httpx.Client,
 ) -> None:
+    """The analog calibration was fitted with no options: an hour of conductance drift is
+    another output distribution, answered with the raw softmax, no set and a warning that
+    names the command calibrating those options."""
     inputs = load_digits_seq("test").inputs[:4]
     body = predict(
         builtin, "digits-lru", inputs, backend="analog_imc", backend_options={"t_inference": 3600}
     )
-    assert body["calibrated"] is True
-    assert "fitted with backend options {}" in body["warnings"][0]
-    assert "'t_inference': 3600" in body["warnings"][0]
+    assert body["calibrated"] is False
+    (warning,) = body["warnings"]
+    assert "fitted with backend options {}" in warning and "'t_inference': 3600" in warning
+    assert "neuroserve calibrate digits-lru --backend analog_imc --backend-option" in warning
+    for prediction in body["predictions"]:
+        assert (prediction["calibrated"], prediction["position"]) == (False, STEPS)
+        assert prediction["prediction_set"] is None and prediction["set_size"] is None
+        assert prediction["abstain"] is None
+        assert math.fsum(prediction["probabilities"]) == pytest.approx(1.0, abs=1e-12)
+    calibrated = predict(builtin, "digits-lru", inputs, backend="analog_imc")
+    assert calibrated["calibrated"] is True and calibrated["warnings"] == []
 
 
 # ---- a sampling backend: predictive mean and epistemic uncertainty ----------------------------
@@ -146,10 +175,11 @@ def test_sampling_backend_calibrates_the_predictive_mean(builtin: httpx.Client) 
     body = predict(builtin, card.name, inputs, backend="stochastic")
     served = torch.tensor([p["probabilities"] for p in body["predictions"]], dtype=torch.float64)
     epistemic = torch.tensor([p["epistemic"] for p in body["predictions"]], dtype=torch.float64)
-    # This calibration's map is the identity, so the served probabilities are the predictive
-    # mean itself; the references compute in float32.
+    # This calibration's map after all 8 rows is the identity, so the served probabilities are
+    # the predictive mean itself; the references compute in float32.
     backends = {b["name"]: b for b in builtin.get("/v1/models/digits-lru").json()["backends"]}
-    assert backends["stochastic"]["calibration"]["map"] == {"kind": "identity"}
+    last = backends["stochastic"]["calibration"]["positions"][-1]
+    assert (last["last"], last["map"]) == (STEPS, {"kind": "identity"})
     torch.testing.assert_close(
         served, predictive_probabilities(sampled).double(), atol=2e-6, rtol=0
     )

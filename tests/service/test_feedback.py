@@ -1,174 +1,316 @@
-"""Label feedback over real HTTP: predict -> feedback moves the coverage and reliability
-counters and the online (ACI) level exactly as `AdaptiveConformal` applied one label at a time;
-online sets follow that level; 404 / 422 / 409 for unknown or expired ids, foreign labels and
-second labels; per-session levels; and two replicas sharing one Redis."""
+"""Label feedback over real HTTP (`POST /v1/feedback`): what a label moves, and what is refused.
+
+- `AdaptiveConformal.from_counts` (the two counters a store keeps per level) is the ACI update
+  applied label by label, for any label sequence;
+- a label is scored against the set actually served (deterministic scores, and randomised
+  ones with the server's U; a request seed is ignored), moves the live counters of its
+  calibration and, for an online prediction only, the level it was served at, exactly as the
+  reference replay of the served errors; the request's alpha is the level's target, and
+  every (score, alpha, position) has a level of its own;
+- refusals: unknown, malformed, expired and another key's ids (404), foreign labels (422),
+  a second label (409); an uncalibrated answer counts only correctness.
+
+The built-in digits-lru is served from a copy with its torch calibration only (`copy_builtin`),
+so calibration jobs rewriting models/artifacts cannot change it under a test. The guarantees of
+the levels (Gibbs-Candès bound, keys, replicas, sessions, recalibration) are tested in
+test_online_conformal.py, which shares the helpers below.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import random
+import math
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from calibration import AdaptiveConformal, CalibrationArtifact
+from calibration import AdaptiveConformal
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
 from service.app import create_app
-from service.calibration_store import CALIBRATION_DIR, CalibrationStore
-from service.dataplane import ConformalOptions, DataPlane, InputLimits
-from service.feedback import FeedbackLog, aci_from_counts
+from service.auth import hash_key
+from service.calibration_store import CALIBRATION_DIR, CalibrationStore, StoredCalibration
+from service.conformal_draws import ConformalDraws
+from service.routers.v1_models import IGNORED_SEED_WARNING
 from service.settings import Settings
-from service.state_store import InMemoryStateStore
 from tests.service.conftest import running_server
 from tests.service.test_backends_http import metric_value
 
-GAMMA = 0.005
-TARGET = 0.1
-# alpha_t from counters is one closed-form expression; the reference adds gamma * (...) once
-# per label, so the two differ by float rounding only: < 1e-15 per step.
-ALPHA_AGREEMENT = 1e-12
+MODEL = "digits-lru"
+LABELS = [str(d) for d in range(10)]
+GAMMA = 0.05  # large enough that one label visibly moves a level
+ALPHA = 0.1
+# A level from the counters is one closed-form expression; the replay adds gamma * (...) once
+# per label, so they differ by float rounding only (< 1e-15 per label, a few hundred labels).
+REPLAY_AGREEMENT = 1e-12
 
 
-def builtin_settings(**overrides: Any) -> Settings:
-    return Settings(
-        model_repository=default_repository_root(),
-        aci_gamma=GAMMA,
-        aci_target_alpha=TARGET,
-        **overrides,
+# ---- helpers (also used by test_online_conformal.py) -----------------------------------------
+
+
+def copy_builtin(root: Path) -> Path:
+    """digits-lru version 1 with its torch calibration only, copied under `root`: a snapshot no
+    calibration job running on models/artifacts can change. Returns `root`."""
+    source = ModelRepository(default_repository_root()).version_path(MODEL, "1")
+
+    def torch_calibration_only(folder: str, names: list[str]) -> list[str]:
+        if Path(folder).name != CALIBRATION_DIR:
+            return []
+        return [name for name in names if name not in ("torch.json", "torch.safetensors")]
+
+    shutil.copytree(source, root / MODEL / "1", ignore=torch_calibration_only)
+    return root
+
+
+def stored_calibration(root: Path) -> StoredCalibration:
+    stored = CalibrationStore(ModelRepository(root)).get(MODEL, "1", "torch")
+    assert stored is not None
+    return stored
+
+
+def online_settings(root: Path, **overrides: Any) -> Settings:
+    return Settings(model_repository=root, aci_gamma=GAMMA, **overrides)
+
+
+def key_header(key: str | None) -> dict[str, str]:
+    return {} if key is None else {"X-API-Key": key}
+
+
+def predict(
+    http: httpx.Client, inputs: torch.Tensor, key: str | None = None, **body: Any
+) -> dict[str, Any]:
+    response = http.post(
+        f"/v1/models/{MODEL}/predict",
+        json={"inputs": inputs.tolist(), **body},
+        headers=key_header(key),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def send(
+    http: httpx.Client, prediction_id: str, label: Any, key: str | None = None
+) -> httpx.Response:
+    return http.post(
+        "/v1/feedback",
+        json={"prediction_id": prediction_id, "label": label},
+        headers=key_header(key),
     )
 
 
+def label_ok(http: httpx.Client, prediction_id: str, label: Any, key: str | None = None) -> dict:
+    response = send(http, prediction_id, label, key)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def calibration_status(http: httpx.Client, key: str | None = None) -> dict[str, Any]:
+    response = http.get(f"/v1/models/{MODEL}/calibration", headers=key_header(key))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def set_at(
+    stored: StoredCalibration,
+    prediction: dict[str, Any],
+    score: str,
+    alpha_t: float,
+    uniform: float | None = None,
+) -> set[str]:
+    """The reference: the raw set of a served prediction's calibrated probabilities at a
+    level, from its position's calibration (and the U of a randomised score)."""
+    artifact = stored.at(prediction["position"])
+    probs = torch.tensor([prediction["probabilities"]], dtype=torch.float64)  # [1, C]
+    draw = None if uniform is None else torch.tensor([uniform], dtype=torch.float64)  # [1]
+    mask = artifact.sets_at_level(probs, alpha_t, score, uniform=draw)[0]  # [C]
+    return {LABELS[i] for i in mask.nonzero().flatten().tolist()}
+
+
+def outside(prediction: dict[str, Any], truth: str) -> str:
+    """A label outside the served set, when there is one; else the truth."""
+    return next((label for label in LABELS if label not in prediction["prediction_set"]), truth)
+
+
 @pytest.fixture(scope="module")
-def http() -> Iterator[httpx.Client]:
-    """A server of its own over the built-in models: its store starts with no feedback."""
+def builtin_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_builtin(tmp_path_factory.mktemp("builtin"))
+
+
+@pytest.fixture(scope="module")
+def test_digits():
+    return load_digits_seq("test")
+
+
+@pytest.fixture(scope="module")
+def http(builtin_root: Path) -> Iterator[httpx.Client]:
+    """A keyless server of its own over the copy (for tests that need no fresh counters)."""
     with (
-        running_server(create_app(builtin_settings())) as url,
+        running_server(create_app(online_settings(builtin_root))) as url,
         httpx.Client(base_url=url, timeout=60) as client,
     ):
         yield client
 
 
-def artifact(backend: str = "torch", model: str = "digits-lru") -> CalibrationArtifact:
-    version_dir = ModelRepository(default_repository_root()).version_path(model, "1")
-    return CalibrationArtifact.load(version_dir / CALIBRATION_DIR, stem=backend)
-
-
-def set_at_level(art: CalibrationArtifact, score: str, probs: list[float], alpha_t: float):
-    """The reference: the raw set [C] of a deterministic score at an online level."""
-    monitor = AdaptiveConformal(TARGET, GAMMA, alpha_t=alpha_t)
-    qhat = monitor.quantile(art.scores[score])
-    table = art.make_score(score).label_scores(torch.tensor([probs], dtype=torch.float64))
-    return table[0] <= qhat  # [C]
-
-
-def send(http: httpx.Client, prediction_id: str, label: Any) -> httpx.Response:
-    return http.post("/v1/feedback", json={"prediction_id": prediction_id, "label": label})
-
-
-def predict(http: httpx.Client, inputs: torch.Tensor, **body: Any) -> dict[str, Any]:
-    response = http.post("/v1/models/digits-lru/predict", json={"inputs": inputs.tolist(), **body})
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 # ---- the counter form of ACI --------------------------------------------------------------
 
 
-def test_aci_from_counters_equals_the_update_applied_label_by_label() -> None:
-    rng = random.Random(0)
-    reference = AdaptiveConformal(TARGET, GAMMA)
-    missed = 0
-    for step in range(1, 2001):
-        covered = rng.random() > 0.3  # a shifted stream: misses three times too often
-        reference.update(covered)
-        missed += not covered
-        counted = aci_from_counts(TARGET, GAMMA, step, missed)
-        assert counted.alpha_t == pytest.approx(reference.alpha_t, abs=ALPHA_AGREEMENT)
-    assert counted.miscoverage_rate == reference.miscoverage_rate
-    assert counted.miscoverage_bound() == reference.miscoverage_bound()
-    assert reference.alpha_t < 0  # the level left (0, 1): such sets hold every label
+@settings(max_examples=200, deadline=None)
+@given(
+    covered=st.lists(st.booleans(), max_size=400),
+    alpha=st.floats(0.01, 0.99),
+    gamma=st.floats(1e-3, 0.5),
+)
+def test_from_counts_equals_the_update_applied_label_by_label(
+    covered: list[bool], alpha: float, gamma: float
+) -> None:
+    reference = AdaptiveConformal(alpha, gamma)
+    for outcome in covered:
+        reference.update(outcome)
+    counted = AdaptiveConformal.from_counts(alpha, gamma, len(covered), covered.count(False))
+    # Each of the T updates rounds by at most one ulp of |alpha_t| <= 1 + gamma T.
+    steps = len(covered)
+    tolerance = 4 * (steps + 1) * (1 + gamma * steps) * torch.finfo(torch.float64).eps
+    assert counted.alpha_t == pytest.approx(reference.alpha_t, rel=0, abs=tolerance)
+    assert (counted.steps, counted.miscovered) == (reference.steps, reference.miscovered)
+    assert counted.initial_alpha == reference.initial_alpha == alpha
+    if steps:
+        assert counted.miscoverage_rate == reference.miscoverage_rate
+        for delay in (0, 3):
+            expected = (max(alpha, 1 - alpha) + (delay + 1) * gamma) / (steps * gamma)
+            assert counted.miscoverage_bound(delay) == pytest.approx(expected, rel=1e-12)
+    else:
+        assert math.isnan(counted.miscoverage_rate) and counted.miscoverage_bound() == math.inf
 
 
-# ---- end to end -----------------------------------------------------------------------------
+# ---- what a label moves -----------------------------------------------------------------------
 
 
-def test_feedback_moves_coverage_reliability_and_the_aci_level(http: httpx.Client) -> None:
-    status = http.get("/v1/models/digits-lru/calibration").json()
-    assert status["live"]["feedback"] == 0 and status["live"]["aci"]["alpha"] == TARGET
-    assert status["fit"]["metrics"]["ece_after"] >= 0
+def test_labels_move_live_counters_and_only_online_levels_as_the_replay(
+    builtin_root: Path, test_digits
+) -> None:
+    stored = stored_calibration(builtin_root)
+    labels = [str(int(y)) for y in test_digits.labels]
+    with (
+        running_server(create_app(online_settings(builtin_root))) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        status = calibration_status(client)
+        assert status["fit"]["calibration_id"] == stored.calibration_id
+        assert status["live"]["feedback"] == 0 and status["live"]["online_levels"] == []
 
-    # Clean digits, then digits moved by one pixel: misses pile up and ACI reacts.
-    clean = load_digits_seq("test")
-    shifted = load_digits_seq("test", shift="translated")
-    inputs = torch.cat([clean.inputs[:30], shifted.inputs[:60]])
-    labels = torch.cat([clean.labels[:30], shifted.labels[:60]]).tolist()
-    predictions = (
-        predict(http, inputs[:45])["predictions"] + predict(http, inputs[45:])["predictions"]
-    )
-    reliability_before = sum(
-        metric_value(http, "neuroserve_reliability_predictions_total", backend="torch",
-                     model="digits-lru", bin=f"{(b + 1) / 15:.4f}")
-        for b in range(15)
-    )  # fmt: skip
-    art = artifact()
-    reference = AdaptiveConformal(TARGET, GAMMA)
-    covered_count = correct_count = 0
-    for prediction, label in zip(predictions, labels, strict=True):
-        expected_aci_set = set_at_level(art, "raps", prediction["probabilities"], reference.alpha_t)
-        answer = send(http, prediction["id"], str(label))
-        assert answer.status_code == 200, answer.text
-        result = answer.json()
-        assert result["covered"] is (str(label) in prediction["prediction_set"])
-        assert result["correct"] is (prediction["label"] == str(label))
-        assert result["aci_covered"] is bool(expected_aci_set[label])
-        reference.update(result["aci_covered"])
-        assert result["aci_alpha"] == pytest.approx(reference.alpha_t, abs=ALPHA_AGREEMENT)
-        covered_count += result["covered"]
-        correct_count += result["correct"]
-        assert result["feedback_count"] == reference.steps
+        # Plain predictions: scored against the served set, counted, no level anywhere.
+        plain = predict(client, test_digits.inputs[:20])["predictions"]
+        covered = correct = 0
+        for count, (p, label) in enumerate(zip(plain, labels[:20], strict=True), start=1):
+            assert p["calibrated"] and p["position"] == 8 and p["aci_alpha"] is None
+            assert p["set_size"] >= 1 and p["abstain"] is (p["set_size"] != 1)  # never empty
+            result = label_ok(client, p["id"], label)
+            assert result["covered"] is (label in p["prediction_set"])
+            assert result["correct"] is (p["label"] == label)
+            assert result["aci_alpha"] is None
+            covered, correct = covered + result["covered"], correct + result["correct"]
+            assert result["feedback_count"] == count
+            assert result["coverage"] == pytest.approx(covered / count)
+        assert calibration_status(client)["live"]["online_levels"] == []
 
-    assert reference.miscovered > TARGET * reference.steps  # the shift broke coverage ...
-    assert reference.alpha_t < TARGET  # ... so the level went down, to wider sets
-    live = http.get("/v1/models/digits-lru/calibration").json()["live"]
-    assert (live["feedback"], live["covered"], live["correct"]) == (
-        len(labels),
-        covered_count,
-        correct_count,
-    )
-    assert live["target_coverage"] == pytest.approx(1 - TARGET)
-    assert live["aci"]["steps"] == reference.steps
-    assert live["aci"]["miscovered"] == reference.miscovered
-    assert live["aci"]["alpha"] == pytest.approx(reference.alpha_t, abs=ALPHA_AGREEMENT)
-    assert live["aci"]["miscoverage_bound"] == pytest.approx(reference.miscoverage_bound())
+        # Online at alpha 0.2, one at a time: served at the replayed level, which starts at
+        # the request's alpha and moves by gamma * (0.2 - err) per label.
+        target, replay = 0.2, AdaptiveConformal(0.2, GAMMA)
+        for index in range(20, 44):
+            inputs = test_digits.inputs[index : index + 1]
+            (p,) = predict(client, inputs, online=True, alpha=target)["predictions"]
+            if index == 20:
+                assert p["aci_alpha"] == target
+            assert p["aci_alpha"] == pytest.approx(replay.alpha_t, abs=REPLAY_AGREEMENT)
+            assert set(p["prediction_set"]) == set_at(stored, p, "raps", p["aci_alpha"])
+            label = labels[index] if index % 4 else outside(p, labels[index])  # some misses
+            result = label_ok(client, p["id"], label)
+            assert result["covered"] is (label in p["prediction_set"])
+            err = 0.0 if result["covered"] else 1.0
+            assert result["aci_alpha"] == pytest.approx(
+                p["aci_alpha"] + GAMMA * (target - err), abs=REPLAY_AGREEMENT
+            )
+            replay.update(result["covered"])
+            covered, correct = covered + result["covered"], correct + result["correct"]
+        assert 0 < replay.miscovered < replay.steps
 
-    gauge = metric_value(http, "neuroserve_aci_alpha", backend="torch", model="digits-lru")
-    assert gauge == pytest.approx(reference.alpha_t, abs=ALPHA_AGREEMENT)
-    reliability_after = sum(
-        metric_value(http, "neuroserve_reliability_predictions_total", backend="torch",
-                     model="digits-lru", bin=f"{(b + 1) / 15:.4f}")
-        for b in range(15)
-    )  # fmt: skip
-    assert reliability_after - reliability_before == len(labels)
+        live = calibration_status(client)["live"]
+        assert (live["feedback"], live["covered"], live["correct"]) == (44, covered, correct)
+        assert live["target_coverage"] == pytest.approx((20 * (1 - ALPHA) + 24 * (1 - target)) / 44)
+        (level,) = live["online_levels"]
+        assert {k: level[k] for k in ("score", "target_alpha", "position", "gamma")} == {
+            "score": "raps",
+            "target_alpha": target,
+            "position": "8",
+            "gamma": GAMMA,
+        }
+        assert (level["steps"], level["miscovered"]) == (replay.steps, replay.miscovered)
+        assert level["alpha"] == pytest.approx(replay.alpha_t, abs=REPLAY_AGREEMENT)
+        assert level["miscoverage_rate"] == replay.miscoverage_rate
+        assert level["miscoverage_bound"] == pytest.approx(replay.miscoverage_bound())
+        gauge = metric_value(client, "neuroserve_aci_alpha", backend="torch", model=MODEL)
+        assert gauge == pytest.approx(min(max(replay.alpha_t, 0.0), 1.0), abs=REPLAY_AGREEMENT)
 
-    # Online sets are built at the level feedback moved to: wider than at the target alpha.
-    fixed = predict(http, shifted.inputs[60:124])
-    online = predict(http, shifted.inputs[60:124], online=True)
-    assert online["alpha"] == pytest.approx(reference.alpha_t, abs=ALPHA_AGREEMENT)
-    assert fixed["alpha"] == TARGET
-    for wide, narrow in zip(online["predictions"], fixed["predictions"], strict=True):
-        assert set(narrow["prediction_set"]) <= set(wide["prediction_set"])
-    assert sum(p["set_size"] for p in online["predictions"]) > sum(
-        p["set_size"] for p in fixed["predictions"]
-    )
+        # Another alpha, score or position is another level: each starts at its target.
+        image = test_digits.inputs[44:45]
+        for inputs, body in [
+            (image, {"alpha": ALPHA}),
+            (image, {"alpha": target, "score": "lac"}),
+            (image[:, :5], {"alpha": target}),
+        ]:
+            (p,) = predict(client, inputs, online=True, **body)["predictions"]
+            assert p["aci_alpha"] == body["alpha"], body
 
 
-def test_feedback_refusals(http: httpx.Client) -> None:
-    prediction = predict(http, load_digits_seq("test").inputs[:1])["predictions"][0]
+def test_randomised_sets_use_the_servers_draw_and_labels_score_the_served_set(
+    builtin_root: Path, test_digits
+) -> None:
+    stored = stored_calibration(builtin_root)
+    draws = ConformalDraws("feedback-test-key")
+    labels = [str(int(y)) for y in test_digits.labels]
+    settings = online_settings(builtin_root, conformal_key="feedback-test-key")
+    with (
+        running_server(create_app(settings)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        replay = AdaptiveConformal(ALPHA, GAMMA)
+        for online, score in [(False, "aps_randomized"), (True, "raps_randomized")]:
+            for start in range(0, 24, 8):
+                inputs = test_digits.inputs[start : start + 8]
+                options = {"score": score, "never_empty": False, "online": online}
+                body = predict(client, inputs, seed=12345, **options)
+                assert IGNORED_SEED_WARNING in body["warnings"]
+                served_level = replay.alpha_t  # the whole batch is served at one level
+                for index, p in enumerate(body["predictions"], start=start):
+                    level = p["aci_alpha"] if online else ALPHA
+                    if online:
+                        assert level == pytest.approx(served_level, abs=REPLAY_AGREEMENT)
+                    served = set_at(stored, p, score, level, uniform=draws.uniform(p["id"]))
+                    assert set(p["prediction_set"]) == served
+                    label = labels[index] if index % 3 else outside(p, labels[index])
+                    result = label_ok(client, p["id"], label)
+                    assert result["covered"] is (label in served)
+                    if online:
+                        replay.update(result["covered"])
+                        assert result["aci_alpha"] == pytest.approx(
+                            replay.alpha_t, abs=REPLAY_AGREEMENT
+                        )
+                    else:
+                        assert result["aci_alpha"] is None
+
+
+# ---- refusals -------------------------------------------------------------------------------
+
+
+def test_feedback_refusals(http: httpx.Client, test_digits) -> None:
+    prediction = predict(http, test_digits.inputs[:1])["predictions"][0]
     unknown = send(http, "0123456789abcdef0123456789abcdef", "3")
     assert unknown.status_code == 404 and "unknown, or older than" in unknown.text
     malformed = send(http, "not-an-id", "3")
@@ -186,92 +328,46 @@ def test_feedback_refusals(http: httpx.Client) -> None:
     assert second.status_code == 409 and "already received its label" in second.text
 
 
-def test_an_expired_prediction_gets_404(server_factory) -> None:
+def test_an_expired_prediction_gets_404(builtin_root: Path, test_digits) -> None:
+    settings = online_settings(builtin_root, feedback_ttl_seconds=0.3)
     with (
-        server_factory(create_app(builtin_settings(feedback_ttl_seconds=0.3))) as url,
+        running_server(create_app(settings)) as url,
         httpx.Client(base_url=url, timeout=60) as client,
     ):
-        prediction = predict(client, load_digits_seq("test").inputs[:1])["predictions"][0]
+        prediction = predict(client, test_digits.inputs[:1])["predictions"][0]
         time.sleep(0.6)
         response = send(client, prediction["id"], "0")
         assert response.status_code == 404
         assert "feedback window of 0.3 s" in response.json()["error"]["message"]
 
 
+def test_another_keys_prediction_is_not_found_and_its_levels_are_not_shown(
+    builtin_root: Path, test_digits
+) -> None:
+    alice, bob = "alice-feedback-key", "bob-feedback-key"
+    settings = online_settings(
+        builtin_root, api_keys=[f"alice:{hash_key(alice)}", f"bob:{hash_key(bob)}"]
+    )
+    label = str(int(test_digits.labels[0]))
+    with (
+        running_server(create_app(settings)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        (p,) = predict(client, test_digits.inputs[:1], alice, online=True)["predictions"]
+        foreign = send(client, p["id"], label, bob)
+        assert foreign.status_code == 404, foreign.text
+        assert send(client, p["id"], label, None).status_code == 401
+        assert label_ok(client, p["id"], label, alice)["aci_alpha"] is not None
+        alices = calibration_status(client, alice)["live"]["online_levels"]
+        assert [level["steps"] for level in alices] == [1]
+        assert calibration_status(client, bob)["live"]["online_levels"] == []
+
+
 def test_feedback_on_an_uncalibrated_answer_counts_only_correctness(client: httpx.Client) -> None:
     body = client.post("/v1/models/tiny-digits/predict", json={"inputs": [[[1.0] * 8]]}).json()
     prediction = body["predictions"][0]
-    result = send(client, prediction["id"], prediction["label"]).json()
+    assert prediction["calibrated"] is False and prediction["prediction_set"] is None
+    result = label_ok(client, prediction["id"], prediction["label"])
     assert result["correct"] is True
     assert (result["covered"], result["aci_alpha"], result["coverage"]) == (None, None, None)
-
-
-# ---- sessions: their own level ----------------------------------------------------------------
-
-
-def test_a_session_keeps_its_own_online_level() -> None:
-    repository = ModelRepository(default_repository_root())
-    calibrations = CalibrationStore(repository)
-    log = FeedbackLog(
-        InMemoryStateStore(),
-        calibrations,
-        ttl_seconds=60,
-        aci_target_alpha=TARGET,
-        aci_gamma=GAMMA,
-    )
-    dataplane = DataPlane(repository, InputLimits(64, 64), calibrations=calibrations, feedback=log)
-    shifted = load_digits_seq("test", shift="translated")
-    card = repository.card("digits-lru")
-
-    async def scenario() -> None:
-        in_session = await dataplane.predict(
-            "digits-lru", shifted.inputs[:40].tolist(), session_id="session-1"
-        )
-        outside = await dataplane.predict("digits-lru", shifted.inputs[40:50].tolist())
-        session_reference = AdaptiveConformal(TARGET, GAMMA)
-        for prediction, label in zip(in_session.predictions, shifted.labels[:40], strict=True):
-            result = await dataplane.submit_feedback(prediction.id, int(label))
-            # So far both levels saw the same labels, so they agree on every set.
-            session_reference.update(result.aci_covered)
-            assert result.session_aci_alpha == pytest.approx(session_reference.alpha_t)
-        for prediction, label in zip(outside.predictions, shifted.labels[40:50], strict=True):
-            result = await dataplane.submit_feedback(prediction.id, int(label))
-            assert result.session_aci_alpha is None
-        session_level = await dataplane.online_level(card, "torch", "session-1")
-        global_level = await dataplane.online_level(card, "torch")
-        assert session_level.steps == 40 and global_level.steps == 50
-        assert session_level.alpha_t == pytest.approx(session_reference.alpha_t)
-        online = await dataplane.predict(
-            "digits-lru",
-            shifted.inputs[50:52].tolist(),
-            conformal=ConformalOptions(online=True),
-            session_id="session-1",
-        )
-        assert online.alpha == session_level.alpha_t
-
-    asyncio.run(scenario())
-
-
-# ---- replicas -----------------------------------------------------------------------------
-
-
-@pytest.mark.redis
-def test_two_replicas_share_predictions_and_levels_through_redis(
-    server_factory, redis_url: str, redis_prefix: str
-) -> None:
-    settings = builtin_settings(redis_url=redis_url, state_store_prefix=redis_prefix)
-    with (
-        server_factory(create_app(settings)) as url_a,
-        server_factory(create_app(settings)) as url_b,
-        httpx.Client(base_url=url_a, timeout=60) as replica_a,
-        httpx.Client(base_url=url_b, timeout=60) as replica_b,
-    ):
-        test_split = load_digits_seq("test")
-        predictions = predict(replica_a, test_split.inputs[:6])["predictions"]
-        for prediction, label in zip(predictions, test_split.labels[:6], strict=True):
-            answer = send(replica_b, prediction["id"], str(int(label)))  # the other replica
-            assert answer.status_code == 200, answer.text
-        assert send(replica_a, predictions[0]["id"], "0").status_code == 409
-        for replica in (replica_a, replica_b):
-            live = replica.get("/v1/models/digits-lru/calibration").json()["live"]
-            assert live["feedback"] == 6 and live["aci"]["steps"] == 6
+    assert result["feedback_count"] == 0

@@ -1,11 +1,13 @@
 """Token generation over a real websocket (`websockets` client against a real uvicorn server)
-and its REST twin: the stream's messages, agreement with the in-process reference loop
-(`models.evaluate.generate`), resuming a session, stop strings, the abstain guard on the
-conformal set, bad first messages, and a client that disconnects mid-stream.
+and its REST twin: the stream's messages, agreement with an in-process reference of honest
+sampling (each token drawn from the very distribution the server reports, calibrated at its
+own context length), resuming a session, stop strings, the abstain guard on the conformal set,
+bad first messages, and a client that disconnects mid-stream.
 
-The server here serves a character LRU calibrated on the torch backend (so next-token sets
-exist) with a 5 ms batching window, which makes every step take a few milliseconds: long
-enough for a disconnect to land mid-stream.
+The server here serves a character LRU calibrated per context-length bucket on the torch
+backend (1, 2-3, 4-7, 8-15, 16-32: the horizon is 32, so a long enough generation walks past
+it into uncalibrated answers) with a 5 ms batching window, which makes every step take a few
+milliseconds: long enough for a disconnect to land mid-stream.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import torch
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from calibration import fit_calibration_artifact
-from models.evaluate import generate as reference_generate
+from calibration import PositionalCalibration, PositionBuckets, fit_positional_calibration
 from models.repository import ModelRepository
 from service.app import create_app
 from service.calibration_store import CalibrationStore
@@ -33,21 +34,33 @@ from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 
 MODEL = "tiny-charlm"
 MAX_STEPS = 256  # max_sequence_length of this server: the longest prompt and max_tokens
+BUCKETS = PositionBuckets.doubling(32)  # context lengths 1, 2-3, 4-7, 8-15, 16-32
+HORIZON = BUCKETS.horizon
 
 
 def calibrate_on_random_text(repository: ModelRepository, name: str, seed: int = 0) -> None:
-    """Fit and store a torch calibration from the model's next-token logits on random text
-    (an untrained model: any labelled data calibrates it)."""
+    """Fit and store a torch calibration per context-length bucket from the model's next-token
+    logits on random text (an untrained model: any labelled data calibrates it): each of 300
+    random sequences gives one example per bucket, read at a random length within it."""
     model = repository.load(name).model
-    tokens = torch.randint(
-        0, len(CHAR_VOCABULARY), (40, 17), generator=torch.Generator().manual_seed(seed)
-    )
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, len(CHAR_VOCABULARY), (300, HORIZON + 1), generator=generator)
     with torch.inference_mode():
-        logits, _ = model(tokens[:, :-1])  # [40, 16, C]
-    artifact = fit_calibration_artifact(
-        logits.reshape(-1, len(CHAR_VOCABULARY)), tokens[:, 1:].reshape(-1), name, "1", "torch"
+        logits, _ = model(tokens[:, :-1])  # [300, 32, C]: context length p reads [:, p - 1]
+    rows = torch.arange(tokens.shape[0])
+    lengths = [
+        torch.randint(low, high + 1, rows.shape, generator=generator)  # [300]
+        for low, high in (BUCKETS.bounds(k) for k in range(len(BUCKETS)))
+    ]
+    positional = fit_positional_calibration(
+        [logits[rows, at - 1] for at in lengths],
+        [tokens[rows, at] for at in lengths],
+        BUCKETS,
+        name,
+        "1",
+        "torch",
     )
-    CalibrationStore(repository).save(artifact, source={"data": "random text (test)"})
+    CalibrationStore(repository).save(positional, source={"data": "random text (test)"})
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +108,44 @@ def generated(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dic
     return tokens, done
 
 
-def reference_text(repository: ModelRepository, prompt: str, n: int, temperature: float, seed: int):
+def reference_tokens(
+    repository: ModelRepository, prompt: str, n: int, temperature: float, seed: int, alpha: float
+) -> list[dict[str, Any]]:
+    """Honest sampling in process: the model is stepped one token at a time; at context length
+    p the last logits are calibrated with bucket p's calibration (the raw softmax past the
+    horizon, and no set), the LAC set is built at `alpha`, and the token is drawn with
+    `sample_token` from a generator seeded like the server's."""
     model = repository.load(MODEL).model
-    prompt_ids = torch.tensor([CHAR_VOCABULARY.index(c) for c in prompt])
+    stored = CalibrationStore(repository).get(MODEL, "1", "torch")
+    assert stored is not None
+    positional: PositionalCalibration = stored.positional
+    generator = torch.Generator().manual_seed(seed)
+    state = model.init_state(1)
+    tokens = []
     with torch.inference_mode():
-        ids = reference_generate(model, prompt_ids, n, temperature=temperature, seed=seed)
-    return "".join(CHAR_VOCABULARY[i] for i in ids.tolist())
+        for char in prompt:
+            logits, state = model.step(torch.tensor([CHAR_VOCABULARY.index(char)]), state)
+        for position in range(len(prompt), len(prompt) + n):
+            artifact = positional.at(position)
+            last = logits.double()  # [1, C]
+            if artifact is None:
+                probs, members = torch.softmax(last, dim=-1)[0], None  # [C]
+            else:
+                probs = artifact.calibrate(last)[0]  # [C]
+                members = artifact.predict(last, alpha, "lac", never_empty=True)[1][0]  # [C]
+            token_id, sampling_probability = sample_token(probs.tolist(), temperature, generator)
+            tokens.append(
+                {
+                    "token": CHAR_VOCABULARY[token_id],
+                    "probability": float(probs[token_id]),
+                    "sampling_probability": sampling_probability,
+                    "in_set": None if members is None else bool(members[token_id]),
+                    "calibrated": artifact is not None,
+                    "position": position,
+                }
+            )
+            logits, state = model.step(torch.tensor([token_id]), state)
+    return tokens
 
 
 # ---- the stream -----------------------------------------------------------------------------
@@ -117,29 +162,45 @@ def test_stream_sends_one_message_per_token_then_done(lm_url: str, http: httpx.C
         MODEL,
         "1",
         "torch",
-        5,
+        "5",
     )
     assert done["step"] == len(prompt) + 12  # the prompt and every generated token
     assert done["usage"]["steps"] == len(prompt) + 12
+    assert done["calibrated"] and done["uncalibrated_tokens"] == 0 and done["warnings"] == []
     assert http.get(f"/v1/sessions/{done['session_id']}").json()["step"] == done["step"]
     max_entropy = math.log(len(CHAR_VOCABULARY))
-    for token in tokens:
+    for index, token in enumerate(tokens):
         assert CHAR_VOCABULARY[token["token_id"]] == token["token"]
-        assert 0.0 < token["probability"] <= token["confidence"] <= 1.0
+        assert 0.0 < token["probability"] <= token["top_probability"] <= 1.0
         assert 0.0 < token["entropy"] <= max_entropy + 1e-9
         assert token["set_size"] == len(token["prediction_set"]) >= 1
         assert set(token["prediction_set"]) <= set(CHAR_VOCABULARY)
+        assert token["in_set"] == (token["token"] in token["prediction_set"])
+        assert token["calibrated"] and token["position"] == len(prompt) + index
         assert len(token["id"]) == 32
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_tokens_equal_the_in_process_reference_loop(
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.0])
+def test_tokens_equal_an_in_process_reference_of_honest_sampling(
     lm_url: str, lm_repository: ModelRepository, temperature: float
 ) -> None:
-    prompt = "a quick brown fox"
+    prompt = "a quick brown fox"  # 17 characters: 20 tokens are answered at positions 17-36
     request = {"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": temperature}
-    _, done = generated(stream(lm_url, {**request, "seed": 11}))
-    assert done["text"] == reference_text(lm_repository, prompt, 20, temperature, seed=11)
+    tokens, done = generated(stream(lm_url, {**request, "seed": 11, "alpha": 0.2}))
+    expected = reference_tokens(lm_repository, prompt, 20, temperature, seed=11, alpha=0.2)
+    assert done["text"] == "".join(t["token"] for t in expected)
+    for served, reference in zip(tokens, expected, strict=True):
+        where = f"token {served['index']} at position {reference['position']}"
+        assert served["position"] == reference["position"], where
+        assert served["calibrated"] == reference["calibrated"], where
+        assert served["in_set"] == reference["in_set"], where
+        # The prompt is one chunk on the server and single steps here: float32 rounding only.
+        for key in ("probability", "sampling_probability"):
+            assert served[key] == pytest.approx(reference[key], rel=1e-5), (where, key)
+    past_horizon = len(prompt) + 20 - 1 - HORIZON  # positions 33-36
+    assert done["uncalibrated_tokens"] == past_horizon and not done["calibrated"]
+    assert sum(not t["calibrated"] for t in tokens) == past_horizon
+    assert any(f"past the {HORIZON} steps" in warning for warning in done["warnings"])
 
 
 def test_a_second_prompt_in_the_same_session_continues_the_first(
@@ -163,14 +224,23 @@ def test_rest_twin_returns_what_the_stream_sends(lm_url: str, http: httpx.Client
     tokens, done = generated(stream(lm_url, {"model": MODEL, **request}))
     body = http.post(f"/v1/models/{MODEL}/generate", json=request).json()
     assert body["text"] == done["text"] and body["finish_reason"] == "length"
-    assert [t["token"] for t in body["tokens"]] == [t["token"] for t in tokens]
-    assert [t["probability"] for t in body["tokens"]] == [t["probability"] for t in tokens]
+
+    def without_id(token: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in token.items() if key != "id"}
+
+    assert [without_id(t) for t in body["tokens"]] == [without_id(t) for t in tokens]
     assert body["step"] == done["step"] and body["session_id"] != done["session_id"]
+    assert (body["seed"], body["calibrated"], body["usage"]["steps"]) == (
+        done["seed"],
+        done["calibrated"],
+        done["usage"]["steps"],
+    )
 
 
 def test_unseeded_requests_report_the_seed_that_reproduces_them(lm_url: str) -> None:
     request = {"model": MODEL, "prompt": "so", "max_tokens": 10}
     _, done = generated(stream(lm_url, request))
+    assert isinstance(done["seed"], str) and 0 <= int(done["seed"]) < 2**63
     _, again = generated(stream(lm_url, {**request, "seed": done["seed"]}))
     assert again["text"] == done["text"]
 
@@ -190,7 +260,7 @@ def test_stop_string_ends_generation_once_produced(lm_url: str) -> None:
 
 
 def test_abstains_when_the_next_token_set_outgrows_max_set_size(lm_url: str) -> None:
-    prompt = "it is"
+    prompt = "it is"  # 25 tokens stay within the calibrated horizon: every answer has a set
     request = {"model": MODEL, "prompt": prompt, "max_tokens": 25, "seed": 1, "alpha": 0.3}
     tokens, _ = generated(stream(lm_url, request))
     sizes = [t["set_size"] for t in tokens]
@@ -231,6 +301,8 @@ def _refusal(base_url: str, first_message: str) -> tuple[dict[str, Any], int]:
             json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 3, "temperature": -1}),
             "temperature",
         ),
+        (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 3, "seed": str(2**63)}), "seed"),
+        (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 3, "seed": -1}), "seed"),
         (json.dumps({"model": MODEL, "prompt": "ABC", "max_tokens": 3}), "vocabulary"),
         (json.dumps({"model": MODEL, "prompt": "a", "max_tokens": MAX_STEPS + 1}), "limit"),
         (json.dumps({"model": "tiny-digits", "prompt": "a", "max_tokens": 3}), "language model"),
@@ -299,25 +371,43 @@ def test_a_client_that_disconnects_leaves_its_session_consistent(
 # ---- sampling units -------------------------------------------------------------------------
 
 
-def test_sampling_backends_draw_from_the_mean_of_their_samples() -> None:
-    # Two samples that each favour a different token; their mean favours neither alone.
-    logits = torch.tensor([[4.0, 0.0, 2.0], [0.0, 4.0, 2.0]])  # [S, C]
-    expected = torch.softmax(logits, dim=-1).mean(dim=0, keepdim=True)  # [1, C]
-    torch.testing.assert_close(sampling_probabilities(logits, 1.0), expected)
-    greedy = sample_token(logits, 0.0, torch.Generator())
-    assert greedy == int(expected.argmax())
+def tempered(probabilities: list[float], temperature: float) -> torch.Tensor:
+    """p^(1/T) renormalised, written out (float64 [C])."""
+    powered = torch.tensor(probabilities, dtype=torch.float64) ** (1.0 / temperature)
+    return powered / powered.sum()
 
 
-def test_sampled_frequencies_follow_the_tempered_distribution() -> None:
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    temperature, draws = 2.0, 4000
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.bincount(
-        torch.tensor([sample_token(logits, temperature, generator) for _ in range(draws)]),
-        minlength=3,
+def test_the_sampling_distribution_is_the_reported_one_tempered() -> None:
+    probabilities = [0.5, 0.3, 0.2, 0.0]
+    torch.testing.assert_close(
+        sampling_probabilities(probabilities, 1.0),
+        torch.tensor(probabilities, dtype=torch.float64),
     )
-    target = torch.softmax(logits / temperature, dim=-1)  # flatter than [0.5, 0.3, 0.2]
-    # Each count is binomial: 4 standard errors make a false failure ~1 in 15,000.
+    for temperature in (0.25, 0.5, 2.0, 10.0):
+        torch.testing.assert_close(
+            sampling_probabilities(probabilities, temperature), tempered(probabilities, temperature)
+        )
+    assert sampling_probabilities(probabilities, 10.0)[3] == 0.0  # impossible stays impossible
+    sharp = sampling_probabilities(probabilities, 0.01)  # towards greedy: (0.3/0.5)^100 ~ 1e-22
+    assert sharp[0] == pytest.approx(1.0) and sharp[1:].sum() < 1e-20
+
+
+def test_greedy_takes_the_most_probable_token() -> None:
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token([0.2, 0.5, 0.3], 0.0, generator) == (1, 1.0)
+    assert sample_token([0.0, 0.1, 0.05, 0.85], 0.0, generator) == (3, 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_frequencies_follow_the_tempered_distribution(temperature: float) -> None:
+    probabilities, draws = [0.5, 0.3, 0.15, 0.05], 4000
+    target = tempered(probabilities, temperature)
+    generator = torch.Generator().manual_seed(0)
+    samples = [sample_token(probabilities, temperature, generator) for _ in range(draws)]
+    # Each draw reports its token's probability under the distribution it was drawn from ...
+    assert all(p == pytest.approx(float(target[token])) for token, p in samples)
+    # ... and each count is binomial: 4 standard errors make a false failure ~1 in 15,000.
+    counts = torch.bincount(torch.tensor([token for token, _ in samples]), minlength=4)
     standard_error = torch.sqrt(target * (1 - target) / draws)
     assert ((counts / draws - target).abs() < 4 * standard_error).all(), (counts, target)
 

@@ -1,18 +1,22 @@
 """Open Inference Protocol (KServe V2) over real HTTP: model metadata and readiness, stateless
 inference agreeing with `/v1/.../predict`, the JSON tensor codec (flat and nested data, every
-numeric datatype), output selection, and malformed requests that must each get a clean 400
-`{"error": ...}` naming the problem."""
+numeric datatype), output selection, the `never_empty` parameter and sets past the calibrated
+horizon, and malformed requests that must each get a clean 400 `{"error": ...}` naming the
+problem."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
+from models.digits import load_digits_seq
 from service.dataplane import ClassPrediction
+from service.errors import NotCalibratedError
 from service.routers.v2 import OUTPUTS, encode_predictions, parse_parameters
 from service.v2_codec import V2BadRequestError, decode_tensor, encode_tensor
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
@@ -39,6 +43,12 @@ def infer(client: httpx.Client, model: str, body: dict[str, Any], status: int = 
 
 def outputs_by_name(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {output["name"]: output for output in body["outputs"]}
+
+
+@pytest.fixture(scope="module")
+def builtin(builtin_server_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=builtin_server_url, timeout=120) as http:
+        yield http
 
 
 # ---- metadata and readiness -----------------------------------------------------------------
@@ -210,6 +220,11 @@ MALFORMED: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("too deep", {"inputs": [_tensor(shape=[16], data=[[1.0]] * 16)]}, "nests deeper"),
     ("missing input", {"inputs": []}, "non-empty list"),
+    (
+        "never_empty not a bool",
+        {"inputs": [_tensor()], "parameters": {"never_empty": "yes"}},
+        "never_empty must be true or false",
+    ),
     ("no inputs key", {"outputs": [{"name": "label"}]}, "inputs"),
     ("wrong input name", {"inputs": [_tensor(name="features")]}, "one input named 'input'"),
     ("two inputs", {"inputs": [_tensor(), _tensor()]}, "exactly one input"),
@@ -320,15 +335,46 @@ def test_fp32_encoding_carries_the_float32_value() -> None:
     assert sent == float(np.float32(value)) and sent != value
 
 
+def _prediction(id: str, label: str, index: int, probabilities: list[float], members=None):
+    """A prediction with a set (calibrated) or, when `members` is None, without one."""
+    return ClassPrediction(
+        id=id,
+        label=label,
+        index=index,
+        confidence=max(probabilities),
+        probabilities=probabilities,
+        entropy=1.0,
+        calibrated=members is not None,
+        position=8,
+        prediction_set=members,
+        set_size=None if members is None else len(members),
+        note=None if members is not None else "position 8 lies past the calibration",
+    )
+
+
 def test_prediction_sets_encode_as_label_membership_masks() -> None:
     labels = ["a", "b", "c", "d"]
     predictions = [
-        ClassPrediction("i0", "b", 1, 0.5, [0.1, 0.5, 0.3, 0.1], 1.2, ["b", "c"], 2),
-        ClassPrediction("i1", "d", 3, 0.9, [0.0, 0.05, 0.05, 0.9], 0.4, ["d"], 1),
+        _prediction("i0", "b", 1, [0.1, 0.5, 0.3, 0.1], ["b", "c"]),
+        _prediction("i1", "d", 3, [0.0, 0.05, 0.05, 0.9], ["d"]),
     ]
     (tensor,) = encode_predictions(predictions, labels, ["prediction_set"], True, str)
     assert tensor["shape"] == [2, 4]
     assert tensor["data"] == [False, True, True, False, False, False, False, True]
+
+
+def test_a_row_without_a_set_drops_the_default_set_output_and_refuses_an_explicit_one() -> None:
+    """An uncalibrated row has no set: left out of a default response, 409 naming the reason
+    when asked for by name."""
+    labels = ["a", "b"]
+    predictions = [
+        _prediction("i0", "a", 0, [0.6, 0.4], ["a"]),
+        _prediction("i1", "b", 1, [0.3, 0.7]),
+    ]
+    tensors = encode_predictions(predictions, labels, ["label", "prediction_set"], False, str)
+    assert [tensor["name"] for tensor in tensors] == ["label"]
+    with pytest.raises(NotCalibratedError, match="no prediction_set: position 8 lies past"):
+        encode_predictions(predictions, labels, ["prediction_set"], True, str)
 
 
 def test_sequence_parameters_follow_tritons_conventions() -> None:
@@ -368,3 +414,37 @@ def test_a_language_model_sequence_continues_its_prompt(client: httpx.Client) ->
     np.testing.assert_allclose(
         chunked["outputs"][0]["data"], whole["outputs"][0]["data"], rtol=0, atol=1e-6
     )
+
+
+# ---- calibrated sets of the built-in models -------------------------------------------------
+
+
+def test_never_empty_parameter_and_sets_past_the_horizon(builtin: httpx.Client) -> None:
+    """V2 sets are never empty unless `never_empty: false`; nine rows lie past the calibrated
+    eight, so no set is served for them (409 when asked for by name)."""
+    images = load_digits_seq("test").inputs[:64].numpy().astype(np.float64)  # [64, 8, 8]
+    outputs = [{"name": "label"}, {"name": "prediction_set"}]
+
+    def label_and_sets(values: np.ndarray, status: int = 200, **parameters: Any):
+        request = {
+            "inputs": [features_tensor(values)],
+            "parameters": {"score": "lac", "alpha": 0.2, **parameters},
+            "outputs": outputs,
+        }
+        body = infer(builtin, "digits-lru", request, status)
+        if status != 200:
+            return body
+        named = outputs_by_name(body)
+        masks = np.reshape(named["prediction_set"]["data"], (len(values), len(DIGIT_LABELS)))
+        return named["label"]["data"], [[str(d) for d in np.flatnonzero(row)] for row in masks]
+
+    labels, plain = label_and_sets(images, never_empty=False)
+    assert any(members == [] for members in plain)  # a 98%-accurate model at alpha 0.2
+    _, default = label_and_sets(images)
+    assert default == [members or [label] for label, members in zip(labels, plain, strict=True)]
+
+    nine = np.concatenate([images[:2], images[:2, -1:]], axis=1)  # [2, 9, 8]
+    refused = label_and_sets(nine, status=409)
+    assert "no prediction_set: position 9 lies past the 8 steps" in refused["error"]
+    unasked = infer(builtin, "digits-lru", {"inputs": [features_tensor(nine)]})
+    assert "prediction_set" not in outputs_by_name(unasked)
