@@ -24,12 +24,6 @@ from models.training import TrainingRecipe, load_training_data
 from service.cli_models import main as cli_main
 
 BUILTINS = ("digits-lru", "digits-snn", "charlm-selective")
-# The committed digits artifacts were trained before their recipes moved to the per-step
-# loss; they are retrained from these recipes together with their new calibration files.
-# Strict: once they are, these tests pass and the marker must go.
-STALE_ARTIFACTS = pytest.mark.xfail(
-    strict=True, reason="committed artifact predates its recipe's step_loss and d_model"
-)
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +43,7 @@ def test_every_builtin_has_a_recipe_a_target_and_a_committed_artifact(
     assert set(BUILTINS) <= set(repository.list_models())
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=STALE_ARTIFACTS) if name != "charlm-selective" else name
-        for name in BUILTINS
-    ],
-)
+@pytest.mark.parametrize("name", BUILTINS)
 def test_artifact_records_its_recipe_and_command(repository: ModelRepository, name: str) -> None:
     config = repository.card(name).config
     # Read back as a recipe: an artifact older than a recipe field was trained with its
