@@ -144,9 +144,22 @@ class CalibrationArtifact:
         `uniform` [N], or draw them from a seeded `rng`.
         """
         probs = self.calibrate(logits)
-        predictor = self._predictor(score)
-        sets = predictor.predict(probs, alpha, class_conditional, never_empty, rng, uniform)
+        sets = self.sets(probs, alpha, score, class_conditional, never_empty, rng, uniform)
         return probs, sets
+
+    def sets(
+        self,
+        probs: Tensor,
+        alpha: float,
+        score: str = "aps",
+        class_conditional: bool = False,
+        never_empty: bool = False,
+        rng: torch.Generator | None = None,
+        uniform: Tensor | None = None,
+    ) -> Tensor:
+        """Set mask [N, C] at this alpha for probabilities [N, C] this artifact calibrated."""
+        predictor = self._predictor(score)
+        return predictor.predict(probs, alpha, class_conditional, never_empty, rng, uniform)
 
     def sets_at_level(
         self,

@@ -119,8 +119,8 @@ def conformal_answer(
             for row in rows:
                 aci_alphas[row] = levels[row].alpha_t
         else:
-            _, row_sets = artifact.predict(
-                logits[index],
+            row_sets = artifact.sets(
+                row_probs,
                 conformal.alpha,
                 conformal.score,
                 conformal.class_conditional,
