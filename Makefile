@@ -30,12 +30,14 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
+# One torch thread per process: the tests run servers, workers and clients side by side, and a
+# second torch thread each only fights them for the cores (several times slower on 2 cores).
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 # Long statistical runs and benchmarks-as-tests, kept out of the default run.
 test-all: $(STAMP) system-deps
-	$(BIN)/python -m pytest -m "slow or not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m "slow or not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
