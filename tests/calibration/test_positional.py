@@ -150,18 +150,29 @@ def test_coverage_interval_is_the_beta_binomial_band() -> None:
     assert low == pytest.approx(0.9 - 3 * se) and high == pytest.approx(0.9 + 1 / 201 + 3 * se)
 
 
+RUNS = 30  # independent calibrations, each on 400 fresh streams
+TEST_STREAMS = 2000
+
+
+@pytest.fixture(scope="module")
+def many_calibrations() -> list[PositionalCalibration]:
+    return [
+        fit_stepwise_calibration(*stream_logits(400, seed=100 + run), "m", "1", "torch", seed=run)
+        for run in range(RUNS)
+    ]
+
+
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
-def test_coverage_holds_at_every_position_over_many_calibrations(alpha: float) -> None:
-    """Over 40 independent calibrations (400 streams each, 200 conformal scores per step)
+def test_coverage_holds_at_every_position_over_many_calibrations(
+    many_calibrations, alpha: float
+) -> None:
+    """Over 30 independent calibrations (400 streams each, 200 conformal scores per step)
     and fresh test streams, the mean plain coverage at every step lies within 3 standard
     errors of [1 - alpha, 1 - alpha + 1/(n+1)], and the sets shrink as evidence accrues."""
-    test_logits, test_labels = stream_logits(2000, seed=999)
+    test_logits, test_labels = stream_logits(TEST_STREAMS, seed=999)
     coverage = torch.zeros(NUM_STEPS, dtype=torch.float64)
     sizes = torch.zeros(NUM_STEPS, dtype=torch.float64)
-    runs = 40
-    for run in range(runs):
-        logits, labels = stream_logits(400, seed=100 + run)
-        fitted = fit_stepwise_calibration(logits, labels, "m", "1", "torch", seed=run)
+    for fitted in many_calibrations:
         rows = position_report(
             fitted,
             [test_logits[:, t] for t in range(NUM_STEPS)],
@@ -169,11 +180,11 @@ def test_coverage_holds_at_every_position_over_many_calibrations(alpha: float) -
             alphas=[alpha],
             scores=["lac"],
         )
-        coverage += torch.tensor([row.coverage for row in rows]) / runs
-        sizes += torch.tensor([row.mean_set_size for row in rows]) / runs
+        coverage += torch.tensor([row.coverage for row in rows]) / RUNS
+        sizes += torch.tensor([row.mean_set_size for row in rows]) / RUNS
     n = 200
     # The spread of one calibration's coverage (Beta) over runs, plus the shared test set's.
-    se = math.sqrt(alpha * (1 - alpha) * (1 / (runs * (n + 2)) + 1 / 2000))
+    se = math.sqrt(alpha * (1 - alpha) * (1 / (RUNS * (n + 2)) + 1 / TEST_STREAMS))
     assert (coverage >= 1 - alpha - 3 * se).all(), coverage
     assert (coverage <= 1 - alpha + 1 / (n + 1) + 3 * se).all(), coverage
     assert (sizes[1:] <= sizes[:-1] + 0.05).all(), sizes
