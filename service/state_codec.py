@@ -23,6 +23,7 @@ error instead of running a model on the wrong state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -94,11 +95,19 @@ def state_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
 
     Two states with the same hash can be stacked into one batch and fed to the same model.
     """
-    entries = []
-    for name in sorted(tensors):
-        tensor = tensors[name]
+    for name, tensor in tensors.items():
         _check_tensor(name, tensor)
-        entries.append([name, list(tensor.shape[1:]), SAFETENSORS_DTYPES[tensor.dtype]])
+    return _schema_hash(
+        tuple(
+            (name, tuple(tensors[name].shape[1:]), tensors[name].dtype) for name in sorted(tensors)
+        )
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_hash(layout: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]) -> str:
+    # A served model has one layout: hashing it once, not on every step, is the point.
+    entries = [[name, list(shape), SAFETENSORS_DTYPES[dtype]] for name, shape, dtype in layout]
     canonical = json.dumps(entries, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -170,7 +179,8 @@ class StateRecord:
             ):
                 raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
         object.__setattr__(self, "tensors", dict(self.tensors))
-        object.__setattr__(self, "metadata", _normalise_metadata(self.metadata))
+        if not isinstance(self.metadata, _JsonMetadata):  # advancing keeps the normalised one
+            object.__setattr__(self, "metadata", _normalise_metadata(self.metadata))
 
     @classmethod
     def new(
@@ -249,11 +259,47 @@ def encode_state(record: StateRecord) -> bytes:
         raise ValueError(
             f"state header is {len(header_bytes)} bytes, over the {MAX_HEADER_BYTES}-byte limit"
         )
-    # safetensors needs contiguous CPU tensors; .contiguous() keeps the values bit-for-bit.
-    cpu_tensors = {name: t.detach().cpu().contiguous() for name, t in record.tensors.items()}
-    payload = safetensors.torch.save(cpu_tensors)
+    payload = safetensors_bytes(record.tensors)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
     return body + hashlib.sha256(body).digest()
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The tensors in the safetensors format, with the index built once per layout.
+
+    `safetensors.torch.save` (the reference, `safetensors_bytes_reference`) costs more than a
+    whole model step for a session's few small tensors; this writes the same format (tensors
+    in name order, index padded to 8 bytes) from a cached index and the raw bytes.
+    """
+    # .contiguous() keeps the values bit-for-bit; a uint8 view reads any dtype's raw bytes.
+    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    names = sorted(cpu)
+    index = _safetensors_index(
+        tuple((name, cpu[name].dtype, tuple(cpu[name].shape)) for name in names)
+    )
+    return index + b"".join(cpu[name].view(torch.uint8).numpy().tobytes() for name in names)
+
+
+def safetensors_bytes_reference(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """The slow reference for `safetensors_bytes`: the safetensors library itself."""
+    return safetensors.torch.save({n: t.detach().cpu().contiguous() for n, t in tensors.items()})
+
+
+@functools.lru_cache(maxsize=256)
+def _safetensors_index(layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> bytes:
+    """Length prefix and JSON index of tensors laid out back to back in `layout` order."""
+    entries, offset = {}, 0
+    for name, dtype, shape in layout:
+        end = offset + math.prod(shape) * dtype.itemsize
+        entries[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(text)) + text
 
 
 # --- decode -------------------------------------------------------------------------------
@@ -284,7 +330,7 @@ def decode_state(blob: bytes, expected: StateSignature | None = None) -> StateRe
     if header_length > MAX_HEADER_BYTES or header_end > len(body):
         raise CorruptStateError(f"state header length {header_length} exceeds the blob")
     header = _parse_header(body[_PREFIX.size : header_end])
-    tensors = _parse_safetensors(body[header_end:])
+    tensors = tensors_from_safetensors(body[header_end:])
     try:
         record = StateRecord(
             tensors,
@@ -325,16 +371,36 @@ def _parse_header(header_bytes: bytes) -> dict[str, Any]:
     return header
 
 
-def _parse_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
-    """Validate the safetensors layout ourselves, then let safetensors build the tensors."""
+def tensors_from_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
+    """Validate the safetensors layout ourselves, then build the tensors from the bytes."""
     if len(payload) < 8:
         raise CorruptStateError("state tensor payload is truncated")
     (index_length,) = struct.unpack_from("<Q", payload)
     if index_length > len(payload) - 8 or index_length > MAX_HEADER_BYTES:
         raise CorruptStateError(f"tensor index length {index_length} exceeds the payload")
+    spans = _tensor_spans(payload[8 : 8 + index_length])
+    data = memoryview(payload)[8 + index_length :]
+    covered = spans[-1][1] if spans else 0
+    if covered != len(data):
+        raise CorruptStateError(f"tensor data is {len(data)} bytes but the index covers {covered}")
+    # A copy per tensor: the blob is immutable bytes, and states must be writable tensors.
+    return {
+        name: torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+        if end > begin
+        else torch.empty(shape, dtype=dtype)
+        for begin, end, name, dtype, shape in spans
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_spans(index_bytes: bytes) -> tuple[tuple[int, int, str, torch.dtype, tuple], ...]:
+    """(begin, end, name, dtype, shape) per tensor in data order, from a checked index.
+
+    Cached by the index's bytes: every state of one model has the same index. A CorruptStateError
+    is not cached (lru_cache keeps only returned values)."""
     try:
         index = json.loads(
-            payload[8 : 8 + index_length].decode("utf-8"),
+            index_bytes.decode("utf-8"),
             object_pairs_hook=_unique_keys,
             parse_constant=_reject_constant,
         )
@@ -347,21 +413,16 @@ def _parse_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
         raise CorruptStateError("tensor index __metadata__ is not a string mapping")
     spans = []
     for name, entry in index.items():
-        spans.append((*_check_index_entry(name, entry), name))
-    data_length = len(payload) - 8 - index_length
+        begin, end = _check_index_entry(name, entry)
+        dtype = _DTYPE_BY_CODE[entry["dtype"]]
+        spans.append((begin, end, name, dtype, tuple(entry["shape"])))
+    spans.sort(key=lambda span: (span[0], span[1]))
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, name, _, _ in spans:
         if begin != position:
             raise CorruptStateError(f"tensor {name!r} data is not contiguous with the previous")
         position = end
-    if position != data_length:
-        raise CorruptStateError(
-            f"tensor data is {data_length} bytes but the index covers {position}"
-        )
-    try:
-        return safetensors.torch.load(payload)
-    except Exception as exc:  # the layout passed our checks; anything else is still corrupt
-        raise CorruptStateError(f"tensor payload could not be read: {exc}") from exc
+    return tuple(spans)
 
 
 def _check_index_entry(name: str, entry: Any) -> tuple[int, int]:
@@ -420,7 +481,11 @@ def _normalise_metadata(metadata: Any) -> dict[str, Any]:
         raise ValueError(
             f"session metadata is {len(text)} bytes, over the {MAX_METADATA_BYTES}-byte limit"
         )
-    return json.loads(text)
+    return _JsonMetadata(json.loads(text))
+
+
+class _JsonMetadata(dict):
+    """Session metadata already in its JSON-normalised form (treated as immutable)."""
 
 
 def _is_int_in(value: Any, low: int, high: int) -> bool:

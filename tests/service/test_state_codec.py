@@ -7,6 +7,7 @@ import json
 import struct
 
 import pytest
+import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,7 +22,10 @@ from service.state_codec import (
     StateSignature,
     decode_state,
     encode_state,
+    safetensors_bytes,
+    safetensors_bytes_reference,
     state_schema_hash,
+    tensors_from_safetensors,
 )
 
 FUZZ = settings(
@@ -332,3 +336,23 @@ def test_bad_records_are_refused_with_a_clear_message(tensors, kwargs, error, me
 def test_negative_step_is_refused() -> None:
     with pytest.raises(ValueError, match="step must be a non-negative integer"):
         StateRecord({"h": torch.zeros(1)}, "m", "v", "b", -1, 0.0, 0.0)
+
+
+# ---- the fast safetensors writer and reader against the library -------------------------------
+
+
+@pytest.mark.parametrize("dtype", list(SAFETENSORS_DTYPES))
+def test_fast_safetensors_bytes_agree_with_the_library_both_ways(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensors = {
+        "z_last": (torch.randn(3, 5, generator=generator) * 50).to(dtype),
+        "a_first": (torch.randn(3, 2, 4, generator=generator) * 50).to(dtype),
+        "m_empty": torch.zeros(3, 0, dtype=dtype),
+    }
+    fast, reference = safetensors_bytes(tensors), safetensors_bytes_reference(tensors)
+    for written in (fast, reference):
+        for read in (safetensors.torch.load(written), tensors_from_safetensors(written)):
+            assert read.keys() == tensors.keys()
+            for name, tensor in tensors.items():
+                assert read[name].dtype == tensor.dtype and read[name].shape == tensor.shape
+                assert torch.equal(read[name].view(torch.uint8), tensor.view(torch.uint8))
