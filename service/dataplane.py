@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from starlette.concurrency import run_in_threadpool
@@ -500,50 +500,40 @@ class DataPlane:
     ) -> None:
         """Record the batch's metrics and remember its predictions for feedback (once per
         answered batch). A state store that is down costs the feedback, not the answer."""
-        record_usage(batch.model, batch.backend, batch.usage)
-        conformal = batch.conformal
-        if conformal is not None:
-            for p in batch.predictions:
-                if p.set_size is None:
-                    continue
-                record_prediction(
-                    batch.model,
-                    batch.backend,
-                    conformal.score,
-                    p.set_size,
-                    min(max(p.confidence, 0.0), 1.0),
-                    bool(p.abstain),
-                    alpha=batch.alpha,
-                )
-        if self.feedback is None:
+        await self.publish_many([Publication(batch, session_id, owner)])
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        """`publish` for the answers of a whole micro-batch: one store round trip."""
+        records = []
+        for batch, session_id, owner in publications:
+            self._record_metrics(batch)
+            if self.feedback is not None:
+                records += _feedback_records(batch, session_id, owner)
+        if not records:
             return
-        records = [
-            PredictionRecord(
-                id=p.id,
-                model=batch.model,
-                version=batch.version,
-                backend=batch.backend,
-                top_index=p.index,
-                confidence=p.confidence,
-                probabilities=p.probabilities,
-                set_indices=p.set_indices,
-                score=None if conformal is None else conformal.score,
-                alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
-                target_alpha=batch.alpha,
-                online=row in batch.level_keys,
-                session_id=session_id,
-                owner=owner,
-                position=p.position,
-                uniform=p.uniform,
-                calibration_id=batch.calibration_id,
-                level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
-            )
-            for row, p in enumerate(batch.predictions)
-        ]
         try:
             await self.feedback.remember(records)
         except StateStoreError as error:
             logger.error("could not remember %d predictions for feedback: %s", len(records), error)
+
+    @staticmethod
+    def _record_metrics(batch: PredictionBatch) -> None:
+        record_usage(batch.model, batch.backend, batch.usage)
+        conformal = batch.conformal
+        if conformal is None:
+            return
+        for p in batch.predictions:
+            if p.set_size is None:
+                continue
+            record_prediction(
+                batch.model,
+                batch.backend,
+                conformal.score,
+                p.set_size,
+                min(max(p.confidence, 0.0), 1.0),
+                bool(p.abstain),
+                alpha=batch.alpha,
+            )
 
     async def submit_feedback(
         self, prediction_id: str, label: object, owner: str | None = None
@@ -583,3 +573,41 @@ class DataPlane:
             "fit": stored.summary(),
             "live": live,
         }
+
+
+class Publication(NamedTuple):
+    """An answered batch to publish, with the session and key it was answered for."""
+
+    batch: PredictionBatch
+    session_id: str | None = None
+    owner: str | None = None
+
+
+def _feedback_records(
+    batch: PredictionBatch, session_id: str | None, owner: str | None
+) -> list[PredictionRecord]:
+    """What feedback needs to score a late label against each prediction of the batch."""
+    conformal = batch.conformal
+    return [
+        PredictionRecord(
+            id=p.id,
+            model=batch.model,
+            version=batch.version,
+            backend=batch.backend,
+            top_index=p.index,
+            confidence=p.confidence,
+            probabilities=p.probabilities,
+            set_indices=p.set_indices,
+            score=None if conformal is None else conformal.score,
+            alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
+            target_alpha=batch.alpha,
+            online=row in batch.level_keys,
+            session_id=session_id,
+            owner=owner,
+            position=p.position,
+            uniform=p.uniform,
+            calibration_id=batch.calibration_id,
+            level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
+        )
+        for row, p in enumerate(batch.predictions)
+    ]

@@ -135,6 +135,10 @@ class StateStore(ABC):
     async def _put_raw(self, key: str, value: bytes, ttl_ms: int | None) -> None: ...
 
     @abstractmethod
+    async def _put_raw_many(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        """Store every (key, value), in one round trip where the store has round trips."""
+
+    @abstractmethod
     async def _get_raw(self, key: str) -> bytes | None: ...
 
     @abstractmethod
@@ -335,16 +339,23 @@ class StateStore(ABC):
         ttl_ms = None if ttl is None else _ttl_ms(ttl)
         await self._put_raw(self.record_key(namespace, key), bytes(value), ttl_ms)
 
+    async def put_json_many(
+        self, namespace: str, items: Sequence[tuple[str, Any]], ttl: float | None
+    ) -> None:
+        """`put_json` for many (key, value) at once: one round trip for a whole batch."""
+        if not items:
+            return
+        ttl_ms = None if ttl is None else _ttl_ms(ttl)
+        await self._put_raw_many(
+            [(self.record_key(namespace, key), _json_bytes(value)) for key, value in items], ttl_ms
+        )
+
     async def get_record(self, namespace: str, key: str) -> bytes | None:
         return await self._get_raw(self.record_key(namespace, key))
 
     async def put_json(self, namespace: str, key: str, value: Any, ttl: float | None) -> None:
         """Store a JSON value (finite numbers only) as a record."""
-        try:
-            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"record value is not JSON-serialisable: {exc}") from exc
-        await self.put_record(namespace, key, text.encode(), ttl)
+        await self.put_record(namespace, key, _json_bytes(value), ttl)
 
     async def get_json(self, namespace: str, key: str) -> Any | None:
         """The JSON value of a record, or None when absent."""
@@ -515,6 +526,10 @@ class InMemoryStateStore(StateStore):
             self._entries[key] = _Entry(value, 0, None if ttl_ms is None else now + ttl_ms / 1000)
             self._sweep(now)
 
+    async def _put_raw_many(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        for key, value in items:
+            await self._put_raw(key, value, ttl_ms)
+
     async def _get_raw(self, key: str) -> bytes | None:
         with self._lock:
             entry = self._live(key, self._clock())
@@ -592,6 +607,13 @@ def open_state_store(
     from service.state_store_redis import RedisStateStore  # redis is only needed here
 
     return RedisStateStore.from_url(redis_url, prefix=prefix, **options)
+
+
+def _json_bytes(value: Any) -> bytes:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"record value is not JSON-serialisable: {exc}") from exc
 
 
 def _ttl_ms(ttl: float) -> int:

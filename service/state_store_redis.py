@@ -377,6 +377,13 @@ class RedisStateStore(StateStore):
         with self._errors("SET"):
             await self._client.set(key, value, px=ttl_ms)
 
+    async def _put_raw_many(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        with self._errors("SET"):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, px=ttl_ms)
+                await pipe.execute()
+
     async def _get_raw(self, key: str) -> bytes | None:
         with self._errors("GET"):
             return await self._client.get(key)
