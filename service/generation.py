@@ -38,16 +38,12 @@ from models.repository import ModelCard
 from service.dataplane import (
     TORCH_BACKEND,
     ClassPrediction,
-    ConformalOptions,
     DataPlane,
-    OnlineLevel,
-    PredictionBatch,
     encode_prompts,
 )
 from service.errors import BadInputError
 from service.schemas import GenerateOptions
-from service.session_inputs import store_key
-from service.sessions import SessionInfo, SessionManager, StepOutcome
+from service.sessions import SessionInfo, SessionManager
 
 FinishReason = Literal["length", "stop", "abstain"]
 ADDITIVE_USAGE = (*(f.name for f in fields(Usage)), "steps", "compute_seconds")
@@ -114,35 +110,6 @@ class GenerationDone:
 
 
 # ---- pieces ---------------------------------------------------------------------------------
-
-
-async def session_batch(
-    dataplane: DataPlane,
-    outcome: StepOutcome,
-    conformal: ConformalOptions,
-    *,
-    usage: dict[str, Any] | None = None,
-    owner: str | None = None,
-    levels: Mapping[int, OnlineLevel] | None = None,
-) -> PredictionBatch:
-    """The answer for a session step's last logits ([C], or [S, C] from a sampling backend)
-    at the session's position, built by the data plane (calibration of that position,
-    conformal set; at `levels[0]` when online) and published (metrics, feedback)."""
-    info = outcome.info
-    batch = await run_in_threadpool(
-        dataplane.build_predictions,
-        outcome.card,
-        info.backend,
-        outcome.logits.unsqueeze(-2),  # [1, C] or [S, 1, C]
-        usage,
-        positions=info.step,
-        conformal=conformal,
-        backend_options=info.options,
-        levels=levels,
-        warnings=outcome.warnings,
-    )
-    await dataplane.publish(batch, session_id=info.session_id, owner=owner)
-    return batch
 
 
 def sampling_probabilities(probabilities: Sequence[float], temperature: float) -> Tensor:
@@ -288,8 +255,7 @@ async def generate(
         score=options.score or info.score,
         max_set_size=options.max_set_size,
     )
-    session_key = store_key(info.session_id, owner)
-    outcome = await sessions.step(info.session_id, prompt_ids, owner=owner)
+    outcome = await sessions.step(info.session_id, prompt_ids, owner=owner, conformal=conformal)
     usage = [outcome.usage]
     text = ""
     generated = 0
@@ -297,16 +263,9 @@ async def generate(
     warnings: list[str] = []
     finish: FinishReason = "length"
     for index in range(options.max_tokens):
-        levels = None
-        if conformal.online:  # the session's own level, as its steps are answered
-            levels = await dataplane.online_levels(
-                card, info.backend, [1], conformal, owner=owner, session_key=session_key
-            )
-        batch = await session_batch(
-            dataplane, outcome, conformal, usage=outcome.usage, owner=owner, levels=levels
-        )
-        prediction = batch.predictions[0]
-        warnings = list(dict.fromkeys([*warnings, *batch.warnings]))
+        last, _ = outcome.answer  # the next token's distribution, answered at this position
+        prediction = last.predictions[0]
+        warnings = list(dict.fromkeys([*warnings, *last.warnings]))
         if exceeds(prediction.set_size, options.max_set_size):
             finish = "abstain"
             break
@@ -314,8 +273,11 @@ async def generate(
             prediction.probabilities, options.temperature, generator
         )
         outcome = await sessions.step(
-            info.session_id, torch.tensor([token_id], dtype=torch.long), owner=owner
-        )  # committed before the client sees the token
+            info.session_id,
+            torch.tensor([token_id], dtype=torch.long),
+            owner=owner,
+            conformal=conformal,
+        )  # committed (with the next token's answer) before the client sees this token
         usage.append(outcome.usage)
         token = vocabulary[token_id]
         text += token

@@ -1,9 +1,9 @@
 """Predictions for session steps, built for a whole micro-batch at once.
 
-`StepPredictions` is the session manager's `predict` hook: in the batch's worker thread and
-before its states are written, it builds the predictions of the batch's steps with the data
-plane's builder, one call per (model version, backend, options, conformal options) and, for
-sessions with their own online level, one per session. Every row is answered with the
+`StepPredictions` is how the session plane answers its steps: in the batch's worker thread
+and before its states are written, it builds the predictions of the batch's steps with the
+data plane's builder, one call per (model version, backend, options, conformal options) and,
+for sessions with their own online level, one per session. Every row is answered with the
 calibration of its own position (the session's step count after that row), so a refusal
 (e.g. a calibration file that became unreadable) leaves those sessions where they were.
 
@@ -21,9 +21,7 @@ import torch
 from hardware_backends.registry import freeze_options
 from service.dataplane import DataPlane, PredictionBatch
 from service.predictions import batch_warnings
-from service.sessions import StepOutcome
-
-StepAnswer = tuple[PredictionBatch, PredictionBatch | None]
+from service.session_types import StepAnswer, StepOutcome
 
 
 class StepPredictions:
@@ -46,7 +44,7 @@ class StepPredictions:
         return answers
 
     def _build_group(self, outcomes: list[StepOutcome]) -> list[StepAnswer]:
-        first = outcomes[0].info
+        first, conformal = outcomes[0].info, outcomes[0].conformal
         rows = []  # per outcome: its last step, then (when asked) every step
         positions: list[int] = []
         levels = {}
@@ -65,9 +63,9 @@ class StepPredictions:
             torch.cat(rows, dim=-2),  # [R, C] or [S, R, C]
             None,
             positions=positions,
-            conformal=first.conformal,
+            conformal=conformal,
             backend_options=first.options,
-            levels=levels if first.online else None,
+            levels=levels if conformal.online else None,
         )
         predictions = iter(enumerate(batch.predictions))
         answers = []
@@ -106,6 +104,6 @@ def _part(
 def _conformal_group(position: int, outcome: StepOutcome) -> Hashable:
     """Steps that can share one builder call; a session with its own level never shares."""
     info = outcome.info
-    alone = position if info.online else None
+    alone = position if outcome.conformal.online else None
     options = freeze_options(info.options)
-    return (info.model, info.version, info.backend, options, info.conformal, alone)
+    return (info.model, info.version, info.backend, options, outcome.conformal, alone)

@@ -1,4 +1,5 @@
-"""Stateful sessions over the state store: create, step, inspect and delete.
+"""The session plane: create, step, answer, inspect and delete stateful sessions, for every
+protocol (v1 REST, V2 sequences, websocket generation) alike.
 
 A session is one sequence that a client feeds chunk by chunk. Its recurrent state lives in
 the state store (in-process or Redis) under the session's key, stamped with the model,
@@ -13,6 +14,11 @@ Consistency:
 - A step either commits completely (state, step count and TTL in one atomic write) or not at
   all. A step whose caller is cancelled before its batch starts never runs; once its batch
   has started it commits, and the caller just does not see the answer.
+- Every step is answered before it is written: the batch's predictions (calibration of each
+  row's own position, conformal sets, the session's online level) and early decisions are
+  built in the batch's worker thread, and a step whose answer is refused (say, its
+  calibration became unreadable) is not written. Committed answers are then published
+  (metrics, feedback records) in one store round trip per batch. Routers only translate.
 
 Steps for sessions that share a runner (model, version, backend, options) are micro-batched
 (`service.batching`): their states are loaded with one `get_many`, run as one batched step in
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -44,10 +51,10 @@ from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from calibration import SCORE_NAMES
-from models.repository import ModelCard, ModelNotFoundError
+from models.repository import ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_chunks
-from service.dataplane import ConformalOptions, DataPlane, OnlineLevel
+from service.dataplane import ConformalOptions, DataPlane, OnlineLevel, Publication
 from service.early_decision import EarlyDecisions, check_max_set_size, decide
 from service.errors import (
     BadInputError,
@@ -58,6 +65,7 @@ from service.errors import (
 )
 from service.inputs import out_of_range_warning
 from service.predictions import default_score, model_labels
+from service.session_answers import StepPredictions
 from service.session_inputs import (
     InputSpec,
     check_alpha,
@@ -70,6 +78,7 @@ from service.session_inputs import (
 )
 from service.session_runners import SessionRunner, SessionRunners
 from service.session_tracking import FifoLocks, LiveSessions
+from service.session_types import SessionInfo, StepAnswer, StepOutcome
 from service.settings import Settings
 from service.state_codec import (
     CorruptStateError,
@@ -103,7 +112,7 @@ class SessionSettings:
     max_sessions: int = 100_000  # live sessions this replica tracks
     max_steps_per_chunk: int = 4096
     batching: bool = True
-    batch_window_seconds: float = 0.002
+    batch_window_seconds: float = 0.0  # continuous batching: no wait beyond the queue
     batch_max_size: int = 64
     retries: int = DEFAULT_UPDATE_RETRIES
     # Concurrent store calls; below the Redis client's pool of 64, leaving room for others.
@@ -122,53 +131,10 @@ class SessionSettings:
         )
 
 
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    model: str
-    version: str
-    backend: str
-    alpha: float
-    score: str
-    step: int  # total time steps consumed so far
-    created_at: float  # unix time
-    expires_at: float  # unix time; every use pushes it back by the session's TTL
-    options: dict  # backend options (e.g. t_inference)
-    early_decision: dict | None = None  # {"max_set_size": k} when the session asked for it
-    online: bool = False  # sets at the session's own online (ACI) level
-    never_empty: bool | None = None  # None: the server's default (never empty unless online)
-
-    @property
-    def conformal(self) -> ConformalOptions:
-        """What the session's answers ask of calibration."""
-        return ConformalOptions(
-            alpha=self.alpha, score=self.score, online=self.online, never_empty=self.never_empty
-        )
-
-
-@dataclass(frozen=True)
-class StepOutcome:
-    info: SessionInfo  # after the step (step count updated)
-    logits: Tensor  # [C] after the last step of the chunk, or [S, C] for sampling backends
-    step_logits: Tensor | None  # [T, C] (or [S, T, C]) per step when per_step=True
-    usage: dict  # Usage.to_dict() of this chunk, plus steps, batch_size, compute_seconds
-    card: ModelCard  # the model version that ran (labels, calibration lookups)
-    prediction: Any = None  # what `step(..., predict=...)` made of this outcome
-    online_level: OnlineLevel | None = None  # the session's level, read before the step
-    warnings: tuple[str, ...] = ()  # e.g. inputs far outside the training range
-
-    @property
-    def positions(self) -> list[int]:
-        """Steps read after each row of `step_logits` (or after the last step alone)."""
-        last = self.info.step
-        count = 1 if self.step_logits is None else self.step_logits.shape[-2]
-        return list(range(last - count + 1, last + 1))
-
-
-# Called in the batch's worker thread with the (not yet written) outcomes of the steps that
-# passed it, once per batch; returns one prediction, or an exception that fails that step
-# without writing it, per outcome.
-PredictFn = Callable[[Sequence[StepOutcome]], Sequence[Any]]
+# How a batch's steps are answered: called in the batch's worker thread with the (not yet
+# written) outcomes of the steps that passed it, once per batch; one answer, or an exception
+# that fails that step without writing it, per outcome. `StepPredictions` in service.
+Answerer = Callable[[Sequence[StepOutcome]], Sequence[StepAnswer | Exception]]
 
 
 # ---- what a step carries ----------------------------------------------------------------------
@@ -200,6 +166,16 @@ class _SessionMeta:
     def options(self) -> dict[str, Any]:
         return dict(self.metadata["options"])
 
+    @functools.cached_property
+    def conformal(self) -> ConformalOptions:
+        """The conformal options the session was created with."""
+        return ConformalOptions(
+            alpha=float(self.metadata["alpha"]),
+            score=str(self.metadata["score"]),
+            online=bool(self.metadata.get("online", False)),
+            never_empty=self.metadata.get("never_empty"),
+        )
+
 
 @dataclass
 class _StepJob:
@@ -209,9 +185,13 @@ class _StepJob:
     group: SessionRunner  # the runner its session shares with others: the batching key
     inputs: Tensor  # [T, F] or [T]
     per_step: bool
-    predict: PredictFn | None
+    conformal: ConformalOptions
     preloaded: VersionedState | None = None
     online_level: OnlineLevel | None = None
+
+    @property
+    def owner(self) -> str | None:
+        return self.meta.metadata.get("owner")
 
 
 class _Retry(Exception):
@@ -229,11 +209,16 @@ class SessionManager:
     """Sessions of one app (`app.state.sessions`), over one state store."""
 
     def __init__(
-        self, store: StateStore, dataplane: DataPlane, settings: SessionSettings | None = None
+        self,
+        store: StateStore,
+        dataplane: DataPlane,
+        settings: SessionSettings | None = None,
+        answers: Answerer | None = None,
     ) -> None:
         self.store = store
         self.dataplane = dataplane
         self.settings = settings or SessionSettings()
+        self._answers = answers or StepPredictions(dataplane)
         self.store_name = "memory" if isinstance(store, InMemoryStateStore) else "redis"
         self._locks = FifoLocks()
         self._live = LiveSessions()
@@ -386,14 +371,14 @@ class SessionManager:
         *,
         per_step: bool = False,
         owner: str | None = None,
-        predict: PredictFn | None = None,
+        conformal: ConformalOptions | None = None,
     ) -> StepOutcome:
-        """Advance the session by a chunk: float [T, F] features or long [T] token ids.
-
-        `predict`, when given, turns the outcomes of a whole micro-batch into predictions in
-        the batch's worker thread, before the states are written (see `PredictFn`); its
-        answer for this step lands in `StepOutcome.prediction`. A session that asked for
-        online sets has its own level read first (`StepOutcome.online_level`).
+        """Advance the session by a chunk (float [T, F] features or long [T] token ids) and
+        answer it: `StepOutcome.answer` holds the prediction after the chunk (and, with
+        `per_step`, after every row), `StepOutcome.decision` the early decision when the
+        session asked for one. `conformal` overrides the session's own options for this
+        step's answer (V2 and generation requests may ask another alpha). A session that
+        asked for online sets is answered at its own level.
         """
         key = lookup_key(session_id, owner)
         async with self._locks.hold(key):
@@ -401,9 +386,10 @@ class SessionManager:
                 meta, preloaded = await self._session_meta(key, session_id)
                 group = await self._session_group(meta, session_id)
                 chunk = check_chunk(inputs, group.spec, self.settings.max_steps_per_chunk)
-                level = await self._online_level(meta, group, key)
+                options = conformal or meta.conformal
+                level = await self._online_level(options, meta, group, key)
                 job = _StepJob(
-                    key, session_id, meta, group, chunk, per_step, predict, preloaded, level
+                    key, session_id, meta, group, chunk, per_step, options, preloaded, level
                 )
                 try:
                     if self.settings.batching:
@@ -422,9 +408,10 @@ class SessionManager:
             f"{self.settings.retries + 1} attempts; retry the step"
         )
 
-    def early_decision(self, outcome: StepOutcome) -> dict[str, Any] | None:
+    def _early_decision(self, outcome: StepOutcome) -> dict[str, Any] | None:
         """The early decision after a step (see `service.early_decision`), or None when the
-        session did not ask for one or its step is no checkpoint. Blocking: call in a thread."""
+        session did not ask for one or its step is no checkpoint. Blocking: in the batch's
+        worker thread."""
         info = outcome.info
         if info.early_decision is None:
             return None
@@ -443,13 +430,11 @@ class SessionManager:
         return decide(rule, stored, outcome.logits, info.step, model_labels(outcome.card))
 
     async def _online_level(
-        self, meta: _SessionMeta, group: SessionRunner, key: str
+        self, conformal: ConformalOptions, meta: _SessionMeta, group: SessionRunner, key: str
     ) -> OnlineLevel | None:
-        """The session's own online level, when it asked for online sets."""
-        if not meta.metadata.get("online"):
+        """The session's own online level, when its answers are online sets."""
+        if not conformal.online:
             return None
-        alpha, score = float(meta.metadata["alpha"]), str(meta.metadata["score"])
-        conformal = ConformalOptions(alpha=alpha, score=score, online=True)
         # Any calibrated position names the level: a session has one level for all steps.
         levels = await self.dataplane.online_levels(
             group.card,
@@ -473,7 +458,7 @@ class SessionManager:
             return [outcome for outcome in outcomes if outcome is not None]
         runnable = [jobs[i] for i, _ in loaded]
         states = [state for _, state in loaded]
-        advanced = await run_in_threadpool(_advance, group, runnable, states)
+        advanced = await run_in_threadpool(self._advance_and_answer, group, runnable, states)
         metrics.record_batch(group.card.name, group.signature.backend, len(loaded))
         writes = [
             CasWrite(job.key, record, state.version, job.meta.ttl)
@@ -496,7 +481,39 @@ class SessionManager:
             else:
                 self._live.seen(job.key, record.model, outcome.info.expires_at)
                 outcomes[i] = outcome
+        await self._publish(jobs, outcomes)
         return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _publish(
+        self, jobs: list[_StepJob], outcomes: list[StepOutcome | BaseException | None]
+    ) -> None:
+        """Metrics and feedback records of the committed answers, one store call per batch."""
+        publications = []
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if not isinstance(outcome, StepOutcome) or outcome.answer is None:
+                continue
+            last, steps = outcome.answer
+            publications.append(Publication(last, job.session_id, job.owner))
+            if steps is not None:
+                publications.append(Publication(steps, job.session_id, job.owner))
+        async with self.store_slot():
+            await self.dataplane.publish_many(publications)
+
+    def _advance_and_answer(
+        self, group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
+    ) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
+        """Run the batch, then answer its steps and decide early where asked (worker thread)."""
+        advanced = _advance(group, jobs, states)
+        _attach_answers(self._answers, advanced)
+        for i, (record, outcome) in enumerate(advanced):
+            if isinstance(outcome, StepOutcome) and outcome.info.early_decision is not None:
+                try:
+                    decision = self._early_decision(outcome)
+                except Exception as error:  # that step fails, unwritten
+                    advanced[i] = (record, error)
+                else:
+                    advanced[i] = (record, dataclasses.replace(outcome, decision=decision))
+        return advanced
 
     async def _load_batch(
         self,
@@ -639,8 +656,8 @@ class SessionManager:
 def _advance(
     group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
 ) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
-    """Run the chunks as one batched step and make each session's next record and outcome
-    (and its prediction, with the jobs' `predict`). Runs in a worker thread."""
+    """Run the chunks as one batched step and make each session's next record and outcome.
+    Runs in a worker thread."""
     started = time.perf_counter()
     results = run_chunks(group.runner, [s.record.tensors for s in states], [j.inputs for j in jobs])
     compute_seconds = time.perf_counter() - started
@@ -662,38 +679,32 @@ def _advance(
             step_logits=result.logits if job.per_step else None,
             usage=usage,
             card=group.card,
+            conformal=job.conformal,
             online_level=job.online_level,
             warnings=(note,) if note else (),
         )
         advanced.append((record, outcome))
-    _attach_predictions(jobs, advanced)
     return advanced
 
 
-def _attach_predictions(
-    jobs: list[_StepJob], advanced: list[tuple[StateRecord, StepOutcome | BaseException]]
+def _attach_answers(
+    answers: Answerer, advanced: list[tuple[StateRecord, StepOutcome | BaseException]]
 ) -> None:
-    """Call each distinct `predict` once with the outcomes of its jobs, in place."""
-    by_function: dict[int, tuple[PredictFn, list[int]]] = {}
-    for i, job in enumerate(jobs):
-        if job.predict is not None:
-            by_function.setdefault(id(job.predict), (job.predict, []))[1].append(i)
-    for predict, positions in by_function.values():
-        outcomes = [advanced[i][1] for i in positions]  # all StepOutcomes at this point
-        try:
-            predictions = list(predict(outcomes))  # type: ignore[arg-type]
-            if len(predictions) != len(positions):
-                raise RuntimeError(
-                    f"predict returned {len(predictions)} answers for {len(positions)} steps"
-                )
-        except Exception as error:  # e.g. NotCalibratedError: those steps fail, unwritten
-            predictions = [error] * len(positions)
-        for i, prediction in zip(positions, predictions, strict=True):
-            record, outcome = advanced[i]
-            if isinstance(prediction, BaseException):
-                advanced[i] = (record, prediction)
-            else:
-                advanced[i] = (record, dataclasses.replace(outcome, prediction=prediction))
+    """Answer the batch's steps with one call, in place; a refused answer fails its step."""
+    positions = [i for i, (_, outcome) in enumerate(advanced) if isinstance(outcome, StepOutcome)]
+    outcomes = [advanced[i][1] for i in positions]
+    try:
+        built = list(answers(outcomes))  # type: ignore[arg-type]
+        if len(built) != len(positions):
+            raise RuntimeError(f"{len(built)} answers for {len(positions)} steps")
+    except Exception as error:  # e.g. NotCalibratedError: those steps fail, unwritten
+        built = [error] * len(positions)
+    for i, answer in zip(positions, built, strict=True):
+        record, outcome = advanced[i]
+        if isinstance(answer, BaseException):
+            advanced[i] = (record, answer)
+        else:
+            advanced[i] = (record, dataclasses.replace(outcome, answer=answer))
 
 
 # ---- small helpers ----------------------------------------------------------------------------

@@ -94,10 +94,13 @@ class Settings(BaseSettings):
         True, description="Micro-batch concurrent session steps (false: one run per step)."
     )
     batch_window_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
-        description="How long a micro-batch waits for more steps after its first one.",
+        description=(
+            "How long a micro-batch waits for more steps after its first one. 0: no wait; a "
+            "batch takes the steps that queued while the previous one ran (continuous batching)."
+        ),
     )
     batch_max_size: int = Field(64, ge=1, description="Most session steps in one micro-batch.")
     redis_pool_timeout_seconds: float = Field(

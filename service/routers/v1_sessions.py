@@ -1,17 +1,13 @@
 """Native REST routes for stateful sessions (`/v1/sessions...`): a thin adapter over the
-`SessionManager` (state, ordering, batching) and the dataplane's prediction builder
-(calibration, conformal sets, feedback records)."""
+session plane (`SessionManager`: state, ordering, batching, answers, publishing)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.auth import Principal, get_principal
-from service.dataplane import DataPlane
-from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
     EarlyDecision,
@@ -23,7 +19,6 @@ from service.schemas import (
     SessionStepResponse,
     Usage,
 )
-from service.session_answers import StepPredictions
 from service.sessions import SessionInfo, SessionManager
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
@@ -35,7 +30,6 @@ def get_sessions(request: Request) -> SessionManager:
 
 
 SessionsDependency = Annotated[SessionManager, Depends(get_sessions)]
-DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 
 
@@ -167,27 +161,15 @@ async def step_session(
     body: SessionStepRequest,
     request: Request,
     sessions: SessionsDependency,
-    dataplane: DataPlaneDependency,
     principal: PrincipalDependency,
 ) -> SessionStepResponse:
     owner = principal.owner
     inputs = await sessions.inputs_from_json(session_id, body.inputs, owner=owner)
-    outcome = await sessions.step(
-        session_id,
-        inputs,
-        per_step=body.return_steps,
-        predict=_step_predictions(request),
-        owner=owner,
-    )
+    outcome = await sessions.step(session_id, inputs, per_step=body.return_steps, owner=owner)
     info = outcome.info
     _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
-    last, steps = outcome.prediction
-    decision = await run_in_threadpool(sessions.early_decision, outcome)
-    async with sessions.store_slot():  # recording for feedback writes to the same store
-        await dataplane.publish(last, session_id=info.session_id, owner=owner)
-        if steps is not None:
-            await dataplane.publish(steps, session_id=info.session_id, owner=owner)
+    last, steps = outcome.answer
     return SessionStepResponse(
         session_id=info.session_id,
         model=info.model,
@@ -202,14 +184,5 @@ async def step_session(
         step_predictions=(None if steps is None else [Prediction.of(p) for p in steps.predictions]),
         usage=Usage(**{**outcome.usage, "sequences": 1}),
         warnings=last.warnings,
-        decision=None if decision is None else EarlyDecision(**decision),
+        decision=None if outcome.decision is None else EarlyDecision(**outcome.decision),
     )
-
-
-def _step_predictions(request: Request) -> StepPredictions:
-    """One hook per app, so the steps of a micro-batch share it (and one builder call)."""
-    state = request.app.state
-    hook = getattr(state, "session_step_predictions", None)
-    if hook is None or hook.dataplane is not state.dataplane:
-        hook = state.session_step_predictions = StepPredictions(state.dataplane)
-    return hook

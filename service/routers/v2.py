@@ -49,7 +49,6 @@ from service.errors import (
     NotFoundError,
     describe_validation_errors,
 )
-from service.generation import session_batch
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -460,13 +459,13 @@ async def run_sequence_step(
     label_request(request, model=card.name, backend=info.backend)
     conformal = _conformal(params, info.alpha, info.score)
     try:
-        outcome = await sessions.step(session_id, inputs, owner=owner)
+        outcome = await sessions.step(session_id, inputs, owner=owner, conformal=conformal)
     except Exception:
         if params.sequence_start:  # a sequence that never took a step does not stay open
             await sessions.delete(session_id, owner=owner)
         raise
-    batch = await session_batch(dataplane, outcome, conformal, usage=outcome.usage, owner=owner)
-    prediction = batch.predictions[0]
+    last, _ = outcome.answer
+    prediction = last.predictions[0]
     if params.sequence_end:
         await sessions.delete(session_id, owner=owner)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}

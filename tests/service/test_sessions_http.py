@@ -22,6 +22,7 @@ from service.app import create_app
 from service.batching import run_chunks
 from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
 from service.errors import BadInputError, ConflictError, NotFoundError, RateLimitedError
+from service.session_answers import StepPredictions
 from service.sessions import SessionManager, SessionSettings
 from service.settings import Settings
 from service.state_store import InMemoryStateStore
@@ -458,20 +459,24 @@ def test_owners_namespace_given_session_ids(test_repository: ModelRepository) ->
 def test_a_step_whose_prediction_is_refused_is_not_written(
     test_repository: ModelRepository,
 ) -> None:
-    def refuse_odd_steps(outcomes):
-        return [
-            ConflictError("refused") if outcome.info.step % 2 else outcome.info.step
-            for outcome in outcomes
-        ]
-
     async def scenario() -> None:
         dataplane = raw_softmax_dataplane(test_repository)
-        manager = SessionManager(InMemoryStateStore(), dataplane)
+        answers = StepPredictions(dataplane)
+
+        def refuse_odd_steps(outcomes):
+            built = answers(outcomes)
+            return [
+                ConflictError("refused") if outcome.info.step % 2 else answer
+                for outcome, answer in zip(outcomes, built, strict=True)
+            ]
+
+        manager = SessionManager(InMemoryStateStore(), dataplane, answers=refuse_odd_steps)
         session_id = (await manager.create(model="tiny-digits")).session_id
-        outcome = await manager.step(session_id, torch.ones(2, 8), predict=refuse_odd_steps)
-        assert outcome.prediction == 2 and outcome.info.step == 2
+        outcome = await manager.step(session_id, torch.ones(2, 8))
+        last, _ = outcome.answer
+        assert last.predictions[0].position == 2 and outcome.info.step == 2
         with pytest.raises(ConflictError, match="refused"):
-            await manager.step(session_id, torch.ones(1, 8), predict=refuse_odd_steps)
+            await manager.step(session_id, torch.ones(1, 8))
         assert (await manager.get(session_id)).step == 2  # the refused step left no trace
         await manager.close()
 
