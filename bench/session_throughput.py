@@ -1,87 +1,254 @@
-"""Session-step throughput and latency of a real server, against a plain FastAPI ceiling.
+"""Session-step throughput and latency of a real server under `wrk`, against a bare FastAPI
+ceiling and a naive stateful peer.
 
-Starts its own servers on loopback: `neuroserve serve` subprocesses for every combination
-of state store (in-process, Redis) and micro-batching (on, off), and, as the ceiling, a
-FastAPI app whose one route parses the same JSON body and answers a constant, served by
-`uvicorn.run` exactly as `neuroserve serve` serves its app. For every concurrency, that many
-sessions step as fast as their answers come back (closed loop, one time step per request,
-one keep-alive connection per session).
+Every server runs on loopback, one at a time, with the same number of uvicorn workers
+(`--workers`), and `wrk` (the C load generator: `apt-get install wrk`) drives it from its own
+process, closed loop: each connection sends its next request as soon as its answer is back.
+For every row, a warm-up run of `--warmup` s, then the measured run of `--seconds` s.
 
-Reported per row: session steps per second, p50 and p99 latency, the mean micro-batch size
-the server reported, and steps/s as a fraction of the hello ceiling at the same concurrency.
-All rows are measured in turns, `--repeats` rounds of `--seconds` each after a warm-up round,
-and each row keeps its fastest round: on a shared machine that is the round least disturbed
-by other work, and every row had the same chances. The load generator is a minimal HTTP/1.1
-client on asyncio streams (an HTTP library would cost more CPU than the server on a small
-machine); it runs in this process, on the same cores as the servers, so absolute numbers are
-machine-bound: compare rows of one run. Time: about 20 rows x (0.5 + repeats x seconds) s,
-plus start-up.
+What each row measures:
 
-    .venv/bin/python bench/session_throughput.py [--seconds 1.5] [--repeats 3]
-        [--concurrency 1 16 64 256] [--model digits-lru] [--redis-url URL] [--window-ms 2]
-        [--append docs/BENCHMARKS.md]
+- hello: a FastAPI route that parses the same JSON body as a session step and answers a
+  constant, served by uvicorn the way `neuroserve serve` serves its app. The ceiling: what the
+  HTTP stack alone answers on this machine.
+- naive step: a FastAPI endpoint that, per request, GETs the session's state (safetensors
+  bytes) from Redis, runs one `model.step` of the same model with one torch thread and SETs
+  the state back; no batching, no calibration (bench/_peers.py). The peer a stateful server
+  has to beat.
+- session step: `neuroserve serve` stepping sessions with `POST /v1/sessions/{id}/step`, one
+  time step (one row of features) per request, on each state store (in-process, Redis) with
+  micro-batching on and off.
+- v2 infer, v1 predict: stateless calls with one whole sequence (a digit: 8 rows of 8
+  features) to `POST /v2/models/{model}/infer` and `POST /v1/models/{model}/predict`, on the
+  default server (in-process store, batching on; the Redis one when `--workers` > 1).
 
-Redis rows use `--redis-url`, else a private `redis-server` from PATH (no persistence),
-else they are skipped.
+Sessions: every session row opens one wrk connection per session, on sessions created
+beforehand over HTTP. wrk cannot bind a session to a connection, so its Lua script leases
+them: a request takes the next session with no step in flight, and the answer, which names
+its session, hands the lease back. With as many sessions as connections one is always free,
+so no two steps of a session overlap; only an answer without a session id (an error) loses a
+lease, and a step sent to a busy session is then counted and reported as an overlap (the
+server serialises the steps of a session, so that is correct, only slower).
+
+Reported per row: answers below HTTP 400 per second, p50 and p99 latency from wrk's
+distribution, wrk's error counts (connect, read, write, status >= 400, timeout; a row with any
+says so), and the rate as a fraction of hello and of the naive peer at the same number of
+connections. Servers and wrk share the machine's cores, so compare rows of one run. Time:
+about (number of rows) x (warm-up + seconds), plus start-ups.
+
+    .venv/bin/python bench/session_throughput.py [--seconds 5] [--warmup 1]
+        [--concurrency 1 16 64 256] [--stateless-concurrency 1 16 64] [--workers 1]
+        [--model digits-lru] [--redis-url URL] [--window-ms 2] [--append docs/BENCHMARKS.md]
+
+Redis rows (and the naive peer) use `--redis-url`, else a private `redis-server` from PATH
+(no persistence), else they are skipped. `--workers N` > 1 needs `neuroserve serve --workers`;
+the in-process store is then skipped (each worker process would hold its own sessions).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib.metadata
 import json
 import os
 import platform
 import random
-import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
+try:
+    from bench import _peers
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    import _peers
+
+REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90.0
-WARMUP_S = 0.5  # per row, in the warm-up round
-SCRIPT = Path(sys.executable).with_name("neuroserve")
-NEUROSERVE = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "service.cli"]
+WRK_TIMEOUT = "10s"  # an answer slower than this counts as a timeout error
+WRK_MARK = "WRK_JSON "  # the line the Lua `done` prints
+ERROR_KINDS = ("connect", "read", "write", "status", "timeout")  # wrk's, in its summary
+NEUROSERVE = [sys.executable, "-m", "service.cli", "serve"]
+SESSION_TTL_S = 600  # sessions the bench leaves behind in a shared Redis expire
 
 
-# ---- a minimal keep-alive HTTP/1.1 client -----------------------------------------------------
+# ---- wrk scripts ------------------------------------------------------------------------------
+
+# Shared by both scripts: numbers the threads, and prints the summary as one JSON line.
+SUMMARY_LUA = r"""
+threads = {}
+
+function setup(thread)
+   thread:set("index", #threads)  -- 0-based, read by init
+   table.insert(threads, thread)
+end
+
+function done(summary, latency, requests)
+   local overlaps = 0
+   for _, thread in ipairs(threads) do
+      overlaps = overlaps + (thread:get("overlaps") or 0)
+   end
+   local e = summary.errors
+   io.write(string.format(
+      'WRK_JSON {"requests": %.0f, "duration_us": %.0f, "p50_us": %.0f, "p99_us": %.0f, '
+      .. '"connect": %.0f, "read": %.0f, "write": %.0f, "status": %.0f, "timeout": %.0f, '
+      .. '"overlaps": %.0f}\n',
+      summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+      e.connect, e.read, e.write, e.status, e.timeout, overlaps))
+end
+"""
+
+# Posts one JSON body (the file args[1]) to the URL, again and again.
+STATIC_LUA = r"""
+function init(args)
+   local file = assert(io.open(args[1], "rb"))
+   wrk.method, wrk.body = "POST", file:read("*a")
+   file:close()
+   wrk.headers["Content-Type"] = "application/json"
+end
+"""
+
+# Steps sessions. args[1] is a file of `session id <TAB> path <TAB> body` lines, one per
+# session; thread `index` of args[2] threads takes lines index, index + args[2], ...
+# A request leases a session with no step in flight; the answer hands it back.
+SESSIONS_LUA = r"""
+local requests, slot_of, in_flight = {}, {}, {}
+local cursor, checking = 0, false
+overlaps = 0  -- global: done() reads it with thread:get
+
+function init(args)
+   local count, line_no = tonumber(args[2]), 0
+   wrk.headers["Content-Type"] = "application/json"
+   for line in io.lines(args[1]) do
+      if line_no % count == index then
+         local id, path, body = line:match("^([^\t]+)\t([^\t]+)\t(.*)$")
+         requests[#requests + 1] = wrk.format("POST", path, nil, body)
+         slot_of[id] = #requests
+         in_flight[#requests] = 0
+      end
+      line_no = line_no + 1
+   end
+   -- wrk builds one request on thread 0 before any connection opens, only to check that it
+   -- parses (script_verify_request); it is never sent, so it takes no lease.
+   checking = index == 0
+end
+
+function request()
+   if checking then
+      checking = false
+      return requests[1]
+   end
+   local n = #requests
+   for _ = 1, n do
+      cursor = cursor % n + 1
+      if in_flight[cursor] == 0 then
+         in_flight[cursor] = 1
+         return requests[cursor]
+      end
+   end
+   -- Every session has a step in flight (an answer came back without its id): share one.
+   cursor = cursor % n + 1
+   in_flight[cursor] = in_flight[cursor] + 1
+   overlaps = overlaps + 1
+   return requests[cursor]
+end
+
+function response(status, headers, body)
+   local slot = slot_of[body:match('"session_id"%s*:%s*"([^"]+)"')]
+   if slot and in_flight[slot] > 0 then
+      in_flight[slot] = in_flight[slot] - 1
+   end
+end
+"""
 
 
-class Connection:
-    """One keep-alive connection; `post` sends JSON and returns (status, body)."""
+@dataclass
+class Cell:
+    """One wrk run."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
-        self.reader, self.writer, self.host = reader, writer, host
+    requests: int  # answers, whatever their status
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]  # wrk's counts: connect, read, write, status (>= 400), timeout
+    overlaps: int  # steps sent to a session that had one in flight
 
-    @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer, host)
+    @property
+    def rate(self) -> float:
+        """Answers below HTTP 400 per second."""
+        return (self.requests - self.errors["status"]) / self.seconds
 
-    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        self.writer.write(head.encode() + body)
-        header = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(header.split(b" ", 2)[1])
-        match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", header)
-        if match is None:
-            raise RuntimeError(f"response without Content-Length: {header[:200]!r}")
-        return status, await self.reader.readexactly(int(match.group(1)))
+    def errors_text(self) -> str:
+        counted = {kind: count for kind, count in self.errors.items() if count}
+        if not counted:
+            return "0"
+        kinds = ", ".join(f"{kind} {count}" for kind, count in counted.items())
+        return f"**{sum(counted.values())}** ({kinds})"
 
-    async def close(self) -> None:
-        self.writer.close()
-        await self.writer.wait_closed()
+
+def wrk_threads(connections: int) -> int:
+    """Two threads, or one where two cannot split the connections evenly (wrk gives each
+    thread connections // threads)."""
+    return 2 if connections % 2 == 0 else 1
+
+
+def run_wrk(url: str, script: Path, data: Path, connections: int, seconds: int) -> Cell:
+    threads = wrk_threads(connections)
+    options = ["-t", str(threads), "-c", str(connections), "-d", f"{seconds}s"]
+    options += ["--timeout", WRK_TIMEOUT, "-s", str(script)]
+    command = ["wrk", *options, url, "--", str(data), str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(WRK_MARK)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+    summary = json.loads(lines[-1][len(WRK_MARK) :])
+    return Cell(
+        requests=int(summary["requests"]),
+        seconds=summary["duration_us"] / 1e6,
+        p50_ms=summary["p50_us"] / 1000,
+        p99_ms=summary["p99_us"] / 1000,
+        errors={kind: int(summary[kind]) for kind in ERROR_KINDS},
+        overlaps=int(summary["overlaps"]),
+    )
+
+
+@dataclass(frozen=True)
+class Load:
+    """What wrk runs against one server: a Lua script and the file it reads."""
+
+    url: str
+    script: Path
+    data: Path
+
+    def measure(self, connections: int, seconds: int, warmup: int) -> Cell:
+        if warmup > 0:
+            run_wrk(self.url, self.script, self.data, connections, warmup)
+        return run_wrk(self.url, self.script, self.data, connections, seconds)
+
+
+def static_load(workdir: Path, name: str, url: str, body: bytes) -> Load:
+    script, data = workdir / "static.lua", workdir / f"{name}.json"
+    script.write_text(SUMMARY_LUA + STATIC_LUA)
+    data.write_bytes(body)
+    return Load(url, script, data)
+
+
+def sessions_load(
+    workdir: Path, name: str, port: int, paths: list[str], ids: list[str], bodies: list[bytes]
+) -> Load:
+    script, data = workdir / "sessions.lua", workdir / f"{name}-{len(ids)}.tsv"
+    script.write_text(SUMMARY_LUA + SESSIONS_LUA)
+    lines = (f"{i}\t{p}\t{b.decode()}\n" for i, p, b in zip(ids, paths, bodies, strict=True))
+    data.write_text("".join(lines))
+    return Load(f"http://127.0.0.1:{port}", script, data)
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -108,7 +275,9 @@ def wait_listening(port: int, process: subprocess.Popen, log: Path) -> None:
 @contextmanager
 def server(command: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[int]:
     with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT
+        )
         try:
             wait_listening(port, process, log)
             yield port
@@ -122,44 +291,62 @@ def server(command: list[str], env: dict[str, str], port: int, log: Path) -> Ite
 
 
 def base_env(**extra: str) -> dict[str, str]:
+    """This environment without NEUROSERVE_* settings, one thread per process, and this
+    checkout first on the import path (servers run its code, not an installed copy)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
-def neuroserve(
-    workdir: Path, name: str, store_url: str | None, batching: bool, prefix: str, window_ms: float
-):
+def check_workers_supported(workers: int) -> None:
+    if workers == 1:
+        return
+    help_text = subprocess.run(
+        [*NEUROSERVE, "--help"], env=base_env(), cwd=REPO, capture_output=True, text=True
+    ).stdout
+    if "--workers" not in help_text:
+        raise SystemExit(
+            "`neuroserve serve` has no --workers option in this checkout: only --workers 1 "
+            "can be compared"
+        )
+
+
+def neuroserve(workdir: Path, name: str, store_url: str | None, batching: bool, args):
     port = free_port()
     env = base_env(
         NEUROSERVE_BATCHING="true" if batching else "false",
-        NEUROSERVE_BATCH_WINDOW_MS=str(window_ms),
-        NEUROSERVE_STATE_STORE_PREFIX=prefix,
+        NEUROSERVE_BATCH_WINDOW_MS=str(args.window_ms),
+        NEUROSERVE_STATE_STORE_PREFIX=f"bench-{name}-{os.getpid()}",
+        NEUROSERVE_SESSION_TTL_SECONDS=str(SESSION_TTL_S),
         NEUROSERVE_LOG_LEVEL="warning",
         **({"NEUROSERVE_REDIS_URL": store_url} if store_url else {}),
     )
-    command = [*NEUROSERVE, "serve", "--host", "127.0.0.1", "--port", str(port)]
+    command = [*NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
+    if args.workers > 1:  # passed only when asked for: older `serve` has no such option
+        command += ["--workers", str(args.workers)]
     return server(command, env, port, workdir / f"{name}.log")
 
 
-def hello_server(workdir: Path):
+def hello_server(workdir: Path, workers: int):
     port = free_port()
-    command = [sys.executable, __file__, "--serve-hello", str(port)]
+    command = [sys.executable, __file__, "--serve-hello", str(port), "--workers", str(workers)]
     return server(command, base_env(), port, workdir / "hello.log")
 
 
-def serve_hello(port: int) -> None:
-    """The ceiling: FastAPI parsing the same body, served by uvicorn as `neuroserve serve`
-    serves its app (`uvicorn.run(app, host, port, log_level)`)."""
-    import uvicorn
-    from fastapi import FastAPI
-
-    app = FastAPI()
-
-    @app.post("/hello")
-    async def hello(body: dict) -> dict:
-        return {"hello": "world", "fields": len(body)}
-
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+def naive_server(workdir: Path, redis_url: str, model: str, workers: int):
+    port = free_port()
+    command = [
+        sys.executable,
+        __file__,
+        "--serve-naive",
+        str(port),
+        redis_url,
+        model,
+        "--workers",
+        str(workers),
+    ]
+    env = base_env(**{_peers.NAIVE_PREFIX: f"bench-naive-{os.getpid()}"})
+    return server(command, env, port, workdir / "naive.log")
 
 
 @contextmanager
@@ -175,197 +362,225 @@ def private_redis(workdir: Path) -> Iterator[str | None]:
         yield f"redis://127.0.0.1:{port}/0"
 
 
-# ---- load -------------------------------------------------------------------------------------
+# ---- requests ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Cell:
-    rate: float  # completed requests per second
-    p50_ms: float
-    p99_ms: float
-    mean_batch: float | None
+def model_input(model: str) -> tuple[int, int]:
+    """(features per step, steps per sequence) of a built-in feature model."""
+    from models.repository import ModelRepository, default_repository_root
+
+    card = ModelRepository(default_repository_root()).card(model)
+    spec = card.config["input"]
+    if spec["kind"] != "features":
+        raise SystemExit(f"{model} is a token model; this bench steps feature models")
+    return int(spec["features"]), int(spec["steps"])
 
 
-def step_body(features: int, rng: random.Random) -> bytes:
-    row = [round(rng.uniform(0, 16), 3) for _ in range(features)]
-    return json.dumps({"inputs": [row]}).encode()
+def random_row(features: int, rng: random.Random) -> list[float]:
+    return [round(rng.uniform(0, 16), 3) for _ in range(features)]
 
 
-async def closed_loop(
-    port: int, paths: list[str], bodies: list[bytes], seconds: float, read_batch: bool
-) -> Cell:
-    """Each path gets one connection posting its body back to back. The window of `seconds`
-    opens once every client has had its first answer (the pipeline is full), and counts the
-    requests that complete inside it, whenever they were sent."""
-    connections = [await Connection.open("127.0.0.1", port) for _ in paths]
-    latencies: list[float] = []
-    batches: list[int] = []
-    window: list[float] = []  # [opens, closes] once every client has been answered
-    answered = 0
-
-    async def worker(connection: Connection, path: str, body: bytes) -> None:
-        nonlocal answered
-        first = True
-        while True:
-            sent = time.perf_counter()
-            if window and sent >= window[1]:
-                return
-            status, answer = await connection.post(path, body)
-            done = time.perf_counter()
-            if status != 200:
-                raise RuntimeError(f"{path}: HTTP {status}: {answer[:300]!r}")
-            if first:
-                first, answered = False, answered + 1
-                if answered == len(paths):
-                    window.extend([done, done + seconds])
-            if window and window[0] <= done <= window[1]:
-                latencies.append(done - sent)
-                if read_batch:
-                    batches.append(json.loads(answer)["usage"]["batch_size"])
-
-    workers = zip(connections, paths, bodies, strict=True)
-    await asyncio.gather(*(worker(c, p, b) for c, p, b in workers))
-    for connection in connections:
-        await connection.close()
-    latencies.sort()
-    if not latencies:
-        return Cell(0.0, float("nan"), float("nan"), None)
-    return Cell(
-        rate=len(latencies) / seconds,
-        p50_ms=1000 * statistics.median(latencies),
-        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-        mean_batch=statistics.fmean(batches) if batches else None,
-    )
+def stateless_bodies(model: str, sequence: list[list[float]]) -> dict[str, tuple[str, bytes]]:
+    """Endpoint name -> (path, body) of the stateless calls, one sequence each."""
+    flat = [value for row in sequence for value in row]
+    shape = [1, len(sequence), len(sequence[0])]
+    v2 = {"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": flat}]}
+    return {
+        "v2 infer": (f"/v2/models/{model}/infer", json.dumps(v2).encode()),
+        "v1 predict": (f"/v1/models/{model}/predict", json.dumps({"inputs": [sequence]}).encode()),
+    }
 
 
-async def create_sessions(port: int, model: str, count: int) -> list[str]:
-    connection = await Connection.open("127.0.0.1", port)
-    ids = []
-    for _ in range(count):
-        body = json.dumps({"model": model}).encode()
-        status, answer = await connection.post("/v1/sessions", body)
-        if status != 201:
-            raise RuntimeError(f"creating a session: HTTP {status}: {answer[:300]!r}")
-        ids.append(json.loads(answer)["session_id"])
-    await connection.close()
+def create_sessions(port: int, path: str, body: dict, count: int) -> list[str]:
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        ids = []
+        for _ in range(count):
+            answer = http.post(path, json=body)
+            if answer.status_code != 201:
+                raise RuntimeError(f"creating a session: HTTP {answer.status_code}: {answer.text}")
+            ids.append(answer.json()["session_id"])
     return ids
 
 
-@dataclass(frozen=True)
-class Target:
-    """One row of the table: a server and what to post to it."""
-
-    store: str  # "hello ceiling", "in-process" or "redis"
-    batching: str  # "on", "off" or "-"
-    port: int
-    paths: list[str]  # one per concurrent client; the first `concurrency` are used
-    bodies: list[bytes]
-
-    async def measure(self, concurrency: int, seconds: float) -> Cell:
-        paths, bodies = self.paths[:concurrency], self.bodies[:concurrency]
-        return await closed_loop(self.port, paths, bodies, seconds, self.store != "hello ceiling")
+def check_answers(url: str, body: bytes) -> None:
+    """One request before the load: a refused body fails here, with the server's reason."""
+    answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    if not answer.is_success:
+        raise RuntimeError(f"POST {url}: HTTP {answer.status_code}: {answer.text[:500]}")
 
 
 # ---- the table --------------------------------------------------------------------------------
 
 
-def model_features(model: str) -> int:
-    from models.repository import ModelRepository, default_repository_root
+@dataclass(frozen=True)
+class Row:
+    endpoint: str  # hello, naive step, session step, v2 infer, v1 predict
+    store: str
+    batching: str
+    connections: int
+    cell: Cell
 
-    card = ModelRepository(default_repository_root()).card(model)
-    if card.config["input"]["kind"] != "features":
-        raise SystemExit(f"{model} is a token model; this bench steps feature models")
-    return int(card.config["input"]["features"])
+
+@dataclass
+class Bench:
+    """What every row shares: the options, a scratch folder, the request bodies."""
+
+    args: argparse.Namespace
+    workdir: Path
+    step_bodies: list[bytes]  # one per session: {"inputs": [one row]}
+    sequence: list[list[float]]  # the stateless calls' one sequence
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, endpoint: str, store: str, batching: str, cells: dict[int, Cell]) -> None:
+        self.rows += [Row(endpoint, store, batching, n, cell) for n, cell in cells.items()]
+
+    def static_cells(self, name: str, url: str, body: bytes, counts: list[int]) -> dict:
+        check_answers(url, body)
+        load = static_load(self.workdir, name, url, body)
+        return {n: load.measure(n, self.args.seconds, self.args.warmup) for n in counts}
+
+    def session_cells(self, name: str, port: int, step_path: str, ids: list[str]) -> dict:
+        paths = [step_path.format(session_id=session_id) for session_id in ids]
+        check_answers(f"http://127.0.0.1:{port}{paths[0]}", self.step_bodies[0])
+        cells = {}
+        for n in self.args.concurrency:
+            bodies = self.step_bodies[:n]
+            load = sessions_load(self.workdir, name, port, paths[:n], ids[:n], bodies)
+            cells[n] = load.measure(n, self.args.seconds, self.args.warmup)
+        return cells
+
+    def hello(self) -> None:
+        counts = sorted({*self.args.concurrency, *self.args.stateless_concurrency})
+        with hello_server(self.workdir, self.args.workers) as port:
+            url = f"http://127.0.0.1:{port}/hello"
+            cells = self.static_cells("hello", url, self.step_bodies[0], counts)
+        self.add("hello", "-", "-", cells)
+
+    def naive(self, redis_url: str) -> None:
+        args = self.args
+        with naive_server(self.workdir, redis_url, args.model, args.workers) as port:
+            ids = create_sessions(port, "/sessions", {}, len(self.step_bodies))
+            cells = self.session_cells("naive", port, "/sessions/{session_id}/step", ids)
+        self.add("naive step", "redis", "off", cells)
+
+    def neuroserve(self, store: str, store_url: str | None, batching: bool, stateless: bool):
+        """Session rows of one server; with `stateless`, its v2 infer and v1 predict rows."""
+        name = f"{store}-{'batched' if batching else 'single'}"
+        with neuroserve(self.workdir, name, store_url, batching, self.args) as port:
+            opening = {"model": self.args.model}
+            ids = create_sessions(port, "/v1/sessions", opening, len(self.step_bodies))
+            cells = self.session_cells(name, port, "/v1/sessions/{session_id}/step", ids)
+            self.add("session step", store, "on" if batching else "off", cells)
+            if not stateless:
+                return
+            for endpoint, (path, body) in stateless_bodies(self.args.model, self.sequence).items():
+                url, counts = f"http://127.0.0.1:{port}{path}", self.args.stateless_concurrency
+                self.add(endpoint, "-", "-", self.static_cells(endpoint, url, body, counts))
 
 
 def run(args: argparse.Namespace) -> str:
-    """Start every server, then measure all rows in turns (`--repeats` rounds after one
-    warm-up round), keeping each row's fastest round: on a shared machine that is the round
-    least disturbed by other work, and every row had the same chances."""
-    features = model_features(args.model)
-    most = max(args.concurrency)
+    """Start each server in turn, measure its rows, stop it; render the table."""
+    features, steps = model_input(args.model)
     rng = random.Random(0)
-    bodies = [step_body(features, rng) for _ in range(most)]
-    workdir = Path(tempfile.mkdtemp(prefix="session-bench-"))
-    with ExitStack() as servers:
-        targets = [Target("hello ceiling", "-", servers.enter_context(hello_server(workdir)),
-                          ["/hello"] * most, bodies)]  # fmt: skip
-        url = args.redis_url
-        if url is None:
-            url = servers.enter_context(private_redis(workdir))
-        stores = [("in-process", None)] + ([("redis", url)] if url else [])
-        for store_name, store_url in stores:
+    rows = [random_row(features, rng) for _ in range(max(args.concurrency))]
+    step_bodies = [json.dumps({"inputs": [row]}).encode() for row in rows]
+    sequence = [random_row(features, rng) for _ in range(steps)]
+    bench = Bench(args, Path(tempfile.mkdtemp(prefix="session-bench-")), step_bodies, sequence)
+    notes: list[str] = []
+    with ExitStack() as stack:
+        redis_url = args.redis_url or stack.enter_context(private_redis(bench.workdir))
+        bench.hello()
+        if redis_url is None:
+            notes.append("No Redis was available: the naive peer and the Redis rows were skipped.")
+        else:
+            bench.naive(redis_url)
+        stores = [("in-process", None)] if args.workers == 1 else []
+        stores += [("redis", redis_url)] if redis_url else []
+        if args.workers > 1:
+            notes.append("In-process rows skipped: each worker process would hold its sessions.")
+        for s, (store, store_url) in enumerate(stores):
             for batching in (True, False):
-                name = f"{store_name}-{'batched' if batching else 'single'}"
-                prefix = f"bench-{name}-{os.getpid()}"
-                server = neuroserve(workdir, name, store_url, batching, prefix, args.window_ms)
-                port = servers.enter_context(server)
-                ids = asyncio.run(create_sessions(port, args.model, most))
-                paths = [f"/v1/sessions/{session_id}/step" for session_id in ids]
-                targets.append(Target(store_name, "on" if batching else "off", port, paths, bodies))
-        best: dict[tuple[int, int], Cell] = {}
-        for round_ in range(args.repeats + 1):
-            for t, target in enumerate(targets):
-                for n in args.concurrency:
-                    seconds = WARMUP_S if round_ == 0 else args.seconds
-                    cell = asyncio.run(target.measure(n, seconds))
-                    if round_ > 0 and ((t, n) not in best or cell.rate > best[(t, n)].rate):
-                        best[(t, n)] = cell
-    hello = {n: best[(0, n)] for n in args.concurrency}
-    rows = [
-        (target.store, target.batching, n, best[(t, n)])
-        for t, target in enumerate(targets)
-        if t > 0
-        for n in args.concurrency
-    ]
-    return render(args, hello, rows, redis_ran=len(targets) > 3)
+                bench.neuroserve(store, store_url, batching, stateless=s == 0 and batching)
+    return render(args, bench.rows, notes, sequence=f"{steps}x{features}")
 
 
-def render(
-    args: argparse.Namespace,
-    hello: dict[int, Cell],
-    rows: list[tuple[str, str, int, Cell]],
-    redis_ran: bool,
-) -> str:
-    import torch
+def ratio(cell: Cell, peer: Cell | None) -> str:
+    return f"{cell.rate / peer.rate:.2f}" if peer is not None and peer.rate > 0 else "-"
 
+
+def wrk_version() -> str:
+    done = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    words = (done.stdout + done.stderr).split()
+    return " ".join(words[:2]) if words else "wrk"
+
+
+ENDPOINTS = ("hello", "naive step", "session step", "v2 infer", "v1 predict")  # table order
+
+
+def render(args: argparse.Namespace, rows: list[Row], notes: list[str], sequence: str) -> str:
+    rows = sorted(rows, key=lambda row: ENDPOINTS.index(row.endpoint))  # stable: run order
+    hello = {row.connections: row.cell for row in rows if row.endpoint == "hello"}
+    naive = {row.connections: row.cell for row in rows if row.endpoint == "naive step"}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = "python bench/session_throughput.py " + " ".join(sys.argv[1:])
     lines = [
         f"`{command.strip()}`",
         "",
-        f"{args.model}, one time step per request, closed loop; each row the fastest of "
-        f"{args.repeats} interleaved rounds of {args.seconds:g} s (after a warm-up round); "
-        "servers and load generator on the same "
-        f"{os.cpu_count()} cores ({platform.machine()}, load average {load:.1f} at the end), "
-        f"1 torch thread per server, torch {torch.__version__}; batching window "
-        f"{args.window_ms:g} ms, max batch 64."
-        + ("" if redis_ran else " No Redis was available: Redis rows skipped."),
+        f"{args.model}; session rows one time step per request, v2 infer / v1 predict one "
+        f"{sequence} sequence per request; load from "
+        f"{wrk_version()} (closed loop, up to 2 threads, one connection per session), "
+        f"{args.warmup} s warm-up then {args.seconds} s per row; {args.workers} uvicorn "
+        f"worker(s) per server; servers and wrk on the same {os.cpu_count()} cores "
+        f"({platform.machine()}, load average {load:.1f} at the end), 1 torch thread per "
+        f"process, torch {importlib.metadata.version('torch')}; batching window "
+        f"{args.window_ms:g} ms. requests/s counts answers below HTTP 400.",
         "",
-        "| store | batching | concurrent sessions | steps/s | p50 ms | p99 ms "
-        "| mean batch | vs hello |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| endpoint | store | batching | connections | requests/s | p50 ms | p99 ms | errors "
+        "| vs hello | vs naive |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for n, cell in hello.items():
+    for row in rows:
+        cell = row.cell
+        stepping = row.endpoint in ("naive step", "session step")
         lines.append(
-            f"| hello ceiling | - | {n} | {cell.rate:,.0f} | {cell.p50_ms:.2f} | "
-            f"{cell.p99_ms:.2f} | - | 1.00 |"
+            f"| {row.endpoint} | {row.store} | {row.batching} | {row.connections} | "
+            f"{cell.rate:,.0f} | {cell.p50_ms:.2f} | {cell.p99_ms:.2f} | {cell.errors_text()} | "
+            f"{ratio(cell, hello.get(row.connections))} | "
+            f"{ratio(cell, naive.get(row.connections)) if stepping else '-'} |"
         )
-    for store, batching, n, cell in rows:
-        ratio = cell.rate / hello[n].rate if hello[n].rate else float("nan")
-        batch = f"{cell.mean_batch:.1f}" if cell.mean_batch is not None else "-"
-        lines.append(
-            f"| {store} | {batching} | {n} | {cell.rate:,.0f} | {cell.p50_ms:.2f} | "
-            f"{cell.p99_ms:.2f} | {batch} | {ratio:.2f} |"
+    failed = [row for row in rows if row.cell.errors_text() != "0"]
+    if failed:
+        notes.append(f"{len(failed)} row(s) had errors (see the errors column).")
+    overlapped = [row for row in rows if row.cell.overlaps]
+    for row in overlapped:
+        notes.append(
+            f"{row.endpoint} ({row.store}, batching {row.batching}, {row.connections}): "
+            f"{row.cell.overlaps} step(s) sent to a session with a step in flight."
         )
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=1.5, help="time per row and round")
-    parser.add_argument("--repeats", type=int, default=3, help="measured rounds over all rows")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--seconds", type=int, default=5, help="measured time per row (whole s)")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up per row (whole s, 0: none)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 16, 64, 256],
+        help="concurrent sessions of the session rows",
+    )
+    parser.add_argument(
+        "--stateless-concurrency",
+        type=int,
+        nargs="+",
+        help="connections of the v2 infer / v1 predict rows "
+        "(default: those of --concurrency up to 64)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server")
     parser.add_argument("--model", default="digits-lru", help="a built-in feature model")
     parser.add_argument("--redis-url", help="Redis for the Redis rows (default: private)")
     parser.add_argument(
@@ -373,12 +588,26 @@ def main() -> None:
     )
     parser.add_argument("--append", type=Path, help="also append the table to this file")
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-naive", nargs=3, metavar=("PORT", "REDIS_URL", "MODEL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve_hello is not None:
-        serve_hello(args.serve_hello)
+        _peers.serve("hello_app", args.serve_hello, args.workers)
         return
-    if args.seconds <= 0 or args.repeats < 1 or any(n < 1 for n in args.concurrency):
-        parser.error("--seconds, --repeats and every --concurrency must be positive")
+    if args.serve_naive is not None:
+        port, redis_url, model = args.serve_naive
+        os.environ.update({_peers.NAIVE_REDIS_URL: redis_url, _peers.NAIVE_MODEL: model})
+        _peers.serve("naive_app", int(port), args.workers)
+        return
+    if args.stateless_concurrency is None:
+        args.stateless_concurrency = [n for n in args.concurrency if n <= 64] or [1]
+    counts = [*args.concurrency, *args.stateless_concurrency]
+    if args.seconds < 1 or args.warmup < 0 or args.workers < 1 or min(counts) < 1:
+        parser.error("--seconds, --workers and every connection count must be positive")
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not on PATH (Debian/Ubuntu: apt-get install wrk)")
+    check_workers_supported(args.workers)
     table = run(args)
     print(table)
     if args.append is not None:
