@@ -38,7 +38,7 @@ about (number of rows) x (warm-up + seconds), plus start-ups.
 
     .venv/bin/python bench/session_throughput.py [--seconds 5] [--warmup 1]
         [--concurrency 1 16 64 256] [--stateless-concurrency 1 16 64] [--workers 1]
-        [--model digits-lru] [--redis-url URL] [--window-ms 2] [--append docs/BENCHMARKS.md]
+        [--model digits-lru] [--redis-url URL] [--window-ms MS] [--append docs/BENCHMARKS.md]
 
 Redis rows (and the naive peer) use `--redis-url`, else a private `redis-server` from PATH
 (no persistence), else they are skipped. `--workers N` > 1 needs `neuroserve serve --workers`;
@@ -315,11 +315,15 @@ def neuroserve(workdir: Path, name: str, store_url: str | None, batching: bool, 
     port = free_port()
     env = base_env(
         NEUROSERVE_BATCHING="true" if batching else "false",
-        NEUROSERVE_BATCH_WINDOW_MS=str(args.window_ms),
         NEUROSERVE_STATE_STORE_PREFIX=f"bench-{name}-{os.getpid()}",
         NEUROSERVE_SESSION_TTL_SECONDS=str(SESSION_TTL_S),
         NEUROSERVE_LOG_LEVEL="warning",
         **({"NEUROSERVE_REDIS_URL": store_url} if store_url else {}),
+        **(
+            {"NEUROSERVE_BATCH_WINDOW_MS": str(args.window_ms)}
+            if args.window_ms is not None
+            else {}
+        ),
     )
     command = [*NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
     if args.workers > 1:  # passed only when asked for: older `serve` has no such option
@@ -504,6 +508,17 @@ def run(args: argparse.Namespace) -> str:
     return render(args, bench.rows, notes, sequence=f"{steps}x{features}")
 
 
+def batch_window_ms(args: argparse.Namespace) -> float:
+    """The window the servers ran with: --window-ms, else the default of this checkout."""
+    from service.settings import Settings
+
+    return (
+        args.window_ms
+        if args.window_ms is not None
+        else Settings.model_fields["batch_window_ms"].default
+    )
+
+
 def ratio(cell: Cell, peer: Cell | None) -> str:
     return f"{cell.rate / peer.rate:.2f}" if peer is not None and peer.rate > 0 else "-"
 
@@ -533,7 +548,7 @@ def render(args: argparse.Namespace, rows: list[Row], notes: list[str], sequence
         f"worker(s) per server; servers and wrk on the same {os.cpu_count()} cores "
         f"({platform.machine()}, load average {load:.1f} at the end), 1 torch thread per "
         f"process, torch {importlib.metadata.version('torch')}; batching window "
-        f"{args.window_ms:g} ms. requests/s counts answers below HTTP 400.",
+        f"{batch_window_ms(args):g} ms. requests/s counts answers below HTTP 400.",
         "",
         "| endpoint | store | batching | connections | requests/s | p50 ms | p99 ms | errors "
         "| vs hello | vs naive |",
@@ -584,7 +599,7 @@ def main() -> None:
     parser.add_argument("--model", default="digits-lru", help="a built-in feature model")
     parser.add_argument("--redis-url", help="Redis for the Redis rows (default: private)")
     parser.add_argument(
-        "--window-ms", type=float, default=2.0, help="micro-batch window (server default 2)"
+        "--window-ms", type=float, help="micro-batch window (default: the server's default)"
     )
     parser.add_argument("--append", type=Path, help="also append the table to this file")
     parser.add_argument("--serve-hello", type=int, help=argparse.SUPPRESS)
