@@ -76,6 +76,63 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return current + 1
 """
 
+# The batch forms of the scripts above, for one round trip and one command per micro-batch
+# (outside Redis Cluster, where a batch's keys may live on different nodes). A key holding
+# another Redis type is reported per key (pcall), never failing the batch half-written.
+
+# KEYS = session keys; ARGV = ttl in ms to touch (0: no touch). Per key: {version, blob},
+# {} when absent, or {'WRONGTYPE'}.
+LOAD_MANY_SCRIPT = """
+local loads = {}
+for i = 1, #KEYS do
+  local reply = redis.pcall('HMGET', KEYS[i], 'version', 'blob')
+  if type(reply) == 'table' and reply.err then
+    loads[i] = {'WRONGTYPE'}
+  elseif reply[1] and reply[2] then
+    if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
+    loads[i] = reply
+  else
+    loads[i] = {}
+  end
+end
+return loads
+"""
+
+# KEYS = session keys; ARGV = (expected version, blob, ttl in ms) per key. Per key: as
+# CAS_SCRIPT (a key of another type counts as gone).
+CAS_MANY_SCRIPT = """
+local results = {}
+for i = 1, #KEYS do
+  local base = 3 * (i - 1)
+  local current = redis.pcall('HGET', KEYS[i], 'version')
+  if type(current) == 'table' or not current then
+    results[i] = 0
+  else
+    current = tonumber(current)
+    if current ~= tonumber(ARGV[base + 1]) then
+      results[i] = -current
+    else
+      redis.call('HSET', KEYS[i], 'version', current + 1, 'blob', ARGV[base + 2])
+      redis.call('PEXPIRE', KEYS[i], ARGV[base + 3])
+      results[i] = current + 1
+    end
+  end
+end
+return results
+"""
+
+# KEYS = record keys; ARGV[1] = ttl in ms (0: none), then one value per key.
+PUT_MANY_SCRIPT = """
+for i = 1, #KEYS do
+  if tonumber(ARGV[1]) > 0 then
+    redis.call('SET', KEYS[i], ARGV[i + 1], 'PX', ARGV[1])
+  else
+    redis.call('SET', KEYS[i], ARGV[i + 1])
+  end
+end
+return #KEYS
+"""
+
 # KEYS[1] = hash key; ARGV = ttl in ms (0: keep), then field, amount pairs.
 # Adds every amount in one atomic step and returns the whole hash (HGETALL's flat list). Redis
 # does not undo a script's earlier writes when a later command fails, so a field that cannot
@@ -333,6 +390,12 @@ class RedisStateStore(StateStore):
         return created == 1
 
     async def _get_raw_many(self, keys: Sequence[str], touch_ttl_ms: int | None) -> list[RawLoad]:
+        if not self._is_cluster:
+            loads = await self._run_batch_script(LOAD_MANY_SCRIPT, keys, [touch_ttl_ms or 0])
+            return [
+                self._raw_load(key, _batch_load(reply))
+                for key, reply in zip(keys, loads, strict=True)
+            ]
         with self._errors("load"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
@@ -360,6 +423,11 @@ class RedisStateStore(StateStore):
         return blob, int(version)
 
     async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
+        if not self._is_cluster:
+            keys = [key for key, _, _, _ in writes]
+            args = [arg for _, blob, expected, ttl_ms in writes for arg in (expected, blob, ttl_ms)]
+            results = await self._run_batch_script(CAS_MANY_SCRIPT, keys, args)
+            return [int(result) for result in results]
         calls = [(key, (expected, blob, ttl_ms)) for key, blob, expected, ttl_ms in writes]
         return [int(result) for result in await self._run_scripts(CAS_SCRIPT, calls)]
 
@@ -378,6 +446,12 @@ class RedisStateStore(StateStore):
             await self._client.set(key, value, px=ttl_ms)
 
     async def _put_raw_many(self, items: Sequence[tuple[str, bytes]], ttl_ms: int | None) -> None:
+        if not self._is_cluster:
+            keys = [key for key, _ in items]
+            await self._run_batch_script(
+                PUT_MANY_SCRIPT, keys, [ttl_ms or 0, *(v for _, v in items)]
+            )
+            return
         with self._errors("SET"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for key, value in items:
@@ -465,6 +539,20 @@ class RedisStateStore(StateStore):
             pending = retry
         raise StateStoreError("Redis kept losing the state store's Lua scripts")
 
+    async def _run_batch_script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """One multi-key call of `source` (EVALSHA, reloaded on NOSCRIPT); not for Cluster."""
+        if not keys:
+            return []
+        for attempt in range(2):
+            sha = await self._script_sha(source, attempt > 0)
+            try:
+                return await self._client.evalsha(sha, len(keys), *keys, *args)
+            except redis_errors.NoScriptError:
+                continue  # flushed meanwhile: load it again
+            except (redis_errors.RedisError, *_UNAVAILABLE_ERRORS) as exc:
+                self._raise_mapped(exc, "EVALSHA")
+        raise StateStoreError("Redis kept losing the state store's Lua scripts")
+
     async def _script_sha(self, source: str, reload: bool) -> str:
         if reload or source not in self._script_shas:
             with self._errors("SCRIPT LOAD"):
@@ -490,6 +578,13 @@ class RedisStateStore(StateStore):
         raise StateStoreError(
             f"state store error ({self._description}): {operation} failed: {exc}"
         ) from exc
+
+
+def _batch_load(reply: Any) -> Any:
+    """One LOAD_MANY_SCRIPT entry in the shape of an HMGET reply (or the error it stands for)."""
+    if reply == [b"WRONGTYPE"]:
+        return redis_errors.ResponseError("WRONGTYPE the key holds another Redis type")
+    return reply if reply else [None, None]
 
 
 def _holds_no_integers(exc: BaseException) -> bool:

@@ -365,6 +365,30 @@ async def test_cas_many_applies_each_write_on_its_own(store: StateStore) -> None
     assert await store.cas_many([]) == []
 
 
+@pytest.mark.redis
+async def test_a_key_of_another_redis_type_fails_alone_in_a_batch(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
+        for index in range(2):
+            await store.create(f"s{index}", counter_record(index), LONG_TTL)
+        client = redis.Redis.from_url(redis_url)
+        client.set(store.session_key("plain"), b"not a session hash")
+        loads = await store.get_many(["s0", "plain", "s1"])
+        assert [count_of(loads[0].record), count_of(loads[2].record)] == [0, 1]
+        assert isinstance(loads[1], CorruptStateError) and "another Redis type" in str(loads[1])
+        outcomes = await store.cas_many(
+            [
+                CasWrite("s0", counter_record(7), 1, LONG_TTL),
+                CasWrite("plain", counter_record(7), 1, LONG_TTL),
+            ]
+        )
+        assert outcomes[0] == 2 and isinstance(outcomes[1], StateNotFoundError)
+        assert client.get(store.session_key("plain")) == b"not a session hash"
+        assert count_of((await store.get("s0")).record) == 7
+        client.close()
+
+
 async def test_a_batch_step_round_trip(store: StateStore) -> None:
     """The micro-batcher's pattern: load a batch, step it, store it; repeat."""
     session_ids = [f"s{index}" for index in range(8)]
