@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # The multiprocess folder must exist before the first metric is created below.
 if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -337,6 +338,19 @@ def reliability_bin(confidence: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Recording functions
 
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, cached: prometheus_client checks and locks on every call, and
+    a session step records a dozen series. Series are never removed here, so a cached child
+    stays the one the registry exports."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
 
 def record_request(route: str, model: str, backend: str, status: int, seconds: float) -> None:
     """One HTTP request: `route` is the route template ("/v1/sessions/{session_id}/step")."""
@@ -345,19 +359,19 @@ def record_request(route: str, model: str, backend: str, status: int, seconds: f
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status code 100..599, got {status!r}")
     seconds = _check_non_negative("seconds", seconds)
-    REQUESTS.labels(route, model, backend, str(status)).inc()
-    REQUEST_DURATION.labels(route, model, backend).observe(seconds)
+    _child(REQUESTS, route, model, backend, str(status)).inc()
+    _child(REQUEST_DURATION, route, model, backend).observe(seconds)
 
 
 def record_batch(model: str, backend: str, size: int) -> None:
     """One micro-batched step over `size` sequences."""
     size = _check_count("batch size", size, minimum=1)
-    BATCH_SIZE.labels(_check_label("model", model), _check_label("backend", backend)).observe(size)
+    _child(BATCH_SIZE, _check_label("model", model), _check_label("backend", backend)).observe(size)
 
 
 def set_active_sessions(model: str, count: int) -> None:
     """The number of live sessions the state store holds for `model`."""
-    ACTIVE_SESSIONS.labels(_check_label("model", model)).set(_check_count("session count", count))
+    _child(ACTIVE_SESSIONS, _check_label("model", model)).set(_check_count("session count", count))
 
 
 def record_prediction(
@@ -379,12 +393,12 @@ def record_prediction(
         raise TypeError(f"abstained must be a bool, got {type(abstained).__name__}")
     if alpha is not None:
         alpha = _check_probability("alpha", alpha)
-        COVERAGE_TARGET.labels(model, backend, score).set(1.0 - alpha)
-    PREDICTIONS.labels(model, backend).inc()
-    PREDICTION_SET_SIZE.labels(model, backend, score).observe(set_size)
-    PREDICTION_CONFIDENCE.labels(model, backend).observe(confidence)
+        _child(COVERAGE_TARGET, model, backend, score).set(1.0 - alpha)
+    _child(PREDICTIONS, model, backend).inc()
+    _child(PREDICTION_SET_SIZE, model, backend, score).observe(set_size)
+    _child(PREDICTION_CONFIDENCE, model, backend).observe(confidence)
     if abstained:
-        ABSTENTIONS.labels(model, backend).inc()
+        _child(ABSTENTIONS, model, backend).inc()
 
 
 def record_feedback(
@@ -401,17 +415,17 @@ def record_feedback(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     bin_label = reliability_bin(confidence)
-    FEEDBACK.labels(model, backend, score, "true" if covered else "false").inc()
-    RELIABILITY_PREDICTIONS.labels(model, backend, bin_label).inc()
-    RELIABILITY_CONFIDENCE_SUM.labels(model, backend, bin_label).inc(confidence)
+    _child(FEEDBACK, model, backend, score, "true" if covered else "false").inc()
+    _child(RELIABILITY_PREDICTIONS, model, backend, bin_label).inc()
+    _child(RELIABILITY_CONFIDENCE_SUM, model, backend, bin_label).inc(confidence)
     # Touch the correct counter even when it stays 0, so the bin exists in every window.
-    RELIABILITY_CORRECT.labels(model, backend, bin_label).inc(1.0 if correct else 0.0)
+    _child(RELIABILITY_CORRECT, model, backend, bin_label).inc(1.0 if correct else 0.0)
 
 
 def set_aci_alpha(model: str, backend: str, alpha: float) -> None:
     """The online (ACI) monitor's current miscoverage level."""
     model, backend = _check_label("model", model), _check_label("backend", backend)
-    ACI_ALPHA.labels(model, backend).set(_check_probability("alpha", alpha))
+    _child(ACI_ALPHA, model, backend).set(_check_probability("alpha", alpha))
 
 
 def record_usage(model: str, backend: str, usage: Mapping[str, float | int | None]) -> None:
@@ -430,7 +444,7 @@ def record_usage(model: str, backend: str, usage: Mapping[str, float | int | Non
         if key in _USAGE_COUNTERS and value is not None
     }
     for key, amount in amounts.items():
-        _USAGE_COUNTERS[key].labels(model, backend).inc(amount)
+        _child(_USAGE_COUNTERS[key], model, backend).inc(amount)
 
 
 @contextmanager
@@ -452,10 +466,10 @@ def record_store_op(
     except expected:
         raise
     except BaseException:
-        STORE_ERRORS.labels(*labels).inc()
+        _child(STORE_ERRORS, *labels).inc()
         raise
     finally:
-        STORE_OPERATION_DURATION.labels(*labels).observe(time.perf_counter() - start)
+        _child(STORE_OPERATION_DURATION, *labels).observe(time.perf_counter() - start)
 
 
 def record_job(status: str, seconds: float | None = None) -> None:
@@ -463,7 +477,7 @@ def record_job(status: str, seconds: float | None = None) -> None:
     status = _check_label("status", status)
     if not JOB_STATUS_PATTERN.match(status):
         raise ValueError(f"job status must be a lower-case word like 'succeeded', got {status!r}")
-    FINETUNE_JOBS.labels(status).inc()
+    _child(FINETUNE_JOBS, status).inc()
     if seconds is not None:
         FINETUNE_JOB_DURATION.observe(_check_non_negative("seconds", seconds))
 
