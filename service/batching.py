@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
+from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from hardware_backends.base import Runner, State, Usage
@@ -44,6 +45,20 @@ ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
 IDLE_WORKER_SECONDS = 30.0  # a group's worker exits after this long without work
+# A batch of at most this many time steps runs on the event loop: for models of this size it
+# is a few hundred microseconds of mostly Python holding the GIL, and a worker thread would
+# only add a hand-off each way. Larger batches run in a worker thread.
+INLINE_MAX_STEPS = 8
+
+T = TypeVar("T")
+
+
+async def run_compute(function: Callable[..., T], *args: Any, steps: int) -> T:
+    """`function(*args)` inline when the batch is `steps` <= INLINE_MAX_STEPS time steps,
+    else in a worker thread (so a long run never stalls the event loop)."""
+    if steps <= INLINE_MAX_STEPS:
+        return function(*args)
+    return await run_in_threadpool(function, *args)
 
 
 # ---- the batched model run ------------------------------------------------------------------
@@ -76,18 +91,21 @@ def stack_states(states: Sequence[State]) -> State:
 
 
 def split_state(state: State, rows: int) -> list[State]:
-    """The inverse of `stack_states` for sessions of `rows` rows each."""
+    """The inverse of `stack_states` for sessions of `rows` rows each.
+
+    The parts are views of `state` (no copies): a step's output is fresh, nothing writes to
+    it in place, and each session's part is serialised straight after."""
     total = state_rows(state)
     if total % rows:
         raise ValueError(f"a state of {total} rows does not split into sessions of {rows}")
     return [
-        {name: tensor[start : start + rows].clone() for name, tensor in state.items()}
+        {name: tensor[start : start + rows] for name, tensor in state.items()}
         for start in range(0, total, rows)
     ]
 
 
-def _usage_share(usage: Usage, sessions: int, batch_size: int) -> dict[str, Any]:
-    """One row's share of a run over `sessions` equal-length rows.
+def usage_share(usage: Usage, rows: int, total_rows: int, batch_size: int) -> dict[str, Any]:
+    """The share of `rows` in a run over `total_rows` equal-length rows.
 
     Dense work is the same for every row, so the share is exact; spike counts (and the
     energy they drive) are the mean over the rows, since runners report totals.
@@ -96,17 +114,18 @@ def _usage_share(usage: Usage, sessions: int, batch_size: int) -> dict[str, Any]
     for name, value in share.items():
         if name == "sparsity" or value is None:
             continue
-        share[name] = round(value / sessions) if isinstance(value, int) else value / sessions
+        part = value * rows / total_rows
+        share[name] = round(part) if isinstance(value, int) else part
     share["batch_size"] = batch_size
     return share
 
 
 def _split_logits(logits: Tensor, sessions: int) -> list[Tensor]:
-    """[n, T, C] -> n x [T, C]; sampling backends' [S, n, T, C] -> n x [S, T, C]."""
+    """[n, T, C] -> n x [T, C]; sampling backends' [S, n, T, C] -> n x [S, T, C] (views)."""
     if logits.dim() == 4:
-        return [logits[:, i].clone() for i in range(sessions)]
+        return list(logits.unbind(1))
     if logits.dim() == 3:
-        return [logits[i].clone() for i in range(sessions)]
+        return list(logits.unbind(0))
     raise ValueError(f"a runner returned logits of shape {list(logits.shape)}")
 
 
@@ -129,8 +148,12 @@ def run_chunks(
     for positions in by_length.values():
         x = torch.stack([chunks[i] for i in positions])  # [n, T, F] or [n, T]
         stacked = stack_states([states[i] for i in positions])  # [n·rows, ...] per tensor
-        logits, new_state, usage = runner.run(x, stacked)  # [n, T, C] or [S, n, T, C]
-        share = _usage_share(usage, len(positions), len(chunks))
+        if x.shape[1] == 1:  # one time step, the usual session step: skip the sequence path
+            logits, new_state, usage = runner.step(x[:, 0], stacked)  # [n, C] or [S, n, C]
+            logits = logits.unsqueeze(-2)  # [n, 1, C] or [S, n, 1, C]
+        else:
+            logits, new_state, usage = runner.run(x, stacked)  # [n, T, C] or [S, n, T, C]
+        share = usage_share(usage, 1, len(positions), len(chunks))
         pieces = zip(
             _split_logits(logits, len(positions)), split_state(new_state, rows), strict=True
         )

@@ -53,8 +53,14 @@ from torch import Tensor
 from calibration import SCORE_NAMES
 from models.repository import ModelNotFoundError
 from service import metrics
-from service.batching import MicroBatcher, run_chunks
-from service.dataplane import ConformalOptions, DataPlane, OnlineLevel, Publication
+from service.batching import MicroBatcher, run_chunks, run_compute
+from service.dataplane import (
+    ConformalOptions,
+    DataPlane,
+    OnlineLevel,
+    PredictionBatch,
+    Publication,
+)
 from service.early_decision import EarlyDecisions, check_max_set_size, decide
 from service.errors import (
     BadInputError,
@@ -458,18 +464,30 @@ class SessionManager:
             return [outcome for outcome in outcomes if outcome is not None]
         runnable = [jobs[i] for i, _ in loaded]
         states = [state for _, state in loaded]
-        advanced = await run_in_threadpool(self._advance_and_answer, group, runnable, states)
+        steps = sum(int(job.inputs.shape[0]) for job in runnable)
+        advanced = await run_compute(self._advance_and_answer, group, runnable, states, steps=steps)
         metrics.record_batch(group.card.name, group.signature.backend, len(loaded))
         writes = [
             CasWrite(job.key, record, state.version, job.meta.ttl)
             for job, state, (record, outcome) in zip(runnable, states, advanced, strict=True)
             if not isinstance(outcome, BaseException)
         ]
-        async with self._store_op("cas_many"):
-            written = iter(await self.store.cas_many(writes))
+        # Feedback records go out beside the compare-and-set, saving a round trip: a record
+        # of a step that then loses the race has an id nobody was answered with, and expires.
+        answered = [
+            (job, outcome)
+            for job, (_, outcome) in zip(runnable, advanced, strict=True)
+            if isinstance(outcome, StepOutcome)
+        ]
+        remembering = asyncio.ensure_future(self._remember_answers(answered))
+        try:
+            async with self._store_op("cas_many"):
+                written = iter(await self.store.cas_many(writes))
+        finally:
+            await remembering
         for (i, _), (record, outcome) in zip(loaded, advanced, strict=True):
             job = jobs[i]
-            if isinstance(outcome, BaseException):  # `predict` refused it: nothing written
+            if isinstance(outcome, BaseException):  # its answer was refused: nothing written
                 outcomes[i] = outcome
                 continue
             result = next(written)
@@ -481,23 +499,19 @@ class SessionManager:
             else:
                 self._live.seen(job.key, record.model, outcome.info.expires_at)
                 outcomes[i] = outcome
-        await self._publish(jobs, outcomes)
+                for batch in _answer_batches(outcome):
+                    self.dataplane.record_metrics(batch)  # committed answers only
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def _publish(
-        self, jobs: list[_StepJob], outcomes: list[StepOutcome | BaseException | None]
-    ) -> None:
-        """Metrics and feedback records of the committed answers, one store call per batch."""
-        publications = []
-        for job, outcome in zip(jobs, outcomes, strict=True):
-            if not isinstance(outcome, StepOutcome) or outcome.answer is None:
-                continue
-            last, steps = outcome.answer
-            publications.append(Publication(last, job.session_id, job.owner))
-            if steps is not None:
-                publications.append(Publication(steps, job.session_id, job.owner))
+    async def _remember_answers(self, answered: list[tuple[_StepJob, StepOutcome]]) -> None:
+        """The answers' feedback records, one store call per batch."""
+        publications = [
+            Publication(batch, job.session_id, job.owner)
+            for job, outcome in answered
+            for batch in _answer_batches(outcome)
+        ]
         async with self.store_slot():
-            await self.dataplane.publish_many(publications)
+            await self.dataplane.remember(publications)
 
     def _advance_and_answer(
         self, group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
@@ -685,6 +699,14 @@ def _advance(
         )
         advanced.append((record, outcome))
     return advanced
+
+
+def _answer_batches(outcome: StepOutcome) -> list[PredictionBatch]:
+    """The prediction batches of a step's answer: the last row's, then every row's if asked."""
+    if outcome.answer is None:
+        return []
+    last, steps = outcome.answer
+    return [last] if steps is None else [last, steps]
 
 
 def _attach_answers(

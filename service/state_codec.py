@@ -97,15 +97,11 @@ def state_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """
     for name, tensor in tensors.items():
         _check_tensor(name, tensor)
-    return _schema_hash(
-        tuple(
-            (name, tuple(tensors[name].shape[1:]), tensors[name].dtype) for name in sorted(tensors)
-        )
-    )
+    return _schema_hash(tuple(sorted((n, t.shape[1:], t.dtype) for n, t in tensors.items())))
 
 
 @functools.lru_cache(maxsize=256)
-def _schema_hash(layout: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]) -> str:
+def _schema_hash(layout: tuple[tuple[str, torch.Size, torch.dtype], ...]) -> str:
     # A served model has one layout: hashing it once, not on every step, is the point.
     entries = [[name, list(shape), SAFETENSORS_DTYPES[dtype]] for name, shape, dtype in layout]
     canonical = json.dumps(entries, separators=(",", ":"))
@@ -216,7 +212,7 @@ class StateRecord:
             metadata=self.metadata if metadata is None else metadata,
         )
 
-    @property
+    @functools.cached_property
     def schema_hash(self) -> str:
         return state_schema_hash(self.tensors)
 
@@ -330,6 +326,8 @@ def decode_state(blob: bytes, expected: StateSignature | None = None) -> StateRe
     if header_length > MAX_HEADER_BYTES or header_end > len(body):
         raise CorruptStateError(f"state header length {header_length} exceeds the blob")
     header = _parse_header(body[_PREFIX.size : header_end])
+    if header_length <= MAX_METADATA_BYTES:  # parsed JSON, within the limit: already normal
+        header["metadata"] = _JsonMetadata(header["metadata"])
     tensors = tensors_from_safetensors(body[header_end:])
     try:
         record = StateRecord(

@@ -235,6 +235,22 @@ def test_batched_run_matches_one_by_one_for_token_models() -> None:
         assert_agree(got.logits, want.logits)
 
 
+@pytest.mark.parametrize(("model", "backend", "options"), CASES[:2])
+def test_one_step_chunks_through_the_step_path_match_the_sequence_path(
+    model, backend, options
+) -> None:
+    runner = builtin_runner(model, backend, options)
+    states, chunks = random_sessions(runner, 6, lengths=[1])
+    fast = run_chunks(runner, states, chunks)  # T = 1: runner.step
+    x = torch.stack(chunks)  # [n, 1, F]
+    logits, new_state, usage = runner.run(x, stack_states(states))  # the sequence path
+    for i, got in enumerate(fast):
+        assert_agree(got.logits, logits[i])
+        for name in new_state:
+            assert_agree(got.state[name], new_state[name][i : i + 1])
+        assert got.usage["macs"] * len(chunks) == usage.to_dict()["macs"]
+
+
 def test_a_chunk_continues_exactly_where_the_state_left_off() -> None:
     # Advancing a session by chunks [3] then [2] equals running the 5 steps as one sequence.
     runner = builtin_runner("digits-lru")
