@@ -25,7 +25,9 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Annotated
 
+from fastapi import Depends
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -184,6 +186,15 @@ def get_principal(connection: HTTPConnection) -> Principal:
     if principal is None:
         raise UnauthorizedError(unauthorized_message(None))
     return principal
+
+
+async def principal_dependency(connection: HTTPConnection) -> Principal:
+    """`get_principal` as a FastAPI dependency. Async on purpose: FastAPI runs a plain
+    function dependency in a worker thread, a thread hop on every request."""
+    return get_principal(connection)
+
+
+PrincipalDependency = Annotated[Principal, Depends(principal_dependency)]
 
 
 def authenticate_key(connection: HTTPConnection, key: str | None) -> Principal:

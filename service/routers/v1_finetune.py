@@ -25,7 +25,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from models.finetune import FinetuneSpec, NpzData, load_finetune_data
-from service.auth import Principal, get_principal, require_admin
+from service.auth import Principal, PrincipalDependency, require_admin
 from service.dataplane import DataPlane
 from service.errors import (
     BadInputError,
@@ -73,14 +73,13 @@ async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan)
 
 
-def get_jobs(request: Request) -> JobQueue:
+async def get_jobs(request: Request) -> JobQueue:
     """FastAPI dependency: the job queue the lifespan opened."""
     return request.app.state.jobs
 
 
 JobsDependency = Annotated[JobQueue, Depends(get_jobs)]
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
-PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 JOB_OWNERS = "job-owner"  # state store namespace: job id -> the key that submitted it
 
 

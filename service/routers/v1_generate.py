@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 from models.repository import ArtifactError, ModelNotFoundError
-from service.auth import Principal, authenticate_key, get_principal
+from service.auth import PrincipalDependency, authenticate_key
 from service.dataplane import DataPlane
 from service.errors import NeuroserveError, describe_validation_errors
 from service.generation import GeneratedToken, GenerationDone, generate
@@ -51,7 +51,6 @@ logger = logging.getLogger("neuroserve.generate")
 
 router = APIRouter(prefix="/v1", tags=["generation"])
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
-PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 
 POLICY_VIOLATION = 1008  # the client's request is refused
 MESSAGE_TOO_BIG = 1009

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.auth import Principal, get_principal
+from service.auth import Principal, PrincipalDependency
+from service.routers import serialized
 from service.routers.metrics import label_request
 from service.schemas import (
     EarlyDecision,
@@ -24,13 +25,12 @@ from service.sessions import SessionInfo, SessionManager
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
 
-def get_sessions(request: Request) -> SessionManager:
+async def get_sessions(request: Request) -> SessionManager:
     """FastAPI dependency: the session manager the app's lifespan created."""
     return request.app.state.sessions
 
 
 SessionsDependency = Annotated[SessionManager, Depends(get_sessions)]
-PrincipalDependency = Annotated[Principal, Depends(get_principal)]
 
 
 def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
@@ -162,7 +162,7 @@ async def step_session(
     request: Request,
     sessions: SessionsDependency,
     principal: PrincipalDependency,
-) -> SessionStepResponse:
+) -> Response:
     owner = principal.owner
     inputs = await sessions.inputs_from_json(session_id, body.inputs, owner=owner)
     outcome = await sessions.step(session_id, inputs, per_step=body.return_steps, owner=owner)
@@ -170,7 +170,7 @@ async def step_session(
     _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     last, steps = outcome.answer
-    return SessionStepResponse(
+    answer = SessionStepResponse(
         session_id=info.session_id,
         model=info.model,
         version=info.version,
@@ -186,3 +186,4 @@ async def step_session(
         warnings=last.warnings,
         decision=None if outcome.decision is None else EarlyDecision(**outcome.decision),
     )
+    return serialized(answer)
