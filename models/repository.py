@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -186,6 +187,10 @@ class ModelRepository:
         self._cache_lock = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
         self._publish_lock = threading.Lock()
+        # Listings and cards are read on every request: kept while the directory (or the
+        # config file) keeps its modification time, so a publish shows up at once.
+        self._versions: dict[str, tuple[int, list[str]]] = {}
+        self._cards: dict[tuple[str, str], tuple[tuple[int, int], ModelCard]] = {}
 
     # ---- listing ----------------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -200,14 +205,23 @@ class ModelRepository:
     def versions(self, name: str) -> list[str]:
         """Published versions of `name`, sorted numerically; [] for an unknown name."""
         model_dir = self.root / check_model_name(name)
-        if not model_dir.is_dir():
+        try:
+            status = model_dir.stat()
+        except OSError:
             return []
+        if not stat.S_ISDIR(status.st_mode):
+            return []
+        cached = self._versions.get(name)
+        if cached is not None and cached[0] == status.st_mtime_ns:
+            return list(cached[1])
         numbers = [
             int(entry.name)
             for entry in model_dir.iterdir()
             if entry.is_dir() and entry.name.isdigit() and entry.name == str(int(entry.name))
         ]
-        return [str(number) for number in sorted(numbers)]
+        versions = [str(number) for number in sorted(numbers)]
+        self._versions[name] = (status.st_mtime_ns, versions)
+        return list(versions)
 
     def latest(self, name: str) -> str:
         versions = self.versions(name)
@@ -241,13 +255,23 @@ class ModelRepository:
         path = self.version_path(name, version)
         config_path = path / CONFIG_FILE
         try:
+            status = config_path.stat()
+        except FileNotFoundError as error:
+            raise ArtifactError(f"{config_path}: missing") from error
+        stamp = (status.st_mtime_ns, status.st_size)
+        cached = self._cards.get((name, version))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
             raise ArtifactError(f"{config_path}: missing") from error
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ArtifactError(f"{config_path}: not valid JSON ({error})") from error
         _check_config(config, config_path, name, version)
-        return ModelCard(name=name, version=version, path=path, config=config)
+        card = ModelCard(name=name, version=version, path=path, config=config)
+        self._cards[(name, version)] = (stamp, card)
+        return card
 
     def load(self, name: str, version: str | None = None) -> LoadedModel:
         """Build, verify and load a version (cached; concurrent loads of one key build once)."""

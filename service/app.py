@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dataplane = DataPlane(
             repository,
             InputLimits(settings.max_batch_size, settings.max_sequence_length),
+            batch_max_size=settings.batch_max_size,
             policy=CalibrationPolicy(
                 allow_uncalibrated=settings.allow_uncalibrated,
                 abstain_set_size=settings.abstain_set_size,
@@ -190,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if preload is not None:
                 await preload  # a load in a worker thread cannot be cancelled; let it finish
             await sessions.close()
+            await dataplane.close()
             await state_store.close()
 
     app = FastAPI(
@@ -208,9 +210,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyAuth, keys=keys)
     app.add_middleware(metrics.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
     install_error_handlers(app)
+    # Routes match in order: the hot paths (session steps, predictions) first.
+    app.include_router(v1_sessions.router)
     app.include_router(v1_models.router)
     app.include_router(v1_feedback.router)
-    app.include_router(v1_sessions.router)
     app.include_router(v1_generate.router)
     app.include_router(v1_finetune.router)
     app.include_router(v2.router)

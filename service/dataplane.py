@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,8 +44,9 @@ from torch import Tensor
 from calibration import AdaptiveConformal
 from hardware_backends.base import BackendUnavailableError as BackendCannotRunError
 from hardware_backends.base import Runner, UnknownBackendError, Usage
-from hardware_backends.registry import backend_statuses, prepare_runner
+from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
+from service.batching import MicroBatcher, run_compute, usage_share
 from service.calibration_store import CalibrationFileError, CalibrationStore, StoredCalibration
 from service.conformal_answer import conformal_answer
 from service.conformal_draws import ConformalDraws
@@ -153,6 +154,7 @@ class DataPlane:
         calibrations: CalibrationStore | None = None,
         feedback: FeedbackLog | None = None,
         draws: ConformalDraws | None = None,
+        batch_max_size: int = 64,
     ) -> None:
         self.repository = repository
         self.limits = limits
@@ -162,6 +164,14 @@ class DataPlane:
         self.levels = None if feedback is None else feedback.levels
         self.draws = draws or ConformalDraws()
         self.ready = False  # set once the start-up preload has finished
+        # Concurrent stateless requests for one runner and sequence length run as one
+        # forward pass: continuous batching, as session steps (see `predict`).
+        self._batches: MicroBatcher[FeatureJob, PredictionBatch | BaseException] = MicroBatcher(
+            self._answer_feature_batch, window_seconds=0.0, max_batch=batch_max_size
+        )
+
+    async def close(self) -> None:
+        await self._batches.close()
 
     # ---- models -------------------------------------------------------------------------
     def card(self, name: str, version: str | None = None) -> ModelCard:
@@ -275,9 +285,114 @@ class DataPlane:
     ) -> PredictionBatch:
         """Predict on whole sequences and remember the predictions for feedback (as `owner`'s).
 
-        Validation, the model run and the sets happen in worker threads, so the event loop
-        never waits on torch; online levels are read from the store in between."""
+        Feature sequences join the requests for the same runner and length that arrive
+        meanwhile: one forward pass, then each request's answer with its own options
+        (`_answer_feature_batch`). Token prompts run on their own. Work of more than a few
+        time steps happens in worker threads, so the event loop never waits on torch."""
         conformal = conformal or ConformalOptions()
+        card = self.card(name, version)  # cached while its files are unchanged
+        if card.config["input"]["kind"] == "tokens":
+            return await self._predict_prompts(
+                name, inputs, version, backend, backend_options, conformal, owner
+            )
+        job = await run_compute(
+            self._feature_job,
+            card,
+            inputs,
+            backend,
+            backend_options,
+            conformal,
+            owner,
+            steps=_rough_steps(inputs),
+        )
+        if conformal.online:
+            positions = [int(job.x.shape[1])] * int(job.x.shape[0])
+            job.levels = await self.online_levels(card, backend, positions, conformal, owner=owner)
+        answer = await self._batches.submit(job.batch_key, job)
+        return answer  # published with its batch
+
+    def _feature_job(
+        self,
+        card: ModelCard,
+        inputs: object,
+        backend: str,
+        backend_options: Mapping[str, Any] | None,
+        conformal: ConformalOptions,
+        owner: str | None,
+    ) -> FeatureJob:
+        """Validated inputs [N, T, F] with the runner to run them on (refusing an
+        uncalibrated backend before anything runs)."""
+        x = feature_tensor(inputs, int(card.config["input"]["features"]), self.limits)
+        note = out_of_range_warning(x, card.config["input"].get("value_range"))
+        runner = self.runner(card, backend, backend_options)
+        self.calibration(card, backend)
+        options = dict(backend_options or {})
+        return FeatureJob(
+            card, backend, options, runner, x, conformal, owner, [note] if note else []
+        )
+
+    async def _answer_feature_batch(
+        self, key: Hashable, jobs: list[FeatureJob]
+    ) -> list[PredictionBatch | BaseException]:
+        """One forward pass over every job's sequences, each job answered with its own
+        calibration options, all published in one store round trip."""
+        steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
+        answers = await run_compute(self._run_feature_jobs, jobs, steps=steps)
+        await self.publish_many(
+            [
+                Publication(answer, None, job.owner)
+                for job, answer in zip(jobs, answers, strict=True)
+                if isinstance(answer, PredictionBatch)
+            ]
+        )
+        return answers
+
+    def _run_feature_jobs(self, jobs: list[FeatureJob]) -> list[PredictionBatch | BaseException]:
+        started = time.perf_counter()
+        x = torch.cat([job.x for job in jobs])  # [N, T, F]
+        logits, usage = run_last_step(jobs[0].runner, x)  # [N, C] or [S, N, C]
+        seconds = time.perf_counter() - started
+        total, length = int(x.shape[0]), int(x.shape[1])
+        answers: list[PredictionBatch | BaseException] = []
+        offset = 0
+        for job in jobs:
+            rows = int(job.x.shape[0])
+            job_usage = {
+                "sequences": rows,
+                "steps": rows * length,
+                "compute_seconds": seconds,
+                **usage_share(usage, rows, total, total),
+            }
+            try:
+                answers.append(
+                    self.build_predictions(
+                        job.card,
+                        job.backend,
+                        logits[..., offset : offset + rows, :],  # [n, C] or [S, n, C]
+                        job_usage,
+                        positions=length,
+                        conformal=job.conformal,
+                        backend_options=job.backend_options,
+                        levels=job.levels,
+                        warnings=job.warnings,
+                    )
+                )
+            except Exception as error:  # e.g. an unreadable calibration: this request fails
+                answers.append(error)
+            offset += rows
+        return answers
+
+    async def _predict_prompts(
+        self,
+        name: str,
+        inputs: object,
+        version: str | None,
+        backend: str,
+        backend_options: Mapping[str, Any] | None,
+        conformal: ConformalOptions,
+        owner: str | None,
+    ) -> PredictionBatch:
+        """Next-token answers for prompts of any lengths (one run per distinct length)."""
         run = await run_in_threadpool(
             self.run_model,
             name,
@@ -504,11 +619,20 @@ class DataPlane:
 
     async def publish_many(self, publications: Sequence[Publication]) -> None:
         """`publish` for the answers of a whole micro-batch: one store round trip."""
-        records = []
-        for batch, session_id, owner in publications:
-            self._record_metrics(batch)
-            if self.feedback is not None:
-                records += _feedback_records(batch, session_id, owner)
+        for publication in publications:
+            self.record_metrics(publication.batch)
+        await self.remember(publications)
+
+    async def remember(self, publications: Sequence[Publication]) -> None:
+        """Keep the predictions for feedback, in one store round trip. A state store that is
+        down costs the feedback, not the answer (logged)."""
+        if self.feedback is None:
+            return
+        records = [
+            record
+            for batch, session_id, owner in publications
+            for record in _feedback_records(batch, session_id, owner)
+        ]
         if not records:
             return
         try:
@@ -517,7 +641,8 @@ class DataPlane:
             logger.error("could not remember %d predictions for feedback: %s", len(records), error)
 
     @staticmethod
-    def _record_metrics(batch: PredictionBatch) -> None:
+    def record_metrics(batch: PredictionBatch) -> None:
+        """Count the batch's usage and predictions (sets, confidences, abstentions)."""
         record_usage(batch.model, batch.backend, batch.usage)
         conformal = batch.conformal
         if conformal is None:
@@ -611,3 +736,32 @@ def _feedback_records(
         )
         for row, p in enumerate(batch.predictions)
     ]
+
+
+@dataclass
+class FeatureJob:
+    """One stateless request over feature sequences, waiting for its batch."""
+
+    card: ModelCard
+    backend: str
+    backend_options: dict[str, Any]
+    runner: Runner
+    x: Tensor  # [n, T, F]
+    conformal: ConformalOptions
+    owner: str | None
+    warnings: list[str]
+    levels: Mapping[int, OnlineLevel] | None = None  # read before batching, when online
+
+    @property
+    def batch_key(self) -> Hashable:
+        """Requests that can share one forward pass: same runner, same sequence length."""
+        options = freeze_options(self.backend_options)
+        return (self.card.name, self.card.version, self.backend, options, int(self.x.shape[1]))
+
+
+def _rough_steps(inputs: object) -> int:
+    """Time steps in a JSON batch of sequences, counted without validating it (a large
+    request is then parsed in a worker thread)."""
+    if not isinstance(inputs, list):
+        return 0
+    return sum(len(sequence) if isinstance(sequence, list) else 1 for sequence in inputs)

@@ -4,6 +4,7 @@ battery of malformed bodies that must each get a 4xx with a message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
@@ -77,6 +78,36 @@ def test_a_batch_agrees_with_its_sequences_sent_one_by_one(client: httpx.Client)
         assert alone["label"] == in_batch["label"]
         np.testing.assert_allclose(
             alone["probabilities"], in_batch["probabilities"], atol=FLOAT32_AGREEMENT, rtol=0
+        )
+
+
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(
+    server_url: str, client: httpx.Client
+) -> None:
+    """Requests that arrive together for one model and length run as one forward pass
+    (`usage.batch_size` counts the sequences in it); each answer is the one it gets alone."""
+    requests = [digit_like_sequences(1 + i % 3, seed=10 + i) for i in range(24)]
+    alone = [predict(client, "tiny-digits", inputs=inputs)["predictions"] for inputs in requests]
+
+    async def send_all() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=server_url, timeout=60) as http:
+            answers = await asyncio.gather(
+                *(http.post("/v1/models/tiny-digits/predict", json={"inputs": x}) for x in requests)
+            )
+        assert all(answer.status_code == 200 for answer in answers)
+        return [answer.json() for answer in answers]
+
+    together = asyncio.run(send_all())
+    assert max(body["usage"]["batch_size"] for body in together) > 3  # shared passes happened
+    for inputs, body, reference in zip(requests, together, alone, strict=True):
+        assert body["usage"]["sequences"] == len(inputs)
+        assert body["usage"]["batch_size"] >= len(inputs)
+        assert [p["label"] for p in body["predictions"]] == [p["label"] for p in reference]
+        np.testing.assert_allclose(
+            [p["probabilities"] for p in body["predictions"]],
+            [p["probabilities"] for p in reference],
+            atol=FLOAT32_AGREEMENT,
+            rtol=0,
         )
 
 
