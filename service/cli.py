@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,14 +43,19 @@ def register_serve(subparsers: Any) -> None:
     )
     parser.add_argument("--redis-url", help="Redis URL for session state (default: in-process)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes (default 1); more than one needs --redis-url, about one per core",
+    )
     parser.set_defaults(func=serve)
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `neuroserve --help` and the other commands start fast.
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
     from service.errors import describe_validation_errors
     from service.settings import Settings
 
@@ -58,9 +65,11 @@ def serve(args: argparse.Namespace) -> int:
         "model_repository": args.repository,
         "redis_url": args.redis_url,
         "log_level": args.log_level,
+        "workers": args.workers,
     }
+    chosen = {key: value for key, value in overrides.items() if value is not None}
     try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+        settings = Settings(**chosen)
     except ValidationError as error:
         print(
             f"neuroserve serve: invalid settings: {describe_validation_errors(error.errors())}",
@@ -71,13 +80,39 @@ def serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if settings.workers == 1:
+        from service.app import create_app
+
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+        )
+        return 0
+    # Worker processes build their own app from the environment: hand them the options.
+    os.environ.update({f"NEUROSERVE_{key.upper()}": str(value) for key, value in chosen.items()})
+    _share_metrics_between_workers()
     uvicorn.run(
-        create_app(settings),
+        "service.app:create_app",
+        factory=True,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
     )
     return 0
+
+
+def _share_metrics_between_workers() -> None:
+    """Every worker writes its series to one folder that `/metrics` merges (see
+    service.metrics); a fresh folder unless PROMETHEUS_MULTIPROC_DIR names one. Must run
+    before service.metrics is first imported in this process."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="neuroserve-metrics-")
+    from service.metrics import clear_multiprocess_dir
+
+    clear_multiprocess_dir()
 
 
 def command_registrars() -> list[Registrar]:

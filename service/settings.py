@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.repository import default_repository_root
@@ -25,6 +25,15 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Server processes. More than one needs NEUROSERVE_REDIS_URL: state lives in Redis, "
+            "so any worker continues any session; about one per core."
+        ),
+    )
     model_repository: Path = Field(
         default_factory=default_repository_root,
         description="Root folder of the model repository: <root>/<name>/<version>/.",
@@ -217,6 +226,16 @@ class Settings(BaseSettings):
     def _empty_url_means_embedded(cls, value: object) -> object:
         # `NEUROSERVE_REDIS_URL=` (set but empty) is a common way to say "no Redis".
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _workers_share_state_through_redis(self) -> Settings:
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"workers is {self.workers}, but every worker process would keep its own "
+                "sessions and jobs in the embedded store: set NEUROSERVE_REDIS_URL "
+                "(--redis-url), or serve with one worker"
+            )
+        return self
 
     @field_validator("job_queue_url", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from models.repository import ModelRepository
+from tests.conftest import free_tcp_port
 
 START_TIMEOUT_S = 60.0
 # The installed console script beside this interpreter; `python -m service.cli` otherwise.
@@ -103,3 +104,67 @@ def _wait_for_listening(process: subprocess.Popen[str], log: list[str]) -> str:
         if match:
             return match.group(1)
     pytest.fail("neuroserve serve did not start listening:\n" + "".join(log))
+
+
+def test_serve_refuses_several_workers_without_redis() -> None:
+    result = run_cli("serve", "--workers", "2")
+    assert result.returncode == 2
+    assert "set NEUROSERVE_REDIS_URL" in result.stderr
+
+
+@pytest.mark.redis
+def test_several_workers_continue_one_session_and_merge_their_metrics(
+    redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    port = free_tcp_port()
+    process = subprocess.Popen(
+        [*COMMAND, "serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(
+            NEUROSERVE_STATE_STORE_PREFIX=redis_prefix,
+            PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "metrics"),
+        ),
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{base_url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.2)
+        created = httpx.post(f"{base_url}/v1/sessions", json={"model": "digits-lru"}, timeout=30)
+        session = created.json()["session_id"]
+        steps = 24
+        for expected_step in range(1, steps + 1):
+            # A new connection per request: the kernel spreads them over both workers.
+            answer = httpx.post(
+                f"{base_url}/v1/sessions/{session}/step",
+                json={"inputs": [[float(expected_step % 16)] * 8]},
+                timeout=30,
+                headers={"Connection": "close"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["step"] == expected_step  # no worker lost another's step
+        metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
+        served = re.search(
+            r'neuroserve_requests_total\{[^}]*route="/v1/sessions/\{session_id\}/step"[^}]*'
+            r'status="200"[^}]*\} (\S+)',
+            metrics,
+        )
+        assert served is not None and float(served.group(1)) == steps
+        pids = {p.name for p in (tmp_path / "metrics").glob("*.db")}
+        assert len({name.rsplit("_", 1)[-1] for name in pids}) >= 2  # files from two workers
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
