@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from service.auth import Principal, PrincipalDependency
+from service.auth import Principal, PrincipalDependency, get_principal
 from service.routers import serialized
 from service.routers.metrics import label_request
 from service.schemas import (
@@ -156,13 +156,11 @@ async def delete_session(
     responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
     summary="Feed the next chunk of the session's sequence",
 )
-async def step_session(
-    session_id: str,
-    body: SessionStepRequest,
-    request: Request,
-    sessions: SessionsDependency,
-    principal: PrincipalDependency,
-) -> Response:
+async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
+    # The app's objects straight from the request, not as dependencies: this is the hot path,
+    # and FastAPI's dependency solving costs more than the lookups.
+    sessions: SessionManager = request.app.state.sessions
+    principal = get_principal(request)
     owner = principal.owner
     inputs = await sessions.inputs_from_json(session_id, body.inputs, owner=owner)
     outcome = await sessions.step(session_id, inputs, per_step=body.return_steps, owner=owner)
