@@ -23,6 +23,7 @@ import asyncio
 import json
 import platform
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -37,15 +38,58 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.session_throughput import (  # noqa: E402
-    Connection,
-    create_sessions,
-    neuroserve,
-    private_redis,
-    step_body,
-)
+from bench.session_throughput import neuroserve, private_redis  # noqa: E402
 
 CONNECT_BATCH = 50  # sessions created / connections opened at a time
+
+
+class Connection:
+    """One keep-alive connection; `post` sends JSON and returns (status, body). A minimal
+    HTTP/1.1 client on asyncio streams: an HTTP library would cost more CPU than the server
+    on a small machine, and this generator shares its cores."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str):
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, host)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        header = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(header.split(b" ", 2)[1])
+        match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", header)
+        if match is None:
+            raise RuntimeError(f"response without Content-Length: {header[:200]!r}")
+        return status, await self.reader.readexactly(int(match.group(1)))
+
+    async def close(self) -> None:
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+def step_body(features: int, rng: random.Random) -> bytes:
+    row = [round(rng.uniform(0, 16), 3) for _ in range(features)]
+    return json.dumps({"inputs": [row]}).encode()
+
+
+async def create_sessions(port: int, model: str, count: int) -> list[str]:
+    connection = await Connection.open("127.0.0.1", port)
+    ids = []
+    for _ in range(count):
+        body = json.dumps({"model": model}).encode()
+        status, answer = await connection.post("/v1/sessions", body)
+        if status != 201:
+            raise RuntimeError(f"creating a session: HTTP {status}: {answer[:300]!r}")
+        ids.append(json.loads(answer)["session_id"])
+    await connection.close()
+    return ids
 
 
 @dataclass(frozen=True)
@@ -147,6 +191,7 @@ def run_load(
     model: str = "digits-lru",
     redis_url: str | None = None,
     use_redis: bool = True,
+    workers: int = 1,
 ) -> LoadReport:
     """Start a server, run the load, check every session, stop the server; the report."""
     with ExitStack() as stack:
@@ -154,10 +199,9 @@ def run_load(
         if redis_url is None and use_redis:
             redis_url = stack.enter_context(private_redis(workdir))
         store = "redis" if redis_url else "in-process"
-        prefix = f"loadtest-{uuid.uuid4().hex[:8]}"
-        port = stack.enter_context(
-            neuroserve(workdir, "server", redis_url, batching=True, prefix=prefix, window_ms=2.0)
-        )
+        server_options = argparse.Namespace(window_ms=None, workers=workers)  # server defaults
+        name = f"loadtest-{uuid.uuid4().hex[:8]}"
+        port = stack.enter_context(neuroserve(workdir, name, redis_url, True, server_options))
         session_ids = asyncio.run(create_all(port, model, sessions))
         acknowledged, latencies, errors, took = asyncio.run(
             step_sessions(port, session_ids, seconds)
@@ -211,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     store = parser.add_mutually_exclusive_group()
     store.add_argument("--redis-url", help="an existing Redis for the sessions")
     store.add_argument("--in-process", action="store_true", help="the server's own store")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (Redis only)")
     parser.add_argument("--append", type=Path, help="append the result to this Markdown file")
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
@@ -221,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         redis_url=args.redis_url,
         use_redis=not args.in_process,
+        workers=args.workers,
     )
     print(TABLE_HEADER)
     print(report.table_row())
