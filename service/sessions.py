@@ -73,7 +73,6 @@ from service.inputs import out_of_range_warning
 from service.predictions import default_score, model_labels
 from service.session_answers import StepPredictions
 from service.session_inputs import (
-    InputSpec,
     check_alpha,
     check_chunk,
     check_id,
@@ -356,33 +355,22 @@ class SessionManager:
             raise NotFoundError(f"no session {session_id!r} (never created, deleted or expired)")
         return True
 
-    async def input_spec(self, session_id: str, *, owner: str | None = None) -> InputSpec:
-        """What the session's chunks look like (served from a cache after the first use)."""
-        key = lookup_key(session_id, owner)
-        meta, _ = await self._session_meta(key, session_id)
-        return (await self._session_group(meta, session_id)).spec
-
-    async def inputs_from_json(
-        self, session_id: str, inputs: object, *, owner: str | None = None
-    ) -> Tensor:
-        """A JSON chunk as a tensor: [[f, ...], ...] → float [T, F]; a string or token ids →
-        long [T]. BadInputError says what is wrong and where."""
-        spec = await self.input_spec(session_id, owner=owner)
-        return parse_chunk(inputs, spec, self.settings.max_steps_per_chunk)
-
     async def step(
         self,
         session_id: str,
-        inputs: Tensor,
+        inputs: Tensor | object,
         *,
         per_step: bool = False,
         owner: str | None = None,
         conformal: ConformalOptions | None = None,
     ) -> StepOutcome:
-        """Advance the session by a chunk (float [T, F] features or long [T] token ids) and
-        answer it: `StepOutcome.answer` holds the prediction after the chunk (and, with
-        `per_step`, after every row), `StepOutcome.decision` the early decision when the
-        session asked for one. `conformal` overrides the session's own options for this
+        """Advance the session by a chunk and answer it. The chunk is a tensor (float [T, F]
+        features or long [T] token ids) or its JSON form ([[f, ...], ...], a string, token
+        ids; `parse_chunk`), checked against the session's model (BadInputError).
+
+        `StepOutcome.answer` holds the prediction after the chunk (and, with `per_step`,
+        after every row), `StepOutcome.decision` the early decision when the session asked
+        for one. `conformal` overrides the session's own options for this
         step's answer (V2 and generation requests may ask another alpha). A session that
         asked for online sets is answered at its own level.
         """
@@ -391,7 +379,10 @@ class SessionManager:
             for attempt in range(self.settings.retries + 1):
                 meta, preloaded = await self._session_meta(key, session_id)
                 group = await self._session_group(meta, session_id)
-                chunk = check_chunk(inputs, group.spec, self.settings.max_steps_per_chunk)
+                limit = self.settings.max_steps_per_chunk
+                if not isinstance(inputs, Tensor):
+                    inputs = parse_chunk(inputs, group.spec, limit)
+                chunk = check_chunk(inputs, group.spec, limit)
                 options = conformal or meta.conformal
                 level = await self._online_level(options, meta, group, key)
                 job = _StepJob(

@@ -162,8 +162,7 @@ async def step_session(session_id: str, body: SessionStepRequest, request: Reque
     sessions: SessionManager = request.app.state.sessions
     principal = get_principal(request)
     owner = principal.owner
-    inputs = await sessions.inputs_from_json(session_id, body.inputs, owner=owner)
-    outcome = await sessions.step(session_id, inputs, per_step=body.return_steps, owner=owner)
+    outcome = await sessions.step(session_id, body.inputs, per_step=body.return_steps, owner=owner)
     info = outcome.info
     _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
