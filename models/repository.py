@@ -22,19 +22,20 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from models.architectures import build_model
 from models.base import StatefulModel
+from models.files import empty_directory, fsync_path, fsync_tree, staging_directory, write_synced
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -162,21 +163,6 @@ def stored_tensors(model: StatefulModel, state_dict: dict[str, Tensor], source: 
     return tensors
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 class ModelRepository:
     """Versioned model artifacts under one root directory; loaded models are cached."""
 
@@ -185,7 +171,6 @@ class ModelRepository:
         self._cache: dict[tuple[str, str], LoadedModel] = {}
         self._cache_lock = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._publish_lock = threading.Lock()
 
     # ---- listing ----------------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -301,10 +286,8 @@ class ModelRepository:
     ) -> ModelCard:
         """Publish the next version of `name` atomically and return its card.
 
-        The files are written and fsynced in a hidden temp dir inside root, then the dir is
-        renamed to `<root>/<name>/<next version>`, so readers see all of a version or none.
-        `config` must hold PUBLISHER_KEYS; name, version, weights_sha256 and
-        state_schema_hash are filled in here.
+        Written as `publish_files` writes every version. `config` must hold PUBLISHER_KEYS;
+        name, version, weights_sha256 and state_schema_hash are filled in here.
         """
         check_model_name(name)
         missing = [key for key in PUBLISHER_KEYS if key not in config]
@@ -318,52 +301,49 @@ class ModelRepository:
         model = _build(config, Path(f"<config for {name}>"))
         tensors = stored_tensors(model, state_dict, f"state_dict for {name!r}")
         check_state_dict(model, tensors, f"state_dict for {name!r}")
+        weights = save_tensors(tensors)
         # name and version lead config.json; the hashes close it.
         full_config = {"name": name, "version": None}
         full_config.update((k, v) for k, v in config.items() if k not in ("name", "version"))
         full_config["state_schema_hash"] = state_schema_hash(model)
+        full_config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / name).mkdir(exist_ok=True)
-        with self._publish_lock:
-            temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=self.root))
-            try:
-                weights_path = temp_dir / WEIGHTS_FILE
-                save_file(tensors, str(weights_path))
-                _fsync_path(weights_path)
-                full_config["weights_sha256"] = file_sha256(weights_path)
-                for file_name, data in extra_files.items():
-                    _write_file(temp_dir / file_name, data)
-                # mkdtemp and safetensors create owner-only entries; artifacts are for every
-                # reader (a server often runs as another user than the trainer).
-                os.chmod(temp_dir, 0o755)
-                for path in temp_dir.iterdir():
-                    os.chmod(path, 0o644)
-                version = self._rename_into_place(temp_dir, name, full_config)
-            except BaseException:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-                raise
+        def files_for(version: str) -> dict[str, bytes]:
+            full_config["version"] = version
+            return {WEIGHTS_FILE: weights, **extra_files, CONFIG_FILE: _config_bytes(full_config)}
+
+        return self.publish_files(name, files_for)
+
+    def publish_files(self, name: str, files_for: Callable[[str], dict[str, bytes]]) -> ModelCard:
+        """Publish the next version of `name` from `files_for(version)` (relative path ->
+        bytes, config.json included) and return its card.
+
+        The files are written and fsynced in a hidden staging dir inside root, then the dir
+        is renamed to `<root>/<name>/<version>`, so readers see all of a version or none. If
+        another publisher takes that version first (rename onto a non-empty directory fails),
+        the files are rebuilt for the next one. On any error no version appears.
+        """
+        check_model_name(name)
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        prefix = f"{_TEMP_PREFIX}{name}-"
+        with staging_directory(self.root, prefix) as staging:
+            for _ in range(100):
+                versions = self.versions(name)
+                version = str(int(versions[-1]) + 1 if versions else 1)
+                for relative, data in files_for(version).items():
+                    write_synced(staging / relative, data)
+                fsync_tree(staging)
+                try:
+                    os.rename(staging, self.version_path(name, version))
+                    break
+                except OSError:
+                    if not self.version_path(name, version).exists():
+                        raise
+                    empty_directory(staging)
+            else:
+                raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
+        fsync_path(self.root / name)
         return self.card(name, version)
-
-    def _rename_into_place(self, temp_dir: Path, name: str, config: dict[str, Any]) -> str:
-        """Write config.json for the next free version and rename; retry if another process
-        took that version first (rename onto a non-empty directory fails)."""
-        for _ in range(100):
-            versions = self.versions(name)
-            version = str(int(versions[-1]) + 1 if versions else 1)
-            config["version"] = version
-            _write_file(temp_dir / CONFIG_FILE, _config_bytes(config))
-            os.chmod(temp_dir / CONFIG_FILE, 0o644)
-            _fsync_path(temp_dir)
-            try:
-                os.rename(temp_dir, self.version_path(name, version))
-            except OSError:
-                if self.version_path(name, version).exists():
-                    continue
-                raise
-            _fsync_path(self.root / name)
-            return version
-        raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
 
 
 def _read_weights(card: ModelCard) -> dict[str, Tensor]:

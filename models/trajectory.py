@@ -19,8 +19,8 @@ A trajectory version's directory:
     calibration/<backend>.json + .safetensors     calibrations (`PositionalCalibration`)
 
 `export_safetensors_version` turns one into a plain version (`weights.safetensors`).
-Publishing writes a hidden temp dir and renames it into place, as `ModelRepository.publish`
-does, so readers see all of a version or none of it.
+Publishing goes through `ModelRepository.publish_files` (a hidden staging dir renamed into
+place), so readers see all of a version or none of it.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,7 +50,6 @@ from models.repository import (
     ArtifactError,
     ModelCard,
     ModelRepository,
-    check_model_name,
     stored_tensors,
 )
 from models.zo import (
@@ -71,7 +67,6 @@ TRAJECTORY_FORMAT_VERSION = 1
 WEIGHTS_KIND = "trajectory"
 CALIBRATION_DIR = "calibration"
 MAX_CHAIN_DEPTH = 32  # bases that are themselves trajectory versions, nested
-_TEMP_PREFIX = ".publishing-"  # the repository's convention: hidden, never a version
 
 
 def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -374,60 +369,6 @@ def stored_calibrations(card: ModelCard) -> list[PositionalCalibration]:
     return [load_calibration(card, p.stem) for p in sorted(directory.glob("*.json"))]
 
 
-# ---- atomic publishing -------------------------------------------------------------------------
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_atomically(
-    repository: ModelRepository, name: str, files_for: Callable[[str], dict[str, bytes]]
-) -> ModelCard:
-    """Publish the next version of `name` from `files_for(version)` (relative path -> bytes,
-    config.json included): written and fsynced in a hidden temp dir, then renamed into place.
-    If another publisher takes that version first, the files are rebuilt for the next one.
-    On any error the temp dir is removed and no version appears."""
-    check_model_name(name)
-    (repository.root / name).mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=repository.root))
-    try:
-        for _ in range(100):
-            versions = repository.versions(name)
-            version = str(int(versions[-1]) + 1 if versions else 1)
-            for relative, data in files_for(version).items():
-                _write_synced(temp_dir / relative, data)
-            for directory in sorted({p.parent for p in temp_dir.rglob("*")}, reverse=True):
-                _fsync_dir(directory)
-            try:
-                os.rename(temp_dir, repository.version_path(name, version))
-                break
-            except OSError:
-                if not repository.version_path(name, version).exists():
-                    raise
-                shutil.rmtree(temp_dir)
-                temp_dir.mkdir()
-        else:
-            raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    _fsync_dir(repository.root / name)
-    return repository.card(name, version)
-
-
 def _config_bytes(config: dict[str, Any]) -> bytes:
     return (json.dumps(config, indent=2, allow_nan=False) + "\n").encode()
 
@@ -480,7 +421,7 @@ def publish_trajectory_version(
         files[CONFIG_FILE] = _config_bytes({"name": name, "version": version, **config})
         return files
 
-    return publish_atomically(repository, name, files_for)
+    return repository.publish_files(name, files_for)
 
 
 def export_safetensors_version(
@@ -517,4 +458,4 @@ def export_safetensors_version(
         files[CONFIG_FILE] = _config_bytes({"name": target, "version": new_version, **config})
         return files
 
-    return publish_atomically(repository, target, files_for)
+    return repository.publish_files(target, files_for)

@@ -32,7 +32,6 @@ from models.trajectory import (
     export_safetensors_version,
     load_calibration,
     materialize_trajectory,
-    publish_atomically,
     publish_trajectory_version,
     rebuild_weights,
     tensor_digest,
@@ -136,6 +135,8 @@ def test_a_published_trajectory_loads_through_the_repository(repo: ModelReposito
     assert card.version == "2" and not (card.path / WEIGHTS_FILE).exists()
     assert card.config["weights"]["kind"] == "trajectory"
     assert (card.path / TRAJECTORY_FILE).stat().st_size < 4000
+    assert card.path.stat().st_mode & 0o777 == 0o755  # readable by a server of another user
+    assert (card.path / TRAJECTORY_FILE).stat().st_mode & 0o777 == 0o644
     loaded = repo.load("toy", "2")
     assert _equal(loaded.model.state_dict(), model.state_dict())
     assert (
@@ -312,7 +313,7 @@ def test_a_failure_while_publishing_leaves_nothing_behind(repo: ModelRepository)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        publish_atomically(repo, "toy", files_for)
+        repo.publish_files("toy", files_for)
     assert repo.versions("toy") == ["1"]
     assert sorted(p.name for p in repo.root.iterdir()) == ["toy"]  # no temp dir left
 
@@ -334,7 +335,7 @@ def test_concurrent_publishers_get_distinct_versions(repo: ModelRepository) -> N
         }
 
     threads = [
-        threading.Thread(target=lambda: cards.append(publish_atomically(repo, "toy", files_for)))
+        threading.Thread(target=lambda: cards.append(repo.publish_files("toy", files_for)))
         for _ in range(4)
     ]
     for thread in threads:
