@@ -55,13 +55,8 @@ from models import digits
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
 from models.repository import ModelCard, ModelRepository, is_safe_name
-from models.trajectory import (
-    BaseReference,
-    Trajectory,
-    publish_trajectory_version,
-    rebuild_weights,
-    tensor_digest,
-)
+from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
+from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
 from models.zo import (
     BackendForward,

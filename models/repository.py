@@ -4,6 +4,8 @@ Layout: `<root>/<name>/<version>/config.json` + `weights.safetensors` (+ calibra
 that other components write beside them). Versions are "1", "2", ... and never change once
 published. A zeroth-order fine-tuned version may hold `trajectory.json` instead of weights
 (config "weights": {"kind": "trajectory"}); `load` rebuilds it through `models.trajectory`.
+The format of one version (file names, `ModelCard`, `ArtifactError`, the weight checks) is
+`models.artifact_format`; these names are re-exported here.
 `config.json` holds:
 
     name, version, architecture, model_config, task ("classification" | "language-model"),
@@ -21,30 +23,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from models.architectures import build_model
+from models.artifact_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    LoadedModel,
+    ModelCard,
+    check_model_name,
+    check_state_dict,
+    file_sha256,
+    is_safe_name,
+    state_schema_hash,
+    stored_tensors,
+    tied_names,
+)
 from models.base import StatefulModel
 from models.files import empty_directory, fsync_path, fsync_tree, staging_directory, write_synced
+from models.trajectory import TRAJECTORY_FILE, is_trajectory_version, materialize_trajectory
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 TASKS = ("classification", "language-model")
 # Keys the publisher must supply; publish() adds name, version and the two hashes.
 PUBLISHER_KEYS = ("architecture", "model_config", "task", "input", "provenance")
 REQUIRED_KEYS = ("name", "version", *PUBLISHER_KEYS, "weights_sha256", "state_schema_hash")
 PROVENANCE_KEYS = ("data_sha256", "seed", "command", "created", "torch_version")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TEMP_PREFIX = ".publishing-"
 
 
@@ -52,115 +63,9 @@ class ModelNotFoundError(LookupError):
     """An unknown model name or version; the message says what was asked and what exists."""
 
 
-class ArtifactError(ValueError):
-    """A corrupt or mismatched artifact; the message names the file and what is wrong."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    name: str
-    version: str
-    path: Path  # the version directory
-    config: dict[str, Any]  # parsed config.json
-
-
-@dataclass
-class LoadedModel:
-    card: ModelCard
-    model: StatefulModel  # in eval mode
-
-
 def default_repository_root() -> Path:
     """The committed built-in artifacts: `models/artifacts` inside the package."""
     return Path(__file__).resolve().parent / "artifacts"
-
-
-def is_safe_name(name: object) -> bool:
-    """A single path segment that cannot escape its directory or hide (no '..', no '/')."""
-    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
-
-
-def check_model_name(name: str) -> str:
-    """Return `name` if it is a safe single path segment; ValueError otherwise."""
-    if not is_safe_name(name):
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..' or slashes"
-        )
-    return name
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_schema_hash(model: StatefulModel) -> str:
-    """sha256 of the model's state schema (names, per-sample shapes, dtypes) as sorted JSON.
-
-    Stored session state carries this hash, so state from an incompatible model is refused.
-    """
-    schema = {name: [list(shape), dtype] for name, (shape, dtype) in model.state_schema().items()}
-    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
-
-
-def tied_names(model: StatefulModel) -> dict[str, str]:
-    """Alias -> canonical name for state-dict entries that share storage (tied weights, e.g.
-    a language model's head and embedding). Only the canonical entry is stored on disk:
-    safetensors refuses to save shared tensors."""
-    canonical: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel() == 0:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in canonical:
-            aliases[name] = canonical[key]
-        else:
-            canonical[key] = name
-    return aliases
-
-
-def check_state_dict(model: StatefulModel, tensors: dict[str, Tensor], source: str) -> None:
-    """ArtifactError naming every missing, unexpected and shape-mismatched tensor.
-
-    `tensors` holds the stored entries: tied aliases (see `tied_names`) must be absent.
-    """
-    aliases = tied_names(model)
-    expected = {
-        name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases
-    }
-    found = {name: tuple(t.shape) for name, t in tensors.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [
-        f"{name}: expected {list(expected[name])}, found {list(found[name])}"
-        for name in sorted(set(expected) & set(found))
-        if expected[name] != found[name]
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing tensors {missing}")
-        if unexpected:
-            problems.append(f"unexpected tensors {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
-        raise ArtifactError(f"{source}: weights do not match the model: {', '.join(problems)}")
-
-
-def stored_tensors(model: StatefulModel, state_dict: dict[str, Tensor], source: str) -> dict:
-    """The entries of `state_dict` to write: tied aliases dropped after checking that they
-    really equal their canonical tensor."""
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    for alias, name in tied_names(model).items():
-        if alias in tensors and name in tensors and not torch.equal(tensors[alias], tensors[name]):
-            raise ArtifactError(f"{source}: tied tensors {alias!r} and {name!r} differ")
-        tensors.pop(alias, None)
-    return tensors
 
 
 class ModelRepository:
@@ -254,12 +159,9 @@ class ModelRepository:
     def _load_uncached(self, name: str, version: str) -> LoadedModel:
         card = self.card(name, version)
         config_path = card.path / CONFIG_FILE
-        weights = card.config.get("weights")
-        if isinstance(weights, dict) and weights.get("kind") == "trajectory":
+        if is_trajectory_version(card):
             # A fine-tuned version stored as its base plus zeroth-order steps: rebuilt by replay.
-            from models.trajectory import TRAJECTORY_FILE, materialize_trajectory
-
-            tensors, source = materialize_trajectory(self, card), card.path / TRAJECTORY_FILE
+            tensors, source = materialize_trajectory(card, self.load), card.path / TRAJECTORY_FILE
         else:
             tensors, source = _read_weights(card), card.path / WEIGHTS_FILE
         model = _build(card.config, config_path)
@@ -413,11 +315,18 @@ def _build(config: dict[str, Any], source: Path) -> StatefulModel:
         raise ArtifactError(f"{source}: cannot build the model ({error})") from error
 
 
+# The artifact format's names are re-exported: callers need only this module.
 __all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
     "ArtifactError",
     "LoadedModel",
     "ModelCard",
     "ModelNotFoundError",
     "ModelRepository",
+    "check_model_name",
     "default_repository_root",
+    "file_sha256",
+    "is_safe_name",
+    "stored_tensors",
 ]

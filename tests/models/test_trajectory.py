@@ -29,13 +29,12 @@ from models.trajectory import (
     TRAJECTORY_FILE,
     BaseReference,
     Trajectory,
-    export_safetensors_version,
     load_calibration,
     materialize_trajectory,
-    publish_trajectory_version,
     rebuild_weights,
     tensor_digest,
 )
+from models.trajectory_publish import export_safetensors_version, publish_trajectory_version
 from models.zo import BackendForward, ZOConfig, ZOOptimizer, select_parameters
 from service.calibration_store import CalibrationStore
 
@@ -157,7 +156,7 @@ def test_a_fresh_process_rebuilds_the_weights_bit_for_bit(
         from models.repository import ModelRepository
         from models.trajectory import materialize_trajectory
         repo = ModelRepository({str(repo.root)!r})
-        save_file(materialize_trajectory(repo, repo.card("toy", "2")), {str(out)!r})
+        save_file(materialize_trajectory(repo.card("toy", "2"), repo.load), {str(out)!r})
         print(repo.load("toy", "2").card.config["weights_sha256"])
     """)
     done = subprocess.run(
@@ -220,7 +219,7 @@ def test_a_corrupted_file_is_refused_before_replay(repo: ModelRepository, publis
 def test_malformed_trajectories_are_refused_clearly(repo, published, edit, message) -> None:
     _rewrite_trajectory(published, edit)
     with pytest.raises(ArtifactError, match=message):
-        materialize_trajectory(repo, repo.card("toy", "2"))
+        materialize_trajectory(repo.card("toy", "2"), repo.load)
 
 
 def test_a_replaced_base_is_refused(repo: ModelRepository, published) -> None:
