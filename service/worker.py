@@ -1,6 +1,6 @@
 """What runs a fine-tuning job, in either kind of worker process.
 
-`execute_finetune` is the one place a job meets `models.finetune.run_finetune`: it
+`execute_finetune` is the one place a job meets `service.finetuning.job.run_finetune`: it
 materialises an uploaded .npz in a private scratch folder, validates the spec, runs the
 tuning with a progress callback and a cancel check, and turns whatever happens into an
 outcome dictionary (`status` succeeded | cancelled | failed, `result`, `error`, `progress`).
@@ -35,7 +35,9 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseTimeoutException
 
+from models.repository import ModelRepository
 from service import metrics
+from service.finetuning.job import FinetuneSpec, run_finetune
 
 logger = logging.getLogger("neuroserve.worker")
 
@@ -48,7 +50,7 @@ CANCEL_CHECK_SECONDS = 0.25  # the Redis cancel flag is read at most this often
 
 
 class ProgressTracker:
-    """Turn `models.finetune.ProgressEvent`s into the wire's progress dict and pass them on
+    """Turn `service.finetuning.job.ProgressEvent`s into the wire's progress dict and pass them on
     at most every `every` seconds (stage changes at once). The ETA of the tuning steps comes
     from their pace since tuning began; the validation accuracy is the latest evaluation's."""
 
@@ -98,9 +100,6 @@ def execute_finetune(
 ) -> dict[str, Any]:
     """Run one job and describe how it ended; exceptions of `passthrough` types propagate
     (a host's own timeouts), every other failure is a `failed` outcome."""
-    from models.finetune import FinetuneSpec, run_finetune
-    from models.repository import ModelRepository
-
     tracker = ProgressTracker(progress)
     scratch_file = "?"  # where an upload is written: never shown to the client
     try:
@@ -300,8 +299,6 @@ def run_worker(
     if metrics_port:
         metrics.clear_multiprocess_dir()  # this process is the parent of its work-horses
         metrics.start_metrics_server(metrics_port)
-    import models.finetune  # noqa: F401 - import torch once here, not in every work-horse
-
     sweepers = [
         RedisJobQueue(
             connection,

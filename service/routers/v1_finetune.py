@@ -1,7 +1,7 @@
 """Native REST routes for fine-tuning jobs (`/v1/finetune/jobs...`): a thin adapter over a
 `JobQueue` (`service.jobs`), which this router's lifespan opens beside the app's own.
 
-The body of `POST /v1/finetune/jobs` is the fine-tuning spec (`models.finetune.FinetuneSpec`:
+The body of `POST /v1/finetune/jobs` is the fine-tuning spec (`service.finetuning.job.FinetuneSpec`:
 model, version, backend, data, optimiser and every hyper-parameter; `FinetuneJobRequest` in
 the schemas), validated so that a bad value is a 422 naming the field, and its data loaded
 and checked against the model, before anything is queued. One thing differs from the spec:
@@ -24,7 +24,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from models.finetune import FinetuneSpec, NpzData, load_finetune_data
 from service.auth import Principal, get_principal, require_admin
 from service.dataplane import DataPlane
 from service.errors import (
@@ -33,6 +32,7 @@ from service.errors import (
     NotFoundError,
     RateLimitedError,
 )
+from service.finetuning.job import FinetuneSpec, NpzData, load_finetune_data
 from service.jobs import (
     FINISHED,
     JobNotFoundError,

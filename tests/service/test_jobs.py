@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from rq.registry import CanceledJobRegistry
 
-from models.finetune import ProgressEvent
 from models.repository import WEIGHTS_FILE, ModelRepository
+from service.finetuning.job import ProgressEvent
 from service.jobs import (
     FINISHED,
     JobNotFoundError,
