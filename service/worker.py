@@ -13,6 +13,9 @@ Around it, two hosts:
   Redis key, a heartbeat thread keeps the job's alive key fresh (`service.jobs_redis`).
 - `local_worker_main` is the child process of the server's `LocalJobQueue`: jobs and
   messages travel as JSON over a pipe, cancellations (job ids) over a second one.
+
+This module imports the job (and with it torch) at the top, so a `neuroserve worker` pays
+for that once and every forked work-horse starts with it loaded.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from rq.timeouts import BaseTimeoutException
 from models.repository import ModelRepository
 from service import metrics
 from service.finetuning.job import FinetuneSpec, run_finetune
+from service.jobs_redis import LOST_AFTER_BEATS, RedisJobQueue, connect_job_redis
+from service.state_store_redis import redact_url
 
 logger = logging.getLogger("neuroserve.worker")
 
@@ -204,8 +209,6 @@ def redis_cancel_check(connection: Any, key: str) -> Callable[[], bool]:
 
 def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
     """The RQ job function (runs in a work-horse): one fine-tuning job, outcome as result."""
-    from service.jobs_redis import LOST_AFTER_BEATS
-
     if _repository_root is None:
         raise RuntimeError("run_queued_job runs only inside `neuroserve worker`")
     job = get_current_job()
@@ -290,8 +293,6 @@ def run_worker(
 ) -> int:
     """`neuroserve worker`: take fine-tuning jobs from `queue_names` until stopped (or, with
     `burst`, until the queues are empty). Exit code 0."""
-    from service.jobs_redis import RedisJobQueue, connect_job_redis
-
     url = settings.job_queue_redis_url()
     # No socket timeout: RQ blocks on the queues for minutes between jobs.
     connection = connect_job_redis(url, socket_timeout=None)
@@ -327,7 +328,7 @@ def run_worker(
         "worker %s: queues %s on %s, repository %s, metrics %s",
         worker.name,
         ", ".join(queue_names),
-        _redacted(url),
+        redact_url(url),
         Path(settings.model_repository).resolve(),
         f"on port {metrics_port}" if metrics_port else "off",
     )
@@ -337,12 +338,6 @@ def run_worker(
         stop.set()
         connection.close()
     return 0
-
-
-def _redacted(url: str) -> str:
-    from service.state_store_redis import redact_url
-
-    return redact_url(url)
 
 
 # ---- the embedded local worker process ------------------------------------------------------
