@@ -17,6 +17,7 @@ their ONNX translations are registered below (opset 17).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -214,8 +215,6 @@ def _on_cpu(model: nn.Module) -> bool:
 
 
 def _cpu_copy(model: StatefulModel) -> StatefulModel:
-    import copy
-
     return copy.deepcopy(model).cpu()
 
 
