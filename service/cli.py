@@ -9,17 +9,15 @@ Each command module exposes `register(subparsers)`, which adds its sub-parser an
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from service import cli_calibrate, cli_keys, cli_models, cli_worker
+from service.cli_common import LOG_LEVELS, configure_logging, settings_from_flags
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
-
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def register_serve(subparsers: Any) -> None:
@@ -45,32 +43,22 @@ def register_serve(subparsers: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     import uvicorn
-    from pydantic import ValidationError
 
     from service.app import create_app
-    from service.errors import describe_validation_errors
-    from service.settings import Settings
 
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "model_repository": args.repository,
-        "redis_url": args.redis_url,
-        "log_level": args.log_level,
-    }
-    try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    except ValidationError as error:
-        print(
-            f"neuroserve serve: invalid settings: {describe_validation_errors(error.errors())}",
-            file=sys.stderr,
-        )
-        return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    settings = settings_from_flags(
+        "serve",
+        host=args.host,
+        port=args.port,
+        model_repository=args.repository,
+        redis_url=args.redis_url,
+        log_level=args.log_level,
     )
+    if settings is None:
+        return 2
+    configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
