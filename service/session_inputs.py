@@ -1,4 +1,4 @@
-"""What the session API takes, checked: ids, options, alpha, and chunks of a sequence.
+"""What the session API takes, checked: ids, options, and chunks of a sequence.
 
 A step takes one chunk of the session's sequence. A feature model takes float32 [T, F] (T
 time steps of F numbers); a language model takes long [T] token ids, which a client may send
@@ -13,7 +13,6 @@ without an owner; "/" is not allowed in either, so keys are unambiguous.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -145,16 +144,6 @@ def _validated(adapter: TypeAdapter, inputs: object) -> Any:
 
 
 # ---- session settings and ids ----------------------------------------------------------------
-
-
-def check_alpha(alpha: object) -> None:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or not 0 < alpha < 1
-    ):
-        raise BadInputError(f"alpha must be strictly between 0 and 1, got {alpha!r}")
 
 
 def check_options(options: object) -> dict[str, Any]:
