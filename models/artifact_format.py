@@ -67,10 +67,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def state_schema_hash(model: StatefulModel) -> str:
-    """sha256 of the model's state schema (names, per-sample shapes, dtypes) as sorted JSON.
+def model_state_schema_hash(model: StatefulModel) -> str:
+    """sha256 of the state schema a model declares (`model.state_schema()`: names, per-sample
+    shapes, dtypes) as sorted JSON: config.json's `state_schema_hash`.
 
-    Stored session state carries this hash, so state from an incompatible model is refused.
+    Publishing records it and loading checks it again, so a version whose built model would
+    carry a different state (an edited model_config) is refused. Stored session state has a
+    hash of its own, over the tensors actually stored (`service.state_codec.tensor_schema_hash`).
     """
     schema = {name: [list(shape), dtype] for name, (shape, dtype) in model.state_schema().items()}
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()

@@ -43,7 +43,7 @@ from models.artifact_format import (
     check_state_dict,
     file_sha256,
     is_safe_name,
-    state_schema_hash,
+    model_state_schema_hash,
     stored_tensors,
     tied_names,
 )
@@ -169,7 +169,7 @@ class ModelRepository:
         for alias, canonical in tied_names(model).items():
             tensors[alias] = tensors[canonical]
         model.load_state_dict(tensors, strict=True)
-        schema_hash = state_schema_hash(model)
+        schema_hash = model_state_schema_hash(model)
         if schema_hash != card.config["state_schema_hash"]:
             raise ArtifactError(
                 f"{config_path}: state_schema_hash {card.config['state_schema_hash']} does not "
@@ -207,7 +207,7 @@ class ModelRepository:
         # name and version lead config.json; the hashes close it.
         full_config = {"name": name, "version": None}
         full_config.update((k, v) for k, v in config.items() if k not in ("name", "version"))
-        full_config["state_schema_hash"] = state_schema_hash(model)
+        full_config["state_schema_hash"] = model_state_schema_hash(model)
         full_config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
 
         def files_for(version: str) -> dict[str, bytes]:
