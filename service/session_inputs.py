@@ -35,8 +35,9 @@ _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """What one chunk of a session's inputs looks like."""
+class ChunkSpec:
+    """What one chunk of a session's inputs looks like, from the model's card (the wire
+    schema a client reads, `GET /v1/models/{name}`'s input, is `service.schemas.InputSpec`)."""
 
     kind: str  # "features" or "tokens"
     features: int | None  # F per time step (features)
@@ -44,7 +45,7 @@ class InputSpec:
     labels: list[str]  # output labels (or the vocabulary)
 
     @classmethod
-    def of(cls, card: ModelCard) -> InputSpec:
+    def of(cls, card: ModelCard) -> ChunkSpec:
         config = card.config
         tokens = config["input"]["kind"] == "tokens"
         return cls(
@@ -55,7 +56,7 @@ class InputSpec:
         )
 
 
-def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+def parse_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     """A JSON chunk as a tensor for `spec`: float [T, F] features, or long [T] token ids from
     a string (each character a token) or a list of ids."""
     if spec.kind == "tokens":
@@ -88,7 +89,7 @@ def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
     return check_chunk(torch.from_numpy(array), spec, max_steps)
 
 
-def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     """Validate a chunk tensor against the session's model; float32 [T, F] or long [T]."""
     if not isinstance(inputs, Tensor):
         raise BadInputError(f"inputs must be a tensor, got {type(inputs).__name__}")

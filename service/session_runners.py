@@ -28,7 +28,7 @@ from models.repository import ArtifactError, ModelCard
 from service.batching import state_rows
 from service.dataplane import DataPlane
 from service.errors import BackendUnavailableError, BadInputError
-from service.session_inputs import InputSpec
+from service.session_inputs import ChunkSpec
 from service.state_codec import StateSignature
 
 DEFAULT_CACHE_SIZE = 64
@@ -43,7 +43,7 @@ class SessionRunner:
     runner: Runner
     signature: StateSignature  # what a stored state must match to be stepped here
     rows: int  # state rows per session (S chains for sampling backends)
-    spec: InputSpec
+    spec: ChunkSpec
 
 
 class SessionRunners:
@@ -101,4 +101,4 @@ class SessionRunners:
         signature = StateSignature.of(
             initial, model=card.name, version=card.version, backend=backend
         )
-        return SessionRunner(key, card, runner, signature, state_rows(initial), InputSpec.of(card))
+        return SessionRunner(key, card, runner, signature, state_rows(initial), ChunkSpec.of(card))

@@ -69,7 +69,7 @@ from service.inputs import out_of_range_warning
 from service.predictions import default_score, model_labels
 from service.session_answers import StepPredictions
 from service.session_inputs import (
-    InputSpec,
+    ChunkSpec,
     check_chunk,
     check_id,
     check_options,
@@ -352,7 +352,7 @@ class SessionManager:
             raise NotFoundError(f"no session {session_id!r} (never created, deleted or expired)")
         return True
 
-    async def input_spec(self, session_id: str, *, owner: str | None = None) -> InputSpec:
+    async def input_spec(self, session_id: str, *, owner: str | None = None) -> ChunkSpec:
         """What the session's chunks look like (served from a cache after the first use)."""
         key = lookup_key(session_id, owner)
         meta, _ = await self._session_meta(key, session_id)
