@@ -81,7 +81,10 @@ class RateLimitedError(NeuroserveError):
     code = "rate_limited"
 
 
-class BackendUnavailableError(NeuroserveError):
+class ServiceUnavailableError(NeuroserveError):
+    """The server cannot do this now: a backend that cannot run here (the backend's own
+    `hardware_backends.base.BackendUnavailableError`, answered), a part not running."""
+
     status_code = 503
     code = "backend_unavailable"
 

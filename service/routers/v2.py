@@ -44,10 +44,10 @@ from service.dataplane import (
     encode_prompts,
 )
 from service.errors import (
-    BackendUnavailableError,
     BadInputError,
     NotCalibratedError,
     NotFoundError,
+    ServiceUnavailableError,
     describe_validation_errors,
     value_errors_as,
 )
@@ -384,7 +384,7 @@ def sequence_session_id(sequence_id: int | str) -> str:
 def _sessions(request: Request) -> Any:
     sessions = getattr(request.app.state, "sessions", None)
     if sessions is None:
-        raise BackendUnavailableError("sequences need the session manager, which is not running")
+        raise ServiceUnavailableError("sequences need the session manager, which is not running")
     return sessions
 
 
