@@ -45,7 +45,8 @@ def measure(method: str, length: int) -> int:
     import torch
 
     from models.architectures import build_model
-    from models.zo import BackendForward, ZOConfig, ZOOptimizer
+    from models.zo import ZOConfig, ZOOptimizer
+    from service.finetuning.forward import BackendForward
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -34,9 +34,10 @@ import torch
 
 from models.builtin import ensure_builtin_models
 from models.digits import load_digits_seq
-from models.finetune import FinetuneResult, FinetuneSpec, ProgressEvent, run_finetune
 from models.repository import ModelRepository, default_repository_root
-from models.zo import BackendForward, ZOConfig, ZOOptimizer
+from models.zo import ZOConfig, ZOOptimizer
+from service.finetuning.forward import BackendForward
+from service.finetuning.job import FinetuneResult, FinetuneSpec, ProgressEvent, run_finetune
 
 MODEL_NAME = "digits-lru"
 

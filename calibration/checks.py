@@ -18,12 +18,16 @@ ArrayLike = Tensor | np.ndarray
 PROBABILITY_SUM_TOLERANCE = 1e-4
 
 
+ALPHA_MESSAGE = "alpha must be a number in the open interval (0, 1)"
+
+
 def check_alpha(alpha: float) -> float:
-    """A miscoverage level must lie strictly between 0 and 1."""
+    """A miscoverage level must lie strictly between 0 and 1: the one check of alpha, for the
+    calibration package and the server alike (which answers its ValueError as a 4xx)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a number in the open interval (0, 1), got {alpha!r}")
-    if not 0.0 < float(alpha) < 1.0:  # also rejects NaN
-        raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha!r}")
+        raise ValueError(f"{ALPHA_MESSAGE}, got {alpha!r}")
+    if not 0.0 < float(alpha) < 1.0:  # also rejects NaN and infinities
+        raise ValueError(f"{ALPHA_MESSAGE}, got {alpha!r}")
     return float(alpha)
 
 

@@ -162,11 +162,11 @@ def plot_reliability_diagram(
     """
     data = reliability_diagram_data(probs, labels, n_bins, min_count, title, map_name)
     try:
-        import matplotlib
+        import matplotlib  # lazy: an optional extra, neuroserve[plot]
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise RuntimeError("plotting needs matplotlib: pip install 'neuroserve[plot]'") from error
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg")
 
     edges = data.edges.numpy()
     lefts, width = edges[:-1], edges[1] - edges[0]

@@ -17,12 +17,11 @@ their ONNX translations are registered below (opset 17).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -34,6 +33,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 from torch.onnx import symbolic_helper
+
+from models.files import staging_directory
 
 if TYPE_CHECKING:
     from models.base import StatefulModel
@@ -214,8 +215,6 @@ def _on_cpu(model: nn.Module) -> bool:
 
 
 def _cpu_copy(model: StatefulModel) -> StatefulModel:
-    import copy
-
     return copy.deepcopy(model).cpu()
 
 
@@ -284,10 +283,8 @@ class ExportCache:
         return ExportedStep(path=graph, spec=spec)
 
     def _export_to_disk(self, model: StatefulModel, directory: Path) -> ExportedStep:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".export-", dir=directory.parent))
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is shared by replicas
-        try:
+        # Readable by all (the cache is shared by replicas); renamed into place whole.
+        with staging_directory(directory.parent, ".export-") as staging:
             spec = export_onnx(model, staging / GRAPH_FILE)
             (staging / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             try:
@@ -295,8 +292,6 @@ class ExportCache:
             except OSError:
                 if not (directory / SPEC_FILE).is_file():  # not another process's export
                     raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         self.exports_done += 1
         return ExportedStep(path=directory / GRAPH_FILE, spec=spec)
 

@@ -66,7 +66,7 @@ class OnnxRuntimeOptions(BackendOptions):
 def make_session(
     path: Path, intra_op_threads: int, inter_op_threads: int
 ) -> onnxruntime.InferenceSession:
-    import onnxruntime
+    import onnxruntime  # lazy: the module loads, and reports why, without onnxruntime
 
     session_options = onnxruntime.SessionOptions()
     session_options.intra_op_num_threads = intra_op_threads
@@ -168,7 +168,7 @@ class OnnxRuntimeBackend:
 
     def availability(self) -> str | None:
         try:
-            import onnxruntime
+            import onnxruntime  # lazy: availability() reports it missing
         except ImportError as error:
             return f"onnxruntime is not installed ({error})"
         if "CPUExecutionProvider" not in onnxruntime.get_available_providers():

@@ -41,7 +41,7 @@ _SPLIT_BOUNDS = {"train": (0, 1000), "calibration": (1000, 1400), "test": (1400,
 
 @lru_cache(maxsize=1)
 def _all_images() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: ~1 s of start-up for every importer
 
     bunch = load_digits()
     images = bunch.images.astype(np.float32)  # [1797, 8, 8]

@@ -4,6 +4,8 @@ Layout: `<root>/<name>/<version>/config.json` + `weights.safetensors` (+ calibra
 that other components write beside them). Versions are "1", "2", ... and never change once
 published. A zeroth-order fine-tuned version may hold `trajectory.json` instead of weights
 (config "weights": {"kind": "trajectory"}); `load` rebuilds it through `models.trajectory`.
+The format of one version (file names, `ModelCard`, `ArtifactError`, the weight checks) is
+`models.artifact_format`; these names are re-exported here.
 `config.json` holds:
 
     name, version, architecture, model_config, task ("classification" | "language-model"),
@@ -21,30 +23,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
 import stat
-import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from models.architectures import build_model
+from models.artifact_format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ArtifactError,
+    LoadedModel,
+    ModelCard,
+    check_model_name,
+    check_state_dict,
+    file_sha256,
+    is_safe_name,
+    model_state_schema_hash,
+    stored_tensors,
+    tied_names,
+)
 from models.base import StatefulModel
+from models.files import empty_directory, fsync_path, fsync_tree, staging_directory, write_synced
+from models.trajectory import TRAJECTORY_FILE, is_trajectory_version, materialize_trajectory
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "weights.safetensors"
 TASKS = ("classification", "language-model")
 # Keys the publisher must supply; publish() adds name, version and the two hashes.
 PUBLISHER_KEYS = ("architecture", "model_config", "task", "input", "provenance")
 REQUIRED_KEYS = ("name", "version", *PUBLISHER_KEYS, "weights_sha256", "state_schema_hash")
 PROVENANCE_KEYS = ("data_sha256", "seed", "command", "created", "torch_version")
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TEMP_PREFIX = ".publishing-"
 
 
@@ -52,130 +64,9 @@ class ModelNotFoundError(LookupError):
     """An unknown model name or version; the message says what was asked and what exists."""
 
 
-class ArtifactError(ValueError):
-    """A corrupt or mismatched artifact; the message names the file and what is wrong."""
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    name: str
-    version: str
-    path: Path  # the version directory
-    config: dict[str, Any]  # parsed config.json
-
-
-@dataclass
-class LoadedModel:
-    card: ModelCard
-    model: StatefulModel  # in eval mode
-
-
 def default_repository_root() -> Path:
     """The committed built-in artifacts: `models/artifacts` inside the package."""
     return Path(__file__).resolve().parent / "artifacts"
-
-
-def is_safe_name(name: object) -> bool:
-    """A single path segment that cannot escape its directory or hide (no '..', no '/')."""
-    return isinstance(name, str) and bool(_SAFE_NAME.fullmatch(name)) and ".." not in name
-
-
-def check_model_name(name: str) -> str:
-    """Return `name` if it is a safe single path segment; ValueError otherwise."""
-    if not is_safe_name(name):
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..' or slashes"
-        )
-    return name
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_schema_hash(model: StatefulModel) -> str:
-    """sha256 of the model's state schema (names, per-sample shapes, dtypes) as sorted JSON.
-
-    Stored session state carries this hash, so state from an incompatible model is refused.
-    """
-    schema = {name: [list(shape), dtype] for name, (shape, dtype) in model.state_schema().items()}
-    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
-
-
-def tied_names(model: StatefulModel) -> dict[str, str]:
-    """Alias -> canonical name for state-dict entries that share storage (tied weights, e.g.
-    a language model's head and embedding). Only the canonical entry is stored on disk:
-    safetensors refuses to save shared tensors."""
-    canonical: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel() == 0:
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if key in canonical:
-            aliases[name] = canonical[key]
-        else:
-            canonical[key] = name
-    return aliases
-
-
-def check_state_dict(model: StatefulModel, tensors: dict[str, Tensor], source: str) -> None:
-    """ArtifactError naming every missing, unexpected and shape-mismatched tensor.
-
-    `tensors` holds the stored entries: tied aliases (see `tied_names`) must be absent.
-    """
-    aliases = tied_names(model)
-    expected = {
-        name: tuple(t.shape) for name, t in model.state_dict().items() if name not in aliases
-    }
-    found = {name: tuple(t.shape) for name, t in tensors.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = [
-        f"{name}: expected {list(expected[name])}, found {list(found[name])}"
-        for name in sorted(set(expected) & set(found))
-        if expected[name] != found[name]
-    ]
-    if missing or unexpected or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing tensors {missing}")
-        if unexpected:
-            problems.append(f"unexpected tensors {unexpected}")
-        if mismatched:
-            problems.append(f"shape mismatches [{'; '.join(mismatched)}]")
-        raise ArtifactError(f"{source}: weights do not match the model: {', '.join(problems)}")
-
-
-def stored_tensors(model: StatefulModel, state_dict: dict[str, Tensor], source: str) -> dict:
-    """The entries of `state_dict` to write: tied aliases dropped after checking that they
-    really equal their canonical tensor."""
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state_dict.items()}
-    for alias, name in tied_names(model).items():
-        if alias in tensors and name in tensors and not torch.equal(tensors[alias], tensors[name]):
-            raise ArtifactError(f"{source}: tied tensors {alias!r} and {name!r} differ")
-        tensors.pop(alias, None)
-    return tensors
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 class ModelRepository:
@@ -186,7 +77,6 @@ class ModelRepository:
         self._cache: dict[tuple[str, str], LoadedModel] = {}
         self._cache_lock = threading.Lock()
         self._key_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._publish_lock = threading.Lock()
         # Listings and cards are read on every request: kept while the directory (or the
         # config file) keeps its modification time, so a publish shows up at once.
         self._versions: dict[str, tuple[int, list[str]]] = {}
@@ -293,12 +183,9 @@ class ModelRepository:
     def _load_uncached(self, name: str, version: str) -> LoadedModel:
         card = self.card(name, version)
         config_path = card.path / CONFIG_FILE
-        weights = card.config.get("weights")
-        if isinstance(weights, dict) and weights.get("kind") == "trajectory":
+        if is_trajectory_version(card):
             # A fine-tuned version stored as its base plus zeroth-order steps: rebuilt by replay.
-            from models.trajectory import TRAJECTORY_FILE, materialize_trajectory
-
-            tensors, source = materialize_trajectory(self, card), card.path / TRAJECTORY_FILE
+            tensors, source = materialize_trajectory(card, self.load), card.path / TRAJECTORY_FILE
         else:
             tensors, source = _read_weights(card), card.path / WEIGHTS_FILE
         model = _build(card.config, config_path)
@@ -306,7 +193,7 @@ class ModelRepository:
         for alias, canonical in tied_names(model).items():
             tensors[alias] = tensors[canonical]
         model.load_state_dict(tensors, strict=True)
-        schema_hash = state_schema_hash(model)
+        schema_hash = model_state_schema_hash(model)
         if schema_hash != card.config["state_schema_hash"]:
             raise ArtifactError(
                 f"{config_path}: state_schema_hash {card.config['state_schema_hash']} does not "
@@ -325,10 +212,8 @@ class ModelRepository:
     ) -> ModelCard:
         """Publish the next version of `name` atomically and return its card.
 
-        The files are written and fsynced in a hidden temp dir inside root, then the dir is
-        renamed to `<root>/<name>/<next version>`, so readers see all of a version or none.
-        `config` must hold PUBLISHER_KEYS; name, version, weights_sha256 and
-        state_schema_hash are filled in here.
+        Written as `publish_files` writes every version. `config` must hold PUBLISHER_KEYS;
+        name, version, weights_sha256 and state_schema_hash are filled in here.
         """
         check_model_name(name)
         missing = [key for key in PUBLISHER_KEYS if key not in config]
@@ -342,52 +227,49 @@ class ModelRepository:
         model = _build(config, Path(f"<config for {name}>"))
         tensors = stored_tensors(model, state_dict, f"state_dict for {name!r}")
         check_state_dict(model, tensors, f"state_dict for {name!r}")
+        weights = save_tensors(tensors)
         # name and version lead config.json; the hashes close it.
         full_config = {"name": name, "version": None}
         full_config.update((k, v) for k, v in config.items() if k not in ("name", "version"))
-        full_config["state_schema_hash"] = state_schema_hash(model)
+        full_config["state_schema_hash"] = model_state_schema_hash(model)
+        full_config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / name).mkdir(exist_ok=True)
-        with self._publish_lock:
-            temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=self.root))
-            try:
-                weights_path = temp_dir / WEIGHTS_FILE
-                save_file(tensors, str(weights_path))
-                _fsync_path(weights_path)
-                full_config["weights_sha256"] = file_sha256(weights_path)
-                for file_name, data in extra_files.items():
-                    _write_file(temp_dir / file_name, data)
-                # mkdtemp and safetensors create owner-only entries; artifacts are for every
-                # reader (a server often runs as another user than the trainer).
-                os.chmod(temp_dir, 0o755)
-                for path in temp_dir.iterdir():
-                    os.chmod(path, 0o644)
-                version = self._rename_into_place(temp_dir, name, full_config)
-            except BaseException:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-                raise
+        def files_for(version: str) -> dict[str, bytes]:
+            full_config["version"] = version
+            return {WEIGHTS_FILE: weights, **extra_files, CONFIG_FILE: _config_bytes(full_config)}
+
+        return self.publish_files(name, files_for)
+
+    def publish_files(self, name: str, files_for: Callable[[str], dict[str, bytes]]) -> ModelCard:
+        """Publish the next version of `name` from `files_for(version)` (relative path ->
+        bytes, config.json included) and return its card.
+
+        The files are written and fsynced in a hidden staging dir inside root, then the dir
+        is renamed to `<root>/<name>/<version>`, so readers see all of a version or none. If
+        another publisher takes that version first (rename onto a non-empty directory fails),
+        the files are rebuilt for the next one. On any error no version appears.
+        """
+        check_model_name(name)
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        prefix = f"{_TEMP_PREFIX}{name}-"
+        with staging_directory(self.root, prefix) as staging:
+            for _ in range(100):
+                versions = self.versions(name)
+                version = str(int(versions[-1]) + 1 if versions else 1)
+                for relative, data in files_for(version).items():
+                    write_synced(staging / relative, data)
+                fsync_tree(staging)
+                try:
+                    os.rename(staging, self.version_path(name, version))
+                    break
+                except OSError:
+                    if not self.version_path(name, version).exists():
+                        raise
+                    empty_directory(staging)
+            else:
+                raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
+        fsync_path(self.root / name)
         return self.card(name, version)
-
-    def _rename_into_place(self, temp_dir: Path, name: str, config: dict[str, Any]) -> str:
-        """Write config.json for the next free version and rename; retry if another process
-        took that version first (rename onto a non-empty directory fails)."""
-        for _ in range(100):
-            versions = self.versions(name)
-            version = str(int(versions[-1]) + 1 if versions else 1)
-            config["version"] = version
-            _write_file(temp_dir / CONFIG_FILE, _config_bytes(config))
-            os.chmod(temp_dir / CONFIG_FILE, 0o644)
-            _fsync_path(temp_dir)
-            try:
-                os.rename(temp_dir, self.version_path(name, version))
-            except OSError:
-                if self.version_path(name, version).exists():
-                    continue
-                raise
-            _fsync_path(self.root / name)
-            return version
-        raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
 
 
 def _read_weights(card: ModelCard) -> dict[str, Tensor]:
@@ -457,11 +339,18 @@ def _build(config: dict[str, Any], source: Path) -> StatefulModel:
         raise ArtifactError(f"{source}: cannot build the model ({error})") from error
 
 
+# The artifact format's names are re-exported: callers need only this module.
 __all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
     "ArtifactError",
     "LoadedModel",
     "ModelCard",
     "ModelNotFoundError",
     "ModelRepository",
+    "check_model_name",
     "default_repository_root",
+    "file_sha256",
+    "is_safe_name",
+    "stored_tensors",
 ]

@@ -18,9 +18,9 @@ A trajectory version's directory:
     trajectory.json     base, optimiser settings, parameter names, torch version, steps
     calibration/<backend>.json + .safetensors     calibrations (`PositionalCalibration`)
 
-`export_safetensors_version` turns one into a plain version (`weights.safetensors`).
-Publishing writes a hidden temp dir and renames it into place, as `ModelRepository.publish`
-does, so readers see all of a version or none of it.
+This module is the format and its replay; the repository loads a trajectory version through
+`materialize_trajectory`. Publishing one, and exporting one as a plain version
+(`weights.safetensors`), is `models.trajectory_publish`.
 """
 
 from __future__ import annotations
@@ -30,32 +30,25 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from calibration.positional import SERVING_KEY, PositionalCalibration
-from models.base import StatefulModel
-from models.repository import (
+from models.artifact_format import (
     CONFIG_FILE,
-    WEIGHTS_FILE,
     ArtifactError,
+    LoadedModel,
     ModelCard,
-    ModelRepository,
-    check_model_name,
     stored_tensors,
 )
+from models.base import StatefulModel
 from models.zo import (
     MAX_SEED,
     PARAMETER_SELECTIONS,
@@ -71,7 +64,6 @@ TRAJECTORY_FORMAT_VERSION = 1
 WEIGHTS_KIND = "trajectory"
 CALIBRATION_DIR = "calibration"
 MAX_CHAIN_DEPTH = 32  # bases that are themselves trajectory versions, nested
-_TEMP_PREFIX = ".publishing-"  # the repository's convention: hidden, never a version
 
 
 def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
@@ -297,10 +289,12 @@ def read_trajectory(card: ModelCard) -> Trajectory:
 _materializing = threading.local()  # versions being rebuilt by this thread (cycle guard)
 
 
-def materialize_trajectory(repository: ModelRepository, card: ModelCard) -> dict[str, Tensor]:
+def materialize_trajectory(
+    card: ModelCard, load: Callable[[str, str], LoadedModel]
+) -> dict[str, Tensor]:
     """Rebuild a trajectory version's weights (as stored: tied aliases dropped) and check
-    them against the checksum taken at publish time. The base is loaded through
-    `repository.load`, so a base that is itself a trajectory version is rebuilt first."""
+    them against the checksum taken at publish time. `load(name, version)` loads the base
+    (`ModelRepository.load`), so a base that is itself a trajectory version is rebuilt first."""
     trajectory = read_trajectory(card)
     source = str(card.path / TRAJECTORY_FILE)
     base_ref = trajectory.base
@@ -309,22 +303,21 @@ def materialize_trajectory(repository: ModelRepository, card: ModelCard) -> dict
         raise ArtifactError(f"{source}: base {base_ref.name}/{base_ref.version} is in a cycle")
     if len(in_progress) >= MAX_CHAIN_DEPTH:
         raise ArtifactError(f"{source}: trajectory bases nest deeper than {MAX_CHAIN_DEPTH}")
-    base_card = repository.card(base_ref.name, base_ref.version)
-    if base_card.config["weights_sha256"] != base_ref.weights_sha256:
+    _materializing.keys = in_progress | {(card.name, card.version)}
+    try:
+        base = load(base_ref.name, base_ref.version)
+    finally:
+        _materializing.keys = in_progress
+    if base.card.config["weights_sha256"] != base_ref.weights_sha256:
         raise ArtifactError(
             f"{source}: base {base_ref.name}/{base_ref.version} has weights_sha256 "
-            f"{base_card.config['weights_sha256']}, but the trajectory was recorded from "
+            f"{base.card.config['weights_sha256']}, but the trajectory was recorded from "
             f"{base_ref.weights_sha256}"
         )
     for key in ("architecture", "model_config"):
-        if base_card.config[key] != card.config[key]:
+        if base.card.config[key] != card.config[key]:
             raise ArtifactError(f"{source}: {key} differs from the base's")
-    _materializing.keys = in_progress | {(card.name, card.version)}
-    try:
-        base_model = repository.load(base_ref.name, base_ref.version).model
-    finally:
-        _materializing.keys = in_progress
-    _, tensors = rebuild_weights(base_model, trajectory, source)
+    _, tensors = rebuild_weights(base.model, trajectory, source)
     digest = tensor_digest(tensors)
     if digest != card.config["weights_sha256"]:
         raise ArtifactError(
@@ -372,149 +365,3 @@ def stored_calibrations(card: ModelCard) -> list[PositionalCalibration]:
     if not directory.is_dir():
         return []
     return [load_calibration(card, p.stem) for p in sorted(directory.glob("*.json"))]
-
-
-# ---- atomic publishing -------------------------------------------------------------------------
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_atomically(
-    repository: ModelRepository, name: str, files_for: Callable[[str], dict[str, bytes]]
-) -> ModelCard:
-    """Publish the next version of `name` from `files_for(version)` (relative path -> bytes,
-    config.json included): written and fsynced in a hidden temp dir, then renamed into place.
-    If another publisher takes that version first, the files are rebuilt for the next one.
-    On any error the temp dir is removed and no version appears."""
-    check_model_name(name)
-    (repository.root / name).mkdir(parents=True, exist_ok=True)
-    temp_dir = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=repository.root))
-    try:
-        for _ in range(100):
-            versions = repository.versions(name)
-            version = str(int(versions[-1]) + 1 if versions else 1)
-            for relative, data in files_for(version).items():
-                _write_synced(temp_dir / relative, data)
-            for directory in sorted({p.parent for p in temp_dir.rglob("*")}, reverse=True):
-                _fsync_dir(directory)
-            try:
-                os.rename(temp_dir, repository.version_path(name, version))
-                break
-            except OSError:
-                if not repository.version_path(name, version).exists():
-                    raise
-                shutil.rmtree(temp_dir)
-                temp_dir.mkdir()
-        else:
-            raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    _fsync_dir(repository.root / name)
-    return repository.card(name, version)
-
-
-def _config_bytes(config: dict[str, Any]) -> bytes:
-    return (json.dumps(config, indent=2, allow_nan=False) + "\n").encode()
-
-
-def _rekeyed(calibration: PositionalCalibration, name: str, version: str) -> PositionalCalibration:
-    artifacts = tuple(
-        dataclasses.replace(artifact, model=name, version=version)
-        for artifact in calibration.artifacts
-    )
-    return PositionalCalibration(calibration.buckets, artifacts)
-
-
-def publish_trajectory_version(
-    repository: ModelRepository,
-    name: str,
-    base: ModelCard,
-    trajectory: Trajectory,
-    weights_sha256: str,
-    config_updates: dict[str, Any],
-    calibrations: Sequence[PositionalCalibration] = (),
-    serving: Mapping[str, Mapping[str, Any]] | None = None,
-) -> ModelCard:
-    """Publish `trajectory` (from `base`) as the next version of `name`.
-
-    `weights_sha256` is `tensor_digest` of the rebuilt weights; `config_updates` (provenance,
-    metrics, dataset, ...) overlay the base's config. Calibrations are stored under
-    `calibration/<backend>` keyed to the new name and version, each with its `serving[backend]`
-    object (the backend options its data ran with, its source).
-    """
-    trajectory_bytes = trajectory.to_json_bytes()
-    ignored = ("name", "version", "weights_sha256", "weights", "training", "metrics")
-    config = {key: value for key, value in base.config.items() if key not in ignored}
-    config.update(config_updates)
-    config["weights"] = {
-        "kind": WEIGHTS_KIND,
-        "file": TRAJECTORY_FILE,
-        "file_sha256": hashlib.sha256(trajectory_bytes).hexdigest(),
-        "steps": trajectory.n_steps,
-        "base": dataclasses.asdict(trajectory.base),
-        "weights_sha256_of": "tensor_digest of the rebuilt tensors",
-    }
-    config["weights_sha256"] = weights_sha256
-
-    def files_for(version: str) -> dict[str, bytes]:
-        files = {TRAJECTORY_FILE: trajectory_bytes}
-        for artifact in calibrations:
-            files |= calibration_files(
-                _rekeyed(artifact, name, version), (serving or {}).get(artifact.backend)
-            )
-        files[CONFIG_FILE] = _config_bytes({"name": name, "version": version, **config})
-        return files
-
-    return publish_atomically(repository, name, files_for)
-
-
-def export_safetensors_version(
-    repository: ModelRepository, name: str, version: str, target_name: str | None = None
-) -> ModelCard:
-    """Publish a trajectory version's rebuilt weights as a plain safetensors version of
-    `target_name` (default: the same model), with its calibration artifacts."""
-    card = repository.card(name, version)
-    tensors = materialize_trajectory(repository, card)
-    weights_bytes = save_tensors(tensors)
-    target = target_name or name
-    ignored = ("name", "version", "weights", "weights_sha256")
-    config = {key: value for key, value in card.config.items() if key not in ignored}
-    exported_from = {
-        "name": name,
-        "version": card.version,
-        "weights_sha256": tensor_digest(tensors),
-    }
-    config["provenance"] = dict(
-        card.config["provenance"],
-        exported_from=exported_from,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    config["weights_sha256"] = hashlib.sha256(weights_bytes).hexdigest()
-    calibrations = stored_calibrations(card)
-    serving = {c.backend: load_serving(card, c.backend) for c in calibrations}
-
-    def files_for(new_version: str) -> dict[str, bytes]:
-        files = {WEIGHTS_FILE: weights_bytes}
-        for artifact in calibrations:
-            files |= calibration_files(
-                _rekeyed(artifact, target, new_version), serving[artifact.backend]
-            )
-        files[CONFIG_FILE] = _config_bytes({"name": target, "version": new_version, **config})
-        return files
-
-    return publish_atomically(repository, target, files_for)

@@ -37,7 +37,8 @@ from service.routers import (
 )
 from service.sessions import SessionManager, SessionSettings
 from service.settings import Settings
-from service.state_store import StateStore, StateStoreUnavailableError, open_state_store
+from service.state_store import StateStore, StateStoreUnavailableError
+from service.state_store_factory import open_state_store
 
 logger = logging.getLogger("neuroserve.app")
 

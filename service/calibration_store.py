@@ -9,8 +9,8 @@ per position of the sequence (`calibration.PositionalCalibration`):
 The JSON is `PositionalCalibration.to_json_dict()` plus one `"serving"` object that the
 calibration package ignores: the backend options the calibration data ran with, where that
 data came from, what `neuroserve calibrate` measured on test data (`report`), and the sha256
-of the safetensors file. Writing is atomic per file (a temp
-file in the same folder, fsync, rename), tensors first and JSON last; the JSON names the
+of the safetensors file. Writing is atomic per file (`models.files.write_atomically`: a
+temp file in the same folder, fsync, rename), tensors first and JSON last; the JSON names the
 tensor file's hash, so a reader that catches a newer tensor file beside an older JSON notices
 and reads again instead of mixing two calibrations.
 
@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from typing import Any
 from calibration import CalibrationArtifact, PositionalCalibration
 from calibration.positional import SERVING_KEY
 from hardware_backends.registry import freeze_options
+from models.files import write_atomically
 from models.repository import ArtifactError, ModelRepository
 
 CALIBRATION_DIR = "calibration"
@@ -111,20 +110,6 @@ def check_backend_name(backend: str) -> str:
             "digits and _.- starting with a letter or digit"
         )
     return backend
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, 0o644)  # mkstemp makes it owner-only; servers may run as others
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 class CalibrationStore:

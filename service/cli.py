@@ -9,7 +9,6 @@ Each command module exposes `register(subparsers)`, which adds its sub-parser an
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -18,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from service import cli_calibrate, cli_keys, cli_models, cli_worker
+from service.cli_common import LOG_LEVELS, configure_logging, settings_from_flags
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
-
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 def register_serve(subparsers: Any) -> None:
@@ -52,14 +50,10 @@ def register_serve(subparsers: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    # Imported here, not at the top: `neuroserve --help` and the other commands start fast.
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     import uvicorn
-    from pydantic import ValidationError
 
-    from service.errors import describe_validation_errors
-    from service.settings import Settings
-
-    overrides = {
+    flags = {
         "host": args.host,
         "port": args.port,
         "model_repository": args.repository,
@@ -67,20 +61,12 @@ def serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "workers": args.workers,
     }
-    chosen = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        settings = Settings(**chosen)
-    except ValidationError as error:
-        print(
-            f"neuroserve serve: invalid settings: {describe_validation_errors(error.errors())}",
-            file=sys.stderr,
-        )
+    settings = settings_from_flags("serve", **flags)
+    if settings is None:
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
     if settings.workers == 1:
+        # Imported here: the app pulls in torch and the models, which --help does not need.
         from service.app import create_app
 
         uvicorn.run(
@@ -90,8 +76,9 @@ def serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level,
         )
         return 0
-    # Worker processes build their own app from the environment: hand them the options.
-    os.environ.update({f"NEUROSERVE_{key.upper()}": str(value) for key, value in chosen.items()})
+    # Worker processes build their own app from the environment: hand them the flags.
+    given = {key: value for key, value in flags.items() if value is not None}
+    os.environ.update({f"NEUROSERVE_{key.upper()}": str(value) for key, value in given.items()})
     _share_metrics_between_workers()
     uvicorn.run(
         "service.app:create_app",
@@ -110,6 +97,7 @@ def _share_metrics_between_workers() -> None:
     before service.metrics is first imported in this process."""
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="neuroserve-metrics-")
+    # Imported only now: prometheus_client reads the folder when it is first imported.
     from service.metrics import clear_multiprocess_dir
 
     clear_multiprocess_dir()

@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.cli_common import parse_key_value
+
 if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help` stays fast
     from calibration import PositionalCalibration
     from models.repository import ModelCard
@@ -47,6 +49,7 @@ def early_decision_report(
     positional: PositionalCalibration, test: PositionExamples
 ) -> list[dict[str, Any]]:
     """Coverage at the stopping time and steps saved on the test streams, per level."""
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     import torch
 
     from calibration import EarlyDecisionRule
@@ -69,6 +72,7 @@ def early_decision_report(
 def report_on_test_data(
     positional: PositionalCalibration, test: PositionExamples, classifier: bool
 ) -> dict[str, Any]:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from calibration.position_report import position_report, rows_as_dicts
 
     report: dict[str, Any] = {
@@ -130,6 +134,7 @@ def format_metrics(positional: PositionalCalibration) -> str:
 
 
 def _map_name(description: dict[str, Any]) -> str:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from calibration.plot import describe_map
 
     return describe_map(description)
@@ -140,6 +145,7 @@ def _map_name(description: dict[str, Any]) -> str:
 
 def examples(card: ModelCard, runner: Any, data: Path | None, seed: int) -> tuple:
     """(calibration examples, test examples or None) of `card` through `runner`."""
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from service import calibration_data as cd
 
     if cd.is_language_model(card):
@@ -154,6 +160,7 @@ def examples(card: ModelCard, runner: Any, data: Path | None, seed: int) -> tupl
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from calibration import fit_positional_calibration
     from models.repository import (
         ArtifactError,
@@ -224,6 +231,7 @@ def plot(
 ) -> Path:
     """The reliability diagram of the last position, on the test examples when there are
     some (else on the calibration examples, which the map was half fitted on: said so)."""
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from calibration.plot import describe_map, plot_reliability_diagram
 
     artifact = positional.artifacts[-1]
@@ -240,6 +248,7 @@ def plot(
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from hardware_backends.onnx_export import export_onnx
     from models.repository import (
         ArtifactError,
@@ -273,17 +282,6 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 # ---- argparse -------------------------------------------------------------------------------
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with a JSON value ("t_inference=3600" is a number, "noise=pcm" a string)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="model name in the repository")
     parser.add_argument("--version", help="model version (default: the latest)")
@@ -311,7 +309,7 @@ def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
         "--backend-option",
         dest="backend_option",
         action="append",
-        type=_parse_option,
+        type=parse_key_value,
         metavar="KEY=VALUE",
         help="backend option (repeatable), e.g. --backend-option t_inference=3600",
     )

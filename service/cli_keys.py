@@ -23,6 +23,7 @@ def register(subparsers: Any) -> None:
 
 
 def hash_key_command(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from service.auth import hash_key, parse_key_entry
 
     if sys.stdin.isatty():

@@ -18,7 +18,9 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from service.cli_common import parse_key_value
 
 if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help` stays fast
     from models.repository import ModelRepository
@@ -36,24 +38,15 @@ _RECIPE_FLAGS = (
 )
 
 
-def _parse_setting(text: str) -> tuple[str, Any]:
-    """ "key=value" with a JSON value ("d_model=64", "norm=rmsnorm" stays a string)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw
-
-
 def _repository(args: argparse.Namespace) -> ModelRepository:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from models.repository import ModelRepository, default_repository_root
 
     return ModelRepository(args.repository or default_repository_root())
 
 
 def _recipe_from_args(args: argparse.Namespace) -> tuple[str, TrainingRecipe]:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from models.builtin import BUILTIN_RECIPES
     from models.training import TrainingRecipe
 
@@ -82,6 +75,7 @@ def _recipe_from_args(args: argparse.Namespace) -> tuple[str, TrainingRecipe]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from models.repository import check_model_name
     from models.training import current_command, train_and_publish
 
@@ -102,6 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from models.builtin import builtin_report, format_report
 
     report = builtin_report(_repository(args), sample_tokens=args.sample_tokens)
@@ -129,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--set",
         action="append",
-        type=_parse_setting,
+        type=parse_key_value,
         metavar="KEY=VALUE",
         help="model-config override (repeatable), e.g. --set d_model=64",
     )

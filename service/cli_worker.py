@@ -9,12 +9,11 @@ nothing to do here: the server then runs jobs itself.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+from service.cli_common import LOG_LEVELS, configure_logging, settings_from_flags
 
 
 def register(subparsers: Any) -> None:
@@ -57,24 +56,19 @@ def register(subparsers: Any) -> None:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    # Imported here, not at the top, so that `neuroserve --help` starts fast.
     from redis import RedisError
 
-    from service.errors import describe_validation_errors
     from service.metrics import WORKER_METRICS_PORT
-    from service.settings import Settings
     from service.worker import run_worker
 
-    overrides = {
-        "job_queue_url": args.redis_url,
-        "model_repository": args.repository,
-        "log_level": args.log_level,
-    }
-    try:
-        settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    except ValidationError as error:
-        problems = describe_validation_errors(error.errors())
-        print(f"neuroserve worker: invalid settings: {problems}", file=sys.stderr)
+    settings = settings_from_flags(
+        "worker",
+        job_queue_url=args.redis_url,
+        model_repository=args.repository,
+        log_level=args.log_level,
+    )
+    if settings is None:
         return 2
     if settings.job_queue_redis_url() is None:
         print(
@@ -89,10 +83,7 @@ def worker(args: argparse.Namespace) -> int:
     if not 0 <= metrics_port <= 65535:
         print(f"neuroserve worker: --metrics-port {metrics_port} is not a port", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
     try:
         return run_worker(
             settings,

@@ -42,8 +42,7 @@ from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from calibration import AdaptiveConformal
-from hardware_backends.base import BackendUnavailableError as BackendCannotRunError
-from hardware_backends.base import Runner, UnknownBackendError, Usage
+from hardware_backends.base import BackendUnavailableError, Runner, UnknownBackendError, Usage
 from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
 from service.batching import MicroBatcher, run_compute, usage_share
@@ -51,11 +50,11 @@ from service.calibration_store import CalibrationFileError, CalibrationStore, St
 from service.conformal_answer import conformal_answer
 from service.conformal_draws import ConformalDraws
 from service.errors import (
-    BackendUnavailableError,
     BadInputError,
     ConflictError,
     NotCalibratedError,
     NotFoundError,
+    ServiceUnavailableError,
 )
 from service.feedback import FeedbackLog, FeedbackResult, PredictionRecord
 from service.inputs import InputLimits, encode_prompts, feature_tensor, out_of_range_warning
@@ -223,8 +222,8 @@ class DataPlane:
             )
         except UnknownBackendError as error:
             raise BadInputError(str(error)) from None
-        except BackendCannotRunError as error:
-            raise BackendUnavailableError(str(error)) from None
+        except BackendUnavailableError as error:
+            raise ServiceUnavailableError(str(error)) from None
         except ValueError as error:  # the backend's option schema names the key
             raise BadInputError(str(error)) from None
 

@@ -17,7 +17,8 @@ the client never sees internals.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -80,9 +81,24 @@ class RateLimitedError(NeuroserveError):
     code = "rate_limited"
 
 
-class BackendUnavailableError(NeuroserveError):
+class ServiceUnavailableError(NeuroserveError):
+    """The server cannot do this now: a backend that cannot run here (the backend's own
+    `hardware_backends.base.BackendUnavailableError`, answered), a part not running."""
+
     status_code = 503
     code = "backend_unavailable"
+
+
+@contextmanager
+def value_errors_as(
+    error_type: type[NeuroserveError] = BadInputError, prefix: str = ""
+) -> Iterator[None]:
+    """Answer a ValueError raised inside (a check of the calibration or models layer, e.g.
+    `calibration.checks.check_alpha`) as `error_type` with the same message after `prefix`."""
+    try:
+        yield
+    except ValueError as error:
+        raise error_type(f"{prefix}{error}") from None
 
 
 # Starlette raises HTTPException for routing failures (unknown path, wrong method).

@@ -1,7 +1,6 @@
-"""Fine-tuning jobs: one status model and one queue interface, two implementations.
+"""Fine-tuning job queues: the embedded local queue, and the factory that picks a queue.
 
-A job moves through `queued -> running -> succeeded | failed | cancelled` (a queued job can
-also be cancelled directly). `JobQueue` is what the HTTP routes use:
+`JobQueue` (`service.job_types`) is what the HTTP routes use; two implementations:
 
 - `RedisJobQueue` (`service.jobs_redis`): jobs go on an RQ queue in Redis and any number of
   `neuroserve worker` processes, on any machines, run them; every replica reads the same
@@ -12,7 +11,7 @@ also be cancelled directly). `JobQueue` is what the HTTP routes use:
   live in memory and die with the server.
 
 Both hand the same JSON payload to `service.worker` and read back the same progress and
-outcome dictionaries, so both produce the same `JobRecord`s. Job ids are 32 hex digits.
+outcome dictionaries, so both produce the same `JobRecord`s.
 """
 
 from __future__ import annotations
@@ -20,124 +19,34 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import re
 import threading
 import time
-import uuid
-from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from service import metrics
+from service.job_types import (
+    FINISHED,
+    JobNotFoundError,
+    JobQueue,
+    JobRecord,
+    JobStatus,
+    JobSubmission,
+    TooManyJobsError,
+    check_job_id,
+    iso,
+    new_job_id,
+    utc_now,
+    worker_payload,
+)
+from service.jobs_redis import RedisJobQueue
+from service.worker import local_worker_main
 
 logger = logging.getLogger("neuroserve.jobs")
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 POLL_SECONDS = 0.2  # how often the local dispatcher looks at its child between messages
-
-
-class JobError(Exception):
-    """Root of the job queue's errors."""
-
-
-class JobNotFoundError(JobError):
-    """No job with this id (never submitted, or its record expired)."""
-
-
-class TooManyJobsError(JobError):
-    """The limit of queued plus running jobs is reached."""
-
-
-class JobQueueUnavailableError(JobError):
-    """The queue's Redis cannot be reached."""
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # RQ stores naive UTC datetimes
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-def check_job_id(job_id: str) -> str:
-    """The id itself, or JobNotFoundError: a malformed id cannot name a job (and never
-    reaches a Redis key)."""
-    if not JOB_ID_PATTERN.match(job_id):
-        raise JobNotFoundError(f"no fine-tuning job {job_id!r} (job ids are 32 hex digits)")
-    return job_id
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """What a client sees of a job (the `GET /v1/finetune/jobs/{id}` body)."""
-
-    job_id: str
-    status: JobStatus
-    model: str
-    created_at: str | None
-    started_at: str | None = None
-    ended_at: str | None = None
-    progress: dict[str, Any] | None = None  # step, total_steps, loss, validation_accuracy, eta
-    result: dict[str, Any] | None = None  # when succeeded: metrics before/after, new version
-    error: str | None = None  # when failed: what went wrong, for the client
-    cancel_requested: bool = False
-    attempts: int = 0  # runs started (more than one after a retry)
-
-
-@dataclass(frozen=True)
-class JobSubmission:
-    """A validated job: the spec as JSON, the model it tunes, an uploaded .npz if any."""
-
-    spec: dict[str, Any]
-    model: str
-    upload: bytes | None = None
-
-
-def worker_payload(job_id: str, submission: JobSubmission) -> dict[str, Any]:
-    """The JSON a worker receives (the upload travels beside it)."""
-    return {"job_id": job_id, "spec": submission.spec, "has_upload": submission.upload is not None}
-
-
-class JobQueue(ABC):
-    """Submit, inspect and cancel fine-tuning jobs. Methods block briefly (Redis round trips):
-    async callers run them in a thread."""
-
-    kind: str  # "redis" or "local", for logs
-
-    @abstractmethod
-    def submit(self, submission: JobSubmission) -> JobRecord:
-        """Queue a job; TooManyJobsError when `max_active` jobs are queued or running."""
-
-    @abstractmethod
-    def get(self, job_id: str) -> JobRecord:
-        """The job's record; JobNotFoundError for an unknown id."""
-
-    @abstractmethod
-    def cancel(self, job_id: str) -> JobRecord:
-        """A queued job is removed (status `cancelled`); a running one is asked to stop (its
-        `should_cancel` turns true, it ends `cancelled` without publishing); a finished job
-        is left as it is. Returns the record after the request."""
-
-    @abstractmethod
-    def active_count(self) -> int:
-        """Jobs queued or running now."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections and processes."""
 
 
 def open_job_queue(settings: Any) -> JobQueue:
@@ -151,8 +60,6 @@ def open_job_queue(settings: Any) -> JobQueue:
             timeout_seconds=settings.job_timeout_seconds,
             record_ttl_seconds=settings.job_record_ttl_seconds,
         )
-    from service.jobs_redis import RedisJobQueue
-
     return RedisJobQueue.from_settings(settings)
 
 
@@ -327,8 +234,6 @@ class LocalJobQueue(JobQueue):
         if self._child is not None and self._child.process.is_alive():
             return self._child
         self._stop_child()
-        from service.worker import local_worker_main
-
         parent_end, child_end = self._context.Pipe(duplex=True)
         cancels_in, cancels_out = self._context.Pipe(duplex=False)
         process = self._context.Process(

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis
+from redis.sentinel import Sentinel
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
@@ -43,7 +44,7 @@ from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from service import metrics
-from service.jobs import (
+from service.job_types import (
     JobNotFoundError,
     JobQueue,
     JobQueueUnavailableError,
@@ -56,10 +57,11 @@ from service.jobs import (
     utc_now,
     worker_payload,
 )
+from service.state_store_redis import parse_redis_url
 
 logger = logging.getLogger("neuroserve.jobs")
 
-JOB_FUNCTION = "service.worker.run_queued_job"  # by name: the server never imports torch
+JOB_FUNCTION = "service.worker.run_queued_job"  # by name: RQ imports it in the work-horse
 LOST_AFTER_BEATS = 3  # missed heartbeats before a started job counts as lost
 
 _QUEUED = {RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED, RQStatus.CREATED}
@@ -74,10 +76,6 @@ def job_keys(prefix: str, job_id: str) -> dict[str, str]:
 def connect_job_redis(url: str, socket_timeout: float | None = 5.0) -> redis.Redis:
     """A synchronous client for RQ. RQ needs one Redis server: a plain URL or a Sentinel
     URL (the master); a Cluster spreads RQ's keys over nodes and is refused."""
-    from redis.sentinel import Sentinel
-
-    from service.state_store_redis import parse_redis_url
-
     target = parse_redis_url(url)
     options = {"socket_timeout": socket_timeout, "socket_connect_timeout": 5.0}
     if target.kind == "standalone":

@@ -21,10 +21,11 @@ import torch
 from torch import Tensor
 
 from calibration import SCORE_NAMES
+from calibration.checks import check_alpha
 from hardware_backends.base import Runner, Usage
 from models.base import StatefulModel
 from models.repository import ModelCard
-from service.errors import BadInputError
+from service.errors import BadInputError, value_errors_as
 
 DEFAULT_ALPHA = 0.1
 # Deterministic APS puts 3-5 labels in the sets of confident models and randomised scores
@@ -55,11 +56,8 @@ class ConformalOptions:
     max_set_size: int | None = None  # abstain above this set size (server setting when None)
 
     def __post_init__(self) -> None:
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 < alpha < 1:
-            raise BadInputError(
-                f"alpha must be a number in the open interval (0, 1), got {alpha!r}"
-            )
+        with value_errors_as(BadInputError):
+            check_alpha(self.alpha)
         if self.score is not None and self.score not in SCORE_NAMES:
             raise BadInputError(
                 f"unknown conformal score {self.score!r}; expected one of {list(SCORE_NAMES)}"

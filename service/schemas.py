@@ -20,7 +20,7 @@ from pydantic import (
     StrictStr,
 )
 
-from models.finetune import BuiltinData, FinetuneSpec, InlineData
+from service.finetuning.job import BuiltinData, FinetuneSpec, InlineData
 
 
 def _version_as_text(value: object) -> object:
@@ -614,7 +614,7 @@ JobData = Annotated[
 
 
 class FinetuneJobRequest(FinetuneSpec):
-    """A fine-tuning job: the fine-tuning spec (`models.finetune.FinetuneSpec`), with an
+    """A fine-tuning job: the fine-tuning spec (`service.finetuning.job.FinetuneSpec`), with an
     `.npz` dataset sent in the body instead of named by path."""
 
     data: JobData = Field(

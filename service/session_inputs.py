@@ -1,4 +1,4 @@
-"""What the session API takes, checked: ids, options, alpha, and chunks of a sequence.
+"""What the session API takes, checked: ids, options, and chunks of a sequence.
 
 A step takes one chunk of the session's sequence. A feature model takes float32 [T, F] (T
 time steps of F numbers); a language model takes long [T] token ids, which a client may send
@@ -13,7 +13,6 @@ without an owner; "/" is not allowed in either, so keys are unambiguous.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,8 +35,9 @@ _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
 
 
 @dataclass(frozen=True)
-class InputSpec:
-    """What one chunk of a session's inputs looks like."""
+class ChunkSpec:
+    """What one chunk of a session's inputs looks like, from the model's card (the wire
+    schema a client reads, `GET /v1/models/{name}`'s input, is `service.schemas.InputSpec`)."""
 
     kind: str  # "features" or "tokens"
     features: int | None  # F per time step (features)
@@ -45,7 +45,7 @@ class InputSpec:
     labels: list[str]  # output labels (or the vocabulary)
 
     @classmethod
-    def of(cls, card: ModelCard) -> InputSpec:
+    def of(cls, card: ModelCard) -> ChunkSpec:
         config = card.config
         tokens = config["input"]["kind"] == "tokens"
         return cls(
@@ -56,7 +56,7 @@ class InputSpec:
         )
 
 
-def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+def parse_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     """A JSON chunk as a tensor for `spec`: float [T, F] features, or long [T] token ids from
     a string (each character a token) or a list of ids. What JSON can get wrong is refused
     here; what any tensor can get wrong (float32 range, token ids, length) is `check_chunk`'s,
@@ -91,7 +91,7 @@ def parse_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
     return torch.from_numpy(array)
 
 
-def check_chunk(inputs: object, spec: InputSpec, max_steps: int) -> Tensor:
+def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     """Validate a chunk tensor against the session's model; float32 [T, F] or long [T]."""
     if not isinstance(inputs, Tensor):
         raise BadInputError(f"inputs must be a tensor, got {type(inputs).__name__}")
@@ -147,16 +147,6 @@ def _validated(adapter: TypeAdapter, inputs: object) -> Any:
 
 
 # ---- session settings and ids ----------------------------------------------------------------
-
-
-def check_alpha(alpha: object) -> None:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or not 0 < alpha < 1
-    ):
-        raise BadInputError(f"alpha must be strictly between 0 and 1, got {alpha!r}")
 
 
 def check_options(options: object) -> dict[str, Any]:

@@ -27,8 +27,8 @@ from hardware_backends.registry import freeze_options, prepare_runner
 from models.repository import ArtifactError, ModelCard
 from service.batching import state_rows
 from service.dataplane import DataPlane
-from service.errors import BackendUnavailableError, BadInputError
-from service.session_inputs import InputSpec
+from service.errors import BadInputError, ServiceUnavailableError
+from service.session_inputs import ChunkSpec
 from service.state_codec import StateSignature
 
 DEFAULT_CACHE_SIZE = 64
@@ -43,7 +43,7 @@ class SessionRunner:
     runner: Runner
     signature: StateSignature  # what a stored state must match to be stepped here
     rows: int  # state rows per session (S chains for sampling backends)
-    spec: InputSpec
+    spec: ChunkSpec
 
 
 class SessionRunners:
@@ -59,7 +59,7 @@ class SessionRunners:
         self, model: str, version: str, backend: str, options: dict[str, Any]
     ) -> SessionRunner:
         """The runner for these settings; BadInputError for an unknown backend or bad
-        options, BackendUnavailableError when the backend cannot run here."""
+        options, ServiceUnavailableError when the backend cannot run here."""
         key = (model, version, backend, freeze_options(options))
         ready = self._ready.get(key)
         if ready is not None:
@@ -92,7 +92,7 @@ class SessionRunners:
         except backend_base.UnknownBackendError as error:
             raise BadInputError(str(error)) from None
         except backend_base.BackendUnavailableError as error:
-            raise BackendUnavailableError(str(error)) from None
+            raise ServiceUnavailableError(str(error)) from None
         except ArtifactError:
             raise  # a broken artifact is the server's problem (503), not bad options
         except ValueError as error:  # options that the backend's schema refuses
@@ -101,4 +101,4 @@ class SessionRunners:
         signature = StateSignature.of(
             initial, model=card.name, version=card.version, backend=backend
         )
-        return SessionRunner(key, card, runner, signature, state_rows(initial), InputSpec.of(card))
+        return SessionRunner(key, card, runner, signature, state_rows(initial), ChunkSpec.of(card))

@@ -51,6 +51,7 @@ from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
 from calibration import SCORE_NAMES
+from calibration.checks import check_alpha
 from models.repository import ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_chunks, run_compute
@@ -68,12 +69,12 @@ from service.errors import (
     NeuroserveError,
     NotFoundError,
     RateLimitedError,
+    value_errors_as,
 )
 from service.inputs import out_of_range_warning
 from service.predictions import default_score, model_labels
 from service.session_answers import StepPredictions
 from service.session_inputs import (
-    check_alpha,
     check_chunk,
     check_id,
     check_options,
@@ -264,7 +265,8 @@ class SessionManager:
         `early_decision` ({"max_set_size": k}) asks for a stop/continue decision at every
         calibrated step; a backend whose calibration cannot give one → ConflictError.
         `online` answers at the session's own ACI level (labels of its predictions move it)."""
-        check_alpha(alpha)
+        with value_errors_as(BadInputError):
+            check_alpha(alpha)
         if score is not None and score not in SCORES:
             raise BadInputError(f"score must be one of {list(SCORES)}, got {score!r}")
         # Refuse combinations no step could answer (online with never_empty) before creating.

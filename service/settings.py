@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.repository import default_repository_root
+from service.auth import parse_key_entry
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -210,8 +211,6 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _well_formed_keys(cls, value: list[str]) -> list[str]:
-        from service.auth import parse_key_entry  # auth imports nothing from settings
-
         for entry in value:
             parse_key_entry(entry, admin=False)
         return value

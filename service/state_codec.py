@@ -90,8 +90,10 @@ class IncompatibleStateError(StateCodecError):
 # --- schema -------------------------------------------------------------------------------
 
 
-def state_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (hex) of the sorted names, the shapes without the batch dimension, and dtypes.
+def tensor_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of stored state tensors' sorted names, shapes without the batch dimension,
+    and dtypes: the `schema_hash` of a stored state's header. (Not a model's declared schema:
+    that is `models.artifact_format.model_state_schema_hash`, stored in config.json.)
 
     Two states with the same hash can be stacked into one batch and fed to the same model.
     """
@@ -122,7 +124,7 @@ class StateSignature:
         cls, tensors: Mapping[str, torch.Tensor], *, model: str, version: str, backend: str
     ) -> StateSignature:
         """The signature of states shaped like `tensors` (e.g. `model.init_state(1)`)."""
-        return cls(model, version, backend, state_schema_hash(tensors))
+        return cls(model, version, backend, tensor_schema_hash(tensors))
 
 
 # --- record -------------------------------------------------------------------------------
@@ -214,7 +216,7 @@ class StateRecord:
 
     @functools.cached_property
     def schema_hash(self) -> str:
-        return state_schema_hash(self.tensors)
+        return tensor_schema_hash(self.tensors)
 
     @property
     def signature(self) -> StateSignature:

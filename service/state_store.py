@@ -12,7 +12,8 @@ Beside sessions the store keeps small generic records with their own TTL under
 counters).
 
 `StateStore` implements all of this on top of a handful of raw blob primitives; a backend
-(in-process here, Redis in `state_store_redis`) supplies those primitives. Batch methods
+(in-process here, Redis in `state_store_redis`) supplies those primitives, and
+`state_store_factory.open_state_store` picks one. Batch methods
 (`get_many`, `cas_many`) exist so the micro-batcher can load and store a whole batch in one
 round trip; they report per-session failures in place instead of failing the whole batch.
 """
@@ -592,21 +593,7 @@ class InMemoryStateStore(StateStore):
             del self._entries[key]
 
 
-# --- factory and helpers -------------------------------------------------------------------
-
-
-def open_state_store(
-    redis_url: str | None, *, prefix: str = DEFAULT_PREFIX, **options: Any
-) -> StateStore:
-    """The Redis store for `redis_url` (see `state_store_redis` for the URL forms), or the
-    in-process store when no URL is configured. `options` go to the Redis store."""
-    if redis_url is None or redis_url == "":
-        if options:
-            raise ValueError(f"options {sorted(options)} only apply to a Redis state store")
-        return InMemoryStateStore(prefix=prefix)
-    from service.state_store_redis import RedisStateStore  # redis is only needed here
-
-    return RedisStateStore.from_url(redis_url, prefix=prefix, **options)
+# --- helpers -------------------------------------------------------------------------------
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -1,6 +1,6 @@
 """What runs a fine-tuning job, in either kind of worker process.
 
-`execute_finetune` is the one place a job meets `models.finetune.run_finetune`: it
+`execute_finetune` is the one place a job meets `service.finetuning.job.run_finetune`: it
 materialises an uploaded .npz in a private scratch folder, validates the spec, runs the
 tuning with a progress callback and a cancel check, and turns whatever happens into an
 outcome dictionary (`status` succeeded | cancelled | failed, `result`, `error`, `progress`).
@@ -13,6 +13,9 @@ Around it, two hosts:
   Redis key, a heartbeat thread keeps the job's alive key fresh (`service.jobs_redis`).
 - `local_worker_main` is the child process of the server's `LocalJobQueue`: jobs and
   messages travel as JSON over a pipe, cancellations (job ids) over a second one.
+
+This module imports the job (and with it torch) at the top, so a `neuroserve worker` pays
+for that once and every forked work-horse starts with it loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseTimeoutException
 
+from models.repository import ModelRepository
 from service import metrics
+from service.finetuning.job import FinetuneSpec, run_finetune
+from service.jobs_redis import LOST_AFTER_BEATS, RedisJobQueue, connect_job_redis
+from service.state_store_redis import redact_url
 
 logger = logging.getLogger("neuroserve.worker")
 
@@ -48,7 +55,7 @@ CANCEL_CHECK_SECONDS = 0.25  # the Redis cancel flag is read at most this often
 
 
 class ProgressTracker:
-    """Turn `models.finetune.ProgressEvent`s into the wire's progress dict and pass them on
+    """Turn `service.finetuning.job.ProgressEvent`s into the wire's progress dict and pass them on
     at most every `every` seconds (stage changes at once). The ETA of the tuning steps comes
     from their pace since tuning began; the validation accuracy is the latest evaluation's."""
 
@@ -98,9 +105,6 @@ def execute_finetune(
 ) -> dict[str, Any]:
     """Run one job and describe how it ended; exceptions of `passthrough` types propagate
     (a host's own timeouts), every other failure is a `failed` outcome."""
-    from models.finetune import FinetuneSpec, run_finetune
-    from models.repository import ModelRepository
-
     tracker = ProgressTracker(progress)
     scratch_file = "?"  # where an upload is written: never shown to the client
     try:
@@ -205,8 +209,6 @@ def redis_cancel_check(connection: Any, key: str) -> Callable[[], bool]:
 
 def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
     """The RQ job function (runs in a work-horse): one fine-tuning job, outcome as result."""
-    from service.jobs_redis import LOST_AFTER_BEATS
-
     if _repository_root is None:
         raise RuntimeError("run_queued_job runs only inside `neuroserve worker`")
     job = get_current_job()
@@ -291,8 +293,6 @@ def run_worker(
 ) -> int:
     """`neuroserve worker`: take fine-tuning jobs from `queue_names` until stopped (or, with
     `burst`, until the queues are empty). Exit code 0."""
-    from service.jobs_redis import RedisJobQueue, connect_job_redis
-
     url = settings.job_queue_redis_url()
     # No socket timeout: RQ blocks on the queues for minutes between jobs.
     connection = connect_job_redis(url, socket_timeout=None)
@@ -300,8 +300,6 @@ def run_worker(
     if metrics_port:
         metrics.clear_multiprocess_dir()  # this process is the parent of its work-horses
         metrics.start_metrics_server(metrics_port)
-    import models.finetune  # noqa: F401 - import torch once here, not in every work-horse
-
     sweepers = [
         RedisJobQueue(
             connection,
@@ -330,7 +328,7 @@ def run_worker(
         "worker %s: queues %s on %s, repository %s, metrics %s",
         worker.name,
         ", ".join(queue_names),
-        _redacted(url),
+        redact_url(url),
         Path(settings.model_repository).resolve(),
         f"on port {metrics_port}" if metrics_port else "off",
     )
@@ -340,12 +338,6 @@ def run_worker(
         stop.set()
         connection.close()
     return 0
-
-
-def _redacted(url: str) -> str:
-    from service.state_store_redis import redact_url
-
-    return redact_url(url)
 
 
 # ---- the embedded local worker process ------------------------------------------------------

@@ -1,13 +1,15 @@
 """Native REST routes for fine-tuning jobs (`/v1/finetune/jobs...`): a thin adapter over a
-`JobQueue` (`service.jobs`), which this router's lifespan opens beside the app's own.
+`JobQueue` (`service.job_types`; `service.jobs.open_job_queue`), which this router's lifespan
+opens beside the app's own.
 
-The body of `POST /v1/finetune/jobs` is the fine-tuning spec (`models.finetune.FinetuneSpec`:
-model, version, backend, data, optimiser and every hyper-parameter; `FinetuneJobRequest` in
-the schemas), validated so that a bad value is a 422 naming the field, and its data loaded
-and checked against the model, before anything is queued. One thing differs from the spec:
-a client never names a file on the server. An .npz dataset travels in the body as
-`{"kind": "npz", "base64": "..."}` (bounded by `max_upload_bytes`); it is checked here and
-handed to the worker beside the spec, which writes it to a scratch file of its own.
+The body of `POST /v1/finetune/jobs` is the fine-tuning spec
+(`service.finetuning.job.FinetuneSpec`: model, version, backend, data, optimiser and every
+hyper-parameter; `FinetuneJobRequest` in the schemas), validated so that a bad value is a
+422 naming the field, and its data loaded and checked against the model, before anything is
+queued. One thing differs from the spec: a client never names a file on the server. An .npz
+dataset travels in the body as `{"kind": "npz", "base64": "..."}` (bounded by
+`max_upload_bytes`); it is checked here and handed to the worker beside the spec, which
+writes it to a scratch file of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from models.finetune import FinetuneSpec, NpzData, load_finetune_data
 from service.auth import Principal, PrincipalDependency, require_admin
 from service.dataplane import DataPlane
 from service.errors import (
@@ -33,7 +34,8 @@ from service.errors import (
     NotFoundError,
     RateLimitedError,
 )
-from service.jobs import (
+from service.finetuning.job import FinetuneSpec, NpzData, load_finetune_data
+from service.job_types import (
     FINISHED,
     JobNotFoundError,
     JobQueue,
@@ -41,8 +43,8 @@ from service.jobs import (
     JobRecord,
     JobSubmission,
     TooManyJobsError,
-    open_job_queue,
 )
+from service.jobs import open_job_queue
 from service.routers import get_dataplane
 from service.schemas import ErrorResponse, FinetuneJob, FinetuneJobRequest, NpzUpload
 

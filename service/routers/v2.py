@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
+from calibration.checks import check_alpha
 from models.repository import ArtifactError, ModelCard
 from service.auth import get_principal
 from service.dataplane import (
@@ -43,11 +44,12 @@ from service.dataplane import (
     encode_prompts,
 )
 from service.errors import (
-    BackendUnavailableError,
     BadInputError,
     NotCalibratedError,
     NotFoundError,
+    ServiceUnavailableError,
     describe_validation_errors,
+    value_errors_as,
 )
 from service.routers import get_dataplane
 from service.routers.metrics import label_request
@@ -226,10 +228,9 @@ def parse_parameters(parameters: dict[str, Any] | None) -> InferParameters:
     """The request parameters we use, type-checked; every other parameter is ignored."""
     parameters = parameters or {}
     alpha = parameters.get("alpha")
-    if alpha is not None and (
-        isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 < alpha < 1.0
-    ):
-        raise V2BadRequestError(f"parameters.alpha must be a number in (0, 1), got {alpha!r}")
+    if alpha is not None:
+        with value_errors_as(V2BadRequestError, prefix="parameters."):
+            check_alpha(alpha)
     for key in ("score", "backend"):
         value = parameters.get(key)
         if value is not None and (not isinstance(value, str) or not value):
@@ -383,7 +384,7 @@ def sequence_session_id(sequence_id: int | str) -> str:
 def _sessions(request: Request) -> Any:
     sessions = getattr(request.app.state, "sessions", None)
     if sessions is None:
-        raise BackendUnavailableError("sequences need the session manager, which is not running")
+        raise ServiceUnavailableError("sequences need the session manager, which is not running")
     return sessions
 
 

@@ -127,7 +127,7 @@ def test_state_round_trips_through_json() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: AdaptiveConformal(0.0), r"alpha must be in the open interval \(0, 1\)"),
+        (lambda: AdaptiveConformal(0.0), r"alpha must be a number in the open interval \(0, 1\)"),
         (lambda: AdaptiveConformal(0.1, gamma=0.0), "gamma must be a positive"),
         (lambda: AdaptiveConformal(0.1, alpha_t=float("inf")), "finite"),
         (lambda: AdaptiveConformal(0.1, steps=2, miscovered=3), "miscovered <= steps"),

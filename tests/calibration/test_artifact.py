@@ -185,7 +185,7 @@ def test_bad_requests_are_rejected_with_a_clear_message(artifact, data) -> None:
         artifact.predict(logits, 0.1, "margin")
     with pytest.raises(ValueError, match="needs rng"):
         artifact.predict(logits, 0.1, "aps_randomized")
-    with pytest.raises(ValueError, match=r"alpha must be in the open interval \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"alpha must be a number in the open interval \(0, 1\)"):
         artifact.predict(logits, 1.0)
     with pytest.raises(ValueError, match="artifact is for 10 classes"):
         artifact.predict(logits[:, :3], 0.1)

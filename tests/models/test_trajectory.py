@@ -29,16 +29,15 @@ from models.trajectory import (
     TRAJECTORY_FILE,
     BaseReference,
     Trajectory,
-    export_safetensors_version,
     load_calibration,
     materialize_trajectory,
-    publish_atomically,
-    publish_trajectory_version,
     rebuild_weights,
     tensor_digest,
 )
-from models.zo import BackendForward, ZOConfig, ZOOptimizer, select_parameters
+from models.trajectory_publish import export_safetensors_version, publish_trajectory_version
+from models.zo import ZOConfig, ZOOptimizer, select_parameters
 from service.calibration_store import CalibrationStore
+from service.finetuning.forward import BackendForward
 
 TINY_LRU = {"d_input": 3, "d_output": 4, "d_model": 8, "d_state": 4, "n_layers": 1}
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -136,6 +135,8 @@ def test_a_published_trajectory_loads_through_the_repository(repo: ModelReposito
     assert card.version == "2" and not (card.path / WEIGHTS_FILE).exists()
     assert card.config["weights"]["kind"] == "trajectory"
     assert (card.path / TRAJECTORY_FILE).stat().st_size < 4000
+    assert card.path.stat().st_mode & 0o777 == 0o755  # readable by a server of another user
+    assert (card.path / TRAJECTORY_FILE).stat().st_mode & 0o777 == 0o644
     loaded = repo.load("toy", "2")
     assert _equal(loaded.model.state_dict(), model.state_dict())
     assert (
@@ -156,7 +157,7 @@ def test_a_fresh_process_rebuilds_the_weights_bit_for_bit(
         from models.repository import ModelRepository
         from models.trajectory import materialize_trajectory
         repo = ModelRepository({str(repo.root)!r})
-        save_file(materialize_trajectory(repo, repo.card("toy", "2")), {str(out)!r})
+        save_file(materialize_trajectory(repo.card("toy", "2"), repo.load), {str(out)!r})
         print(repo.load("toy", "2").card.config["weights_sha256"])
     """)
     done = subprocess.run(
@@ -219,7 +220,7 @@ def test_a_corrupted_file_is_refused_before_replay(repo: ModelRepository, publis
 def test_malformed_trajectories_are_refused_clearly(repo, published, edit, message) -> None:
     _rewrite_trajectory(published, edit)
     with pytest.raises(ArtifactError, match=message):
-        materialize_trajectory(repo, repo.card("toy", "2"))
+        materialize_trajectory(repo.card("toy", "2"), repo.load)
 
 
 def test_a_replaced_base_is_refused(repo: ModelRepository, published) -> None:
@@ -312,7 +313,7 @@ def test_a_failure_while_publishing_leaves_nothing_behind(repo: ModelRepository)
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        publish_atomically(repo, "toy", files_for)
+        repo.publish_files("toy", files_for)
     assert repo.versions("toy") == ["1"]
     assert sorted(p.name for p in repo.root.iterdir()) == ["toy"]  # no temp dir left
 
@@ -334,7 +335,7 @@ def test_concurrent_publishers_get_distinct_versions(repo: ModelRepository) -> N
         }
 
     threads = [
-        threading.Thread(target=lambda: cards.append(publish_atomically(repo, "toy", files_for)))
+        threading.Thread(target=lambda: cards.append(repo.publish_files("toy", files_for)))
         for _ in range(4)
     ]
     for thread in threads:

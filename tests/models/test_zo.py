@@ -1,5 +1,5 @@
-"""Zeroth-order optimisers: exact perturbations, unbiased estimates, schedules, parameter
-selection, and the loss through a backend."""
+"""Zeroth-order optimisers: exact perturbations, unbiased estimates, schedules and parameter
+selection (the loss through a backend: tests/service/test_finetuning_forward.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,8 @@ from torch import nn
 from models.architectures import build_model
 from models.zo import (
     GAUSSIAN_CLIP,
-    BackendForward,
     ZOConfig,
     ZOOptimizer,
-    classification_loss,
     grid_step,
     learning_rate,
     on_grid,
@@ -278,70 +276,13 @@ def test_untuned_parameters_never_move() -> None:
     optimizer = ZOOptimizer(select_parameters(model, "readout_and_norm"), ZOConfig())
     x = torch.rand(4, 5, 3)
     labels = torch.tensor([0, 1, 2, 3])
-    forward = BackendForward(model)
+
+    def loss(seed: int) -> float:
+        return float(nn.functional.cross_entropy(model(x)[0][:, -1], labels))
+
     for step in range(5):
-        optimizer.step([step], lambda s: forward.loss(x, labels, "cross_entropy"), lr=0.1)
+        optimizer.step([step], loss, lr=0.1)
     tuned = {n for n, _ in select_parameters(model, "readout_and_norm")}
     after = _snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before if n not in tuned)
     assert all(not torch.equal(before[n], after[n]) for n in tuned)
-
-
-# ---- the loss through a backend --------------------------------------------------------------
-
-
-def test_classification_losses() -> None:
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
-    labels = torch.tensor([0, 0, 0])
-    assert classification_loss(logits, labels, "zero_one") == pytest.approx(1 / 3)
-    expected = float(torch.nn.functional.cross_entropy(logits, labels))
-    assert classification_loss(logits, labels, "cross_entropy") == pytest.approx(expected)
-    with pytest.raises(ValueError, match="objective"):
-        classification_loss(logits, labels, "hinge")
-
-
-def test_streamed_and_parallel_final_logits_agree_and_start_from_fresh_state() -> None:
-    model = _lru()
-    x = torch.rand(70, 9, 3)
-    parallel = BackendForward(model).final_logits(x, batch_size=32)
-    streamed = BackendForward(model, stream=True).final_logits(x)
-    with torch.no_grad():
-        reference = model(x)[0][:, -1]
-    torch.testing.assert_close(parallel, reference, rtol=0, atol=0)
-    torch.testing.assert_close(streamed, reference, rtol=1e-5, atol=1e-5)
-    # No state is carried from call to call.
-    torch.testing.assert_close(BackendForward(model).final_logits(x), parallel, rtol=0, atol=0)
-
-
-def test_the_torch_forward_sees_in_place_perturbations() -> None:
-    model = _lru()
-    optimizer = ZOOptimizer(list(model.named_parameters()), ZOConfig(eps=1e-2))  # snaps
-    forward = BackendForward(model)
-    x = torch.rand(3, 4, 3)
-    before = forward.final_logits(x)
-    optimizer.perturb_(1, +1)
-    assert not torch.equal(forward.final_logits(x), before)
-    optimizer.perturb_(1, -1)
-    torch.testing.assert_close(forward.final_logits(x), before, rtol=0, atol=0)
-
-
-def test_chip_in_the_loop_reprograms_from_the_current_weights() -> None:
-    model = _lru()
-    optimizer = ZOOptimizer(list(model.named_parameters()), ZOConfig(eps=1e-2))  # snaps
-    forward = BackendForward(model, "analog_imc")
-    x = torch.rand(3, 4, 3)
-    first = forward.final_logits(x, chip_seed=11)
-    # Same chip seed: the same noise draws (common random numbers); another seed: others.
-    torch.testing.assert_close(forward.final_logits(x, chip_seed=11), first, rtol=0, atol=0)
-    assert not torch.equal(forward.final_logits(x, chip_seed=12), first)
-    optimizer.perturb_(3, +1)
-    assert not torch.equal(forward.final_logits(x, chip_seed=11), first)
-    optimizer.perturb_(3, -1)
-    torch.testing.assert_close(forward.final_logits(x, chip_seed=11), first, rtol=0, atol=0)
-
-
-def test_backend_choices_are_checked() -> None:
-    with pytest.raises(ValueError, match="ZO tuning runs on one of"):
-        BackendForward(_lru(), "onnxruntime")
-    with pytest.raises(ValueError, match="takes no backend options"):
-        BackendForward(_lru(), "torch", {"device": "cpu"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from models.repository import ModelRepository
+from service.cli_common import parse_key_value, settings_from_flags
 from tests.conftest import free_tcp_port
 
 START_TIMEOUT_S = 60.0
@@ -168,3 +170,25 @@ def test_several_workers_continue_one_session_and_merge_their_metrics(
         except subprocess.TimeoutExpired:
             process.kill()
             process.communicate()
+
+
+# ---- what the commands share (service.cli_common) ----------------------------------------------
+
+
+def test_key_value_arguments_parse_json_values_and_keep_other_text() -> None:
+    assert parse_key_value("d_model=64") == ("d_model", 64)
+    assert parse_key_value("t_inference=3.5e3") == ("t_inference", 3500.0)
+    assert parse_key_value("norm=rmsnorm") == ("norm", "rmsnorm")
+    assert parse_key_value("a=b=c") == ("a", "b=c")
+    for bad in ("d_model", "=64"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected KEY=VALUE"):
+            parse_key_value(bad)
+
+
+def test_settings_from_flags_put_given_flags_over_the_environment(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("NEUROSERVE_PORT", "9000")
+    monkeypatch.setenv("NEUROSERVE_LOG_LEVEL", "debug")
+    settings = settings_from_flags("serve", port=8123, log_level=None)
+    assert settings is not None and settings.port == 8123 and settings.log_level == "debug"
+    assert settings_from_flags("worker", port="not-a-port") is None
+    assert "neuroserve worker: invalid settings: port" in capsys.readouterr().err

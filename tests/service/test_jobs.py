@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 from rq.registry import CanceledJobRegistry
 
-from models.finetune import ProgressEvent
 from models.repository import WEIGHTS_FILE, ModelRepository
-from service.jobs import (
+from service.finetuning.job import ProgressEvent
+from service.job_types import (
     FINISHED,
     JobNotFoundError,
     JobQueue,
     JobRecord,
     JobSubmission,
-    LocalJobQueue,
     TooManyJobsError,
 )
+from service.jobs import LocalJobQueue
 from service.jobs_redis import RedisJobQueue, connect_job_redis
 from service.worker import ProgressTracker
 from tests.service.conftest import publish_lru

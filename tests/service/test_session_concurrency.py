@@ -17,7 +17,7 @@ from models.repository import ModelRepository
 from service.app import create_app
 from service.sessions import SessionManager, StepOutcome
 from service.settings import Settings
-from service.state_store import open_state_store
+from service.state_store_factory import open_state_store
 from tests.service.conftest import TEST_SETTINGS
 from tests.service.test_sessions_http import digit_chunks, raw_softmax_dataplane, reference_logits
 

@@ -24,7 +24,7 @@ from service.state_codec import (
     encode_state,
     safetensors_bytes,
     safetensors_bytes_reference,
-    state_schema_hash,
+    tensor_schema_hash,
     tensors_from_safetensors,
 )
 
@@ -165,7 +165,7 @@ def test_random_states_round_trip_exactly(tensors: dict[str, torch.Tensor], step
 def test_schema_hash_ignores_batch_size_values_and_order() -> None:
     one, four = lru_like_state(batch=1, seed=0), lru_like_state(batch=4, seed=9)
     reordered = dict(reversed(list(one.items())))
-    assert state_schema_hash(one) == state_schema_hash(four) == state_schema_hash(reordered)
+    assert tensor_schema_hash(one) == tensor_schema_hash(four) == tensor_schema_hash(reordered)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_schema_hash_ignores_batch_size_values_and_order() -> None:
 )
 def test_schema_hash_changes_with_names_shapes_and_dtypes(change) -> None:
     state = lru_like_state()
-    assert state_schema_hash(change(state)) != state_schema_hash(state)
+    assert tensor_schema_hash(change(state)) != tensor_schema_hash(state)
 
 
 def test_matching_signature_decodes() -> None:
@@ -269,7 +269,7 @@ def test_parser_survives_damage_behind_a_valid_checksum(flips: list[int], cut: i
 
 def test_header_that_lies_about_the_schema_is_corrupt() -> None:
     header, payload = split_blob(encode_state(make_record()))
-    header["schema_hash"] = state_schema_hash({"other": torch.zeros(1, 2)})
+    header["schema_hash"] = tensor_schema_hash({"other": torch.zeros(1, 2)})
     with pytest.raises(CorruptStateError, match="schema hash does not match"):
         decode_state(assemble(header, payload))
 

@@ -35,8 +35,8 @@ from service.state_store import (
     StateNotFoundError,
     StateStore,
     StateStoreUnavailableError,
-    open_state_store,
 )
+from service.state_store_factory import open_state_store
 from service.state_store_redis import (
     ConnectionOptions,
     RedisStateStore,

@@ -196,7 +196,7 @@ def test_unknown_parameters_are_ignored_and_known_ones_checked(client: httpx.Cli
     parameters = {"priority": 3, "timeout": 100, "binary_data_output": True, "x-custom": "y"}
     infer(client, "tiny-digits", {"inputs": [tensor], "parameters": parameters})
     body = infer(client, "tiny-digits", {"inputs": [tensor], "parameters": {"alpha": 1.5}}, 400)
-    assert "alpha" in body["error"]
+    assert body["error"] == "parameters.alpha must be a number in the open interval (0, 1), got 1.5"
 
 
 # ---- malformed requests ---------------------------------------------------------------------

@@ -15,11 +15,12 @@ Data and splits (deterministic):
   validation and tune parts by the spec's fractions.
 
 Tuning runs `steps` ZO steps (`models.zo`) on minibatches of the tune split through the
-job's backend. Every `eval_every` steps (and at the start and the end) the current weights
-are scored on the validation split; the best evaluation (accuracy, then lower loss, then
-fewer steps) names the checkpoint, and the trajectory truncated there is what gets
-published. `patience` stops a run after that many evaluations without improvement, and a
-run whose loss stops being finite ends there ("diverged") with its best checkpoint kept.
+job's backend (`service.finetuning.forward`). Every `eval_every` steps (and at the start and
+the end) the current weights are scored on the validation split; the best evaluation
+(accuracy, then lower loss, then fewer steps) names the checkpoint, and the trajectory
+truncated there is what gets published. `patience` stops a run after that many evaluations
+without improvement, and a run whose loss stops being finite ends there ("diverged") with
+its best checkpoint kept.
 
 Recalibration: the chosen weights are rebuilt by replaying the truncated trajectory, their
 logits on the calibration split (never seen by tuning) fit a calibration per step for the
@@ -51,25 +52,17 @@ from torch import Tensor
 from calibration.metrics import expected_calibration_error, negative_log_likelihood
 from calibration.positional import PositionalCalibration, fit_stepwise_calibration
 from calibration.scores import SCORE_NAMES
+from hardware_backends.analog_imc import AnalogIMCOptions
+from hardware_backends.base import parse_options
 from models import digits
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
 from models.repository import ModelCard, ModelRepository, is_safe_name
-from models.trajectory import (
-    BaseReference,
-    Trajectory,
-    publish_trajectory_version,
-    rebuild_weights,
-    tensor_digest,
-)
+from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
+from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
-from models.zo import (
-    BackendForward,
-    ZOConfig,
-    ZOOptimizer,
-    learning_rate,
-    select_parameters,
-)
+from models.zo import ZOConfig, ZOOptimizer, learning_rate, select_parameters
+from service.finetuning.forward import BackendForward
 
 MAX_INLINE_EXAMPLES = 10_000
 MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
@@ -179,9 +172,6 @@ class FinetuneSpec(BaseModel):
         if self.backend == "torch" and self.backend_options:
             raise ValueError("backend 'torch' takes no backend_options (tuning runs on the CPU)")
         if self.backend == "analog_imc":
-            from hardware_backends.analog_imc import AnalogIMCOptions
-            from hardware_backends.base import parse_options
-
             parse_options(self.backend, AnalogIMCOptions, self.backend_options)
         return self
 

@@ -12,12 +12,6 @@ import pydantic
 import pytest
 import torch
 
-from models.finetune import (
-    FinetuneSpec,
-    ProgressEvent,
-    load_finetune_data,
-    run_finetune,
-)
 from models.repository import ModelRepository
 from models.training import TrainingRecipe, train_and_publish
 from models.trajectory import (
@@ -28,6 +22,7 @@ from models.trajectory import (
     rebuild_weights,
 )
 from service.calibration_store import CalibrationStore
+from service.finetuning.job import FinetuneSpec, ProgressEvent, load_finetune_data, run_finetune
 
 DIGITS_LABELS = [str(d) for d in range(10)]
 TRANSLATED = {"kind": "builtin", "shift": "translated"}
