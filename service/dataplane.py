@@ -618,8 +618,7 @@ class DataPlane:
 
     async def publish_many(self, publications: Sequence[Publication]) -> None:
         """`publish` for the answers of a whole micro-batch: one store round trip."""
-        for publication in publications:
-            self.record_metrics(publication.batch)
+        self.record_metrics([publication.batch for publication in publications])
         await self.remember(publications)
 
     async def remember(self, publications: Sequence[Publication]) -> None:
@@ -640,24 +639,33 @@ class DataPlane:
             logger.error("could not remember %d predictions for feedback: %s", len(records), error)
 
     @staticmethod
-    def record_metrics(batch: PredictionBatch) -> None:
-        """Count the batch's usage and predictions (sets, confidences, abstentions)."""
-        record_usage(batch.model, batch.backend, batch.usage)
-        conformal = batch.conformal
-        if conformal is None:
-            return
-        for p in batch.predictions:
-            if p.set_size is None:
+    def record_metrics(batches: Sequence[PredictionBatch]) -> None:
+        """Count the batches' usage (summed per model and backend first: one increment per
+        counter, not per request) and their predictions (sets, confidences, abstentions)."""
+        usage: dict[tuple[str, str], dict[str, float]] = {}
+        for batch in batches:
+            total = usage.setdefault((batch.model, batch.backend), {})
+            for key, value in batch.usage.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    total[key] = total.get(key, 0) + value
+        for (model, backend), total in usage.items():
+            record_usage(model, backend, total)
+        for batch in batches:
+            conformal = batch.conformal
+            if conformal is None:
                 continue
-            record_prediction(
-                batch.model,
-                batch.backend,
-                conformal.score,
-                p.set_size,
-                min(max(p.confidence, 0.0), 1.0),
-                bool(p.abstain),
-                alpha=batch.alpha,
-            )
+            for p in batch.predictions:
+                if p.set_size is None:
+                    continue
+                record_prediction(
+                    batch.model,
+                    batch.backend,
+                    conformal.score,
+                    p.set_size,
+                    min(max(p.confidence, 0.0), 1.0),
+                    bool(p.abstain),
+                    alpha=batch.alpha,
+                )
 
     async def submit_feedback(
         self, prediction_id: str, label: object, owner: str | None = None

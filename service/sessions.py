@@ -478,6 +478,7 @@ class SessionManager:
                 written = iter(await self.store.cas_many(writes))
         finally:
             await remembering
+        committed: list[PredictionBatch] = []
         for (i, _), (record, outcome) in zip(loaded, advanced, strict=True):
             job = jobs[i]
             if isinstance(outcome, BaseException):  # its answer was refused: nothing written
@@ -492,8 +493,8 @@ class SessionManager:
             else:
                 self._live.seen(job.key, record.model, outcome.info.expires_at)
                 outcomes[i] = outcome
-                for batch in _answer_batches(outcome):
-                    self.dataplane.record_metrics(batch)  # committed answers only
+                committed += _answer_batches(outcome)
+        self.dataplane.record_metrics(committed)  # committed answers only
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _remember_answers(self, answered: list[tuple[_StepJob, StepOutcome]]) -> None:

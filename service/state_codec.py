@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import safetensors.torch
 import torch
 
@@ -99,6 +100,11 @@ def tensor_schema_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     """
     for name, tensor in tensors.items():
         _check_tensor(name, tensor)
+    return _layout_hash(tensors)
+
+
+def _layout_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """`tensor_schema_hash` of tensors already checked (a record's)."""
     return _schema_hash(tuple(sorted((n, t.shape[1:], t.dtype) for n, t in tensors.items())))
 
 
@@ -216,7 +222,7 @@ class StateRecord:
 
     @functools.cached_property
     def schema_hash(self) -> str:
-        return tensor_schema_hash(self.tensors)
+        return _layout_hash(self.tensors)  # the tensors were checked when the record was built
 
     @property
     def signature(self) -> StateSignature:
@@ -252,7 +258,9 @@ def encode_state(record: StateRecord) -> bytes:
         "updated_at": float(record.updated_at),
         "metadata": record.metadata,
     }
-    header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    # Every value was checked finite and JSON-typed when the record was built, so orjson's
+    # NaN-as-null can never apply.
+    header_bytes = orjson.dumps(header)
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise ValueError(
             f"state header is {len(header_bytes)} bytes, over the {MAX_HEADER_BYTES}-byte limit"
