@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import platform
 import random
@@ -39,6 +40,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.session_throughput import neuroserve, private_redis  # noqa: E402
+from service.app import GC_THRESHOLDS  # noqa: E402
 
 CONNECT_BATCH = 50  # sessions created / connections opened at a time
 
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sessions < 1 or args.seconds <= 0:
         parser.error("--sessions must be at least 1 and --seconds positive")
+    # The generator's own collector pauses would show up as server latency: collect rarely,
+    # as the server does (service.app.GC_THRESHOLDS).
+    gc.set_threshold(*GC_THRESHOLDS)
     report = run_load(
         args.sessions,
         args.seconds,

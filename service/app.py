@@ -9,6 +9,7 @@ the models in a worker thread; `/v2/health/ready` turns 200 once that has finish
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -124,6 +125,15 @@ async def watch_store(
         await asyncio.sleep(interval)
 
 
+# A request allocates thousands of short-lived objects: at CPython's default generation-0
+# threshold (700) the collector runs every few requests, and its full collections walk every
+# module, model and tensor the process holds. Measured with wrk at 64 sessions stepping one
+# time step each: p99 190-220 ms and 940-1,040 steps/s at the defaults, 65-80 ms and
+# 1,130-1,360 steps/s with these thresholds (cycles are still collected, just in larger
+# batches).
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the repository named in `settings` (read from the environment when
     omitted)."""
@@ -171,6 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions_per_key = OwnedCount()
         app.state.jobs_per_key = OwnedCount()
         warn_if_open(keys, settings.host)
+        gc.set_threshold(*GC_THRESHOLDS)
         root = settings.model_repository.resolve()
         if not root.is_dir():
             logger.warning("model repository %s does not exist: no models to serve", root)
