@@ -21,6 +21,8 @@ from calibration.checks import ArrayLike, as_probs, check_alpha, check_not_empty
 from calibration.quantile import class_conditional_quantiles, conformal_quantile
 from calibration.scores.base import ConformityScore
 
+_CACHED_LEVELS = 64
+
 
 def include_top_label_if_empty(sets: Tensor, probs: Tensor) -> Tensor:
     """sets [..., C] bool; rows with no label get their argmax label (ties: lowest index)."""
@@ -39,6 +41,9 @@ class SplitConformal:
     num_classes: int
 
     def __post_init__(self) -> None:
+        # qhat per (alpha, class_conditional): a server asks the same few levels of every
+        # request, and each quantile is a sort of all n scores.
+        object.__setattr__(self, "_quantiles", {})
         n = self.calibration_scores.shape[0]
         check_not_empty(n, "the calibration set")
         if self.calibration_scores.shape != (n,) or self.calibration_labels.shape != (n,):
@@ -69,11 +74,20 @@ class SplitConformal:
     def quantile(self, alpha: float, class_conditional: bool = False) -> Tensor:
         """qhat: a scalar tensor, or [C] per-class quantiles when class_conditional."""
         alpha = check_alpha(alpha)
+        key = (alpha, class_conditional)
+        qhat = self._quantiles.get(key)
+        if qhat is not None:
+            return qhat
         if class_conditional:
-            return class_conditional_quantiles(
+            qhat = class_conditional_quantiles(
                 self.calibration_scores, self.calibration_labels, self.num_classes, alpha
             )
-        return conformal_quantile(self.calibration_scores, alpha)
+        else:
+            qhat = conformal_quantile(self.calibration_scores, alpha)
+        if len(self._quantiles) >= _CACHED_LEVELS:
+            self._quantiles.clear()  # online levels move: keep the cache bounded
+        self._quantiles[key] = qhat
+        return qhat
 
     def predict(
         self,
