@@ -28,7 +28,7 @@ from hardware_backends.base import Runner
 from hardware_backends.registry import prepare_runner
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
-from service.dataplane import runner_key
+from service.dataplane.plane import runner_key
 
 try:
     from bench._report import append_section

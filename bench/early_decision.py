@@ -23,8 +23,12 @@ import torch
 
 from calibration import EarlyDecisionRule
 from models.repository import ModelRepository, default_repository_root
-from service.calibration_data import classifier_examples, digits_test_split, prepared_runner
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_data import (
+    classifier_examples,
+    digits_test_split,
+    prepared_runner,
+)
+from service.dataplane.calibration_store import CalibrationStore
 
 try:
     from bench._report import append_section

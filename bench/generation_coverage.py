@@ -6,10 +6,11 @@ tokens fall in their own sets.
         [--append docs/BENCHMARKS.md]
 
 1. Coverage by context bucket: windows of the held-out text's second half (the half the
-   calibration never saw; `service.calibration_data`), each read for a random length within
-   each bucket and labelled with the next character, answered with that bucket's stored
-   calibration on each backend: accuracy, coverage and mean size of the plain sets and of the
-   never-empty sets served by default, with the band the plain coverage must fall in.
+   calibration never saw; `service.dataplane.calibration_data`), each read for a random
+   length within each bucket and labelled with the next character, answered with that
+   bucket's stored calibration on each backend: accuracy, coverage and mean size of the
+   plain sets and of the never-empty sets served by default, with the band the plain
+   coverage must fall in.
 2. Generation through a real server (uvicorn on loopback, `POST /v1/models/.../generate`):
    prompts cut from the same held-out half, tokens sampled from the reported (calibrated)
    distribution at each temperature; the fraction of emitted tokens inside their own set
@@ -36,13 +37,13 @@ import uvicorn
 from calibration.position_report import position_report
 from models.repository import ModelRepository, default_repository_root
 from service.app import create_app
-from service.calibration_data import (
+from service.dataplane.calibration_data import (
     held_out_text,
     language_examples,
     prepared_runner,
     split_text,
 )
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_store import CalibrationStore
 from service.settings import Settings
 
 try:

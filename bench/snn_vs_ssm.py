@@ -26,7 +26,8 @@ import torch
 from hardware_backends.registry import prepare_runner
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
-from service.dataplane import calibration_inputs, run_last_step, runner_key
+from service.dataplane.plane import runner_key
+from service.dataplane.predictions import calibration_inputs, run_last_step
 
 try:
     from bench._report import append_section

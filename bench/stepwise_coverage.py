@@ -24,8 +24,12 @@ import torch
 
 from calibration.position_report import CoverageRow, position_report
 from models.repository import ModelRepository, default_repository_root
-from service.calibration_data import classifier_examples, digits_test_split, prepared_runner
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_data import (
+    classifier_examples,
+    digits_test_split,
+    prepared_runner,
+)
+from service.dataplane.calibration_store import CalibrationStore
 
 try:
     from bench._report import append_section

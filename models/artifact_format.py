@@ -73,7 +73,7 @@ def model_state_schema_hash(model: StatefulModel) -> str:
 
     Publishing records it and loading checks it again, so a version whose built model would
     carry a different state (an edited model_config) is refused. Stored session state has a
-    hash of its own, over the tensors actually stored (`service.state_codec.tensor_schema_hash`).
+    hash of its own, over the tensors actually stored (`service.state.codec.tensor_schema_hash`).
     """
     schema = {name: [list(shape), dtype] for name, (shape, dtype) in model.state_schema().items()}
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()

@@ -20,15 +20,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from models.repository import ModelRepository
-from service.auth import ApiKeyAuth, KeyRing, warn_if_open
-from service.calibration_store import CalibrationStore
-from service.conformal_draws import ConformalDraws
-from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
-from service.errors import PayloadTooLargeError, error_response, install_error_handlers
-from service.feedback import FeedbackLog
-from service.limits import OwnedCount, RequestRateLimit
-from service.routers import (
-    metrics,
+from service.api import (
+    metrics_route,
     v1_feedback,
     v1_finetune,
     v1_generate,
@@ -36,10 +29,18 @@ from service.routers import (
     v1_sessions,
     v2,
 )
-from service.sessions import SessionManager, SessionSettings
+from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
+from service.api.limits import OwnedCount, RequestRateLimit
+from service.dataplane.calibration_store import CalibrationStore
+from service.dataplane.conformal_draws import ConformalDraws
+from service.dataplane.feedback import FeedbackLog
+from service.dataplane.inputs import InputLimits
+from service.dataplane.plane import CalibrationPolicy, DataPlane
+from service.errors import PayloadTooLargeError, error_response, install_error_handlers
+from service.sessions.plane import SessionManager, SessionSettings
 from service.settings import Settings
-from service.state_store import StateStore, StateStoreUnavailableError
-from service.state_store_factory import open_state_store
+from service.state.factory import open_state_store
+from service.state.store import StateStore, StateStoreUnavailableError
 
 logger = logging.getLogger("neuroserve.app")
 
@@ -220,7 +221,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         burst=settings.rate_limit_burst,
     )
     app.add_middleware(ApiKeyAuth, keys=keys)
-    app.add_middleware(metrics.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
+    app.add_middleware(metrics_route.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
     install_error_handlers(app)
     # Routes match in order: the hot paths (session steps, predictions) first.
     app.include_router(v1_sessions.router)
@@ -229,5 +230,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1_generate.router)
     app.include_router(v1_finetune.router)
     app.include_router(v2.router)
-    app.include_router(metrics.router)
+    app.include_router(metrics_route.router)
     return app

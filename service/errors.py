@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.repository import ArtifactError, ModelNotFoundError
-from service.state_codec import CorruptStateError, IncompatibleStateError
-from service.state_store import (
+from service.state.codec import CorruptStateError, IncompatibleStateError
+from service.state.store import (
     StaleVersionError,
     StateExistsError,
     StateNotFoundError,

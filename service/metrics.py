@@ -1,7 +1,7 @@
 """Prometheus metrics: every series neuroserve exports, and small typed functions to record them.
 
 The dataplane, routers, state stores and job worker call the `record_*` / `set_*` functions;
-`GET /metrics` (service/routers/metrics.py) renders `render_metrics()`.
+`GET /metrics` (service/api/metrics_route.py) renders `render_metrics()`.
 
 Several worker processes: when `PROMETHEUS_MULTIPROC_DIR` is set *before* `prometheus_client`
 is first imported, every process writes its values to memory-mapped files in that folder and

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.repository import default_repository_root
-from service.auth import parse_key_entry
+from service.api.auth import parse_key_entry
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     store_check_seconds: float = Field(
         2.0, gt=0, description="How often readiness re-checks that the state store answers."
     )
-    # ---- fine-tuning jobs (service/jobs.py, `neuroserve worker`) ----
+    # ---- fine-tuning jobs (service/jobs/local_queue.py, `neuroserve worker`) ----
     job_queue_url: str | None = Field(
         None,
         description=(
@@ -170,7 +170,7 @@ class Settings(BaseSettings):
         description="Largest .npz dataset a fine-tuning job may upload (decoded bytes).",
     )
     log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
-    # ---- API keys and per-key limits (service/auth.py, service/limits.py) ----
+    # ---- API keys and per-key limits (service/api/auth.py, service/api/limits.py) ----
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description=(

@@ -21,7 +21,7 @@ from models.charcorpus import load_char_corpus
 from models.evaluate import step_classification_metrics
 from models.repository import ModelRepository, default_repository_root
 from models.training import TrainingRecipe, load_training_data
-from service.cli_models import main as cli_main
+from service.cli.models import main as cli_main
 
 BUILTINS = ("digits-lru", "digits-snn", "charlm-selective")
 

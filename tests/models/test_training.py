@@ -39,7 +39,7 @@ from models.training import (
     warmup_cosine,
 )
 from models.userdata import load_text_corpus
-from service.cli_models import main as cli_main
+from service.cli.models import main as cli_main
 
 TINY_LRU = {"d_model": 16, "d_state": 8, "n_layers": 1, "dropout": 0.0}
 TINY_SELECTIVE = {"d_model": 16, "d_state": 2, "n_layers": 1}

@@ -36,7 +36,7 @@ from models.trajectory import (
 )
 from models.trajectory_publish import export_safetensors_version, publish_trajectory_version
 from models.zo import ZOConfig, ZOOptimizer, select_parameters
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.forward import BackendForward
 
 TINY_LRU = {"d_input": 3, "d_output": 4, "d_model": 8, "d_state": 4, "n_layers": 1}

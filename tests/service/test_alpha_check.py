@@ -8,9 +8,9 @@ import math
 import pytest
 
 from calibration.checks import ALPHA_MESSAGE, check_alpha
+from service.api.v2_codec import V2BadRequestError
+from service.dataplane.predictions import ConformalOptions
 from service.errors import BadInputError, value_errors_as
-from service.predictions import ConformalOptions
-from service.v2_codec import V2BadRequestError
 
 BAD_ALPHAS = [0, 0.0, 1, 1.5, -0.1, math.nan, math.inf, True, "0.1", None]
 

@@ -18,8 +18,8 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from models.repository import ModelRepository
+from service.api.auth import KeyRing, hash_key, parse_key_entry
 from service.app import create_app
-from service.auth import KeyRing, hash_key, parse_key_entry
 from service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, running_server
 from tests.service.test_jobs import JOB_TIMEOUT_S, long_spec, publish_test_models

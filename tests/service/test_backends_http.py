@@ -23,7 +23,8 @@ from hardware_backends.registry import ENTRY_POINT_GROUP, default_registry, prep
 from hardware_backends.stochastic import mutual_information, predictive_probabilities
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
-from service.dataplane import run_last_step, runner_key
+from service.dataplane.plane import runner_key
+from service.dataplane.predictions import run_last_step
 from tests.service.test_calibrated_predict import coverage_band, empirical_coverage, predict_split
 
 BUILT_IN_BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")

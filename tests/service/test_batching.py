@@ -20,9 +20,10 @@ from service.batching import (
     stack_states,
     state_rows,
 )
-from service.dataplane import DataPlane, InputLimits
-from service.sessions import SessionManager, SessionSettings
-from service.state_store import InMemoryStateStore
+from service.dataplane.inputs import InputLimits
+from service.dataplane.plane import DataPlane
+from service.sessions.plane import SessionManager, SessionSettings
+from service.state.store import InMemoryStateStore
 
 # ---- MicroBatcher ---------------------------------------------------------------------------
 

@@ -32,7 +32,8 @@ from models.digits import load_digits_seq
 from models.repository import CONFIG_FILE, WEIGHTS_FILE, ModelRepository, default_repository_root
 from models.userdata import load_npz_dataset
 from service.app import create_app
-from service.calibration_data import (
+from service.cli import main
+from service.dataplane.calibration_data import (
     LM_BUCKET_EDGES,
     LM_WINDOWS,
     HeldOutText,
@@ -40,8 +41,7 @@ from service.calibration_data import (
     prepared_runner,
     stepwise_logits,
 )
-from service.calibration_store import CalibrationFileError, CalibrationStore
-from service.cli import main
+from service.dataplane.calibration_store import CalibrationFileError, CalibrationStore
 from service.settings import Settings
 from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 from tests.service.test_cli import run_cli

@@ -18,11 +18,11 @@ from calibration import SCORE_NAMES, CalibrationArtifact
 from calibration.position_report import coverage_interval
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
+from service.api.v1_models import IGNORED_SEED_WARNING
 from service.app import create_app
-from service.calibration_store import CalibrationStore, StoredCalibration
-from service.conformal_draws import ConformalDraws
-from service.dataplane import last_step_logits
-from service.routers.v1_models import IGNORED_SEED_WARNING
+from service.dataplane.calibration_store import CalibrationStore, StoredCalibration
+from service.dataplane.conformal_draws import ConformalDraws
+from service.dataplane.predictions import last_step_logits
 from service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, running_server
 

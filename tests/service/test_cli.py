@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from models.repository import ModelRepository
-from service.cli_common import parse_key_value, settings_from_flags
+from service.cli.common import parse_key_value, settings_from_flags
 from tests.conftest import free_tcp_port
 
 START_TIMEOUT_S = 60.0
@@ -172,7 +172,7 @@ def test_several_workers_continue_one_session_and_merge_their_metrics(
             process.communicate()
 
 
-# ---- what the commands share (service.cli_common) ----------------------------------------------
+# ---- what the commands share (service.cli.common) ----------------------------------------------
 
 
 def test_key_value_arguments_parse_json_values_and_keep_other_text() -> None:

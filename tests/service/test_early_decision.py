@@ -26,8 +26,8 @@ from calibration import EarlyDecisionRule
 from models import digits
 from models.repository import CONFIG_FILE, WEIGHTS_FILE, ModelRepository, default_repository_root
 from service.app import create_app
-from service.calibration_store import CalibrationStore
 from service.cli import main
+from service.dataplane.calibration_store import CalibrationStore
 from service.settings import Settings
 from tests.service.conftest import running_server
 from tests.service.test_sessions_http import v1_error

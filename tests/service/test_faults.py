@@ -22,7 +22,7 @@ import redis
 
 from models.repository import WEIGHTS_FILE, ModelRepository
 from service.app import create_app
-from service.state_store_redis import RedisStateStore
+from service.state.redis_store import RedisStateStore
 from tests.conftest import free_tcp_port, redis_answers
 from tests.service.conftest import publish_lru
 from tests.service.test_sessions_http import redis_settings, v1_error

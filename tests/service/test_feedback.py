@@ -34,11 +34,11 @@ from hypothesis import strategies as st
 from calibration import AdaptiveConformal
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
+from service.api.auth import hash_key
+from service.api.v1_models import IGNORED_SEED_WARNING
 from service.app import create_app
-from service.auth import hash_key
-from service.calibration_store import CALIBRATION_DIR, CalibrationStore, StoredCalibration
-from service.conformal_draws import ConformalDraws
-from service.routers.v1_models import IGNORED_SEED_WARNING
+from service.dataplane.calibration_store import CALIBRATION_DIR, CalibrationStore, StoredCalibration
+from service.dataplane.conformal_draws import ConformalDraws
 from service.settings import Settings
 from tests.service.conftest import running_server
 from tests.service.test_backends_http import metric_value

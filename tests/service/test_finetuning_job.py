@@ -21,7 +21,7 @@ from models.trajectory import (
     read_trajectory,
     rebuild_weights,
 )
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.job import FinetuneSpec, ProgressEvent, load_finetune_data, run_finetune
 
 DIGITS_LABELS = [str(d) for d in range(10)]

@@ -27,8 +27,13 @@ from websockets.sync.client import ClientConnection, connect
 from calibration import PositionalCalibration, PositionBuckets, fit_positional_calibration
 from models.repository import ModelRepository
 from service.app import create_app
-from service.calibration_store import CalibrationStore
-from service.generation import sample_token, sampling_probabilities, stop_reached, sum_usage
+from service.dataplane.calibration_store import CalibrationStore
+from service.sessions.generation import (
+    sample_token,
+    sampling_probabilities,
+    stop_reached,
+    sum_usage,
+)
 from service.settings import Settings
 from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 

@@ -34,8 +34,8 @@ import torch
 from calibration import PositionBuckets
 from calibration.position_report import coverage_interval
 from models.repository import ModelRepository, default_repository_root
-from service.calibration_data import LM_BUCKET_EDGES, held_out_text, split_text
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_data import LM_BUCKET_EDGES, held_out_text, split_text
+from service.dataplane.calibration_store import CalibrationStore
 from service.settings import Settings
 
 MODEL = "charlm-selective"
@@ -255,7 +255,7 @@ def test_the_first_token_is_drawn_from_the_reported_distribution(
 
 def bucket_windows(text_length: int, windows: int, seed: int) -> list[tuple[int, list[int]]]:
     """(start, context length per bucket) per window, drawn as
-    `service.calibration_data.language_examples` draws its calibration windows: a uniform
+    `service.dataplane.calibration_data.language_examples` draws its calibration windows: a uniform
     start leaving room for the horizon, and per bucket a log-uniform length within it."""
     rng = np.random.default_rng(seed)
     bounds = [BUCKETS.bounds(k) for k in range(len(BUCKETS))]

@@ -19,7 +19,9 @@ from rq.registry import CanceledJobRegistry
 
 from models.repository import WEIGHTS_FILE, ModelRepository
 from service.finetuning.job import ProgressEvent
-from service.job_types import (
+from service.jobs.local_queue import LocalJobQueue
+from service.jobs.redis_queue import RedisJobQueue, connect_job_redis
+from service.jobs.types import (
     FINISHED,
     JobNotFoundError,
     JobQueue,
@@ -27,9 +29,7 @@ from service.job_types import (
     JobSubmission,
     TooManyJobsError,
 )
-from service.jobs import LocalJobQueue
-from service.jobs_redis import RedisJobQueue, connect_job_redis
-from service.worker import ProgressTracker
+from service.jobs.worker import ProgressTracker
 from tests.service.conftest import publish_lru
 
 JOB_TIMEOUT_S = 120.0  # generous: the 2-core test machine is shared

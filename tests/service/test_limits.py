@@ -16,9 +16,9 @@ import websockets.sync.client as ws_client
 from websockets.exceptions import ConnectionClosed
 
 from models.repository import ModelRepository
+from service.api.auth import hash_key
+from service.api.limits import OwnedCount, TokenBucket
 from service.app import create_app
-from service.auth import hash_key
-from service.limits import OwnedCount, TokenBucket
 from service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, running_server
 

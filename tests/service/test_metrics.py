@@ -1,4 +1,4 @@
-"""service.metrics and service.routers.metrics: recording, exposition, multiprocess merging."""
+"""service.metrics and service.api.metrics_route: recording, exposition, multiprocess merging."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
-from service.routers.metrics import (
+from service.api.metrics_route import (
     UNMATCHED_ROUTE,
     RequestMetricsMiddleware,
     label_request,
     route_template,
 )
-from service.routers.metrics import router as metrics_router
+from service.api.metrics_route import router as metrics_router
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -37,9 +37,9 @@ from calibration import AdaptiveConformal, PositionalCalibration
 from models.datasets import SequenceDataset
 from models.digits import load_digits_seq
 from models.repository import ModelRepository
+from service.api.auth import hash_key
 from service.app import create_app
-from service.auth import hash_key
-from service.calibration_store import CalibrationStore, StoredCalibration
+from service.dataplane.calibration_store import CalibrationStore, StoredCalibration
 from tests.service.conftest import running_server
 from tests.service.test_feedback import (
     ALPHA,

@@ -15,9 +15,10 @@ import torch
 
 from models.repository import ModelRepository
 from service.app import create_app
-from service.sessions import SessionManager, StepOutcome
+from service.sessions.plane import SessionManager
+from service.sessions.types import StepOutcome
 from service.settings import Settings
-from service.state_store_factory import open_state_store
+from service.state.factory import open_state_store
 from tests.service.conftest import TEST_SETTINGS
 from tests.service.test_sessions_http import digit_chunks, raw_softmax_dataplane, reference_logits
 

@@ -19,7 +19,7 @@ from websockets.sync.client import connect
 
 from models.repository import ModelRepository
 from service.app import create_app
-from service.calibration_store import CalibrationStore
+from service.dataplane.calibration_store import CalibrationStore
 from service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, publish_lru, running_server
 from tests.service.test_generate_ws import calibrate_on_random_text

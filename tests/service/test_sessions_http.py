@@ -20,12 +20,13 @@ from models.architectures import build_model
 from models.repository import ModelRepository
 from service.app import create_app
 from service.batching import run_chunks
-from service.dataplane import CalibrationPolicy, DataPlane, InputLimits
+from service.dataplane.inputs import InputLimits
+from service.dataplane.plane import CalibrationPolicy, DataPlane
 from service.errors import BadInputError, ConflictError, NotFoundError, RateLimitedError
-from service.session_answers import StepPredictions
-from service.sessions import SessionManager, SessionSettings
+from service.sessions.answers import StepPredictions
+from service.sessions.plane import SessionManager, SessionSettings
 from service.settings import Settings
-from service.state_store import InMemoryStateStore
+from service.state.store import InMemoryStateStore
 from tests.conftest import RedisProcesses
 from tests.service.conftest import (
     CHAR_VOCABULARY,

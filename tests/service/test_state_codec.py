@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.state_codec import (
+from service.state.codec import (
     MAX_METADATA_BYTES,
     SAFETENSORS_DTYPES,
     CorruptStateError,

@@ -20,14 +20,22 @@ import torch
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from service.state_codec import (
+from service.state.codec import (
     CorruptStateError,
     IncompatibleStateError,
     StateRecord,
     StateSignature,
     encode_state,
 )
-from service.state_store import (
+from service.state.factory import open_state_store
+from service.state.redis_store import (
+    ConnectionOptions,
+    RedisStateStore,
+    connect,
+    parse_redis_url,
+    redact_url,
+)
+from service.state.store import (
     CasWrite,
     InMemoryStateStore,
     StaleVersionError,
@@ -35,14 +43,6 @@ from service.state_store import (
     StateNotFoundError,
     StateStore,
     StateStoreUnavailableError,
-)
-from service.state_store_factory import open_state_store
-from service.state_store_redis import (
-    ConnectionOptions,
-    RedisStateStore,
-    connect,
-    parse_redis_url,
-    redact_url,
 )
 
 pytestmark = pytest.mark.anyio

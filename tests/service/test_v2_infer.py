@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from models.digits import load_digits_seq
-from service.dataplane import ClassPrediction
+from service.api.v2 import OUTPUTS, encode_predictions, parse_parameters
+from service.api.v2_codec import V2BadRequestError, decode_tensor, encode_tensor
+from service.dataplane.predictions import ClassPrediction
 from service.errors import NotCalibratedError
-from service.routers.v2 import OUTPUTS, encode_predictions, parse_parameters
-from service.v2_codec import V2BadRequestError, decode_tensor, encode_tensor
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
 
 # Probabilities travel as FP32: a float64 probability rounded to float32 moves by at most

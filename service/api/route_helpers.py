@@ -1,0 +1,25 @@
+"""What the routers share: the data plane dependency and responses serialised once."""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from service.dataplane.plane import DataPlane
+
+
+async def get_dataplane(request: Request) -> DataPlane:
+    """FastAPI dependency: the data plane the app's lifespan created (async: inline, no
+    worker thread)."""
+    return request.app.state.dataplane
+
+
+def serialized(model: BaseModel, status_code: int = 200) -> Response:
+    """`model` as a JSON response, serialised once by pydantic's core. A route that returns
+    its model instead has FastAPI dump, re-validate and encode it against the route's
+    `response_model` (which still documents the shape)."""
+    return Response(
+        model.__pydantic_serializer__.to_json(model),
+        status_code=status_code,
+        media_type="application/json",
+    )

@@ -1,0 +1,140 @@
+"""Native REST routes for models: list, describe, predict (`/v1/models...`)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from models.repository import ModelCard
+from service.api.auth import get_principal
+from service.api.metrics_route import label_request
+from service.api.route_helpers import get_dataplane
+from service.api.schemas import (
+    BackendInfo,
+    ErrorResponse,
+    InputSpec,
+    ModelInfo,
+    ModelList,
+    ModelSummary,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    Usage,
+)
+from service.dataplane.plane import DataPlane
+from service.dataplane.predictions import ConformalOptions, PredictionBatch
+
+IGNORED_SEED_WARNING = (
+    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
+    "prediction id, so that no request can steer coverage"
+)
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "Unknown model or version."}
+}
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Request body too large."},
+    422: {"model": ErrorResponse, "description": "Malformed input; the message says where."},
+}
+_PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: {
+        "model": ErrorResponse,
+        "description": "The model is not calibrated on this backend (`neuroserve calibrate`).",
+    },
+    503: {"model": ErrorResponse, "description": "The backend cannot run on this server."},
+}
+
+
+def _summary(card: ModelCard, versions: list[str]) -> ModelSummary:
+    return ModelSummary(
+        name=card.name,
+        task=card.config["task"],
+        architecture=card.config["architecture"],
+        latest_version=versions[-1],
+        versions=versions,
+    )
+
+
+@router.get("/models", response_model=ModelList, summary="List models")
+def list_models(dataplane: DataPlaneDependency) -> ModelList:
+    cards = dataplane.list_models()
+    return ModelList(models=[_summary(card, dataplane.versions(card.name)) for card in cards])
+
+
+@router.get(
+    "/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, summary="Describe a model"
+)
+def model_info(
+    name: str,
+    dataplane: DataPlaneDependency,
+    version: Annotated[str | None, Query(description="Version; the latest when omitted.")] = None,
+) -> ModelInfo:
+    card = dataplane.card(name, version)
+    config = card.config
+    versions = dataplane.versions(name)
+    return ModelInfo(
+        name=card.name,
+        version=card.version,
+        latest_version=versions[-1],
+        versions=versions,
+        task=config["task"],
+        architecture=config["architecture"],
+        labels=config.get("labels"),
+        vocabulary=config.get("vocabulary"),
+        input=InputSpec.model_validate(config["input"]),
+        metrics=config.get("metrics") or {},
+        dataset=config.get("dataset"),
+        provenance=config.get("provenance") or {},
+        backends=[BackendInfo.model_validate(info) for info in dataplane.backend_infos(card)],
+    )
+
+
+def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictResponse:
+    return PredictResponse(
+        model=batch.model,
+        version=batch.version,
+        backend=batch.backend,
+        calibrated=batch.calibrated,
+        alpha=batch.alpha,
+        score=batch.conformal.score if batch.conformal is not None else None,
+        predictions=[Prediction.of(p) for p in batch.predictions],
+        usage=Usage(**batch.usage),
+        warnings=warnings,
+    )
+
+
+@router.post(
+    "/models/{name}/predict",
+    response_model=PredictResponse,
+    responses={**_NOT_FOUND, **_BAD_INPUT, **_PREDICT_ERRORS},
+    summary="Predict on whole sequences",
+)
+async def predict(
+    name: str, body: PredictRequest, request: Request, dataplane: DataPlaneDependency
+) -> PredictResponse:
+    conformal = ConformalOptions(
+        alpha=body.alpha,
+        score=body.score,
+        class_conditional=body.class_conditional,
+        never_empty=body.never_empty,
+        online=body.online,
+        max_set_size=body.max_set_size,
+    )
+    batch = await dataplane.predict(
+        name,
+        body.inputs,
+        version=body.version,
+        backend=body.backend,
+        backend_options=body.backend_options,
+        conformal=conformal,
+        owner=get_principal(request).owner,
+    )
+    label_request(request, model=batch.model, backend=batch.backend)
+    warnings = list(batch.warnings)
+    if body.seed is not None:
+        warnings.append(IGNORED_SEED_WARNING)
+    return _predict_response(batch, warnings)

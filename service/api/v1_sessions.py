@@ -1,0 +1,187 @@
+"""Native REST routes for stateful sessions (`/v1/sessions...`): a thin adapter over the
+session plane (`SessionManager`: state, ordering, batching, answers, publishing)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from service.api.auth import Principal, PrincipalDependency, get_principal
+from service.api.metrics_route import label_request
+from service.api.route_helpers import serialized
+from service.api.schemas import (
+    EarlyDecision,
+    ErrorResponse,
+    Prediction,
+    SessionCreateRequest,
+    SessionResponse,
+    SessionStepRequest,
+    SessionStepResponse,
+    Usage,
+)
+from service.sessions.plane import SessionManager
+from service.sessions.types import SessionInfo
+
+router = APIRouter(prefix="/v1", tags=["sessions"])
+
+
+async def get_sessions(request: Request) -> SessionManager:
+    """FastAPI dependency: the session manager the app's lifespan created."""
+    return request.app.state.sessions
+
+
+SessionsDependency = Annotated[SessionManager, Depends(get_sessions)]
+
+
+def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse, "description": description}}
+
+
+_UNKNOWN = _error(404, "Unknown, deleted or expired session.")
+_CONFLICT = _error(
+    409,
+    "The session's stored state does not fit the model now served (redeployed with another "
+    "state shape), or it kept changing under concurrent writers; at create: early decisions "
+    "asked of a backend without a fitted rule.",
+)
+_UNAVAILABLE = _error(503, "The state store (or the backend) cannot serve right now.")
+_BAD_INPUT = _error(422, "Malformed input; the message says where.")
+
+
+def _session_out(info: SessionInfo) -> SessionResponse:
+    return SessionResponse(
+        session_id=info.session_id,
+        model=info.model,
+        version=info.version,
+        backend=info.backend,
+        alpha=info.alpha,
+        score=info.score,
+        step=info.step,
+        created_at=info.created_at,
+        expires_at=info.expires_at,
+        options=info.options,
+        early_decision=info.early_decision,
+        online=info.online,
+        never_empty=info.never_empty,
+    )
+
+
+def _check_session_quota(request: Request, principal: Principal) -> None:
+    """429 when the key holds its limit of live sessions on this replica (keys only: open
+    mode has the server-wide NEUROSERVE_MAX_SESSIONS)."""
+    if principal.owner is None:
+        return
+    limit = request.app.state.settings.max_sessions_per_key
+    request.app.state.sessions_per_key.check(
+        principal.owner, limit, "live sessions", "NEUROSERVE_MAX_SESSIONS_PER_KEY"
+    )
+
+
+def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
+    if principal.owner is not None:
+        request.app.state.sessions_per_key.seen(principal.owner, info.session_id, info.expires_at)
+
+
+@router.post(
+    "/sessions",
+    status_code=201,
+    response_model=SessionResponse,
+    responses={
+        **_error(404, "Unknown model or version."),
+        **_BAD_INPUT,
+        **_error(429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."),
+        **_UNAVAILABLE,
+    },
+    summary="Start a session",
+)
+async def create_session(
+    body: SessionCreateRequest,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
+) -> SessionResponse:
+    label_request(request, model=body.model, backend=body.backend)
+    _check_session_quota(request, principal)
+    info = await sessions.create(
+        owner=principal.owner,
+        model=body.model,
+        version=body.version,
+        backend=body.backend,
+        alpha=body.alpha,
+        score=body.score,
+        ttl_seconds=body.ttl_seconds,
+        options=body.options,
+        early_decision=(None if body.early_decision is None else body.early_decision.model_dump()),
+        online=body.online,
+        never_empty=body.never_empty,
+    )
+    _note_session(request, principal, info)
+    return _session_out(info)
+
+
+@router.get(
+    "/sessions/{session_id}",
+    response_model=SessionResponse,
+    responses={**_UNKNOWN, **_UNAVAILABLE},
+    summary="Describe a session (counts as use: its TTL restarts)",
+)
+async def get_session(
+    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+) -> SessionResponse:
+    info = await sessions.get(session_id, owner=principal.owner)
+    _note_session(request, principal, info)
+    label_request(request, model=info.model, backend=info.backend)
+    return _session_out(info)
+
+
+@router.delete(
+    "/sessions/{session_id}",
+    status_code=204,
+    response_class=Response,
+    responses={**_UNKNOWN, **_UNAVAILABLE},
+    summary="End a session",
+)
+async def delete_session(
+    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+) -> Response:
+    await sessions.delete(session_id, owner=principal.owner)
+    if principal.owner is not None:
+        request.app.state.sessions_per_key.gone(principal.owner, session_id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/sessions/{session_id}/step",
+    response_model=SessionStepResponse,
+    responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
+    summary="Feed the next chunk of the session's sequence",
+)
+async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
+    # The app's objects straight from the request, not as dependencies: this is the hot path,
+    # and FastAPI's dependency solving costs more than the lookups.
+    sessions: SessionManager = request.app.state.sessions
+    principal = get_principal(request)
+    owner = principal.owner
+    outcome = await sessions.step(session_id, body.inputs, per_step=body.return_steps, owner=owner)
+    info = outcome.info
+    _note_session(request, principal, info)
+    label_request(request, model=info.model, backend=info.backend)
+    last, steps = outcome.answer
+    answer = SessionStepResponse(
+        session_id=info.session_id,
+        model=info.model,
+        version=info.version,
+        backend=info.backend,
+        step=info.step,
+        expires_at=info.expires_at,
+        calibrated=last.calibrated,
+        alpha=last.alpha,
+        score=last.conformal.score if last.conformal is not None else None,
+        prediction=Prediction.of(last.predictions[0]),
+        step_predictions=(None if steps is None else [Prediction.of(p) for p in steps.predictions]),
+        usage=Usage(**{**outcome.usage, "sequences": 1}),
+        warnings=last.warnings,
+        decision=None if outcome.decision is None else EarlyDecision(**outcome.decision),
+    )
+    return serialized(answer)

@@ -1,0 +1,1 @@
+"""The protocol-independent prediction plane: inputs, runs, calibrated answers, feedback."""

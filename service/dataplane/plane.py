@@ -1,0 +1,758 @@
+"""Protocol-independent serving logic: what a request means, whatever route it came in on.
+
+The REST, V2, session and websocket routers are thin adapters over `DataPlane`: it lists
+and describes models, validates inputs against a model's input spec, runs the model on the
+requested hardware backend off the event loop, and turns the logits into calibrated
+predictions with conformal prediction sets.
+
+The path of one prediction:
+
+1. backend: `DataPlane.runner` prepares (and caches) the model on the backend named by the
+   request, through the registry in `hardware_backends` (torch, onnxruntime, analog_imc,
+   stochastic, or any installed plugin). Unknown backend or bad `backend_options` -> 422,
+   a registered backend that cannot run here -> 503.
+2. logits: the last step of every sequence, [N, C]. Sampling backends return [S, N, C];
+   calibration then works on the log of the predictive mean of the S softmaxes, and the
+   mutual information between label and sample is reported as `epistemic` (nats).
+3. calibration: the (model, version, backend) calibration
+   (`service.dataplane.calibration_store`) has one calibration per position (steps read, or
+   context length); each row's logits are mapped to calibrated probabilities and a conformal
+   set at the request's alpha (or at the request's online level) by its own position's
+   calibration (`service.dataplane.conformal_answer`).
+   A row no calibration covers (past the horizon, other backend options) answers the raw
+   softmax, `calibrated: false` and no set, with a warning. A backend without any
+   calibration is refused with 409 unless the server allows uncalibrated answers.
+4. `publish`: Prometheus series (predictions, set sizes, usage) and the prediction records
+   that late labels (`POST /v1/feedback`) are matched against.
+
+`build_predictions` (steps 3 and the read-out) and `publish` are shared with the session,
+V2 and generation routes, which run their runners themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from starlette.concurrency import run_in_threadpool
+from torch import Tensor
+
+from calibration import AdaptiveConformal
+from hardware_backends.base import BackendUnavailableError, Runner, UnknownBackendError, Usage
+from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
+from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
+from service.batching import MicroBatcher, run_compute, usage_share
+from service.dataplane.calibration_store import (
+    CalibrationFileError,
+    CalibrationStore,
+    StoredCalibration,
+)
+from service.dataplane.conformal_answer import conformal_answer
+from service.dataplane.conformal_draws import ConformalDraws
+from service.dataplane.feedback import FeedbackLog, FeedbackResult, PredictionRecord
+from service.dataplane.inputs import (
+    InputLimits,
+    encode_prompts,
+    feature_tensor,
+    out_of_range_warning,
+)
+from service.dataplane.online_levels import SESSION_SCOPE, LevelKey
+from service.dataplane.predictions import (
+    ConformalOptions,
+    PredictionBatch,
+    batch_warnings,
+    calibration_inputs,
+    model_labels,
+    new_prediction_ids,
+    predictions_from_probabilities,
+    prompt_logits,
+    run_last_step,
+)
+from service.errors import (
+    BadInputError,
+    ConflictError,
+    NotCalibratedError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from service.metrics import record_prediction, record_usage
+from service.state.store import StateStoreError
+
+logger = logging.getLogger("neuroserve.dataplane")
+
+TORCH_BACKEND = "torch"
+DEFAULT_ABSTAIN_SET_SIZE = 1
+
+
+@dataclass(frozen=True)
+class CalibrationPolicy:
+    """Server-wide calibration settings."""
+
+    allow_uncalibrated: bool = False  # answer raw softmax (no sets) where no artifact exists
+    abstain_set_size: int = DEFAULT_ABSTAIN_SET_SIZE  # abstain when a set holds more labels
+
+
+def runner_key(card: ModelCard) -> str:
+    """The registry's cache key for a model version: the weights hash is part of it, so two
+    repositories that both hold a "name/1" never share a prepared runner."""
+    return f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
+
+
+@dataclass(frozen=True)
+class OnlineLevel:
+    """The online level one prediction row is served at, and the key it is kept under."""
+
+    key: LevelKey
+    level: AdaptiveConformal
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """A stateless run of whole sequences, before calibration."""
+
+    card: ModelCard
+    logits: Tensor  # [N, C] last-step logits, or [S, N, C] from a sampling backend
+    positions: list[int]  # steps read (or prompt length) per row
+    usage: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---- the data plane -------------------------------------------------------------------------
+
+
+class DataPlane:
+    """Serving logic over one model repository; safe to call from many threads."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        limits: InputLimits,
+        *,
+        policy: CalibrationPolicy | None = None,
+        calibrations: CalibrationStore | None = None,
+        feedback: FeedbackLog | None = None,
+        draws: ConformalDraws | None = None,
+        batch_max_size: int = 64,
+    ) -> None:
+        self.repository = repository
+        self.limits = limits
+        self.policy = policy or CalibrationPolicy()
+        self.calibrations = calibrations or CalibrationStore(repository)
+        self.feedback = feedback  # None: predictions are not remembered, no online level
+        self.levels = None if feedback is None else feedback.levels
+        self.draws = draws or ConformalDraws()
+        self.ready = False  # set once the start-up preload has finished
+        # Concurrent stateless requests for one runner and sequence length run as one
+        # forward pass: continuous batching, as session steps (see `predict`).
+        self._batches: MicroBatcher[FeatureJob, PredictionBatch | BaseException] = MicroBatcher(
+            self._answer_feature_batch, window_seconds=0.0, max_batch=batch_max_size
+        )
+
+    async def close(self) -> None:
+        await self._batches.close()
+
+    # ---- models -------------------------------------------------------------------------
+    def card(self, name: str, version: str | None = None) -> ModelCard:
+        """The model card, or NotFoundError naming the unknown model or version."""
+        try:
+            check_model_name(name)
+        except ValueError as error:
+            raise NotFoundError(f"no model named {name!r}: {error}") from None
+        return self.repository.card(name, version)
+
+    def list_models(self) -> list[ModelCard]:
+        """Cards of the latest version of every model; broken artifacts are logged and skipped."""
+        cards = []
+        for name in self.repository.list_models():
+            try:
+                cards.append(self.repository.card(name))
+            except (ModelNotFoundError, ValueError) as error:
+                logger.warning("skipping model %r in the listing: %s", name, error)
+        return cards
+
+    def versions(self, name: str) -> list[str]:
+        return self.repository.versions(check_model_name(name))
+
+    def preload(self) -> None:
+        """Load the latest version of every model so first requests do not pay for it."""
+        for name in self.repository.list_models():
+            try:
+                loaded = self.repository.load(name)
+                logger.info("loaded model %s version %s", name, loaded.card.version)
+            except Exception as error:  # one broken artifact must not stop the server
+                logger.error("could not load model %r: %s", name, error)
+        self.ready = True
+
+    # ---- backends and calibration -------------------------------------------------------
+    def runner(
+        self,
+        card: ModelCard,
+        backend: str,
+        backend_options: Mapping[str, Any] | None = None,
+    ) -> Runner:
+        """The model prepared on `backend` (cached per model version, backend and options)."""
+        model = self.repository.load(card.name, card.version).model
+        try:
+            return prepare_runner(
+                backend,
+                model,
+                model_key=runner_key(card),
+                options=dict(backend_options or {}),
+            )
+        except UnknownBackendError as error:
+            raise BadInputError(str(error)) from None
+        except BackendUnavailableError as error:
+            raise ServiceUnavailableError(str(error)) from None
+        except ValueError as error:  # the backend's option schema names the key
+            raise BadInputError(str(error)) from None
+
+    def calibration(self, card: ModelCard, backend: str) -> StoredCalibration | None:
+        """The backend's calibration of this version; NotCalibratedError when there is none
+        and the server does not allow uncalibrated answers."""
+        stored = self.calibrations.get(card.name, card.version, backend)
+        if stored is not None:
+            if stored.positional.num_classes != len(model_labels(card)):
+                raise CalibrationFileError(
+                    f"calibration of {card.name} version {card.version} on {backend} is for "
+                    f"{stored.positional.num_classes} classes, the model has "
+                    f"{len(model_labels(card))}; run `neuroserve calibrate` again"
+                )
+            return stored
+        if self.policy.allow_uncalibrated:
+            return None
+        raise NotCalibratedError(
+            f"model {card.name!r} version {card.version} is not calibrated on backend "
+            f"{backend!r}; run `neuroserve calibrate {card.name} --version {card.version} "
+            f"--backend {backend}` (or start the server with NEUROSERVE_ALLOW_UNCALIBRATED=true "
+            "for raw softmax answers without prediction sets)"
+        )
+
+    def backend_infos(self, card: ModelCard) -> list[dict[str, Any]]:
+        """Every registered backend: usable here?, calibrated for this version?, fit metrics."""
+        infos = []
+        for name, status in backend_statuses().items():
+            info: dict[str, Any] = {
+                "name": name,
+                "available": status.reason is None,
+                "reason": status.reason,
+                "calibrated": False,
+                "calibration": None,
+            }
+            try:
+                stored = self.calibrations.get(card.name, card.version, name)
+            except (CalibrationFileError, ValueError) as error:
+                info["calibration_error"] = str(error)
+                stored = None
+            if stored is not None:
+                info["calibrated"] = True
+                info["calibration"] = stored.summary()
+            infos.append(info)
+        return infos
+
+    # ---- predict ------------------------------------------------------------------------
+    async def predict(
+        self,
+        name: str,
+        inputs: object,
+        *,
+        version: str | None = None,
+        backend: str = TORCH_BACKEND,
+        backend_options: Mapping[str, Any] | None = None,
+        conformal: ConformalOptions | None = None,
+        owner: str | None = None,
+    ) -> PredictionBatch:
+        """Predict on whole sequences and remember the predictions for feedback (as `owner`'s).
+
+        Feature sequences join the requests for the same runner and length that arrive
+        meanwhile: one forward pass, then each request's answer with its own options
+        (`_answer_feature_batch`). Token prompts run on their own. Work of more than a few
+        time steps happens in worker threads, so the event loop never waits on torch."""
+        conformal = conformal or ConformalOptions()
+        card = self.card(name, version)  # cached while its files are unchanged
+        if card.config["input"]["kind"] == "tokens":
+            return await self._predict_prompts(
+                name, inputs, version, backend, backend_options, conformal, owner
+            )
+        job = await run_compute(
+            self._feature_job,
+            card,
+            inputs,
+            backend,
+            backend_options,
+            conformal,
+            owner,
+            steps=_rough_steps(inputs),
+        )
+        if conformal.online:
+            positions = [int(job.x.shape[1])] * int(job.x.shape[0])
+            job.levels = await self.online_levels(card, backend, positions, conformal, owner=owner)
+        answer = await self._batches.submit(job.batch_key, job)
+        return answer  # published with its batch
+
+    def _feature_job(
+        self,
+        card: ModelCard,
+        inputs: object,
+        backend: str,
+        backend_options: Mapping[str, Any] | None,
+        conformal: ConformalOptions,
+        owner: str | None,
+    ) -> FeatureJob:
+        """Validated inputs [N, T, F] with the runner to run them on (refusing an
+        uncalibrated backend before anything runs)."""
+        x = feature_tensor(inputs, int(card.config["input"]["features"]), self.limits)
+        note = out_of_range_warning(x, card.config["input"].get("value_range"))
+        runner = self.runner(card, backend, backend_options)
+        self.calibration(card, backend)
+        options = dict(backend_options or {})
+        return FeatureJob(
+            card, backend, options, runner, x, conformal, owner, [note] if note else []
+        )
+
+    async def _answer_feature_batch(
+        self, key: Hashable, jobs: list[FeatureJob]
+    ) -> list[PredictionBatch | BaseException]:
+        """One forward pass over every job's sequences, each job answered with its own
+        calibration options, all published in one store round trip."""
+        steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
+        answers = await run_compute(self._run_feature_jobs, jobs, steps=steps)
+        await self.publish_many(
+            [
+                Publication(answer, None, job.owner)
+                for job, answer in zip(jobs, answers, strict=True)
+                if isinstance(answer, PredictionBatch)
+            ]
+        )
+        return answers
+
+    def _run_feature_jobs(self, jobs: list[FeatureJob]) -> list[PredictionBatch | BaseException]:
+        started = time.perf_counter()
+        x = torch.cat([job.x for job in jobs])  # [N, T, F]
+        logits, usage = run_last_step(jobs[0].runner, x)  # [N, C] or [S, N, C]
+        seconds = time.perf_counter() - started
+        total, length = int(x.shape[0]), int(x.shape[1])
+        answers: list[PredictionBatch | BaseException] = []
+        offset = 0
+        for job in jobs:
+            rows = int(job.x.shape[0])
+            job_usage = {
+                "sequences": rows,
+                "steps": rows * length,
+                "compute_seconds": seconds,
+                **usage_share(usage, rows, total, total),
+            }
+            try:
+                answers.append(
+                    self.build_predictions(
+                        job.card,
+                        job.backend,
+                        logits[..., offset : offset + rows, :],  # [n, C] or [S, n, C]
+                        job_usage,
+                        positions=length,
+                        conformal=job.conformal,
+                        backend_options=job.backend_options,
+                        levels=job.levels,
+                        warnings=job.warnings,
+                    )
+                )
+            except Exception as error:  # e.g. an unreadable calibration: this request fails
+                answers.append(error)
+            offset += rows
+        return answers
+
+    async def _predict_prompts(
+        self,
+        name: str,
+        inputs: object,
+        version: str | None,
+        backend: str,
+        backend_options: Mapping[str, Any] | None,
+        conformal: ConformalOptions,
+        owner: str | None,
+    ) -> PredictionBatch:
+        """Next-token answers for prompts of any lengths (one run per distinct length)."""
+        run = await run_in_threadpool(
+            self.run_model,
+            name,
+            inputs,
+            version=version,
+            backend=backend,
+            backend_options=backend_options,
+        )
+        levels = None
+        if conformal.online:
+            levels = await self.online_levels(
+                run.card, backend, run.positions, conformal, owner=owner
+            )
+        batch = await run_in_threadpool(
+            self.build_predictions,
+            run.card,
+            backend,
+            run.logits,
+            run.usage,
+            positions=run.positions,
+            conformal=conformal,
+            backend_options=backend_options,
+            levels=levels,
+            warnings=run.warnings,
+        )
+        await self.publish(batch, owner=owner)
+        return batch
+
+    def run_model(
+        self,
+        name: str,
+        inputs: object,
+        *,
+        version: str | None = None,
+        backend: str = TORCH_BACKEND,
+        backend_options: Mapping[str, Any] | None = None,
+    ) -> ModelRun:
+        """Validate the inputs and run whole sequences: last-step logits and their positions."""
+        card = self.card(name, version)
+        config = card.config
+        warnings = []
+        if config["input"]["kind"] == "tokens":
+            prompts = encode_prompts(inputs, config["vocabulary"], self.limits)
+        else:
+            x = feature_tensor(inputs, int(config["input"]["features"]), self.limits)  # [N, T, F]
+            note = out_of_range_warning(x, config["input"].get("value_range"))
+            warnings += [note] if note else []
+        runner = self.runner(card, backend, backend_options)
+        self.calibration(card, backend)  # refuse an uncalibrated backend before running
+        total = Usage()
+
+        def run(tokens_or_features: Tensor) -> Tensor:
+            nonlocal total
+            logits, usage = run_last_step(runner, tokens_or_features)  # [n, C] / [S, n, C]
+            total = total + usage
+            return logits
+
+        started = time.perf_counter()
+        if config["input"]["kind"] == "tokens":
+            logits = prompt_logits(run, prompts)  # [N, V] or [S, N, V]
+            positions = [len(prompt) for prompt in prompts]
+        else:
+            logits = run(x)  # [N, C] or [S, N, C]
+            positions = [x.shape[1]] * x.shape[0]
+        usage = {
+            "sequences": int(logits.shape[-2]),
+            "steps": int(sum(positions)),
+            "compute_seconds": time.perf_counter() - started,
+            **total.to_dict(),
+        }
+        return ModelRun(card, logits, positions, usage, warnings)
+
+    def build_predictions(
+        self,
+        card: ModelCard,
+        backend: str,
+        last_logits: Tensor,
+        usage: dict[str, Any] | None = None,
+        *,
+        positions: int | Sequence[int],
+        conformal: ConformalOptions | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        levels: Mapping[int, OnlineLevel] | None = None,
+        warnings: Sequence[str] = (),
+    ) -> PredictionBatch:
+        """The answer for last-step logits [N, C] (or [S, N, C] from a sampling backend)
+        whose rows sit at `positions` (steps read, or context length; one for all rows or
+        one per row).
+
+        Each row is calibrated with its own position's calibration, or says it is not
+        (`service.dataplane.conformal_answer`); a backend without any calibration raises
+        NotCalibratedError unless the policy allows raw answers. Online requests need
+        `levels` from `online_levels`. Pure computation, no I/O beyond the cached artifact.
+        """
+        conformal = (conformal or ConformalOptions()).for_model(card)
+        labels = model_labels(card)
+        logits, epistemic = calibration_inputs(last_logits)  # [N, C] float64, [N] or None
+        if logits.shape[-1] != len(labels):
+            raise ValueError(
+                f"{card.name} produced {logits.shape[-1]} logits for {len(labels)} labels"
+            )
+        n = logits.shape[0]
+        positions = [positions] * n if isinstance(positions, int) else list(positions)
+        if len(positions) != n:
+            raise ValueError(f"{n} rows of logits need {n} positions, got {len(positions)}")
+        stored = self.calibration(card, backend)
+        common = {"model": card.name, "version": card.version, "backend": backend}
+        ids = new_prediction_ids(n)
+        if stored is None:
+            note = (
+                f"backend {backend!r} of {card.name} version {card.version} is not calibrated: "
+                "probabilities are the raw softmax and no prediction set is made (run "
+                f"`neuroserve calibrate {card.name} --version {card.version} --backend {backend}`)"
+            )
+            predictions = predictions_from_probabilities(
+                torch.softmax(logits, dim=-1),  # [N, C]
+                labels,
+                epistemic=epistemic,
+                ids=ids,
+                positions=positions,
+                notes=[note] * n,
+            )
+            return PredictionBatch(
+                **common,
+                calibrated=False,
+                predictions=predictions,
+                usage=dict(usage or {}),
+                warnings=batch_warnings(warnings, predictions),
+            )
+        if levels and any(lv.key.calibration_id != stored.calibration_id for lv in levels.values()):
+            raise ConflictError(
+                f"the calibration of {card.name} version {card.version} on {backend} was "
+                "replaced while this request was answered; send it again"
+            )
+        answer = conformal_answer(
+            stored,
+            logits,
+            positions,
+            conformal,
+            ids=ids,
+            draws=self.draws,
+            backend_options=backend_options,
+            levels=None if levels is None else {row: lv.level for row, lv in levels.items()},
+        )
+        limit = (
+            conformal.max_set_size
+            if conformal.max_set_size is not None
+            else self.policy.abstain_set_size
+        )
+        predictions = predictions_from_probabilities(
+            answer.probs,
+            labels,
+            sets=answer.sets,
+            abstain_above=limit,
+            epistemic=epistemic,
+            ids=ids,
+            calibrated=answer.calibrated,
+            positions=positions,
+            uniforms=answer.uniforms,
+            aci_alphas=answer.aci_alphas,
+            has_set=answer.calibrated,
+            notes=answer.notes,
+        )
+        served_online = {} if levels is None else levels
+        return PredictionBatch(
+            **common,
+            calibrated=all(answer.calibrated),
+            predictions=predictions,
+            usage=dict(usage or {}),
+            conformal=conformal,
+            alpha=conformal.alpha,
+            calibration_id=stored.calibration_id,
+            level_keys={row: lv.key for row, lv in served_online.items() if answer.calibrated[row]},
+            warnings=batch_warnings(warnings, predictions),
+        )
+
+    # ---- online levels, metrics and feedback records ------------------------------------
+    async def online_levels(
+        self,
+        card: ModelCard,
+        backend: str,
+        positions: Sequence[int],
+        conformal: ConformalOptions,
+        *,
+        owner: str | None = None,
+        session_key: str | None = None,
+    ) -> dict[int, OnlineLevel]:
+        """The online level each calibrated row is served at: the key's level for the row's
+        position bucket, or the session's own level (`session_key`)."""
+        if self.levels is None:
+            raise BadInputError("online sets need label feedback, which this server does not keep")
+        conformal = conformal.for_model(card)
+        stored = await run_in_threadpool(self.calibration, card, backend)
+        if stored is None:
+            return {}
+        buckets = stored.positional.buckets
+        keys: dict[int, LevelKey] = {}
+        for row, position in enumerate(positions):
+            bucket = buckets.index(position)
+            if bucket is None:
+                continue  # past the horizon: answered uncalibrated, no level
+            keys[row] = LevelKey(
+                model=card.name,
+                version=card.version,
+                backend=backend,
+                calibration_id=stored.calibration_id,
+                score=conformal.score,
+                alpha=float(conformal.alpha),
+                scope=SESSION_SCOPE if session_key is not None else buckets.describe(bucket),
+                owner=owner,
+                session_key=session_key,
+            )
+        distinct = list(dict.fromkeys(keys.values()))
+        read = await asyncio.gather(*(self.levels.read(key) for key in distinct))
+        level_of = dict(zip(distinct, read, strict=True))
+        return {row: OnlineLevel(key, level_of[key]) for row, key in keys.items()}
+
+    async def publish(
+        self, batch: PredictionBatch, *, session_id: str | None = None, owner: str | None = None
+    ) -> None:
+        """Record the batch's metrics and remember its predictions for feedback (once per
+        answered batch). A state store that is down costs the feedback, not the answer."""
+        await self.publish_many([Publication(batch, session_id, owner)])
+
+    async def publish_many(self, publications: Sequence[Publication]) -> None:
+        """`publish` for the answers of a whole micro-batch: one store round trip."""
+        self.record_metrics([publication.batch for publication in publications])
+        await self.remember(publications)
+
+    async def remember(self, publications: Sequence[Publication]) -> None:
+        """Keep the predictions for feedback, in one store round trip. A state store that is
+        down costs the feedback, not the answer (logged)."""
+        if self.feedback is None:
+            return
+        records = [
+            record
+            for batch, session_id, owner in publications
+            for record in _feedback_records(batch, session_id, owner)
+        ]
+        if not records:
+            return
+        try:
+            await self.feedback.remember(records)
+        except StateStoreError as error:
+            logger.error("could not remember %d predictions for feedback: %s", len(records), error)
+
+    @staticmethod
+    def record_metrics(batches: Sequence[PredictionBatch]) -> None:
+        """Count the batches' usage (summed per model and backend first: one increment per
+        counter, not per request) and their predictions (sets, confidences, abstentions)."""
+        usage: dict[tuple[str, str], dict[str, float]] = {}
+        for batch in batches:
+            total = usage.setdefault((batch.model, batch.backend), {})
+            for key, value in batch.usage.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    total[key] = total.get(key, 0) + value
+        for (model, backend), total in usage.items():
+            record_usage(model, backend, total)
+        for batch in batches:
+            conformal = batch.conformal
+            if conformal is None:
+                continue
+            for p in batch.predictions:
+                if p.set_size is None:
+                    continue
+                record_prediction(
+                    batch.model,
+                    batch.backend,
+                    conformal.score,
+                    p.set_size,
+                    min(max(p.confidence, 0.0), 1.0),
+                    bool(p.abstain),
+                    alpha=batch.alpha,
+                )
+
+    async def submit_feedback(
+        self, prediction_id: str, label: object, owner: str | None = None
+    ) -> FeedbackResult:
+        """Match a late label to `owner`'s prediction; another key's id is not found."""
+        if self.feedback is None:
+            raise NotFoundError("this server keeps no predictions for feedback")
+        return await self.feedback.submit(prediction_id, label, owner)
+
+    async def calibration_status(
+        self, name: str, version: str | None, backend: str, owner: str | None = None
+    ) -> dict[str, Any]:
+        """The calibration's fit with the live, feedback-driven coverage and `owner`'s online
+        levels."""
+        card = await run_in_threadpool(self.card, name, version)
+        known = backend_statuses()
+        if backend not in known:
+            raise BadInputError(
+                f"unknown backend {backend!r}; registered backends: {', '.join(known)}"
+            )
+        stored = await run_in_threadpool(self.calibrations.get, card.name, card.version, backend)
+        if stored is None:
+            raise NotCalibratedError(
+                f"model {card.name!r} version {card.version} is not calibrated on backend "
+                f"{backend!r}; run `neuroserve calibrate {card.name} --version {card.version} "
+                f"--backend {backend}`"
+            )
+        live = None
+        if self.feedback is not None:
+            live = await self.feedback.live(
+                card.name, card.version, backend, stored.calibration_id, owner
+            )
+        return {
+            "model": card.name,
+            "version": card.version,
+            "backend": backend,
+            "fit": stored.summary(),
+            "live": live,
+        }
+
+
+class Publication(NamedTuple):
+    """An answered batch to publish, with the session and key it was answered for."""
+
+    batch: PredictionBatch
+    session_id: str | None = None
+    owner: str | None = None
+
+
+def _feedback_records(
+    batch: PredictionBatch, session_id: str | None, owner: str | None
+) -> list[PredictionRecord]:
+    """What feedback needs to score a late label against each prediction of the batch."""
+    conformal = batch.conformal
+    return [
+        PredictionRecord(
+            id=p.id,
+            model=batch.model,
+            version=batch.version,
+            backend=batch.backend,
+            top_index=p.index,
+            confidence=p.confidence,
+            probabilities=p.probabilities,
+            set_indices=p.set_indices,
+            score=None if conformal is None else conformal.score,
+            alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
+            target_alpha=batch.alpha,
+            online=row in batch.level_keys,
+            session_id=session_id,
+            owner=owner,
+            position=p.position,
+            uniform=p.uniform,
+            calibration_id=batch.calibration_id,
+            level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
+        )
+        for row, p in enumerate(batch.predictions)
+    ]
+
+
+@dataclass
+class FeatureJob:
+    """One stateless request over feature sequences, waiting for its batch."""
+
+    card: ModelCard
+    backend: str
+    backend_options: dict[str, Any]
+    runner: Runner
+    x: Tensor  # [n, T, F]
+    conformal: ConformalOptions
+    owner: str | None
+    warnings: list[str]
+    levels: Mapping[int, OnlineLevel] | None = None  # read before batching, when online
+
+    @property
+    def batch_key(self) -> Hashable:
+        """Requests that can share one forward pass: same runner, same sequence length."""
+        options = freeze_options(self.backend_options)
+        return (self.card.name, self.card.version, self.backend, options, int(self.x.shape[1]))
+
+
+def _rough_steps(inputs: object) -> int:
+    """Time steps in a JSON batch of sequences, counted without validating it (a large
+    request is then parsed in a worker thread)."""
+    if not isinstance(inputs, list):
+        return 0
+    return sum(len(sequence) if isinstance(sequence, list) else 1 for sequence in inputs)

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: their records, the local and Redis queues, and the workers that run them."""

@@ -1,0 +1,1 @@
+"""Session state: the store interface, its in-process and Redis implementations, and the codec."""

@@ -1,0 +1,25 @@
+"""Which state store a server uses: Redis when a URL is configured, else the in-process one.
+
+The two implementations share one contract (`service.state.store.StateStore`): the embedded
+`InMemoryStateStore` and `RedisStateStore` (`service.state.redis_store`, where the URL forms
+are listed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.state.redis_store import RedisStateStore
+from service.state.store import DEFAULT_PREFIX, InMemoryStateStore, StateStore
+
+
+def open_state_store(
+    redis_url: str | None, *, prefix: str = DEFAULT_PREFIX, **options: Any
+) -> StateStore:
+    """The Redis store for `redis_url`, or the in-process store when no URL is configured.
+    `options` go to the Redis store."""
+    if redis_url is None or redis_url == "":
+        if options:
+            raise ValueError(f"options {sorted(options)} only apply to a Redis state store")
+        return InMemoryStateStore(prefix=prefix)
+    return RedisStateStore.from_url(redis_url, prefix=prefix, **options)
