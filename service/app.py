@@ -30,13 +30,14 @@ from service.api import (
     v2,
 )
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
+from service.api.error_handlers import error_response, install_error_handlers
 from service.api.limits import OwnedCount, RequestRateLimit
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog
 from service.dataplane.inputs import InputLimits
 from service.dataplane.plane import CalibrationPolicy, DataPlane
-from service.errors import PayloadTooLargeError, error_response, install_error_handlers
+from service.errors import PayloadTooLargeError
 from service.sessions.plane import SessionManager, SessionSettings
 from service.settings import Settings
 from service.state.factory import open_state_store

@@ -1,43 +1,16 @@
-"""Errors the server raises, and how each becomes an HTTP response.
+"""Errors the server raises on purpose, each with the HTTP status it is answered with.
 
 One root, `NeuroserveError`, carries its HTTP status and a short machine-readable `code`;
 everything under `service/` raises a subclass with a message written for the client.
-`install_error_handlers` maps these, the models layer's repository errors, request
-validation errors and anything unexpected onto the two wire formats:
-
-- native REST (`/v1/...`): `{"error": {"code": "...", "message": "..."}}`
-- Open Inference Protocol (`/v2/...`): `{"error": "..."}`
-
-State store errors map onto the same statuses: a missing session is 404; a lost
-compare-and-set, a taken id or a stored state that does not fit is 409; an unreachable store
-is 503. An unexpected exception is logged with its traceback and answered with a generic 500:
-the client never sees internals.
+`service.api.error_handlers` turns these (and the state store's, the models layer's and
+request validation errors) into responses in each protocol's wire format.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from models.repository import ArtifactError, ModelNotFoundError
-from service.state.codec import CorruptStateError, IncompatibleStateError
-from service.state.store import (
-    StaleVersionError,
-    StateExistsError,
-    StateNotFoundError,
-    StateStoreUnavailableError,
-)
-
-logger = logging.getLogger("neuroserve.errors")
-
-V2_PREFIX = "/v2"
 
 
 class NeuroserveError(Exception):
@@ -101,24 +74,6 @@ def value_errors_as(
         raise error_type(f"{prefix}{error}") from None
 
 
-# Starlette raises HTTPException for routing failures (unknown path, wrong method).
-_HTTP_STATUS_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-}
-
-
-def error_response(request: Request, status_code: int, code: str, message: str) -> JSONResponse:
-    """The error body in the format of the protocol the request came in on."""
-    if request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/"):
-        body: dict[str, Any] = {"error": message}
-    else:
-        body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=status_code)
-
-
 def describe_validation_errors(errors: Sequence[Any], limit: int = 5) -> str:
     """One readable line per pydantic error: `inputs[0][2][1]: Input should be a finite number`."""
     lines = []
@@ -148,86 +103,3 @@ def format_location(location: Sequence[int | str]) -> str:
         else:
             text += f".{part}" if text else str(part)
     return text
-
-
-async def _handle_neuroserve_error(request: Request, error: NeuroserveError) -> JSONResponse:
-    return error_response(request, error.status_code, error.code, error.message)
-
-
-async def _handle_model_not_found(request: Request, error: ModelNotFoundError) -> JSONResponse:
-    message = str(error.args[0]) if error.args else str(error)
-    return error_response(request, 404, NotFoundError.code, message)
-
-
-async def _handle_artifact_error(request: Request, error: ArtifactError) -> JSONResponse:
-    # A broken or unreadable artifact is the server's problem, not the client's.
-    logger.error("model artifact error on %s: %s", request.url.path, error)
-    message = f"model artifact could not be loaded: {error}"
-    return error_response(request, 503, "artifact_error", message)
-
-
-async def _handle_state_not_found(request: Request, error: StateNotFoundError) -> JSONResponse:
-    return error_response(request, 404, NotFoundError.code, str(error))
-
-
-async def _handle_state_conflict(request: Request, error: Exception) -> JSONResponse:
-    # A lost compare-and-set (after retries), an id already taken, or a stored state that
-    # does not fit the model now served: the client can retry or start a new session.
-    message = str(error)
-    if isinstance(error, CorruptStateError):
-        message = f"stored session state is damaged: {error}"
-    return error_response(request, 409, ConflictError.code, message)
-
-
-async def _handle_store_unavailable(
-    request: Request, error: StateStoreUnavailableError
-) -> JSONResponse:
-    logger.warning("state store unavailable on %s: %s", request.url.path, error)
-    message = "state store unavailable: session state cannot be read or written now; retry later"
-    return error_response(request, 503, "state_store_unavailable", message)
-
-
-async def _handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    message = "invalid request: " + describe_validation_errors(error.errors())
-    return error_response(request, 422, BadInputError.code, message)
-
-
-# What FastAPI raises (as a 400) for a body that is not even text, e.g. invalid UTF-8.
-_UNPARSABLE_BODY = "There was an error parsing the body"
-
-
-async def _handle_http_exception(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    if error.status_code == 400 and error.detail == _UNPARSABLE_BODY:
-        # Answered like any other malformed JSON: 422 on /v1, 400 on /v2 (its own convention).
-        is_v2 = request.url.path == V2_PREFIX or request.url.path.startswith(V2_PREFIX + "/")
-        message = "invalid request: request body is not valid JSON (not UTF-8 text)"
-        return error_response(request, 400 if is_v2 else 422, BadInputError.code, message)
-    code = _HTTP_STATUS_CODES.get(error.status_code, "http_error")
-    response = error_response(request, error.status_code, code, str(error.detail))
-    if error.headers:
-        response.headers.update(error.headers)
-    return response
-
-
-async def _handle_unexpected(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(request, 500, "internal_error", "internal server error")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Register every handler above on `app`."""
-    app.add_exception_handler(NeuroserveError, _handle_neuroserve_error)
-    app.add_exception_handler(ModelNotFoundError, _handle_model_not_found)
-    app.add_exception_handler(ArtifactError, _handle_artifact_error)
-    app.add_exception_handler(StateNotFoundError, _handle_state_not_found)
-    for conflict in (
-        StaleVersionError,
-        StateExistsError,
-        IncompatibleStateError,
-        CorruptStateError,
-    ):
-        app.add_exception_handler(conflict, _handle_state_conflict)
-    app.add_exception_handler(StateStoreUnavailableError, _handle_store_unavailable)
-    app.add_exception_handler(RequestValidationError, _handle_validation_error)
-    app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
-    app.add_exception_handler(Exception, _handle_unexpected)

@@ -31,7 +31,8 @@ from fastapi import Depends
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import NeuroserveError, error_response
+from service.api.error_handlers import error_response
+from service.errors import NeuroserveError
 
 logger = logging.getLogger("neuroserve.auth")
 

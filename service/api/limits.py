@@ -16,7 +16,8 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.auth import is_open_path
-from service.errors import RateLimitedError, error_response
+from service.api.error_handlers import error_response
+from service.errors import RateLimitedError
 
 
 class TokenBucket:
