@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     store_check_seconds: float = Field(
         2.0, gt=0, description="How often readiness re-checks that the state store answers."
     )
-    # ---- fine-tuning jobs (service/jobs/local_queue.py, `neuroserve worker`) ----
+    # ---- fine-tuning jobs (service/jobs/, `neuroserve worker`) ----
     job_queue_url: str | None = Field(
         None,
         description=(

@@ -1,5 +1,5 @@
 """Native REST routes for fine-tuning jobs (`/v1/finetune/jobs...`): a thin adapter over a
-`JobQueue` (`service.jobs.types`; `service.jobs.local_queue.open_job_queue`), which this
+`JobQueue` (`service.jobs.types`; `service.jobs.factory.open_job_queue`), which this
 router's lifespan opens beside the app's own.
 
 The body of `POST /v1/finetune/jobs` is the fine-tuning spec
@@ -37,7 +37,7 @@ from service.errors import (
     RateLimitedError,
 )
 from service.finetuning.job import FinetuneSpec, NpzData, load_finetune_data
-from service.jobs.local_queue import open_job_queue
+from service.jobs.factory import open_job_queue
 from service.jobs.types import (
     FINISHED,
     JobNotFoundError,

@@ -1,17 +1,11 @@
-"""Fine-tuning job queues: the embedded local queue, and the factory that picks a queue.
+"""The embedded local job queue: fine-tuning jobs without Redis.
 
-`JobQueue` (`service.jobs.types`) is what the HTTP routes use; two implementations:
-
-- `RedisJobQueue` (`service.jobs.redis_queue`): jobs go on an RQ queue in Redis and any number of
-  `neuroserve worker` processes, on any machines, run them; every replica reads the same
-  status. Chosen when a job queue URL (or the state store's Redis URL) is configured.
-- `LocalJobQueue` (here): the embedded default without Redis. The server runs one job at a
-  time in one child process of its own (spawned, not forked: the server has threads), so
-  the tuning's CPU work and any crash stay out of the process that serves requests; records
-  live in memory and die with the server.
-
-Both hand the same JSON payload to `service.jobs.worker` and read back the same progress and
-outcome dictionaries, so both produce the same `JobRecord`s.
+`LocalJobQueue` is the default when no Redis is configured. The server runs one job at a
+time in one child process of its own (spawned, not forked: the server has threads), so the
+tuning's CPU work and any crash stay out of the process that serves requests; records live
+in memory and die with the server. It hands the same JSON payload to `service.jobs.worker`
+as the Redis queue and reads back the same progress and outcome dictionaries, so both
+produce the same `JobRecord`s.
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from service import metrics
-from service.jobs.redis_queue import RedisJobQueue
 from service.jobs.types import (
     FINISHED,
     JobNotFoundError,
@@ -47,23 +40,6 @@ from service.jobs.worker import local_worker_main
 logger = logging.getLogger("neuroserve.jobs")
 
 POLL_SECONDS = 0.2  # how often the local dispatcher looks at its child between messages
-
-
-def open_job_queue(settings: Any) -> JobQueue:
-    """The queue `settings` asks for: RQ on Redis when a URL is configured, else local."""
-    url = settings.job_queue_redis_url()
-    if url is None:
-        return LocalJobQueue(
-            Path(settings.model_repository),
-            max_active=settings.max_active_jobs,
-            retries=settings.job_retries,
-            timeout_seconds=settings.job_timeout_seconds,
-            record_ttl_seconds=settings.job_record_ttl_seconds,
-        )
-    return RedisJobQueue.from_settings(settings)
-
-
-# ---- the embedded local queue ---------------------------------------------------------------
 
 
 @dataclass

@@ -3,8 +3,9 @@ the `JobQueue` interface.
 
 A job moves through `queued -> running -> succeeded | failed | cancelled` (a queued job can
 also be cancelled directly). The two queues implementing `JobQueue` are `LocalJobQueue`
-(`service.jobs.local_queue`, the embedded default) and `RedisJobQueue` (`service.jobs.redis_queue`);
-`service.jobs.local_queue.open_job_queue` picks one. Job ids are 32 hex digits.
+(`service.jobs.local_queue`, the embedded default) and `RedisJobQueue`
+(`service.jobs.redis_queue`); `service.jobs.factory.open_job_queue` picks one. Job ids are 32
+hex digits.
 """
 
 from __future__ import annotations
