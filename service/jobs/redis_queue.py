@@ -57,7 +57,7 @@ from service.jobs.types import (
     utc_now,
     worker_payload,
 )
-from service.state.redis_store import parse_redis_url
+from service.state.redis_connection import parse_redis_url
 
 logger = logging.getLogger("neuroserve.jobs")
 

@@ -42,7 +42,7 @@ from models.repository import ModelRepository
 from service import metrics
 from service.finetuning.job import FinetuneSpec, run_finetune
 from service.jobs.redis_queue import LOST_AFTER_BEATS, RedisJobQueue, connect_job_redis
-from service.state.redis_store import redact_url
+from service.state.redis_connection import redact_url
 
 logger = logging.getLogger("neuroserve.worker")
 

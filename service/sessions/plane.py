@@ -91,10 +91,10 @@ from service.state.codec import (
     StateRecord,
     check_compatible,
 )
+from service.state.memory_store import InMemoryStateStore
 from service.state.store import (
     DEFAULT_UPDATE_RETRIES,
     CasWrite,
-    InMemoryStateStore,
     LoadOutcome,
     StaleVersionError,
     StateExistsError,

@@ -1,16 +1,17 @@
 """Which state store a server uses: Redis when a URL is configured, else the in-process one.
 
 The two implementations share one contract (`service.state.store.StateStore`): the embedded
-`InMemoryStateStore` and `RedisStateStore` (`service.state.redis_store`, where the URL forms
-are listed).
+`InMemoryStateStore` (`service.state.memory_store`) and `RedisStateStore`
+(`service.state.redis_store`; the URL forms are listed in `service.state.redis_connection`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from service.state.memory_store import InMemoryStateStore
 from service.state.redis_store import RedisStateStore
-from service.state.store import DEFAULT_PREFIX, InMemoryStateStore, StateStore
+from service.state.store import DEFAULT_PREFIX, StateStore
 
 
 def open_state_store(

@@ -23,7 +23,7 @@ from service.batching import (
 from service.dataplane.inputs import InputLimits
 from service.dataplane.plane import DataPlane
 from service.sessions.plane import SessionManager, SessionSettings
-from service.state.store import InMemoryStateStore
+from service.state.memory_store import InMemoryStateStore
 
 # ---- MicroBatcher ---------------------------------------------------------------------------
 

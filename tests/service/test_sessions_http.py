@@ -26,7 +26,7 @@ from service.errors import BadInputError, ConflictError, NotFoundError, RateLimi
 from service.sessions.answers import StepPredictions
 from service.sessions.plane import SessionManager, SessionSettings
 from service.settings import Settings
-from service.state.store import InMemoryStateStore
+from service.state.memory_store import InMemoryStateStore
 from tests.conftest import RedisProcesses
 from tests.service.conftest import (
     CHAR_VOCABULARY,

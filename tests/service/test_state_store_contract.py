@@ -28,16 +28,11 @@ from service.state.codec import (
     encode_state,
 )
 from service.state.factory import open_state_store
-from service.state.redis_store import (
-    ConnectionOptions,
-    RedisStateStore,
-    connect,
-    parse_redis_url,
-    redact_url,
-)
+from service.state.memory_store import InMemoryStateStore
+from service.state.redis_connection import ConnectionOptions, connect, parse_redis_url, redact_url
+from service.state.redis_store import RedisStateStore
 from service.state.store import (
     CasWrite,
-    InMemoryStateStore,
     StaleVersionError,
     StateExistsError,
     StateNotFoundError,
