@@ -17,7 +17,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import get_dataplane
-from service.api.schemas import CalibrationStatus, ErrorResponse, FeedbackRequest, FeedbackResponse
+from service.api.schemas.common import ErrorResponse
+from service.api.schemas.feedback import CalibrationStatus, FeedbackRequest, FeedbackResponse
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 
 router = APIRouter(prefix="/v1", tags=["feedback"])

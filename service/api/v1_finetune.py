@@ -28,7 +28,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import Principal, PrincipalDependency, require_admin
 from service.api.route_helpers import get_dataplane
-from service.api.schemas import ErrorResponse, FinetuneJob, FinetuneJobRequest, NpzUpload
+from service.api.schemas.common import ErrorResponse
+from service.api.schemas.finetune import FinetuneJob, FinetuneJobRequest, NpzUpload
 from service.dataplane.plane import DataPlane
 from service.errors import (
     BadInputError,

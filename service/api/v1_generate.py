@@ -37,12 +37,8 @@ from service.api.auth import PrincipalDependency, authenticate_key
 from service.api.limits import TokenBucket
 from service.api.metrics_route import label_request
 from service.api.route_helpers import get_dataplane
-from service.api.schemas import (
-    ErrorResponse,
-    GenerateMessage,
-    GenerateOptions,
-    GenerateResponse,
-)
+from service.api.schemas.common import ErrorResponse
+from service.api.schemas.generate import GenerateMessage, GenerateOptions, GenerateResponse
 from service.dataplane.plane import DataPlane
 from service.errors import NeuroserveError, describe_validation_errors
 from service.sessions.generation import GeneratedToken, GenerationDone, generate

@@ -10,9 +10,9 @@ from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import get_dataplane
-from service.api.schemas import (
+from service.api.schemas.common import ErrorResponse
+from service.api.schemas.models import (
     BackendInfo,
-    ErrorResponse,
     InputSpec,
     ModelInfo,
     ModelList,

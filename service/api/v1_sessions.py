@@ -10,15 +10,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import serialized
-from service.api.schemas import (
+from service.api.schemas.common import ErrorResponse
+from service.api.schemas.models import Prediction, Usage
+from service.api.schemas.sessions import (
     EarlyDecision,
-    ErrorResponse,
-    Prediction,
     SessionCreateRequest,
     SessionResponse,
     SessionStepRequest,
     SessionStepResponse,
-    Usage,
 )
 from service.sessions.plane import SessionManager
 from service.sessions.types import SessionInfo

@@ -38,11 +38,11 @@ from models.repository import ArtifactError, ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import get_dataplane
-from service.api.schemas import (
+from service.api.schemas.common import V2ErrorResponse
+from service.api.schemas.v2 import (
     Liveness,
     Readiness,
     ServerMetadata,
-    V2ErrorResponse,
     V2InferRequest,
     V2InferResponse,
     V2ModelMetadata,

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from hardware_backends.base import Usage
 from models.repository import ModelCard
-from service.api.schemas import GenerateOptions
+from service.api.schemas.generate import GenerateOptions
 from service.dataplane.inputs import encode_prompts
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 from service.dataplane.predictions import ClassPrediction

@@ -37,7 +37,8 @@ _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
 @dataclass(frozen=True)
 class ChunkSpec:
     """What one chunk of a session's inputs looks like, from the model's card (the wire
-    schema a client reads, `GET /v1/models/{name}`'s input, is `service.api.schemas.InputSpec`)."""
+    schema a client reads, `GET /v1/models/{name}`'s input, is
+    `service.api.schemas.models.InputSpec`)."""
 
     kind: str  # "features" or "tokens"
     features: int | None  # F per time step (features)

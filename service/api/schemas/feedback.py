@@ -1,0 +1,51 @@
+"""Wire schemas of label feedback (`POST /v1/feedback`) and of calibration status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+
+from service.api.schemas.common import StrictRequest
+from service.api.schemas.models import BackendCalibration
+
+
+class FeedbackRequest(StrictRequest):
+    prediction_id: str = Field(min_length=1, description="`id` of an earlier prediction.")
+    label: StrictStr | StrictInt = Field(
+        description="The true label: a label name (as predictions name them) or its index."
+    )
+
+
+class FeedbackResponse(BaseModel):
+    prediction_id: str
+    model: str
+    version: str
+    backend: str
+    label: str
+    correct: bool = Field(description="The prediction's top label was the true one.")
+    covered: bool | None = Field(
+        None, description="The served prediction set held the label (null: no set)."
+    )
+    aci_alpha: float | None = Field(
+        None,
+        description=(
+            "Online predictions: the level it was served at (its key's, or its session's), "
+            "after this label."
+        ),
+    )
+    coverage: float | None = Field(
+        None, description="Running coverage of this calibration's served sets with feedback."
+    )
+    feedback_count: int = Field(description="Labels received for this calibration.")
+
+
+class CalibrationStatus(BaseModel):
+    model: str
+    version: str
+    backend: str
+    fit: BackendCalibration = Field(description="The calibration artifact's fit.")
+    live: dict[str, Any] | None = Field(
+        None,
+        description="Feedback so far: coverage, accuracy, and the caller's online (ACI) levels.",
+    )

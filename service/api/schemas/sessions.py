@@ -1,0 +1,130 @@
+"""Wire schemas of sessions (`/v1/sessions`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field, SkipValidation
+
+from service.api.schemas.common import ScoreName, StrictRequest, VersionField
+from service.api.schemas.models import Prediction, Usage
+
+
+class EarlyDecisionRequest(StrictRequest):
+    """Ask every step at a calibrated checkpoint whether the session may stop reading."""
+
+    max_set_size: int = Field(
+        1, ge=1, description="Stop once the set at level alpha / K holds at most this many labels."
+    )
+
+
+class EarlyDecision(BaseModel):
+    stop: bool = Field(description="The set is small enough (or this is the last checkpoint).")
+    checkpoint: int = Field(description="The time step this decision was taken at.")
+    prediction_set: list[str] = Field(description="The set at level alpha / K here.")
+    guaranteed_coverage: float = Field(
+        description="1 - alpha: the set at the first stop holds the label with this probability."
+    )
+
+
+class SessionCreateRequest(StrictRequest):
+    """Start a stateful session: the model's recurrent state is kept between steps."""
+
+    model: str = Field(min_length=1, description="Model name.")
+    version: VersionField = Field(None, description="Model version; the latest when null.")
+    backend: str = Field("torch", min_length=1, description="Hardware backend to run on.")
+    alpha: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Miscoverage level of the conformal prediction sets."
+    )
+    score: ScoreName | None = Field(
+        None,
+        description="Conformal score of the sets; `raps` for classifiers, `lac` for language "
+        "models when null.",
+    )
+    ttl_seconds: float | None = Field(
+        None,
+        gt=0.0,
+        description="Idle time after which the session expires; the server default when null.",
+    )
+    options: dict[str, Any] | None = Field(
+        None, description='Backend options, e.g. {"t_inference": 3600} for analog_imc.'
+    )
+    early_decision: EarlyDecisionRequest | None = Field(
+        None,
+        description=(
+            "Sequential early decisions (calibrated classifiers): each step within the "
+            "calibrated horizon says whether to stop, with coverage 1 - alpha at the stop."
+        ),
+    )
+    online: bool = Field(
+        False,
+        description=(
+            "Answer at the session's own online (ACI) level: labels of its predictions move "
+            "it towards 1 - alpha."
+        ),
+    )
+    never_empty: bool | None = Field(
+        None,
+        description="Add the top label to an empty set; default yes unless online.",
+    )
+
+
+class SessionResponse(BaseModel):
+    session_id: str = Field(description="The handle for steps; keep it secret.")
+    model: str
+    version: str
+    backend: str
+    alpha: float
+    score: str
+    step: int = Field(description="Time steps consumed so far.")
+    created_at: float = Field(description="Unix time of creation.")
+    expires_at: float = Field(description="Unix time the session expires unless used again.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
+    early_decision: EarlyDecisionRequest | None = Field(
+        None, description="The session's early-decision settings, when it asked for them."
+    )
+    online: bool = Field(False, description="Answers at the session's own online level.")
+    never_empty: bool | None = Field(None, description="As asked at creation.")
+
+
+class SessionStepRequest(StrictRequest):
+    """One chunk of the session's sequence."""
+
+    # Checked against the session's model: features [T, F], or a string / token ids for LMs.
+    inputs: SkipValidation[list[list[float]] | str | list[int]] = Field(
+        description=(
+            "Feature models: T time steps of F numbers, shape [T, F]. Language models: a "
+            "string (one token per character) or a list of token ids."
+        ),
+        examples=[[[0.0, 3.0, 12.0, 16.0, 9.0, 0.0, 0.0, 0.0]], "the quick"],
+    )
+    return_steps: bool = Field(
+        False, description="Also return the prediction after every step of the chunk."
+    )
+
+
+class SessionStepResponse(BaseModel):
+    session_id: str
+    model: str
+    version: str
+    backend: str
+    step: int = Field(description="The session's total time steps after this chunk.")
+    expires_at: float
+    calibrated: bool = Field(
+        description="Whether every prediction of this step comes from its position's calibration."
+    )
+    alpha: float | None = Field(None, description="The session's miscoverage level.")
+    score: str | None = Field(None, description="Conformity score of the sets.")
+    prediction: Prediction = Field(description="The prediction after the chunk's last step.")
+    step_predictions: list[Prediction] | None = Field(
+        None, description="One prediction per step of the chunk (when return_steps)."
+    )
+    decision: EarlyDecision | None = Field(
+        None,
+        description="Early decision at this step (sessions that asked, at calibrated checkpoints).",
+    )
+    usage: Usage
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why an answer may not carry its usual guarantee (uncalibrated, options).",
+    )
