@@ -70,6 +70,14 @@ class LevelKey:
         return cls(**{**data, "alpha": float(data["alpha"])})
 
 
+@dataclass(frozen=True)
+class OnlineLevel:
+    """The online level one prediction row is served at, and the key it is kept under."""
+
+    key: LevelKey
+    level: AdaptiveConformal
+
+
 def _counts(fields: dict[str, int], prefix: str) -> tuple[int, int]:
     steps = fields.get(f"{prefix}:steps", 0)
     return steps, min(fields.get(f"{prefix}:missed", 0), steps)

@@ -34,19 +34,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from calibration import AdaptiveConformal
 from hardware_backends.base import BackendUnavailableError, Runner, UnknownBackendError, Usage
-from hardware_backends.registry import backend_statuses, freeze_options, prepare_runner
+from hardware_backends.registry import backend_statuses, prepare_runner
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
-from service.batching import MicroBatcher, run_compute, usage_share
+from service.batching import run_compute
 from service.dataplane.calibration_store import (
     CalibrationFileError,
     CalibrationStore,
@@ -54,14 +53,14 @@ from service.dataplane.calibration_store import (
 )
 from service.dataplane.conformal_answer import conformal_answer
 from service.dataplane.conformal_draws import ConformalDraws
-from service.dataplane.feedback import FeedbackLog, FeedbackResult, PredictionRecord
+from service.dataplane.feedback import FeedbackLog, FeedbackResult
 from service.dataplane.inputs import (
     InputLimits,
     encode_prompts,
     feature_tensor,
     out_of_range_warning,
 )
-from service.dataplane.online_levels import SESSION_SCOPE, LevelKey
+from service.dataplane.online_levels import SESSION_SCOPE, LevelKey, OnlineLevel
 from service.dataplane.predictions import (
     ConformalOptions,
     PredictionBatch,
@@ -73,6 +72,8 @@ from service.dataplane.predictions import (
     prompt_logits,
     run_last_step,
 )
+from service.dataplane.publication import Publication, feedback_records, record_metrics
+from service.dataplane.stateless_batches import FeatureBatches, FeatureJob, rough_steps
 from service.errors import (
     BadInputError,
     ConflictError,
@@ -80,7 +81,6 @@ from service.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from service.metrics import record_prediction, record_usage
 from service.state.store import StateStoreError
 
 logger = logging.getLogger("neuroserve.dataplane")
@@ -101,14 +101,6 @@ def runner_key(card: ModelCard) -> str:
     """The registry's cache key for a model version: the weights hash is part of it, so two
     repositories that both hold a "name/1" never share a prepared runner."""
     return f"{card.name}/{card.version}@{card.config['weights_sha256'][:16]}"
-
-
-@dataclass(frozen=True)
-class OnlineLevel:
-    """The online level one prediction row is served at, and the key it is kept under."""
-
-    key: LevelKey
-    level: AdaptiveConformal
 
 
 @dataclass(frozen=True)
@@ -149,8 +141,8 @@ class DataPlane:
         self.ready = False  # set once the start-up preload has finished
         # Concurrent stateless requests for one runner and sequence length run as one
         # forward pass: continuous batching, as session steps (see `predict`).
-        self._batches: MicroBatcher[FeatureJob, PredictionBatch | BaseException] = MicroBatcher(
-            self._answer_feature_batch, window_seconds=0.0, max_batch=batch_max_size
+        self._batches = FeatureBatches(
+            self.build_predictions, self.publish_many, max_batch=batch_max_size
         )
 
     async def close(self) -> None:
@@ -270,7 +262,7 @@ class DataPlane:
 
         Feature sequences join the requests for the same runner and length that arrive
         meanwhile: one forward pass, then each request's answer with its own options
-        (`_answer_feature_batch`). Token prompts run on their own. Work of more than a few
+        (`FeatureBatches`). Token prompts run on their own. Work of more than a few
         time steps happens in worker threads, so the event loop never waits on torch."""
         conformal = conformal or ConformalOptions()
         card = self.card(name, version)  # cached while its files are unchanged
@@ -286,12 +278,12 @@ class DataPlane:
             backend_options,
             conformal,
             owner,
-            steps=_rough_steps(inputs),
+            steps=rough_steps(inputs),
         )
         if conformal.online:
             positions = [int(job.x.shape[1])] * int(job.x.shape[0])
             job.levels = await self.online_levels(card, backend, positions, conformal, owner=owner)
-        answer = await self._batches.submit(job.batch_key, job)
+        answer = await self._batches.submit(job)
         return answer  # published with its batch
 
     def _feature_job(
@@ -313,57 +305,6 @@ class DataPlane:
         return FeatureJob(
             card, backend, options, runner, x, conformal, owner, [note] if note else []
         )
-
-    async def _answer_feature_batch(
-        self, key: Hashable, jobs: list[FeatureJob]
-    ) -> list[PredictionBatch | BaseException]:
-        """One forward pass over every job's sequences, each job answered with its own
-        calibration options, all published in one store round trip."""
-        steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
-        answers = await run_compute(self._run_feature_jobs, jobs, steps=steps)
-        await self.publish_many(
-            [
-                Publication(answer, None, job.owner)
-                for job, answer in zip(jobs, answers, strict=True)
-                if isinstance(answer, PredictionBatch)
-            ]
-        )
-        return answers
-
-    def _run_feature_jobs(self, jobs: list[FeatureJob]) -> list[PredictionBatch | BaseException]:
-        started = time.perf_counter()
-        x = torch.cat([job.x for job in jobs])  # [N, T, F]
-        logits, usage = run_last_step(jobs[0].runner, x)  # [N, C] or [S, N, C]
-        seconds = time.perf_counter() - started
-        total, length = int(x.shape[0]), int(x.shape[1])
-        answers: list[PredictionBatch | BaseException] = []
-        offset = 0
-        for job in jobs:
-            rows = int(job.x.shape[0])
-            job_usage = {
-                "sequences": rows,
-                "steps": rows * length,
-                "compute_seconds": seconds,
-                **usage_share(usage, rows, total, total),
-            }
-            try:
-                answers.append(
-                    self.build_predictions(
-                        job.card,
-                        job.backend,
-                        logits[..., offset : offset + rows, :],  # [n, C] or [S, n, C]
-                        job_usage,
-                        positions=length,
-                        conformal=job.conformal,
-                        backend_options=job.backend_options,
-                        levels=job.levels,
-                        warnings=job.warnings,
-                    )
-                )
-            except Exception as error:  # e.g. an unreadable calibration: this request fails
-                answers.append(error)
-            offset += rows
-        return answers
 
     async def _predict_prompts(
         self,
@@ -602,7 +543,7 @@ class DataPlane:
 
     async def publish_many(self, publications: Sequence[Publication]) -> None:
         """`publish` for the answers of a whole micro-batch: one store round trip."""
-        self.record_metrics([publication.batch for publication in publications])
+        record_metrics([publication.batch for publication in publications])
         await self.remember(publications)
 
     async def remember(self, publications: Sequence[Publication]) -> None:
@@ -613,7 +554,7 @@ class DataPlane:
         records = [
             record
             for batch, session_id, owner in publications
-            for record in _feedback_records(batch, session_id, owner)
+            for record in feedback_records(batch, session_id, owner)
         ]
         if not records:
             return
@@ -621,35 +562,6 @@ class DataPlane:
             await self.feedback.remember(records)
         except StateStoreError as error:
             logger.error("could not remember %d predictions for feedback: %s", len(records), error)
-
-    @staticmethod
-    def record_metrics(batches: Sequence[PredictionBatch]) -> None:
-        """Count the batches' usage (summed per model and backend first: one increment per
-        counter, not per request) and their predictions (sets, confidences, abstentions)."""
-        usage: dict[tuple[str, str], dict[str, float]] = {}
-        for batch in batches:
-            total = usage.setdefault((batch.model, batch.backend), {})
-            for key, value in batch.usage.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    total[key] = total.get(key, 0) + value
-        for (model, backend), total in usage.items():
-            record_usage(model, backend, total)
-        for batch in batches:
-            conformal = batch.conformal
-            if conformal is None:
-                continue
-            for p in batch.predictions:
-                if p.set_size is None:
-                    continue
-                record_prediction(
-                    batch.model,
-                    batch.backend,
-                    conformal.score,
-                    p.set_size,
-                    min(max(p.confidence, 0.0), 1.0),
-                    bool(p.abstain),
-                    alpha=batch.alpha,
-                )
 
     async def submit_feedback(
         self, prediction_id: str, label: object, owner: str | None = None
@@ -689,70 +601,3 @@ class DataPlane:
             "fit": stored.summary(),
             "live": live,
         }
-
-
-class Publication(NamedTuple):
-    """An answered batch to publish, with the session and key it was answered for."""
-
-    batch: PredictionBatch
-    session_id: str | None = None
-    owner: str | None = None
-
-
-def _feedback_records(
-    batch: PredictionBatch, session_id: str | None, owner: str | None
-) -> list[PredictionRecord]:
-    """What feedback needs to score a late label against each prediction of the batch."""
-    conformal = batch.conformal
-    return [
-        PredictionRecord(
-            id=p.id,
-            model=batch.model,
-            version=batch.version,
-            backend=batch.backend,
-            top_index=p.index,
-            confidence=p.confidence,
-            probabilities=p.probabilities,
-            set_indices=p.set_indices,
-            score=None if conformal is None else conformal.score,
-            alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
-            target_alpha=batch.alpha,
-            online=row in batch.level_keys,
-            session_id=session_id,
-            owner=owner,
-            position=p.position,
-            uniform=p.uniform,
-            calibration_id=batch.calibration_id,
-            level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
-        )
-        for row, p in enumerate(batch.predictions)
-    ]
-
-
-@dataclass
-class FeatureJob:
-    """One stateless request over feature sequences, waiting for its batch."""
-
-    card: ModelCard
-    backend: str
-    backend_options: dict[str, Any]
-    runner: Runner
-    x: Tensor  # [n, T, F]
-    conformal: ConformalOptions
-    owner: str | None
-    warnings: list[str]
-    levels: Mapping[int, OnlineLevel] | None = None  # read before batching, when online
-
-    @property
-    def batch_key(self) -> Hashable:
-        """Requests that can share one forward pass: same runner, same sequence length."""
-        options = freeze_options(self.backend_options)
-        return (self.card.name, self.card.version, self.backend, options, int(self.x.shape[1]))
-
-
-def _rough_steps(inputs: object) -> int:
-    """Time steps in a JSON batch of sequences, counted without validating it (a large
-    request is then parsed in a worker thread)."""
-    if not isinstance(inputs, list):
-        return 0
-    return sum(len(sequence) if isinstance(sequence, list) else 1 for sequence in inputs)

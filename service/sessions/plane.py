@@ -56,13 +56,15 @@ from models.repository import ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_chunks, run_compute
 from service.dataplane.inputs import out_of_range_warning
-from service.dataplane.plane import DataPlane, OnlineLevel, Publication
+from service.dataplane.online_levels import OnlineLevel
+from service.dataplane.plane import DataPlane
 from service.dataplane.predictions import (
     ConformalOptions,
     PredictionBatch,
     default_score,
     model_labels,
 )
+from service.dataplane.publication import Publication, record_metrics
 from service.errors import (
     BadInputError,
     ConflictError,
@@ -493,7 +495,7 @@ class SessionManager:
                 self._live.seen(job.key, record.model, outcome.info.expires_at)
                 outcomes[i] = outcome
                 committed += _answer_batches(outcome)
-        self.dataplane.record_metrics(committed)  # committed answers only
+        record_metrics(committed)  # committed answers only
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _remember_answers(self, answered: list[tuple[_StepJob, StepOutcome]]) -> None:

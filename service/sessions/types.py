@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from models.repository import ModelCard
-from service.dataplane.plane import OnlineLevel
+from service.dataplane.online_levels import OnlineLevel
 from service.dataplane.predictions import ConformalOptions, PredictionBatch
 
 # A step's answer: the prediction after its chunk, and (when asked) one per row of the chunk.

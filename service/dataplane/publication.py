@@ -1,0 +1,79 @@
+"""Publishing an answered batch: its Prometheus series, and the records that late labels
+(`POST /v1/feedback`) are matched against. `DataPlane.publish` does both; the session plane
+publishes the answers of the steps it committed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from service.dataplane.feedback import PredictionRecord
+from service.dataplane.predictions import PredictionBatch
+from service.metrics import record_prediction, record_usage
+
+
+class Publication(NamedTuple):
+    """An answered batch to publish, with the session and key it was answered for."""
+
+    batch: PredictionBatch
+    session_id: str | None = None
+    owner: str | None = None
+
+
+def record_metrics(batches: Sequence[PredictionBatch]) -> None:
+    """Count the batches' usage (summed per model and backend first: one increment per
+    counter, not per request) and their predictions (sets, confidences, abstentions)."""
+    usage: dict[tuple[str, str], dict[str, float]] = {}
+    for batch in batches:
+        total = usage.setdefault((batch.model, batch.backend), {})
+        for key, value in batch.usage.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    for (model, backend), total in usage.items():
+        record_usage(model, backend, total)
+    for batch in batches:
+        conformal = batch.conformal
+        if conformal is None:
+            continue
+        for p in batch.predictions:
+            if p.set_size is None:
+                continue
+            record_prediction(
+                batch.model,
+                batch.backend,
+                conformal.score,
+                p.set_size,
+                min(max(p.confidence, 0.0), 1.0),
+                bool(p.abstain),
+                alpha=batch.alpha,
+            )
+
+
+def feedback_records(
+    batch: PredictionBatch, session_id: str | None, owner: str | None
+) -> list[PredictionRecord]:
+    """What feedback needs to score a late label against each prediction of the batch."""
+    conformal = batch.conformal
+    return [
+        PredictionRecord(
+            id=p.id,
+            model=batch.model,
+            version=batch.version,
+            backend=batch.backend,
+            top_index=p.index,
+            confidence=p.confidence,
+            probabilities=p.probabilities,
+            set_indices=p.set_indices,
+            score=None if conformal is None else conformal.score,
+            alpha=p.aci_alpha if p.aci_alpha is not None else batch.alpha,
+            target_alpha=batch.alpha,
+            online=row in batch.level_keys,
+            session_id=session_id,
+            owner=owner,
+            position=p.position,
+            uniform=p.uniform,
+            calibration_id=batch.calibration_id,
+            level=(batch.level_keys[row].to_dict() if row in batch.level_keys else None),
+        )
+        for row, p in enumerate(batch.predictions)
+    ]

@@ -1,0 +1,130 @@
+"""Stateless predictions batched dynamically: concurrent requests over feature sequences for
+one runner and sequence length share one forward pass.
+
+`DataPlane.predict` validates a request into a `FeatureJob` and submits it here. Requests that
+arrive while a batch runs form the next one (continuous batching, as session steps): one
+forward pass over every job's sequences, then each job answered with its own calibration
+options, all published in one store round trip. Token prompts do not come here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hardware_backends.base import Runner
+from hardware_backends.registry import freeze_options
+from models.repository import ModelCard
+from service.batching import MicroBatcher, run_compute, usage_share
+from service.dataplane.online_levels import OnlineLevel
+from service.dataplane.predictions import ConformalOptions, PredictionBatch, run_last_step
+from service.dataplane.publication import Publication
+
+# What answers and publishes a batch: `DataPlane.build_predictions` and `.publish_many`.
+BuildPredictions = Callable[..., PredictionBatch]
+PublishMany = Callable[[Sequence[Publication]], Awaitable[None]]
+
+
+@dataclass
+class FeatureJob:
+    """One stateless request over feature sequences, waiting for its batch."""
+
+    card: ModelCard
+    backend: str
+    backend_options: dict[str, Any]
+    runner: Runner
+    x: Tensor  # [n, T, F]
+    conformal: ConformalOptions
+    owner: str | None
+    warnings: list[str]
+    levels: Mapping[int, OnlineLevel] | None = None  # read before batching, when online
+
+    @property
+    def batch_key(self) -> Hashable:
+        """Requests that can share one forward pass: same runner, same sequence length."""
+        options = freeze_options(self.backend_options)
+        return (self.card.name, self.card.version, self.backend, options, int(self.x.shape[1]))
+
+
+class FeatureBatches:
+    """Feature-sequence requests gathered per batch key, each answered from a shared run."""
+
+    def __init__(
+        self, build_predictions: BuildPredictions, publish_many: PublishMany, *, max_batch: int
+    ) -> None:
+        self._build_predictions = build_predictions
+        self._publish_many = publish_many
+        self._batcher: MicroBatcher[FeatureJob, PredictionBatch | BaseException] = MicroBatcher(
+            self._answer_batch, window_seconds=0.0, max_batch=max_batch
+        )
+
+    async def submit(self, job: FeatureJob) -> PredictionBatch:
+        """The job's answer once its batch has run (published with its batch)."""
+        return await self._batcher.submit(job.batch_key, job)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    async def _answer_batch(
+        self, key: Hashable, jobs: list[FeatureJob]
+    ) -> list[PredictionBatch | BaseException]:
+        """One forward pass over every job's sequences, each job answered with its own
+        calibration options, all published in one store round trip."""
+        steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
+        answers = await run_compute(self._run, jobs, steps=steps)
+        await self._publish_many(
+            [
+                Publication(answer, None, job.owner)
+                for job, answer in zip(jobs, answers, strict=True)
+                if isinstance(answer, PredictionBatch)
+            ]
+        )
+        return answers
+
+    def _run(self, jobs: list[FeatureJob]) -> list[PredictionBatch | BaseException]:
+        started = time.perf_counter()
+        x = torch.cat([job.x for job in jobs])  # [N, T, F]
+        logits, usage = run_last_step(jobs[0].runner, x)  # [N, C] or [S, N, C]
+        seconds = time.perf_counter() - started
+        total, length = int(x.shape[0]), int(x.shape[1])
+        answers: list[PredictionBatch | BaseException] = []
+        offset = 0
+        for job in jobs:
+            rows = int(job.x.shape[0])
+            job_usage = {
+                "sequences": rows,
+                "steps": rows * length,
+                "compute_seconds": seconds,
+                **usage_share(usage, rows, total, total),
+            }
+            try:
+                answers.append(
+                    self._build_predictions(
+                        job.card,
+                        job.backend,
+                        logits[..., offset : offset + rows, :],  # [n, C] or [S, n, C]
+                        job_usage,
+                        positions=length,
+                        conformal=job.conformal,
+                        backend_options=job.backend_options,
+                        levels=job.levels,
+                        warnings=job.warnings,
+                    )
+                )
+            except Exception as error:  # e.g. an unreadable calibration: this request fails
+                answers.append(error)
+            offset += rows
+        return answers
+
+
+def rough_steps(inputs: object) -> int:
+    """Time steps in a JSON batch of sequences, counted without validating it (a large
+    request is then parsed in a worker thread)."""
+    if not isinstance(inputs, list):
+        return 0
+    return sum(len(sequence) if isinstance(sequence, list) else 1 for sequence in inputs)
