@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import math
 import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Hashable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -54,8 +53,7 @@ from calibration import SCORE_NAMES
 from calibration.checks import check_alpha
 from models.repository import ModelNotFoundError
 from service import metrics
-from service.batching import MicroBatcher, run_chunks, run_compute
-from service.dataplane.inputs import out_of_range_warning
+from service.batching import MicroBatcher, run_compute
 from service.dataplane.online_levels import OnlineLevel
 from service.dataplane.plane import DataPlane
 from service.dataplane.predictions import (
@@ -84,8 +82,17 @@ from service.sessions.inputs import (
     store_key,
 )
 from service.sessions.runners import SessionRunner, SessionRunners
+from service.sessions.steps import (
+    Answerer,
+    SessionMeta,
+    StepJob,
+    advance,
+    answer_batches,
+    attach_answers,
+    session_info,
+)
 from service.sessions.tracking import FifoLocks, LiveSessions
-from service.sessions.types import SessionInfo, StepAnswer, StepOutcome
+from service.sessions.types import SessionInfo, StepOutcome
 from service.settings import Settings
 from service.state.codec import (
     CorruptStateError,
@@ -138,69 +145,6 @@ class SessionSettings:
         )
 
 
-# How a batch's steps are answered: called in the batch's worker thread with the (not yet
-# written) outcomes of the steps that passed it, once per batch; one answer, or an exception
-# that fails that step without writing it, per outcome. `StepPredictions` in service.
-Answerer = Callable[[Sequence[StepOutcome]], Sequence[StepAnswer | Exception]]
-
-
-# ---- what a step carries ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _SessionMeta:
-    """What never changes during a session's life, read from its stored header."""
-
-    model: str
-    version: str
-    backend: str
-    created_at: float
-    metadata: Mapping[str, Any]  # alpha, score, options, owner, ttl_seconds
-
-    @classmethod
-    def of(cls, record: StateRecord) -> _SessionMeta:
-        return cls(record.model, record.version, record.backend, record.created_at, record.metadata)
-
-    def matches(self, record: StateRecord) -> bool:
-        """False when the stored session was deleted and re-created since this was read."""
-        return record.created_at == self.created_at and record.metadata == self.metadata
-
-    @property
-    def ttl(self) -> float:
-        return float(self.metadata["ttl_seconds"])
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.metadata["options"])
-
-    @functools.cached_property
-    def conformal(self) -> ConformalOptions:
-        """The conformal options the session was created with."""
-        return ConformalOptions(
-            alpha=float(self.metadata["alpha"]),
-            score=str(self.metadata["score"]),
-            online=bool(self.metadata.get("online", False)),
-            never_empty=self.metadata.get("never_empty"),
-        )
-
-
-@dataclass
-class _StepJob:
-    key: str
-    session_id: str
-    meta: _SessionMeta
-    group: SessionRunner  # the runner its session shares with others: the batching key
-    inputs: Tensor  # [T, F] or [T]
-    per_step: bool
-    conformal: ConformalOptions
-    preloaded: VersionedState | None = None
-    online_level: OnlineLevel | None = None
-
-    @property
-    def owner(self) -> str | None:
-        return self.meta.metadata.get("owner")
-
-
 class _Retry(Exception):
     """Internal: run the step again (lost a compare-and-set, or the cached header is stale)."""
 
@@ -229,13 +173,13 @@ class SessionManager:
         self.store_name = "memory" if isinstance(store, InMemoryStateStore) else "redis"
         self._locks = FifoLocks()
         self._live = LiveSessions()
-        self._meta: OrderedDict[str, _SessionMeta] = OrderedDict()
+        self._meta: OrderedDict[str, SessionMeta] = OrderedDict()
         self._runners = SessionRunners(dataplane)
         self.early_decisions = EarlyDecisions()
         self._backoff = random.Random(0)  # jitter of the retry back-off
         self.conflicts = 0  # steps that lost a compare-and-set and were re-applied
         self._store_slots = asyncio.Semaphore(self.settings.store_concurrency)
-        self._batcher: MicroBatcher[_StepJob, StepOutcome] = MicroBatcher(
+        self._batcher: MicroBatcher[StepJob, StepOutcome] = MicroBatcher(
             self._process_batch,
             window_seconds=self.settings.batch_window_seconds,
             max_batch=self.settings.batch_max_size,
@@ -331,22 +275,22 @@ class SessionManager:
                 await self.store.create(key, record, ttl)
         except StateExistsError:
             raise ConflictError(f"session {session_id!r} already exists") from None
-        self._remember(key, _SessionMeta.of(record))
+        self._remember(key, SessionMeta.of(record))
         self._live.seen(key, card.name, now + ttl)
-        return _info(session_id, record, now + ttl)
+        return session_info(session_id, record, now + ttl)
 
     async def get(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
         """The session's info; counts as use (restarts its TTL). Unknown → NotFoundError."""
         key = lookup_key(session_id, owner)
         loaded = await self._load(key, session_id)
-        meta = _SessionMeta.of(loaded.record)
+        meta = SessionMeta.of(loaded.record)
         async with self._store_op("touch"):
             touched = await self.store.touch(key, meta.ttl)
         if not touched:
             raise self._not_found(key, session_id)
         expires_at = time.time() + meta.ttl
         self._live.seen(key, meta.model, expires_at)
-        return _info(session_id, loaded.record, expires_at)
+        return session_info(session_id, loaded.record, expires_at)
 
     async def delete(self, session_id: str, *, owner: str | None = None) -> bool:
         """Remove the session. Unknown → NotFoundError."""
@@ -388,7 +332,7 @@ class SessionManager:
                 chunk = check_chunk(inputs, group.spec, limit)
                 options = conformal or meta.conformal
                 level = await self._online_level(options, meta, group, key)
-                job = _StepJob(
+                job = StepJob(
                     key, session_id, meta, group, chunk, per_step, options, preloaded, level
                 )
                 try:
@@ -430,7 +374,7 @@ class SessionManager:
         return decide(rule, stored, outcome.logits, info.step, model_labels(outcome.card))
 
     async def _online_level(
-        self, conformal: ConformalOptions, meta: _SessionMeta, group: SessionRunner, key: str
+        self, conformal: ConformalOptions, meta: SessionMeta, group: SessionRunner, key: str
     ) -> OnlineLevel | None:
         """The session's own online level, when its answers are online sets."""
         if not conformal.online:
@@ -448,7 +392,7 @@ class SessionManager:
 
     # ---- one batch --------------------------------------------------------------------------
     async def _process_batch(
-        self, group_key: Hashable, jobs: list[_StepJob]
+        self, group_key: Hashable, jobs: list[StepJob]
     ) -> list[StepOutcome | BaseException]:
         """Load, run and store the states of `jobs` (sessions of one group) together."""
         group = jobs[0].group  # every job of a batch has the same group key
@@ -494,26 +438,26 @@ class SessionManager:
             else:
                 self._live.seen(job.key, record.model, outcome.info.expires_at)
                 outcomes[i] = outcome
-                committed += _answer_batches(outcome)
+                committed += answer_batches(outcome)
         record_metrics(committed)  # committed answers only
         return [outcome for outcome in outcomes if outcome is not None]
 
-    async def _remember_answers(self, answered: list[tuple[_StepJob, StepOutcome]]) -> None:
+    async def _remember_answers(self, answered: list[tuple[StepJob, StepOutcome]]) -> None:
         """The answers' feedback records, one store call per batch."""
         publications = [
             Publication(batch, job.session_id, job.owner)
             for job, outcome in answered
-            for batch in _answer_batches(outcome)
+            for batch in answer_batches(outcome)
         ]
         async with self.store_slot():
             await self.dataplane.remember(publications)
 
     def _advance_and_answer(
-        self, group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
+        self, group: SessionRunner, jobs: list[StepJob], states: list[VersionedState]
     ) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
         """Run the batch, then answer its steps and decide early where asked (worker thread)."""
-        advanced = _advance(group, jobs, states)
-        _attach_answers(self._answers, advanced)
+        advanced = advance(group, jobs, states)
+        attach_answers(self._answers, advanced)
         for i, (record, outcome) in enumerate(advanced):
             if isinstance(outcome, StepOutcome) and outcome.info.early_decision is not None:
                 try:
@@ -527,7 +471,7 @@ class SessionManager:
     async def _load_batch(
         self,
         group: SessionRunner,
-        jobs: list[_StepJob],
+        jobs: list[StepJob],
         outcomes: list[StepOutcome | BaseException | None],
     ) -> list[tuple[int, VersionedState]]:
         """(job index, state) for the jobs that can run; failures go into `outcomes`."""
@@ -570,18 +514,18 @@ class SessionManager:
 
     async def _session_meta(
         self, key: str, session_id: str
-    ) -> tuple[_SessionMeta, VersionedState | None]:
+    ) -> tuple[SessionMeta, VersionedState | None]:
         """The session's header from the cache, or from the store (then with its state)."""
         meta = self._meta.get(key)
         if meta is not None:
             self._meta.move_to_end(key)
             return meta, None
         loaded = await self._load(key, session_id)
-        meta = _SessionMeta.of(loaded.record)
+        meta = SessionMeta.of(loaded.record)
         self._remember(key, meta)
         return meta, loaded
 
-    async def _session_group(self, meta: _SessionMeta, session_id: str) -> SessionRunner:
+    async def _session_group(self, meta: SessionMeta, session_id: str) -> SessionRunner:
         try:
             return await self._runners.get(meta.model, meta.version, meta.backend, meta.options)
         except (NotFoundError, ModelNotFoundError):
@@ -591,7 +535,7 @@ class SessionManager:
             ) from None
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _remember(self, key: str, meta: _SessionMeta) -> None:
+    def _remember(self, key: str, meta: SessionMeta) -> None:
         self._meta[key] = meta
         self._meta.move_to_end(key)
         while len(self._meta) > _META_CACHE_SIZE:
@@ -657,90 +601,3 @@ class SessionManager:
         async with self.store_slot():
             with metrics.record_store_op(self.store_name, operation, expected=expected):
                 yield
-
-
-# ---- the batch's work in the worker thread -----------------------------------------------------
-
-
-def _advance(
-    group: SessionRunner, jobs: list[_StepJob], states: list[VersionedState]
-) -> list[tuple[StateRecord, StepOutcome | BaseException]]:
-    """Run the chunks as one batched step and make each session's next record and outcome.
-    Runs in a worker thread."""
-    started = time.perf_counter()
-    results = run_chunks(group.runner, [s.record.tensors for s in states], [j.inputs for j in jobs])
-    compute_seconds = time.perf_counter() - started
-    now = time.time()
-    advanced: list[tuple[StateRecord, StepOutcome | BaseException]] = []
-    value_range = group.card.config["input"].get("value_range")
-    for job, state, result in zip(jobs, states, results, strict=True):
-        steps = int(job.inputs.shape[0])
-        record = state.record.advance(result.state, steps, now=now)
-        usage = {**result.usage, "steps": steps, "compute_seconds": compute_seconds}
-        note = (
-            None
-            if not job.inputs.is_floating_point()
-            else (out_of_range_warning(job.inputs, value_range))
-        )
-        outcome = StepOutcome(
-            info=_info(job.session_id, record, now + job.meta.ttl),
-            logits=result.logits[..., -1, :],  # [C] or [S, C]
-            step_logits=result.logits if job.per_step else None,
-            usage=usage,
-            card=group.card,
-            conformal=job.conformal,
-            online_level=job.online_level,
-            warnings=(note,) if note else (),
-        )
-        advanced.append((record, outcome))
-    return advanced
-
-
-def _answer_batches(outcome: StepOutcome) -> list[PredictionBatch]:
-    """The prediction batches of a step's answer: the last row's, then every row's if asked."""
-    if outcome.answer is None:
-        return []
-    last, steps = outcome.answer
-    return [last] if steps is None else [last, steps]
-
-
-def _attach_answers(
-    answers: Answerer, advanced: list[tuple[StateRecord, StepOutcome | BaseException]]
-) -> None:
-    """Answer the batch's steps with one call, in place; a refused answer fails its step."""
-    positions = [i for i, (_, outcome) in enumerate(advanced) if isinstance(outcome, StepOutcome)]
-    outcomes = [advanced[i][1] for i in positions]
-    try:
-        built = list(answers(outcomes))  # type: ignore[arg-type]
-        if len(built) != len(positions):
-            raise RuntimeError(f"{len(built)} answers for {len(positions)} steps")
-    except Exception as error:  # e.g. NotCalibratedError: those steps fail, unwritten
-        built = [error] * len(positions)
-    for i, answer in zip(positions, built, strict=True):
-        record, outcome = advanced[i]
-        if isinstance(answer, BaseException):
-            advanced[i] = (record, answer)
-        else:
-            advanced[i] = (record, dataclasses.replace(outcome, answer=answer))
-
-
-# ---- small helpers ----------------------------------------------------------------------------
-
-
-def _info(session_id: str, record: StateRecord, expires_at: float) -> SessionInfo:
-    metadata = record.metadata
-    return SessionInfo(
-        session_id=session_id,
-        model=record.model,
-        version=record.version,
-        backend=record.backend,
-        alpha=float(metadata["alpha"]),
-        score=str(metadata["score"]),
-        step=record.step,
-        created_at=record.created_at,
-        expires_at=expires_at,
-        options=dict(metadata["options"]),
-        early_decision=metadata.get("early_decision"),
-        online=bool(metadata.get("online", False)),
-        never_empty=metadata.get("never_empty"),
-    )
