@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from models.digits import load_digits_seq
-from service.api.v2 import OUTPUTS, encode_predictions, parse_parameters
 from service.api.v2_codec import V2BadRequestError, decode_tensor, encode_tensor
+from service.api.v2_infer import OUTPUTS, encode_predictions, parse_parameters
 from service.dataplane.predictions import ClassPrediction
 from service.errors import NotCalibratedError
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
