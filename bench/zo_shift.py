@@ -37,7 +37,8 @@ from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
 from models.zo import ZOConfig, ZOOptimizer
 from service.finetuning.forward import BackendForward
-from service.finetuning.job import FinetuneResult, FinetuneSpec, ProgressEvent, run_finetune
+from service.finetuning.job import run_finetune
+from service.finetuning.spec import FinetuneResult, FinetuneSpec, ProgressEvent
 
 MODEL_NAME = "digits-lru"
 

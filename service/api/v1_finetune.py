@@ -3,7 +3,7 @@
 router's lifespan opens beside the app's own.
 
 The body of `POST /v1/finetune/jobs` is the fine-tuning spec
-(`service.finetuning.job.FinetuneSpec`: model, version, backend, data, optimiser and every
+(`service.finetuning.spec.FinetuneSpec`: model, version, backend, data, optimiser and every
 hyper-parameter; `FinetuneJobRequest` in the schemas), validated so that a bad value is a
 422 naming the field, and its data loaded and checked against the model, before anything is
 queued. One thing differs from the spec: a client never names a file on the server. An .npz
@@ -37,7 +37,8 @@ from service.errors import (
     NotFoundError,
     RateLimitedError,
 )
-from service.finetuning.job import FinetuneSpec, NpzData, load_finetune_data
+from service.finetuning.job import load_finetune_data
+from service.finetuning.spec import FinetuneSpec, NpzData
 from service.jobs.factory import open_job_queue
 from service.jobs.types import (
     FINISHED,

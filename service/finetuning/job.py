@@ -2,9 +2,8 @@
 an atomically published trajectory version.
 
 `run_finetune(spec, repository, progress=..., should_cancel=...)` depends only on its
-arguments and the repository on disk, so a job worker can run it anywhere. `FinetuneSpec`
-validates every hyper-parameter (its pydantic errors name the field: the API's 422), and
-`FinetuneResult` and `ProgressEvent` are JSON-able pydantic models.
+arguments and the repository on disk, so a job worker can run it anywhere. Its spec and
+reports (`FinetuneSpec`, `ProgressEvent`, `FinetuneResult`) are in `service.finetuning.spec`.
 
 Data and splits (deterministic):
 - built-in `digits-seq` with an optional shift: tune and validation come from the fixed
@@ -41,222 +40,36 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
-import pydantic
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from calibration.metrics import expected_calibration_error, negative_log_likelihood
 from calibration.positional import PositionalCalibration, fit_stepwise_calibration
-from calibration.scores import SCORE_NAMES
-from hardware_backends.analog_imc import AnalogIMCOptions
-from hardware_backends.base import parse_options
 from models import digits
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
-from models.repository import ModelCard, ModelRepository, is_safe_name
+from models.repository import ModelCard, ModelRepository
 from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
 from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
-from models.zo import ZOConfig, ZOOptimizer, learning_rate, select_parameters
+from models.zo import ZOOptimizer, learning_rate, select_parameters
 from service.finetuning.forward import BackendForward
+from service.finetuning.spec import (
+    BuiltinData,
+    EvaluationPoint,
+    FinetuneResult,
+    FinetuneSpec,
+    HeldOutMetrics,
+    InlineData,
+    ProgressEvent,
+    StopReason,
+)
 
-MAX_INLINE_EXAMPLES = 10_000
-MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
 MIN_CALIBRATION_EXAMPLES = 8  # fit_calibration_artifact needs 4 to tune and 1 to score
 PROGRESS_UPDATES = 100  # progress reports per run, besides stage changes and evaluations
-
-# ---- the job's specification -----------------------------------------------------------------
-
-_Strict = ConfigDict(extra="forbid", frozen=True)
-
-
-class InlineData(BaseModel):
-    """Examples in the request: inputs [N, T, F] (finite numbers) and integer labels [N]."""
-
-    model_config = _Strict
-    kind: Literal["inline"]
-    inputs: list[list[list[pydantic.FiniteFloat]]] = Field(max_length=MAX_INLINE_EXAMPLES)
-    labels: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_INLINE_EXAMPLES)
-
-    @pydantic.model_validator(mode="after")
-    def _consistent_shapes(self) -> InlineData:
-        if not self.inputs:
-            raise ValueError("inputs must hold at least one example")
-        steps, features = len(self.inputs[0]), len(self.inputs[0][0]) if self.inputs[0] else 0
-        if steps < 1 or features < 1:
-            raise ValueError("every example needs at least one step of at least one feature")
-        for i, sequence in enumerate(self.inputs):
-            if len(sequence) != steps or any(len(row) != features for row in sequence):
-                raise ValueError(f"inputs[{i}] is not [{steps}, {features}] like inputs[0]")
-        if len(self.inputs) * steps * features > MAX_INLINE_VALUES:
-            raise ValueError(f"inputs hold more than {MAX_INLINE_VALUES} numbers; upload a .npz")
-        if len(self.labels) != len(self.inputs):
-            raise ValueError(f"{len(self.labels)} labels for {len(self.inputs)} input sequences")
-        return self
-
-
-class BuiltinData(BaseModel):
-    """A shipped dataset, optionally under one of its named shifts."""
-
-    model_config = _Strict
-    kind: Literal["builtin"]
-    name: Literal["digits-seq"] = "digits-seq"
-    variant: Literal["rows", "pixels"] = "rows"
-    shift: Literal["gaussian_noise", "inverted", "translated"] | None = None
-    shift_seed: int = Field(0, ge=0, le=2**31 - 1)
-
-
-class NpzData(BaseModel):
-    """An uploaded `.npz` file (see `models.userdata` for its format)."""
-
-    model_config = _Strict
-    kind: Literal["npz"]
-    path: str = Field(min_length=5, pattern=r"\.npz$")
-
-
-DataSpec = Annotated[InlineData | BuiltinData | NpzData, Field(discriminator="kind")]
-
-
-class FinetuneSpec(BaseModel):
-    """Everything a fine-tuning job needs; unknown keys and out-of-range values are refused."""
-
-    model_config = _Strict
-    model: str = Field(description="The model to tune.")
-    version: str | None = Field(None, pattern=r"^[1-9][0-9]*$", description="Default: latest.")
-    output_name: str | None = Field(None, description="Publish under this name (default: model).")
-    data: DataSpec
-    backend: Literal["torch", "analog_imc"] = "torch"
-    backend_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
-    parameters: Literal["all", "readout_and_norm"] = "all"
-    objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
-    direction: Literal["gaussian", "rademacher"] = "gaussian"
-    steps: int = Field(1000, ge=1, le=200_000)
-    batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(3e-4, gt=0.0, le=1.0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    eps: float = Field(1e-3, ge=1e-7, le=1.0)
-    n_perturbations: int = Field(1, ge=1, le=64)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
-    eval_every: int = Field(100, ge=1, le=200_000)
-    patience: int | None = Field(None, ge=1, le=10_000)
-    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    alpha: float = Field(0.1, gt=0.0, lt=1.0)
-    score: Literal[SCORE_NAMES] = "aps"
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-
-    @pydantic.field_validator("model", "output_name")
-    @classmethod
-    def _safe_name(cls, name: str | None) -> str | None:
-        if name is not None and not is_safe_name(name):
-            raise ValueError("use 1-128 letters, digits, '.', '_' or '-' (no slashes or '..')")
-        return name
-
-    @pydantic.model_validator(mode="after")
-    def _consistent(self) -> FinetuneSpec:
-        held_out = self.validation_fraction + self.calibration_fraction + self.test_fraction
-        if held_out >= 0.9:
-            raise ValueError(
-                f"validation_fraction + calibration_fraction + test_fraction is {held_out:.3g}; "
-                "keep it below 0.9 so that some data is left to tune on"
-            )
-        if self.backend == "torch" and self.backend_options:
-            raise ValueError("backend 'torch' takes no backend_options (tuning runs on the CPU)")
-        if self.backend == "analog_imc":
-            parse_options(self.backend, AnalogIMCOptions, self.backend_options)
-        return self
-
-    @property
-    def target_name(self) -> str:
-        return self.output_name or self.model
-
-    def zo_config(self) -> ZOConfig:
-        return ZOConfig(
-            optimizer=self.optimizer,
-            eps=self.eps,
-            n_perturbations=self.n_perturbations,
-            direction=self.direction,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            adam_eps=self.adam_eps,
-        )
-
-    def summary(self) -> dict[str, Any]:
-        """The spec as JSON, inline examples replaced by their count (they can be megabytes)."""
-        summary = self.model_dump(mode="json")
-        if isinstance(self.data, InlineData):
-            summary["data"] = {"kind": "inline", "examples": len(self.data.labels)}
-        return summary
-
-
-# ---- what the job reports --------------------------------------------------------------------
-
-Stage = Literal["loading", "tuning", "calibrating", "publishing", "done", "cancelled"]
-StopReason = Literal["steps", "patience", "diverged", "cancelled"]
-
-
-class ProgressEvent(BaseModel):
-    stage: Stage
-    step: int = 0  # ZO steps done
-    total_steps: int = 0
-    train_loss: float | None = None  # mean of the last step's perturbed losses
-    validation_accuracy: float | None = None  # at the latest evaluation
-    best_step: int | None = None
-    message: str = ""
-
-
-class HeldOutMetrics(BaseModel):
-    """A model with its calibration on the test split."""
-
-    accuracy: float  # of the model's own argmax
-    calibrated_accuracy: float  # of the calibrated argmax (vector scaling can move it)
-    ece: float  # of the calibrated probabilities, 15 equal-width bins
-    nll: float
-    coverage: float  # fraction of test labels inside the conformal set
-    mean_set_size: float
-    n: int
-
-
-class EvaluationPoint(BaseModel):
-    step: int
-    validation_accuracy: float
-    validation_loss: float  # cross-entropy
-
-
-class FinetuneResult(BaseModel):
-    """What a job did; JSON-able with `model_dump(mode="json")`."""
-
-    model_config = ConfigDict(validate_assignment=True)
-    status: Literal["completed", "cancelled"]
-    model: str  # the published name
-    version: str | None  # None when nothing was published
-    base_model: str
-    base_version: str
-    backend: str
-    steps_run: int
-    best_step: int | None
-    stop_reason: StopReason
-    history: list[EvaluationPoint]
-    before: HeldOutMetrics | None = None  # base model, base calibration refitted
-    after: HeldOutMetrics | None = None  # the published checkpoint and its calibration
-    alpha: float
-    score: str
-    split_sizes: dict[str, int]
-    data_sha256: str
-    tuned_parameters: int
-    trajectory_bytes: int | None = None
-    wall_seconds: float = 0.0
-    seed: int
-
 
 # ---- data ------------------------------------------------------------------------------------
 

@@ -40,7 +40,8 @@ from rq.timeouts import BaseTimeoutException
 
 from models.repository import ModelRepository
 from service import metrics
-from service.finetuning.job import FinetuneSpec, run_finetune
+from service.finetuning.job import run_finetune
+from service.finetuning.spec import FinetuneSpec
 from service.jobs.redis_queue import LOST_AFTER_BEATS, RedisJobQueue, connect_job_redis
 from service.state.redis_connection import redact_url
 
@@ -55,7 +56,7 @@ CANCEL_CHECK_SECONDS = 0.25  # the Redis cancel flag is read at most this often
 
 
 class ProgressTracker:
-    """Turn `service.finetuning.job.ProgressEvent`s into the wire's progress dict and pass them on
+    """Turn `service.finetuning.spec.ProgressEvent`s into the wire's progress dict and pass them on
     at most every `every` seconds (stage changes at once). The ETA of the tuning steps comes
     from their pace since tuning began; the validation accuracy is the latest evaluation's."""
 

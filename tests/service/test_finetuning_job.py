@@ -22,7 +22,8 @@ from models.trajectory import (
     rebuild_weights,
 )
 from service.dataplane.calibration_store import CalibrationStore
-from service.finetuning.job import FinetuneSpec, ProgressEvent, load_finetune_data, run_finetune
+from service.finetuning.job import load_finetune_data, run_finetune
+from service.finetuning.spec import FinetuneSpec, ProgressEvent
 
 DIGITS_LABELS = [str(d) for d in range(10)]
 TRANSLATED = {"kind": "builtin", "shift": "translated"}

@@ -18,7 +18,7 @@ import pytest
 from rq.registry import CanceledJobRegistry
 
 from models.repository import WEIGHTS_FILE, ModelRepository
-from service.finetuning.job import ProgressEvent
+from service.finetuning.spec import ProgressEvent
 from service.jobs.local_queue import LocalJobQueue
 from service.jobs.redis_queue import RedisJobQueue, connect_job_redis
 from service.jobs.types import (

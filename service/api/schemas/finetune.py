@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field
 
 from service.api.schemas.common import StrictRequest
-from service.finetuning.job import BuiltinData, FinetuneSpec, InlineData
+from service.finetuning.spec import BuiltinData, FinetuneSpec, InlineData
 
 
 def _refuse_server_paths(value: object) -> object:
@@ -35,7 +35,7 @@ JobData = Annotated[
 
 
 class FinetuneJobRequest(FinetuneSpec):
-    """A fine-tuning job: the fine-tuning spec (`service.finetuning.job.FinetuneSpec`), with an
+    """A fine-tuning job: the fine-tuning spec (`service.finetuning.spec.FinetuneSpec`), with an
     `.npz` dataset sent in the body instead of named by path."""
 
     data: JobData = Field(
