@@ -157,7 +157,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dataplane = DataPlane(
             repository,
             InputLimits(settings.max_batch_size, settings.max_sequence_length),
-            batch_max_size=settings.batch_max_size,
             policy=CalibrationPolicy(
                 allow_uncalibrated=settings.allow_uncalibrated,
                 abstain_set_size=settings.abstain_set_size,

@@ -112,7 +112,15 @@ class Settings(BaseSettings):
             "batch takes the steps that queued while the previous one ran (continuous batching)."
         ),
     )
-    batch_max_size: int = Field(64, ge=1, description="Most session steps in one micro-batch.")
+    batch_max_size: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Most session steps in one micro-batch. Large enough that a round of concurrent "
+            "sessions fits one batch (measured: 200 sessions step 15-20% faster, with a lower "
+            "p99, than at 64)."
+        ),
+    )
     redis_pool_timeout_seconds: float = Field(
         5.0,
         gt=0,

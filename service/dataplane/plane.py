@@ -129,7 +129,7 @@ class DataPlane:
         calibrations: CalibrationStore | None = None,
         feedback: FeedbackLog | None = None,
         draws: ConformalDraws | None = None,
-        batch_max_size: int = 64,
+        stateless_batch_max: int = 64,
     ) -> None:
         self.repository = repository
         self.limits = limits
@@ -142,7 +142,7 @@ class DataPlane:
         # Concurrent stateless requests for one runner and sequence length run as one
         # forward pass: continuous batching, as session steps (see `predict`).
         self._batches = FeatureBatches(
-            self.build_predictions, self.publish_many, max_batch=batch_max_size
+            self.build_predictions, self.publish_many, max_batch=stateless_batch_max
         )
 
     async def close(self) -> None:

@@ -127,7 +127,7 @@ class SessionSettings:
     max_steps_per_chunk: int = 4096
     batching: bool = True
     batch_window_seconds: float = 0.0  # continuous batching: no wait beyond the queue
-    batch_max_size: int = 64
+    batch_max_size: int = 256
     retries: int = DEFAULT_UPDATE_RETRIES
     # Concurrent store calls; below the Redis client's pool of 64, leaving room for others.
     store_concurrency: int = 32
