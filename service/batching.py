@@ -180,10 +180,17 @@ class _Pending(Generic[ItemT, ResultT]):
     future: asyncio.Future[ResultT]
 
 
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class _Group(Generic[ItemT, ResultT]):
     queue: asyncio.Queue[_Pending[ItemT, ResultT]] = field(default_factory=asyncio.Queue)
     worker: asyncio.Task[None] | None = None
+    idle: asyncio.Event = field(default_factory=_set_event)  # clear while a batch runs
 
 
 BatchProcessor = Callable[[Hashable, list[ItemT]], Awaitable[list[ResultT | BaseException]]]
@@ -195,6 +202,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
     `process(key, items)` returns one result or exception per item, in order; each
     submitter gets its own. If `process` itself raises, every item of that batch gets the
     exception. An item whose submitter was cancelled before its batch started is dropped.
+
+    Without a window, an item that finds its group idle (no batch running, none queued) runs
+    at once as a batch of one, without the hand-off to the group's worker: a lone client pays
+    nothing for batching. It runs in a task of its own, so it completes even if its
+    submitter is cancelled, and whatever arrives meanwhile forms the next batch as usual.
     """
 
     def __init__(
@@ -225,6 +237,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
+        if self.window_seconds == 0 and group.idle.is_set() and group.queue.empty():
+            pending.future.cancel()  # not queued: the item runs right here
+            return await self._run_alone(key, group, item)
         group.queue.put_nowait(pending)
         if group.worker is None:
             group.worker = loop.create_task(self._work(key, group), name=f"batcher:{key!r}")
@@ -244,6 +259,25 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                 if not pending.future.done():
                     pending.future.set_exception(RuntimeError("the server is shutting down"))
 
+    async def _run_alone(
+        self, key: Hashable, group: _Group[ItemT, ResultT], item: ItemT
+    ) -> ResultT:
+        group.idle.clear()
+        task = asyncio.ensure_future(self._process(key, [item]))
+        task.add_done_callback(lambda _: self._after_alone(key, group))
+        results = await asyncio.shield(task)
+        if len(results) != 1:
+            raise RuntimeError(f"batch processor returned {len(results)} results for 1 item")
+        (result,) = results
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _after_alone(self, key: Hashable, group: _Group[ItemT, ResultT]) -> None:
+        group.idle.set()
+        if group.worker is None and group.queue.empty() and self._groups.get(key) is group:
+            del self._groups[key]  # nothing waits and no worker serves it: forget the group
+
     async def _work(self, key: Hashable, group: _Group[ItemT, ResultT]) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -252,11 +286,12 @@ class MicroBatcher(Generic[ItemT, ResultT]):
             except asyncio.TimeoutError:
                 # No await between the emptiness check and the removal, so no submit can
                 # slip an item into a queue that nobody serves.
-                if group.queue.empty():
+                if group.queue.empty() and group.idle.is_set():
                     if self._groups.get(key) is group:
                         del self._groups[key]
                     return
                 continue
+            await group.idle.wait()  # a lone item may be running
             batch = [first]
             deadline = loop.time() + self.window_seconds
             while len(batch) < self.max_batch:
@@ -270,7 +305,11 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     batch.append(await asyncio.wait_for(group.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            await self._run(key, batch)
+            group.idle.clear()
+            try:
+                await self._run(key, batch)
+            finally:
+                group.idle.set()
 
     async def _run(self, key: Hashable, batch: list[_Pending[ItemT, ResultT]]) -> None:
         live = [pending for pending in batch if not pending.future.done()]

@@ -81,6 +81,22 @@ def test_work_arriving_during_a_batch_forms_the_next_one_without_a_window() -> N
     asyncio.run(scenario())
 
 
+def test_a_lone_item_runs_at_once_and_completes_even_if_its_caller_gives_up() -> None:
+    async def scenario() -> None:
+        process = RecordingProcessor(delay=0.05)
+        batcher = MicroBatcher(process, window_seconds=0.0, max_batch=64)
+        assert await batcher.submit("k", 4) == 8
+        assert batcher._groups == {}  # no worker was needed, nothing left behind
+        caller = asyncio.ensure_future(batcher.submit("k", 6))
+        await asyncio.sleep(0.01)  # its batch of one is running
+        caller.cancel()
+        await asyncio.sleep(0.08)
+        assert [items for _, items in process.batches] == [[4], [6]]  # it still ran to the end
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
 def test_each_item_gets_its_own_result_or_error() -> None:
     async def scenario() -> None:
         batcher = MicroBatcher(RecordingProcessor(), window_seconds=0.02, max_batch=64)
