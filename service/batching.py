@@ -232,14 +232,15 @@ class MicroBatcher(Generic[ItemT, ResultT]):
         """Queue `item` under `key` and wait for its result (or raise its exception)."""
         if self._closed:
             raise RuntimeError("the micro-batcher is closed")
-        loop = asyncio.get_running_loop()
-        pending = _Pending(item, loop.create_future())
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
-        if self.window_seconds == 0 and group.idle.is_set() and group.queue.empty():
-            pending.future.cancel()  # not queued: the item runs right here
+        # Alone only while no worker exists: a worker holding a taken item waits for `idle`,
+        # and must not find another lone batch started in its place.
+        if self.window_seconds == 0 and group.worker is None and group.idle.is_set():
             return await self._run_alone(key, group, item)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, loop.create_future())
         group.queue.put_nowait(pending)
         if group.worker is None:
             group.worker = loop.create_task(self._work(key, group), name=f"batcher:{key!r}")
@@ -291,7 +292,9 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                         del self._groups[key]
                     return
                 continue
-            await group.idle.wait()  # a lone item may be running
+            while not group.idle.is_set():  # a lone item may be running
+                await group.idle.wait()
+            group.idle.clear()
             batch = [first]
             deadline = loop.time() + self.window_seconds
             while len(batch) < self.max_batch:
@@ -305,7 +308,6 @@ class MicroBatcher(Generic[ItemT, ResultT]):
                     batch.append(await asyncio.wait_for(group.queue.get(), remaining))
                 except asyncio.TimeoutError:
                     break
-            group.idle.clear()
             try:
                 await self._run(key, batch)
             finally:
