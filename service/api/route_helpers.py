@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import Request, Response
 from pydantic import BaseModel
 
+from service.api.schemas.common import ErrorResponse
 from service.dataplane.plane import DataPlane
 
 
@@ -23,3 +26,8 @@ def serialized(model: BaseModel, status_code: int = 200) -> Response:
         status_code=status_code,
         media_type="application/json",
     )
+
+
+def error_doc(status: int, description: str) -> dict[int | str, dict[str, Any]]:
+    """An entry of a route's `responses`: `status` answered with the error body."""
+    return {status: {"model": ErrorResponse, "description": description}}

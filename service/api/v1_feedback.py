@@ -10,14 +10,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
-from service.api.schemas.common import ErrorResponse
+from service.api.route_helpers import error_doc, get_dataplane
 from service.api.schemas.feedback import CalibrationStatus, FeedbackRequest, FeedbackResponse
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 
@@ -26,17 +25,13 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorResponse, "description": description}
-
-
 @router.post(
     "/feedback",
     response_model=FeedbackResponse,
     responses={
-        404: _error("Unknown prediction id, or older than the feedback window."),
-        409: _error("This prediction already received its label."),
-        422: _error("The label is not one of the model's labels."),
+        **error_doc(404, "Unknown prediction id, or older than the feedback window."),
+        **error_doc(409, "This prediction already received its label."),
+        **error_doc(422, "The label is not one of the model's labels."),
     },
     summary="Send the true label of an earlier prediction",
 )
@@ -53,9 +48,9 @@ async def feedback(
     "/models/{name}/calibration",
     response_model=CalibrationStatus,
     responses={
-        404: _error("Unknown model or version."),
-        409: _error("The model is not calibrated on this backend."),
-        422: _error("Unknown backend."),
+        **error_doc(404, "Unknown model or version."),
+        **error_doc(409, "The model is not calibrated on this backend."),
+        **error_doc(422, "Unknown backend."),
     },
     summary="Calibration fit and live coverage of a model on a backend",
 )

@@ -27,8 +27,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import Principal, PrincipalDependency, require_admin
-from service.api.route_helpers import get_dataplane
-from service.api.schemas.common import ErrorResponse
+from service.api.route_helpers import error_doc, get_dataplane
 from service.api.schemas.finetune import FinetuneJob, FinetuneJobRequest, NpzUpload
 from service.dataplane.plane import DataPlane
 from service.errors import (
@@ -87,13 +86,9 @@ DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 JOB_OWNERS = "job-owner"  # state store namespace: job id -> the key that submitted it
 
 
-def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse, "description": description}}
-
-
-_UNKNOWN_JOB = _error(404, "Unknown job id (or its record expired, or another key's job).")
-_ADMIN_ONLY = _error(403, "The API key is not an admin key (NEUROSERVE_ADMIN_API_KEYS).")
-_UNAVAILABLE = _error(503, "The job queue's Redis cannot be reached.")
+_UNKNOWN_JOB = error_doc(404, "Unknown job id (or its record expired, or another key's job).")
+_ADMIN_ONLY = error_doc(403, "The API key is not an admin key (NEUROSERVE_ADMIN_API_KEYS).")
+_UNAVAILABLE = error_doc(503, "The job queue's Redis cannot be reached.")
 
 
 SPEC_EXAMPLE: dict[str, Any] = {
@@ -233,11 +228,11 @@ async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueu
     status_code=202,
     response_model=FinetuneJob,
     responses={
-        **_error(404, "Unknown model or version."),
-        **_error(413, "Request body too large."),
+        **error_doc(404, "Unknown model or version."),
+        **error_doc(413, "Request body too large."),
         **_ADMIN_ONLY,
-        **_error(422, "An invalid spec; the message names the field."),
-        **_error(
+        **error_doc(422, "An invalid spec; the message names the field."),
+        **error_doc(
             429,
             "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS, "
             "NEUROSERVE_MAX_JOBS_PER_KEY).",

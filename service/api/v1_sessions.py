@@ -3,14 +3,13 @@ session plane (`SessionManager`: state, ordering, batching, answers, publishing)
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import serialized
-from service.api.schemas.common import ErrorResponse
+from service.api.route_helpers import error_doc, serialized
 from service.api.schemas.models import Prediction, Usage
 from service.api.schemas.sessions import (
     EarlyDecision,
@@ -33,19 +32,15 @@ async def get_sessions(request: Request) -> SessionManager:
 SessionsDependency = Annotated[SessionManager, Depends(get_sessions)]
 
 
-def _error(status: int, description: str) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse, "description": description}}
-
-
-_UNKNOWN = _error(404, "Unknown, deleted or expired session.")
-_CONFLICT = _error(
+_UNKNOWN = error_doc(404, "Unknown, deleted or expired session.")
+_CONFLICT = error_doc(
     409,
     "The session's stored state does not fit the model now served (redeployed with another "
     "state shape), or it kept changing under concurrent writers; at create: early decisions "
     "asked of a backend without a fitted rule.",
 )
-_UNAVAILABLE = _error(503, "The state store (or the backend) cannot serve right now.")
-_BAD_INPUT = _error(422, "Malformed input; the message says where.")
+_UNAVAILABLE = error_doc(503, "The state store (or the backend) cannot serve right now.")
+_BAD_INPUT = error_doc(422, "Malformed input; the message says where.")
 
 
 def _session_out(info: SessionInfo) -> SessionResponse:
@@ -87,9 +82,11 @@ def _note_session(request: Request, principal: Principal, info: SessionInfo) -> 
     status_code=201,
     response_model=SessionResponse,
     responses={
-        **_error(404, "Unknown model or version."),
+        **error_doc(404, "Unknown model or version."),
         **_BAD_INPUT,
-        **_error(429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."),
+        **error_doc(
+            429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."
+        ),
         **_UNAVAILABLE,
     },
     summary="Start a session",
