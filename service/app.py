@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.repository import ModelRepository
 from service.api import (
@@ -29,8 +29,10 @@ from service.api import (
     v1_sessions,
     v2,
 )
+from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
+from service.api.fast_step import FastStepPath
 from service.api.limits import OwnedCount, RequestRateLimit
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
@@ -65,30 +67,13 @@ class RequestSizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect as usual
-
-        await self.app(scope, replay, send)
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except BodyTooLarge:
+            await self._refuse(scope, receive, send)
+            return
+        if body is not None:
+            await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = PayloadTooLargeError(
@@ -213,7 +198,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Uncertainty-aware inference for stateful neuromorphic models.",
         lifespan=lifespan,
     )
-    # The last added runs first: metrics, then the key check, the key's rate, the body size.
+    # The last added runs first: metrics, then the key check, the key's rate, the body size,
+    # and innermost the session step's fast path.
+    app.add_middleware(FastStepPath, enabled=settings.fast_step_path)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         RequestRateLimit,

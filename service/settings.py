@@ -103,6 +103,14 @@ class Settings(BaseSettings):
     batching: bool = Field(
         True, description="Micro-batch concurrent session steps (false: one run per step)."
     )
+    fast_step_path: bool = Field(
+        True,
+        description=(
+            "Answer well-formed session steps (POST /v1/sessions/{id}/step) without FastAPI's "
+            "per-request routing and validation machinery (service/api/fast_step.py); false "
+            "sends every step through the FastAPI route, which answers the same."
+        ),
+    )
     batch_window_ms: float = Field(
         0.0,
         ge=0,

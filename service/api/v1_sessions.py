@@ -10,16 +10,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import error_doc, serialized
-from service.api.schemas.models import Prediction, Usage
 from service.api.schemas.sessions import (
-    EarlyDecision,
     SessionCreateRequest,
     SessionResponse,
     SessionStepRequest,
     SessionStepResponse,
 )
 from service.sessions.plane import SessionManager
-from service.sessions.types import SessionInfo
+from service.sessions.types import SessionInfo, StepOutcome
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -147,37 +145,36 @@ async def delete_session(
     return Response(status_code=204)
 
 
+async def step_and_note(
+    request: Request, session_id: str, body: SessionStepRequest
+) -> StepOutcome:
+    """Step the session for the request's caller, and note the session for the key's quota
+    and the model and backend for the request metrics. The route and its fast path
+    (`service.api.fast_step`) both run this."""
+    # The app's objects straight from the request, not as dependencies: this is the hot path,
+    # and FastAPI's dependency solving costs more than the lookups.
+    sessions: SessionManager = request.app.state.sessions
+    principal = get_principal(request)
+    outcome = await sessions.step(
+        session_id, body.inputs, per_step=body.return_steps, owner=principal.owner
+    )
+    _note_session(request, principal, outcome.info)
+    label_request(request, model=outcome.info.model, backend=outcome.info.backend)
+    return outcome
+
+
+STEP_ROUTE_NAME = "step_session"
+
+
 @router.post(
     "/sessions/{session_id}/step",
+    name=STEP_ROUTE_NAME,
     response_model=SessionStepResponse,
     responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
     summary="Feed the next chunk of the session's sequence",
 )
 async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
-    # The app's objects straight from the request, not as dependencies: this is the hot path,
-    # and FastAPI's dependency solving costs more than the lookups.
-    sessions: SessionManager = request.app.state.sessions
-    principal = get_principal(request)
-    owner = principal.owner
-    outcome = await sessions.step(session_id, body.inputs, per_step=body.return_steps, owner=owner)
-    info = outcome.info
-    _note_session(request, principal, info)
-    label_request(request, model=info.model, backend=info.backend)
-    last, steps = outcome.answer
-    answer = SessionStepResponse(
-        session_id=info.session_id,
-        model=info.model,
-        version=info.version,
-        backend=info.backend,
-        step=info.step,
-        expires_at=info.expires_at,
-        calibrated=last.calibrated,
-        alpha=last.alpha,
-        score=last.conformal.score if last.conformal is not None else None,
-        prediction=Prediction.of(last.predictions[0]),
-        step_predictions=(None if steps is None else [Prediction.of(p) for p in steps.predictions]),
-        usage=Usage(**{**outcome.usage, "sequences": 1}),
-        warnings=last.warnings,
-        decision=None if outcome.decision is None else EarlyDecision(**outcome.decision),
-    )
-    return serialized(answer)
+    # The reference path of the step: `service.api.fast_step` answers well-formed steps
+    # before they get here, and everything else (malformed bodies) here.
+    outcome = await step_and_note(request, session_id, body)
+    return serialized(SessionStepResponse.of(outcome))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, SkipValidation
 
 from service.api.schemas.common import ScoreName, StrictRequest, VersionField
 from service.api.schemas.models import Prediction, Usage
+
+if TYPE_CHECKING:
+    from service.sessions.types import StepOutcome
 
 
 class EarlyDecisionRequest(StrictRequest):
@@ -128,3 +131,27 @@ class SessionStepResponse(BaseModel):
         default_factory=list,
         description="Why an answer may not carry its usual guarantee (uncalibrated, options).",
     )
+
+    @classmethod
+    def of(cls, outcome: StepOutcome) -> SessionStepResponse:
+        """The wire form of a step the session plane answered."""
+        info = outcome.info
+        last, steps = outcome.answer
+        return cls(
+            session_id=info.session_id,
+            model=info.model,
+            version=info.version,
+            backend=info.backend,
+            step=info.step,
+            expires_at=info.expires_at,
+            calibrated=last.calibrated,
+            alpha=last.alpha,
+            score=last.conformal.score if last.conformal is not None else None,
+            prediction=Prediction.of(last.predictions[0]),
+            step_predictions=(
+                None if steps is None else [Prediction.of(p) for p in steps.predictions]
+            ),
+            usage=Usage(**{**outcome.usage, "sequences": 1}),
+            warnings=last.warnings,
+            decision=None if outcome.decision is None else EarlyDecision(**outcome.decision),
+        )

@@ -1,0 +1,243 @@
+"""The session step's fast path (`service.api.fast_step`) answers exactly as the FastAPI route.
+
+Two real servers over the same built-in models and the same kind of state store, one with
+the fast path and one without (NEUROSERVE_FAST_STEP_PATH=false: every step through the
+route), get the same requests; their answers must agree in status and body, apart from what
+differs between any two sessions (id, expiry time, wall time of the run). A third test drives
+the middleware alone, with an app behind it that fails if reached, to show that a
+well-formed step is really answered by the fast path and a malformed one is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from models.repository import default_repository_root
+from service.api.auth import ANONYMOUS, hash_key
+from service.api.fast_step import FastStepPath, step_session_id
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import running_server
+
+KEY = "fast-step-key"
+ROW = [0.0, 3.0, 12.0, 16.0, 9.0, 0.0, 0.0, 0.0]
+STEP_ROUTE = "/v1/sessions/{session_id}/step"
+
+
+def _settings(fast: bool, redis_url: str | None, prefix: str) -> Settings:
+    return Settings(
+        model_repository=default_repository_root(),
+        fast_step_path=fast,
+        api_keys=[f"tester:{hash_key(KEY)}"],
+        redis_url=redis_url,
+        state_store_prefix=prefix,
+    )
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def servers(request: pytest.FixtureRequest) -> Iterator[dict[bool, httpx.Client]]:
+    """{fast: client} for a server with the fast path and one without, on one store kind."""
+    redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    fast_app = create_app(_settings(True, redis_url, "fast-step-on"))
+    slow_app = create_app(_settings(False, redis_url, "fast-step-off"))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with (
+        running_server(fast_app) as fast_url,
+        running_server(slow_app) as slow_url,
+        httpx.Client(base_url=fast_url, headers=headers, timeout=60) as fast,
+        httpx.Client(base_url=slow_url, headers=headers, timeout=60) as slow,
+    ):
+        yield {True: fast, False: slow}
+
+
+def _open(client: httpx.Client, **options: Any) -> str:
+    answer = client.post("/v1/sessions", json={"model": "digits-lru", **options})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["session_id"]
+
+
+def _comparable(answer: httpx.Response, session_id: str) -> tuple[int, Any]:
+    """Status and body, without what differs between any two sessions (and predictions)."""
+    try:
+        body = answer.json()
+    except json.JSONDecodeError:
+        return answer.status_code, answer.text
+    if isinstance(body, dict) and "session_id" in body:
+        body = {k: v for k, v in body.items() if k not in ("session_id", "expires_at")}
+        body["usage"] = {k: v for k, v in body["usage"].items() if k != "compute_seconds"}
+        for prediction in [body["prediction"], *(body["step_predictions"] or [])]:
+            del prediction["id"]  # each prediction's own, for feedback
+    text = json.dumps(body, sort_keys=True).replace(session_id, "<id>")
+    return answer.status_code, json.loads(text)
+
+
+def _step_both(
+    servers: dict[bool, httpx.Client], ids: dict[bool, str], content: bytes, **headers: str
+) -> dict[bool, tuple[int, Any]]:
+    return {
+        fast: _comparable(
+            client.post(f"/v1/sessions/{ids[fast]}/step", content=content, headers=headers),
+            ids[fast],
+        )
+        for fast, client in servers.items()
+    }
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def test_well_formed_steps_get_the_same_answers(servers: dict[bool, httpx.Client]) -> None:
+    ids = {fast: _open(client, alpha=0.2) for fast, client in servers.items()}
+    chunks = [
+        {"inputs": [ROW]},
+        {"inputs": [ROW, ROW[::-1]], "return_steps": True},
+        {"inputs": [[v / 2 for v in ROW]] * 3},
+    ]
+    for chunk in chunks:
+        answers = _step_both(servers, ids, json.dumps(chunk).encode(), **JSON)
+        assert answers[True][0] == 200, answers[True]
+        assert answers[True] == answers[False]
+    assert answers[True][1]["step"] == 6
+    assert answers[True][1]["calibrated"] is True
+    assert answers[True][1]["prediction"]["prediction_set"]
+
+
+def test_a_session_with_early_decisions_gets_the_same_decisions(
+    servers: dict[bool, httpx.Client],
+) -> None:
+    ids = {
+        fast: _open(client, early_decision={"max_set_size": 2}) for fast, client in servers.items()
+    }
+    for _ in range(3):
+        answers = _step_both(servers, ids, json.dumps({"inputs": [ROW]}).encode(), **JSON)
+        assert answers[True] == answers[False]
+        assert answers[True][1]["decision"] is not None
+
+
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [
+        (b'{"inputs": [[1, 2]]}', JSON),  # wrong number of features: the session plane refuses
+        (b'{"inputs": [[1, 2, 3, 4, 5, 6, 7, 8]], "extra": 1}', JSON),  # unknown field
+        (b'{"inputs": [[1, 2, 3, 4, 5, 6, 7, NaN]]}', JSON),  # JSON that only Python reads
+        (b'{"inputs": ', JSON),  # malformed JSON
+        (b"\xff\xfe", JSON),  # not UTF-8
+        (b"[1, 2]", JSON),  # not an object
+        (b"", JSON),  # no body
+        (b'{"inputs": [[1, 2, 3, 4, 5, 6, 7, 8]]}', {}),  # no Content-Type
+        (b'{"inputs": [[1, 2, 3, 4, 5, 6, 7, 8]]}', {"Content-Type": "text/plain"}),
+        (b'{"inputs": [[1, 2, 3, 4, 5, 6, 7, 8]]}', {"Content-Type": "application/x+json"}),
+    ],
+)
+def test_refused_and_unusual_requests_get_the_same_answers(
+    servers: dict[bool, httpx.Client], content: bytes, headers: dict[str, str]
+) -> None:
+    ids = {fast: _open(client) for fast, client in servers.items()}
+    answers = _step_both(servers, ids, content, **headers)
+    assert answers[True] == answers[False]
+
+
+def test_unknown_sessions_and_keys_get_the_same_answers(servers: dict[bool, httpx.Client]) -> None:
+    body = json.dumps({"inputs": [ROW]}).encode()
+    unknown = {fast: "no-such-session" for fast in servers}
+    answers = _step_both(servers, unknown, body, **JSON)
+    assert answers[True][0] == 404 and answers[True] == answers[False]
+    ids = {fast: _open(client) for fast, client in servers.items()}
+    answers = _step_both(servers, ids, body, **JSON, Authorization="Bearer wrong")
+    assert answers[True][0] == 401 and answers[True] == answers[False]
+
+
+def _step_count(client: httpx.Client, status: str) -> float:
+    text = client.get("/metrics").text
+    pattern = re.compile(r"^neuroserve_requests_total\{(.*)\} (\S+)$", re.MULTILINE)
+    total = 0.0
+    for labels, value in pattern.findall(text):
+        if f'route="{STEP_ROUTE}"' in labels and f'status="{status}"' in labels:
+            assert 'model="digits-lru"' in labels or status != "200"
+            total += float(value)
+    return total
+
+
+def test_the_fast_path_is_counted_like_the_route(servers: dict[bool, httpx.Client]) -> None:
+    fast = servers[True]
+    session_id = _open(fast)
+    before = _step_count(fast, "200"), _step_count(fast, "404")
+    assert fast.post(f"/v1/sessions/{session_id}/step", json={"inputs": [ROW]}).status_code == 200
+    assert fast.post("/v1/sessions/gone/step", json={"inputs": [ROW]}).status_code == 404
+    assert (_step_count(fast, "200"), _step_count(fast, "404")) == (before[0] + 1, before[1] + 1)
+
+
+# ---- the middleware alone -----------------------------------------------------------------
+
+
+def test_the_fast_path_answers_well_formed_steps_itself() -> None:
+    app = create_app(Settings(model_repository=default_repository_root()))
+    reached: list[str] = []
+
+    async def behind(scope: dict, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 599, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    fast_path = FastStepPath(behind)
+
+    async def call(path: str, body: bytes) -> int:
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+            "app": app,
+            "state": {"principal": ANONYMOUS},
+        }
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await fast_path(scope, receive, send)
+        return sent[0]["status"]
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            sessions = app.state.sessions
+            info = await sessions.create(model="digits-lru")
+            path = f"/v1/sessions/{info.session_id}/step"
+            assert await call(path, json.dumps({"inputs": [ROW]}).encode()) == 200
+            assert reached == []
+            assert await call(path, b'{"inputs": [[1]], "typo": 1}') == 599
+            assert reached == [path]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "root_path", "expected"),
+    [
+        ("POST", "/v1/sessions/abc/step", "", "abc"),
+        ("POST", "/api/v1/sessions/abc/step", "/api", "abc"),
+        ("GET", "/v1/sessions/abc/step", "", None),
+        ("POST", "/v1/sessions/abc/step/", "", None),
+        ("POST", "/v1/sessions/a/b/step", "", None),
+        ("POST", "/v1/sessions//step", "", None),
+        ("POST", "/v1/sessions/abc", "", None),
+        ("POST", "/v2/sessions/abc/step", "", None),
+    ],
+)
+def test_only_the_step_route_is_recognised(
+    method: str, path: str, root_path: str, expected: str | None
+) -> None:
+    scope = {"type": "http", "method": method, "path": path, "root_path": root_path}
+    assert step_session_id(scope) == expected
