@@ -113,3 +113,28 @@ def test_config_rejects_bad_values() -> None:
         LRUConfig(dropout=1.0)
     with pytest.raises(ValueError, match="d_state"):
         LRUConfig(d_state=0)
+
+
+def test_eigenvalues_reused_without_autograd_follow_every_parameter_change() -> None:
+    torch.manual_seed(0)
+    lru = LRU(d_model=4, d_state=6, r_min=0.5, r_max=0.9, max_phase=3.14)
+    with torch.inference_mode():
+        first = lru.eigenvalues()
+        assert lru.eigenvalues() is first  # reused, not recomputed
+    for cached, fresh in zip(first, lru.compute_eigenvalues(), strict=True):
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    with torch.no_grad():
+        lru.nu_log.add_(0.1)  # what fine-tuning does in place
+    with torch.inference_mode():
+        moved = lru.eigenvalues()
+    assert not torch.equal(moved[0], first[0])
+    for cached, fresh in zip(moved, lru.compute_eigenvalues(), strict=True):
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    lru.load_state_dict({**lru.state_dict(), "theta_log": lru.theta_log.detach() * 0.5})
+    with torch.no_grad():
+        reloaded = lru.eigenvalues()
+    torch.testing.assert_close(reloaded[1], lru.compute_eigenvalues()[1], rtol=0, atol=0)
+    # With autograd on, every call builds the graph afresh: gradients reach ν and θ.
+    lam_re, lam_im, gamma = lru.eigenvalues()
+    (lam_re.sum() + lam_im.sum() + gamma.sum()).backward()
+    assert lru.nu_log.grad is not None and lru.theta_log.grad is not None
