@@ -169,27 +169,25 @@ class BackendRegistry:
             self._loaded[name] = result
             return result
 
-    def _inspect(self, name: str) -> tuple[BackendStatus, Backend | None]:
-        registrations = self._discovered().get(name)
-        if registrations is None:
+    def _usable(self, name: str) -> tuple[str | None, Backend | None]:
+        """(why `name` cannot run here, or None; the backend when it can)."""
+        if name not in self._discovered():
             raise self._unknown(name)
         loaded = self._load(name)
-        backend: Backend | None = None
         if isinstance(loaded, BaseException):
-            reason: str | None = f"failed to load: {type(loaded).__name__}: {loaded}"
-        else:
-            try:
-                reason = loaded.availability()
-                backend = loaded if reason is None else None
-            except Exception as error:
-                reason = f"availability check failed: {type(error).__name__}: {error}"
-        ep = registrations[0]
-        distribution = ep.dist.name if ep.dist is not None else None
-        status = BackendStatus(name=name, target=ep.value, distribution=distribution, reason=reason)
-        return status, backend
+            return f"failed to load: {type(loaded).__name__}: {loaded}", None
+        try:
+            reason = loaded.availability()
+        except Exception as error:
+            return f"availability check failed: {type(error).__name__}: {error}", None
+        return reason, loaded if reason is None else None
 
     def status(self, name: str) -> BackendStatus:
-        return self._inspect(name)[0]
+        reason, _ = self._usable(name)
+        ep = self._discovered()[name][0]
+        # Reading the distribution's name parses its metadata: for status pages, not per call.
+        distribution = ep.dist.name if ep.dist is not None else None
+        return BackendStatus(name=name, target=ep.value, distribution=distribution, reason=reason)
 
     def statuses(self) -> dict[str, BackendStatus]:
         return {name: self.status(name) for name in self.names()}
@@ -204,9 +202,9 @@ class BackendRegistry:
 
     def get(self, name: str) -> Backend:
         """The backend registered as `name`, if it can run here."""
-        status, backend = self._inspect(name)
+        reason, backend = self._usable(name)
         if backend is None:
-            raise BackendUnavailableError(f"backend {name!r} is unavailable: {status.reason}")
+            raise BackendUnavailableError(f"backend {name!r} is unavailable: {reason}")
         return backend
 
     def prepare(

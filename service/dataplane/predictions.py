@@ -128,6 +128,35 @@ def batch_warnings(
     return list(dict.fromkeys([*request_warnings, *notes]))
 
 
+def split_batch(
+    batch: PredictionBatch,
+    sizes: Sequence[int],
+    usages: Sequence[dict[str, Any]],
+    request_warnings: Sequence[Sequence[str]],
+) -> list[PredictionBatch]:
+    """`batch` (answered for several requests at once, without row-level online levels) cut
+    into one answer per request: `sizes[i]` consecutive rows, with its own usage and
+    warnings."""
+    if sum(sizes) != len(batch.predictions):
+        raise ValueError(f"{len(batch.predictions)} predictions cannot be cut into {list(sizes)}")
+    if batch.level_keys:
+        raise ValueError("a batch answered at online levels belongs to one request")
+    parts, start = [], 0
+    for size, usage, warnings in zip(sizes, usages, request_warnings, strict=True):
+        predictions = batch.predictions[start : start + size]
+        start += size
+        parts.append(
+            replace(
+                batch,
+                predictions=predictions,
+                calibrated=all(p.calibrated for p in predictions),
+                usage=dict(usage),
+                warnings=batch_warnings(warnings, predictions),
+            )
+        )
+    return parts
+
+
 def last_step_logits(model: StatefulModel, x: Tensor) -> Tensor:
     """Logits after the last step of each sequence, running the model itself (the reference
     for the torch backend): x [N, T, F] or [N, T] -> [N, C]."""

@@ -22,7 +22,12 @@ from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
 from service.batching import MicroBatcher, run_compute, usage_share
 from service.dataplane.online_levels import OnlineLevel
-from service.dataplane.predictions import ConformalOptions, PredictionBatch, run_last_step
+from service.dataplane.predictions import (
+    ConformalOptions,
+    PredictionBatch,
+    run_last_step,
+    split_batch,
+)
 from service.dataplane.publication import Publication
 
 # What answers and publishes a batch: `DataPlane.build_predictions` and `.publish_many`.
@@ -92,34 +97,56 @@ class FeatureBatches:
         logits, usage = run_last_step(jobs[0].runner, x)  # [N, C] or [S, N, C]
         seconds = time.perf_counter() - started
         total, length = int(x.shape[0]), int(x.shape[1])
-        answers: list[PredictionBatch | BaseException] = []
-        offset = 0
-        for job in jobs:
-            rows = int(job.x.shape[0])
-            job_usage = {
-                "sequences": rows,
-                "steps": rows * length,
+        rows = [int(job.x.shape[0]) for job in jobs]
+        starts = [sum(rows[:i]) for i in range(len(jobs))]
+        usages = [
+            {
+                "sequences": n,
+                "steps": n * length,
                 "compute_seconds": seconds,
-                **usage_share(usage, rows, total, total),
+                **usage_share(usage, n, total, total),
             }
+            for n in rows
+        ]
+        answers: list[PredictionBatch | BaseException | None] = [None] * len(jobs)
+        # Jobs that ask the same of calibration are answered in one pass over their rows (a
+        # prediction's randomness is its own, drawn from its id, so grouping changes nothing).
+        for group in answer_groups(jobs):
+            picked = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in group])  # [n]
+            first = jobs[group[0]]
             try:
-                answers.append(
-                    self._build_predictions(
-                        job.card,
-                        job.backend,
-                        logits[..., offset : offset + rows, :],  # [n, C] or [S, n, C]
-                        job_usage,
-                        positions=length,
-                        conformal=job.conformal,
-                        backend_options=job.backend_options,
-                        levels=job.levels,
-                        warnings=job.warnings,
-                    )
+                answer = self._build_predictions(
+                    first.card,
+                    first.backend,
+                    logits.index_select(-2, picked),  # [n, C] or [S, n, C]
+                    positions=length,
+                    conformal=first.conformal,
+                    backend_options=first.backend_options,
+                    levels=first.levels,
                 )
-            except Exception as error:  # e.g. an unreadable calibration: this request fails
-                answers.append(error)
-            offset += rows
-        return answers
+            except Exception as error:  # e.g. an unreadable calibration: these requests fail
+                for i in group:
+                    answers[i] = error
+                continue
+            parts = split_batch(
+                answer,
+                [rows[i] for i in group],
+                [usages[i] for i in group],
+                [jobs[i].warnings for i in group],
+            )
+            for i, part in zip(group, parts, strict=True):
+                answers[i] = part
+        return answers  # type: ignore[return-value]
+
+
+def answer_groups(jobs: Sequence[FeatureJob]) -> list[list[int]]:
+    """Indices of `jobs` grouped by what they ask of calibration; an online job (levels of its
+    own) alone."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, job in enumerate(jobs):
+        key = ("own", i) if job.levels is not None else job.conformal
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def rough_steps(inputs: object) -> int:

@@ -111,6 +111,42 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(
         )
 
 
+def test_concurrent_calibrated_requests_with_mixed_options_get_their_own_sets(
+    builtin_server_url: str,
+) -> None:
+    """Requests batched together are calibrated together when they ask the same, and apart
+    when not: every answer (sets, probabilities, warnings) equals the one it gets alone."""
+    options = [{}, {"alpha": 0.2}, {"score": "lac"}, {"alpha": 0.05, "score": "aps"}]
+    requests = [
+        {"inputs": digit_like_sequences(1 + i % 2, seed=40 + i), **options[i % len(options)]}
+        for i in range(16)
+    ]
+    requests[3]["inputs"][0][0][0] = 1000.0  # far outside the training range: a warning
+    with httpx.Client(base_url=builtin_server_url, timeout=60) as http:
+        alone = [predict(http, "digits-lru", **body) for body in requests]
+
+    async def send_all() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=builtin_server_url, timeout=60) as http:
+            answers = await asyncio.gather(
+                *(http.post("/v1/models/digits-lru/predict", json=body) for body in requests)
+            )
+        assert all(answer.status_code == 200 for answer in answers)
+        return [answer.json() for answer in answers]
+
+    together = asyncio.run(send_all())
+    assert max(body["usage"]["batch_size"] for body in together) > 2  # shared passes happened
+    assert alone[3]["warnings"] and not alone[2]["warnings"]
+    for body, reference in zip(together, alone, strict=True):
+        assert body["warnings"] == reference["warnings"]
+        assert (body["calibrated"], body["alpha"]) == (reference["calibrated"], reference["alpha"])
+        for served, single in zip(body["predictions"], reference["predictions"], strict=True):
+            assert served["calibrated"] is True
+            assert served["prediction_set"] == single["prediction_set"]
+            np.testing.assert_allclose(
+                served["probabilities"], single["probabilities"], atol=FLOAT32_AGREEMENT, rtol=0
+            )
+
+
 def test_version_selects_the_weights(client: httpx.Client) -> None:
     inputs = digit_like_sequences(3, seed=3)
     latest = predict(client, "tiny-digits", inputs=inputs)
