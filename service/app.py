@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -32,7 +33,7 @@ from service.api import (
 from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
-from service.api.fast_step import FastStepPath
+from service.api.fast_paths import FastPaths
 from service.api.limits import OwnedCount, RequestRateLimit
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
@@ -121,6 +122,13 @@ async def watch_store(
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def hot_routes() -> list[APIRoute]:
+    """The routes `FastPaths` answers: a session step and a stateless prediction."""
+    hot = (v1_sessions.step_session, v1_models.predict)
+    routes = [*v1_sessions.router.routes, *v1_models.router.routes]
+    return [route for route in routes if getattr(route, "endpoint", None) in hot]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app serving the repository named in `settings` (read from the environment when
     omitted)."""
@@ -199,8 +207,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     # The last added runs first: metrics, then the key check, the key's rate, the body size,
-    # and innermost the session step's fast path.
-    app.add_middleware(FastStepPath, enabled=settings.fast_step_path)
+    # and innermost the hot routes' fast path.
+    app.add_middleware(FastPaths, routes=hot_routes(), enabled=settings.fast_paths)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         RequestRateLimit,

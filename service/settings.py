@@ -103,12 +103,13 @@ class Settings(BaseSettings):
     batching: bool = Field(
         True, description="Micro-batch concurrent session steps (false: one run per step)."
     )
-    fast_step_path: bool = Field(
+    fast_paths: bool = Field(
         True,
         description=(
-            "Answer well-formed session steps (POST /v1/sessions/{id}/step) without FastAPI's "
-            "per-request routing and validation machinery (service/api/fast_step.py); false "
-            "sends every step through the FastAPI route, which answers the same."
+            "Answer well-formed session steps and predictions (POST /v1/sessions/{id}/step, "
+            "/v1/models/{name}/predict) without FastAPI's per-request routing, parsing and "
+            "dependency machinery (service/api/fast_paths.py); false sends them through "
+            "FastAPI, which answers the same."
         ),
     )
     batch_window_ms: float = Field(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
+from service.api.route_helpers import get_dataplane, serialized
 from service.api.schemas.common import ErrorResponse
 from service.api.schemas.models import (
     BackendInfo,
@@ -113,9 +113,9 @@ def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictRes
     responses={**_NOT_FOUND, **_BAD_INPUT, **_PREDICT_ERRORS},
     summary="Predict on whole sequences",
 )
-async def predict(
-    name: str, body: PredictRequest, request: Request, dataplane: DataPlaneDependency
-) -> PredictResponse:
+async def predict(name: str, body: PredictRequest, request: Request) -> Response:
+    # A hot route (service.api.fast_paths calls it directly): no dependencies.
+    dataplane: DataPlane = request.app.state.dataplane
     conformal = ConformalOptions(
         alpha=body.alpha,
         score=body.score,
@@ -137,4 +137,4 @@ async def predict(
     warnings = list(batch.warnings)
     if body.seed is not None:
         warnings.append(IGNORED_SEED_WARNING)
-    return _predict_response(batch, warnings)
+    return serialized(_predict_response(batch, warnings))

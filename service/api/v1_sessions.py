@@ -17,7 +17,7 @@ from service.api.schemas.sessions import (
     SessionStepResponse,
 )
 from service.sessions.plane import SessionManager
-from service.sessions.types import SessionInfo, StepOutcome
+from service.sessions.types import SessionInfo
 
 router = APIRouter(prefix="/v1", tags=["sessions"])
 
@@ -145,14 +145,15 @@ async def delete_session(
     return Response(status_code=204)
 
 
-async def step_and_note(
-    request: Request, session_id: str, body: SessionStepRequest
-) -> StepOutcome:
-    """Step the session for the request's caller, and note the session for the key's quota
-    and the model and backend for the request metrics. The route and its fast path
-    (`service.api.fast_step`) both run this."""
-    # The app's objects straight from the request, not as dependencies: this is the hot path,
-    # and FastAPI's dependency solving costs more than the lookups.
+@router.post(
+    "/sessions/{session_id}/step",
+    response_model=SessionStepResponse,
+    responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
+    summary="Feed the next chunk of the session's sequence",
+)
+async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
+    # A hot route (service.api.fast_paths calls it directly): no dependencies, and the app's
+    # objects straight from the request.
     sessions: SessionManager = request.app.state.sessions
     principal = get_principal(request)
     outcome = await sessions.step(
@@ -160,21 +161,4 @@ async def step_and_note(
     )
     _note_session(request, principal, outcome.info)
     label_request(request, model=outcome.info.model, backend=outcome.info.backend)
-    return outcome
-
-
-STEP_ROUTE_NAME = "step_session"
-
-
-@router.post(
-    "/sessions/{session_id}/step",
-    name=STEP_ROUTE_NAME,
-    response_model=SessionStepResponse,
-    responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
-    summary="Feed the next chunk of the session's sequence",
-)
-async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
-    # The reference path of the step: `service.api.fast_step` answers well-formed steps
-    # before they get here, and everything else (malformed bodies) here.
-    outcome = await step_and_note(request, session_id, body)
     return serialized(SessionStepResponse.of(outcome))

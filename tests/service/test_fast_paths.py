@@ -1,11 +1,12 @@
-"""The session step's fast path (`service.api.fast_step`) answers exactly as the FastAPI route.
+"""The hot routes' fast path (`service.api.fast_paths`) answers exactly as FastAPI does.
 
 Two real servers over the same built-in models and the same kind of state store, one with
-the fast path and one without (NEUROSERVE_FAST_STEP_PATH=false: every step through the
-route), get the same requests; their answers must agree in status and body, apart from what
-differs between any two sessions (id, expiry time, wall time of the run). A third test drives
-the middleware alone, with an app behind it that fails if reached, to show that a
-well-formed step is really answered by the fast path and a malformed one is not.
+the fast path and one without (NEUROSERVE_FAST_PATHS=false: everything through FastAPI), get
+the same requests (session steps, predictions); their answers must agree in status and body,
+apart from what differs between any two sessions or predictions (ids, expiry time, wall time
+of the run). Other tests drive the middleware alone, with an app behind it that answers 599,
+to show that a well-formed request is really answered by the fast path and a malformed one
+is not.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
 
 from models.repository import default_repository_root
 from service.api.auth import ANONYMOUS, hash_key
-from service.api.fast_step import FastStepPath, step_session_id
-from service.app import create_app
+from service.api.fast_paths import FastPaths, HotRoute
+from service.api.route_helpers import get_dataplane
+from service.app import create_app, hot_routes
 from service.settings import Settings
 from tests.service.conftest import running_server
 
@@ -34,7 +39,7 @@ STEP_ROUTE = "/v1/sessions/{session_id}/step"
 def _settings(fast: bool, redis_url: str | None, prefix: str) -> Settings:
     return Settings(
         model_repository=default_repository_root(),
-        fast_step_path=fast,
+        fast_paths=fast,
         api_keys=[f"tester:{hash_key(KEY)}"],
         redis_url=redis_url,
         state_store_prefix=prefix,
@@ -69,12 +74,15 @@ def _comparable(answer: httpx.Response, session_id: str) -> tuple[int, Any]:
         body = answer.json()
     except json.JSONDecodeError:
         return answer.status_code, answer.text
-    if isinstance(body, dict) and "session_id" in body:
+    if isinstance(body, dict) and "usage" in body:
         body = {k: v for k, v in body.items() if k not in ("session_id", "expires_at")}
         body["usage"] = {k: v for k, v in body["usage"].items() if k != "compute_seconds"}
-        for prediction in [body["prediction"], *(body["step_predictions"] or [])]:
+        predictions = body.get("predictions") or [body["prediction"]]
+        for prediction in [*predictions, *(body.get("step_predictions") or [])]:
             del prediction["id"]  # each prediction's own, for feedback
-    text = json.dumps(body, sort_keys=True).replace(session_id, "<id>")
+    text = json.dumps(body, sort_keys=True)
+    if session_id:
+        text = text.replace(session_id, "<id>")
     return answer.status_code, json.loads(text)
 
 
@@ -174,10 +182,66 @@ def test_the_fast_path_is_counted_like_the_route(servers: dict[bool, httpx.Clien
     assert (_step_count(fast, "200"), _step_count(fast, "404")) == (before[0] + 1, before[1] + 1)
 
 
+def _predict_both(servers: dict[bool, httpx.Client], body: dict) -> dict[bool, tuple[int, Any]]:
+    return {
+        fast: _comparable(client.post("/v1/models/digits-lru/predict", json=body), "")
+        for fast, client in servers.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": [[ROW] * 8, [ROW[::-1]] * 5]},
+        {"inputs": [[ROW] * 8], "alpha": 0.05, "score": "lac", "max_set_size": 1},
+        {"inputs": [[ROW] * 8], "seed": 3},  # answered with a warning
+        {"inputs": [[ROW] * 8], "backend": "nope"},  # refused by the data plane
+        {"inputs": [[ROW] * 8], "alpha": 2},  # refused by the schema
+    ],
+)
+def test_predictions_get_the_same_answers(servers: dict[bool, httpx.Client], body: dict) -> None:
+    answers = _predict_both(servers, body)
+    assert answers[True] == answers[False]
+
+
+def test_unknown_models_get_the_same_answers(servers: dict[bool, httpx.Client]) -> None:
+    answers = {
+        fast: _comparable(client.post("/v1/models/nope/predict", json={"inputs": [[ROW]]}), "")
+        for fast, client in servers.items()
+    }
+    assert answers[True][0] == 404 and answers[True] == answers[False]
+
+
 # ---- the middleware alone -----------------------------------------------------------------
 
 
-def test_the_fast_path_answers_well_formed_steps_itself() -> None:
+def _call(fast_paths: FastPaths, app: Any, path: str, body: bytes) -> int:
+    """Send one POST through `fast_paths` (inside a running event loop); its status."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "app": app,
+        "state": {"principal": ANONYMOUS},
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        await fast_paths(scope, receive, send)
+
+    return run, sent
+
+
+def test_the_fast_path_answers_well_formed_requests_itself() -> None:
     app = create_app(Settings(model_repository=default_repository_root()))
     reached: list[str] = []
 
@@ -186,39 +250,25 @@ def test_the_fast_path_answers_well_formed_steps_itself() -> None:
         await send({"type": "http.response.start", "status": 599, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    fast_path = FastStepPath(behind)
+    fast_paths = FastPaths(behind, routes=hot_routes())
 
-    async def call(path: str, body: bytes) -> int:
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": path,
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json")],
-            "app": app,
-            "state": {"principal": ANONYMOUS},
-        }
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-        sent: list[dict] = []
-
-        async def receive() -> dict:
-            return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            sent.append(message)
-
-        await fast_path(scope, receive, send)
+    async def status(path: str, body: bytes) -> int:
+        run, sent = _call(fast_paths, app, path, body)
+        await run()
         return sent[0]["status"]
 
     async def scenario() -> None:
         async with app.router.lifespan_context(app):
-            sessions = app.state.sessions
-            info = await sessions.create(model="digits-lru")
-            path = f"/v1/sessions/{info.session_id}/step"
-            assert await call(path, json.dumps({"inputs": [ROW]}).encode()) == 200
+            info = await app.state.sessions.create(model="digits-lru")
+            step = f"/v1/sessions/{info.session_id}/step"
+            assert await status(step, json.dumps({"inputs": [ROW]}).encode()) == 200
+            predict = "/v1/models/digits-lru/predict"
+            assert await status(predict, json.dumps({"inputs": [[ROW] * 8]}).encode()) == 200
             assert reached == []
-            assert await call(path, b'{"inputs": [[1]], "typo": 1}') == 599
-            assert reached == [path]
+            assert await status(step, b'{"inputs": [[1]], "typo": 1}') == 599
+            assert await status(predict, b'{"inputs": [], "typo": 1}') == 599
+            assert await status("/v1/sessions", b'{"model": "digits-lru"}') == 599
+            assert reached == [step, predict, "/v1/sessions"]
 
     asyncio.run(scenario())
 
@@ -226,8 +276,8 @@ def test_the_fast_path_answers_well_formed_steps_itself() -> None:
 @pytest.mark.parametrize(
     ("method", "path", "root_path", "expected"),
     [
-        ("POST", "/v1/sessions/abc/step", "", "abc"),
-        ("POST", "/api/v1/sessions/abc/step", "/api", "abc"),
+        ("POST", "/v1/sessions/abc/step", "", {"session_id": "abc"}),
+        ("POST", "/api/v1/sessions/abc/step", "/api", {"session_id": "abc"}),
         ("GET", "/v1/sessions/abc/step", "", None),
         ("POST", "/v1/sessions/abc/step/", "", None),
         ("POST", "/v1/sessions/a/b/step", "", None),
@@ -236,8 +286,25 @@ def test_the_fast_path_answers_well_formed_steps_itself() -> None:
         ("POST", "/v2/sessions/abc/step", "", None),
     ],
 )
-def test_only_the_step_route_is_recognised(
-    method: str, path: str, root_path: str, expected: str | None
+def test_a_hot_route_matches_its_own_paths_only(
+    method: str, path: str, root_path: str, expected: dict | None
 ) -> None:
+    (step,) = [HotRoute.of(r) for r in hot_routes() if r.path.endswith("/step")]
     scope = {"type": "http", "method": method, "path": path, "root_path": root_path}
-    assert step_session_id(scope) == expected
+    assert step.path_params(scope) == expected
+
+
+def test_an_endpoint_with_dependencies_cannot_be_hot() -> None:
+    router = APIRouter()
+
+    class Body(BaseModel):
+        x: int
+
+    @router.post("/things/{name}")
+    async def with_dependency(
+        name: str, body: Body, request: Request, dataplane: Any = get_dataplane
+    ) -> Response:
+        return Response()
+
+    with pytest.raises(ValueError, match="takes exactly"):
+        HotRoute.of(router.routes[0])
