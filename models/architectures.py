@@ -15,11 +15,13 @@ from typing import Any
 
 from models.base import StatefulModel
 from models.lru import LRUConfig, LRUModel
+from models.nir_graph import NIRGraphConfig, NIRGraphModel
 from models.selective import SelectiveConfig, SelectiveModel
 from models.snn import SNNConfig, SNNModel
 
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "lru": (LRUConfig, LRUModel),
+    "nir": (NIRGraphConfig, NIRGraphModel),
     "selective": (SelectiveConfig, SelectiveModel),
     "snn": (SNNConfig, SNNModel),
 }
@@ -44,6 +46,10 @@ def _coerce(config_cls: type, name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
         return value
+    if hint in (dict, list):  # structured JSON (an imported graph); the config checks it
+        if not isinstance(value, hint):
+            raise ValueError(f"{where} must be a JSON {hint.__name__}, got {type(value).__name__}")
+        return value
     raise TypeError(f"{where} has unsupported field type {hint!r}")  # a bug in a config class
 
 
@@ -65,7 +71,7 @@ def build_config(architecture: str, model_config: Mapping[str, Any]) -> Any:
 
 
 def build_model(architecture: str, model_config: Mapping[str, Any]) -> StatefulModel:
-    """A freshly initialised model of `architecture` ("lru", "selective", "snn")."""
+    """A freshly initialised model of `architecture` (a key of ARCHITECTURES)."""
     config = build_config(architecture, model_config)
     _, model_cls = ARCHITECTURES[architecture]
     return model_cls(config)

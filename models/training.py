@@ -343,7 +343,7 @@ def evaluate_trained(
     return metrics
 
 
-def _neuroserve_version() -> str:
+def neuroserve_version() -> str:
     try:
         return metadata.version("neuroserve")
     except metadata.PackageNotFoundError:
@@ -390,7 +390,7 @@ def artifact_config(
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
-        "neuroserve_version": _neuroserve_version(),
+        "neuroserve_version": neuroserve_version(),
     }
     config["metrics"] = metrics
     return config
