@@ -156,7 +156,9 @@ class NeuronNode(GraphNode):
             v = v + self.r * current
         else:
             if self.kind == "CubaLIF":
-                i_syn = state["i_syn"] + self.dt / self.tau_syn * (self.w_in * current - state["i_syn"])
+                i_syn = state["i_syn"] + self.dt / self.tau_syn * (
+                    self.w_in * current - state["i_syn"]
+                )
                 new["i_syn"] = i_syn
                 drive, tau = i_syn, self.tau_mem
             else:
@@ -216,4 +218,3 @@ def synapses_per_input(node: GraphNode) -> int:
         weight = node.conv.weight  # [C_out, C_in/groups, *k]
         return int(weight.numel() // max(weight.shape[1] * node.conv.groups, 1))
     return 1
-
