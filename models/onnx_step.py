@@ -74,6 +74,16 @@ class OnnxStepModel(StatefulModel):
         super()._load_from_state_dict(*args, **kwargs)
         self._session = None  # new graph bytes: a new session on the next step
 
+    def __getstate__(self) -> dict:
+        # Copies (backends deep-copy a model to run it their way) build their own session.
+        state = dict(super().__getstate__())
+        state["_session"], state["_session_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._session_lock = threading.Lock()
+
     def graph_bytes(self) -> bytes:
         return self.graph.cpu().numpy().tobytes()
 
