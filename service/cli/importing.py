@@ -58,6 +58,7 @@ def run_import(args: argparse.Namespace) -> int:
                 command=command,
             )
         else:
+            # Imported here, not at the top, so that `neuroserve --help` starts fast.
             from models.onnx_import import import_onnx
 
             card = import_onnx(
