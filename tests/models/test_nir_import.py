@@ -333,3 +333,75 @@ def test_published_import_loads_back_identical_with_its_origin(tmp_path: Path) -
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], fresh(x)[0])
     json.dumps(card.config)  # the whole graph description is plain JSON
+
+
+def test_norse_integrate_and_fire_graph_steps_like_norse(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = norse.SequentialState(
+        torch.nn.Linear(4, 5), norse.IAFCell(), torch.nn.Linear(5, 3), norse.LIBoxCell()
+    )
+    graph = norse.to_nir(net, torch.rand(1, 4))
+    nodes = dict(graph.nodes)
+    nodes["input"] = nir.Input(input_type={"input": np.array([4])})
+    nodes["output"] = nir.Output(output_type={"output": np.array([3])})
+    nodes["1"] = nir.IF(
+        r=np.ones(5, dtype=np.float32),
+        v_threshold=np.full(5, float(np.asarray(graph.nodes["1"].v_threshold).max())),
+        v_reset=np.zeros(5, dtype=np.float32),
+    )
+    nodes["3"] = nir.LI(
+        **{
+            key: np.full(3, float(np.asarray(getattr(graph.nodes["3"], key))), dtype=np.float32)
+            for key in ("tau", "r", "v_leak")
+        }
+    )
+    graph = _roundtrip(nir.NIRGraph(nodes=nodes, edges=list(graph.edges)), tmp_path / "iaf.nir")
+    model = build_nir_model(graph, dt=1e-6)  # Norse 1.1.0's τ convention, as above
+    x = _inputs()
+    state, norse_state = model.init_state(x.shape[0]), None
+    spikes = 0.0
+    with torch.no_grad():
+        for t in range(STEPS):
+            out, norse_state = net(x[:, t], norse_state)
+            logits, state = model.step(x[:, t], state)
+            torch.testing.assert_close(logits, out, atol=ATOL, rtol=0)
+            torch.testing.assert_close(state["1.v"], norse_state[1].v, atol=ATOL, rtol=0)
+            spikes += float((state["1.v"] == 0).sum())
+    assert spikes > 0, "the IF layer must fire and reset"
+
+
+def test_conv2d_flatten_graph_steps_like_torch() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, 1, 3, 3, generator=generator)
+    bias = torch.randn(2, generator=generator)
+    dense = torch.randn(3, 2 * 4 * 4, generator=generator) * 0.5
+    graph = nir.NIRGraph(
+        nodes={
+            "input": nir.Input(input_type={"input": np.array([1, 4, 4])}),
+            "conv": nir.Conv2d(
+                input_shape=(4, 4),
+                weight=weight.numpy(),
+                stride=1,
+                padding=1,
+                dilation=1,
+                groups=1,
+                bias=bias.numpy(),
+            ),
+            "flat": nir.Flatten(input_type={"input": np.array([2, 4, 4])}, start_dim=0),
+            "fc": nir.Linear(weight=dense.numpy()),
+            "li": nir.LI(tau=np.full(3, 1e-3), r=np.ones(3), v_leak=np.zeros(3)),
+            "output": nir.Output(output_type={"output": np.array([3])}),
+        },
+        edges=[("input", "conv"), ("conv", "flat"), ("flat", "fc"), ("fc", "li"), ("li", "output")],
+        type_check=False,
+    )
+    model = build_nir_model(graph, dt=1e-4)
+    assert model.config.d_input == 16
+    x = _inputs(batch=2, features=16)
+    logits, _ = model(x)
+    v = torch.zeros(2, 3)
+    for t in range(STEPS):
+        image = x[:, t].reshape(2, 1, 4, 4)
+        current = torch.nn.functional.conv2d(image, weight, bias, padding=1).flatten(1) @ dense.T
+        v = v + 0.1 * (current - v)  # dt/τ = 0.1, R = 1
+        torch.testing.assert_close(logits[:, t], v, atol=ATOL, rtol=0)
