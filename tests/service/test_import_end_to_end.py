@@ -55,6 +55,23 @@ def test_snntorch_network_served_calibrated_with_its_own_accuracy(
     with running_server(create_app(settings)) as base_url:
         info = httpx.get(f"{base_url}/v1/models/{snn_bench.NAME}", timeout=30).json()
         served = snn_bench.serve_sessions(base_url, test.inputs, test.labels)
+        # The graph's state (membranes) carries across requests: row by row, one request
+        # per row, ends where one request with all rows ends.
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            for image in test.inputs[:3].tolist():
+                answers = []
+                for chunks in ([image], [[row] for row in image]):
+                    session = client.post("/v1/sessions", json={"model": snn_bench.NAME})
+                    session_id = session.json()["session_id"]
+                    for chunk in chunks:
+                        answer = client.post(
+                            f"/v1/sessions/{session_id}/step", json={"inputs": chunk}
+                        ).json()
+                    answers.append(answer)
+                assert answers[1]["step"] == answers[0]["step"] == 8
+                assert answers[1]["prediction"]["probabilities"] == pytest.approx(
+                    answers[0]["prediction"]["probabilities"], abs=1e-6
+                )
     assert info["architecture"] == "nir"
     assert info["origin"]["kind"] == "imported" and info["origin"]["format"] == "nir"
     assert info["origin"]["sha256"] == hashlib.sha256(nir_path.read_bytes()).hexdigest()
