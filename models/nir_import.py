@@ -403,8 +403,8 @@ def import_nir(
     try:
         model = build_nir_model(graph, dt, readout, input_scale)
     except NIRImportError:
-        raise
-    except (ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise  # already names the node
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:  # e.g. a bad conv setting
         raise NIRImportError(f"{path}: cannot build a steppable model ({error})") from error
     with torch.no_grad():  # a test step: the graph must run before it is published
         model.step(torch.zeros(2, model.config.d_input), model.init_state(2))
