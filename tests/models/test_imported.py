@@ -6,6 +6,7 @@ import pytest
 
 from models.imported import class_labels, model_origin
 from models.repository import ModelRepository, default_repository_root
+from models.training import TrainingRecipe
 
 
 def test_built_in_artifacts_say_built_in() -> None:
@@ -28,3 +29,8 @@ def test_labels_default_to_indices_and_must_fit_the_outputs() -> None:
     assert class_labels(["a", "b"], 2) == ["a", "b"]
     with pytest.raises(ValueError, match="--labels needs 3 distinct names"):
         class_labels(["a", "a", "b"], 3)
+
+
+def test_imported_architectures_are_not_trained_here() -> None:
+    with pytest.raises(ValueError, match="made by `neuroserve import`, not trained here"):
+        TrainingRecipe(architecture="nir", dataset="digits-seq:rows")
