@@ -405,3 +405,47 @@ def test_conv2d_flatten_graph_steps_like_torch() -> None:
         current = torch.nn.functional.conv2d(image, weight, bias, padding=1).flatten(1) @ dense.T
         v = v + 0.1 * (current - v)  # dt/τ = 0.1, R = 1
         torch.testing.assert_close(logits[:, t], v, atol=ATOL, rtol=0)
+
+
+def test_norse_cuba_lif_graph_steps_like_norse_once_w_in_is_written_as_norse_runs_it(
+    tmp_path: Path,
+) -> None:
+    """Norse 1.1.0 writes its LIFCell as CubaLIF with w_in = 1 but adds its input to the
+    current unscaled, which NIR's τ_syn dI/dt = −I + w_in x does with w_in = τ_syn/dt. With
+    that w_in written, the graph steps as Norse ran it (snnTorch's Synaptic exports so)."""
+    dt = 1e-6  # Norse 1.1.0's τ convention, as above
+    torch.manual_seed(0)
+    net = norse.SequentialState(
+        torch.nn.Linear(4, 5), norse.LIFCell(), torch.nn.Linear(5, 3), norse.LIBoxCell()
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(5.0)
+    graph = norse.to_nir(net, torch.rand(1, 4))
+    cuba, li = graph.nodes["1"], graph.nodes["3"]
+    assert float(np.asarray(cuba.w_in)) == 1.0
+
+    def per_neuron(value, n: int) -> np.ndarray:
+        return np.full(n, float(np.asarray(value)), dtype=np.float32)
+
+    nodes = dict(graph.nodes)
+    nodes["input"] = nir.Input(input_type={"input": np.array([4])})
+    nodes["output"] = nir.Output(output_type={"output": np.array([3])})
+    fields = ("tau_syn", "tau_mem", "r", "v_leak", "v_threshold", "v_reset")
+    nodes["1"] = nir.CubaLIF(
+        **{key: per_neuron(getattr(cuba, key), 5) for key in fields},
+        w_in=per_neuron(float(np.asarray(cuba.tau_syn)) / dt, 5),
+    )
+    nodes["3"] = nir.LI(**{key: per_neuron(getattr(li, key), 3) for key in ("tau", "r", "v_leak")})
+    graph = _roundtrip(nir.NIRGraph(nodes=nodes, edges=list(graph.edges)), tmp_path / "cuba.nir")
+    model = build_nir_model(graph, dt=dt)
+    x = _inputs()
+    state, norse_state = model.init_state(x.shape[0]), None
+    resets = 0
+    with torch.no_grad():
+        for t in range(STEPS):
+            out, norse_state = net(x[:, t], norse_state)
+            logits, state = model.step(x[:, t], state)
+            torch.testing.assert_close(logits, out, atol=ATOL, rtol=0)
+            torch.testing.assert_close(state["1.v"], norse_state[1].v, atol=ATOL, rtol=0)
+            resets += int((state["1.v"] == 0).sum())
+    assert resets > 0, "the CubaLIF layer must fire and reset"
