@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
+from models.imported import model_origin
 from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
@@ -89,6 +90,7 @@ def model_info(
         metrics=config.get("metrics") or {},
         dataset=config.get("dataset"),
         provenance=config.get("provenance") or {},
+        origin=model_origin(config),
         backends=[BackendInfo.model_validate(info) for info in dataplane.backend_infos(card)],
     )
 

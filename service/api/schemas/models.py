@@ -95,6 +95,14 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: Any = None
     provenance: dict[str, Any] = Field(default_factory=dict)
+    origin: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            'Where this version came from: {"kind": "built-in" | "trained" | "fine-tuned", '
+            '"command"}, or {"kind": "imported", "format": "nir" | "onnx", "file", "sha256", '
+            "...} for `neuroserve import` (sha256 of the source file)."
+        ),
+    )
     backends: list[BackendInfo] = Field(
         default_factory=list,
         description="Registered backends: does each run here, is this version calibrated on it.",
