@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Request
 
 from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
-from service.api.schemas.common import ErrorResponse
+from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, get_dataplane
 from service.api.schemas.models import (
+    PREDICT_EXAMPLES,
     BackendInfo,
     InputSpec,
     ModelInfo,
@@ -22,6 +22,7 @@ from service.api.schemas.models import (
     PredictResponse,
     Usage,
 )
+from service.api.schemas.parameters import ModelName, VersionQuery
 from service.dataplane.plane import DataPlane
 from service.dataplane.predictions import ConformalOptions, PredictionBatch
 
@@ -30,22 +31,19 @@ IGNORED_SEED_WARNING = (
     "prediction id, so that no request can steer coverage"
 )
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=UNAUTHORIZED)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown model or version."}
-}
+_NOT_FOUND = error_doc(404, "Unknown model or version.")
 _BAD_INPUT: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Request body too large."},
-    422: {"model": ErrorResponse, "description": "Malformed input; the message says where."},
+    **TOO_LARGE,
+    **error_doc(422, "Malformed input; the message says where and how to fix it."),
 }
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {
-        "model": ErrorResponse,
-        "description": "The model is not calibrated on this backend (`neuroserve calibrate`).",
-    },
-    503: {"model": ErrorResponse, "description": "The backend cannot run on this server."},
+    **error_doc(409, "The model is not calibrated on this backend (`neuroserve calibrate`)."),
+    **error_doc(
+        503, "The backend cannot run on this server, or the model's artifact cannot be loaded."
+    ),
 }
 
 
@@ -61,6 +59,7 @@ def _summary(card: ModelCard, versions: list[str]) -> ModelSummary:
 
 @router.get("/models", response_model=ModelList, summary="List models")
 def list_models(dataplane: DataPlaneDependency) -> ModelList:
+    """Every model this server serves, with its task, architecture and versions."""
     cards = dataplane.list_models()
     return ModelList(models=[_summary(card, dataplane.versions(card.name)) for card in cards])
 
@@ -69,10 +68,10 @@ def list_models(dataplane: DataPlaneDependency) -> ModelList:
     "/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, summary="Describe a model"
 )
 def model_info(
-    name: str,
-    dataplane: DataPlaneDependency,
-    version: Annotated[str | None, Query(description="Version; the latest when omitted.")] = None,
+    name: ModelName, dataplane: DataPlaneDependency, version: VersionQuery = None
 ) -> ModelInfo:
+    """A model version's labels or vocabulary, input shape, metrics, provenance, and which
+    backends run it here with a calibration."""
     card = dataplane.card(name, version)
     config = card.config
     versions = dataplane.versions(name)
@@ -114,8 +113,13 @@ def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictRes
     summary="Predict on whole sequences",
 )
 async def predict(
-    name: str, body: PredictRequest, request: Request, dataplane: DataPlaneDependency
+    name: ModelName,
+    body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)],
+    request: Request,
+    dataplane: DataPlaneDependency,
 ) -> PredictResponse:
+    """Calibrated predictions with conformal prediction sets for a batch of whole sequences
+    (stateless; use sessions to feed a sequence step by step)."""
     conformal = ConformalOptions(
         alpha=body.alpha,
         score=body.score,

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import error_doc, serialized
+from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, serialized
+from service.api.schemas.parameters import SessionId
 from service.api.schemas.sessions import (
+    SESSION_CREATE_EXAMPLES,
+    SESSION_STEP_EXAMPLES,
     SessionCreateRequest,
     SessionResponse,
     SessionStepRequest,
@@ -19,7 +22,7 @@ from service.api.schemas.sessions import (
 from service.sessions.plane import SessionManager
 from service.sessions.types import SessionInfo, StepOutcome
 
-router = APIRouter(prefix="/v1", tags=["sessions"])
+router = APIRouter(prefix="/v1", tags=["sessions"], responses=UNAUTHORIZED)
 
 
 async def get_sessions(request: Request) -> SessionManager:
@@ -38,7 +41,7 @@ _CONFLICT = error_doc(
     "asked of a backend without a fitted rule.",
 )
 _UNAVAILABLE = error_doc(503, "The state store (or the backend) cannot serve right now.")
-_BAD_INPUT = error_doc(422, "Malformed input; the message says where.")
+_BAD_INPUT = {**TOO_LARGE, **error_doc(422, "Malformed input; the message says where.")}
 
 
 def _session_out(info: SessionInfo) -> SessionResponse:
@@ -90,11 +93,13 @@ def _note_session(request: Request, principal: Principal, info: SessionInfo) -> 
     summary="Start a session",
 )
 async def create_session(
-    body: SessionCreateRequest,
+    body: Annotated[SessionCreateRequest, Body(openapi_examples=SESSION_CREATE_EXAMPLES)],
     request: Request,
     sessions: SessionsDependency,
     principal: PrincipalDependency,
 ) -> SessionResponse:
+    """Open a stateful session on a model: its recurrent state is kept between steps, in the
+    server's state store, until deleted or idle for its TTL."""
     label_request(request, model=body.model, backend=body.backend)
     _check_session_quota(request, principal)
     info = await sessions.create(
@@ -121,8 +126,12 @@ async def create_session(
     summary="Describe a session (counts as use: its TTL restarts)",
 )
 async def get_session(
-    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+    session_id: SessionId,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
 ) -> SessionResponse:
+    """The session's model, settings, steps consumed so far and expiry."""
     info = await sessions.get(session_id, owner=principal.owner)
     _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
@@ -137,17 +146,19 @@ async def get_session(
     summary="End a session",
 )
 async def delete_session(
-    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+    session_id: SessionId,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
 ) -> Response:
+    """Forget the session and its state now."""
     await sessions.delete(session_id, owner=principal.owner)
     if principal.owner is not None:
         request.app.state.sessions_per_key.gone(principal.owner, session_id)
     return Response(status_code=204)
 
 
-async def step_and_note(
-    request: Request, session_id: str, body: SessionStepRequest
-) -> StepOutcome:
+async def step_and_note(request: Request, session_id: str, body: SessionStepRequest) -> StepOutcome:
     """Step the session for the request's caller, and note the session for the key's quota
     and the model and backend for the request metrics. The route and its fast path
     (`service.api.fast_step`) both run this."""
@@ -173,7 +184,13 @@ STEP_ROUTE_NAME = "step_session"
     responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
     summary="Feed the next chunk of the session's sequence",
 )
-async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
+async def step_session(
+    session_id: SessionId,
+    body: Annotated[SessionStepRequest, Body(openapi_examples=SESSION_STEP_EXAMPLES)],
+    request: Request,
+) -> Response:
+    """Advance the session's state through the chunk and answer the prediction after its last
+    step (with an early decision where the session asked for one)."""
     # The reference path of the step: `service.api.fast_step` answers well-formed steps
     # before they get here, and everything else (malformed bodies) here.
     outcome = await step_and_note(request, session_id, body)
