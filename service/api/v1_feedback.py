@@ -29,6 +29,9 @@ from service.dataplane.plane import TORCH_BACKEND, DataPlane
 router = APIRouter(prefix="/v1", tags=["feedback"], responses=UNAUTHORIZED)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
+_STORE_UNAVAILABLE = error_doc(
+    503, "The state store (feedback and live counters) cannot be reached."
+)
 
 
 @router.post(
@@ -39,6 +42,7 @@ DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
         **error_doc(409, "This prediction already received its label."),
         **TOO_LARGE,
         **error_doc(422, "Malformed body, or the label is not one of the model's labels."),
+        **_STORE_UNAVAILABLE,
     },
     summary="Send the true label of an earlier prediction",
 )
@@ -62,6 +66,7 @@ async def feedback(
         **error_doc(404, "Unknown model or version."),
         **error_doc(409, "The model is not calibrated on this backend."),
         **error_doc(422, "Unknown or empty backend."),
+        **_STORE_UNAVAILABLE,
     },
     summary="Calibration fit and live coverage of a model on a backend",
 )

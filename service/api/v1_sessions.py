@@ -37,8 +37,7 @@ _UNKNOWN = error_doc(404, "Unknown, deleted or expired session.")
 _CONFLICT = error_doc(
     409,
     "The session's stored state does not fit the model now served (redeployed with another "
-    "state shape), or it kept changing under concurrent writers; at create: early decisions "
-    "asked of a backend without a fitted rule.",
+    "state shape, or no longer serves its model), or it kept changing under concurrent writers.",
 )
 _UNAVAILABLE = error_doc(503, "The state store (or the backend) cannot serve right now.")
 _BAD_INPUT = {**TOO_LARGE, **error_doc(422, "Malformed input; the message says where.")}
@@ -84,6 +83,7 @@ def _note_session(request: Request, principal: Principal, info: SessionInfo) -> 
     response_model=SessionResponse,
     responses={
         **error_doc(404, "Unknown model or version."),
+        **error_doc(409, "Early decisions asked of a model or backend without a calibrated rule."),
         **_BAD_INPUT,
         **error_doc(
             429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."
