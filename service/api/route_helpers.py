@@ -41,7 +41,18 @@ UNAUTHORIZED_DESCRIPTION = (
     "API keys are configured (NEUROSERVE_API_KEYS) and the request sent none, or an unknown one "
     "(`Authorization: Bearer <key>` or `X-API-Key`)."
 )
-UNAUTHORIZED = error_doc(401, UNAUTHORIZED_DESCRIPTION)
-V2_UNAUTHORIZED = error_doc(401, UNAUTHORIZED_DESCRIPTION, V2ErrorResponse)
+RATE_LIMITED_DESCRIPTION = (
+    "Over the API key's request rate (NEUROSERVE_RATE_LIMIT_PER_SECOND); retry after the "
+    "`Retry-After` seconds."
+)
+# What every route but the open ones (health probes, metrics, docs) may answer.
+ACCESS_ERRORS = {
+    **error_doc(401, UNAUTHORIZED_DESCRIPTION),
+    **error_doc(429, RATE_LIMITED_DESCRIPTION),
+}
+V2_ACCESS_ERRORS = {
+    **error_doc(401, UNAUTHORIZED_DESCRIPTION, V2ErrorResponse),
+    **error_doc(429, RATE_LIMITED_DESCRIPTION, V2ErrorResponse),
+}
 TOO_LARGE_DESCRIPTION = "Request body over NEUROSERVE_MAX_REQUEST_BYTES."
 TOO_LARGE = error_doc(413, TOO_LARGE_DESCRIPTION)

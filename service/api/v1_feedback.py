@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, Request
 
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, get_dataplane
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
 from service.api.schemas.feedback import (
     FEEDBACK_EXAMPLES,
     CalibrationStatus,
@@ -26,7 +26,7 @@ from service.api.schemas.feedback import (
 from service.api.schemas.parameters import BackendQuery, ClassifierName, VersionQuery
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 
-router = APIRouter(prefix="/v1", tags=["feedback"], responses=UNAUTHORIZED)
+router = APIRouter(prefix="/v1", tags=["feedback"], responses=ACCESS_ERRORS)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 _STORE_UNAVAILABLE = error_doc(

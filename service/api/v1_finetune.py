@@ -27,7 +27,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import Principal, PrincipalDependency, require_admin
-from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, get_dataplane
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
 from service.api.schemas.finetune import (
     FINETUNE_JOB_EXAMPLES,
     FinetuneJob,
@@ -80,7 +80,7 @@ async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 router = APIRouter(
-    prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan, responses=UNAUTHORIZED
+    prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan, responses=ACCESS_ERRORS
 )
 
 
@@ -233,7 +233,7 @@ async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueu
         **error_doc(
             429,
             "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS, "
-            "NEUROSERVE_MAX_JOBS_PER_KEY).",
+            "NEUROSERVE_MAX_JOBS_PER_KEY), or over the key's request rate.",
         ),
         **_UNAVAILABLE,
     },

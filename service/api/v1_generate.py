@@ -36,7 +36,7 @@ from models.repository import ArtifactError, ModelNotFoundError
 from service.api.auth import PrincipalDependency, authenticate_key
 from service.api.limits import TokenBucket
 from service.api.metrics_route import label_request
-from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, get_dataplane
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
 from service.api.schemas.generate import (
     GENERATE_EXAMPLES,
     GenerateMessage,
@@ -73,7 +73,7 @@ def _sessions(app_state: Any) -> Any:
     "/models/{name}/generate",
     response_model=GenerateResponse,
     responses={
-        **UNAUTHORIZED,
+        **ACCESS_ERRORS,
         **error_doc(404, "Unknown model, version or session."),
         **error_doc(409, "The backend is not calibrated, or the session belongs to another model."),
         **TOO_LARGE,

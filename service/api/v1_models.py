@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, get_dataplane
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
 from service.api.schemas.models import (
     PREDICT_EXAMPLES,
     BackendInfo,
@@ -31,7 +31,7 @@ IGNORED_SEED_WARNING = (
     "prediction id, so that no request can steer coverage"
 )
 
-router = APIRouter(prefix="/v1", tags=["models"], responses=UNAUTHORIZED)
+router = APIRouter(prefix="/v1", tags=["models"], responses=ACCESS_ERRORS)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 _NOT_FOUND = error_doc(404, "Unknown model or version.")

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import TOO_LARGE, UNAUTHORIZED, error_doc, serialized
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, serialized
 from service.api.schemas.parameters import SessionId
 from service.api.schemas.sessions import (
     SESSION_CREATE_EXAMPLES,
@@ -22,7 +22,7 @@ from service.api.schemas.sessions import (
 from service.sessions.plane import SessionManager
 from service.sessions.types import SessionInfo, StepOutcome
 
-router = APIRouter(prefix="/v1", tags=["sessions"], responses=UNAUTHORIZED)
+router = APIRouter(prefix="/v1", tags=["sessions"], responses=ACCESS_ERRORS)
 
 
 async def get_sessions(request: Request) -> SessionManager:
@@ -86,7 +86,9 @@ def _note_session(request: Request, principal: Principal, info: SessionInfo) -> 
         **error_doc(409, "Early decisions asked of a model or backend without a calibrated rule."),
         **_BAD_INPUT,
         **error_doc(
-            429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."
+            429,
+            "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY), or is "
+            "over its request rate (NEUROSERVE_RATE_LIMIT_PER_SECOND).",
         ),
         **_UNAVAILABLE,
     },

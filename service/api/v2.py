@@ -34,7 +34,7 @@ from service.api.auth import get_principal
 from service.api.metrics_route import label_request
 from service.api.route_helpers import (
     TOO_LARGE_DESCRIPTION,
-    V2_UNAUTHORIZED,
+    V2_ACCESS_ERRORS,
     error_doc,
     get_dataplane,
 )
@@ -96,7 +96,7 @@ SERVER_NAME = "neuroserve"
 # (`service.api.v2_sequences`) without claiming the whole of Triton's sequence extension.
 EXTENSIONS: list[str] = []
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    **V2_UNAUTHORIZED,
+    **V2_ACCESS_ERRORS,
     **error_doc(404, "Unknown model or version.", V2ErrorResponse),
 }
 _NOT_READY: dict[int | str, dict[str, Any]] = {
@@ -111,7 +111,9 @@ def server_version() -> str:
         return "0+unknown"
 
 
-@router.get("", response_model=ServerMetadata, responses=V2_UNAUTHORIZED, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, responses=V2_ACCESS_ERRORS, summary="Server metadata"
+)
 def server_metadata() -> ServerMetadata:
     """The server's name, version and protocol extensions."""
     return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
@@ -296,7 +298,7 @@ async def _infer(
 
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
-    **V2_UNAUTHORIZED,
+    **V2_ACCESS_ERRORS,
     **error_doc(404, "Unknown model, version or sequence.", V2ErrorResponse),
     **error_doc(409, "Sequence already open, or not calibrated on the backend.", V2ErrorResponse),
     **error_doc(413, TOO_LARGE_DESCRIPTION, V2ErrorResponse),

@@ -6,7 +6,8 @@ Servers: uvicorn on loopback serving a copy of the built-in models plus small te
 uncalibrated classifier and language model, a model with corrupted weights), with API keys,
 per-key quotas and a private redis-server for sessions, feedback and the job queue (no worker
 runs: submitted jobs wait in the queue). A second server's redis-server is stopped once it is
-up, for the 503s of an unreachable state store.
+up, for the 503s of an unreachable state store; a third allows each key one request, for the
+429s of the request rate.
 
 Adding a route: give it `summary=`, a docstring, `openapi_examples` for its body and
 parameters (`service.api.schemas`), and `responses=` for each error it answers
@@ -121,6 +122,23 @@ def store_down_server(
         settings = docs_settings(docs_repository.root, url, redis_pool_timeout_seconds=1.0)
         with running_server(create_app(settings)) as base_url:
             redis.stop_all()
+            yield base_url
+    finally:
+        redis.stop_all()
+
+
+@pytest.fixture(scope="module")
+def rate_limited_server(
+    docs_repository: ModelRepository, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A server that allows each key one request, then about one an hour."""
+    redis = RedisProcesses(tmp_path_factory.mktemp("docs-redis-rate"))
+    try:
+        url = f"redis://127.0.0.1:{redis.start()}/0"
+        settings = docs_settings(
+            docs_repository.root, url, rate_limit_per_second=1 / 3600, rate_limit_burst=1
+        )
+        with running_server(create_app(settings)) as base_url:
             yield base_url
     finally:
         redis.stop_all()
@@ -292,7 +310,7 @@ class ErrorCase:
     path: str  # as documented, e.g. /v1/models/{name}/predict
     status: int
     send: Callable[[httpx.Client], httpx.Response]
-    server: str = "docs_server"  # or "store_down_server"
+    server: str = "docs_server"  # or "store_down_server", "rate_limited_server"
 
     @property
     def id(self) -> str:
@@ -311,6 +329,16 @@ def _too_large(url: str) -> Callable[[httpx.Client], httpx.Response]:
 
 def _without_key(method: str, url: str) -> Callable[[httpx.Client], httpx.Response]:
     return lambda c: httpx.request(method, str(c.base_url).rstrip("/") + url, json={}, timeout=30)
+
+
+def _twice(method: str, url: str, body: Any = None) -> Callable[[httpx.Client], httpx.Response]:
+    """The second of two requests (on the rate-limited server, the first uses the burst)."""
+
+    def send(c: httpx.Client) -> httpx.Response:
+        c.request(method, url, json=body)
+        return c.request(method, url, json=body)
+
+    return send
 
 
 def _label_twice(c: httpx.Client) -> httpx.Response:
@@ -361,6 +389,14 @@ ERROR_CASES = [
     ErrorCase("models", "POST", PREDICT, 413, _too_large("/v1/models/digits-lru/predict")),
     ErrorCase("models", "POST", PREDICT, 422, _predict("digits-lru", {"inputs": [[[1.0, 2.0]]]})),
     ErrorCase("models", "POST", PREDICT, 503, _predict("broken", {"inputs": [DIGIT_ROWS]})),
+    ErrorCase(
+        "models",
+        "GET",
+        "/v1/models/{name}",
+        429,
+        _twice("GET", "/v1/models/digits-lru"),
+        server="rate_limited_server",
+    ),
     # sessions
     ErrorCase("sessions", "POST", SESSIONS, 401, _without_key("POST", SESSIONS)),
     ErrorCase(
@@ -414,6 +450,14 @@ ERROR_CASES = [
         lambda c: c.post(FEEDBACK, json={"prediction_id": "0" * 32, "label": "0"}),
         server="store_down_server",
     ),
+    ErrorCase(
+        "feedback",
+        "POST",
+        FEEDBACK,
+        429,
+        _twice("POST", FEEDBACK, {"prediction_id": "0" * 32, "label": "0"}),
+        server="rate_limited_server",
+    ),
     # generation
     ErrorCase("generation", "POST", GENERATE, 401, _without_key("POST", GENERATE)),
     ErrorCase(
@@ -452,6 +496,14 @@ ERROR_CASES = [
         ),
         server="store_down_server",
     ),
+    ErrorCase(
+        "generation",
+        "POST",
+        GENERATE,
+        429,
+        _twice("POST", "/v1/models/charlm-selective/generate", {"prompt": "a", "max_tokens": 2}),
+        server="rate_limited_server",
+    ),
     # fine-tuning
     ErrorCase("fine-tuning", "POST", JOBS, 401, _without_key("POST", JOBS)),
     ErrorCase(
@@ -486,6 +538,14 @@ ERROR_CASES = [
     ErrorCase("v2", "POST", V2_INFER, 409, _v2_infer("tiny-digits", V2_DIGIT)),
     ErrorCase("v2", "POST", V2_INFER, 413, _too_large("/v2/models/digits-lru/infer")),
     ErrorCase("v2", "POST", V2_INFER, 503, _v2_infer("broken", V2_DIGIT)),
+    ErrorCase(
+        "v2",
+        "POST",
+        V2_INFER,
+        429,
+        _twice("POST", "/v2/models/digits-lru/infer", V2_DIGIT),
+        server="rate_limited_server",
+    ),
     ErrorCase(
         "v2", "GET", "/v2/models/{name}/ready", 503, lambda c: c.get("/v2/models/broken/ready")
     ),
