@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -32,9 +32,16 @@ from starlette.concurrency import run_in_threadpool
 from models.repository import ArtifactError, ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
+from service.api.route_helpers import (
+    TOO_LARGE_DESCRIPTION,
+    V2_ACCESS_ERRORS,
+    error_doc,
+    get_dataplane,
+)
 from service.api.schemas.common import V2ErrorResponse
+from service.api.schemas.parameters import ModelName, VersionPath
 from service.api.schemas.v2 import (
+    V2_INFER_EXAMPLES,
     Liveness,
     Readiness,
     ServerMetadata,
@@ -88,9 +95,12 @@ SERVER_NAME = "neuroserve"
 # Optional protocol extensions advertised: none. Triton's sequence parameters are honoured
 # (`service.api.v2_sequences`) without claiming the whole of Triton's sequence extension.
 EXTENSIONS: list[str] = []
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": V2ErrorResponse, "description": "Malformed request; the message says where."},
-    404: {"model": V2ErrorResponse, "description": "Unknown model, version or sequence."},
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model or version.", V2ErrorResponse),
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": V2ModelReady, "description": "Not loaded (yet), or its artifact is broken."}
 }
 
 
@@ -101,13 +111,17 @@ def server_version() -> str:
         return "0+unknown"
 
 
-@router.get("", response_model=ServerMetadata, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, responses=V2_ACCESS_ERRORS, summary="Server metadata"
+)
 def server_metadata() -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
     return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
 
 @router.get("/health/live", response_model=Liveness, summary="Liveness")
 def live() -> Liveness:
+    """200 while the process answers (open without an API key)."""
     return Liveness(live=True)
 
 
@@ -118,6 +132,8 @@ def live() -> Liveness:
     summary="Readiness",
 )
 def ready(request: Request) -> Readiness | JSONResponse:
+    """200 once start-up (model preload) has finished and the state store answers; 503
+    before (open without an API key)."""
     dataplane = getattr(request.app.state, "dataplane", None)
     is_ready = dataplane is not None and dataplane.ready
     if not is_ready:
@@ -156,38 +172,57 @@ def _model_metadata(card: ModelCard, versions: list[str]) -> V2ModelMetadata:
 
 
 @router.get(
-    "/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model metadata"
+    "/models/{name}", response_model=V2ModelMetadata, responses=_NOT_FOUND, summary="Model metadata"
 )
+def model_metadata(name: ModelName, dataplane: DataPlaneDependency) -> V2ModelMetadata:
+    """The latest version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name), dataplane.versions(name))
+
+
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=V2ModelMetadata,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Model version metadata",
 )
-def model_metadata(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+def model_version_metadata(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelMetadata:
-    card = dataplane.card(name, version)
-    return _model_metadata(card, dataplane.versions(name))
+    """One version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name, version), dataplane.versions(name))
 
 
 @router.get(
     "/models/{name}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model readiness",
 )
+async def model_ready(
+    name: ModelName, dataplane: DataPlaneDependency
+) -> V2ModelReady | JSONResponse:
+    """200 once the server has started and the latest version loads; 503 while starting up or
+    when its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, None)
+
+
 @router.get(
     "/models/{name}/versions/{version}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model version readiness",
 )
-async def model_ready(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+async def model_version_ready(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelReady | JSONResponse:
-    """200 once the server has started and the model loads; 503 while starting up or when its
-    artifact is broken (the server log says why); 404 for an unknown model or version."""
+    """200 once the server has started and this version loads; 503 while starting up or when
+    its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, version)
+
+
+async def _model_ready(
+    dataplane: DataPlane, name: str, version: str | None
+) -> V2ModelReady | JSONResponse:
     card = dataplane.card(name, version)
     answer = V2ModelReady(name=card.name, version=card.version, ready=False)
     if not dataplane.ready:
@@ -262,9 +297,14 @@ async def _infer(
 
 
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
-    409: {"model": V2ErrorResponse, "description": "Sequence already open / not calibrated."},
+    **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model, version or sequence.", V2ErrorResponse),
+    **error_doc(409, "Sequence already open, or not calibrated on the backend.", V2ErrorResponse),
+    **error_doc(413, TOO_LARGE_DESCRIPTION, V2ErrorResponse),
+    **error_doc(503, "The model's artifact or the state store cannot serve now.", V2ErrorResponse),
 }
+InferBody = Annotated[V2InferRequest, Body(openapi_examples=V2_INFER_EXAMPLES)]
 
 
 @router.post(
@@ -274,8 +314,10 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     summary="Inference (JSON tensors)",
 )
 async def infer(
-    name: str, body: V2InferRequest, request: Request, dataplane: DataPlaneDependency
+    name: ModelName, body: InferBody, request: Request, dataplane: DataPlaneDependency
 ) -> JSONResponse:
+    """Calibrated predictions from JSON tensors, with conformal prediction sets; Triton's
+    sequence parameters feed a session step by step."""
     return await _infer(request, body, dataplane, name, None)
 
 
@@ -286,10 +328,11 @@ async def infer(
     summary="Inference on one model version (JSON tensors)",
 )
 async def infer_version(
-    name: str,
-    version: str,
-    body: V2InferRequest,
+    name: ModelName,
+    version: VersionPath,
+    body: InferBody,
     request: Request,
     dataplane: DataPlaneDependency,
 ) -> JSONResponse:
+    """Inference on one model version (see the route without `/versions/{version}`)."""
     return await _infer(request, body, dataplane, name, version)

@@ -7,20 +7,32 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
+from service.api.schemas.models import DIGIT_ZERO
+
 # ---- V2 server metadata and health ----------------------------------------------------------
 
 
 class ServerMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"name": "neuroserve", "version": "0.1.0", "extensions": []}]
+        }
+    )
+
     name: str
     version: str
     extensions: list[str]
 
 
 class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"live": True}]})
+
     live: bool
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+
     ready: bool
 
 
@@ -82,6 +94,50 @@ class V2InferRequest(BaseModel):
     outputs: list[V2RequestedOutput] | None = Field(
         None, description="The outputs to return; all of them when omitted."
     )
+
+
+# Bodies of `POST /v2/models/{name}/infer`. An example named like a model goes with that model's
+# name in the path (see `service.api.schemas.parameters`).
+V2_INFER_EXAMPLES: dict[str, Any] = {
+    "digits-lru": {
+        "summary": "One handwritten digit: FP32 [1, 8, 8] (8 rows of 8 pixels)",
+        "value": {
+            "id": "digit-0",
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 8, 8],
+                    "datatype": "FP32",
+                    "data": [pixel for row in DIGIT_ZERO for pixel in row],
+                }
+            ],
+            "parameters": {"alpha": 0.1},
+            "outputs": [{"name": "label"}, {"name": "confidence"}, {"name": "prediction_set"}],
+        },
+    },
+    "charlm-selective": {
+        "summary": "The next character after a prompt: BYTES [1]",
+        "value": {
+            "inputs": [
+                {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["The quick brown"]}
+            ]
+        },
+    },
+    "sequence": {
+        "summary": "The first 4 rows of a digit as the start of a Triton sequence (a session)",
+        "value": {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 4, 8],
+                    "datatype": "FP32",
+                    "data": [pixel for row in DIGIT_ZERO[:4] for pixel in row],
+                }
+            ],
+            "parameters": {"sequence_id": 42, "sequence_start": True, "sequence_end": False},
+        },
+    },
+}
 
 
 class V2ResponseTensor(BaseModel):
