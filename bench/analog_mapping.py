@@ -1,0 +1,181 @@
+"""One 128x512 layer on the simulated PCM crossbar: error of both weight mappings against
+drift, and the analog forward time against the float forward of the same layer.
+
+The layer is `nn.Linear(512, 128)` with torch's default initialisation (seed 0), fed
+standard-normal inputs. For each weight mapping ("rescaled": tiles normalised to max |w| = 1,
+aihwkit weight_scaling_omega = 1; "raw": the weights' own units, aihwkit's default omega = 0),
+inference time (0 s, 1 hour, 1 day, 1 year) and drift compensation (off / on) it programs
+`--chips` chips and reports the relative output error ||y_analog - y_float|| / ||y_float||,
+mean over chips.
+
+Timing, in the same run and process, one thread: the float forward `F.linear`, the analog
+forward as served (conductances read once per chip and inference time, output noise per
+call), and the analog forward as it was before (the conductances re-read with fresh 1/f noise
+on every call), at each batch size; median of `--repeats` blocks.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/analog_mapping.py [--chips 5] [--batches 1 64 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hardware_backends.crossbar import (
+    AnalogMatmul,
+    CrossbarConfig,
+    analog_units,
+    program_crossbar,
+    read_weights,
+    tile_mvm,
+)
+from hardware_backends.pcm_model import PCMConfig
+from hardware_backends.routing import derived_generator
+
+TIMES = {"0 s": 0.0, "1 hour": 3600.0, "1 day": 86_400.0, "1 year": 365.0 * 86_400.0}
+MAPPINGS = ("rescaled", "raw")
+ERROR_ROWS = 256  # inputs the relative error is measured on
+# aihwkit 1.2.0 on a 128x512 layer (../shared/FIELD_NOTES.md "Analog mapping"), for reference.
+AIHWKIT = {
+    ("rescaled", True): (0.087, 0.100, 0.116, 0.154),
+    ("rescaled", False): (0.087, 0.242, 0.348, 0.509),
+    ("raw", True): (0.357, 0.420, 0.483, 0.603),
+}
+
+
+def layer() -> tuple[Tensor, Tensor]:
+    """The weight [128, 512] and ERROR_ROWS inputs [R, 512]."""
+    torch.manual_seed(0)
+    weight = nn.Linear(512, 128, bias=False).weight.detach()
+    x = torch.randn(ERROR_ROWS, 512, generator=torch.Generator().manual_seed(1))
+    return weight, x
+
+
+def engine(
+    weight: Tensor, mapping: str, t: float, compensation: bool, chip: int
+) -> AnalogMatmul:
+    config, pcm = CrossbarConfig(weight_mapping=mapping), PCMConfig()
+    crossbar = program_crossbar(weight, config, pcm, derived_generator(chip, "program"))
+    return AnalogMatmul(
+        crossbar,
+        config,
+        pcm,
+        t,
+        compensation,
+        derived_generator(chip, "output"),
+        read_generator=derived_generator(chip, f"read:{t!r}"),
+    )
+
+
+def relative_error(y: Tensor, exact: Tensor) -> float:
+    return float((y - exact).norm() / exact.norm())
+
+
+def error_table(chips: int) -> dict[tuple[str, bool], list[float]]:
+    weight, x = layer()
+    exact = F.linear(x, weight)
+    table: dict[tuple[str, bool], list[float]] = {}
+    for mapping in MAPPINGS:
+        for compensation in (False, True):
+            table[(mapping, compensation)] = [
+                statistics.mean(
+                    relative_error(engine(weight, mapping, t, compensation, chip)(x), exact)
+                    for chip in range(chips)
+                )
+                for t in TIMES.values()
+            ]
+    return table
+
+
+def rereading_forward(matmul: AnalogMatmul) -> Callable[[Tensor], Tensor]:
+    """The forward as it was before: a fresh read of every conductance on each call."""
+    crossbar, layout = matmul.crossbar, matmul.crossbar.layout
+
+    def forward(x: Tensor) -> Tensor:
+        read = read_weights(crossbar, matmul.t_inference, matmul.pcm, matmul.generator)
+        weights = analog_units(read, crossbar.scale, matmul.config)
+        partial = tile_mvm(
+            layout.split_inputs(x), weights, layout, matmul.config, matmul.generator
+        )  # [R, K, out]
+        return (partial * matmul.output_scale).sum(dim=1)
+
+    return forward
+
+
+def median_seconds(call: Callable[[], object], repeats: int, per_block: int) -> float:
+    call()  # warm-up
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(per_block):
+            call()
+        timings.append((time.perf_counter() - start) / per_block)
+    return statistics.median(timings)
+
+
+def timing_rows(batches: list[int], repeats: int) -> list[dict]:
+    weight, _ = layer()
+    matmul = engine(weight, "rescaled", 86_400.0, True, chip=0)
+    before = rereading_forward(matmul)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(2))
+        per_block = max(1, 2048 // batch)
+        with torch.inference_mode():
+            float_s = median_seconds(lambda x=x: F.linear(x, weight), repeats, per_block)
+            analog_s = median_seconds(lambda x=x: matmul(x), repeats, per_block)
+            before_s = median_seconds(lambda x=x: before(x), repeats, per_block)
+        rows.append({"batch": batch, "float": float_s, "analog": analog_s, "before": before_s})
+    return rows
+
+
+def print_error_table(table: dict[tuple[str, bool], list[float]], chips: int) -> None:
+    print(f"relative output error ||y - y_float|| / ||y_float||, mean over {chips} chips")
+    print("(aihwkit 1.2.0 on a 128x512 layer in brackets, from FIELD_NOTES)\n")
+    print("| mapping | drift compensation | " + " | ".join(TIMES) + " |")
+    print("|---|---|" + "---:|" * len(TIMES))
+    for (mapping, compensation), errors in table.items():
+        reference = AIHWKIT.get((mapping, compensation))
+        cells = [
+            f"{e:.3f}" + ("" if reference is None else f" ({reference[i]:.3f})")
+            for i, e in enumerate(errors)
+        ]
+        print(f"| {mapping} | {'on' if compensation else 'off'} | " + " | ".join(cells) + " |")
+
+
+def print_timing(rows: list[dict], repeats: int) -> None:
+    print(f"\nforward time of the 128x512 layer, 1 thread, median of {repeats} blocks")
+    print("(rescaled mapping, 1 day, drift compensation on)\n")
+    columns = ["batch", "float µs", "analog µs", "analog / float"]
+    columns += ["before: re-read per call µs", "before / float"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['float'] * 1e6:.1f} | {r['analog'] * 1e6:.1f} "
+            f"| {r['analog'] / r['float']:.2f}x | {r['before'] * 1e6:.1f} "
+            f"| {r['before'] / r['float']:.2f}x |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chips", type=int, default=5, help="chips (noise seeds) per cell")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--repeats", type=int, default=7, help="timing blocks per figure")
+    args = parser.parse_args()
+    if args.chips < 1 or args.repeats < 1 or min(args.batches) < 1:
+        parser.error("--chips, --repeats and --batches must be positive")
+    torch.set_num_threads(1)
+    print_error_table(error_table(args.chips), args.chips)
+    print_timing(timing_rows(args.batches, args.repeats), args.repeats)
+
+
+if __name__ == "__main__":
+    main()
