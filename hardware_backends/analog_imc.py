@@ -84,7 +84,9 @@ _Fraction = pydantic.confloat(ge=0.0, le=1.0)
 
 
 class AnalogIMCOptions(BackendOptions):
-    """Request/session options; device knobs left out keep the backend's configured values."""
+    """Request/session options. t_inference, drift_compensation, seed and weight_mapping
+    always apply (their defaults when left out); the device knobs left out (None) keep the
+    backend's configured values."""
 
     t_inference: _NonNegative = 0.0
     drift_compensation: bool = True
@@ -98,14 +100,10 @@ class AnalogIMCOptions(BackendOptions):
     inp_res: pydantic.confloat(ge=0.0, lt=1.0) | None = None
     out_res: pydantic.confloat(ge=0.0, lt=1.0) | None = None
     weight_scaling: Literal["tile", "column"] | None = None
-    weight_mapping: Literal["rescaled", "raw"] | None = pydantic.Field(
-        None,
-        description=(
-            'Units the tiles compute in: "rescaled" (default; weights normalised per tile to '
-            'max |w| = 1, aihwkit weight_scaling_omega = 1) or "raw" (the weights\' own units, '
-            "aihwkit's default weight_scaling_omega = 0)."
-        ),
-    )
+    # The units the tiles compute in. "rescaled" (the default): each tile's weights normalised
+    # to max |w| = 1 and the abs-max applied digitally (aihwkit weight_scaling_omega = 1, not
+    # aihwkit's default); "raw": the weights' own units (aihwkit's default omega = 0).
+    weight_mapping: Literal["rescaled", "raw"] = "rescaled"
     tile_size: pydantic.conint(ge=1, le=4096) | None = None
 
 
