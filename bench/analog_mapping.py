@@ -57,9 +57,7 @@ def layer() -> tuple[Tensor, Tensor]:
     return weight, x
 
 
-def engine(
-    weight: Tensor, mapping: str, t: float, compensation: bool, chip: int
-) -> AnalogMatmul:
+def engine(weight: Tensor, mapping: str, t: float, compensation: bool, chip: int) -> AnalogMatmul:
     config, pcm = CrossbarConfig(weight_mapping=mapping), PCMConfig()
     crossbar = program_crossbar(weight, config, pcm, derived_generator(chip, "program"))
     return AnalogMatmul(

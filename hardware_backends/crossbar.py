@@ -337,7 +337,9 @@ def program_crossbar(
     reference = None
     if with_drift_reference:
         programmed = (positive.g_programmed - negative.g_programmed) / pcm.g_max
-        reference = probe_readout(analog_units(programmed, scale, config), layout, config, generator)
+        reference = probe_readout(
+            analog_units(programmed, scale, config), layout, config, generator
+        )
     return ProgrammedCrossbar(layout, scale, positive, negative, reference)
 
 

@@ -223,7 +223,9 @@ def sc_matvec(
         counts = source.sobol_counts(x.shape[1], accumulation)
         parts = [counts.ones(chunk, w) for chunk in x.split(rows_per_chunk)]
     else:
-        parts = [_random_matvec(chunk, w, source, accumulation) for chunk in x.split(rows_per_chunk)]
+        parts = [
+            _random_matvec(chunk, w, source, accumulation) for chunk in x.split(rows_per_chunk)
+        ]
     ones = torch.cat(parts) if parts else torch.zeros(0, w.shape[0], dtype=torch.float64)  # [R, O]
     n, length = w.shape[1], source.length
     if accumulation == "mux":

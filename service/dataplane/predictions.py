@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from calibration import SCORE_NAMES
-from calibration.maps import CalibrationMap
 from calibration.checks import check_alpha
+from calibration.maps import CalibrationMap
 from hardware_backends.base import Runner, Usage
 from models.base import StatefulModel
 from models.repository import ModelCard
@@ -206,9 +206,11 @@ def epistemic_part(
             flat = samples.reshape(-1, samples.shape[-1])  # [S·n, C]
             samples = calibration_map.calibrated_logits(flat).double().view_as(samples)
         sample_probs = torch.softmax(samples, dim=-1)  # [S, n, C]
-        aleatoric[rows] = _entropy(sample_probs.reshape(-1, samples.shape[-1])).view(
-            samples.shape[0], -1
-        ).mean(dim=0)
+        aleatoric[rows] = (
+            _entropy(sample_probs.reshape(-1, samples.shape[-1]))
+            .view(samples.shape[0], -1)
+            .mean(dim=0)
+        )
     return (total - aleatoric).clamp(min=0.0).minimum(total)
 
 
