@@ -49,6 +49,9 @@ ACTIVITY_PREFIX = "activity."
 CACHE_DIR_ENV = "NEUROSERVE_ONNX_CACHE_DIR"
 GRAPH_FILE = "step.onnx"
 SPEC_FILE = "spec.json"
+# Part of every export's hash: bump it when a translation below changes what a graph holds
+# (2: exact expm1), so a cached graph from an older exporter is never reused.
+EXPORTER_REVISION = 2
 
 
 # ---- translations for operators the TorchScript exporter lacks --------------------------------
@@ -164,6 +167,7 @@ def weights_hash(model: StatefulModel) -> str:
         "config": config_dict,
         "torch": torch.__version__,
         "opset": OPSET,
+        "exporter": EXPORTER_REVISION,
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
