@@ -27,16 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hardware_backends.crossbar import (
-    AnalogMatmul,
-    CrossbarConfig,
-    analog_units,
-    program_crossbar,
-    read_weights,
-    tile_mvm,
-)
+from hardware_backends.crossbar import AnalogMatmul, CrossbarConfig, program_crossbar
 from hardware_backends.pcm_model import PCMConfig
 from hardware_backends.routing import derived_generator
+
+try:
+    from bench._analog_before import RereadingMatmul
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _analog_before import RereadingMatmul
 
 TIMES = {"0 s": 0.0, "1 hour": 3600.0, "1 day": 86_400.0, "1 year": 365.0 * 86_400.0}
 MAPPINGS = ("rescaled", "raw")
@@ -91,21 +89,6 @@ def error_table(chips: int) -> dict[tuple[str, bool], list[float]]:
     return table
 
 
-def rereading_forward(matmul: AnalogMatmul) -> Callable[[Tensor], Tensor]:
-    """The forward as it was before: a fresh read of every conductance on each call."""
-    crossbar, layout = matmul.crossbar, matmul.crossbar.layout
-
-    def forward(x: Tensor) -> Tensor:
-        read = read_weights(crossbar, matmul.t_inference, matmul.pcm, matmul.generator)
-        weights = analog_units(read, crossbar.scale, matmul.config)
-        partial = tile_mvm(
-            layout.split_inputs(x), weights, layout, matmul.config, matmul.generator
-        )  # [R, K, out]
-        return (partial * matmul.output_scale).sum(dim=1)
-
-    return forward
-
-
 def median_seconds(call: Callable[[], object], repeats: int, per_block: int) -> float:
     call()  # warm-up
     timings = []
@@ -120,7 +103,7 @@ def median_seconds(call: Callable[[], object], repeats: int, per_block: int) -> 
 def timing_rows(batches: list[int], repeats: int) -> list[dict]:
     weight, _ = layer()
     matmul = engine(weight, "rescaled", 86_400.0, True, chip=0)
-    before = rereading_forward(matmul)
+    before = RereadingMatmul(matmul)
     rows = []
     for batch in batches:
         x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(2))

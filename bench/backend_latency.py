@@ -1,8 +1,11 @@
-"""Per-step latency of the onnxruntime backend against the torch backend.
+"""Per-step latency of the onnxruntime and analog_imc backends against the torch backend.
 
 For every built-in architecture (default config, seeded random weights) and batch sizes 1
-and 64, times `runner.step` (the serving path, conversions included) on both backends in
-the same process, with the same thread count, and prints a table with the ratio.
+and 64, times `runner.step` (the serving path, conversions included) on torch, onnxruntime
+and analog_imc (default options: rescaled mapping, t = 0, drift compensation) in the same
+process, with the same thread count. analog_imc is timed twice on the same chip: as served
+(conductances read once per chip and inference time, output noise per call) and as before
+(every call re-reading all conductances with fresh 1/f noise, `bench/_analog_before.py`).
 
     .venv/bin/python bench/backend_latency.py [--steps 200] [--threads 1] [--batches 1 64]
 """
@@ -16,12 +19,18 @@ import time
 
 import torch
 
+from hardware_backends.analog_imc import AnalogIMCBackend
 from hardware_backends.base import Runner
 from hardware_backends.onnx_export import ExportCache
 from hardware_backends.onnxruntime_backend import OnnxRuntimeBackend
 from hardware_backends.torch_backend import TorchBackend
 from models.architectures import ARCHITECTURES, build_model
 from models.base import StatefulModel
+
+try:
+    from bench._analog_before import rereading_runner
+except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
+    from _analog_before import rereading_runner
 
 REPEATS = 5  # timing blocks per measurement; the median block is reported
 
@@ -60,10 +69,14 @@ def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
             torch_runner = TorchBackend().prepare(model, model_key=key, options={"device": "cpu"})
             options = {"intra_op_threads": threads, "inter_op_threads": 1}
             onnx_runner = onnx_backend.prepare(model, model_key=key, options=options)
+            analog_runner = AnalogIMCBackend().prepare(model, model_key=key)
+            before_runner = rereading_runner(analog_runner)
             for batch in batches:
                 x = example_steps(model, batch, steps)
                 torch_s = seconds_per_step(torch_runner, x)
                 onnx_s = seconds_per_step(onnx_runner, x)
+                analog_s = seconds_per_step(analog_runner, x)
+                before_s = seconds_per_step(before_runner, x)
                 rows.append(
                     {
                         "architecture": architecture,
@@ -72,6 +85,8 @@ def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
                         "torch_us": torch_s * 1e6,
                         "onnxruntime_us": onnx_s * 1e6,
                         "speedup": torch_s / onnx_s,
+                        "analog_us": analog_s * 1e6,
+                        "analog_before_us": before_s * 1e6,
                     }
                 )
     return rows
@@ -80,13 +95,16 @@ def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
 def print_table(rows: list[dict], threads: int) -> None:
     print(f"per-step latency, median of {REPEATS} blocks, {threads} thread(s)")
     columns = ["architecture", "batch", "dense MACs/sample", "torch µs/step"]
-    columns += ["onnxruntime µs/step", "torch/ort"]
+    columns += ["onnxruntime µs/step", "torch/ort", "analog_imc µs/step", "analog/torch"]
+    columns += ["analog_imc before (re-read per call) µs/step", "before/torch"]
     print("| " + " | ".join(columns) + " |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['architecture']} | {r['batch']} | {r['dense_macs']:,} | {r['torch_us']:.1f} "
-            f"| {r['onnxruntime_us']:.1f} | {r['speedup']:.2f}x |"
+            f"| {r['onnxruntime_us']:.1f} | {r['speedup']:.2f}x | {r['analog_us']:.1f} "
+            f"| {r['analog_us'] / r['torch_us']:.1f}x | {r['analog_before_us']:.1f} "
+            f"| {r['analog_before_us'] / r['torch_us']:.1f}x |"
         )
 
 
