@@ -11,7 +11,7 @@ mean over chips.
 Timing, in the same run and process, one thread: the float forward `F.linear`, the analog
 forward as served (conductances read once per chip and inference time, output noise per
 call), and the analog forward as it was before (the conductances re-read with fresh 1/f noise
-on every call), at each batch size; median of `--repeats` blocks.
+on every call), at each batch size; median of `--repeats` interleaved rounds.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/analog_mapping.py [--chips 5] [--batches 1 64 256]
 """
@@ -89,18 +89,16 @@ def error_table(chips: int) -> dict[tuple[str, bool], list[float]]:
     return table
 
 
-def median_seconds(call: Callable[[], object], repeats: int, per_block: int) -> float:
-    call()  # warm-up
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(per_block):
-            call()
-        timings.append((time.perf_counter() - start) / per_block)
-    return statistics.median(timings)
+def block_seconds(call: Callable[[], object], per_block: int) -> float:
+    start = time.perf_counter()
+    for _ in range(per_block):
+        call()
+    return (time.perf_counter() - start) / per_block
 
 
 def timing_rows(batches: list[int], repeats: int) -> list[dict]:
+    """Float, analog and before forwards timed in interleaved rounds (so that load from
+    elsewhere on the machine hits all three alike); the median round of each is reported."""
     weight, _ = layer()
     matmul = engine(weight, "rescaled", 86_400.0, True, chip=0)
     before = RereadingMatmul(matmul)
@@ -108,11 +106,19 @@ def timing_rows(batches: list[int], repeats: int) -> list[dict]:
     for batch in batches:
         x = torch.randn(batch, 512, generator=torch.Generator().manual_seed(2))
         per_block = max(1, 2048 // batch)
+        calls = {
+            "float": lambda x=x: F.linear(x, weight),
+            "analog": lambda x=x: matmul(x),
+            "before": lambda x=x: before(x),
+        }
+        timings: dict[str, list[float]] = {name: [] for name in calls}
         with torch.inference_mode():
-            float_s = median_seconds(lambda x=x: F.linear(x, weight), repeats, per_block)
-            analog_s = median_seconds(lambda x=x: matmul(x), repeats, per_block)
-            before_s = median_seconds(lambda x=x: before(x), repeats, per_block)
-        rows.append({"batch": batch, "float": float_s, "analog": analog_s, "before": before_s})
+            for round_ in range(repeats + 1):
+                for name, call in calls.items():
+                    seconds = block_seconds(call, per_block)
+                    if round_:  # the first round warms caches and allocators up
+                        timings[name].append(seconds)
+        rows.append({"batch": batch} | {k: statistics.median(v) for k, v in timings.items()})
     return rows
 
 
@@ -131,7 +137,7 @@ def print_error_table(table: dict[tuple[str, bool], list[float]], chips: int) ->
 
 
 def print_timing(rows: list[dict], repeats: int) -> None:
-    print(f"\nforward time of the 128x512 layer, 1 thread, median of {repeats} blocks")
+    print(f"\nforward time of the 128x512 layer, 1 thread, median of {repeats} interleaved rounds")
     print("(rescaled mapping, 1 day, drift compensation on)\n")
     columns = ["batch", "float µs", "analog µs", "analog / float"]
     columns += ["before: re-read per call µs", "before / float"]
