@@ -187,21 +187,49 @@ def dense_weight(blocks: Tensor, scale: Tensor, layout: TileLayout) -> Tensor:
 
 
 def _analog_pass(
-    x: Tensor, weights: Tensor, config: CrossbarConfig, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """DAC -> crossbar -> output noise -> ADC. x [R, K, rows], weights [K, out, rows]
-    -> (y [R, K, out] clipped to ±out_bound, which outputs clipped)."""
-    x_dac = quantize(x, config.inp_res, config.inp_bound).clamp(-config.inp_bound, config.inp_bound)
+    x: Tensor,
+    reduction: float,
+    weights: Tensor,
+    config: CrossbarConfig,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor | None]:
+    """DAC -> crossbar -> output noise -> ADC on the inputs x / reduction.
+
+    x [R, K, rows] (noise-managed), weights [K, out, rows] -> (y [R, K, out] clipped to
+    ±out_bound, which outputs clipped [R, K, out] or None when none did).
+    The same arithmetic as quantise-then-multiply, counted in DAC and ADC steps so that each
+    element is touched as few times as possible: W·(n·step) = step·(W·n) for integer n.
+    The input is divided exactly as the reference does (an input at the bound halved lands
+    on a rounding tie, so the order of operations matters).
+    """
+    if reduction != 1.0:
+        x = x / reduction
+    dac_step = config.inp_res * 2.0 * config.inp_bound
+    if dac_step > 0:
+        levels = config.inp_bound / dac_step
+        x_dac = (x / dac_step).round_().clamp_(-levels, levels)  # DAC steps
+        unit = dac_step
+    else:
+        x_dac = x.clamp(-config.inp_bound, config.inp_bound)
+        unit = 1.0
     if weights.shape[0] == 1:  # one row tile: a plain matmul, no batched transposes
-        y = (x_dac[:, 0] @ weights[0].T).unsqueeze(1)  # [R, 1, out]
+        y = (x_dac[:, 0] @ weights[0].T).unsqueeze(1)  # [R, 1, out], in units of `unit`
     else:
         y = torch.bmm(x_dac.transpose(0, 1), weights.transpose(1, 2)).transpose(0, 1)
     if config.out_noise > 0:
         noise = torch.randn(y.shape, generator=generator, dtype=y.dtype)  # [R, K, out]
-        y = y + noise.mul_(config.out_noise)
-    y = quantize(y, config.out_res, config.out_bound)
-    clipped = y.abs() > config.out_bound  # [R, K, out]
-    return y.clamp_(-config.out_bound, config.out_bound), clipped
+        y = y.add_(noise, alpha=config.out_noise / unit)
+    adc_step = config.out_res * 2.0 * config.out_bound
+    if adc_step > 0:
+        y = y.mul_(unit / adc_step).round_()  # ADC steps
+        unit = adc_step
+    bound = config.out_bound / unit
+    low, high = torch.aminmax(y)
+    clipped = None
+    if float(high) > bound or float(low) < -bound:
+        clipped = y.abs() > bound  # [R, K, out]
+        y = y.clamp_(-bound, bound)
+    return y.mul_(unit), clipped
 
 
 def _largest_input_reduction(config: CrossbarConfig) -> float:
@@ -231,8 +259,8 @@ def tile_mvm(
         nm = torch.ones_like(x[..., :1])
     x_managed = x / nm  # [R, K, rows]
 
-    y, clipped = _analog_pass(x_managed, weights, config, generator)
-    if config.bound_management == "none" or not bool(clipped.any()):
+    y, clipped = _analog_pass(x_managed, 1.0, weights, config, generator)
+    if config.bound_management == "none" or clipped is None:
         return y.mul_(nm)
 
     # Iterative bound management (aihwkit): a tile whose ADC clipped reruns with the input
@@ -243,14 +271,15 @@ def tile_mvm(
     reduction = 1.0
     while True:
         forced = reduction > give_up_above
-        accept = pending if forced else pending & ~layout.tile_any(clipped)  # [R, K, col_tiles]
+        fits = pending if clipped is None else pending & ~layout.tile_any(clipped)
+        accept = pending if forced else fits  # [R, K, col_tiles]
         accept_cols = layout.per_column(accept.flatten(0, 1).float()).view_as(y) > 0
         result = torch.where(accept_cols, y * reduction, result)
         pending = pending & ~accept
         if forced or not pending.any():
             return result * nm
         reduction *= 2.0
-        y, clipped = _analog_pass(x_managed / reduction, weights, config, generator)
+        y, clipped = _analog_pass(x_managed, reduction, weights, config, generator)
 
 
 def reference_tile_mvm(
