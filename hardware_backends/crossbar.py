@@ -145,10 +145,14 @@ class TileLayout:
 
     def per_column(self, per_tile: Tensor) -> Tensor:
         """[K, col_tiles] -> [K, out]: each tile's value repeated over its columns."""
+        if self.col_tiles == 1:
+            return per_tile.expand(per_tile.shape[0], self.out_features)
         return per_tile.repeat_interleave(self.cols, dim=1)[:, : self.out_features]
 
     def tile_any(self, flags: Tensor) -> Tensor:
         """[..., out] booleans -> [..., col_tiles]: whether any column of a tile is set."""
+        if self.col_tiles == 1:
+            return flags.any(dim=-1, keepdim=True)
         pad = self.col_tiles * self.cols - self.out_features
         if pad:
             flags = torch.nn.functional.pad(flags, (0, pad))
@@ -192,22 +196,25 @@ def _analog_pass(
     weights: Tensor,
     config: CrossbarConfig,
     generator: torch.Generator,
-) -> tuple[Tensor, Tensor | None]:
+    overwrite_input: bool = False,
+) -> tuple[Tensor, float, Tensor | None]:
     """DAC -> crossbar -> output noise -> ADC on the inputs x / reduction.
 
     x [R, K, rows] (noise-managed), weights [K, out, rows] -> (y [R, K, out] clipped to
-    ±out_bound, which outputs clipped [R, K, out] or None when none did).
-    The same arithmetic as quantise-then-multiply, counted in DAC and ADC steps so that each
-    element is touched as few times as possible: W·(n·step) = step·(W·n) for integer n.
-    The input is divided exactly as the reference does (an input at the bound halved lands
-    on a rounding tie, so the order of operations matters).
+    ±out_bound, in units of the returned float; which outputs clipped [R, K, out], or None
+    when none did). The same arithmetic as quantise-then-multiply, counted in DAC and ADC
+    steps so that each element is touched as few times as possible: W·(n·step) = step·(W·n)
+    for integer n. The input is divided exactly as the reference does (an input at the
+    bound halved lands on a rounding tie, so the order of operations matters); with
+    `overwrite_input` x itself is turned into DAC steps.
     """
     if reduction != 1.0:
-        x = x / reduction
+        x, overwrite_input = x / reduction, True
     dac_step = config.inp_res * 2.0 * config.inp_bound
     if dac_step > 0:
         levels = config.inp_bound / dac_step
-        x_dac = (x / dac_step).round_().clamp_(-levels, levels)  # DAC steps
+        x_dac = x.div_(dac_step) if overwrite_input else x / dac_step
+        x_dac = x_dac.round_().clamp_(-levels, levels)  # DAC steps
         unit = dac_step
     else:
         x_dac = x.clamp(-config.inp_bound, config.inp_bound)
@@ -229,7 +236,7 @@ def _analog_pass(
     if float(high) > bound or float(low) < -bound:
         clipped = y.abs() > bound  # [R, K, out]
         y = y.clamp_(-bound, bound)
-    return y.mul_(unit), clipped
+    return y, unit, clipped
 
 
 def _largest_input_reduction(config: CrossbarConfig) -> float:
@@ -257,29 +264,37 @@ def tile_mvm(
         nm = torch.where(nm > 0, nm, torch.ones_like(nm))
     else:
         nm = torch.ones_like(x[..., :1])
-    x_managed = x / nm  # [R, K, rows]
 
-    y, clipped = _analog_pass(x_managed, 1.0, weights, config, generator)
+    # The first pass may overwrite its managed input: it is rebuilt if bound management
+    # needs it again.
+    y, unit, clipped = _analog_pass(x / nm, 1.0, weights, config, generator, True)
     if config.bound_management == "none" or clipped is None:
-        return y.mul_(nm)
+        return y.mul_(nm * unit)
 
-    # Iterative bound management (aihwkit): a tile whose ADC clipped reruns with the input
-    # halved, until it fits or the input would sink below max_bm_res DAC steps.
+    # Iterative bound management (aihwkit): the inputs of a tile whose ADC clipped are
+    # halved and run again, until they fit or would sink below max_bm_res DAC steps. Only
+    # the rows with a pending tile are run again, as the chip reruns only those vectors.
     give_up_above = _largest_input_reduction(config)
-    result = torch.zeros(x.shape[0], x.shape[1], layout.out_features, dtype=x.dtype)
-    pending = torch.ones(x.shape[0], x.shape[1], layout.col_tiles, dtype=torch.bool)
+    result = y.mul_(unit)  # [R, K, out]; the clipped tiles are replaced below
+    if give_up_above < 1.0:  # not even one halving allowed: keep the clipped outputs
+        return result.mul_(nm)
+    x_managed = x / nm  # [R, K, rows]
+    pending = layout.tile_any(clipped)  # [R, K, col_tiles]
     reduction = 1.0
     while True:
-        forced = reduction > give_up_above
-        fits = pending if clipped is None else pending & ~layout.tile_any(clipped)
-        accept = pending if forced else fits  # [R, K, col_tiles]
-        accept_cols = layout.per_column(accept.flatten(0, 1).float()).view_as(y) > 0
-        result = torch.where(accept_cols, y * reduction, result)
-        pending = pending & ~accept
-        if forced or not pending.any():
-            return result * nm
+        rows = pending.flatten(1).any(dim=1).nonzero().squeeze(1)  # [P] rows still pending
+        if rows.numel() == 0:
+            return result.mul_(nm)
         reduction *= 2.0
-        y, clipped = _analog_pass(x_managed, reduction, weights, config, generator)
+        y, unit, clipped = _analog_pass(x_managed[rows], reduction, weights, config, generator)
+        waiting = pending[rows]  # [P, K, col_tiles]
+        if reduction > give_up_above or clipped is None:
+            accept = waiting
+        else:
+            accept = waiting & ~layout.tile_any(clipped)
+        accept_cols = layout.per_column(accept.flatten(0, 1)).view_as(y)  # [P, K, out]
+        result[rows] = torch.where(accept_cols, y.mul_(unit * reduction), result[rows])
+        pending[rows] = waiting & ~accept
 
 
 def reference_tile_mvm(
