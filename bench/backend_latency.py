@@ -3,7 +3,7 @@
 For every built-in architecture (default config, seeded random weights) and batch sizes 1
 and 64, times `runner.step` (the serving path, conversions included) on torch, onnxruntime
 and analog_imc (default options: rescaled mapping, t = 0, drift compensation) in the same
-process, with the same thread count. analog_imc is timed twice on the same chip: as served
+process, with the same thread count, their blocks interleaved (fastest of 5 kept). analog_imc is timed twice on the same chip: as served
 (conductances read once per chip and inference time, output noise per call) and as before
 (every call re-reading all conductances with fresh 1/f noise, `bench/_analog_before.py`).
 
@@ -13,7 +13,6 @@ process, with the same thread count. analog_imc is timed twice on the same chip:
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
@@ -43,18 +42,25 @@ def example_steps(model: StatefulModel, batch: int, steps: int) -> torch.Tensor:
     return torch.rand(batch, steps, cfg.d_input, generator=generator) / abs(cfg.input_scale)
 
 
-def seconds_per_step(runner: Runner, x: torch.Tensor) -> float:
-    """Median over REPEATS blocks of the mean time of one `step`, after a warm-up block."""
-    block = x.shape[1]
-    timings = []
+def block_seconds(runner: Runner, x: torch.Tensor) -> float:
+    """Mean time of one `step` over a block of x.shape[1] steps from a fresh state."""
+    state = runner.init_state(x.shape[0])
+    start = time.perf_counter()
+    for t in range(x.shape[1]):
+        _, state, _ = runner.step(x[:, t], state)
+    return (time.perf_counter() - start) / x.shape[1]
+
+
+def seconds_per_step(runners: dict[str, Runner], x: torch.Tensor) -> dict[str, float]:
+    """Fastest of REPEATS blocks per runner, the runners' blocks interleaved (so that load
+    from elsewhere on the machine hits them alike), after a warm-up block each."""
+    timings: dict[str, list[float]] = {name: [] for name in runners}
     for repeat in range(REPEATS + 1):
-        state = runner.init_state(x.shape[0])
-        start = time.perf_counter()
-        for t in range(block):
-            _, state, _ = runner.step(x[:, t], state)
-        if repeat:  # the first block warms caches and allocators up
-            timings.append((time.perf_counter() - start) / block)
-    return statistics.median(timings)
+        for name, runner in runners.items():
+            seconds = block_seconds(runner, x)
+            if repeat:  # the first block warms caches and allocators up
+                timings[name].append(seconds)
+    return {name: min(values) for name, values in timings.items()}
 
 
 def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
@@ -73,10 +79,11 @@ def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
             before_runner = rereading_runner(analog_runner)
             for batch in batches:
                 x = example_steps(model, batch, steps)
-                torch_s = seconds_per_step(torch_runner, x)
-                onnx_s = seconds_per_step(onnx_runner, x)
-                analog_s = seconds_per_step(analog_runner, x)
-                before_s = seconds_per_step(before_runner, x)
+                runners = {"torch": torch_runner, "onnx": onnx_runner}
+                runners |= {"analog": analog_runner, "before": before_runner}
+                timed = seconds_per_step(runners, x)
+                torch_s, onnx_s = timed["torch"], timed["onnx"]
+                analog_s, before_s = timed["analog"], timed["before"]
                 rows.append(
                     {
                         "architecture": architecture,
@@ -93,7 +100,7 @@ def measure(steps: int, threads: int, batches: list[int]) -> list[dict]:
 
 
 def print_table(rows: list[dict], threads: int) -> None:
-    print(f"per-step latency, median of {REPEATS} blocks, {threads} thread(s)")
+    print(f"per-step latency, fastest of {REPEATS} interleaved blocks, {threads} thread(s)")
     columns = ["architecture", "batch", "dense MACs/sample", "torch µs/step"]
     columns += ["onnxruntime µs/step", "torch/ort", "analog_imc µs/step", "analog/torch"]
     columns += ["analog_imc before (re-read per call) µs/step", "before/torch"]
