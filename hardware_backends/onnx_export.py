@@ -12,7 +12,8 @@ Complex states (LRU) are already real/imaginary pairs, so the graph is plain flo
 
 We use the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the
 `onnxscript` package. It lacks two operators our architectures use, `expm1` and `rms_norm`;
-their ONNX translations are registered below (opset 17).
+their ONNX translations are registered below (opset 17); `expm1` keeps its precision for small
+arguments (no exp(x) - 1 cancellation).
 """
 
 from __future__ import annotations
@@ -53,15 +54,27 @@ OPSET = 17
 CACHE_DIR_ENV = "NEUROSERVE_ONNX_CACHE_DIR"
 GRAPH_FILE = "step.onnx"
 SPEC_FILE = "spec.json"
+# Part of every export's hash: bump it when a translation below changes what a graph holds
+# (2: exact expm1), so a cached graph from an older exporter is never reused.
+EXPORTER_REVISION = 2
 
 
 # ---- translations for operators the TorchScript exporter lacks --------------------------------
 
 
 def _expm1(g: Any, x: Any) -> Any:
-    # exp(x) - 1; only parameter expressions use it, and they are constant-folded at export.
-    one = g.op("Constant", value_t=torch.tensor(1.0, dtype=torch.float32))
-    return g.op("Sub", g.op("Exp", x), one)
+    # ONNX has no Expm1, and exp(x) - 1 cancels for small |x| (the LRU's sqrt(-expm1(-2·decay))
+    # for slow decays). Exactly: expm1(x) = 2·tanh(x/2) / (1 - tanh(x/2)), with no
+    # cancellation for |x| < 1; exp(x) - 1 elsewhere, where it has none either.
+    def constant(value: float) -> Any:
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+    half_tanh = g.op("Tanh", g.op("Mul", x, constant(0.5)))
+    small = g.op(
+        "Div", g.op("Mul", half_tanh, constant(2.0)), g.op("Sub", constant(1.0), half_tanh)
+    )
+    large = g.op("Sub", g.op("Exp", x), constant(1.0))
+    return g.op("Where", g.op("Less", g.op("Abs", x), constant(1.0)), small, large)
 
 
 def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
@@ -159,6 +172,7 @@ def weights_hash(model: StatefulModel) -> str:
         "config": config_dict,
         "torch": torch.__version__,
         "opset": OPSET,
+        "exporter": EXPORTER_REVISION,
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):

@@ -268,8 +268,11 @@ class Prediction(BaseModel):
     epistemic: float | None = Field(
         None,
         description=(
-            "Sampling backends: mutual information between label and sample (nats), the "
-            "epistemic part of `entropy`."
+            "Sampling backends: the part of `entropy` (nats) that the samples' disagreement "
+            "accounts for: `entropy` minus the mean entropy of the samples, each sample "
+            "through the same calibration map as the answer; 0 <= epistemic <= entropy. "
+            "With an identity map (or uncalibrated) it is the mutual information between "
+            "label and sample."
         ),
     )
 
