@@ -71,13 +71,20 @@ from service.errors import BadInputError, describe_validation_errors
 
 
 class _JsonPart(Request):
-    """A request whose body is cut to its JSON part; the binary tensors that followed it
-    wait in `state.binary_tail` (FastAPI parses the JSON part as any other body)."""
+    """A V2 request whose body is read as JSON whatever its Content-Type (clients send
+    `application/octet-stream` or none), cut to its JSON part when binary tensors follow
+    it; those wait in `state.binary_tail`. FastAPI then parses it as any other JSON body."""
 
-    def __init__(self, request: Request, json_part: bytes, tail: bytes) -> None:
-        super().__init__(request.scope, request.receive)
+    def __init__(self, request: Request, json_part: bytes, tail: bytes | None) -> None:
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        super().__init__(scope, request.receive)
         self._body = json_part
         self.state.binary_tail = tail
+
+
+def _is_json(content_type: str | None) -> bool:
+    return content_type is None or content_type.split(";")[0].strip().endswith("json")
 
 
 class V2Route(APIRoute):
@@ -91,9 +98,9 @@ class V2Route(APIRoute):
         async def v2_handler(request: Request) -> Response:
             try:
                 header_length = request.headers.get(BINARY_HEADER)
-                if header_length is not None:
+                if header_length is not None or not _is_json(request.headers.get("content-type")):
                     json_part, tail = split_binary_body(await request.body(), header_length)
-                    request = _JsonPart(request, json_part, tail or b"")
+                    request = _JsonPart(request, json_part, tail)
                 return await handler(request)
             except RequestValidationError as error:
                 message = "invalid request: " + describe_validation_errors(error.errors())
