@@ -17,6 +17,7 @@ Malformed requests get 400 with `{"error": "..."}`.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
@@ -67,7 +68,7 @@ from service.api.v2_models import (
 )
 from service.api.v2_parameters import parse_parameters
 from service.dataplane.plane import DataPlane
-from service.errors import BadInputError, describe_validation_errors
+from service.errors import BadInputError, PayloadTooLargeError, describe_validation_errors
 
 
 class _JsonPart(Request):
@@ -81,6 +82,31 @@ class _JsonPart(Request):
         super().__init__(scope, request.receive)
         self._body = json_part
         self.state.binary_tail = tail
+
+
+# Content-Encoding -> zlib's wbits for it (the stock client's request_compression_algorithm).
+_COMPRESSIONS = {"gzip": 31, "deflate": 15}
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body of a compressed request, at most `limit` bytes once inflated."""
+    if encoding.strip().lower() == "identity":
+        return body
+    wbits = _COMPRESSIONS.get(encoding.strip().lower())
+    if wbits is None:
+        raise V2BadRequestError(
+            f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or identity"
+        )
+    inflater = zlib.decompressobj(wbits=wbits)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise V2BadRequestError(f"the body is not valid {encoding} data: {error}") from None
+    if len(inflated) > limit:
+        raise PayloadTooLargeError(
+            f"the decompressed body exceeds {limit} bytes (NEUROSERVE_MAX_REQUEST_BYTES)"
+        )
+    return inflated
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -98,8 +124,14 @@ class V2Route(APIRoute):
         async def v2_handler(request: Request) -> Response:
             try:
                 header_length = request.headers.get(BINARY_HEADER)
-                if header_length is not None or not _is_json(request.headers.get("content-type")):
-                    json_part, tail = split_binary_body(await request.body(), header_length)
+                encoding = request.headers.get("content-encoding")
+                plain_json = _is_json(request.headers.get("content-type"))
+                if header_length is not None or encoding is not None or not plain_json:
+                    body = await request.body()
+                    if encoding is not None:
+                        limit = request.app.state.settings.max_request_bytes
+                        body = _decompressed(body, encoding, limit)
+                    json_part, tail = split_binary_body(body, header_length)
                     request = _JsonPart(request, json_part, tail)
                 return await handler(request)
             except RequestValidationError as error:

@@ -241,6 +241,33 @@ def test_async_infer_and_the_aio_client(
         assert labels_of(result) == labels_of(reference)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(
+    client: triton.InferenceServerClient, server_url: str, algorithm: str
+) -> None:
+    batch = np.stack(chunks(2, seed=6))
+    plain = client.infer(MODEL, [features(batch)])
+    packed = client.infer(
+        MODEL,
+        [features(batch)],
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain.as_numpy("probabilities"))
+    refused = httpx.post(
+        f"{server_url}/v2/models/{MODEL}/infer",
+        content=b"\x00" * 8,
+        headers={"Content-Encoding": "br"},
+    )
+    assert refused.status_code == 400 and "'br' is not supported" in refused.json()["error"]
+    broken = httpx.post(
+        f"{server_url}/v2/models/{MODEL}/infer",
+        content=b"not gzip",
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert broken.status_code == 400 and "not valid gzip data" in broken.json()["error"]
+
+
 def test_every_builtin_model_with_the_clients_defaults(
     builtin: triton.InferenceServerClient, builtin_server_url: str
 ) -> None:

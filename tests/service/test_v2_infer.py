@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from service.api.v2_codec import (
     tensor_bytes,
 )
 from service.api.v2_infer import OUTPUTS, SET_OUTPUTS, prediction_outputs
-from service.api.v2_parameters import parse_parameters
+from service.api.v2_parameters import KNOWN_PARAMETERS, parse_parameters
 from service.dataplane.predictions import ClassPrediction
 from service.errors import NotCalibratedError
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
@@ -677,3 +678,26 @@ def test_never_empty_parameter_and_sets_past_the_horizon(builtin: httpx.Client) 
     assert "no prediction_set: position 9 lies past the 8 steps" in refused["error"]
     unasked = infer(builtin, "digits-lru", {"inputs": [features_tensor(nine)]})
     assert "prediction_set" not in outputs_by_name(unasked)
+
+
+def test_the_v2_docs_list_every_parameter_and_output() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "V2_PROTOCOL.md").read_text()
+    for name in KNOWN_PARAMETERS:
+        assert f"| `{name}` |" in doc, name
+    for name in OUTPUTS:
+        assert f"| `{name}` |" in doc, name
+
+
+def test_parameters_from_grpc_shaped_values() -> None:
+    """gRPC's InferParameter holds bool, int, float or str: backend_options as JSON text."""
+    parsed = parse_parameters(
+        {"alpha": 0.2, "max_set_size": 2, "backend_options": '{"t_inference": 60}', "seed": "x"}
+    )
+    assert (parsed.alpha, parsed.max_set_size, parsed.backend_options, parsed.seed) == (
+        0.2,
+        2,
+        {"t_inference": 60},
+        "x",
+    )
+    with pytest.raises(V2BadRequestError, match="not a JSON object"):
+        parse_parameters({"backend_options": "{t_inference"})
