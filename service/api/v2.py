@@ -201,6 +201,10 @@ def ready(request: Request) -> Readiness | JSONResponse:
         "their summed durations, rows answered and the time of the last one, since start-up."
     ),
 )
+def all_statistics(dataplane: DataPlaneDependency) -> dict[str, Any]:
+    return model_statistics(dataplane)
+
+
 @router.get(
     "/models/{name}/stats",
     response_model=V2InferenceStatistics,
@@ -208,6 +212,10 @@ def ready(request: Request) -> Readiness | JSONResponse:
     summary="Inference statistics of a model",
     description="Every version of one model; see `GET /v2/models/stats`.",
 )
+def statistics_of_model(name: str, dataplane: DataPlaneDependency) -> dict[str, Any]:
+    return model_statistics(dataplane, name)
+
+
 @router.get(
     "/models/{name}/versions/{version}/stats",
     response_model=V2InferenceStatistics,
@@ -215,8 +223,8 @@ def ready(request: Request) -> Readiness | JSONResponse:
     summary="Inference statistics of a model version",
     description="One model version; see `GET /v2/models/stats`.",
 )
-def inference_statistics(
-    dataplane: DataPlaneDependency, name: str | None = None, version: str | None = None
+def statistics_of_version(
+    name: str, version: str, dataplane: DataPlaneDependency
 ) -> dict[str, Any]:
     return model_statistics(dataplane, name, version)
 
@@ -470,6 +478,7 @@ def model_configuration(
 @router.post(
     "/repository/index",
     response_model=list[V2RepositoryModel],
+    responses={400: _ERRORS[400]},
     summary="Model repository index",
     description=(
         "Every version of every model: READY when it loads, UNAVAILABLE (with the reason) "

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from models.digits import load_digits_seq
 from service.api.v2_codec import (
@@ -701,3 +703,43 @@ def test_parameters_from_grpc_shaped_values() -> None:
     )
     with pytest.raises(V2BadRequestError, match="not a JSON object"):
         parse_parameters({"backend_options": "{t_inference"})
+
+
+BINARY_TENSORS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["input", "prompt"]),
+        "datatype": st.sampled_from(["FP32", "FP16", "BF16", "INT8", "UINT64", "BOOL", "BYTES"]),
+        "shape": st.lists(st.integers(1, 9), min_size=1, max_size=3),
+        "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 300)}),
+    }
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
+@given(
+    tensors=st.lists(BINARY_TENSORS, min_size=1, max_size=2),
+    tail=st.binary(max_size=300),
+    header_shift=st.integers(-3, 3),
+    model=st.sampled_from(["tiny-digits", "tiny-charlm"]),
+)
+def test_any_binary_body_is_answered_or_a_clean_400(
+    server_url: str, tensors: list[dict], tail: bytes, header_shift: int, model: str
+) -> None:
+    """Random binary tensors, tails and header lengths: 200, or 4xx in the V2 format."""
+    head = json.dumps({"inputs": tensors}).encode()
+    response = httpx.post(
+        f"{server_url}/v2/models/{model}/infer",
+        content=head + tail,
+        headers={BINARY_HEADER: str(len(head) + header_shift)},
+        timeout=60,
+    )
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500 and isinstance(response.json()["error"], str)
