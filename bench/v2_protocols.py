@@ -13,16 +13,20 @@ answers every output:
   and `infer(model, [input])` with no other argument (`generate_request_body`): the digit as
   raw little-endian FP32 after the JSON part, every output binary.
 
-Each row is a `Protocol`: its name, what it sends, and `cells`, which measures it at each
-number of connections. A protocol whose load a different generator drives (gRPC: wrk speaks
-HTTP/1.1 only) adds a `Protocol` of its own to `PROTOCOLS` with the same `cells` signature.
+Each row is a `Protocol`: its name, its encoding, and `prepare`, which readies its load
+against the server and returns the function that measures it at a number of connections. A
+protocol whose load another generator drives (gRPC: wrk speaks HTTP/1.1 only) adds a
+`Protocol` of its own to `PROTOCOLS` whose measure returns the same `Cell`.
 
-Reported per row and number of connections: answers below HTTP 400 per second, p50 and p99
-latency, wrk's error counts, and the rate as a fraction of v1 predict at the same number of
-connections. Servers and wrk share the machine's cores: compare rows of one run.
+The rows are measured round-robin, `--rounds` times (the order rotating each round), so a
+machine whose load drifts during the run moves every row alike; each cell reports the round
+with the median rate. Reported per row and number of connections: answers below HTTP 400 per
+second, p50 and p99 latency of that round, wrk's error counts over all rounds, and the rate
+as a fraction of v1 predict at the same number of connections. Server and wrk share the
+machine's cores: compare rows of one run.
 
-    .venv/bin/python bench/v2_protocols.py [--seconds 5] [--warmup 1] [--concurrency 1 64]
-        [--model digits-lru] [--append docs/BENCHMARKS.md]
+    .venv/bin/python bench/v2_protocols.py [--seconds 5] [--warmup 1] [--rounds 3]
+        [--concurrency 1 64] [--model digits-lru] [--append docs/BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +89,16 @@ class Server:
     digit: np.ndarray  # [T, F] float32
 
 
+# (connections, seconds, warm-up seconds) -> one measured run
+Measure = Callable[[int, int, int], wrk_bench.Cell]
+
+
 @dataclass(frozen=True)
 class Protocol:
     name: str  # the table's protocol column
     encoding: str  # the table's encoding column
-    # (server, connection counts, seconds, warm-up seconds, scratch folder) -> cells
-    cells: Callable[[Server, list[int], int, int, Path], dict[int, wrk_bench.Cell]]
+    # (server, scratch folder) -> its measure; checks one request first
+    prepare: Callable[[Server, Path], Measure]
 
 
 def http_protocol(
@@ -98,7 +106,7 @@ def http_protocol(
 ) -> Protocol:
     """A protocol measured with wrk posting one body: `body` gives (path, bytes, headers)."""
 
-    def cells(server: Server, counts: list[int], seconds: int, warmup: int, workdir: Path):
+    def prepare(server: Server, workdir: Path) -> Measure:
         path, content, headers = body(server)
         url = f"http://{server.host}:{server.http_port}{path}"
         wrk_bench.check_answers(url, content, headers)
@@ -107,10 +115,9 @@ def http_protocol(
         script.write_text(wrk_bench.SUMMARY_LUA + HEADERS_LUA)
         data.write_bytes(content)
         Path(f"{data}.headers").write_text("".join(f"{k}: {v}\n" for k, v in headers.items()))
-        load = wrk_bench.Load(url, script, data)
-        return {n: load.measure(n, seconds, warmup) for n in counts}
+        return wrk_bench.Load(url, script, data).measure
 
-    return Protocol(name, encoding, cells)
+    return Protocol(name, encoding, prepare)
 
 
 def v1_predict_body(server: Server) -> tuple[str, bytes, dict[str, str]]:
@@ -155,13 +162,32 @@ def run(args: argparse.Namespace) -> str:
     port = wrk_bench.free_port()
     env = wrk_bench.base_env(NEUROSERVE_LOG_LEVEL="warning")
     command = [*wrk_bench.NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
-    results: list[tuple[Protocol, dict[int, wrk_bench.Cell]]] = []
+    runs: dict[tuple[int, int], list[wrk_bench.Cell]] = {}  # (protocol, connections) -> rounds
     with wrk_bench.server(command, env, port, workdir / "neuroserve.log"):
         server = Server("127.0.0.1", port, args.model, test_digit())
-        for protocol in PROTOCOLS:
-            cells = protocol.cells(server, args.concurrency, args.seconds, args.warmup, workdir)
-            results.append((protocol, cells))
+        measures = [protocol.prepare(server, workdir) for protocol in PROTOCOLS]
+        for round_ in range(args.rounds):
+            for n in args.concurrency:
+                for i in rotated(range(len(PROTOCOLS)), round_):
+                    cell = measures[i](n, args.seconds, args.warmup)
+                    runs.setdefault((i, n), []).append(cell)
+    results = [
+        (protocol, {n: median_cell(runs[(i, n)]) for n in args.concurrency})
+        for i, protocol in enumerate(PROTOCOLS)
+    ]
     return render(args, results)
+
+
+def rotated(items: range, by: int) -> list[int]:
+    shift = by % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def median_cell(cells: list[wrk_bench.Cell]) -> wrk_bench.Cell:
+    """The round with the median rate, carrying the errors of every round."""
+    middle = sorted(cells, key=lambda cell: cell.rate)[len(cells) // 2]
+    errors = {kind: sum(cell.errors[kind] for cell in cells) for kind in middle.errors}
+    return replace(middle, errors=errors)
 
 
 def render(args: argparse.Namespace, results: list[tuple[Protocol, dict]]) -> str:
@@ -170,7 +196,8 @@ def render(args: argparse.Namespace, results: list[tuple[Protocol, dict]]) -> st
     lines = [
         f"{args.model}, one digit ({'x'.join(map(str, test_digit().shape))}) per request, "
         f"every output answered; load from {wrk_bench.wrk_version()} (closed loop, up to 2 "
-        f"threads), {args.warmup} s warm-up then {args.seconds} s per row; one `neuroserve "
+        f"threads), {args.warmup} s warm-up then {args.seconds} s per cell, {args.rounds} "
+        f"round(s) round-robin, the median round shown; one `neuroserve "
         f"serve` (1 uvicorn worker, default settings); server and load on the same "
         f"{os.cpu_count()} cores ({platform.machine()}, load average {load:.1f} at the end), "
         f"torch {importlib.metadata.version('torch')}, tritonclient "
@@ -195,12 +222,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=5, help="measured time per row (whole s)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up per row (whole s, 0: none)")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds (median)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--model", default="digits-lru", help="a built-in feature model")
     parser.add_argument("--append", type=Path, help="also append the table to this file")
     args = parser.parse_args()
-    if args.seconds < 1 or args.warmup < 0 or min(args.concurrency) < 1:
-        parser.error("--seconds and every connection count must be positive")
+    if args.seconds < 1 or args.warmup < 0 or args.rounds < 1 or min(args.concurrency) < 1:
+        parser.error("--seconds, --rounds and every connection count must be positive")
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not on PATH (Debian/Ubuntu: apt-get install wrk)")
     table = run(args)

@@ -33,13 +33,19 @@ KNOWN_PARAMETERS: dict[str, str] = {
     "max_set_size": "abstain when the set holds more labels; the server's setting if unset",
     "seed": "accepted and ignored: the draw of randomised scores is the server's",
     "ttl_seconds": "sequence_start only: idle seconds before the sequence expires",
+    "early_decision_max_set_size": (
+        "sequence_start only: answer every step with an early decision (stop once the set at "
+        "alpha / K holds at most this many labels)"
+    ),
+    "return_steps": "sequences: one output row per step of the request's chunk",
     "sequence_id": "Triton's sequence id (integer or text; 0 / '' mean none)",
     "sequence_start": "true: start the sequence (restarting it if it is open)",
     "sequence_end": "true: end the sequence after this request",
     "binary_data_output": "HTTP: true returns every output as binary data",
 }
 # Options of a sequence chosen once, when it starts (the session keeps them).
-START_ONLY = ("backend_options", "online", "ttl_seconds")
+START_ONLY = ("backend_options", "online", "ttl_seconds", "early_decision_max_set_size")
+SEQUENCE_ONLY = ("ttl_seconds", "early_decision_max_set_size", "return_steps")
 _SEQUENCE_ID_TEXT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _UNSUPPORTED = {
     "priority": "this server has no request priorities",
@@ -59,6 +65,8 @@ class InferParameters:
     max_set_size: int | None = None
     seed: int | str | None = None
     ttl_seconds: float | None = None
+    early_decision_max_set_size: int | None = None
+    return_steps: bool = False
     sequence_id: int | str | None = None  # None: a stateless request
     sequence_start: bool = False
     sequence_end: bool = False
@@ -96,18 +104,20 @@ def parse_parameters(parameters: Mapping[str, Any] | None) -> InferParameters:
                 f"parameters.{name} must be a non-empty string, got {values[name]!r}"
             )
     for name in ("class_conditional", "never_empty", "online", "sequence_start", "sequence_end",
-                 "binary_data_output"):  # fmt: skip
+                 "binary_data_output", "return_steps"):  # fmt: skip
         if name in values and not isinstance(values[name], bool):
             raise V2BadRequestError(
                 f"parameters.{name} must be true or false, got {values[name]!r}"
             )
     if "backend_options" in values:
         values["backend_options"] = _backend_options(values["backend_options"])
-    if "max_set_size" in values:
-        size = values["max_set_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    for name, least in (("max_set_size", 0), ("early_decision_max_set_size", 1)):
+        size = values.get(name)
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, int) or size < least
+        ):
             raise V2BadRequestError(
-                f"parameters.max_set_size must be a non-negative integer, got {size!r}"
+                f"parameters.{name} must be an integer >= {least}, got {size!r}"
             )
     if "seed" in values and (
         isinstance(values["seed"], bool) or not isinstance(values["seed"], int | str)
@@ -134,8 +144,11 @@ def parse_parameters(parameters: Mapping[str, Any] | None) -> InferParameters:
                 "parameters.sequence_start/sequence_end need a non-zero parameters.sequence_id"
             )
         values.pop("sequence_start", None), values.pop("sequence_end", None)
-    if values["sequence_id"] is None and "ttl_seconds" in values:
-        raise V2BadRequestError("parameters.ttl_seconds applies to sequences only")
+    stateless_misuse = [name for name in SEQUENCE_ONLY if name in values]
+    if values["sequence_id"] is None and stateless_misuse:
+        raise V2BadRequestError(
+            f"parameters {stateless_misuse} apply to sequences only (send a sequence_id)"
+        )
     if values["sequence_id"] is not None and not values.get("sequence_start"):
         chosen = [name for name in START_ONLY if name in values]
         if chosen:

@@ -6,6 +6,7 @@ key behind it."""
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,9 +34,10 @@ def sequence_session_id(sequence_id: int | str) -> str:
 
 @dataclass(frozen=True)
 class SequenceStep:
-    predictions: list[ClassPrediction]  # one: the prediction after this request's chunk
+    # The prediction after this request's chunk, or one per step of it (return_steps).
+    predictions: list[ClassPrediction]
     backend: str
-    parameters: dict[str, Any]  # the response's: sequence_id, sequence_step
+    parameters: dict[str, Any]  # the response's: sequence_id, sequence_step, decision_*
     warnings: list[str] = field(default_factory=list)
 
 
@@ -111,20 +113,37 @@ async def _step(
             )
     conformal = _step_conformal(params, info.conformal)
     try:
-        outcome = await sessions.step(session_id, inputs, owner=owner, conformal=conformal)
+        outcome = await sessions.step(
+            session_id, inputs, per_step=params.return_steps, owner=owner, conformal=conformal
+        )
     except Exception:
         if params.sequence_start:  # a sequence that never took a step does not stay open
             await sessions.delete(session_id, owner=owner)
         raise
-    last, _ = outcome.answer
+    last, steps = outcome.answer
     if params.sequence_end:
         await sessions.delete(session_id, owner=owner)
+    parameters: dict[str, Any] = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}
+    if outcome.decision is not None:
+        parameters.update(decision_parameters(outcome.decision))
     return SequenceStep(
-        predictions=[last.predictions[0]],
+        predictions=list(steps.predictions) if steps is not None else [last.predictions[0]],
         backend=info.backend,
-        parameters={"sequence_id": sequence_id, "sequence_step": outcome.info.step},
+        parameters=parameters,
         warnings=list(last.warnings),
     )
+
+
+def decision_parameters(decision: dict[str, Any]) -> dict[str, Any]:
+    """An early decision as response parameters (scalars, as gRPC's InferParameter holds):
+    `decision_stop`, `decision_checkpoint`, `decision_coverage` and `decision_set` (the set at
+    alpha / K as JSON text)."""
+    return {
+        "decision_stop": bool(decision["stop"]),
+        "decision_checkpoint": int(decision["checkpoint"]),
+        "decision_coverage": float(decision["guaranteed_coverage"]),
+        "decision_set": json.dumps(list(decision["prediction_set"])),
+    }
 
 
 async def _start(
@@ -145,6 +164,11 @@ async def _start(
         "never_empty": params.never_empty,
         "options": params.backend_options,
         "ttl_seconds": params.ttl_seconds,
+        "early_decision": (
+            None
+            if params.early_decision_max_set_size is None
+            else {"max_set_size": params.early_decision_max_set_size}
+        ),
     }
     # Refuse bad options and combinations before anything is created or ended.
     _step_conformal(params, ConformalOptions(online=bool(params.online)))

@@ -8,6 +8,7 @@ agreeing with the same chunks stepped through `/v1/sessions` (and restarting on
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -463,3 +464,52 @@ def test_a_sequence_request_carries_one_sequence(client: triton.InferenceServerC
         client.infer(MODEL, [features(np.stack(chunks(2)))], sequence_id=5, sequence_start=True)
     # Refused before anything was created: the id is free to start.
     sequence_step(client, chunks(1)[0], sequence_id=5, sequence_start=True, sequence_end=True)
+
+
+def test_early_decisions_and_every_steps_answer_as_v1_sessions(
+    builtin: triton.InferenceServerClient, builtin_server_url: str
+) -> None:
+    """`early_decision_max_set_size` at the start and `return_steps` on a request: the same
+    decisions and per-step predictions as a v1 session asked for them."""
+    image = load_digits_seq("test").inputs[11].numpy()  # [8, 8]
+    pieces = [image[:5], image[5:]]
+    results = [
+        builtin.infer(
+            "digits-lru",
+            [features(piece[None])],
+            sequence_id="early-1",
+            sequence_start=i == 0,
+            sequence_end=i == 1,
+            parameters={"return_steps": True}
+            | ({"early_decision_max_set_size": 1} if i == 0 else {}),
+        )
+        for i, piece in enumerate(pieces)
+    ]
+    with httpx.Client(base_url=builtin_server_url, timeout=30) as http:
+        opening = {"model": "digits-lru", "early_decision": {"max_set_size": 1}}
+        session = http.post("/v1/sessions", json=opening).json()["session_id"]
+        answers = [
+            http.post(
+                f"/v1/sessions/{session}/step",
+                json={"inputs": piece.tolist(), "return_steps": True},
+            ).json()
+            for piece in pieces
+        ]
+    for result, answer, piece in zip(results, answers, pieces, strict=True):
+        steps = answer["step_predictions"]
+        assert result.as_numpy("probabilities").shape == (len(piece), 10)
+        np.testing.assert_array_equal(
+            result.as_numpy("probabilities"),
+            np.array([p["probabilities"] for p in steps], dtype=np.float32),
+        )
+        assert result.as_numpy("set_size").tolist() == [p["set_size"] for p in steps]
+        parameters = result.get_response()["parameters"]
+        decision = answer["decision"]
+        if decision is None:
+            assert "decision_stop" not in parameters
+            continue
+        assert parameters["decision_stop"] == decision["stop"]
+        assert parameters["decision_checkpoint"] == decision["checkpoint"]
+        assert parameters["decision_coverage"] == decision["guaranteed_coverage"]
+        assert json.loads(parameters["decision_set"]) == decision["prediction_set"]
+    assert any(answer["decision"] is not None for answer in answers)

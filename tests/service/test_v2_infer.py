@@ -227,8 +227,9 @@ def test_unknown_and_unsupported_parameters_are_refused_by_name(client: httpx.Cl
     assert refused({"alpha": 1.5}) == (
         "parameters.alpha must be a number in the open interval (0, 1), got 1.5"
     )
-    assert "ttl_seconds applies to sequences only" in refused({"ttl_seconds": 5})
-    assert "max_set_size must be a non-negative integer" in refused({"max_set_size": -1})
+    assert "apply to sequences only" in refused({"ttl_seconds": 5})
+    assert "max_set_size must be an integer >= 0" in refused({"max_set_size": -1})
+    assert "apply to sequences only" in refused({"return_steps": True})
     assert "backend_options must be an object" in refused({"backend_options": [1]})
     # JSON-encoded booleans and a null parameter are fine; binary_data_output is known.
     infer(client, "tiny-digits", {"inputs": [tensor], "parameters": {"seed": 3, "alpha": None}})
