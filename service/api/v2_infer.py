@@ -27,7 +27,11 @@ from service.api.v2_inputs import feature_batch, input_name, prompt_batch, singl
 from service.api.v2_parameters import InferParameters
 from service.api.v2_sequences import run_sequence_step
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
-from service.dataplane.predictions import ClassPrediction, ConformalOptions
+from service.dataplane.predictions import (
+    IGNORED_SEED_WARNING,
+    ClassPrediction,
+    ConformalOptions,
+)
 from service.errors import NotCalibratedError
 
 # Output -> (datatype, whether it has one value per label): shape [N] or [N, C].
@@ -44,10 +48,6 @@ OUTPUT_TYPES: dict[str, tuple[str, bool]] = {
 OUTPUTS = tuple(OUTPUT_TYPES)
 # Outputs only a calibrated answer has (an uncalibrated one carries no set).
 SET_OUTPUTS = ("prediction_set", "set_size", "abstain")
-IGNORED_SEED_WARNING = (
-    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
-    "prediction id, so that no request can steer coverage"
-)
 
 
 @dataclass(frozen=True)
