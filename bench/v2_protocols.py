@@ -153,7 +153,7 @@ PROTOCOLS: list[Protocol] = [
 ]
 
 
-def test_digit() -> np.ndarray:
+def one_digit() -> np.ndarray:
     return load_digits_seq("test").inputs[0].numpy().astype(np.float32)  # [T, F]
 
 
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> str:
     command = [*wrk_bench.NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
     runs: dict[tuple[int, int], list[wrk_bench.Cell]] = {}  # (protocol, connections) -> rounds
     with wrk_bench.server(command, env, port, workdir / "neuroserve.log"):
-        server = Server("127.0.0.1", port, args.model, test_digit())
+        server = Server("127.0.0.1", port, args.model, one_digit())
         measures = [protocol.prepare(server, workdir) for protocol in PROTOCOLS]
         for round_ in range(args.rounds):
             for n in args.concurrency:
@@ -194,7 +194,7 @@ def render(args: argparse.Namespace, results: list[tuple[Protocol, dict]]) -> st
     native = dict(results[0][1])  # v1 predict: the reference of the last column
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        f"{args.model}, one digit ({'x'.join(map(str, test_digit().shape))}) per request, "
+        f"{args.model}, one digit ({'x'.join(map(str, one_digit().shape))}) per request, "
         f"every output answered; load from {wrk_bench.wrk_version()} (closed loop, up to 2 "
         f"threads), {args.warmup} s warm-up then {args.seconds} s per cell, {args.rounds} "
         f"round(s) round-robin, the median round shown; one `neuroserve "
