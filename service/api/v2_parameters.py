@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from calibration import SCORE_NAMES
@@ -71,7 +71,6 @@ class InferParameters:
     sequence_start: bool = False
     sequence_end: bool = False
     binary_data_output: bool = False
-    given: frozenset[str] = field(default_factory=frozenset)  # the names the request sent
 
 
 def known_parameters_text() -> str:
@@ -156,7 +155,7 @@ def parse_parameters(parameters: Mapping[str, Any] | None) -> InferParameters:
                 f"parameters {chosen} are chosen when a sequence starts: send them with "
                 "sequence_start = true"
             )
-    return InferParameters(**values, given=frozenset(parameters))
+    return InferParameters(**values)
 
 
 def _backend_options(value: Any) -> dict[str, Any]:
