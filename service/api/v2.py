@@ -397,6 +397,13 @@ async def _infer(
 
 
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "JSON; or, when outputs are asked for as binary data, the JSON part (its byte "
+            "length in the Inference-Header-Content-Length header) followed by their bytes."
+        ),
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
     **_ERRORS,
     409: {"model": V2ErrorResponse, "description": "No prediction set (not calibrated)."},
 }
