@@ -33,11 +33,12 @@ def single_input(inputs: Sequence[DecodedTensor], expected_name: str) -> Decoded
 
 
 def feature_batch(tensor: DecodedTensor, n_features: int) -> np.ndarray:
-    """[N, T, F] float64 values of a numeric input, or 400 naming the problem."""
-    if tensor.datatype in ("BYTES", "BOOL"):
+    """[N, T, F] float64 values of a numeric (or BOOL: 0/1) input, or 400 naming the
+    problem."""
+    if tensor.datatype == "BYTES":
         raise V2BadRequestError(
-            f"input {tensor.name!r} has datatype {tensor.datatype}; this model takes numbers "
-            "(FP16, BF16, FP32, FP64 or INT*/UINT*)"
+            f"input {tensor.name!r} has datatype BYTES; this model takes numbers (FP16, BF16, "
+            "FP32, FP64, INT*/UINT*, or BOOL as 0/1, e.g. spikes)"
         )
     if len(tensor.shape) != 3 or tensor.shape[2] != n_features:
         raise V2BadRequestError(

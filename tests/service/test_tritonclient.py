@@ -202,12 +202,18 @@ def test_named_outputs_come_back_binary_or_json_as_asked(
     assert result.as_numpy("entropy").dtype == np.float32
 
 
-def test_int32_and_bytes_inputs(client: triton.InferenceServerClient, server_url: str) -> None:
+def test_int32_bool_and_bytes_inputs(client: triton.InferenceServerClient, server_url: str) -> None:
     batch = np.stack(chunks(2, seed=4))  # small integers: exact as INT32
     as_int = client.infer(MODEL, [features(batch.astype(np.int32), "INT32")])
     as_float = client.infer(MODEL, [features(batch)])
     np.testing.assert_array_equal(
         as_int.as_numpy("probabilities"), as_float.as_numpy("probabilities")
+    )
+    spikes = batch > 8  # [2, 4, 8] bool
+    as_bool = client.infer(MODEL, [features(spikes, "BOOL")])
+    as_ones = client.infer(MODEL, [features(spikes.astype(np.float32))])
+    np.testing.assert_array_equal(
+        as_bool.as_numpy("probabilities"), as_ones.as_numpy("probabilities")
     )
     texts = ["the cat", "a dog, then"]
     result = client.infer("tiny-charlm", [prompts(texts)])

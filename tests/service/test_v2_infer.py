@@ -167,6 +167,19 @@ def test_flat_and_nested_data_and_every_numeric_datatype_give_the_same_answer(
             assert body["outputs"] == reference["outputs"], (datatype, nested)
 
 
+def test_bool_features_are_zeros_and_ones(client: httpx.Client) -> None:
+    spikes = np.random.default_rng(3).random((2, 5, 8)) < 0.3  # [2, 5, 8] spike trains
+    request = {"outputs": [{"name": "probabilities"}]}
+    as_bool = {"name": "input", "datatype": "BOOL", "shape": [2, 5, 8]}
+    as_bool["data"] = spikes.reshape(-1).tolist()
+    as_float = features_tensor(spikes.astype(np.float64))
+    body = infer(client, "tiny-digits", {**request, "inputs": [as_bool]})
+    assert (
+        body["outputs"]
+        == infer(client, "tiny-digits", {**request, "inputs": [as_float]})["outputs"]
+    )
+
+
 def test_outputs_selection_is_honoured_in_request_order(client: httpx.Client) -> None:
     request = {
         "inputs": [features_tensor(digit_like(2))],
