@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bench.v2_protocols import PROTOCOLS, Server, run, one_digit, v2_binary_body
+from bench.v2_protocols import PROTOCOLS, Server, one_digit, run, v2_binary_body
 
 pytestmark = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 

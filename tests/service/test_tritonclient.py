@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -519,3 +521,19 @@ def test_early_decisions_and_every_steps_answer_as_v1_sessions(
         assert parameters["decision_coverage"] == decision["guaranteed_coverage"]
         assert json.loads(parameters["decision_set"]) == decision["prediction_set"]
     assert any(answer["decision"] is not None for answer in answers)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/V2_PROTOCOL.md"])
+def test_the_documented_client_examples_run(builtin_server_url: str, doc: str) -> None:
+    text = (Path(__file__).resolve().parents[2] / doc).read_text()
+    examples = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+        if "tritonclient.http" in block
+    ]
+    assert examples, doc
+    address = builtin_server_url.removeprefix("http://")
+    for example in examples:
+        namespace: dict[str, Any] = {"print": lambda *args: None}
+        exec(example.replace("localhost:8000", address), namespace)  # noqa: S102
+        assert namespace["result"].as_numpy("prediction_set").dtype == np.bool_
