@@ -117,15 +117,24 @@ def test_model_config_of_a_feature_and_a_language_model(
         client.get_model_config("nope")
 
 
-def test_model_config_parses_as_tritons_protobuf_message(
+def test_config_index_and_statistics_parse_as_tritons_protobuf_messages(
     client: triton.InferenceServerClient,
 ) -> None:
-    """The same dict serves gRPC: it is the JSON form of `inference.ModelConfig`."""
+    """The same dicts serve gRPC: they are the JSON form of Triton's protobuf messages."""
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     json_format = pytest.importorskip("google.protobuf.json_format")
     message = json_format.ParseDict(client.get_model_config(MODEL), model_config_pb2.ModelConfig())
     assert message.input[0].dims == [-1, 8] and message.max_batch_size == 8
     assert message.sequence_batching.max_sequence_idle_microseconds == 3600 * 10**6
+    service_pb2 = pytest.importorskip("tritonclient.grpc.service_pb2")
+    index = json_format.ParseDict(
+        {"models": client.get_model_repository_index()}, service_pb2.RepositoryIndexResponse()
+    )
+    assert {model.name for model in index.models} == {"broken", "tiny-charlm", "tiny-digits"}
+    stats = json_format.ParseDict(
+        client.get_inference_statistics(MODEL), service_pb2.ModelStatisticsResponse()
+    )
+    assert [s.version for s in stats.model_stats] == ["1", "2"]
 
 
 def test_repository_index_lists_every_version_and_the_broken_one(
