@@ -36,15 +36,20 @@ from torch.onnx import symbolic_helper
 
 from models.files import staging_directory
 
+# The graph interface is one convention for exported and imported step graphs alike.
+from models.onnx_step import (
+    ACTIVITY_PREFIX,
+    INPUT_NAME,
+    LOGITS_NAME,
+    STATE_IN_PREFIX,
+    STATE_OUT_PREFIX,
+    OnnxStepModel,
+)
+
 if TYPE_CHECKING:
     from models.base import StatefulModel
 
 OPSET = 17
-INPUT_NAME = "x"
-LOGITS_NAME = "logits"
-STATE_IN_PREFIX = "state."
-STATE_OUT_PREFIX = "next_state."
-ACTIVITY_PREFIX = "activity."
 CACHE_DIR_ENV = "NEUROSERVE_ONNX_CACHE_DIR"
 GRAPH_FILE = "step.onnx"
 SPEC_FILE = "spec.json"
@@ -165,9 +170,12 @@ def weights_hash(model: StatefulModel) -> str:
 
 def export_onnx(model: StatefulModel, path: str | os.PathLike) -> OnnxStepSpec:
     """Export `model.step` to the ONNX file `path` (checked with onnx.checker) and return how
-    to call it. The model is exported in eval mode on CPU; the caller's model is not changed."""
-    _register_missing_operators()
+    to call it. The model is exported in eval mode on CPU; the caller's model is not changed.
+    An imported ONNX step model already is such a graph: its own bytes are written."""
     path = Path(path)
+    if isinstance(model, OnnxStepModel):
+        return _write_imported_graph(model, path)
+    _register_missing_operators()
     cpu_model = model if _on_cpu(model) else _cpu_copy(model)
     batch = 2  # not 1, so the tracer cannot fold the batch dimension into a broadcast
     example_state = cpu_model.init_state(batch)
@@ -208,6 +216,21 @@ def export_onnx(model: StatefulModel, path: str | os.PathLike) -> OnnxStepSpec:
         cpu_model.train(was_training)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return spec
+
+
+def _write_imported_graph(model: OnnxStepModel, path: Path) -> OnnxStepSpec:
+    """An imported graph follows this module's interface (checked at import): write it as is."""
+    path.write_bytes(model.graph_bytes())
+    config = model.config
+    return OnnxStepSpec(
+        input_kind="features",
+        d_input=int(config.d_input),
+        state_names=list(config.state),
+        state_shapes={name: list(shape) for name, shape in config.state.items()},
+        activity_names=sorted(config.activity),
+        opset=int(config.opset),
+        weights_hash=weights_hash(model),
+    )
 
 
 def _on_cpu(model: nn.Module) -> bool:

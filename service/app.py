@@ -30,6 +30,7 @@ from service.api import (
     v1_sessions,
     v2,
 )
+from service.api.api_docs import install_api_docs
 from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
@@ -205,6 +206,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=v2.server_version(),
         summary="Uncertainty-aware inference for stateful neuromorphic models.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_api_docs, from local assets
+        redoc_url=None,
     )
     # The last added runs first: metrics, then the key check, the key's rate, the body size,
     # and innermost the hot routes' fast path.
@@ -226,4 +229,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1_finetune.router)
     app.include_router(v2.router)
     app.include_router(metrics_route.router)
+    install_api_docs(app)
     return app

@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -31,9 +31,17 @@ from starlette.concurrency import run_in_threadpool
 from models.repository import ArtifactError, ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
+from service.api.route_helpers import (
+    TOO_LARGE_DESCRIPTION,
+    V2_ACCESS_ERRORS,
+    error_doc,
+    get_dataplane,
+)
 from service.api.schemas.common import V2ErrorResponse
+from service.api.schemas.parameters import ModelName, VersionPath
 from service.api.schemas.v2 import (
+    V2_INFER_EXAMPLES,
+    V2_REPOSITORY_INDEX_EXAMPLES,
     Liveness,
     Readiness,
     ServerMetadata,
@@ -152,9 +160,12 @@ SERVER_NAME = "neuroserve"
 # whole of its sequence extension (no implicit state tensors, no control inputs); of the
 # model repository extension only the index is offered, so it is not claimed either.
 EXTENSIONS: list[str] = ["binary_tensor_data", "model_configuration", "statistics"]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": V2ErrorResponse, "description": "Malformed request; the message says where."},
-    404: {"model": V2ErrorResponse, "description": "Unknown model, version or sequence."},
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model or version.", V2ErrorResponse),
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": V2ModelReady, "description": "Not loaded (yet), or its artifact is broken."}
 }
 
 
@@ -165,13 +176,17 @@ def server_version() -> str:
         return "0+unknown"
 
 
-@router.get("", response_model=ServerMetadata, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, responses=V2_ACCESS_ERRORS, summary="Server metadata"
+)
 def server_metadata() -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
     return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
 
 @router.get("/health/live", response_model=Liveness, summary="Liveness")
 def live() -> Liveness:
+    """200 while the process answers (open without an API key)."""
     return Liveness(live=True)
 
 
@@ -182,6 +197,8 @@ def live() -> Liveness:
     summary="Readiness",
 )
 def ready(request: Request) -> Readiness | JSONResponse:
+    """200 once start-up (model preload) has finished and the state store answers; 503
+    before (open without an API key)."""
     dataplane = getattr(request.app.state, "dataplane", None)
     is_ready = dataplane is not None and dataplane.ready
     if not is_ready:
@@ -195,37 +212,36 @@ def ready(request: Request) -> Readiness | JSONResponse:
 @router.get(
     "/models/stats",
     response_model=V2InferenceStatistics,
+    responses=V2_ACCESS_ERRORS,
     summary="Inference statistics of every model",
-    description=(
-        "Per model version: successful and failed V2 inference requests (HTTP and gRPC) with "
-        "their summed durations, rows answered and the time of the last one, since start-up."
-    ),
 )
 def all_statistics(dataplane: DataPlaneDependency) -> dict[str, Any]:
+    """Per model version: successful and failed V2 inference requests (HTTP and gRPC) with
+    their summed durations, rows answered and the time of the last one, since start-up."""
     return model_statistics(dataplane)
 
 
 @router.get(
     "/models/{name}/stats",
     response_model=V2InferenceStatistics,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Inference statistics of a model",
-    description="Every version of one model; see `GET /v2/models/stats`.",
 )
-def statistics_of_model(name: str, dataplane: DataPlaneDependency) -> dict[str, Any]:
+def statistics_of_model(name: ModelName, dataplane: DataPlaneDependency) -> dict[str, Any]:
+    """Every version of one model; see `GET /v2/models/stats`."""
     return model_statistics(dataplane, name)
 
 
 @router.get(
     "/models/{name}/versions/{version}/stats",
     response_model=V2InferenceStatistics,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Inference statistics of a model version",
-    description="One model version; see `GET /v2/models/stats`.",
 )
 def statistics_of_version(
-    name: str, version: str, dataplane: DataPlaneDependency
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> dict[str, Any]:
+    """One model version; see `GET /v2/models/stats`."""
     return model_statistics(dataplane, name, version)
 
 
@@ -255,38 +271,57 @@ def _model_metadata(card: ModelCard, versions: list[str]) -> V2ModelMetadata:
 
 
 @router.get(
-    "/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model metadata"
+    "/models/{name}", response_model=V2ModelMetadata, responses=_NOT_FOUND, summary="Model metadata"
 )
+def model_metadata(name: ModelName, dataplane: DataPlaneDependency) -> V2ModelMetadata:
+    """The latest version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name), dataplane.versions(name))
+
+
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=V2ModelMetadata,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Model version metadata",
 )
-def model_metadata(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+def model_version_metadata(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelMetadata:
-    card = dataplane.card(name, version)
-    return _model_metadata(card, dataplane.versions(name))
+    """One version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name, version), dataplane.versions(name))
 
 
 @router.get(
     "/models/{name}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model readiness",
 )
+async def model_ready(
+    name: ModelName, dataplane: DataPlaneDependency
+) -> V2ModelReady | JSONResponse:
+    """200 once the server has started and the latest version loads; 503 while starting up or
+    when its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, None)
+
+
 @router.get(
     "/models/{name}/versions/{version}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model version readiness",
 )
-async def model_ready(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+async def model_version_ready(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelReady | JSONResponse:
-    """200 once the server has started and the model loads; 503 while starting up or when its
-    artifact is broken (the server log says why); 404 for an unknown model or version."""
+    """200 once the server has started and this version loads; 503 while starting up or when
+    its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, version)
+
+
+async def _model_ready(
+    dataplane: DataPlane, name: str, version: str | None
+) -> V2ModelReady | JSONResponse:
     card = dataplane.card(name, version)
     answer = V2ModelReady(name=card.name, version=card.version, ready=False)
     if not dataplane.ready:
@@ -404,16 +439,14 @@ _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
         ),
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     },
-    **_ERRORS,
-    409: {"model": V2ErrorResponse, "description": "No prediction set (not calibrated)."},
+    **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model, version or sequence.", V2ErrorResponse),
+    **error_doc(409, "No prediction set: not calibrated on the backend.", V2ErrorResponse),
+    **error_doc(413, TOO_LARGE_DESCRIPTION, V2ErrorResponse),
+    **error_doc(503, "The model's artifact or the state store cannot serve now.", V2ErrorResponse),
 }
-_INFER_DESCRIPTION = (
-    "JSON tensors, or the binary tensor data extension (the default of `tritonclient.http`): "
-    "the JSON part's byte length in `Inference-Header-Content-Length`, binary inputs marked "
-    "by `parameters.binary_data_size`. Outputs: label, confidence, probabilities, "
-    "prediction_set, set_size, abstain, entropy, prediction_id. Triton's sequence parameters "
-    "step a session."
-)
+InferBody = Annotated[V2InferRequest, Body(openapi_examples=V2_INFER_EXAMPLES)]
 
 
 @router.post(
@@ -421,11 +454,16 @@ _INFER_DESCRIPTION = (
     response_model=V2InferResponse,
     responses=_INFER_RESPONSES,
     summary="Inference (JSON or binary tensors)",
-    description=_INFER_DESCRIPTION,
 )
 async def infer(
-    name: str, body: V2InferRequest, request: Request, dataplane: DataPlaneDependency
+    name: ModelName, body: InferBody, request: Request, dataplane: DataPlaneDependency
 ) -> Response:
+    """Calibrated predictions with conformal prediction sets, from JSON tensors or the binary
+    tensor data extension (the default of `tritonclient.http`: the JSON part's byte length in
+    `Inference-Header-Content-Length`, binary inputs marked by `parameters.binary_data_size`).
+    Outputs: label, confidence, probabilities, prediction_set, set_size, abstain, entropy,
+    prediction_id. Every `/v1` predict option is a parameter; Triton's sequence parameters
+    feed a session step by step (docs/V2_PROTOCOL.md)."""
     return await _infer(request, body, dataplane, name, None)
 
 
@@ -434,15 +472,15 @@ async def infer(
     response_model=V2InferResponse,
     responses=_INFER_RESPONSES,
     summary="Inference on one model version (JSON or binary tensors)",
-    description=_INFER_DESCRIPTION,
 )
 async def infer_version(
-    name: str,
-    version: str,
-    body: V2InferRequest,
+    name: ModelName,
+    version: VersionPath,
+    body: InferBody,
     request: Request,
     dataplane: DataPlaneDependency,
 ) -> Response:
+    """Inference on one model version (see the route without `/versions/{version}`)."""
     return await _infer(request, body, dataplane, name, version)
 
 
@@ -461,40 +499,48 @@ def serving_limits(request: Request) -> ServingLimits:
 @router.get(
     "/models/{name}/config",
     response_model=V2ModelConfig,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Model configuration",
-    description=(
-        "Triton's model configuration of the latest version: inputs and outputs with their "
-        "data types and dims (batch dimension left out), `max_batch_size`, and "
-        "`sequence_batching` (every model is stateful)."
-    ),
 )
+def model_configuration(
+    name: ModelName, request: Request, dataplane: DataPlaneDependency
+) -> dict[str, Any]:
+    """Triton's model configuration of the latest version: inputs and outputs with their data
+    types and dims (batch dimension left out), `max_batch_size`, and `sequence_batching`
+    (every model is stateful)."""
+    return model_config(dataplane.card(name), serving_limits(request))
+
+
 @router.get(
     "/models/{name}/versions/{version}/config",
     response_model=V2ModelConfig,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Model version configuration",
-    description="Triton's model configuration of one model version.",
 )
-def model_configuration(
-    name: str, request: Request, dataplane: DataPlaneDependency, version: str | None = None
+def model_version_configuration(
+    name: ModelName, version: VersionPath, request: Request, dataplane: DataPlaneDependency
 ) -> dict[str, Any]:
+    """Triton's model configuration of one model version."""
     return model_config(dataplane.card(name, version), serving_limits(request))
 
 
 @router.post(
     "/repository/index",
     response_model=list[V2RepositoryModel],
-    responses={400: _ERRORS[400]},
+    responses={
+        **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
+        **V2_ACCESS_ERRORS,
+    },
     summary="Model repository index",
-    description=(
-        "Every version of every model: READY when it loads, UNAVAILABLE (with the reason) "
-        'when its artifact is broken. `{"ready": true}` lists only the ready ones; the body '
-        "may be empty."
-    ),
 )
 async def repository_index_route(
-    dataplane: DataPlaneDependency, body: V2RepositoryIndexRequest | None = None
+    dataplane: DataPlaneDependency,
+    body: Annotated[
+        V2RepositoryIndexRequest | None, Body(openapi_examples=V2_REPOSITORY_INDEX_EXAMPLES)
+    ] = None,
 ) -> list[dict[str, Any]]:
+    """Every version of every model: READY when it loads, UNAVAILABLE (with the reason) when
+    its artifact is broken. `{"ready": true}` lists only the ready ones; the body may be
+    empty."""
     ready_only = body is not None and body.ready
     return await run_in_threadpool(repository_index, dataplane, ready_only)

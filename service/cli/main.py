@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.cli import calibrate, keys, models, worker
+from service.cli import calibrate, importing, keys, models, worker
 from service.cli.common import LOG_LEVELS, configure_logging, settings_from_flags
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
@@ -107,6 +107,7 @@ def command_registrars() -> list[Registrar]:
     return [
         register_serve,
         models.register,
+        importing.register,
         calibrate.register_calibrate,
         calibrate.register_export_onnx,
         worker.register,

@@ -139,12 +139,11 @@ def split_batch(
     usages: Sequence[dict[str, Any]],
     request_warnings: Sequence[Sequence[str]],
 ) -> list[PredictionBatch]:
-    """`batch` (answered for several requests at once, without row-level online levels) cut
-    into one answer per request: `sizes[i]` consecutive rows, with its own usage and
-    warnings."""
+    """`batch` (answered for several requests at once; at online levels, for one) cut into one
+    answer per request: `sizes[i]` consecutive rows, with its own usage and warnings."""
     if sum(sizes) != len(batch.predictions):
         raise ValueError(f"{len(batch.predictions)} predictions cannot be cut into {list(sizes)}")
-    if batch.level_keys:
+    if batch.level_keys and len(sizes) > 1:
         raise ValueError("a batch answered at online levels belongs to one request")
     parts, start = [], 0
     for size, usage, warnings in zip(sizes, usages, request_warnings, strict=True):

@@ -7,20 +7,38 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation
 
+from service.api.schemas.models import DIGIT_ZERO
+
 # ---- V2 server metadata and health ----------------------------------------------------------
 
 
 class ServerMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "neuroserve",
+                    "version": "0.1.0",
+                    "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+                }
+            ]
+        }
+    )
+
     name: str
     version: str
     extensions: list[str]
 
 
 class Liveness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"live": True}]})
+
     live: bool
 
 
 class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+
     ready: bool
 
 
@@ -82,26 +100,7 @@ class V2InferRequest(BaseModel):
     `service.api.v2_codec` and the parameters by `service.api.v2_parameters`, which name
     each problem."""
 
-    model_config = ConfigDict(
-        extra="ignore",
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "digit-1",
-                    "parameters": {"alpha": 0.1, "max_set_size": 2},
-                    "inputs": [
-                        {
-                            "name": "input",
-                            "datatype": "FP32",
-                            "shape": [1, 1, 8],
-                            "data": [0.0, 3.0, 12.0, 16.0, 9.0, 0.0, 0.0, 0.0],
-                        }
-                    ],
-                    "outputs": [{"name": "label"}, {"name": "prediction_set"}],
-                }
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="ignore")
 
     id: str | None = Field(None, description="Echoed in the response.")
     parameters: dict[str, Any] | None = Field(
@@ -117,6 +116,50 @@ class V2InferRequest(BaseModel):
     outputs: list[V2RequestedOutput] | None = Field(
         None, description="The outputs to return; all of them when omitted."
     )
+
+
+# Bodies of `POST /v2/models/{name}/infer`. An example named like a model goes with that model's
+# name in the path (see `service.api.schemas.parameters`).
+V2_INFER_EXAMPLES: dict[str, Any] = {
+    "digits-lru": {
+        "summary": "One handwritten digit: FP32 [1, 8, 8] (8 rows of 8 pixels)",
+        "value": {
+            "id": "digit-0",
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 8, 8],
+                    "datatype": "FP32",
+                    "data": [pixel for row in DIGIT_ZERO for pixel in row],
+                }
+            ],
+            "parameters": {"alpha": 0.1},
+            "outputs": [{"name": "label"}, {"name": "confidence"}, {"name": "prediction_set"}],
+        },
+    },
+    "charlm-selective": {
+        "summary": "The next character after a prompt: BYTES [1]",
+        "value": {
+            "inputs": [
+                {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["The quick brown"]}
+            ]
+        },
+    },
+    "sequence": {
+        "summary": "The first 4 rows of a digit as the start of a Triton sequence (a session)",
+        "value": {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 4, 8],
+                    "datatype": "FP32",
+                    "data": [pixel for row in DIGIT_ZERO[:4] for pixel in row],
+                }
+            ],
+            "parameters": {"sequence_id": 42, "sequence_start": True, "sequence_end": False},
+        },
+    },
+}
 
 
 class V2ResponseTensor(BaseModel):
@@ -169,6 +212,12 @@ class V2RepositoryIndexRequest(BaseModel):
     ready: bool = Field(False, description="Only the model versions that are ready.")
 
 
+V2_REPOSITORY_INDEX_EXAMPLES: dict[str, Any] = {
+    "ready": {"summary": "Only the model versions that load", "value": {"ready": True}},
+    "all": {"summary": "Every model version, with why one is unavailable", "value": {}},
+}
+
+
 class V2RepositoryModel(BaseModel):
     name: str
     version: str
@@ -177,6 +226,30 @@ class V2RepositoryModel(BaseModel):
 
 
 class V2InferenceStatistics(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_stats": [
+                        {
+                            "name": "digits-lru",
+                            "version": "1",
+                            "last_inference": 1796193238497,
+                            "inference_count": 4,
+                            "execution_count": 2,
+                            "inference_stats": {
+                                "success": {"count": 2, "ns": 32551181},
+                                "fail": {"count": 0, "ns": 0},
+                            },
+                            "batch_stats": [],
+                            "memory_usage": [],
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     model_stats: list[dict[str, Any]] = Field(
         description=(
             "Per model version: `inference_count` (rows answered), `execution_count` "
