@@ -401,11 +401,19 @@ def _infer_response(
 
 
 async def _infer(
-    request: Request,
-    body: V2InferRequest,
-    dataplane: DataPlane,
-    name: str,
-    version: str | None,
+    request: Request, body: V2InferRequest, name: str, version: str | None
+) -> Response:
+    """The infer routes' work. They are hot routes (`service.api.fast_paths`): a JSON request
+    may reach them without FastAPI's layers or `V2Route`'s handler, so the app's objects come
+    from the request and a bad input is a 400 here, as `V2Route` makes it."""
+    try:
+        return await _answer_infer(request, body, name, version)
+    except BadInputError as error:
+        raise V2BadRequestError(error.message) from None
+
+
+async def _answer_infer(
+    request: Request, body: V2InferRequest, name: str, version: str | None
 ) -> Response:
     tail = getattr(request.state, "binary_tail", None)
     binary_part = BinaryTail(tail) if tail is not None else None
@@ -426,7 +434,8 @@ async def _infer(
         outputs=None if body.outputs is None else [output.name for output in body.outputs],
         owner=get_principal(request).owner,
     )
-    answer = await run_infer(dataplane, getattr(request.app.state, "sessions", None), call)
+    state = request.app.state
+    answer = await run_infer(state.dataplane, getattr(state, "sessions", None), call)
     label_request(request, model=answer.model, backend=answer.backend)
     return _infer_response(answer, body.id, binary)
 
@@ -455,16 +464,14 @@ InferBody = Annotated[V2InferRequest, Body(openapi_examples=V2_INFER_EXAMPLES)]
     responses=_INFER_RESPONSES,
     summary="Inference (JSON or binary tensors)",
 )
-async def infer(
-    name: ModelName, body: InferBody, request: Request, dataplane: DataPlaneDependency
-) -> Response:
+async def infer(name: ModelName, body: InferBody, request: Request) -> Response:
     """Calibrated predictions with conformal prediction sets, from JSON tensors or the binary
     tensor data extension (the default of `tritonclient.http`: the JSON part's byte length in
     `Inference-Header-Content-Length`, binary inputs marked by `parameters.binary_data_size`).
     Outputs: label, confidence, probabilities, prediction_set, set_size, abstain, entropy,
     prediction_id. Every `/v1` predict option is a parameter; Triton's sequence parameters
     feed a session step by step (docs/V2_PROTOCOL.md)."""
-    return await _infer(request, body, dataplane, name, None)
+    return await _infer(request, body, name, None)
 
 
 @router.post(
@@ -474,14 +481,10 @@ async def infer(
     summary="Inference on one model version (JSON or binary tensors)",
 )
 async def infer_version(
-    name: ModelName,
-    version: VersionPath,
-    body: InferBody,
-    request: Request,
-    dataplane: DataPlaneDependency,
+    name: ModelName, version: VersionPath, body: InferBody, request: Request
 ) -> Response:
     """Inference on one model version (see the route without `/versions/{version}`)."""
-    return await _infer(request, body, dataplane, name, version)
+    return await _infer(request, body, name, version)
 
 
 # ---- model configuration and repository index -----------------------------------------------

@@ -340,7 +340,9 @@ def binary_request(
 ) -> tuple[bytes, dict[str, str]]:
     head = json.dumps(body).encode()
     length = len(head) if header_length is None else header_length
-    return head + b"".join(tensors), {BINARY_HEADER: str(length)}
+    # Labelled JSON as some clients do: the JSON fast path must leave framed bodies alone.
+    headers = {BINARY_HEADER: str(length), "Content-Type": "application/json"}
+    return head + b"".join(tensors), headers
 
 
 def split_binary_answer(response: httpx.Response) -> tuple[dict[str, Any], dict[str, bytes]]:
