@@ -406,9 +406,10 @@ def create_sessions(port: int, path: str, body: dict, count: int) -> list[str]:
     return ids
 
 
-def check_answers(url: str, body: bytes) -> None:
+def check_answers(url: str, body: bytes, headers: dict[str, str] | None = None) -> None:
     """One request before the load: a refused body fails here, with the server's reason."""
-    answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    answer = httpx.post(url, content=body, headers=sent, timeout=60)
     if not answer.is_success:
         raise RuntimeError(f"POST {url}: HTTP {answer.status_code}: {answer.text[:500]}")
 

@@ -124,9 +124,10 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def hot_routes() -> list[APIRoute]:
-    """The routes `FastPaths` answers: a session step and a stateless prediction."""
-    hot = (v1_sessions.step_session, v1_models.predict)
-    routes = [*v1_sessions.router.routes, *v1_models.router.routes]
+    """The routes `FastPaths` answers: a session step, a stateless prediction, V2 inference
+    (JSON bodies; binary and compressed ones go through the route)."""
+    hot = (v1_sessions.step_session, v1_models.predict, v2.infer, v2.infer_version)
+    routes = [*v1_sessions.router.routes, *v1_models.router.routes, *v2.router.routes]
     return [route for route in routes if getattr(route, "endpoint", None) in hot]
 
 

@@ -31,11 +31,10 @@ from service.api.schemas.models import (
 )
 from service.api.schemas.parameters import ModelName, VersionQuery
 from service.dataplane.plane import DataPlane
-from service.dataplane.predictions import ConformalOptions, PredictionBatch
-
-IGNORED_SEED_WARNING = (
-    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
-    "prediction id, so that no request can steer coverage"
+from service.dataplane.predictions import (
+    IGNORED_SEED_WARNING,
+    ConformalOptions,
+    PredictionBatch,
 )
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=ACCESS_ERRORS)

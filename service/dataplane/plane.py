@@ -56,6 +56,7 @@ from service.dataplane.calibration_store import (
 from service.dataplane.conformal_answer import conformal_answer
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog, FeedbackResult
+from service.dataplane.inference_stats import InferenceStatistics
 from service.dataplane.inputs import (
     InputLimits,
     encode_prompts,
@@ -142,6 +143,7 @@ class DataPlane:
         self.levels = None if feedback is None else feedback.levels
         self.draws = draws or ConformalDraws()
         self.ready = False  # set once the start-up preload has finished
+        self.statistics = InferenceStatistics()  # V2 inference counts and durations
         # Concurrent stateless requests for one runner and sequence length run as one
         # forward pass: continuous batching, as session steps (see `predict`).
         self._batches = FeatureBatches(

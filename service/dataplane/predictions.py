@@ -39,6 +39,11 @@ DEFAULT_SCORE = "raps"
 # ~99% of the mass (or, for RAPS, always hold its k_reg ~5 first tokens): a 0.997-confident
 # step got 5-6 characters. LAC's sets are the top token alone on confident steps.
 LANGUAGE_MODEL_SCORE = "lac"
+# What an answer says when its request sent a `seed` (accepted for compatibility, not used).
+IGNORED_SEED_WARNING = (
+    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
+    "prediction id, so that no request can steer coverage"
+)
 
 
 def default_score(card: ModelCard) -> str:
