@@ -63,7 +63,7 @@ from service.api.v2_infer import (
     prompt_batch,
     requested_outputs,
 )
-from service.api.v2_sequences import run_sequence_step
+from service.api.v2_sequences import run_sequence_step, sequence_sessions
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 from service.errors import BadInputError, describe_validation_errors
 
@@ -258,9 +258,17 @@ async def _infer(
     backend = params.backend or TORCH_BACKEND
     response_parameters: dict[str, Any] = {}
     if params.sequence_id is not None:
-        predictions, response_parameters = await run_sequence_step(
-            request, dataplane, card, tensor, params, params.sequence_id, version
+        predictions, response_parameters, backend = await run_sequence_step(
+            sequence_sessions(request),
+            get_principal(request).owner,
+            dataplane,
+            card,
+            tensor,
+            params,
+            params.sequence_id,
+            version,
         )
+        label_request(request, model=card.name, backend=backend)
     else:
         inputs: Any = (
             prompt_batch(tensor)

@@ -12,14 +12,13 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from models.repository import ModelCard
-from service.api.auth import get_principal
-from service.api.metrics_route import label_request
 from service.api.v2_codec import DecodedTensor, V2BadRequestError
 from service.api.v2_infer import InferParameters, conformal_options, feature_batch, prompt_batch
 from service.dataplane.inputs import encode_prompts
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 from service.dataplane.predictions import ClassPrediction
 from service.errors import NotFoundError, ServiceUnavailableError
+from service.sessions.plane import SessionManager
 
 SEQUENCE_SESSION_PREFIX = "v2-sequence-"
 
@@ -29,7 +28,8 @@ def sequence_session_id(sequence_id: int | str) -> str:
     return f"{SEQUENCE_SESSION_PREFIX}{sequence_id}"
 
 
-def _sessions(request: Request) -> Any:
+def sequence_sessions(request: Request) -> Any:
+    """The app's session manager, which sequences run on (503 when it is not running)."""
     sessions = getattr(request.app.state, "sessions", None)
     if sessions is None:
         raise ServiceUnavailableError("sequences need the session manager, which is not running")
@@ -37,24 +37,25 @@ def _sessions(request: Request) -> Any:
 
 
 async def run_sequence_step(
-    request: Request,
+    sessions: SessionManager,
+    owner: str | None,
     dataplane: DataPlane,
     card: ModelCard,
     tensor: DecodedTensor,
     params: InferParameters,
     sequence_id: int | str,
     url_version: str | None,
-) -> tuple[list[ClassPrediction], dict[str, Any]]:
-    """One request of a Triton-style sequence, as one step of a session.
+) -> tuple[list[ClassPrediction], dict[str, Any], str]:
+    """One request of a Triton-style sequence, as one step of a session, for the caller
+    `owner` (a sequence belongs to the key that started it); every protocol calls this.
+    Returns the prediction, the response parameters and the backend the sequence runs on.
 
     `sequence_start` creates the session (409 if that sequence is still open); a request
     without it continues one (404 if there is none); `sequence_end` deletes it after the
     answer is built. A sequence belongs to the model (and version) it started on, and every
     input is checked before a session is created.
     """
-    sessions = _sessions(request)
     session_id = sequence_session_id(sequence_id)
-    owner = get_principal(request).owner  # a sequence belongs to the key that started it
     if card.config["input"]["kind"] == "tokens":
         prompts = prompt_batch(tensor)
         _check_single_sequence(len(prompts), sequence_id)
@@ -95,7 +96,6 @@ async def run_sequence_step(
                 f"sequence {sequence_id!r} runs on backend {info.backend!r}; a sequence "
                 f"cannot switch to {params.backend!r}"
             )
-    label_request(request, model=card.name, backend=info.backend)
     conformal = conformal_options(params, info.alpha, info.score)
     try:
         outcome = await sessions.step(session_id, inputs, owner=owner, conformal=conformal)
@@ -108,7 +108,7 @@ async def run_sequence_step(
     if params.sequence_end:
         await sessions.delete(session_id, owner=owner)
     sequence = {"sequence_id": sequence_id, "sequence_step": outcome.info.step}
-    return [prediction], sequence
+    return [prediction], sequence, info.backend
 
 
 def _check_single_sequence(n: int, sequence_id: int | str) -> None:

@@ -26,7 +26,8 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "service.
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    # A free gRPC port unless a test names one: servers run side by side, and 8001 may be taken.
+    return {**env, "OMP_NUM_THREADS": "1", "NEUROSERVE_GRPC_PORT": "0", **extra}
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -40,13 +41,14 @@ def test_help_lists_the_sub_commands() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("serve", "train", "evaluate"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
-    assert "run the HTTP server" in result.stdout
+    assert "run the HTTP and gRPC server" in result.stdout
 
 
 def test_serve_help_documents_its_options() -> None:
     result = run_cli("serve", "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--host", "--port", "--repository", "--redis-url", "--log-level"):
+    options = ("--host", "--port", "--grpc-port", "--no-grpc", "--repository", "--redis-url")
+    for option in (*options, "--log-level"):
         assert option in result.stdout
 
 
