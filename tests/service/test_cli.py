@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from models.repository import ModelRepository
 from service.cli.common import parse_key_value, settings_from_flags
@@ -120,9 +122,10 @@ def test_serve_refuses_several_workers_without_redis() -> None:
 def test_several_workers_continue_one_session_and_merge_their_metrics(
     redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    port = free_tcp_port()
+    port, grpc_port = free_tcp_port(), free_tcp_port()
     process = subprocess.Popen(
-        [*COMMAND, "serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url],
+        [*COMMAND, "serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url,
+         "--grpc-port", str(grpc_port)],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -156,6 +159,17 @@ def test_several_workers_continue_one_session_and_merge_their_metrics(
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["step"] == expected_step  # no worker lost another's step
+        # gRPC on the same port in both workers: a Triton sequence continued over a new
+        # connection per request, so the kernel spreads it over both, loses no step either.
+        chunk = np.full((1, 1, 8), 3.0, dtype=np.float32)
+        for i in range(8):
+            with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as grpc_client:
+                tensor = triton_grpc.InferInput("input", [1, 1, 8], "FP32")
+                tensor.set_data_from_numpy(chunk)
+                result = grpc_client.infer(
+                    "digits-lru", [tensor], sequence_id=31, sequence_start=i == 0
+                )
+            assert result.get_response().parameters["sequence_step"].int64_param == i + 1
         metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
         served = re.search(
             r'neuroserve_requests_total\{[^}]*route="/v1/sessions/\{session_id\}/step"[^}]*'
