@@ -13,6 +13,9 @@ answer is back, for `--warmup` s unmeasured and then `--seconds` s.
   client).
 - v1 predict: `POST /v1/models/{model}/predict` (httpx, one connection per client).
 
+At each number of clients the three protocols run back to back, so a change in the machine's
+load (other processes) weighs on them alike.
+
 Every request is one digit (sklearn's first 8x8 digit: 8 time steps of 8 features) and asks
 for every output. Reported per row: answers per second (errors excluded, and counted), p50 and
 p99 latency as the client saw it, and the client process's CPU use (near 100% means the
@@ -255,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         server, base_url, grpc_address = start_server(Path(folder) / "server.log")
         try:
-            for protocol in PROTOCOLS:
-                for concurrency in args.concurrency:
+            for concurrency in args.concurrency:  # the protocols back to back at each level
+                for protocol in PROTOCOLS:
                     result = measure(protocol, concurrency, args, base_url, grpc_address)
                     rows.append((protocol, concurrency, result))
                     print(f"{protocol:>13} x{concurrency:<3} {result}", file=sys.stderr)
@@ -267,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.model}, one digit (8 steps of 8 features) per request, every output; one "
         f"`neuroserve serve` (1 worker, in-process store, batching on) and one client process "
         f"per row, closed loop, {args.warmup:g} s warm-up then {args.seconds:g} s per row; server "
-        f"and client on the same {os.cpu_count()} cores ({platform.machine()}), 1 torch thread, "
-        f"torch {torch.__version__}. requests/s counts answers without error."
+        f"and client on the same {os.cpu_count()} cores ({platform.machine()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end), 1 torch thread, torch {torch.__version__}. "
+        "requests/s counts answers without error."
     )
     result = f"{caption}\n\n{table(rows)}"
     print(result)

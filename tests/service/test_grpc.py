@@ -320,11 +320,13 @@ def test_a_sequence_over_the_stream_equals_one_over_unary_calls(
                 sequence_id=902,
                 sequence_start=i == 0,
                 sequence_end=i == len(pieces) - 1,
+                enable_empty_final_response=i == 1,  # asked or not, each answer is final
             )
         streamed = []
         for _ in pieces:
             result, error = answers.get(timeout=STREAM_TIMEOUT_S)
             assert error is None, error
+            assert result.get_response().parameters["triton_final_response"].bool_param
             streamed.append(result.as_numpy("probabilities"))
     finally:
         client.stop_stream()

@@ -87,10 +87,10 @@ class Call:
             self.backend = backend
 
     def record(self, http_status: int) -> None:
+        # The model is labelled only once its card was found: a made-up name makes no series.
         seconds = time.perf_counter() - self.started
-        model = self.model if http_status < 400 else ""  # no series per mistyped model name
-        backend = self.backend if http_status < 400 else ""
-        record_request(self.route, model, backend, v2_status(http_status), seconds, PROTOCOL)
+        status = v2_status(http_status)
+        record_request(self.route, self.model, self.backend, status, seconds, PROTOCOL)
 
     def refuse(self, error: NeuroserveError) -> NoReturn:
         answer = answer_for(error, self.route)
@@ -156,6 +156,7 @@ class CallGate:
         return each
 
 
-async def abort(context: grpc.aio.ServicerContext, error: CallError) -> None:
+async def abort(context: grpc.aio.ServicerContext, error: CallError) -> NoReturn:
     """End the call with the error's gRPC status and the message HTTP would send."""
     await context.abort(grpc_status(error.answer.status_code), error.answer.message)
+    raise AssertionError("ServicerContext.abort returns only by raising")

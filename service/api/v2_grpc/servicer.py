@@ -42,6 +42,11 @@ from service.api.v2_sequences import run_sequence_step
 from service.dataplane.plane import TORCH_BACKEND, DataPlane
 from service.sessions.plane import SessionManager
 
+# A Triton client's request for an empty final response on a stream (`tritonclient.grpc`
+# async_stream_infer(enable_empty_final_response=True)); every final response here is marked
+# with FINAL_RESPONSE instead.
+EMPTY_FINAL = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
 # Triton's datatypes in a model configuration (BYTES is TYPE_STRING there).
 CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "BOOL": mc.TYPE_BOOL, "FP32": mc.TYPE_FP32}
 UNSERVED = (
@@ -200,7 +205,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = version_or_none(request.model_version)
         card = dataplane.card(request.model_name, version)
         call.label(model=card.name)
-        params = parse_parameters(parameters_dict(request.parameters))
+        parameters = parameters_dict(request.parameters)
+        parameters.pop(EMPTY_FINAL, None)  # a streaming client's wish, no part of the answer
+        params = parse_parameters(parameters)
         tokens = _is_language_model(card)
         labels = card.config["vocabulary"] if tokens else card.config["labels"]
         tensor = decoded_input(json_inputs(request), PROMPT_INPUT if tokens else FEATURES_INPUT)

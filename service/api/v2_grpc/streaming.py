@@ -16,7 +16,7 @@
   The final response's parameters: `finish_reason`, `session_id`, `model`, `version`,
   `backend`, `tokens`, `text`, `step`, `seed`, `calibrated`, `uncalibrated_tokens`, and
   `warnings` and `usage` as JSON text.
-- Any other model's request is one `ModelInfer`, answered by one response.
+- Any other model's request is one `ModelInfer`, answered by one response (marked final).
 
 A refused request is answered in the stream by a response with `error_message` (the message
 HTTP would send) and the stream goes on; a missing or unknown API key ends the stream with
@@ -37,15 +37,17 @@ from tritonclient.grpc import service_pb2 as pb
 from service.api.schemas.generate import GenerateOptions
 from service.api.v2_codec import encode_tensor
 from service.api.v2_grpc.calls import Call, CallError, abort
-from service.api.v2_grpc.servicer import InferenceServicer, version_or_none
+from service.api.v2_grpc.servicer import (
+    EMPTY_FINAL,
+    FINAL_RESPONSE,
+    InferenceServicer,
+    version_or_none,
+)
 from service.api.v2_grpc.tensors import json_inputs, parameter, parameters_dict, raw_outputs
 from service.api.v2_infer import PROMPT_INPUT, decoded_input, prompt_batch
 from service.errors import BadInputError, describe_validation_errors
 from service.sessions.generation import GeneratedToken, GenerationDone, generate
 
-FINAL = "triton_final_response"
-# Asks Triton for an empty final response; this server always sends its final response.
-EMPTY_FINAL = "triton_enable_empty_final_response"
 _DATATYPES = {bool: "BOOL", int: "INT64", float: "FP64", str: "BYTES"}
 
 
@@ -68,6 +70,7 @@ class StreamingServicer(InferenceServicer):
                     )
                     if card.config["input"]["kind"] != "tokens":
                         response = await self.infer(request, call)
+                        response.parameters[FINAL_RESPONSE].CopyFrom(parameter(True))
                         yield pb.ModelStreamInferResponse(infer_response=response)
                         continue
                     async for response in self._generate(request, call):
@@ -163,5 +166,5 @@ def _response(request: pb.ModelInferRequest, *, final: bool) -> pb.ModelInferRes
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=request.model_version, id=request.id
     )
-    response.parameters[FINAL].CopyFrom(parameter(final))
+    response.parameters[FINAL_RESPONSE].CopyFrom(parameter(final))
     return response
