@@ -2,25 +2,24 @@
 REST route, on one `neuroserve serve`, in one run.
 
 The server runs as `neuroserve serve` (one worker, in-process store, defaults otherwise) on
-loopback ports; the load comes from a separate client process per row (this script with
-`--client`), closed loop: each of N concurrent clients sends its next request as soon as its
-answer is back, for `--warmup` s unmeasured and then `--seconds` s.
+loopback ports. The load comes from C load generators in their own processes, closed loop
+(each connection sends its next request as soon as its answer is back), one connection per
+client, `--warmup` s unmeasured and then `--seconds` s:
 
-- grpc: `ModelInfer` through the stock generated stub (`tritonclient.grpc.service_pb2_grpc`)
-  on `grpc.aio`, the input in raw contents as `tritonclient.grpc` sends it; one channel (one
-  HTTP/2 connection) per client.
-- v2 http json: `POST /v2/models/{model}/infer` with a JSON tensor (httpx, one connection per
-  client).
-- v1 predict: `POST /v1/models/{model}/predict` (httpx, one connection per client).
-
-At each number of clients the three protocols run back to back, so a change in the machine's
-load (other processes) weighs on them alike.
+- grpc: `h2load` (nghttp2's HTTP/2 load generator: `apt-get install nghttp2-client`) posting
+  one `ModelInfer` message to `/inference.GRPCInferenceService/ModelInfer`, the input in raw
+  contents as `tritonclient.grpc` sends it;
+- v2 http json: `wrk` posting `POST /v2/models/{model}/infer` with a JSON tensor;
+- v1 predict: `wrk` posting `POST /v1/models/{model}/predict`.
 
 Every request is one digit (sklearn's first 8x8 digit: 8 time steps of 8 features) and asks
-for every output. Reported per row: answers per second (errors excluded, and counted), p50 and
-p99 latency as the client saw it, and the client process's CPU use (near 100% means the
-client, not the server, set the pace). Server and client share the machine's cores, so
-compare rows of one run.
+for every output. A gRPC failure still travels in an HTTP 200 (its status is a trailer), so
+each row's errors are read from the server's own request counter
+(`neuroserve_requests_total` of the row's route and protocol, status not 200), which counts
+every request both protocols answer. Reported per row: answers per second, p50 and p99
+latency (wrk's distribution; h2load's per-request log), and the errors. At each number of
+clients the three protocols run back to back; server and load generator share the machine's
+cores, so compare rows of one run.
 
     .venv/bin/python bench/grpc_infer.py [--seconds 5] [--warmup 1] [--concurrency 1 64]
         [--model digits-lru] [--append docs/BENCHMARKS.md]
@@ -29,35 +28,35 @@ compare rows of one run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
-import resource
+import re
+import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-import grpc
 import httpx
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_digits
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `python bench/grpc_infer.py` from anywhere
 
 from bench._report import append_section  # noqa: E402
 
-PROTOCOLS = ("grpc", "v2 http json", "v1 predict")
+GRPC_ROUTE = "/inference.GRPCInferenceService/ModelInfer"
 START_TIMEOUT_S = 120.0
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def one_digit() -> np.ndarray:
@@ -65,121 +64,24 @@ def one_digit() -> np.ndarray:
     return load_digits().images[:1].astype(np.float32)
 
 
-# ---- the client process ---------------------------------------------------------------------
-
-
-async def _closed_loop(send: Any, concurrency: int, warmup: float, seconds: float) -> dict:
-    latencies: list[float] = []
-    errors = 0
-    measuring = False
-
-    async def client(index: int) -> None:
-        nonlocal errors
-        while not stop.is_set():
-            start = time.perf_counter()
-            ok = await send(index)
-            if measuring:
-                if ok:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    errors += 1
-
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(client(i)) for i in range(concurrency)]
-    await asyncio.sleep(warmup)
-    measuring = True
-    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
-    started = time.perf_counter()
-    await asyncio.sleep(seconds)
-    measuring = False
-    elapsed = time.perf_counter() - started
-    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
-    stop.set()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
-    ms = np.array(latencies) * 1000.0
-    return {
-        "answers": len(latencies),
-        "errors": errors,
-        "seconds": elapsed,
-        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
-        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
-        "client_cpu": cpu / elapsed,
-    }
-
-
-async def run_grpc(
-    address: str, model: str, concurrency: int, warmup: float, seconds: float
-) -> dict:
-    digit = one_digit()
+def grpc_frame(model: str, digit: np.ndarray) -> bytes:
+    """One gRPC message on the wire: uncompressed flag, big-endian length, the protobuf."""
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="input", datatype="FP32", shape=list(digit.shape))
     request.raw_input_contents.append(digit.astype("<f4").tobytes())
-    # One connection per client: channels with a local subchannel pool do not share one.
-    channels = [
-        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(concurrency)
-    ]
-    stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
-
-    async def send(index: int) -> bool:
-        try:
-            response = await stubs[index].ModelInfer(request, timeout=30)
-        except grpc.aio.AioRpcError:
-            return False
-        return len(response.outputs) == 6
-
-    try:
-        return await _closed_loop(send, concurrency, warmup, seconds)
-    finally:
-        for channel in channels:
-            await channel.close()
+    message = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-async def run_http(
-    base_url: str, protocol: str, model: str, concurrency: int, warmup: float, seconds: float
-) -> dict:
-    digit = one_digit()
+def http_body(protocol: str, digit: np.ndarray) -> str:
     if protocol == "v1 predict":
-        path, body = f"/v1/models/{model}/predict", {"inputs": digit.tolist()}
-    else:
-        tensor = {"name": "input", "datatype": "FP32", "shape": list(digit.shape),
-                  "data": digit.reshape(-1).tolist()}  # fmt: skip
-        path, body = f"/v2/models/{model}/infer", {"inputs": [tensor]}
-    payload = json.dumps(body).encode()
-    headers = {"content-type": "application/json"}
-    clients = [httpx.AsyncClient(base_url=base_url, timeout=30) for _ in range(concurrency)]
-
-    async def send(index: int) -> bool:
-        try:
-            response = await clients[index].post(path, content=payload, headers=headers)
-        except httpx.HTTPError:
-            return False
-        return response.status_code < 400
-
-    try:
-        return await _closed_loop(send, concurrency, warmup, seconds)
-    finally:
-        for client in clients:
-            await client.aclose()
+        return json.dumps({"inputs": digit.tolist()})
+    tensor = {"name": "input", "datatype": "FP32", "shape": list(digit.shape),
+              "data": digit.reshape(-1).tolist()}  # fmt: skip
+    return json.dumps({"inputs": [tensor]})
 
 
-def client_main(args: argparse.Namespace) -> int:
-    if args.client == "grpc":
-        result = asyncio.run(
-            run_grpc(args.grpc_address, args.model, args.clients, args.warmup, args.seconds)
-        )
-    else:
-        result = asyncio.run(
-            run_http(
-                args.base_url, args.client, args.model, args.clients, args.warmup, args.seconds
-            )
-        )
-    print(json.dumps(result))
-    return 0
-
-
-# ---- the server and the table ---------------------------------------------------------------
+# ---- the server -----------------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -188,12 +90,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(log: Path) -> tuple[subprocess.Popen, str, str]:
+def start_server(log: Path) -> tuple[subprocess.Popen, str, int]:
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(http_port),
                "--grpc-port", str(grpc_port), "--log-level", "warning"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    env = {k: v for k, v in env.items() if not k.startswith("NEUROSERVE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     with log.open("wb") as handle:
         server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=handle,
                                   stderr=subprocess.STDOUT)  # fmt: skip
@@ -204,7 +106,7 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str, str]:
             raise SystemExit(f"neuroserve serve exited:\n{log.read_text()}")
         try:
             if httpx.get(f"{base_url}/v2/health/ready", timeout=5).status_code == 200:
-                return server, base_url, f"127.0.0.1:{grpc_port}"
+                return server, base_url, grpc_port
         except httpx.TransportError:
             pass
         time.sleep(0.2)
@@ -212,75 +114,140 @@ def start_server(log: Path) -> tuple[subprocess.Popen, str, str]:
     raise SystemExit("neuroserve serve was not ready in time")
 
 
-def measure(protocol: str, concurrency: int, args: argparse.Namespace, base_url: str,
-            grpc_address: str) -> dict:  # fmt: skip
-    command = [sys.executable, __file__, "--client", protocol, "--clients", str(concurrency),
-               "--base-url", base_url, "--grpc-address", grpc_address, "--model", args.model,
-               "--seconds", str(args.seconds), "--warmup", str(args.warmup)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def request_counts(base_url: str, route: str, protocol: str) -> dict[str, float]:
+    """The server's request counter for one route and protocol, by status."""
+    counts: dict[str, float] = {}
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "neuroserve_requests_total"
+                and labels.get("route") == route
+                and labels.get("protocol") == protocol
+            ):
+                counts[labels["status"]] = counts.get(labels["status"], 0.0) + sample.value
+    return counts
+
+
+# ---- the load generators --------------------------------------------------------------------
+
+
+def run_h2load(url: str, frame: Path, clients: int, args: argparse.Namespace, log: Path) -> dict:
+    command = ["h2load", "-c", str(clients), "-m", "1", "-t", str(min(clients, 2)),
+               "-D", str(args.seconds), "--warm-up-time", str(args.warmup),
+               "-H", "content-type: application/grpc", "-H", "te: trailers",
+               "-d", str(frame), "--log-file", str(log), url]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output).group(1))
+    # Per request: start time (us), HTTP status, time to the response's end (us).
+    latencies_ms = [int(line.split()[2]) / 1000.0 for line in log.read_text().splitlines()]
+    return {
+        "rate": rate,
+        "p50_ms": float(np.percentile(latencies_ms, 50)),
+        "p99_ms": float(np.percentile(latencies_ms, 99)),
+    }
+
+
+def run_wrk(url: str, body: str, clients: int, args: argparse.Namespace, script: Path) -> dict:
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = [==[{body}]==]\n"  # a long bracket that JSON's "]]" cannot close
+    )
+    threads = str(min(clients, 2))
+    if args.warmup > 0:
+        subprocess.run(["wrk", "-t", threads, "-c", str(clients), "-d", f"{args.warmup}s",
+                        "-s", str(script), url], capture_output=True, check=True)  # fmt: skip
+    command = ["wrk", "-t", threads, "-c", str(clients), "-d", f"{args.seconds}s", "--latency",
+               "-s", str(script), url]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    def percentile(name: str) -> float:
+        value, unit = re.search(rf"^\s+{name}%\s+([\d.]+)(us|ms|s)\s*$", output, re.M).groups()
+        return float(value) * _WRK_UNITS[unit]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
+    return {"rate": rate, "p50_ms": percentile("50"), "p99_ms": percentile("99")}
+
+
+# ---- the table ------------------------------------------------------------------------------
 
 
 def table(rows: list[tuple[str, int, dict]]) -> str:
     lines = [
-        "| protocol | clients | requests/s | p50 ms | p99 ms | errors | client CPU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| protocol | load | clients | requests/s | p50 ms | p99 ms | errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for protocol, clients, r in rows:
-        rate = r["answers"] / r["seconds"]
-        p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}"
-        p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.2f}"
+        tool = "h2load" if protocol == "grpc" else "wrk"
         lines.append(
-            f"| {protocol} | {clients} | {rate:,.0f} | {p50} | {p99} | {r['errors']} | "
-            f"{r['client_cpu']:.0%} |"
+            f"| {protocol} | {tool} | {clients} | {r['rate']:,.0f} | {r['p50_ms']:.2f} | "
+            f"{r['p99_ms']:.2f} | {r['errors']:,.0f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
+    # Whole seconds: wrk takes no fractions.
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--model", default="digits-lru")
     parser.add_argument("--append", type=Path, help="append the table to this Markdown file")
-    # The client process (run by this script for each row).
-    parser.add_argument("--client", choices=PROTOCOLS, help=argparse.SUPPRESS)
-    parser.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--base-url", help=argparse.SUPPRESS)
-    parser.add_argument("--grpc-address", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.client:
-        return client_main(args)
+    for tool, package in (("h2load", "nghttp2-client"), ("wrk", "wrk")):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not on PATH: apt-get install {package}")
 
+    digit = one_digit()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        server, base_url, grpc_address = start_server(Path(folder) / "server.log")
+        work = Path(folder)
+        frame = work / "request.grpc"
+        frame.write_bytes(grpc_frame(args.model, digit))
+        server, base_url, grpc_port = start_server(work / "server.log")
+        routes = {
+            "grpc": (GRPC_ROUTE, "grpc"),
+            "v2 http json": ("/v2/models/{name}/infer", "http"),
+            "v1 predict": ("/v1/models/{name}/predict", "http"),
+        }
         try:
-            for concurrency in args.concurrency:  # the protocols back to back at each level
-                for protocol in PROTOCOLS:
-                    result = measure(protocol, concurrency, args, base_url, grpc_address)
-                    rows.append((protocol, concurrency, result))
-                    print(f"{protocol:>13} x{concurrency:<3} {result}", file=sys.stderr)
+            for clients in args.concurrency:  # the protocols back to back at each level
+                for protocol, (route, transport) in routes.items():
+                    before = request_counts(base_url, route, transport)
+                    if protocol == "grpc":
+                        url = f"http://127.0.0.1:{grpc_port}{GRPC_ROUTE}"
+                        result = run_h2load(url, frame, clients, args, work / "h2load.log")
+                    else:
+                        path = route.replace("{name}", args.model)
+                        body = http_body(protocol, digit)
+                        result = run_wrk(base_url + path, body, clients, args, work / "post.lua")
+                    after = request_counts(base_url, route, transport)
+                    served = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                    result["errors"] = sum(n for status, n in served.items() if status != "200")
+                    if served.get("200", 0.0) == 0:
+                        raise SystemExit(f"{protocol}: no request answered 200: {served}")
+                    rows.append((protocol, clients, result))
+                    print(f"{protocol:>13} x{clients:<3} {result}", file=sys.stderr)
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
+
     caption = (
         f"{args.model}, one digit (8 steps of 8 features) per request, every output; one "
-        f"`neuroserve serve` (1 worker, in-process store, batching on) and one client process "
-        f"per row, closed loop, {args.warmup:g} s warm-up then {args.seconds:g} s per row; server "
-        f"and client on the same {os.cpu_count()} cores ({platform.machine()}, load average "
-        f"{os.getloadavg()[0]:.1f} at the end), 1 torch thread, torch {torch.__version__}. "
-        "requests/s counts answers without error."
+        "`neuroserve serve` (1 worker, in-process store, batching on); load from h2load (gRPC) "
+        f"and wrk (HTTP), closed loop, one connection per client, {args.warmup:g} s warm-up "
+        f"then {args.seconds:g} s per row; server and load on the same {os.cpu_count()} cores "
+        f"({platform.machine()}, load average {os.getloadavg()[0]:.1f} at the end), 1 torch "
+        f"thread, torch {torch.__version__}. Errors: the server's count of non-200 answers."
     )
     result = f"{caption}\n\n{table(rows)}"
     print(result)
     if args.append:
         command = "python bench/grpc_infer.py " + " ".join(argv or sys.argv[1:])
-        append_section(
-            args.append, "## V2 over gRPC, HTTP and native REST", result, command.strip()
-        )
+        heading = "## V2 over gRPC, HTTP and native REST"
+        append_section(args.append, heading, result, command.strip())
     return 0
 
 
