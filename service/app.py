@@ -196,12 +196,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watch_store(state_store, dataplane, preload, settings.store_check_seconds)
         )
         grpc_endpoint = None
-        if settings.grpc_enabled:
-            grpc_endpoint = await start_grpc(
-                settings, dataplane=dataplane, sessions=sessions, keys=keys, rates=rates
-            )
-        app.state.grpc_port = None if grpc_endpoint is None else grpc_endpoint.port
-        try:
+        try:  # a gRPC port that cannot be had stops the start, after the cleanup below
+            if settings.grpc_enabled:
+                grpc_endpoint = await start_grpc(
+                    settings, dataplane=dataplane, sessions=sessions, keys=keys, rates=rates
+                )
+            app.state.grpc_port = None if grpc_endpoint is None else grpc_endpoint.port
             yield
         finally:
             if grpc_endpoint is not None:

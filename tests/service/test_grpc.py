@@ -10,10 +10,12 @@ its requests are counted under `protocol="grpc"`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import queue
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -570,3 +572,27 @@ def test_grpc_requests_are_counted_under_their_protocol(guarded: tuple[str, str]
     assert count(infer, "200", "tiny-digits") >= 1
     assert count("/inference.GRPCInferenceService/ModelMetadata", "401", "") >= 1
     assert 'protocol="http"' in metrics
+
+
+# ---- the endpoint's life --------------------------------------------------------------------
+
+
+def test_grpc_can_be_turned_off(test_repository: Any) -> None:
+    app = create_app(Settings(model_repository=test_repository.root, grpc_enabled=False))
+    with running_server(app):
+        assert app.state.grpc_port is None
+
+
+def test_a_taken_grpc_port_stops_the_start_naming_the_settings(test_repository: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = create_app(Settings(model_repository=test_repository.root, grpc_port=port))
+
+        async def start() -> None:
+            async with app.router.lifespan_context(app):
+                pass
+
+        with pytest.raises(RuntimeError, match=rf"127\.0\.0\.1:{port} .*NEUROSERVE_GRPC_PORT"):
+            asyncio.run(start())
