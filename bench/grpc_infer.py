@@ -138,6 +138,7 @@ def run_h2load(url: str, frame: Path, clients: int, args: argparse.Namespace, lo
                "-D", str(args.seconds), "--warm-up-time", str(args.warmup),
                "-H", "content-type: application/grpc", "-H", "te: trailers",
                "-d", str(frame), "--log-file", str(log), url]  # fmt: skip
+    log.unlink(missing_ok=True)  # h2load appends to its log
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", output).group(1))
     # Per request: start time (us), HTTP status, time to the response's end (us).
