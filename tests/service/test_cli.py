@@ -124,8 +124,18 @@ def test_several_workers_continue_one_session_and_merge_their_metrics(
 ) -> None:
     port, grpc_port = free_tcp_port(), free_tcp_port()
     process = subprocess.Popen(
-        [*COMMAND, "serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url,
-         "--grpc-port", str(grpc_port)],  # fmt: skip
+        [
+            *COMMAND,
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+            "--grpc-port",
+            str(grpc_port),
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
