@@ -1,7 +1,7 @@
 """Requests per second of one-digit inference over each protocol the server speaks, in one
 run against one `neuroserve serve`: the native REST route `POST /v1/models/{model}/predict`,
-and V2 `POST /v2/models/{model}/infer` with JSON tensors and with the binary tensor data
-extension (the default of `tritonclient.http`).
+V2 `POST /v2/models/{model}/infer` with JSON tensors and with the binary tensor data
+extension (the default of `tritonclient.http`), and V2 over gRPC (`ModelInfer`).
 
 Load comes from `wrk` (closed loop: each connection sends its next request when its answer
 is back), in its own process, with the wrk plumbing of bench/session_throughput.py. Every
@@ -12,6 +12,11 @@ answers every output:
 - v2 infer, HTTP binary: the body `tritonclient.http` sends for `set_data_from_numpy(digit)`
   and `infer(model, [input])` with no other argument (`generate_request_body`): the digit as
   raw little-endian FP32 after the JSON part, every output binary.
+- v2 infer, gRPC raw: the `ModelInfer` message `tritonclient.grpc` sends with its defaults
+  (the digit in `raw_input_contents`), posted by `h2load` (nghttp2's HTTP/2 load generator,
+  `apt-get install nghttp2-client`; the row is left out without it), one connection per
+  client. A gRPC failure still travels in an HTTP 200 (its status is a trailer), so this
+  row's status errors are the server's own count of gRPC answers that were not OK.
 
 Each row is a `Protocol`: its name, its encoding, and `prepare`, which readies its load
 against the server and returns the function that measures it at a number of connections. A
@@ -37,14 +42,19 @@ import json
 import os
 import platform
 import shutil
+import struct
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import numpy as np
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.digits import load_digits_seq
 
@@ -57,7 +67,7 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
 
     append_section = _report.append_section
 
-HEADING = "## V2 protocols: one digit over REST, V2 HTTP JSON and V2 HTTP binary"
+HEADING = "## V2 protocols: one digit over REST, V2 HTTP JSON, V2 HTTP binary and V2 gRPC"
 
 # Like session_throughput's static script, plus the headers in `<body file>.headers`
 # ("Name: value" lines): the binary extension's Inference-Header-Content-Length.
@@ -87,6 +97,7 @@ class Server:
     http_port: int
     model: str
     digit: np.ndarray  # [T, F] float32
+    grpc_port: int = 0
 
 
 # (connections, seconds, warm-up seconds) -> one measured run
@@ -146,11 +157,80 @@ def v2_binary_body(server: Server) -> tuple[str, bytes, dict[str, str]]:
     return f"/v2/models/{server.model}/infer", body, headers
 
 
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_frame(server: Server) -> bytes:
+    """The `ModelInfer` request the stock client sends with its defaults (the input's
+    elements in raw contents) on the wire: uncompressed flag, big-endian length, message."""
+    digit = server.digit[None]  # [1, T, F]
+    request = triton_grpc.service_pb2.ModelInferRequest(model_name=server.model)
+    request.inputs.add(name="input", datatype="FP32", shape=list(digit.shape))
+    request.raw_input_contents.append(digit.astype("<f4").tobytes())
+    message = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def grpc_not_ok(server: Server) -> float:
+    """gRPC ModelInfer answers that were not OK so far, from the server's request counter."""
+    text = httpx.get(f"http://{server.host}:{server.http_port}/metrics", timeout=30).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "neuroserve_requests_total"
+        and sample.labels.get("protocol") == "grpc"
+        and sample.labels.get("route") == GRPC_METHOD
+        and sample.labels.get("status") != "200"
+    )
+
+
+def prepare_grpc(server: Server, workdir: Path) -> Measure:
+    address = f"{server.host}:{server.grpc_port}"
+    frame = grpc_frame(server)
+    with triton_grpc.InferenceServerClient(address) as client:  # one request first
+        client.infer(server.model, [_grpc_input(server)])
+    data, log = workdir / "grpc.body", workdir / "h2load.log"
+    data.write_bytes(frame)
+
+    def measure(connections: int, seconds: int, warmup: int) -> wrk_bench.Cell:
+        before = grpc_not_ok(server)
+        log.unlink(missing_ok=True)  # h2load appends to its log
+        command = ["h2load", "-c", str(connections), "-m", "1",
+                   "-t", str(wrk_bench.wrk_threads(connections)), "-D", str(seconds),
+                   "--warm-up-time", str(warmup), "-H", "content-type: application/grpc",
+                   "-H", "te: trailers", "-d", str(data), "--log-file", str(log),
+                   f"http://{address}{GRPC_METHOD}"]  # fmt: skip
+        subprocess.run(command, capture_output=True, check=True)
+        # Per measured request: start (us), HTTP status, time to the response's end (us).
+        latencies_ms = [int(line.split()[2]) / 1e3 for line in log.read_text().splitlines()]
+        not_ok = round(grpc_not_ok(server) - before)  # warm-up ones too: an upper bound
+        return wrk_bench.Cell(
+            requests=len(latencies_ms),
+            seconds=float(seconds),
+            p50_ms=float(np.percentile(latencies_ms, 50)),
+            p99_ms=float(np.percentile(latencies_ms, 99)),
+            errors={"connect": 0, "read": 0, "write": 0, "status": not_ok, "timeout": 0},
+            overlaps=0,
+        )
+
+    return measure
+
+
+def _grpc_input(server: Server) -> triton_grpc.InferInput:
+    digit = server.digit[None]  # [1, T, F]
+    tensor = triton_grpc.InferInput("input", list(digit.shape), "FP32")
+    tensor.set_data_from_numpy(digit)
+    return tensor
+
+
 PROTOCOLS: list[Protocol] = [
     http_protocol("v1 predict", "REST JSON", v1_predict_body),
     http_protocol("v2 infer", "HTTP JSON", v2_json_body),
     http_protocol("v2 infer", "HTTP binary", v2_binary_body),
 ]
+if shutil.which("h2load") is not None:
+    PROTOCOLS.append(Protocol("v2 infer", "gRPC raw", prepare_grpc))
 
 
 def one_digit() -> np.ndarray:
@@ -159,12 +239,13 @@ def one_digit() -> np.ndarray:
 
 def run(args: argparse.Namespace) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="v2-protocols-"))
-    port = wrk_bench.free_port()
-    env = wrk_bench.base_env(NEUROSERVE_LOG_LEVEL="warning")
-    command = [*wrk_bench.NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
+    port, grpc_port = wrk_bench.free_port(), wrk_bench.free_port()
+    env = wrk_bench.base_env(NEUROSERVE_LOG_LEVEL="warning", NEUROSERVE_GRPC_ENABLED="true")
+    command = [*wrk_bench.NEUROSERVE, "--host", "127.0.0.1", "--port", str(port),
+               "--grpc-port", str(grpc_port)]  # fmt: skip
     runs: dict[tuple[int, int], list[wrk_bench.Cell]] = {}  # (protocol, connections) -> rounds
     with wrk_bench.server(command, env, port, workdir / "neuroserve.log"):
-        server = Server("127.0.0.1", port, args.model, one_digit())
+        server = Server("127.0.0.1", port, args.model, one_digit(), grpc_port)
         measures = [protocol.prepare(server, workdir) for protocol in PROTOCOLS]
         for round_ in range(args.rounds):
             for n in args.concurrency:

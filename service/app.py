@@ -2,8 +2,10 @@
 
 Nothing lives at module level: every app owns its settings, repository and data plane (on
 `app.state`), so tests can run several side by side. The lifespan opens the model
-repository, logs where models come from and which state store is configured, and preloads
-the models in a worker thread; `/v2/health/ready` turns 200 once that has finished.
+repository, logs where models come from and which state store is configured, preloads
+the models in a worker thread (`/v2/health/ready` turns 200 once that has finished), and
+serves gRPC beside HTTP in the same event loop (`service.api.v2_grpc`; its bound port on
+`app.state.grpc_port`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
 from service.api.fast_paths import FastPaths
-from service.api.limits import OwnedCount, RequestRateLimit
+from service.api.limits import KeyRates, OwnedCount, RequestRateLimit
+from service.api.v2_grpc.server import start_grpc
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog
@@ -137,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     logging.getLogger("neuroserve").setLevel(settings.log_level.upper())
     keys = KeyRing(settings.api_keys, settings.admin_api_keys)
+    rates = KeyRates(settings.rate_limit_per_second, settings.rate_limit_burst)  # every protocol
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -192,9 +196,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = asyncio.ensure_future(
             watch_store(state_store, dataplane, preload, settings.store_check_seconds)
         )
-        try:
+        grpc_endpoint = None
+        try:  # a gRPC port that cannot be had stops the start, after the cleanup below
+            if settings.grpc_enabled:
+                grpc_endpoint = await start_grpc(
+                    settings, dataplane=dataplane, sessions=sessions, keys=keys, rates=rates
+                )
+            app.state.grpc_port = None if grpc_endpoint is None else grpc_endpoint.port
             yield
         finally:
+            if grpc_endpoint is not None:
+                await grpc_endpoint.stop()
             watcher.cancel()
             if preload is not None:
                 await preload  # a load in a worker thread cannot be cancelled; let it finish
@@ -214,11 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # and innermost the hot routes' fast path.
     app.add_middleware(FastPaths, routes=hot_routes(), enabled=settings.fast_paths)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(
-        RequestRateLimit,
-        rate=settings.rate_limit_per_second,
-        burst=settings.rate_limit_burst,
-    )
+    app.add_middleware(RequestRateLimit, rates=rates)
     app.add_middleware(ApiKeyAuth, keys=keys)
     app.add_middleware(metrics_route.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
     install_error_handlers(app)
