@@ -403,8 +403,12 @@ def artifact_config(
 
 def current_command() -> str:
     """This process's command line, shell-quoted, with the program named by its basename
-    (".venv/bin/neuroserve train ..." is recorded as "neuroserve train ...")."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    (".venv/bin/neuroserve train ..." is recorded as "neuroserve train ...", and so is
+    "python -m service.cli train ...", the same command)."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = "neuroserve"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def train_and_publish(
