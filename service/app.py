@@ -28,6 +28,7 @@ from service.api import (
     v1_generate,
     v1_models,
     v1_sessions,
+    v1_versions,
     v2,
 )
 from service.api.asgi_body import BodyTooLarge, read_body, replaying
@@ -221,6 +222,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routes match in order: the hot paths (session steps, predictions) first.
     app.include_router(v1_sessions.router)
     app.include_router(v1_models.router)
+    app.include_router(v1_versions.router)
     app.include_router(v1_feedback.router)
     app.include_router(v1_generate.router)
     app.include_router(v1_finetune.router)
