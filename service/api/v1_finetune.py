@@ -26,17 +26,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from models.repository import VersionConflictError
 from service.api.auth import Principal, PrincipalDependency, require_admin
 from service.api.route_helpers import error_doc, get_dataplane
 from service.api.schemas.finetune import FinetuneJob, FinetuneJobRequest, NpzUpload
 from service.dataplane.plane import DataPlane
 from service.errors import (
     BadInputError,
+    ConflictError,
     NeuroserveError,
     NotFoundError,
     RateLimitedError,
 )
 from service.finetuning.job import load_finetune_data
+from service.finetuning.promotion import check_output_name
 from service.finetuning.spec import FinetuneSpec, NpzData
 from service.jobs.factory import open_job_queue
 from service.jobs.types import (
@@ -149,6 +152,10 @@ def validate_job(
         if card.config["task"] != "classification":
             task = card.config["task"]
             raise _invalid(f"model: {spec.model} is a {task} model; only classifiers are tuned")
+        try:
+            check_output_name(dataplane.repository, spec.target_name, card)
+        except VersionConflictError as error:
+            raise ConflictError(str(error)) from None
         d_input = int(card.config["model_config"]["d_input"])
         try:
             load_finetune_data(spec, list(card.config["labels"]), d_input)
@@ -229,6 +236,7 @@ async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueu
     response_model=FinetuneJob,
     responses={
         **error_doc(404, "Unknown model or version."),
+        **error_doc(409, "`output_name` names an existing model of another lineage."),
         **error_doc(413, "Request body too large."),
         **_ADMIN_ONLY,
         **error_doc(422, "An invalid spec; the message names the field."),
