@@ -290,10 +290,12 @@ class ModelRepository:
         prefix = f"{_TEMP_PREFIX}{name}-"
         with self._locked(name, model_dir), staging_directory(self.root, prefix) as staging:
             pointer = self.pointer(name)
+            # Without a pointer file the highest version is latest: a promoted publish needs
+            # none. A candidate pins today's latest first, so no reader takes it for latest.
+            has_pointer = read_pointer(model_dir, fresh=True) is not None
             if not promote and pointer.latest is not None:
-                # Pin today's latest before the candidate appears, so no reader ever takes
-                # the candidate for latest.
                 write_pointer(model_dir, pointer)
+                has_pointer = True
             for _ in range(100):
                 versions = self.versions(name)
                 used = [int(v) for v in versions + pointer.deleted]
@@ -311,7 +313,7 @@ class ModelRepository:
             else:
                 raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
             fsync_path(model_dir)
-            if promote or pointer.latest is None:
+            if has_pointer and (promote or pointer.latest is None):
                 pointer.latest = version
                 pointer.history.append(version)
                 write_pointer(model_dir, pointer)

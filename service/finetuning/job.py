@@ -413,7 +413,7 @@ def run_finetune(
         artifact, result.after, correct_after = calibrate_and_score(
             forward(tuned.eval()), data, spec, spec.target_name, "0"
         )
-        required = base_backends(base.card)
+        required = base_backends(repository, base.card)
         try:
             others, used, errors = calibrate_on_backends(
                 tuned,

@@ -33,8 +33,9 @@ from hardware_backends import registry
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
 from models.repository import ModelCard, ModelRepository, VersionConflictError
-from models.trajectory import load_serving, stored_calibrations
+from models.trajectory import load_serving
 from service.dataplane.calibration_data import readout_logits
+from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.spec import PromotionDecision
 
 RUN_BATCH = 256  # sequences per backend call while calibrating
@@ -98,13 +99,13 @@ def accuracy_margin(
 # ---- calibration on the base's backends -------------------------------------------------------
 
 
-def base_backends(base: ModelCard) -> dict[str, dict]:
-    """Backend -> the backend options of the base version's calibration for it."""
+def base_backends(repository: ModelRepository, base: ModelCard) -> dict[str, dict]:
+    """Backend -> the backend options of the base version's calibration for it (the
+    backends the server would answer calibrated on: one calibration file each)."""
+    backends = CalibrationStore(repository).calibrated_backends(base.name, base.version)
     return {
-        calibration.backend: dict(
-            load_serving(base, calibration.backend).get("backend_options") or {}
-        )
-        for calibration in stored_calibrations(base)
+        backend: dict(load_serving(base, backend).get("backend_options") or {})
+        for backend in backends
     }
 
 
@@ -167,23 +168,24 @@ def decide(
     improvement, standard_error, margin = accuracy_margin(correct_before, correct_after, z)
     n = int(correct_after.numel())
     missing = [backend for backend in required if backend not in calibrated]
-    if not requested:
-        promoted, reason = False, "the job did not ask to promote (promote: false)"
-    elif new_model:
-        promoted, reason = True, "the first version of a new model is its latest"
-    elif not (improvement > 0 and improvement > margin):
-        promoted = False
-        reason = (
+    refusals = []
+    if not (improvement > 0 and improvement > margin):
+        refusals.append(
             f"held-out accuracy changed by {improvement:+.4f} ({n} test examples), not more "
             f"than the margin {margin:.4f} = {z:g} x its standard error {standard_error:.4f}"
         )
-    elif missing:
-        promoted = False
+    if missing:
         details = "; ".join(f"{b}: {calibration_errors.get(b, 'not fitted')}" for b in missing)
-        reason = (
+        refusals.append(
             f"the base is calibrated on {sorted(required)} but the new version could not be "
             f"calibrated on {missing} ({details})"
         )
+    if new_model:
+        promoted, reason = True, "the first version of a new model is its latest"
+    elif not requested:
+        promoted, reason = False, "the job did not ask to promote (promote: false)"
+    elif refusals:
+        promoted, reason = False, "not promoted: " + "; and ".join(refusals)
     else:
         promoted = True
         reason = (
