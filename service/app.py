@@ -35,7 +35,7 @@ from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
 from service.api.fast_paths import FastPaths
-from service.api.limits import OwnedCount, RequestRateLimit
+from service.api.limits import RequestRateLimit, key_quota
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog
@@ -173,8 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.state_store = state_store
         app.state.dataplane = dataplane
         app.state.sessions = sessions
-        app.state.sessions_per_key = OwnedCount()
-        app.state.jobs_per_key = OwnedCount()
+        # Per-key session and job counts: in Redis (all replicas) when the store is Redis.
+        app.state.sessions_per_key = key_quota(state_store, "quota-sessions")
+        app.state.jobs_per_key = key_quota(state_store, "quota-jobs")
         warn_if_open(keys, settings.host)
         gc.set_threshold(*GC_THRESHOLDS)
         root = settings.model_repository.resolve()

@@ -209,22 +209,24 @@ async def _check_owner(request: Request, principal: Principal, job_id: str) -> N
         raise NotFoundError(f"no fine-tuning job with id {job_id!r}")
 
 
-async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueue) -> None:
-    """RateLimitedError when the key already has its limit of queued or running jobs
-    (counted from the jobs this replica accepted for it). Open mode has only the server-wide
-    limit, NEUROSERVE_MAX_ACTIVE_JOBS."""
+async def _reserve_job(request: Request, principal: Principal, jobs: JobQueue) -> str | None:
+    """A place for one more job of the key, or RateLimitedError at its limit of queued or
+    running jobs (counted across replicas with Redis: `service.api.limits`). Open mode has
+    only the server-wide limit, NEUROSERVE_MAX_ACTIVE_JOBS: None."""
     if principal.owner is None:
-        return
+        return None
     held = request.app.state.jobs_per_key
-    for job_id in held.keys(principal.owner):
+    for job_id in await held.keys(principal.owner):
         try:
             record = await run_in_threadpool(jobs.get, job_id)
         except JobNotFoundError:
             record = None
         if record is None or record.status in FINISHED:
-            held.gone(principal.owner, job_id)
+            await held.gone(principal.owner, job_id)
     limit = request.app.state.settings.max_jobs_per_key
-    held.check(principal.owner, limit, "queued or running jobs", "NEUROSERVE_MAX_JOBS_PER_KEY")
+    return await held.reserve(
+        principal.owner, limit, "queued or running jobs", "NEUROSERVE_MAX_JOBS_PER_KEY"
+    )
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -258,12 +260,17 @@ async def submit_job(
     body: Annotated[FinetuneJobRequest, Body(examples=[SPEC_EXAMPLE])],
 ) -> FinetuneJob:
     require_admin(principal)
-    await _check_job_quota(request, principal, jobs)
-    max_upload = request.app.state.settings.max_upload_bytes
-    submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
-    record = await _call(jobs.submit, submission)
+    reservation = await _reserve_job(request, principal, jobs)
+    try:
+        max_upload = request.app.state.settings.max_upload_bytes
+        submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
+        record = await _call(jobs.submit, submission)
+        if principal.owner is not None:
+            await request.app.state.jobs_per_key.seen(principal.owner, record.job_id)
+    finally:
+        if reservation is not None:
+            await request.app.state.jobs_per_key.gone(principal.owner, reservation)
     if principal.owner is not None:
-        request.app.state.jobs_per_key.seen(principal.owner, record.job_id)
         ttl = request.app.state.settings.job_record_ttl_seconds
         store = request.app.state.state_store
         await store.put_record(JOB_OWNERS, record.job_id, principal.owner.encode(), ttl)
