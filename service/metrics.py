@@ -90,14 +90,16 @@ if _multiprocess_dir() is None:
 
 REQUESTS = Counter(
     "neuroserve_requests_total",
-    "HTTP requests served, by route template and status code.",
-    ["route", "model", "backend", "status"],
+    "Requests served, by protocol (http, grpc), route template or gRPC method, and status "
+    "code (for gRPC, the HTTP status of the same answer).",
+    ["route", "model", "backend", "status", "protocol"],
     registry=REGISTRY,
 )
 REQUEST_DURATION = Histogram(
     "neuroserve_request_duration_seconds",
-    "Time from request start to the end of the response body, by route template.",
-    ["route", "model", "backend"],
+    "Time from request start to the end of the response body, by protocol and route template "
+    "(gRPC: method).",
+    ["route", "model", "backend", "protocol"],
     buckets=REQUEST_SECONDS_BUCKETS,
     registry=REGISTRY,
 )
@@ -367,15 +369,20 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def record_request(route: str, model: str, backend: str, status: int, seconds: float) -> None:
-    """One HTTP request: `route` is the route template ("/v1/sessions/{session_id}/step")."""
+def record_request(
+    route: str, model: str, backend: str, status: int, seconds: float, protocol: str = "http"
+) -> None:
+    """One request: `route` is the route template ("/v1/sessions/{session_id}/step") or the
+    gRPC method ("/inference.GRPCInferenceService/ModelInfer"); `status` an HTTP status (a
+    gRPC answer counts under the status HTTP gives the same answer)."""
     route, model = _check_label("route", route), _check_label("model", model)
+    protocol = _check_label("protocol", protocol)
     backend = _check_label("backend", backend)
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status code 100..599, got {status!r}")
     seconds = _check_non_negative("seconds", seconds)
-    _child(REQUESTS, route, model, backend, str(status)).inc()
-    _child(REQUEST_DURATION, route, model, backend).observe(seconds)
+    _child(REQUESTS, route, model, backend, str(status), protocol).inc()
+    _child(REQUEST_DURATION, route, model, backend, protocol).observe(seconds)
 
 
 def record_batch(model: str, backend: str, size: int) -> None:

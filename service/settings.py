@@ -26,6 +26,22 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    grpc_enabled: bool = Field(
+        True,
+        description=(
+            "Serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) "
+            "beside HTTP, on grpc_port and the same host."
+        ),
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description=(
+            "TCP port of the gRPC endpoint (Triton's default, 8001; 0 picks a free one, with "
+            "one worker only). Every worker process listens on it (SO_REUSEPORT)."
+        ),
+    )
     workers: int = Field(
         1,
         ge=1,

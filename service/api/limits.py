@@ -48,62 +48,72 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
-class RequestRateLimit:
-    """Middleware: at most `rate` requests a second per key (bursts of `burst`), 429 with
-    `Retry-After` beyond. Runs inside `ApiKeyAuth`, which names the key; open paths
-    (health, metrics) are never limited. `rate` 0 turns it off."""
+class KeyRates:
+    """At most `rate` requests a second per key (bursts of `burst`), one bucket per key. One
+    object serves every protocol of a replica (HTTP and gRPC share each key's budget); `rate`
+    0 turns it off. The buckets are this process's until `share_through` a Redis state
+    store: then one bucket per key in Redis serves every replica."""
 
     def __init__(
-        self,
-        app: ASGIApp,
-        rate: float,
-        burst: int,
-        clock: Callable[[], float] = time.monotonic,
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.app = app
         self.rate = rate
         self.burst = float(max(burst, 1))
         self.clock = clock
         self._buckets: dict[str, TokenBucket] = {}
         self._shared: Callable[[str], Awaitable[float]] | None = None
 
-    async def _take(self, scope: Scope, name: str) -> float:
-        """A token for `name`: from its bucket in Redis when the app's state store is Redis
-        (every replica draws on the same bucket), else from this process's bucket."""
-        if self._shared is None:
-            store = getattr(getattr(scope.get("app"), "state", None), "state_store", None)
-            if isinstance(store, RedisStateStore):
-                self._shared = redis_rate_limiter(store, self.rate, self.burst)
-        if self._shared is not None:
-            return await self._shared(name)
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            bucket = self._buckets[name] = TokenBucket(self.rate, self.burst, self.clock)
-        return bucket.take()
+    def share_through(self, store: StateStore) -> None:
+        """Count in Redis when `store` is the Redis store (no-op otherwise)."""
+        if isinstance(store, RedisStateStore) and self.rate > 0:
+            self._shared = redis_rate_limiter(store, self.rate, self.burst)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        principal = scope.get("state", {}).get("principal")
-        if (
-            self.rate <= 0
-            or scope["type"] != "http"
-            or principal is None
-            or is_open_path(scope["path"])
-        ):
-            await self.app(scope, receive, send)
+    async def check(self, key_name: str) -> None:
+        """RateLimitedError (429, `retry_after_seconds` set) when the key has no token left."""
+        if self.rate <= 0:
             return
-        wait = await self._take(scope, principal.name)
+        if self._shared is not None:
+            wait = await self._shared(key_name)
+        else:
+            bucket = self._buckets.get(key_name)
+            if bucket is None:
+                bucket = self._buckets[key_name] = TokenBucket(self.rate, self.burst, self.clock)
+            wait = bucket.take()
         if wait == 0.0:
-            await self.app(scope, receive, send)
             return
         error = RateLimitedError(
             f"request rate limit of {self.rate:g} per second per API key "
             f"(NEUROSERVE_RATE_LIMIT_PER_SECOND, bursts of NEUROSERVE_RATE_LIMIT_BURST="
             f"{self.burst:g}) reached; retry after {wait:.2f} s"
         )
-        connection = HTTPConnection(scope)
-        response = error_response(connection, error.status_code, error.code, error.message)  # type: ignore[arg-type]
-        response.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-        await response(scope, receive, send)
+        error.retry_after_seconds = wait
+        raise error
+
+
+class RequestRateLimit:
+    """Middleware: `KeyRates` over HTTP, 429 with `Retry-After` beyond. Runs inside
+    `ApiKeyAuth`, which names the key; open paths (health, metrics) are never limited."""
+
+    def __init__(self, app: ASGIApp, rates: KeyRates) -> None:
+        self.app = app
+        self.rates = rates
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal = scope.get("state", {}).get("principal")
+        if scope["type"] != "http" or principal is None or is_open_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.rates.check(principal.name)
+        except RateLimitedError as error:
+            connection = HTTPConnection(scope)
+            response = error_response(connection, error.status_code, error.code, error.message)  # type: ignore[arg-type]
+            response.headers["Retry-After"] = str(
+                max(1, math.ceil(error.retry_after_seconds or 1.0))
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class OwnedCount:

@@ -28,8 +28,14 @@ from starlette.concurrency import run_in_threadpool
 
 from models.repository import VersionConflictError
 from service.api.auth import Principal, PrincipalDependency, require_admin
-from service.api.route_helpers import error_doc, get_dataplane
-from service.api.schemas.finetune import FinetuneJob, FinetuneJobRequest, NpzUpload
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
+from service.api.schemas.finetune import (
+    FINETUNE_JOB_EXAMPLES,
+    FinetuneJob,
+    FinetuneJobRequest,
+    NpzUpload,
+)
+from service.api.schemas.parameters import JobId
 from service.dataplane.plane import DataPlane
 from service.errors import (
     BadInputError,
@@ -76,7 +82,9 @@ async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(queue.close)
 
 
-router = APIRouter(prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan)
+router = APIRouter(
+    prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan, responses=ACCESS_ERRORS
+)
 
 
 async def get_jobs(request: Request) -> JobQueue:
@@ -92,16 +100,6 @@ JOB_OWNERS = "job-owner"  # state store namespace: job id -> the key that submit
 _UNKNOWN_JOB = error_doc(404, "Unknown job id (or its record expired, or another key's job).")
 _ADMIN_ONLY = error_doc(403, "The API key is not an admin key (NEUROSERVE_ADMIN_API_KEYS).")
 _UNAVAILABLE = error_doc(503, "The job queue's Redis cannot be reached.")
-
-
-SPEC_EXAMPLE: dict[str, Any] = {
-    "model": "digits-lru",
-    "backend": "torch",
-    "data": {"kind": "builtin", "name": "digits-seq", "shift": "translated"},
-    "parameters": "readout_and_norm",
-    "steps": 300,
-    "eval_every": 50,
-}
 
 
 # ---- the body -> a validated submission -----------------------------------------------------
@@ -239,13 +237,13 @@ async def _reserve_job(request: Request, principal: Principal, jobs: JobQueue) -
     responses={
         **error_doc(404, "Unknown model or version."),
         **error_doc(409, "`output_name` names an existing model of another lineage."),
-        **error_doc(413, "Request body too large."),
+        **TOO_LARGE,
         **_ADMIN_ONLY,
         **error_doc(422, "An invalid spec; the message names the field."),
         **error_doc(
             429,
             "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS, "
-            "NEUROSERVE_MAX_JOBS_PER_KEY).",
+            "NEUROSERVE_MAX_JOBS_PER_KEY), or over the key's request rate.",
         ),
         **_UNAVAILABLE,
     },
@@ -257,8 +255,10 @@ async def submit_job(
     jobs: JobsDependency,
     dataplane: DataPlaneDependency,
     principal: PrincipalDependency,
-    body: Annotated[FinetuneJobRequest, Body(examples=[SPEC_EXAMPLE])],
+    body: Annotated[FinetuneJobRequest, Body(openapi_examples=FINETUNE_JOB_EXAMPLES)],
 ) -> FinetuneJob:
+    """Queue a zeroth-order (forward-only) fine-tuning job; its data is checked against the
+    model first. The tuned model is published as a new version when the job succeeds."""
     require_admin(principal)
     reservation = await _reserve_job(request, principal, jobs)
     try:
@@ -285,8 +285,9 @@ async def submit_job(
     summary="Status, progress and result of a job",
 )
 async def get_job(
-    job_id: str, request: Request, jobs: JobsDependency, principal: PrincipalDependency
+    job_id: JobId, request: Request, jobs: JobsDependency, principal: PrincipalDependency
 ) -> FinetuneJob:
+    """Where the job stands: status, progress (step, loss, validation accuracy), result."""
     await _check_owner(request, principal, job_id)
     return _job_out(await _call(jobs.get, job_id))
 
@@ -303,7 +304,7 @@ async def get_job(
     summary="Cancel a job",
 )
 async def cancel_job(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     response: Response,
     jobs: JobsDependency,

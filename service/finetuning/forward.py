@@ -40,11 +40,12 @@ class BackendForward:
     "analog_imc" is chip-in-the-loop: every call programs a chip from the current weights
     (`ChipInTheLoop`: the live weights, no copy of the model, no cache of chips, the server's
     chip cache untouched). `chip_seed` picks the chip's noise draws (programming noise,
-    drift exponents, read-noise stream); the two passes of one perturbation get the same
-    seed, so in this simulator their difference measures the perturbation rather than two
-    independent noise draws (common random numbers). A physical chip cannot replay its
-    noise: there the pair would differ by fresh programming and read noise too. Without a
-    chip_seed the job's own options pick the chip, i.e. the one the server will deploy to.
+    drift exponents, read noise, output-noise stream); the two passes of one perturbation get
+    the same seed, so in this simulator their difference measures the perturbation rather than
+    two independent noise draws (common random numbers). A physical chip cannot replay its
+    noise: there the pair would differ by fresh programming, read and output noise too.
+    Without a chip_seed the job's own options pick the chip, i.e. the one the server will
+    deploy to.
     """
 
     def __init__(

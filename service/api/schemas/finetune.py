@@ -46,6 +46,33 @@ class FinetuneJobRequest(FinetuneSpec):
     )
 
 
+# Bodies of `POST /v1/finetune/jobs`.
+FINETUNE_JOB_EXAMPLES: dict[str, Any] = {
+    "translated-digits": {
+        "summary": "Adapt the digits classifier to shifted digits (read-out and norms, 300 steps)",
+        "value": {
+            "model": "digits-lru",
+            "backend": "torch",
+            "data": {"kind": "builtin", "name": "digits-seq", "shift": "translated"},
+            "parameters": "readout_and_norm",
+            "steps": 300,
+            "eval_every": 50,
+        },
+    },
+    "inverted-digits-early-stop": {
+        "summary": "Inverted digits, every parameter, stop after 5 evaluations without gain",
+        "value": {
+            "model": "digits-lru",
+            "data": {"kind": "builtin", "name": "digits-seq", "shift": "inverted"},
+            "steps": 2000,
+            "lr": 0.001,
+            "eval_every": 100,
+            "patience": 5,
+        },
+    },
+}
+
+
 FinetuneJobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
