@@ -208,20 +208,31 @@ class AnalogIMCBackend:
         weights = find_linear_weights(snapshot)
         key = (model_key, weights_fingerprint(weights), config.seed, config.crossbar, config.pcm)
         chip = self._chips.get(key, lambda: program_model(weights, config))
-        # Output noise: one stream per runner. Read noise: one draw per (chip, t, matrix).
-        output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
-        engines = {
-            name: AnalogMatmul(
-                chip[name],
-                config.crossbar,
-                config.pcm,
-                config.t_inference,
-                config.drift_compensation,
-                output_stream,
-                read_generator=derived_generator(
-                    config.seed, f"read:{name}:{config.t_inference!r}"
-                ),
-            )
-            for name in sorted(weights)
-        }
-        return AnalogIMCRunner(snapshot, engines, config)
+        return chip_runner(snapshot, chip, config)
+
+    def config_for(self, options: dict | None) -> AnalogIMCConfig:
+        """The chip configuration that `options` ask for (validated)."""
+        return config_from_options(self.config, parse_options(self.name, AnalogIMCOptions, options))
+
+
+def chip_runner(
+    model: StatefulModel, chip: dict[str, ProgrammedCrossbar], config: AnalogIMCConfig
+) -> AnalogIMCRunner:
+    """`model` with each programmed weight read from `chip` at `config.t_inference`. The
+    model is used as it is, not copied: the caller decides whether it is a snapshot (serving)
+    or the live weights (chip-in-the-loop tuning)."""
+    # Output noise: one stream per runner. Read noise: one draw per (chip, t, matrix).
+    output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
+    engines = {
+        name: AnalogMatmul(
+            chip[name],
+            config.crossbar,
+            config.pcm,
+            config.t_inference,
+            config.drift_compensation,
+            output_stream,
+            read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
+        )
+        for name in sorted(chip)
+    }
+    return AnalogIMCRunner(model, engines, config)

@@ -30,6 +30,7 @@ from service.api import (
     v1_generate,
     v1_models,
     v1_sessions,
+    v1_versions,
     v2,
 )
 from service.api.api_docs import install_api_docs
@@ -37,7 +38,7 @@ from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
 from service.api.fast_paths import FastPaths
-from service.api.limits import KeyRates, OwnedCount, RequestRateLimit
+from service.api.limits import KeyRates, RequestRateLimit, key_quota
 from service.api.v2_grpc.server import start_grpc
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
@@ -178,8 +179,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.state_store = state_store
         app.state.dataplane = dataplane
         app.state.sessions = sessions
-        app.state.sessions_per_key = OwnedCount()
-        app.state.jobs_per_key = OwnedCount()
+        # Per-key session and job counts: in Redis (all replicas) when the store is Redis.
+        app.state.sessions_per_key = key_quota(state_store, "quota-sessions")
+        app.state.jobs_per_key = key_quota(state_store, "quota-jobs")
+        rates.share_through(state_store)  # one bucket per key for every replica with Redis
         warn_if_open(keys, settings.host)
         gc.set_threshold(*GC_THRESHOLDS)
         root = settings.model_repository.resolve()
@@ -233,6 +236,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Routes match in order: the hot paths (session steps, predictions) first.
     app.include_router(v1_sessions.router)
     app.include_router(v1_models.router)
+    app.include_router(v1_versions.router)
     app.include_router(v1_feedback.router)
     app.include_router(v1_generate.router)
     app.include_router(v1_finetune.router)

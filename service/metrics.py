@@ -255,6 +255,21 @@ FINETUNE_JOB_DURATION = Histogram(
     buckets=JOB_SECONDS_BUCKETS,
     registry=REGISTRY,
 )
+FINETUNE_WORKERS = Gauge(
+    "neuroserve_finetune_workers",
+    "Live `neuroserve worker` processes listening on the job queue (RQ's worker registry), "
+    "as the server last saw them; 0 while jobs are queued means they wait for nobody.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+FINETUNE_JOBS_WITHOUT_WORKER = Gauge(
+    "neuroserve_finetune_jobs_waiting_without_worker",
+    "Queued fine-tuning jobs while no worker listens on their queue (start `neuroserve worker`).",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
 
 ALL_METRICS: tuple[MetricWrapperBase, ...] = (
     REQUESTS, REQUEST_DURATION, BATCH_SIZE, ACTIVE_SESSIONS,
@@ -263,7 +278,7 @@ ALL_METRICS: tuple[MetricWrapperBase, ...] = (
     FEEDBACK, COVERAGE_TARGET,
     RELIABILITY_PREDICTIONS, RELIABILITY_CORRECT, RELIABILITY_CONFIDENCE_SUM, ACI_ALPHA,
     SPIKES, NEURON_STEPS, MACS, ACCUMULATES, ENERGY, DENSE_EQUIVALENT_ENERGY,
-    FINETUNE_JOBS, FINETUNE_JOB_DURATION,
+    FINETUNE_JOBS, FINETUNE_JOB_DURATION, FINETUNE_WORKERS, FINETUNE_JOBS_WITHOUT_WORKER,
 )  # fmt: skip
 
 # Usage keys (hardware_backends.base.Usage.to_dict) and the counter each one feeds.
@@ -487,6 +502,15 @@ def record_job(status: str, seconds: float | None = None) -> None:
     _child(FINETUNE_JOBS, status).inc()
     if seconds is not None:
         FINETUNE_JOB_DURATION.observe(_check_non_negative("seconds", seconds))
+
+
+def set_job_workers(queue: str, workers: int, queued: int) -> None:
+    """What the server last saw of a job queue: its live workers, and its queued jobs when
+    there are none."""
+    queue = _check_label("queue", queue)
+    _child(FINETUNE_WORKERS, queue).set(_check_count("worker count", workers))
+    waiting = _check_count("queued jobs", queued) if workers == 0 else 0
+    _child(FINETUNE_JOBS_WITHOUT_WORKER, queue).set(waiting)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def _summary(card: ModelCard, versions: list[str]) -> ModelSummary:
         name=card.name,
         task=card.config["task"],
         architecture=card.config["architecture"],
-        latest_version=versions[-1],
+        latest_version=card.version,  # the cards listed are the latest versions
         versions=versions,
     )
 
@@ -84,7 +84,7 @@ def model_info(
     return ModelInfo(
         name=card.name,
         version=card.version,
-        latest_version=versions[-1],
+        latest_version=dataplane.card(name).version,
         versions=versions,
         task=config["task"],
         architecture=config["architecture"],

@@ -61,20 +61,23 @@ def _session_out(info: SessionInfo) -> SessionResponse:
     )
 
 
-def _check_session_quota(request: Request, principal: Principal) -> None:
-    """429 when the key holds its limit of live sessions on this replica (keys only: open
-    mode has the server-wide NEUROSERVE_MAX_SESSIONS)."""
+async def _reserve_session(request: Request, principal: Principal) -> str | None:
+    """A place for one more session of the key, or 429 at its limit of live sessions
+    (counted across replicas with Redis: `service.api.limits`; keys only: open mode has the
+    server-wide NEUROSERVE_MAX_SESSIONS). None in open mode."""
     if principal.owner is None:
-        return
+        return None
     limit = request.app.state.settings.max_sessions_per_key
-    request.app.state.sessions_per_key.check(
+    return await request.app.state.sessions_per_key.reserve(
         principal.owner, limit, "live sessions", "NEUROSERVE_MAX_SESSIONS_PER_KEY"
     )
 
 
-def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
+async def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
     if principal.owner is not None:
-        request.app.state.sessions_per_key.seen(principal.owner, info.session_id, info.expires_at)
+        await request.app.state.sessions_per_key.seen(
+            principal.owner, info.session_id, info.expires_at
+        )
 
 
 @router.post(
@@ -103,21 +106,27 @@ async def create_session(
     """Open a stateful session on a model: its recurrent state is kept between steps, in the
     server's state store, until deleted or idle for its TTL."""
     label_request(request, model=body.model, backend=body.backend)
-    _check_session_quota(request, principal)
-    info = await sessions.create(
-        owner=principal.owner,
-        model=body.model,
-        version=body.version,
-        backend=body.backend,
-        alpha=body.alpha,
-        score=body.score,
-        ttl_seconds=body.ttl_seconds,
-        options=body.options,
-        early_decision=(None if body.early_decision is None else body.early_decision.model_dump()),
-        online=body.online,
-        never_empty=body.never_empty,
-    )
-    _note_session(request, principal, info)
+    reservation = await _reserve_session(request, principal)
+    try:
+        info = await sessions.create(
+            owner=principal.owner,
+            model=body.model,
+            version=body.version,
+            backend=body.backend,
+            alpha=body.alpha,
+            score=body.score,
+            ttl_seconds=body.ttl_seconds,
+            options=body.options,
+            early_decision=(
+                None if body.early_decision is None else body.early_decision.model_dump()
+            ),
+            online=body.online,
+            never_empty=body.never_empty,
+        )
+        await _note_session(request, principal, info)
+    finally:
+        if reservation is not None:
+            await request.app.state.sessions_per_key.gone(principal.owner, reservation)
     return _session_out(info)
 
 
@@ -135,7 +144,7 @@ async def get_session(
 ) -> SessionResponse:
     """The session's model, settings, steps consumed so far and expiry."""
     info = await sessions.get(session_id, owner=principal.owner)
-    _note_session(request, principal, info)
+    await _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     return _session_out(info)
 
@@ -156,7 +165,7 @@ async def delete_session(
     """Forget the session and its state now."""
     await sessions.delete(session_id, owner=principal.owner)
     if principal.owner is not None:
-        request.app.state.sessions_per_key.gone(principal.owner, session_id)
+        await request.app.state.sessions_per_key.gone(principal.owner, session_id)
     return Response(status_code=204)
 
 
@@ -180,6 +189,6 @@ async def step_session(
     outcome = await sessions.step(
         session_id, body.inputs, per_step=body.return_steps, owner=principal.owner
     )
-    _note_session(request, principal, outcome.info)
+    await _note_session(request, principal, outcome.info)
     label_request(request, model=outcome.info.model, backend=outcome.info.backend)
     return serialized(SessionStepResponse.of(outcome))

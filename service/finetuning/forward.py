@@ -13,10 +13,10 @@ from torch import Tensor
 from hardware_backends import registry
 from hardware_backends.torch_backend import TorchRunner
 from models.base import StatefulModel
+from service.finetuning.chip_loop import ChipInTheLoop
 
 OBJECTIVES = ("cross_entropy", "zero_one")
 TUNING_BACKENDS = ("torch", "analog_imc")
-CHIP_SEEDS = 2**31  # analog_imc accepts chip seeds below this
 
 
 def classification_loss(logits: Tensor, labels: Tensor, objective: str) -> float:
@@ -38,8 +38,8 @@ class BackendForward:
     the state (memory flat in the sequence length) instead of the parallel `forward`.
 
     "analog_imc" is chip-in-the-loop: every call programs a chip from the current weights
-    through the backend's own `prepare` (on a private backend instance, so the server's
-    chip cache is untouched). `chip_seed` picks the chip's noise draws (programming noise,
+    (`ChipInTheLoop`: the live weights, no copy of the model, no cache of chips, the server's
+    chip cache untouched). `chip_seed` picks the chip's noise draws (programming noise,
     drift exponents, read noise, output-noise stream); the two passes of one perturbation get
     the same seed, so in this simulator their difference measures the perturbation rather than
     two independent noise draws (common random numbers). A physical chip cannot replay its
@@ -65,19 +65,16 @@ class BackendForward:
                 raise ValueError(f"ZO tuning on torch takes no backend options, got {self.options}")
             self._torch_runner = TorchRunner(model, torch.device("cpu"))
         else:
-            # A private instance of the registered backend (the registry does the same call).
-            self._backend = type(registry.get_backend(backend))()
+            registry.get_backend(backend)  # refused here if the backend cannot run
+            self._chips = ChipInTheLoop(model, self.options)
 
     def runner(self, chip_seed: int | None = None):
-        """A runner over the current weights (a fresh chip per call off torch)."""
+        """A runner over the current weights (off torch: the live weights programmed onto
+        one chip per call, `service.finetuning.chip_loop`; no copy, no cache)."""
         if self.backend == "torch":
             return self._torch_runner
-        options = dict(self.options)
-        if chip_seed is not None:
-            options["seed"] = chip_seed % CHIP_SEEDS
         self._calls += 1
-        key = f"zo-tuning/{id(self)}/{self._calls}"
-        return self._backend.prepare(self.model, model_key=key, options=options)
+        return self._chips.runner(chip_seed)
 
     @torch.no_grad()
     def final_logits(

@@ -118,3 +118,12 @@ class FinetuneJob(BaseModel):
         False, description="A cancel was asked for; a running job stops at its next step."
     )
     attempts: int = Field(0, description="Runs started (more than one after a retry).")
+    workers_alive: int | None = Field(
+        None,
+        description="While queued on Redis: live `neuroserve worker` processes listening on "
+        "the job's queue (RQ's worker registry). Null on the embedded queue, where the server "
+        "runs jobs itself.",
+    )
+    waiting_reason: str | None = Field(
+        None, description="Why a queued job is not starting, e.g. no worker is running."
+    )

@@ -135,22 +135,22 @@ class CallGate:
             raise UnauthorizedError(unauthorized_message(key))
         return principal
 
-    def admit(self, method: str, context: grpc.aio.ServicerContext) -> Call:
+    async def admit(self, method: str, context: grpc.aio.ServicerContext) -> Call:
         """A `Call` for an authenticated caller within its rate; a refusal is recorded and
         raised as a `CallError`."""
         call = Call(method, ANONYMOUS)
         try:
             call.principal = self.principal(context)
-            self.rates.check(call.principal.name)
+            await self.rates.check(call.principal.name)
         except NeuroserveError as error:
             call.refuse(error)
         return call
 
-    def admit_each(self, call: Call) -> Call:
+    async def admit_each(self, call: Call) -> Call:
         """A further request on an admitted stream: the same caller, its own rate token."""
         each = Call(call.method, call.principal)
         try:
-            self.rates.check(each.principal.name)
+            await self.rates.check(each.principal.name)
         except NeuroserveError as error:
             each.refuse(error)
         return each

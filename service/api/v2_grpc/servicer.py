@@ -218,7 +218,7 @@ class _AdmittedCall:
 
     async def __aenter__(self) -> Call:
         try:
-            call = self.gate.admit(self.method, self.context)
+            call = await self.gate.admit(self.method, self.context)
         except CallError as error:
             await abort(self.context, error)
         self._guard = call.guard()

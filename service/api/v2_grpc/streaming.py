@@ -58,12 +58,12 @@ class StreamingServicer(InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         try:
-            stream = self.gate.admit("ModelStreamInfer", context)
+            stream = await self.gate.admit("ModelStreamInfer", context)
         except CallError as error:
             await abort(context, error)
         async for request in request_iterator:
             try:
-                call = self.gate.admit_each(stream)
+                call = await self.gate.admit_each(stream)
                 with call.guard():
                     card = self.dataplane.card(
                         request.model_name, version_or_none(request.model_version)
