@@ -43,20 +43,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.architectures import architecture_of
-from models.base import StatefulModel
 
 OPTIMIZERS = ("mezo", "zo_sign", "zo_adam")
 DIRECTIONS = ("gaussian", "rademacher")
 SCHEDULES = ("constant", "linear", "cosine")
-PARAMETER_SELECTIONS = ("all", "readout_and_norm")
 GAUSSIAN_CLIP = 6.0  # |z| is clipped here so the grid can reserve headroom for εz
 MAX_SEED = 2**53 - 1  # seeds stay exact in every JSON parser (JavaScript numbers included)
 MAX_UPDATE = 1e30  # |lr · g · z| beyond this is divergence (float32 overflows at 3.4e38)
-
-# The output head of each built-in architecture, by attribute name.
-READOUT_MODULES = {"lru": "head", "selective": "head", "snn": "readout"}
-NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 Loss = Callable[[int], float]  # loss of the current weights; gets the perturbation's seed
 
@@ -94,26 +87,6 @@ class ZOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---- which parameters to tune --------------------------------------------------------------
-
-
-def select_parameters(model: StatefulModel, selection: str) -> list[tuple[str, nn.Parameter]]:
-    """The tuned parameters, in `named_parameters` order (tied weights once).
-
-    "all": every parameter. "readout_and_norm": the output head (`READOUT_MODULES`) and
-    every normalisation layer; everything else keeps its base value.
-    """
-    if selection not in PARAMETER_SELECTIONS:
-        raise ValueError(f"parameters must be one of {PARAMETER_SELECTIONS}, got {selection!r}")
-    named = list(model.named_parameters())
-    if selection == "all":
-        return named
-    modules = [getattr(model, READOUT_MODULES[architecture_of(model)])]
-    modules += [module for module in model.modules() if isinstance(module, NORM_TYPES)]
-    chosen = {id(p) for module in modules for p in module.parameters()}
-    return [(name, p) for name, p in named if id(p) in chosen]
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------

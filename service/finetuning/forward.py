@@ -13,6 +13,7 @@ from torch import Tensor
 from hardware_backends import registry
 from hardware_backends.torch_backend import TorchRunner
 from models.base import StatefulModel
+from models.finetune import merged_copy
 
 OBJECTIVES = ("cross_entropy", "zero_one")
 TUNING_BACKENDS = ("torch", "analog_imc")
@@ -76,7 +77,8 @@ class BackendForward:
             options["seed"] = chip_seed % CHIP_SEEDS
         self._calls += 1
         key = f"zo-tuning/{id(self)}/{self._calls}"
-        return self._backend.prepare(self.model, model_key=key, options=options)
+        # The chip is programmed from plain weights: adapters are folded in first.
+        return self._backend.prepare(merged_copy(self.model), model_key=key, options=options)
 
     @torch.no_grad()
     def final_logits(

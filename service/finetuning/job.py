@@ -55,7 +55,8 @@ from models.repository import ModelCard, ModelRepository
 from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
 from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
-from models.zo import ZOOptimizer, learning_rate, select_parameters
+from models.finetune import attach_targets, merge_targets
+from models.zo import ZOOptimizer, learning_rate
 from service.finetuning.forward import BackendForward
 from service.finetuning.spec import (
     BuiltinData,
@@ -168,6 +169,7 @@ class TuningOutcome:
     history: list[EvaluationPoint]
     best_step: int  # the checkpoint: steps applied at the best evaluation
     stop_reason: StopReason  # all steps ran, no progress for `patience`, non-finite, cancelled
+    tuned_parameters: int = 0
 
 
 def _evaluate(forward: BackendForward, data: SequenceDataset, step: int) -> EvaluationPoint:
@@ -212,7 +214,7 @@ def tune(
     should_cancel: Callable[[], bool],
 ) -> TuningOutcome:
     """Run up to `spec.steps` ZO steps on `model` in place, evaluating as it goes."""
-    optimizer = ZOOptimizer(select_parameters(model, spec.parameters), spec.zo_config())
+    optimizer = ZOOptimizer(attach_targets(model, spec.parameters), spec.zo_config())
     trajectory = Trajectory(base_ref, optimizer.config, spec.parameters, optimizer.names)
     forward = BackendForward(model, spec.backend, spec.backend_options)
     batches = _Batches(data.tune, spec.batch_size, spec.seed)
@@ -227,7 +229,7 @@ def tune(
 
     for step in range(1, spec.steps + 1):
         if should_cancel():
-            return TuningOutcome(trajectory, history, best.step, "cancelled")
+            return TuningOutcome(trajectory, history, best.step, "cancelled", optimizer.n_parameters)
         inputs, labels = batches.next()
         lr = learning_rate(step - 1, spec.steps, spec.lr, spec.schedule, spec.min_lr_fraction)
         step_seeds = [int(s) for s in seeds.integers(0, 2**32, size=spec.n_perturbations)]
@@ -242,7 +244,7 @@ def tune(
             point = _evaluate(forward, data.validation, step) if evaluated else None
         except FloatingPointError as error:
             report(trajectory.n_steps, best.step, message=f"diverged: {error}")
-            return TuningOutcome(trajectory, history, best.step, "diverged")
+            return TuningOutcome(trajectory, history, best.step, "diverged", optimizer.n_parameters)
         if point is not None:
             history.append(point)
             best, since_best = (point, 0) if _better(point, best) else (best, since_best + 1)
@@ -251,8 +253,8 @@ def tune(
             train_loss = float(np.mean(result.losses))
             report(step, best.step, train_loss=train_loss, validation_accuracy=accuracy)
         if point is not None and spec.patience is not None and since_best >= spec.patience:
-            return TuningOutcome(trajectory, history, best.step, "patience")
-    return TuningOutcome(trajectory, history, best.step, "steps")
+            return TuningOutcome(trajectory, history, best.step, "patience", optimizer.n_parameters)
+    return TuningOutcome(trajectory, history, best.step, "steps", optimizer.n_parameters)
 
 
 # ---- recalibration and held-out metrics ------------------------------------------------------
@@ -357,6 +359,7 @@ def run_finetune(
     report(ProgressEvent(stage="tuning", total_steps=spec.steps, message=data.description))
     model = copy.deepcopy(base.model)  # the repository's cached base stays untouched
     outcome = tune(model, spec, data, base_ref, report, cancelled)
+    merge_targets(model)  # adapters folded into plain weights, as replay does
     steps_run = outcome.trajectory.n_steps
     result = FinetuneResult(
         status="cancelled",
@@ -373,7 +376,7 @@ def run_finetune(
         score=spec.score,
         split_sizes=data.split_sizes,
         data_sha256=data.sha256,
-        tuned_parameters=sum(p.numel() for _, p in select_parameters(model, spec.parameters)),
+        tuned_parameters=outcome.tuned_parameters,
         seed=spec.seed,
     )
     at = {"step": steps_run, "total_steps": spec.steps, "best_step": outcome.best_step}

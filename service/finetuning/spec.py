@@ -12,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from calibration.scores import SCORE_NAMES
 from hardware_backends.analog_imc import AnalogIMCOptions
 from hardware_backends.base import parse_options
+from models.finetune import canonical_targets
 from models.repository import is_safe_name
 from models.zo import ZOConfig
 
 MAX_INLINE_EXAMPLES = 10_000
+DEFAULT_TARGETS = "input+norm+readout"
 MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
 
 # ---- the job's specification -----------------------------------------------------------------
@@ -81,7 +83,12 @@ class FinetuneSpec(BaseModel):
     backend: Literal["torch", "analog_imc"] = "torch"
     backend_options: dict[str, Any] = Field(default_factory=dict)
     optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
-    parameters: Literal["all", "readout_and_norm"] = "all"
+    parameters: str = Field(
+        DEFAULT_TARGETS,
+        description="What to tune: targets joined by '+' from input (per-feature scale and bias "
+        "in front of the encoder), norm, readout, lora<rank> (low-rank adapters on the "
+        "recurrent and mixing matrices) and all (every parameter).",
+    )
     objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
     direction: Literal["gaussian", "rademacher"] = "gaussian"
     steps: int = Field(1000, ge=1, le=200_000)
@@ -102,6 +109,11 @@ class FinetuneSpec(BaseModel):
     alpha: float = Field(0.1, gt=0.0, lt=1.0)
     score: Literal[SCORE_NAMES] = "aps"
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @pydantic.field_validator("parameters")
+    @classmethod
+    def _targets(cls, expression: str) -> str:
+        return canonical_targets(expression)  # ValueError says which terms exist
 
     @pydantic.field_validator("model", "output_name")
     @classmethod
