@@ -6,7 +6,8 @@ d-dependence; ZO-Bench, sparse and low-rank ZO). So instead of all parameters a 
 *target expression*, targets joined by "+":
 
     input    an input adapter: per-feature scale s and bias b in front of the encoder,
-             x -> s * x + b (2·F numbers; an inversion 16 - x is exactly s = -1, b = 16)
+             x -> s * x + b / input_scale (2·F numbers; b in the encoder's scaled units, so
+             inverting digits, 16 - x with input_scale 1/16, is exactly s = -1, b = 1)
     norm     every normalisation layer's affine parameters
     readout  the output head
     lora<r>  rank-r adapters W + B·A on every recurrent and mixing matrix (the 2-D
@@ -20,7 +21,9 @@ Adapters are `torch.nn.utils.parametrize` parametrizations of the weights they a
 base tensor stays where it is (no copy), the forward pass sees the adapted weight, and an
 adapter at its initial value (s = 1, b = 0, B = 0) reproduces the base weights bit for bit.
 `merge_targets` folds the adapters into plain weights (what gets served, on every backend);
-it computes in float64 and rounds once, so the result depends only on the values.
+it computes in float64 and rounds once, so the result depends only on the values. Never
+`copy.deepcopy` an adapted model (the copy shares torch's generated parametrized classes
+with the original); `merged_copy` gives a plain copy.
 """
 
 from __future__ import annotations
@@ -92,18 +95,19 @@ class InputScale(nn.Module):
 
 
 class InputShift(nn.Module):
-    """c -> c + W · (b · input_scale): the encoder's bias [D] seen through x -> x + b. Reads
-    the base weight W of the same layer (not a copy: a reference to the parameter)."""
+    """c -> c + W · b: the encoder's bias [D] seen through x -> x + b / input_scale, i.e. b in
+    the encoder's scaled input units (digits: 1 = the full pixel range 16), so that scale and
+    shift travel comparable distances (inverting digits is s = -1, b = 1). Reads the base
+    weight W of the same layer (a reference to the parameter, not a copy)."""
 
-    def __init__(self, weight: Tensor, input_scale: float) -> None:
+    def __init__(self, weight: Tensor) -> None:
         super().__init__()
         self.shift = nn.Parameter(torch.zeros(weight.shape[1]))  # [F]
-        self.input_scale = input_scale
         self._weight = [weight]  # a list, so the base weight is not registered twice
 
     def forward(self, bias: Tensor) -> Tensor:
         weight = self._weight[0]  # [D, F]
-        return bias + weight @ (self.shift * self.input_scale)  # [D]
+        return bias + weight @ self.shift  # [D]
 
 
 class LowRank(nn.Module):
@@ -172,7 +176,7 @@ def attach_targets(model: StatefulModel, expression: str) -> list[tuple[str, nn.
         if encoder is None:
             raise ValueError("the input adapter needs a model that reads feature vectors")
         proj = encoder.proj
-        shift = InputShift(proj.weight, encoder.input_scale)
+        shift = InputShift(proj.weight)
         if proj.bias is None:
             raise ValueError("the input adapter needs an encoder with a bias")
         _parametrize(proj, "bias", shift)
@@ -234,12 +238,28 @@ def _merged_value(adapter: nn.Module, base: Tensor, module: nn.Module) -> Tensor
         return b * adapter.scale.double()
     if isinstance(adapter, InputShift):
         weight = module.parametrizations.weight.original.double()  # the base weight [D, F]
-        return b + weight @ (adapter.shift.double() * adapter.input_scale)
+        return b + weight @ adapter.shift.double()
     if isinstance(adapter, LowRank):
         return b + adapter.lora_b.double() @ adapter.lora_a.double()
     raise TypeError(f"unknown adapter {type(adapter).__name__}")
 
 
 def merged_copy(model: StatefulModel) -> StatefulModel:
-    """A plain copy of an adapted model (for a backend that reads weights as parameters)."""
-    return merge_targets(copy.deepcopy(model)) if is_adapted(model) else model
+    """A plain model with the adapters folded in (for a backend that reads weights as
+    parameters); `model` itself is untouched. Built afresh from the merged state rather than
+    by `copy.deepcopy`: a deep copy of a parametrized module shares its generated class with
+    the original, so merging the copy would strip the original's parametrizations too."""
+    if not is_adapted(model):
+        return model
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if parametrize.is_parametrized(module):
+                for attribute, parametrization in module.parametrizations.items():
+                    (adapter,) = list(parametrization)
+                    value = _merged_value(adapter, parametrization.original, module)
+                    prefix = f"{name}." if name else ""
+                    state[prefix + attribute] = value.to(parametrization.original.dtype)
+    plain = type(model)(model.config)
+    plain.load_state_dict(state)
+    return plain.train(model.training)

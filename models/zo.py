@@ -288,3 +288,45 @@ class ZOOptimizer:
             delta = on_grid(delta, coarser)
             self.grid_steps[index] = coarser
         parameter.add_(delta)
+
+
+# ---- perturbation size above the noise floor -------------------------------------------------
+
+EPS_CANDIDATES = (1e-2, 2e-2, 5e-2, 1e-1, 2e-1)  # auto ε: the first whose signal clears the floor
+SIGNAL_TO_NOISE = 4.0  # the median |L+ - L-| must be this many noise floors
+
+
+@dataclass(frozen=True)
+class EstimateNoise:
+    eps: float
+    signal: float  # median |L+ - L-| over the probe directions
+    noise_floor: float  # RMS disagreement of two measurements of the same L+ - L-
+
+
+def estimate_noise(
+    optimizer: ZOOptimizer, loss_a: Loss, loss_b: Loss, seeds: Sequence[int]
+) -> EstimateNoise:
+    """How reproducible a loss difference is at the optimizer's ε: each direction's L+ - L-
+    measured twice, by two losses that differ only in their noise (on the simulated chip: two
+    chips programmed with different seeds). noise = RMS(d_a - d_b) / √2, the floor a single
+    measurement carries; signal = median |(d_a + d_b) / 2|. The weights end as they began."""
+    first = np.array([_pair_difference(optimizer, seed, loss_a) for seed in seeds])
+    second = np.array([_pair_difference(optimizer, seed, loss_b) for seed in seeds])
+    noise = float(np.sqrt(np.mean(np.square(first - second)) / 2.0))
+    signal = float(np.median(np.abs(first + second) / 2.0))
+    return EstimateNoise(optimizer.config.eps, signal, noise)
+
+
+def _pair_difference(optimizer: ZOOptimizer, seed: int, loss: Loss) -> float:
+    _, loss_plus, loss_minus = optimizer.estimate(seed, loss)
+    return loss_plus - loss_minus
+
+
+def choose_eps(measure: Callable[[float], EstimateNoise]) -> EstimateNoise:
+    """The first of `EPS_CANDIDATES` whose signal is `SIGNAL_TO_NOISE` noise floors or more
+    (the first at once for a deterministic loss), else the largest."""
+    for eps in EPS_CANDIDATES:
+        measured = measure(eps)
+        if measured.signal >= SIGNAL_TO_NOISE * measured.noise_floor:
+            break
+    return measured

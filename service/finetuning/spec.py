@@ -82,7 +82,7 @@ class FinetuneSpec(BaseModel):
     data: DataSpec
     backend: Literal["torch", "analog_imc"] = "torch"
     backend_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
+    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "zo_adam"
     parameters: str = Field(
         DEFAULT_TARGETS,
         description="What to tune: targets joined by '+' from input (per-feature scale and bias "
@@ -91,17 +91,22 @@ class FinetuneSpec(BaseModel):
     )
     objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
     direction: Literal["gaussian", "rademacher"] = "gaussian"
-    steps: int = Field(1000, ge=1, le=200_000)
+    steps: int = Field(2500, ge=1, le=200_000)
     batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    lr: float = Field(1e-2, gt=0.0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    eps: float = Field(1e-3, ge=1e-7, le=1.0)
-    n_perturbations: int = Field(1, ge=1, le=64)
+    eps: Annotated[float, Field(ge=1e-7, le=1.0)] | Literal["auto"] = Field(
+        "auto",
+        description="Perturbation size ε, or 'auto': measure the noise floor of the loss "
+        "difference and take the smallest of 0.01, 0.02, 0.05, 0.1, 0.2 whose signal clears "
+        "it four times (0.01 on torch, whose loss is deterministic).",
+    )
+    n_perturbations: int = Field(2, ge=1, le=64)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
-    eval_every: int = Field(100, ge=1, le=200_000)
+    eval_every: int = Field(250, ge=1, le=200_000)
     patience: int | None = Field(None, ge=1, le=10_000)
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -140,10 +145,13 @@ class FinetuneSpec(BaseModel):
     def target_name(self) -> str:
         return self.output_name or self.model
 
-    def zo_config(self) -> ZOConfig:
+    def zo_config(self, eps: float | None = None) -> ZOConfig:
+        """The optimiser's settings; `eps` resolves an "auto" ε (the job measures it)."""
+        if eps is None and self.eps == "auto":
+            raise ValueError("eps is 'auto': pass the measured value")
         return ZOConfig(
             optimizer=self.optimizer,
-            eps=self.eps,
+            eps=self.eps if eps is None else eps,
             n_perturbations=self.n_perturbations,
             direction=self.direction,
             beta1=self.beta1,
@@ -214,6 +222,9 @@ class FinetuneResult(BaseModel):
     split_sizes: dict[str, int]
     data_sha256: str
     tuned_parameters: int
+    eps: float | None = None  # the perturbation size used (measured when the spec said auto)
+    noise_floor: float | None = None  # RMS of L+ - L- with no perturbation (0: deterministic)
+    eps_signal: float | None = None  # median |L+ - L-| at that ε, on the first tune batch
     trajectory_bytes: int | None = None
     wall_seconds: float = 0.0
     seed: int

@@ -16,6 +16,7 @@ from models.finetune import (
     canonical_targets,
     is_adapted,
     merge_targets,
+    merged_copy,
     parse_targets,
 )
 from models.trajectory import BaseReference, Trajectory, rebuild_weights
@@ -57,10 +58,13 @@ def test_identity_adapters_change_nothing(expression: str) -> None:
         attach_targets(model, expression)
         adapted = model(x)[0]
     assert torch.equal(before, adapted)
-    merged = merge_targets(copy.deepcopy(model))
-    assert not is_adapted(merged)
+    merged = merged_copy(model)
+    assert not is_adapted(merged) and is_adapted(model)
     with torch.no_grad():
         assert torch.equal(merged(x)[0], before)
+        assert torch.equal(model(x)[0], before)  # the adapted original still works
+        merge_targets(model)
+        assert torch.equal(model(x)[0], before)
 
 
 def test_the_input_adapter_is_an_affine_map_of_the_inputs() -> None:
@@ -79,7 +83,7 @@ def test_the_input_adapter_is_an_affine_map_of_the_inputs() -> None:
         shift.copy_(torch.tensor([16.0, 1.0, -3.0]))
     x, _ = _batch()
     with torch.no_grad():
-        expected = reference(x * scale + shift)[0]
+        expected = reference(x * scale + shift / model.encoder.input_scale)[0]
         assert torch.allclose(model(x)[0], expected, atol=1e-5)
         merge_targets(model)
         assert torch.allclose(model(x)[0], expected, atol=1e-5)
