@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from calibration.metrics import expected_calibration_error
-from calibration.positional import fit_stepwise_calibration
+from calibration.artifact import fit_calibration_artifact
 from models.builtin import ensure_builtin_models
 from models.digits import load_digits_seq
 from models.finetune import attach_targets, merge_targets
@@ -84,17 +84,16 @@ def evaluate(model, backend: str, data: FinetuneData, resplits: int, alpha: floa
     accuracy = float((test_logits.argmax(-1) == data.test.labels).float().mean())
     inputs = torch.cat([data.calibration.inputs, data.test.inputs])  # [N, T, F]
     labels = torch.cat([data.calibration.labels, data.test.labels])  # [N]
-    step_logits = forward.step_logits(inputs)  # [N, T, C]
+    final = forward.final_logits(inputs)  # [N, C]
     eces, coverages, sizes = [], [], []
     for split in range(resplits):
         order = torch.from_numpy(np.random.default_rng([split, 7]).permutation(len(labels)))
         fit, score = order[: len(order) // 2], order[len(order) // 2 :]
-        positional = fit_stepwise_calibration(
-            step_logits[fit], labels[fit], "bench", "0", backend, seed=split
-        )
-        artifact = positional.at(inputs.shape[1])
+        artifact = fit_calibration_artifact(
+            final[fit], labels[fit], "bench", "0", backend, seed=split
+        )  # the whole-sequence calibration (the job fits one per step; the last is this)
         rng = torch.Generator().manual_seed(split)
-        probs, sets = artifact.predict(step_logits[score, -1], alpha, "aps", rng=rng)
+        probs, sets = artifact.predict(final[score], alpha, "aps", rng=rng)
         truth = labels[score]
         eces.append(expected_calibration_error(probs, truth))
         coverages.append(float(sets[torch.arange(len(truth)), truth].double().mean()))
