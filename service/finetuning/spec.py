@@ -69,6 +69,25 @@ class NpzData(BaseModel):
     path: str = Field(min_length=5, pattern=r"\.npz$")
 
 
+def _eps(value: Any) -> float | str:
+    """"auto" or a finite number in [1e-7, 1] (one error, located at `eps`)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"eps must be 'auto' or a number in [1e-7, 1], got {value!r}")
+    if not 1e-7 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"eps must be 'auto' or a number in [1e-7, 1], got {value}")
+    return float(value)
+
+
+Eps = Annotated[
+    float | Literal["auto"],
+    pydantic.PlainValidator(_eps),
+    pydantic.WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 1e-7, "maximum": 1.0}, {"const": "auto"}]}
+    ),
+]
+
 DataSpec = Annotated[InlineData | BuiltinData | NpzData, Field(discriminator="kind")]
 
 
@@ -96,7 +115,7 @@ class FinetuneSpec(BaseModel):
     lr: float = Field(1e-2, gt=0.0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    eps: Annotated[float, Field(ge=1e-7, le=1.0)] | Literal["auto"] = Field(
+    eps: Eps = Field(
         "auto",
         description="Perturbation size ε, or 'auto': measure the noise floor of the loss "
         "difference and take the smallest of 0.01, 0.02, 0.05, 0.1, 0.2 whose signal clears "
