@@ -17,7 +17,7 @@ from models.repository import is_safe_name
 from models.zo import ZOConfig
 
 MAX_INLINE_EXAMPLES = 10_000
-DEFAULT_TARGETS = "input+norm+readout"
+DEFAULT_TARGETS = "all"
 MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
 
 # ---- the job's specification -----------------------------------------------------------------
@@ -101,7 +101,7 @@ class FinetuneSpec(BaseModel):
     data: DataSpec
     backend: Literal["torch", "analog_imc"] = "torch"
     backend_options: dict[str, Any] = Field(default_factory=dict)
-    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "zo_adam"
+    optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
     parameters: str = Field(
         DEFAULT_TARGETS,
         description="What to tune: targets joined by '+' from input (per-feature scale and bias "
@@ -110,18 +110,18 @@ class FinetuneSpec(BaseModel):
     )
     objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
     direction: Literal["gaussian", "rademacher"] = "gaussian"
-    steps: int = Field(2500, ge=1, le=200_000)
+    steps: int = Field(5000, ge=1, le=200_000)
     batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(1e-2, gt=0.0, le=1.0)
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
     eps: Eps = Field(
         "auto",
         description="Perturbation size ε, or 'auto': measure the noise floor of the loss "
-        "difference and take the smallest of 0.01, 0.02, 0.05, 0.1, 0.2 whose signal clears "
-        "it four times (0.01 on torch, whose loss is deterministic).",
+        "difference and take the smallest of 0.001, 0.002, 0.005, ..., 0.2 whose signal clears "
+        "it four times (0.001 on torch, whose loss is deterministic).",
     )
-    n_perturbations: int = Field(2, ge=1, le=64)
+    n_perturbations: int = Field(1, ge=1, le=64)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)

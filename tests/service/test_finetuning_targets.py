@@ -44,8 +44,8 @@ def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
 
 def test_the_defaults() -> None:
     spec = FinetuneSpec(model="tiny", data=INVERTED)
-    assert spec.parameters == DEFAULT_TARGETS == "input+norm+readout"
-    assert (spec.optimizer, spec.eps, spec.n_perturbations) == ("zo_adam", "auto", 2)
+    assert spec.parameters == DEFAULT_TARGETS == "all"
+    assert (spec.optimizer, spec.eps, spec.n_perturbations, spec.lr) == ("mezo", "auto", 1, 5e-4)
 
 
 def test_an_input_adapter_job_adapts_a_model_to_inverted_inputs_and_keeps_its_best_checkpoint(
