@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.metrics import expected_calibration_error
 from calibration.artifact import fit_calibration_artifact
+from calibration.metrics import expected_calibration_error
 from models.builtin import ensure_builtin_models
 from models.digits import load_digits_seq
 from models.finetune import attach_targets, merge_targets
@@ -56,8 +56,13 @@ MODEL_NAME = "digits-lru"
 SHIFTS = ("inverted", "translated", "gaussian_noise")
 # The parameter-efficient alternative measured beside the default (input adapter, norms and
 # readout: 2,074 of digits-lru's 135,306 parameters, ZO-Adam, 2 perturbations per step).
-TARGETS = {"parameters": "input+norm+readout", "optimizer": "zo_adam", "lr": 1e-2,
-           "n_perturbations": 2, "steps": 2500}  # fmt: skip
+TARGETS = {
+    "parameters": "input+norm+readout",
+    "optimizer": "zo_adam",
+    "lr": 1e-2,
+    "n_perturbations": 2,
+    "steps": 2500,
+}
 ADAM_LR = {"all": 1e-3}  # Adam's rate by target; 1e-2 for the small targets
 
 
@@ -126,8 +131,12 @@ def run_method(method: str, shift: str, args: dict) -> dict:
     with tempfile.TemporaryDirectory() as directory:
         repository = private_repository(Path(directory))
         base_version = repository.latest(MODEL_NAME)
-        common = {"model": MODEL_NAME, "version": base_version, "seed": args["seed"],
-                  "data": inline_data(shift, args["examples"])}  # fmt: skip
+        common = {
+            "model": MODEL_NAME,
+            "version": base_version,
+            "seed": args["seed"],
+            "data": inline_data(shift, args["examples"]),
+        }
         if args["steps"]:
             common["steps"] = args["steps"]
         default = FinetuneSpec(**common)
@@ -148,9 +157,14 @@ def run_method(method: str, shift: str, args: dict) -> dict:
             elif method == "zo targets":
                 spec = FinetuneSpec(**{**common, **TARGETS})
             else:  # zo chip
-                spec = FinetuneSpec(**{**common, "backend": "analog_imc",
-                                       "steps": args["analog_steps"],
-                                       "eval_every": max(1, args["analog_steps"] // 10)})  # fmt: skip
+                spec = FinetuneSpec(
+                    **{
+                        **common,
+                        "backend": "analog_imc",
+                        "steps": args["analog_steps"],
+                        "eval_every": max(1, args["analog_steps"] // 10),
+                    }
+                )
             result = run_finetune(spec, repository, progress=_progress(method, shift))
             model, backend = repository.load(MODEL_NAME, result.version).model, spec.backend
             extra = {
@@ -165,15 +179,26 @@ def run_method(method: str, shift: str, args: dict) -> dict:
         wall = time.monotonic() - started
         peak = _peak_rss_mib()
         metrics = evaluate(model, backend, data, args["resplits"])
-    return {"method": method, "shift": shift, "backend": backend, "wall_s": wall,
-            "peak_rss_mib": peak, "rss_growth_mib": peak - rss_before, **extra, **metrics}  # fmt: skip
+    return {
+        "method": method,
+        "shift": shift,
+        "backend": backend,
+        "wall_s": wall,
+        "peak_rss_mib": peak,
+        "rss_growth_mib": peak - rss_before,
+        **extra,
+        **metrics,
+    }
 
 
 def _progress(method: str, shift: str):
     def report(event: ProgressEvent) -> None:
         if event.validation_accuracy is not None:
-            print(f"  [{shift} / {method}] step {event.step}/{event.total_steps}: validation "
-                  f"{event.validation_accuracy:.3f} (best at {event.best_step})", flush=True)  # fmt: skip
+            print(
+                f"  [{shift} / {method}] step {event.step}/{event.total_steps}: validation "
+                f"{event.validation_accuracy:.3f} (best at {event.best_step})",
+                flush=True,
+            )
         elif event.message.startswith("eps"):
             print(f"  [{shift} / {method}] {event.message}", flush=True)
 
@@ -214,8 +239,12 @@ def adam_finetune(model, spec: FinetuneSpec, data: FinetuneData):
             parameter.copy_(value)
             parameter.requires_grad_(False)
     merge_targets(model)
-    return model.eval(), {"steps": steps, "best_step": best_step, "forward_passes": steps,
-                          "tuned_parameters": sum(p.numel() for p in tuned)}  # fmt: skip
+    return model.eval(), {
+        "steps": steps,
+        "best_step": best_step,
+        "forward_passes": steps,
+        "tuned_parameters": sum(p.numel() for p in tuned),
+    }
 
 
 # ---- the table -------------------------------------------------------------------------------
@@ -245,9 +274,11 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=SHIFTS)
-    parser.add_argument("--methods", nargs="+",
-                        default=["base", "zo default", "zo targets", "adam backprop",
-                                 "adam targets", "zo chip"])  # fmt: skip
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["base", "zo default", "zo targets", "adam backprop", "adam targets", "zo chip"],
+    )
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--steps", type=int, default=0, help="0: the default spec's steps")
     parser.add_argument("--analog-steps", type=int, default=300)
@@ -255,7 +286,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    options = {k: getattr(args, k) for k in ("examples", "steps", "analog_steps", "resplits", "seed")}
+    options = {
+        k: getattr(args, k) for k in ("examples", "steps", "analog_steps", "resplits", "seed")
+    }
     context = multiprocessing.get_context("spawn")
     rows = []
     for shift in args.shifts:
@@ -266,8 +299,10 @@ def main() -> None:
                 row = pool.apply(run_method, (method, shift, options))
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
-    print(f"\n{MODEL_NAME}, {args.examples} shifted train examples inline, seed {args.seed}; "
-          f"ECE/coverage: mean ± std over {args.resplits} re-splits, alpha 0.1 APS\n")  # fmt: skip
+    print(
+        f"\n{MODEL_NAME}, {args.examples} shifted train examples inline, seed {args.seed}; "
+        f"ECE/coverage: mean ± std over {args.resplits} re-splits, alpha 0.1 APS\n"
+    )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

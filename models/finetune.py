@@ -28,7 +28,6 @@ with the original); `merged_copy` gives a plain copy.
 
 from __future__ import annotations
 
-import copy
 import re
 
 import torch
@@ -55,7 +54,9 @@ def parse_targets(expression: str) -> tuple[list[str], int]:
     """("input+lora4") -> (["input", "lora"], 4): the targets in canonical order and the LoRA
     rank (0 without lora). ValueError saying what is wrong and what is allowed."""
     if not isinstance(expression, str):
-        raise ValueError(f"parameters must be a string like 'input+norm+readout', not {expression!r}")
+        raise ValueError(
+            f"parameters must be a string like 'input+norm+readout', not {expression!r}"
+        )
     expression = LEGACY_SELECTIONS.get(expression, expression)
     targets, rank = set(), 0
     for term in expression.split("+"):
@@ -149,9 +150,9 @@ def lora_matrices(model: StatefulModel) -> list[tuple[nn.Module, str]]:
         if isinstance(module, nn.Embedding):
             continue
         for attribute, parameter in module.named_parameters(recurse=False):
-            if parameter.dim() == 2 and parameter.dtype.is_floating_point:
-                if id(parameter) not in excluded:
-                    found.append((module, attribute))
+            matrix = parameter.dim() == 2 and parameter.dtype.is_floating_point
+            if matrix and id(parameter) not in excluded:
+                found.append((module, attribute))
     return found
 
 
@@ -187,7 +188,9 @@ def attach_targets(model: StatefulModel, expression: str) -> list[tuple[str, nn.
             shape = getattr(module, attribute).shape
             _parametrize(module, attribute, LowRank(shape, rank, generator))
     adapters = [
-        p for m in model.modules() if isinstance(m, InputScale | InputShift | LowRank)
+        p
+        for m in model.modules()
+        if isinstance(m, InputScale | InputShift | LowRank)
         for p in m.parameters(recurse=False)
     ]
     adapter_ids = {id(p) for p in adapters}

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-
 OPTIMIZERS = ("mezo", "zo_sign", "zo_adam")
 DIRECTIONS = ("gaussian", "rademacher")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -292,7 +291,16 @@ class ZOOptimizer:
 
 # ---- perturbation size above the noise floor -------------------------------------------------
 
-EPS_CANDIDATES = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1)  # auto ε: the first whose signal clears the floor
+EPS_CANDIDATES = (
+    1e-3,
+    2e-3,
+    5e-3,
+    1e-2,
+    2e-2,
+    5e-2,
+    1e-1,
+    2e-1,
+)  # auto ε: the first whose signal clears the floor
 SIGNAL_TO_NOISE = 4.0  # the median |L+ - L-| must be this many noise floors
 
 

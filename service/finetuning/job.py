@@ -51,11 +51,11 @@ from calibration.positional import PositionalCalibration, fit_stepwise_calibrati
 from models import digits
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
+from models.finetune import attach_targets, merge_targets
 from models.repository import ModelCard, ModelRepository
 from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
 from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
-from models.finetune import attach_targets, merge_targets
 from models.zo import (
     EstimateNoise,
     ZOOptimizer,

@@ -70,7 +70,7 @@ class NpzData(BaseModel):
 
 
 def _eps(value: Any) -> float | str:
-    """"auto" or a finite number in [1e-7, 1] (one error, located at `eps`)."""
+    """ "auto" or a finite number in [1e-7, 1] (one error, located at `eps`)."""
     if value == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, int | float):

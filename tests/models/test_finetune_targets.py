@@ -43,8 +43,11 @@ def test_target_expressions_parse_to_a_canonical_form_and_bad_ones_say_what_exis
     assert parse_targets("readout+input+lora4") == (["input", "readout", "lora"], 4)
     assert canonical_targets("readout_and_norm") == "norm+readout"
     assert canonical_targets("lora2 + input") == "input+lora2"
-    for bad, message in (("everything", "unknown target"), ("lora0", "unknown target"),
-                         ("lora99", "lora rank")):  # fmt: skip
+    for bad, message in (
+        ("everything", "unknown target"),
+        ("lora0", "unknown target"),
+        ("lora99", "lora rank"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_targets(bad)
 
@@ -87,9 +90,7 @@ def test_the_input_adapter_is_an_affine_map_of_the_inputs() -> None:
         assert torch.allclose(model(x)[0], expected, atol=1e-5)
         merge_targets(model)
         assert torch.allclose(model(x)[0], expected, atol=1e-5)
-    assert [n for n, _ in model.named_parameters()] == [
-        n for n, _ in reference.named_parameters()
-    ]
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
 
 
 def test_adapters_hold_no_copy_of_the_base_parameters() -> None:
@@ -139,8 +140,9 @@ def test_a_trajectory_over_adapters_replays_to_the_same_weights() -> None:
     tuned = attach_targets(model, "input+lora2+readout")
     config = ZOConfig(eps=1e-2, n_perturbations=2)
     optimizer = ZOOptimizer(tuned, config)
-    trajectory = Trajectory(BaseReference("toy", "1", "0" * 64), config, "input+lora2+readout",
-                            optimizer.names)  # fmt: skip
+    trajectory = Trajectory(
+        BaseReference("toy", "1", "0" * 64), config, "input+lora2+readout", optimizer.names
+    )
     x, labels = _batch()
     for step in range(5):
         result = optimizer.step([2 * step, 2 * step + 1], lambda _: _loss(model, x, labels), 0.05)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from calibration import fit_stepwise_calibration
 from models.architectures import build_model, config_to_dict
+from models.finetune import attach_targets
 from models.repository import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -35,7 +36,6 @@ from models.trajectory import (
     tensor_digest,
 )
 from models.trajectory_publish import export_safetensors_version, publish_trajectory_version
-from models.finetune import attach_targets
 from models.zo import ZOConfig, ZOOptimizer
 from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.forward import BackendForward

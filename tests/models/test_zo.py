@@ -263,9 +263,7 @@ def test_readout_and_norm_picks_the_head_and_the_norms_of_each_architecture() ->
 
 def test_all_is_every_parameter_in_order() -> None:
     model = _lru()
-    assert [n for n, _ in attach_targets(model, "all")] == [
-        n for n, _ in model.named_parameters()
-    ]
+    assert [n for n, _ in attach_targets(model, "all")] == [n for n, _ in model.named_parameters()]
     with pytest.raises(ValueError, match="unknown target"):
         attach_targets(model, "everything")
 

@@ -51,8 +51,9 @@ def test_the_defaults() -> None:
 def test_an_input_adapter_job_adapts_a_model_to_inverted_inputs_and_keeps_its_best_checkpoint(
     repo,
 ) -> None:
-    spec = FinetuneSpec(model="tiny", data=INVERTED, steps=300, eval_every=50,
-                        parameters="input", lr=0.05)  # fmt: skip
+    spec = FinetuneSpec(
+        model="tiny", data=INVERTED, steps=300, eval_every=50, parameters="input", lr=0.05
+    )
     result = run_finetune(spec, repo)
     assert result.after.accuracy > result.before.accuracy + 0.05, (result.before, result.after)
     assert result.tuned_parameters == 2 * 8  # a scale and a bias per input feature
@@ -73,8 +74,9 @@ def test_an_input_adapter_job_adapts_a_model_to_inverted_inputs_and_keeps_its_be
 
 
 def test_chip_in_the_loop_picks_eps_above_the_noise_floor(repo) -> None:
-    spec = FinetuneSpec(model="tiny", data=INVERTED, backend="analog_imc", steps=2,
-                        batch_size=16, eval_every=1)  # fmt: skip
+    spec = FinetuneSpec(
+        model="tiny", data=INVERTED, backend="analog_imc", steps=2, batch_size=16, eval_every=1
+    )
     result = run_finetune(spec, repo)
     assert result.noise_floor > 0.0  # the chip's read noise and quantisation
     assert result.eps in EPS_CANDIDATES
@@ -85,8 +87,9 @@ def test_chip_in_the_loop_picks_eps_above_the_noise_floor(repo) -> None:
 
 def test_a_job_can_tune_low_rank_adapters_and_every_parameter_too(repo) -> None:
     for parameters in ("input+lora2", "all"):
-        spec = FinetuneSpec(model="tiny", data=INVERTED, steps=6, eval_every=3,
-                            parameters=parameters)  # fmt: skip
+        spec = FinetuneSpec(
+            model="tiny", data=INVERTED, steps=6, eval_every=3, parameters=parameters
+        )
         result = run_finetune(spec, repo)
         assert result.status == "completed" and result.tuned_parameters > 0
         repo.load("tiny", result.version)  # replays and checks its digest
