@@ -57,7 +57,7 @@ VOLUME ["/models"]
 USER neuroserve
 WORKDIR /home/neuroserve
 # 8000: the HTTP API and /metrics; 9100: /metrics of `neuroserve worker`.
-EXPOSE 8000 9100
+EXPOSE 8000 8001 9100
 
 # slim images have no curl: probe with the interpreter that is there anyway.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

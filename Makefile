@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.neuroserve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the integration tests run for real: Redis (state store, job queue) and
-# Prometheus (promtool rule tests, a live scrape test).
-TEST_APT_PACKAGES ?= redis-server prometheus
+# Debian packages the integration tests run for real: Redis (state store, job queue),
+# Prometheus (promtool rule tests, a live scrape test) and Chromium (renders /docs headless).
+TEST_APT_PACKAGES ?= redis-server prometheus chromium
 
 .PHONY: install serve test test-all lint bench system-deps clean
 

@@ -5,12 +5,13 @@
 
 For both built-in classifiers, one batch of digits test images (8 steps each) runs through
 every backend's `runner.run` (the serving path of a stateless prediction): torch, onnxruntime,
-the simulated PCM crossbar (analog_imc: crossbar reads with fresh noise on every call, step by
-step), the stochastic sampler (16 weight samples as parallel chains) and, unless
---no-bitstream, stochastic computing on 1024-bit bitstreams. Preparation (ONNX export,
-programming the chip, drawing weight samples) is timed once, apart. Runs are interleaved
-over `--repeats` rounds after a warm-up round and the fastest round is reported: on a shared
-machine the slower rounds measure the other load, not the backend.
+the simulated PCM crossbar (analog_imc: the chip read once per inference time, fresh output
+noise on every crossbar call, step by step), the stochastic sampler (16 weight samples as
+parallel chains) and, unless --no-bitstream, stochastic computing on 1024-bit bitstreams.
+Preparation (ONNX export, programming the chip, drawing weight samples) is timed once,
+apart. Runs are interleaved over `--repeats` rounds after a warm-up round and the fastest
+round is reported: on a shared machine the slower rounds measure the other load, not the
+backend.
 """
 
 from __future__ import annotations

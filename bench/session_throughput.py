@@ -292,10 +292,17 @@ def server(command: list[str], env: dict[str, str], port: int, log: Path) -> Ite
 
 def base_env(**extra: str) -> dict[str, str]:
     """This environment without NEUROSERVE_* settings, one thread per process, and this
-    checkout first on the import path (servers run its code, not an installed copy)."""
+    checkout first on the import path (servers run its code, not an installed copy). The
+    servers serve HTTP only: these rows measure HTTP, and the gRPC port may be taken."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
     path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
+    return {
+        **env,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": path,
+        "NEUROSERVE_GRPC_ENABLED": "false",
+        **extra,
+    }
 
 
 def check_workers_supported(workers: int) -> None:
@@ -406,9 +413,10 @@ def create_sessions(port: int, path: str, body: dict, count: int) -> list[str]:
     return ids
 
 
-def check_answers(url: str, body: bytes) -> None:
+def check_answers(url: str, body: bytes, headers: dict[str, str] | None = None) -> None:
     """One request before the load: a refused body fails here, with the server's reason."""
-    answer = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    answer = httpx.post(url, content=body, headers=sent, timeout=60)
     if not answer.is_success:
         raise RuntimeError(f"POST {url}: HTTP {answer.status_code}: {answer.text[:500]}")
 

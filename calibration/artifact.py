@@ -40,7 +40,7 @@ from torch import Tensor
 
 from calibration.checks import ArrayLike, as_labels, as_logits, check_alpha
 from calibration.conformal import SplitConformal
-from calibration.maps import CalibrationMap, fit_best_map, map_from_dict
+from calibration.maps import MAP_CANDIDATES, CalibrationMap, fit_best_map, map_from_dict
 from calibration.metrics import calibration_report
 from calibration.quantile import quantile_at_level
 from calibration.scores import SCORE_NAMES, ConformityScore, make_score, tune_raps
@@ -278,8 +278,10 @@ def fit_calibration_artifact(
     tune_fraction: float = DEFAULT_TUNE_FRACTION,
     raps_alpha: float = DEFAULT_RAPS_ALPHA,
     created: str | None = None,
+    map_candidates: tuple[str, ...] = MAP_CANDIDATES,
 ) -> CalibrationArtifact:
-    """Fit the map, tune RAPS and store every score's calibration scores.
+    """Fit the map (the best of `map_candidates`), tune RAPS and store every score's
+    calibration scores.
 
     logits [N, C] must come from the same (model, version, backend) the artifact is for, on
     labelled calibration data the model was not trained on.
@@ -300,7 +302,7 @@ def fit_calibration_artifact(
     order = torch.randperm(n_total, generator=generator)  # [N]
     tune, held = order[:n_tune], order[n_tune:]
 
-    selection = fit_best_map(logits[tune], labels[tune], seed=seed)
+    selection = fit_best_map(logits[tune], labels[tune], seed=seed, candidates=map_candidates)
     calibration_map = selection.map
     tune_probs = calibration_map.apply(logits[tune])  # [n_tune, C]
     raps = tune_raps(tune_probs, labels[tune], raps_alpha)

@@ -96,12 +96,17 @@ def held_out_losses(
     return losses
 
 
+# Simplest first. identity and temperature keep every argmax (the model's own decisions);
+# vector scaling may change some of them.
+MAP_CANDIDATES = ("identity", "temperature", "vector_scaling")
+
+
 def fit_best_map(
     logits: ArrayLike,
     labels: ArrayLike,
     n_folds: int = 5,
     seed: int = 0,
-    candidates: tuple[str, ...] = ("identity", "temperature", "vector_scaling"),
+    candidates: tuple[str, ...] = MAP_CANDIDATES,
 ) -> MapSelection:
     """Pick the candidate with the lowest cross-validated NLL and refit it on all the data.
 

@@ -42,6 +42,7 @@ from calibration.artifact import (
     fit_calibration_artifact,
 )
 from calibration.checks import ArrayLike, as_labels
+from calibration.maps import MAP_CANDIDATES
 
 POSITIONAL_FORMAT = 2
 SERVING_KEY = "serving"
@@ -241,8 +242,10 @@ def fit_positional_calibration(
     tune_fraction: float = DEFAULT_TUNE_FRACTION,
     raps_alpha: float = DEFAULT_RAPS_ALPHA,
     created: str | None = None,
+    map_candidates: tuple[str, ...] = MAP_CANDIDATES,
 ) -> PositionalCalibration:
-    """One artifact per bucket from that bucket's logits [N_k, C] and labels [N_k].
+    """One artifact per bucket from that bucket's logits [N_k, C] and labels [N_k]; each
+    bucket's map is the best of `map_candidates` (identity and temperature keep argmaxes).
 
     Each bucket's examples must be exchangeable with the answers served at its positions
     (e.g. for a classifier, the logits after exactly that many steps).
@@ -267,6 +270,7 @@ def fit_positional_calibration(
                     tune_fraction=tune_fraction,
                     raps_alpha=raps_alpha,
                     created=created,
+                    map_candidates=map_candidates,
                 )
             )
         except ValueError as error:

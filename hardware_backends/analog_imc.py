@@ -6,8 +6,18 @@ per (model, seed, device config) -- programming noise and drift exponents are dr
 when a chip is written -- and returns a runner that evaluates the model at ``t_inference``
 seconds after programming. While the runner executes, a torch-function mode routes those
 ``F.linear`` calls to the crossbars; recurrences, norms, nonlinearities, convolutions and
-embedding lookups stay digital. Each crossbar call draws fresh read and output noise from the
-runner's seeded generator, so a runner replays the same numbers for the same calls.
+embedding lookups stay digital.
+
+The chip is read once per inference time: drift and the accumulated 1/f read noise are one
+draw per (chip seed, t_inference, matrix), so every runner at that time multiplies with the
+same conductances, and a sequence's result does not depend on what else shares its batch.
+Only the output noise of the periphery is drawn per crossbar call, from the runner's seeded
+stream, so a runner replays the same numbers for the same calls.
+
+The weight mapping (option ``weight_mapping``) is "rescaled" by default: each tile computes
+with its weights normalised to max |w| = 1 (aihwkit's ``weight_scaling_omega = 1``, not
+aihwkit's default); "raw" computes in the weights' own units as aihwkit does by default
+(``weight_scaling_omega = 0``), where output noise and the ADC weigh far more.
 
 Usage prices the crossbar MACs with the PCM chip's figure (`energy.ANALOG_PCM`) and the
 remaining digital work of the step with the FP32 figure.
@@ -74,7 +84,9 @@ _Fraction = pydantic.confloat(ge=0.0, le=1.0)
 
 
 class AnalogIMCOptions(BackendOptions):
-    """Request/session options; device knobs left out keep the backend's configured values."""
+    """Request/session options. t_inference, drift_compensation, seed and weight_mapping
+    always apply (their defaults when left out); the device knobs left out (None) keep the
+    backend's configured values."""
 
     t_inference: _NonNegative = 0.0
     drift_compensation: bool = True
@@ -88,6 +100,10 @@ class AnalogIMCOptions(BackendOptions):
     inp_res: pydantic.confloat(ge=0.0, lt=1.0) | None = None
     out_res: pydantic.confloat(ge=0.0, lt=1.0) | None = None
     weight_scaling: Literal["tile", "column"] | None = None
+    # The units the tiles compute in. "rescaled" (the default): each tile's weights normalised
+    # to max |w| = 1 and the abs-max applied digitally (aihwkit weight_scaling_omega = 1, not
+    # aihwkit's default); "raw": the weights' own units (aihwkit's default omega = 0).
+    weight_mapping: Literal["rescaled", "raw"] = "rescaled"
     tile_size: pydantic.conint(ge=1, le=4096) | None = None
 
 
@@ -192,16 +208,31 @@ class AnalogIMCBackend:
         weights = find_linear_weights(snapshot)
         key = (model_key, weights_fingerprint(weights), config.seed, config.crossbar, config.pcm)
         chip = self._chips.get(key, lambda: program_model(weights, config))
-        read_stream = derived_generator(config.seed, f"read:{config.t_inference!r}")
-        engines = {
-            name: AnalogMatmul(
-                chip[name],
-                config.crossbar,
-                config.pcm,
-                config.t_inference,
-                config.drift_compensation,
-                read_stream,
-            )
-            for name in sorted(weights)
-        }
-        return AnalogIMCRunner(snapshot, engines, config)
+        return chip_runner(snapshot, chip, config)
+
+    def config_for(self, options: dict | None) -> AnalogIMCConfig:
+        """The chip configuration that `options` ask for (validated)."""
+        return config_from_options(self.config, parse_options(self.name, AnalogIMCOptions, options))
+
+
+def chip_runner(
+    model: StatefulModel, chip: dict[str, ProgrammedCrossbar], config: AnalogIMCConfig
+) -> AnalogIMCRunner:
+    """`model` with each programmed weight read from `chip` at `config.t_inference`. The
+    model is used as it is, not copied: the caller decides whether it is a snapshot (serving)
+    or the live weights (chip-in-the-loop tuning)."""
+    # Output noise: one stream per runner. Read noise: one draw per (chip, t, matrix).
+    output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
+    engines = {
+        name: AnalogMatmul(
+            chip[name],
+            config.crossbar,
+            config.pcm,
+            config.t_inference,
+            config.drift_compensation,
+            output_stream,
+            read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
+        )
+        for name in sorted(chip)
+    }
+    return AnalogIMCRunner(model, engines, config)

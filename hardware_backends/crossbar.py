@@ -1,20 +1,35 @@
 """A tiled analog matrix-vector multiply on PCM crossbars, with DAC/ADC periphery.
 
 A weight matrix W [out, in] is cut into tiles of at most ``tile_rows`` inputs x ``tile_cols``
-outputs. Each tile stores its block, normalised to |w| <= 1 by a per-tile (or per-column)
-scale, as differential conductance pairs w = (G+ - G-)/g_max: the positive part of a weight on
-G+, the negative part on G-, the other device at 0. One multiply then runs, per tile:
+outputs. Each tile stores its block as differential conductance pairs: the block is divided
+by its abs-max (per tile, or per column of a tile) so that the largest weight sits at g_max,
+the positive part of a weight goes on G+, the negative part on G-, the other device at 0.
+
+What the analog multiply then computes in depends on the weight mapping (``weight_mapping``):
+
+- "rescaled" (the default; aihwkit's ``mapping.weight_scaling_omega = 1``): the tile computes
+  with the normalised weights w = (G+ - G-)/g_max in [-1, 1] and the abs-max is applied
+  digitally after the ADC. Output noise and the ADC act on outputs of full-scale weights.
+- "raw" (aihwkit's default, ``weight_scaling_omega = 0``): the tile computes with the weights
+  in their own units, w = abs-max · (G+ - G-)/g_max, and nothing is rescaled digitally, so
+  output noise and the ADC act in raw weight units (for small weights, much larger relative
+  error).
+
+One multiply then runs, per tile:
 
     input x --noise management (divide by abs-max)--> DAC (quantise, clip to ±inp_bound)
-      --> crossbar (Ohm + Kirchhoff: y = W_read x, with W_read a fresh noisy read)
+      --> crossbar (Ohm + Kirchhoff: y = W_read x)
       --> + output noise --> ADC (quantise, clip to ±out_bound)
       --> bound management (if any output clipped, halve the input and try again)
-      --> digital: undo the input scaling, times the tile's weight scale and drift factor
+      --> digital: undo the input scaling, times the tile's digital scale and drift factor
 
 and the partial results of the tiles along the input dimension are summed digitally.
+W_read is the array as read at the inference time: drift and the accumulated 1/f read noise
+are drawn once per (chip, inference time), as the device model has them; only the output
+noise is drawn afresh on every multiply.
 The periphery follows IBM aihwkit's inference defaults (``InferenceRPUConfig``): 7-bit signed
 DAC (resolution 1/126 of the full range), ADC resolution 1/510 with bound 12, output noise
-0.06 (all in normalised units), abs-max noise management, iterative bound management.
+0.06, abs-max noise management, iterative bound management.
 
 Global drift compensation follows aihwkit's ``GlobalDriftCompensation``: right after
 programming, and again at the inference time, the tile is read through its full noisy forward
@@ -39,6 +54,7 @@ from hardware_backends.pcm_model import (
 )
 
 WEIGHT_SCALINGS = ("tile", "column")
+WEIGHT_MAPPINGS = ("rescaled", "raw")
 NOISE_MANAGEMENTS = ("abs_max", "none")
 BOUND_MANAGEMENTS = ("iterative", "none")
 
@@ -50,6 +66,7 @@ class CrossbarConfig:
     tile_rows: int = 512  # inputs (word lines) per tile
     tile_cols: int = 512  # outputs (bit lines) per tile
     weight_scaling: str = "tile"  # one scale per tile, or one per column of a tile
+    weight_mapping: str = "rescaled"  # analog units: normalised to max|w| = 1, or raw weights
     inp_res: float = 1.0 / 126.0  # DAC step as a fraction of the range 2·inp_bound; 0 = exact
     inp_bound: float = 1.0
     out_res: float = 1.0 / 510.0  # ADC step as a fraction of the range 2·out_bound; 0 = exact
@@ -80,6 +97,7 @@ class CrossbarConfig:
             raise ValueError(f"CrossbarConfig.out_noise must be >= 0, got {self.out_noise!r}")
         choices = {
             "weight_scaling": WEIGHT_SCALINGS,
+            "weight_mapping": WEIGHT_MAPPINGS,
             "noise_management": NOISE_MANAGEMENTS,
             "bound_management": BOUND_MANAGEMENTS,
         }
@@ -127,10 +145,14 @@ class TileLayout:
 
     def per_column(self, per_tile: Tensor) -> Tensor:
         """[K, col_tiles] -> [K, out]: each tile's value repeated over its columns."""
+        if self.col_tiles == 1:
+            return per_tile.expand(per_tile.shape[0], self.out_features)
         return per_tile.repeat_interleave(self.cols, dim=1)[:, : self.out_features]
 
     def tile_any(self, flags: Tensor) -> Tensor:
         """[..., out] booleans -> [..., col_tiles]: whether any column of a tile is set."""
+        if self.col_tiles == 1:
+            return flags.any(dim=-1, keepdim=True)
         pad = self.col_tiles * self.cols - self.out_features
         if pad:
             flags = torch.nn.functional.pad(flags, (0, pad))
@@ -169,17 +191,52 @@ def dense_weight(blocks: Tensor, scale: Tensor, layout: TileLayout) -> Tensor:
 
 
 def _analog_pass(
-    x: Tensor, weights: Tensor, config: CrossbarConfig, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """DAC -> crossbar -> output noise -> ADC. x [R, K, rows], weights [K, out, rows]
-    -> (y [R, K, out] clipped to ±out_bound, which outputs clipped)."""
-    x_dac = quantize(x, config.inp_res, config.inp_bound).clamp(-config.inp_bound, config.inp_bound)
-    y = torch.bmm(x_dac.transpose(0, 1), weights.transpose(1, 2)).transpose(0, 1)  # [R, K, out]
+    x: Tensor,
+    reduction: float,
+    weights: Tensor,
+    config: CrossbarConfig,
+    generator: torch.Generator,
+    overwrite_input: bool = False,
+) -> tuple[Tensor, float, Tensor | None]:
+    """DAC -> crossbar -> output noise -> ADC on the inputs x / reduction.
+
+    x [R, K, rows] (noise-managed), weights [K, out, rows] -> (y [R, K, out] clipped to
+    ±out_bound, in units of the returned float; which outputs clipped [R, K, out], or None
+    when none did). The same arithmetic as quantise-then-multiply, counted in DAC and ADC
+    steps so that each element is touched as few times as possible: W·(n·step) = step·(W·n)
+    for integer n. The input is divided exactly as the reference does (an input at the
+    bound halved lands on a rounding tie, so the order of operations matters); with
+    `overwrite_input` x itself is turned into DAC steps.
+    """
+    if reduction != 1.0:
+        x, overwrite_input = x / reduction, True
+    dac_step = config.inp_res * 2.0 * config.inp_bound
+    if dac_step > 0:
+        levels = config.inp_bound / dac_step
+        x_dac = x.div_(dac_step) if overwrite_input else x / dac_step
+        x_dac = x_dac.round_().clamp_(-levels, levels)  # DAC steps
+        unit = dac_step
+    else:
+        x_dac = x.clamp(-config.inp_bound, config.inp_bound)
+        unit = 1.0
+    if weights.shape[0] == 1:  # one row tile: a plain matmul, no batched transposes
+        y = (x_dac[:, 0] @ weights[0].T).unsqueeze(1)  # [R, 1, out], in units of `unit`
+    else:
+        y = torch.bmm(x_dac.transpose(0, 1), weights.transpose(1, 2)).transpose(0, 1)
     if config.out_noise > 0:
-        y = y + config.out_noise * torch.randn(y.shape, generator=generator, dtype=y.dtype)
-    y = quantize(y, config.out_res, config.out_bound)
-    clipped = y.abs() > config.out_bound  # [R, K, out]
-    return y.clamp(-config.out_bound, config.out_bound), clipped
+        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype)  # [R, K, out]
+        y = y.add_(noise, alpha=config.out_noise / unit)
+    adc_step = config.out_res * 2.0 * config.out_bound
+    if adc_step > 0:
+        y = y.mul_(unit / adc_step).round_()  # ADC steps
+        unit = adc_step
+    bound = config.out_bound / unit
+    low, high = torch.aminmax(y)
+    clipped = None
+    if float(high) > bound or float(low) < -bound:
+        clipped = y.abs() > bound  # [R, K, out]
+        y = y.clamp_(-bound, bound)
+    return y, unit, clipped
 
 
 def _largest_input_reduction(config: CrossbarConfig) -> float:
@@ -199,7 +256,7 @@ def tile_mvm(
 ) -> Tensor:
     """Per-tile analog products with noise and bound management, in the units of x.
 
-    x [R, K, rows] (inputs split over row tiles), weights [K, out, rows] (normalised)
+    x [R, K, rows] (inputs split over row tiles), weights [K, out, rows] (in analog units)
     -> [R, K, out]: each row tile's partial product, before the digital weight scale.
     """
     if config.noise_management == "abs_max":
@@ -207,28 +264,37 @@ def tile_mvm(
         nm = torch.where(nm > 0, nm, torch.ones_like(nm))
     else:
         nm = torch.ones_like(x[..., :1])
-    x_managed = x / nm  # [R, K, rows]
 
-    if config.bound_management == "none":
-        y, _ = _analog_pass(x_managed, weights, config, generator)
-        return y * nm
+    # The first pass may overwrite its managed input: it is rebuilt if bound management
+    # needs it again.
+    y, unit, clipped = _analog_pass(x / nm, 1.0, weights, config, generator, True)
+    if config.bound_management == "none" or clipped is None:
+        return y.mul_(nm * unit)
 
-    # Iterative bound management (aihwkit): a tile whose ADC clipped reruns with the input
-    # halved, until it fits or the input would sink below max_bm_res DAC steps.
+    # Iterative bound management (aihwkit): the inputs of a tile whose ADC clipped are
+    # halved and run again, until they fit or would sink below max_bm_res DAC steps. Only
+    # the rows with a pending tile are run again, as the chip reruns only those vectors.
     give_up_above = _largest_input_reduction(config)
-    result = torch.zeros(x.shape[0], x.shape[1], layout.out_features, dtype=x.dtype)
-    pending = torch.ones(x.shape[0], x.shape[1], layout.col_tiles, dtype=torch.bool)
+    result = y.mul_(unit)  # [R, K, out]; the clipped tiles are replaced below
+    if give_up_above < 1.0:  # not even one halving allowed: keep the clipped outputs
+        return result.mul_(nm)
+    x_managed = x / nm  # [R, K, rows]
+    pending = layout.tile_any(clipped)  # [R, K, col_tiles]
     reduction = 1.0
     while True:
-        y, clipped = _analog_pass(x_managed / reduction, weights, config, generator)
-        forced = reduction > give_up_above
-        accept = pending if forced else pending & ~layout.tile_any(clipped)  # [R, K, col_tiles]
-        accept_cols = layout.per_column(accept.flatten(0, 1).float()).view_as(y) > 0
-        result = torch.where(accept_cols, y * reduction, result)
-        pending = pending & ~accept
-        if forced or not pending.any():
-            return result * nm
+        rows = pending.flatten(1).any(dim=1).nonzero().squeeze(1)  # [P] rows still pending
+        if rows.numel() == 0:
+            return result.mul_(nm)
         reduction *= 2.0
+        y, unit, clipped = _analog_pass(x_managed[rows], reduction, weights, config, generator)
+        waiting = pending[rows]  # [P, K, col_tiles]
+        if reduction > give_up_above or clipped is None:
+            accept = waiting
+        else:
+            accept = waiting & ~layout.tile_any(clipped)
+        accept_cols = layout.per_column(accept.flatten(0, 1)).view_as(y)  # [P, K, out]
+        result[rows] = torch.where(accept_cols, y.mul_(unit * reduction), result[rows])
+        pending[rows] = waiting & ~accept
 
 
 def reference_tile_mvm(
@@ -273,10 +339,24 @@ class ProgrammedCrossbar:
     """One weight matrix written to PCM tiles: fixed once programmed (the chip is written once)."""
 
     layout: TileLayout
-    scale: Tensor  # [K, out] digital weight scale (normalised weight -> real weight)
+    scale: Tensor  # [K, out] abs-max of each block (normalised weight -> real weight)
     positive: ProgrammedDevices  # G+ devices, [K, out, rows] µS
     negative: ProgrammedDevices  # G- devices, [K, out, rows] µS
     reference_readout: Tensor | None  # [K, col_tiles] drift-compensation baseline, or None
+
+
+def analog_units(normalised: Tensor, scale: Tensor, config: CrossbarConfig) -> Tensor:
+    """Normalised tile weights [K, out, rows] in the units the tile computes in."""
+    if config.weight_mapping == "raw":
+        return normalised * scale.unsqueeze(-1)
+    return normalised
+
+
+def digital_scale(scale: Tensor, config: CrossbarConfig) -> Tensor:
+    """The digital factor [K, out] applied after the ADC: the abs-max when rescaled, else 1."""
+    if config.weight_mapping == "raw":
+        return torch.ones_like(scale)
+    return scale
 
 
 def program_crossbar(
@@ -301,14 +381,17 @@ def program_crossbar(
     reference = None
     if with_drift_reference:
         programmed = (positive.g_programmed - negative.g_programmed) / pcm.g_max
-        reference = probe_readout(programmed, layout, config, generator)
+        reference = probe_readout(
+            analog_units(programmed, scale, config), layout, config, generator
+        )
     return ProgrammedCrossbar(layout, scale, positive, negative, reference)
 
 
 def read_weights(
     crossbar: ProgrammedCrossbar, t_inference: float, pcm: PCMConfig, generator: torch.Generator
 ) -> Tensor:
-    """One noisy read of the normalised weights at ``t_inference``: [K, out, rows]."""
+    """The normalised weights as read at ``t_inference`` (one draw of the accumulated read
+    noise): [K, out, rows]."""
     g_plus = read_conductance(crossbar.positive, t_inference, pcm, generator)
     g_minus = read_conductance(crossbar.negative, t_inference, pcm, generator)
     return (g_plus - g_minus) / pcm.g_max
@@ -337,9 +420,12 @@ def probe_readout(
 class AnalogMatmul:
     """``F.linear`` on a programmed crossbar at a fixed time since programming.
 
-    Each call reads the conductances afresh (1/f read noise) and pays the periphery's noise;
-    the drift-compensation factor is measured once here, as the chip would after waking up.
-    Counts the multiply-accumulates it executed in ``macs``.
+    The chip is read at ``t_inference`` once, here: drift and the accumulated 1/f read noise
+    belong to (chip, inference time), as in the device model, so every call multiplies with
+    the same conductances and a row's result never depends on the other rows of its batch
+    or on the calls before it, except through the output noise, which is drawn afresh per
+    call from ``generator``. The drift-compensation factor is measured once here too, as the
+    chip would after waking up. Counts the multiply-accumulates it executed in ``macs``.
     """
 
     def __init__(
@@ -350,23 +436,25 @@ class AnalogMatmul:
         t_inference: float,
         drift_compensation: bool,
         generator: torch.Generator,
+        read_generator: torch.Generator | None = None,
     ) -> None:
         self.crossbar, self.config, self.pcm = crossbar, config, pcm
         self.t_inference = float(t_inference)
         self.generator = generator
         self.macs = 0
         layout = crossbar.layout
+        read = read_weights(crossbar, self.t_inference, pcm, read_generator or generator)
+        self.read_normalised = read  # [K, out, rows], the array as read at t_inference
+        self.weights = analog_units(read, crossbar.scale, config)  # [K, out, rows]
         alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
         if drift_compensation:
             if crossbar.reference_readout is None:
                 raise ValueError("drift compensation needs a crossbar programmed with a reference")
-            now = probe_readout(self.read(), layout, config, generator)
+            now = probe_readout(self.weights, layout, config, generator)
             alpha = crossbar.reference_readout / now
         self.alpha = alpha
-        self.output_scale = crossbar.scale * layout.per_column(alpha)  # [K, out]
-
-    def read(self) -> Tensor:
-        return read_weights(self.crossbar, self.t_inference, self.pcm, self.generator)
+        digital = digital_scale(crossbar.scale, config)  # [K, out]
+        self.output_scale = digital * layout.per_column(alpha)  # [K, out]
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         layout = self.crossbar.layout
@@ -377,9 +465,12 @@ class AnalogMatmul:
         lead = x.shape[:-1]
         rows = x.reshape(-1, layout.in_features).float()  # [R, in]
         partial = tile_mvm(
-            layout.split_inputs(rows), self.read(), layout, self.config, self.generator
-        )
-        y = (partial * self.output_scale).sum(dim=1)  # [R, out], digital sum over row tiles
+            layout.split_inputs(rows), self.weights, layout, self.config, self.generator
+        )  # [R, K, out]
+        if layout.row_tiles == 1:
+            y = partial[:, 0] * self.output_scale[0]  # [R, out]
+        else:
+            y = (partial * self.output_scale).sum(dim=1)  # [R, out], digital sum over row tiles
         self.macs += rows.shape[0] * layout.in_features * layout.out_features
         if bias is not None:
             y = y + bias

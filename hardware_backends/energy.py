@@ -18,6 +18,14 @@ We default to the four-phase figure: it is the mode the chip uses for near-float
 and it is the conservative one. A binary spike on a crossbar row still reads that row, so a
 spike-driven synaptic operation costs one analog MAC there.
 
+Stochastic computing (bitstreams) -- no per-operation figure is cited here. A bipolar
+stochastic multiply is one XNOR gate per bit of the stream (N = 1024 bits by default), and
+the stream generators (a comparator and a random or Sobol source per stream) cost more than
+the gates; the total depends on N and on the circuit. Until a measured figure is cited, the
+stochastic backend's bitstream mode prices a MAC with the FP32 figure above as a
+**placeholder** (`STOCHASTIC_BITSTREAM_PLACEHOLDER`): it is neither an upper nor a lower
+bound, only a number of the right kind so that usage reports stay comparable.
+
 Event-driven accounting
 -----------------------
 A layer whose inputs are spikes only does work for the inputs that spiked: each spike adds
@@ -88,6 +96,17 @@ ANALOG_PCM_ONE_PHASE = EnergyModel(
     mac_joules=joules_per_mac(HERMES_TOPS_PER_WATT_ONE_PHASE),
     accumulate_joules=joules_per_mac(HERMES_TOPS_PER_WATT_ONE_PHASE),
     source=LE_GALLO_NATELECTRON_2023,
+)
+
+
+STOCHASTIC_BITSTREAM_PLACEHOLDER = EnergyModel(
+    name="placeholder_fp32_mac_for_stochastic_bitstreams",
+    mac_joules=FP32_MAC_JOULES,
+    accumulate_joules=FP32_ACCUMULATE_JOULES,
+    source=(
+        "placeholder, no cited per-operation figure for a stochastic-computing MAC: the FP32 "
+        f"MAC figure of {HOROWITZ_ISSCC_2014}"
+    ),
 )
 
 

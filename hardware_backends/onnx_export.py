@@ -12,7 +12,8 @@ Complex states (LRU) are already real/imaginary pairs, so the graph is plain flo
 
 We use the TorchScript-based exporter (`dynamo=False`): the torch.export-based one needs the
 `onnxscript` package. It lacks two operators our architectures use, `expm1` and `rms_norm`;
-their ONNX translations are registered below (opset 17).
+their ONNX translations are registered below (opset 17); `expm1` keeps its precision for small
+arguments (no exp(x) - 1 cancellation).
 """
 
 from __future__ import annotations
@@ -36,27 +37,44 @@ from torch.onnx import symbolic_helper
 
 from models.files import staging_directory
 
+# The graph interface is one convention for exported and imported step graphs alike.
+from models.onnx_step import (
+    ACTIVITY_PREFIX,
+    INPUT_NAME,
+    LOGITS_NAME,
+    STATE_IN_PREFIX,
+    STATE_OUT_PREFIX,
+    OnnxStepModel,
+)
+
 if TYPE_CHECKING:
     from models.base import StatefulModel
 
 OPSET = 17
-INPUT_NAME = "x"
-LOGITS_NAME = "logits"
-STATE_IN_PREFIX = "state."
-STATE_OUT_PREFIX = "next_state."
-ACTIVITY_PREFIX = "activity."
 CACHE_DIR_ENV = "NEUROSERVE_ONNX_CACHE_DIR"
 GRAPH_FILE = "step.onnx"
 SPEC_FILE = "spec.json"
+# Part of every export's hash: bump it when a translation below changes what a graph holds
+# (2: exact expm1), so a cached graph from an older exporter is never reused.
+EXPORTER_REVISION = 2
 
 
 # ---- translations for operators the TorchScript exporter lacks --------------------------------
 
 
 def _expm1(g: Any, x: Any) -> Any:
-    # exp(x) - 1; only parameter expressions use it, and they are constant-folded at export.
-    one = g.op("Constant", value_t=torch.tensor(1.0, dtype=torch.float32))
-    return g.op("Sub", g.op("Exp", x), one)
+    # ONNX has no Expm1, and exp(x) - 1 cancels for small |x| (the LRU's sqrt(-expm1(-2·decay))
+    # for slow decays). Exactly: expm1(x) = 2·tanh(x/2) / (1 - tanh(x/2)), with no
+    # cancellation for |x| < 1; exp(x) - 1 elsewhere, where it has none either.
+    def constant(value: float) -> Any:
+        return g.op("Constant", value_t=torch.tensor(value, dtype=torch.float32))
+
+    half_tanh = g.op("Tanh", g.op("Mul", x, constant(0.5)))
+    small = g.op(
+        "Div", g.op("Mul", half_tanh, constant(2.0)), g.op("Sub", constant(1.0), half_tanh)
+    )
+    large = g.op("Sub", g.op("Exp", x), constant(1.0))
+    return g.op("Where", g.op("Less", g.op("Abs", x), constant(1.0)), small, large)
 
 
 def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> Any:
@@ -154,6 +172,7 @@ def weights_hash(model: StatefulModel) -> str:
         "config": config_dict,
         "torch": torch.__version__,
         "opset": OPSET,
+        "exporter": EXPORTER_REVISION,
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
@@ -165,9 +184,12 @@ def weights_hash(model: StatefulModel) -> str:
 
 def export_onnx(model: StatefulModel, path: str | os.PathLike) -> OnnxStepSpec:
     """Export `model.step` to the ONNX file `path` (checked with onnx.checker) and return how
-    to call it. The model is exported in eval mode on CPU; the caller's model is not changed."""
-    _register_missing_operators()
+    to call it. The model is exported in eval mode on CPU; the caller's model is not changed.
+    An imported ONNX step model already is such a graph: its own bytes are written."""
     path = Path(path)
+    if isinstance(model, OnnxStepModel):
+        return _write_imported_graph(model, path)
+    _register_missing_operators()
     cpu_model = model if _on_cpu(model) else _cpu_copy(model)
     batch = 2  # not 1, so the tracer cannot fold the batch dimension into a broadcast
     example_state = cpu_model.init_state(batch)
@@ -208,6 +230,21 @@ def export_onnx(model: StatefulModel, path: str | os.PathLike) -> OnnxStepSpec:
         cpu_model.train(was_training)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return spec
+
+
+def _write_imported_graph(model: OnnxStepModel, path: Path) -> OnnxStepSpec:
+    """An imported graph follows this module's interface (checked at import): write it as is."""
+    path.write_bytes(model.graph_bytes())
+    config = model.config
+    return OnnxStepSpec(
+        input_kind="features",
+        d_input=int(config.d_input),
+        state_names=list(config.state),
+        state_shapes={name: list(shape) for name, shape in config.state.items()},
+        activity_names=sorted(config.activity),
+        opset=int(config.opset),
+        weights_hash=weights_hash(model),
+    )
 
 
 def _on_cpu(model: nn.Module) -> bool:

@@ -13,12 +13,19 @@ All conductances are in microsiemens (µS); ``g_T`` is the target conductance of
        σ_ν = clip(−0.0125·ln(g_T/g_max) − 0.0059, 0.008, 0.045)
 3. Read noise (1/f noise integrated from programming up to the read):
        g(t) = max(g_drift(t) · (1 + σ_read·N(0, 1)), 0)
-       σ_read = Q_s(g_T) · sqrt(ln((t + t0 + t_read)/(2·t_read))),
-       Q_s = min(0.0088 / max((g_T/g_max)^0.65, 1e-3), 0.2)
+       σ_read = Q_s(g_prog) · sqrt(ln((t + t0 + t_read)/(2·t_read))),
+       Q_s = min(0.0088 / max((g_prog/g_max)^0.65, 1e-3), 0.2)
 
-``t`` is the time since programming finished (aihwkit's ``t_inference``). aihwkit evaluates Q_s
-at the programmed conductance; we evaluate it at the target conductance as the published model
-states (the two differ by the programming error only, a fraction of a percent in σ_read).
+``t`` is the time since programming finished (aihwkit's ``t_inference``). Q_s belongs to the
+device as it is: it is evaluated at the conductance the device actually holds after
+programming (``g_prog``, as aihwkit's ``PCMLikeNoiseModel`` does), not at the target. The
+difference matters for stuck devices: a device stuck at g_max whose target was 0 holds g_max
+and reads with the small relative noise of g_max, not with the 0.2 cap of the reset state.
+
+The accumulated 1/f noise is one draw per (chip, t): it integrates the noise from programming
+up to the read, so repeated reads at the same inference time see the same value
+(`read_conductance` with the chip's read stream at that time; aihwkit's
+``drift_analog_weights(t)`` likewise draws it once per drift time).
 Optional stuck-at faults pin a random fraction of devices at 0 or at g_max; stuck devices
 neither follow programming nor drift, but are still read with noise.
 """
@@ -71,7 +78,7 @@ class PCMConfig:
             raise ValueError("PCMConfig stuck-at fractions add up to more than 1")
 
 
-# --- the published laws, as functions of the target conductance -------------------------------
+# --- the published laws, as functions of a device's conductance -------------------------------
 
 
 def programming_noise_std(g_target: Tensor, config: PCMConfig) -> Tensor:
@@ -99,9 +106,10 @@ def drift_factor_base(t_inference: float, config: PCMConfig) -> float:
     return (t_inference + config.t0) / config.t0
 
 
-def read_noise_relative_std(g_target: Tensor, t_inference: float, config: PCMConfig) -> Tensor:
-    """σ_read: relative std of the accumulated 1/f read noise at ``t_inference``."""
-    g_rel_pow = ((g_target / config.g_max).abs() ** 0.65).clamp(min=1e-3)
+def read_noise_relative_std(g_device: Tensor, t_inference: float, config: PCMConfig) -> Tensor:
+    """σ_read: relative std of the accumulated 1/f read noise at ``t_inference`` for devices
+    that hold ``g_device`` µS after programming (their actual conductance, stuck or not)."""
+    g_rel_pow = ((g_device / config.g_max).abs() ** 0.65).clamp(min=1e-3)
     q_s = (0.0088 / g_rel_pow).clamp(max=0.2)
     t = t_inference + config.t0
     bandwidth = math.log((t + config.t_read) / (2.0 * config.t_read))
@@ -164,9 +172,10 @@ def read_conductance(
     config: PCMConfig,
     generator: torch.Generator,
 ) -> Tensor:
-    """One read of the array at ``t_inference``: drift plus a fresh draw of 1/f read noise (µS)."""
+    """The array as read at ``t_inference``: drift plus one draw of the accumulated 1/f noise
+    (µS), whose std follows each device's actual (programmed or stuck) conductance."""
     g_drift = drifted_conductance(devices, t_inference, config)
-    sigma = read_noise_relative_std(devices.g_target, t_inference, config)
+    sigma = read_noise_relative_std(devices.g_programmed, t_inference, config)
     noise = torch.randn(g_drift.shape, generator=generator, dtype=g_drift.dtype)
     return (g_drift * (1.0 + sigma * noise)).clamp(min=0.0)
 

@@ -18,8 +18,9 @@ Two modes (option ``mode``):
 
 Like analog_imc, the backend routes the model's ``F.linear`` weights; everything else of the
 model stays digital. Usage prices sampled MACs as analog PCM MACs (they model stochastic
-analog devices). There is no cited energy figure for stochastic-computing gates in
-`energy.py`, so bitstream MACs are priced as digital FP32 MACs (an upper bound).
+analog devices). No per-operation energy figure for stochastic computing is cited in
+`energy.py`: bitstream MACs are priced with a placeholder, the FP32 MAC figure
+(`energy.STOCHASTIC_BITSTREAM_PLACEHOLDER`), which is neither an upper nor a lower bound.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from hardware_backends.crossbar import (
     program_crossbar,
     read_weights,
 )
-from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
+from hardware_backends.energy import ANALOG_PCM, STOCHASTIC_BITSTREAM_PLACEHOLDER
 from hardware_backends.pcm_model import PCMConfig
 from hardware_backends.routing import (
     RoutedRunner,
@@ -267,7 +268,9 @@ class StochasticBackend:
             engines = {
                 name: StochasticMatmul(w, config, source) for name, w in sorted(weights.items())
             }
-            return BitstreamRunner(snapshot, engines, DIGITAL_FP32, noisy_engines=True)
+            return BitstreamRunner(
+                snapshot, engines, STOCHASTIC_BITSTREAM_PLACEHOLDER, noisy_engines=True
+            )
 
         samples = parsed.samples or DEFAULT_SAMPLES
         engines = {}

@@ -39,6 +39,9 @@ SOURCES = ("random", "sobol")
 ACCUMULATIONS = ("count", "mux")
 # The "sobol" counting table has (N + 1)² int16 entries: 34 MB at N = 4096.
 MAX_STREAM_LENGTH = 4096
+# Both fast paths count per (row, output, input): rows are taken in chunks so that one such
+# intermediate holds at most this many entries (4 MiB at 4 bytes each), whatever the batch.
+MAX_CHUNK_ENTRIES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -141,14 +144,14 @@ def _random_matvec(x: Tensor, w: Tensor, source: BitSource, accumulation: str) -
         groups = torch.zeros(rows, n).scatter_add_(1, select, torch.ones(rows, length))  # [R, n]
     else:
         groups = torch.full((rows, n), float(length))  # [R, n]
-    p, q = to_probability(x).double(), to_probability(w).double()  # [R, n], [O, n]
-    groups = groups.double()
+    # Counts up to N = 4096 are exact in float32; float32 halves the [R, O, n] intermediates.
+    p, q = to_probability(x).float(), to_probability(w).float()  # [R, n], [O, n]
     x_ones = torch.binomial(groups, p, generator=generator)  # [R, n]
     x_ones = x_ones.unsqueeze(1).expand(rows, w.shape[0], n)  # [R, O, n]
     x_zeros = groups.unsqueeze(1).expand_as(x_ones) - x_ones  # [R, O, n]
     both_one = torch.binomial(x_ones, q.expand_as(x_ones), generator=generator)  # [R, O, n]
     both_zero = torch.binomial(x_zeros, (1.0 - q).expand_as(x_zeros), generator=generator)
-    return (both_one + both_zero).sum(dim=-1)  # [R, O] ones of all product bits taken
+    return (both_one + both_zero).sum(dim=-1).double()  # [R, O] ones of all product bits taken
 
 
 class _SobolCounts:
@@ -196,20 +199,34 @@ class _SobolCounts:
         base = flat[self.start * width + t].int()  # [O, n]
         at_m = flat[(self.start + m).unsqueeze(1) * width + t].int() - base  # [R, O, n]
         at_end = flat[(self.start + self.size) * width + t].int() - base  # [O, n]
-        xnor_ones = 2 * at_m + self.size - m.unsqueeze(1) - at_end  # [R, O, n]
+        xnor_ones = 2 * at_m + self.size - m.unsqueeze(1) - at_end  # [R, O, n] int32
         return xnor_ones.sum(dim=-1).double()  # [R, O]
 
 
-def sc_matvec(x: Tensor, w: Tensor, source: BitSource, accumulation: str) -> Tensor:
-    """Estimate x @ w.T by stochastic computing. x [R, n], w [O, n], entries in [-1, 1]."""
+def sc_matvec(
+    x: Tensor,
+    w: Tensor,
+    source: BitSource,
+    accumulation: str,
+    max_chunk_entries: int = MAX_CHUNK_ENTRIES,
+) -> Tensor:
+    """Estimate x @ w.T by stochastic computing. x [R, n], w [O, n], entries in [-1, 1].
+
+    Rows run in chunks whose [rows, O, n] intermediates hold at most `max_chunk_entries`
+    entries (at least one row at a time), so memory does not grow with the batch."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"need x [R, n] and w [O, n], got {list(x.shape)} and {list(w.shape)}")
     if accumulation not in ACCUMULATIONS:
         raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
+    rows_per_chunk = max(1, max_chunk_entries // max(1, w.shape[0] * w.shape[1]))
     if source.kind == "sobol":
-        ones = source.sobol_counts(x.shape[1], accumulation).ones(x, w)  # [R, O]
+        counts = source.sobol_counts(x.shape[1], accumulation)
+        parts = [counts.ones(chunk, w) for chunk in x.split(rows_per_chunk)]
     else:
-        ones = _random_matvec(x, w, source, accumulation)  # [R, O]
+        parts = [
+            _random_matvec(chunk, w, source, accumulation) for chunk in x.split(rows_per_chunk)
+        ]
+    ones = torch.cat(parts) if parts else torch.zeros(0, w.shape[0], dtype=torch.float64)  # [R, O]
     n, length = w.shape[1], source.length
     if accumulation == "mux":
         return (n * (2.0 * ones / length - 1.0)).float()  # n · (mux output in bipolar)

@@ -15,14 +15,23 @@ from typing import Any
 
 from models.base import StatefulModel
 from models.lru import LRUConfig, LRUModel
+from models.nir_graph import NIRGraphConfig, NIRGraphModel
+from models.onnx_step import OnnxStepConfig, OnnxStepModel
 from models.selective import SelectiveConfig, SelectiveModel
 from models.snn import SNNConfig, SNNModel
 
+# The built-in architectures: trainable with `neuroserve train`, buildable from defaults.
 ARCHITECTURES: dict[str, tuple[type, type]] = {
     "lru": (LRUConfig, LRUModel),
     "selective": (SelectiveConfig, SelectiveModel),
     "snn": (SNNConfig, SNNModel),
 }
+# Models made by `neuroserve import`: their config describes an imported graph.
+IMPORTED_ARCHITECTURES: dict[str, tuple[type, type]] = {
+    "nir": (NIRGraphConfig, NIRGraphModel),
+    "onnx-step": (OnnxStepConfig, OnnxStepModel),
+}
+_ALL = {**ARCHITECTURES, **IMPORTED_ARCHITECTURES}
 
 
 def _coerce(config_cls: type, name: str, value: Any, hint: Any) -> Any:
@@ -44,17 +53,21 @@ def _coerce(config_cls: type, name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{where} must be a string, got {value!r}")
         return value
+    if hint in (dict, list):  # structured JSON (an imported graph); the config checks it
+        if not isinstance(value, hint):
+            raise ValueError(f"{where} must be a JSON {hint.__name__}, got {type(value).__name__}")
+        return value
     raise TypeError(f"{where} has unsupported field type {hint!r}")  # a bug in a config class
 
 
 def build_config(architecture: str, model_config: Mapping[str, Any]) -> Any:
     """Validate a JSON-style dict into the architecture's config dataclass; missing keys take
     the defaults. Raises ValueError naming an unknown architecture, key or bad value."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}")
+    if architecture not in _ALL:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(_ALL)}")
     if not isinstance(model_config, Mapping):
         raise ValueError(f"model_config must be a dict, got {type(model_config).__name__}")
-    config_cls, _ = ARCHITECTURES[architecture]
+    config_cls, _ = _ALL[architecture]
     hints = typing.get_type_hints(config_cls)
     fields = [f.name for f in dataclasses.fields(config_cls)]
     unknown = sorted(set(model_config) - set(fields))
@@ -65,9 +78,9 @@ def build_config(architecture: str, model_config: Mapping[str, Any]) -> Any:
 
 
 def build_model(architecture: str, model_config: Mapping[str, Any]) -> StatefulModel:
-    """A freshly initialised model of `architecture` ("lru", "selective", "snn")."""
+    """A freshly initialised model of `architecture` (built-in or imported)."""
     config = build_config(architecture, model_config)
-    _, model_cls = ARCHITECTURES[architecture]
+    _, model_cls = _ALL[architecture]
     return model_cls(config)
 
 
@@ -81,7 +94,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def architecture_of(model: StatefulModel) -> str:
     """The registry name of a built-in model instance."""
-    for name, (_, model_cls) in ARCHITECTURES.items():
+    for name, (_, model_cls) in _ALL.items():
         if type(model) is model_cls:
             return name
     raise ValueError(f"{type(model).__name__} is not a registered architecture")

@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ from models.artifact_format import (
 )
 from models.base import StatefulModel
 from models.files import empty_directory, fsync_path, fsync_tree, staging_directory, write_synced
+from models.latest_pointer import LatestPointer, model_lock, read_pointer, write_pointer
 from models.trajectory import TRAJECTORY_FILE, is_trajectory_version, materialize_trajectory
 
 TASKS = ("classification", "language-model")
@@ -58,10 +61,16 @@ PUBLISHER_KEYS = ("architecture", "model_config", "task", "input", "provenance")
 REQUIRED_KEYS = ("name", "version", *PUBLISHER_KEYS, "weights_sha256", "state_schema_hash")
 PROVENANCE_KEYS = ("data_sha256", "seed", "command", "created", "torch_version")
 _TEMP_PREFIX = ".publishing-"
+_DELETING_PREFIX = ".deleting-"
 
 
 class ModelNotFoundError(LookupError):
     """An unknown model name or version; the message says what was asked and what exists."""
+
+
+class VersionConflictError(ValueError):
+    """A version change that would leave a model without a sound `latest` (deleting the
+    latest or only version, rolling back past the first): the message says what to do."""
 
 
 def default_repository_root() -> Path:
@@ -114,12 +123,28 @@ class ModelRepository:
         return list(versions)
 
     def latest(self, name: str) -> str:
+        """The version a request without one gets: the pointer's (`models.latest_pointer`),
+        else the highest."""
         versions = self.versions(name)
         if not versions:
             raise ModelNotFoundError(
                 f"no model named {name!r} in {self.root}; available: {self.list_models()}"
             )
+        pointer = read_pointer(self.root / name)
+        if pointer is not None and pointer.latest in versions:
+            return pointer.latest
         return versions[-1]
+
+    def pointer(self, name: str) -> LatestPointer:
+        """Latest, the promotion history and deleted numbers (implicit ones for a model
+        without a pointer file: every version promoted in turn)."""
+        versions = self.versions(name)
+        pointer = read_pointer(self.root / check_model_name(name), fresh=True)
+        if pointer is None:
+            return LatestPointer(versions[-1] if versions else None, list(versions), [])
+        if pointer.latest not in versions:
+            pointer.latest = versions[-1] if versions else None
+        return pointer
 
     def version_path(self, name: str, version: str) -> Path:
         return self.root / check_model_name(name) / str(version)
@@ -209,8 +234,11 @@ class ModelRepository:
         config: dict[str, Any],
         state_dict: dict[str, Tensor],
         extra_files: dict[str, bytes] | None = None,
+        *,
+        promote: bool = True,
     ) -> ModelCard:
-        """Publish the next version of `name` atomically and return its card.
+        """Publish the next version of `name` atomically and return its card (`latest`
+        unless `promote` is False: see `publish_files`).
 
         Written as `publish_files` writes every version. `config` must hold PUBLISHER_KEYS;
         name, version, weights_sha256 and state_schema_hash are filled in here.
@@ -240,9 +268,16 @@ class ModelRepository:
 
         return self.publish_files(name, files_for)
 
-    def publish_files(self, name: str, files_for: Callable[[str], dict[str, bytes]]) -> ModelCard:
+    def publish_files(
+        self, name: str, files_for: Callable[[str], dict[str, bytes]], *, promote: bool = True
+    ) -> ModelCard:
         """Publish the next version of `name` from `files_for(version)` (relative path ->
         bytes, config.json included) and return its card.
+
+        `promote` makes it `latest`; without it the version is a candidate that serves only
+        when asked for by number (the first version of a new model is latest regardless:
+        there is nothing else to serve). All of it happens under the model's lock, so
+        publishes, promotions, rollbacks and deletes of one model never interleave.
 
         The files are written and fsynced in a hidden staging dir inside root, then the dir
         is renamed to `<root>/<name>/<version>`, so readers see all of a version or none. If
@@ -250,12 +285,21 @@ class ModelRepository:
         the files are rebuilt for the next one. On any error no version appears.
         """
         check_model_name(name)
-        (self.root / name).mkdir(parents=True, exist_ok=True)
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
         prefix = f"{_TEMP_PREFIX}{name}-"
-        with staging_directory(self.root, prefix) as staging:
+        with self._locked(name, model_dir), staging_directory(self.root, prefix) as staging:
+            pointer = self.pointer(name)
+            # Without a pointer file the highest version is latest: a promoted publish needs
+            # none. A candidate pins today's latest first, so no reader takes it for latest.
+            has_pointer = read_pointer(model_dir, fresh=True) is not None
+            if not promote and pointer.latest is not None:
+                write_pointer(model_dir, pointer)
+                has_pointer = True
             for _ in range(100):
                 versions = self.versions(name)
-                version = str(int(versions[-1]) + 1 if versions else 1)
+                used = [int(v) for v in versions + pointer.deleted]
+                version = str(max(used) + 1 if used else 1)
                 for relative, data in files_for(version).items():
                     write_synced(staging / relative, data)
                 fsync_tree(staging)
@@ -268,8 +312,84 @@ class ModelRepository:
                     empty_directory(staging)
             else:
                 raise RuntimeError(f"could not find a free version for {name!r} after 100 attempts")
-        fsync_path(self.root / name)
+            fsync_path(model_dir)
+            if has_pointer and (promote or pointer.latest is None):
+                pointer.latest = version
+                pointer.history.append(version)
+                write_pointer(model_dir, pointer)
         return self.card(name, version)
+
+    # ---- moving latest, deleting ------------------------------------------------------------
+    @contextmanager
+    def _locked(self, name: str, model_dir: Path) -> Iterator[None]:
+        """The model's lock, with its listing read afresh (another process may have changed
+        it within the file system's timestamp tick)."""
+        with model_lock(model_dir):
+            self._versions.pop(name, None)
+            yield
+
+    def promote(self, name: str, version: str) -> LatestPointer:
+        """Make `version` latest (a no-op when it is); ModelNotFoundError for an unknown one."""
+        model_dir = self.root / check_model_name(name)
+        with self._locked(name, model_dir):
+            version = self._resolve(name, str(version))
+            pointer = self.pointer(name)
+            if pointer.latest != version:
+                pointer.latest = version
+                pointer.history.append(version)
+                write_pointer(model_dir, pointer)
+            return pointer
+
+    def rollback(self, name: str) -> LatestPointer:
+        """Make the version that was latest before the current one latest again (versions
+        deleted since are skipped); VersionConflictError when there is none."""
+        model_dir = self.root / check_model_name(name)
+        with self._locked(name, model_dir):
+            self.latest(name)  # ModelNotFoundError for an unknown model
+            pointer = self.pointer(name)
+            versions = self.versions(name)
+            history = [v for v in pointer.history if v in versions]
+            while history and history[-1] == pointer.latest:
+                history.pop()
+            if not history:
+                raise VersionConflictError(
+                    f"model {name!r} has no earlier latest version to roll back to (latest is "
+                    f"{pointer.latest}); promote a version instead"
+                )
+            pointer.history = history
+            pointer.latest = history[-1]
+            write_pointer(model_dir, pointer)
+            return pointer
+
+    def delete_version(
+        self, name: str, version: str, check: Callable[[], None] | None = None
+    ) -> LatestPointer:
+        """Delete one version that is not latest. `check` runs under the model's lock just
+        before (it raises to refuse: live sessions, say). The version's directory is renamed
+        out of the model first, so readers see all of it or none; its number is never reused.
+        """
+        model_dir = self.root / check_model_name(name)
+        with self._locked(name, model_dir):
+            version = self._resolve(name, str(version))
+            pointer = self.pointer(name)
+            if version == pointer.latest:
+                raise VersionConflictError(
+                    f"version {version} is model {name!r}'s latest; promote another version "
+                    "or roll back first, then delete it"
+                )
+            if check is not None:
+                check()
+            pointer.history = [v for v in pointer.history if v != version]
+            pointer.deleted = sorted({*pointer.deleted, version}, key=int)
+            write_pointer(model_dir, pointer)  # before the rename: the number stays taken
+            doomed = self.root / f"{_DELETING_PREFIX}{name}-{version}-{os.getpid()}"
+            os.rename(self.version_path(name, version), doomed)
+            fsync_path(model_dir)
+        shutil.rmtree(doomed, ignore_errors=True)
+        with self._cache_lock:
+            self._cache.pop((name, version), None)
+        self._cards.pop((name, version), None)
+        return pointer
 
 
 def _read_weights(card: ModelCard) -> dict[str, Tensor]:
@@ -348,6 +468,7 @@ __all__ = [
     "ModelCard",
     "ModelNotFoundError",
     "ModelRepository",
+    "VersionConflictError",
     "check_model_name",
     "default_repository_root",
     "file_sha256",

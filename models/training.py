@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from models import digits
-from models.architectures import build_model, config_to_dict
+from models.architectures import ARCHITECTURES, IMPORTED_ARCHITECTURES, build_model, config_to_dict
 from models.base import StatefulModel
 from models.charcorpus import CharCorpus, load_char_corpus
 from models.datasets import SequenceDataset, split_dataset
@@ -77,6 +77,11 @@ class TrainingRecipe:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.architecture in IMPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is made by `neuroserve import`, not trained "
+                f"here; trainable architectures: {sorted(ARCHITECTURES)}"
+            )
         for name in ("epochs", "steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -343,7 +348,7 @@ def evaluate_trained(
     return metrics
 
 
-def _neuroserve_version() -> str:
+def neuroserve_version() -> str:
     try:
         return metadata.version("neuroserve")
     except metadata.PackageNotFoundError:
@@ -390,7 +395,7 @@ def artifact_config(
         "command": command,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
-        "neuroserve_version": _neuroserve_version(),
+        "neuroserve_version": neuroserve_version(),
     }
     config["metrics"] = metrics
     return config
@@ -398,8 +403,12 @@ def artifact_config(
 
 def current_command() -> str:
     """This process's command line, shell-quoted, with the program named by its basename
-    (".venv/bin/neuroserve train ..." is recorded as "neuroserve train ...")."""
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    (".venv/bin/neuroserve train ..." is recorded as "neuroserve train ...", and so is
+    "python -m service.cli train ...", the same command)."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        program = "neuroserve"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def train_and_publish(

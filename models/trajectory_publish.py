@@ -53,8 +53,11 @@ def publish_trajectory_version(
     config_updates: dict[str, Any],
     calibrations: Sequence[PositionalCalibration] = (),
     serving: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    promote: bool = True,
 ) -> ModelCard:
-    """Publish `trajectory` (from `base`) as the next version of `name`.
+    """Publish `trajectory` (from `base`) as the next version of `name` (made `latest` only
+    when `promote`: `ModelRepository.publish_files`).
 
     `weights_sha256` is `tensor_digest` of the rebuilt weights; `config_updates` (provenance,
     metrics, dataset, ...) overlay the base's config. Calibrations are stored under
@@ -84,7 +87,7 @@ def publish_trajectory_version(
         files[CONFIG_FILE] = _config_bytes({"name": name, "version": version, **config})
         return files
 
-    return repository.publish_files(name, files_for)
+    return repository.publish_files(name, files_for, promote=promote)
 
 
 def export_safetensors_version(

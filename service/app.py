@@ -2,8 +2,10 @@
 
 Nothing lives at module level: every app owns its settings, repository and data plane (on
 `app.state`), so tests can run several side by side. The lifespan opens the model
-repository, logs where models come from and which state store is configured, and preloads
-the models in a worker thread; `/v2/health/ready` turns 200 once that has finished.
+repository, logs where models come from and which state store is configured, preloads
+the models in a worker thread (`/v2/health/ready` turns 200 once that has finished), and
+serves gRPC beside HTTP in the same event loop (`service.api.v2_grpc`; its bound port on
+`app.state.grpc_port`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from service.api import (
     v1_generate,
     v1_models,
     v1_sessions,
+    v1_versions,
     v2,
 )
+from service.api.api_docs import install_api_docs
 from service.api.asgi_body import BodyTooLarge, read_body, replaying
 from service.api.auth import ApiKeyAuth, KeyRing, warn_if_open
 from service.api.error_handlers import error_response, install_error_handlers
 from service.api.fast_paths import FastPaths
-from service.api.limits import OwnedCount, RequestRateLimit
+from service.api.limits import KeyRates, RequestRateLimit, key_quota
+from service.api.v2_grpc.server import start_grpc
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog
@@ -123,9 +128,10 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def hot_routes() -> list[APIRoute]:
-    """The routes `FastPaths` answers: a session step and a stateless prediction."""
-    hot = (v1_sessions.step_session, v1_models.predict)
-    routes = [*v1_sessions.router.routes, *v1_models.router.routes]
+    """The routes `FastPaths` answers: a session step, a stateless prediction, V2 inference
+    (JSON bodies; binary and compressed ones go through the route)."""
+    hot = (v1_sessions.step_session, v1_models.predict, v2.infer, v2.infer_version)
+    routes = [*v1_sessions.router.routes, *v1_models.router.routes, *v2.router.routes]
     return [route for route in routes if getattr(route, "endpoint", None) in hot]
 
 
@@ -135,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
     logging.getLogger("neuroserve").setLevel(settings.log_level.upper())
     keys = KeyRing(settings.api_keys, settings.admin_api_keys)
+    rates = KeyRates(settings.rate_limit_per_second, settings.rate_limit_burst)  # every protocol
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -172,8 +179,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.state_store = state_store
         app.state.dataplane = dataplane
         app.state.sessions = sessions
-        app.state.sessions_per_key = OwnedCount()
-        app.state.jobs_per_key = OwnedCount()
+        # Per-key session and job counts: in Redis (all replicas) when the store is Redis.
+        app.state.sessions_per_key = key_quota(state_store, "quota-sessions")
+        app.state.jobs_per_key = key_quota(state_store, "quota-jobs")
+        rates.share_through(state_store)  # one bucket per key for every replica with Redis
         warn_if_open(keys, settings.host)
         gc.set_threshold(*GC_THRESHOLDS)
         root = settings.model_repository.resolve()
@@ -190,9 +199,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = asyncio.ensure_future(
             watch_store(state_store, dataplane, preload, settings.store_check_seconds)
         )
-        try:
+        grpc_endpoint = None
+        try:  # a gRPC port that cannot be had stops the start, after the cleanup below
+            if settings.grpc_enabled:
+                grpc_endpoint = await start_grpc(
+                    settings, dataplane=dataplane, sessions=sessions, keys=keys, rates=rates
+                )
+            app.state.grpc_port = None if grpc_endpoint is None else grpc_endpoint.port
             yield
         finally:
+            if grpc_endpoint is not None:
+                await grpc_endpoint.stop()
             watcher.cancel()
             if preload is not None:
                 await preload  # a load in a worker thread cannot be cancelled; let it finish
@@ -205,25 +222,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=v2.server_version(),
         summary="Uncertainty-aware inference for stateful neuromorphic models.",
         lifespan=lifespan,
+        docs_url=None,  # served by install_api_docs, from local assets
+        redoc_url=None,
     )
     # The last added runs first: metrics, then the key check, the key's rate, the body size,
     # and innermost the hot routes' fast path.
     app.add_middleware(FastPaths, routes=hot_routes(), enabled=settings.fast_paths)
     app.add_middleware(RequestSizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(
-        RequestRateLimit,
-        rate=settings.rate_limit_per_second,
-        burst=settings.rate_limit_burst,
-    )
+    app.add_middleware(RequestRateLimit, rates=rates)
     app.add_middleware(ApiKeyAuth, keys=keys)
     app.add_middleware(metrics_route.RequestMetricsMiddleware)  # outermost: times 401/413/429 too
     install_error_handlers(app)
     # Routes match in order: the hot paths (session steps, predictions) first.
     app.include_router(v1_sessions.router)
     app.include_router(v1_models.router)
+    app.include_router(v1_versions.router)
     app.include_router(v1_feedback.router)
     app.include_router(v1_generate.router)
     app.include_router(v1_finetune.router)
     app.include_router(v2.router)
     app.include_router(metrics_route.router)
+    install_api_docs(app)
     return app

@@ -52,6 +52,7 @@ class PayloadTooLargeError(NeuroserveError):
 class RateLimitedError(NeuroserveError):
     status_code = 429
     code = "rate_limited"
+    retry_after_seconds: float | None = None  # when the same request would be accepted
 
 
 class ServiceUnavailableError(NeuroserveError):

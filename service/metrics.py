@@ -90,14 +90,16 @@ if _multiprocess_dir() is None:
 
 REQUESTS = Counter(
     "neuroserve_requests_total",
-    "HTTP requests served, by route template and status code.",
-    ["route", "model", "backend", "status"],
+    "Requests served, by protocol (http, grpc), route template or gRPC method, and status "
+    "code (for gRPC, the HTTP status of the same answer).",
+    ["route", "model", "backend", "status", "protocol"],
     registry=REGISTRY,
 )
 REQUEST_DURATION = Histogram(
     "neuroserve_request_duration_seconds",
-    "Time from request start to the end of the response body, by route template.",
-    ["route", "model", "backend"],
+    "Time from request start to the end of the response body, by protocol and route template "
+    "(gRPC: method).",
+    ["route", "model", "backend", "protocol"],
     buckets=REQUEST_SECONDS_BUCKETS,
     registry=REGISTRY,
 )
@@ -253,6 +255,21 @@ FINETUNE_JOB_DURATION = Histogram(
     buckets=JOB_SECONDS_BUCKETS,
     registry=REGISTRY,
 )
+FINETUNE_WORKERS = Gauge(
+    "neuroserve_finetune_workers",
+    "Live `neuroserve worker` processes listening on the job queue (RQ's worker registry), "
+    "as the server last saw them; 0 while jobs are queued means they wait for nobody.",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
+FINETUNE_JOBS_WITHOUT_WORKER = Gauge(
+    "neuroserve_finetune_jobs_waiting_without_worker",
+    "Queued fine-tuning jobs while no worker listens on their queue (start `neuroserve worker`).",
+    ["queue"],
+    multiprocess_mode="mostrecent",
+    registry=REGISTRY,
+)
 
 ALL_METRICS: tuple[MetricWrapperBase, ...] = (
     REQUESTS, REQUEST_DURATION, BATCH_SIZE, ACTIVE_SESSIONS,
@@ -261,7 +278,7 @@ ALL_METRICS: tuple[MetricWrapperBase, ...] = (
     FEEDBACK, COVERAGE_TARGET,
     RELIABILITY_PREDICTIONS, RELIABILITY_CORRECT, RELIABILITY_CONFIDENCE_SUM, ACI_ALPHA,
     SPIKES, NEURON_STEPS, MACS, ACCUMULATES, ENERGY, DENSE_EQUIVALENT_ENERGY,
-    FINETUNE_JOBS, FINETUNE_JOB_DURATION,
+    FINETUNE_JOBS, FINETUNE_JOB_DURATION, FINETUNE_WORKERS, FINETUNE_JOBS_WITHOUT_WORKER,
 )  # fmt: skip
 
 # Usage keys (hardware_backends.base.Usage.to_dict) and the counter each one feeds.
@@ -352,15 +369,20 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def record_request(route: str, model: str, backend: str, status: int, seconds: float) -> None:
-    """One HTTP request: `route` is the route template ("/v1/sessions/{session_id}/step")."""
+def record_request(
+    route: str, model: str, backend: str, status: int, seconds: float, protocol: str = "http"
+) -> None:
+    """One request: `route` is the route template ("/v1/sessions/{session_id}/step") or the
+    gRPC method ("/inference.GRPCInferenceService/ModelInfer"); `status` an HTTP status (a
+    gRPC answer counts under the status HTTP gives the same answer)."""
     route, model = _check_label("route", route), _check_label("model", model)
+    protocol = _check_label("protocol", protocol)
     backend = _check_label("backend", backend)
     if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status code 100..599, got {status!r}")
     seconds = _check_non_negative("seconds", seconds)
-    _child(REQUESTS, route, model, backend, str(status)).inc()
-    _child(REQUEST_DURATION, route, model, backend).observe(seconds)
+    _child(REQUESTS, route, model, backend, str(status), protocol).inc()
+    _child(REQUEST_DURATION, route, model, backend, protocol).observe(seconds)
 
 
 def record_batch(model: str, backend: str, size: int) -> None:
@@ -480,6 +502,15 @@ def record_job(status: str, seconds: float | None = None) -> None:
     _child(FINETUNE_JOBS, status).inc()
     if seconds is not None:
         FINETUNE_JOB_DURATION.observe(_check_non_negative("seconds", seconds))
+
+
+def set_job_workers(queue: str, workers: int, queued: int) -> None:
+    """What the server last saw of a job queue: its live workers, and its queued jobs when
+    there are none."""
+    queue = _check_label("queue", queue)
+    _child(FINETUNE_WORKERS, queue).set(_check_count("worker count", workers))
+    waiting = _check_count("queued jobs", queued) if workers == 0 else 0
+    _child(FINETUNE_JOBS_WITHOUT_WORKER, queue).set(waiting)
 
 
 # ---------------------------------------------------------------------------------------------

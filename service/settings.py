@@ -26,6 +26,22 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    grpc_enabled: bool = Field(
+        True,
+        description=(
+            "Serve the Open Inference Protocol over gRPC (inference.GRPCInferenceService) "
+            "beside HTTP, on grpc_port and the same host."
+        ),
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description=(
+            "TCP port of the gRPC endpoint (Triton's default, 8001; 0 picks a free one, with "
+            "one worker only). Every worker process listens on it (SO_REUSEPORT)."
+        ),
+    )
     workers: int = Field(
         1,
         ge=1,
@@ -200,16 +216,24 @@ class Settings(BaseSettings):
         description="Keys that may also run fine-tuning jobs; same format as api_keys.",
     )
     rate_limit_per_second: float = Field(
-        0.0, ge=0, description="Requests a second per API key per replica; 0 is unlimited."
+        0.0,
+        ge=0,
+        description="Requests a second per API key (shared by all replicas when Redis is "
+        "configured, else per replica); 0 is unlimited.",
     )
     rate_limit_burst: int = Field(
         20, ge=1, description="Requests a key may send at once before the rate applies."
     )
     max_sessions_per_key: int = Field(
-        1000, ge=1, description="Most live REST sessions one API key holds per replica."
+        1000,
+        ge=1,
+        description="Most live REST sessions one API key holds (across all replicas with Redis).",
     )
     max_jobs_per_key: int = Field(
-        2, ge=1, description="Most queued plus running fine-tuning jobs per API key."
+        2,
+        ge=1,
+        description="Most queued plus running fine-tuning jobs per API key (across replicas "
+        "with Redis).",
     )
     ws_max_message_bytes: int = Field(
         64 * 1024, ge=256, description="Largest websocket message accepted (close 1009)."

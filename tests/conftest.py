@@ -27,6 +27,10 @@ from pathlib import Path
 
 import pytest
 
+# Every server a test starts in this process serves gRPC on a free port (the default, 8001,
+# would clash between servers running side by side); a test that needs the port reads it.
+os.environ.setdefault("NEUROSERVE_GRPC_PORT", "0")
+
 REDIS_URL_ENV = "NEUROSERVE_TEST_REDIS_URL"
 REDIS_START_TIMEOUT_S = 10.0
 CLUSTER_SLOTS = 16384

@@ -33,6 +33,7 @@ CLI_MODULES = frozenset(
         "service.cli.main",
         "service.cli.calibrate",
         "service.cli.common",
+        "service.cli.importing",
         "service.cli.keys",
         "service.cli.models",
         "service.cli.worker",

@@ -1,8 +1,9 @@
 """How every error becomes an HTTP response, in the wire format of the request's protocol.
 
-`install_error_handlers` maps the server's own errors (`service.errors.NeuroserveError`),
-the models layer's repository errors, request validation errors and anything unexpected
-onto the two wire formats:
+`answer_for` gives the status, code and message of an error for every protocol (the gRPC
+endpoint answers with the same messages); `install_error_handlers` maps the server's own
+errors (`service.errors.NeuroserveError`), the models layer's repository errors, request
+validation errors and anything unexpected onto the two wire formats:
 
 - native REST (`/v1/...`): `{"error": {"code": "...", "message": "..."}}`
 - Open Inference Protocol (`/v2/...`): `{"error": "..."}`
@@ -16,6 +17,7 @@ the client never sees internals.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -61,41 +63,63 @@ def error_response(request: Request, status_code: int, code: str, message: str) 
     return JSONResponse(body, status_code=status_code)
 
 
-async def _handle_neuroserve_error(request: Request, error: NeuroserveError) -> JSONResponse:
-    return error_response(request, error.status_code, error.code, error.message)
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """What a client is told about an error, whatever the protocol: the HTTP status (gRPC
+    maps it onto its own codes), a machine-readable code and the message."""
+
+    status_code: int
+    code: str
+    message: str
 
 
-async def _handle_model_not_found(request: Request, error: ModelNotFoundError) -> JSONResponse:
-    message = str(error.args[0]) if error.args else str(error)
-    return error_response(request, 404, NotFoundError.code, message)
+def answer_for(error: Exception, where: str) -> ErrorAnswer:
+    """The answer to `error` raised while serving `where` (a path or a gRPC method); the
+    server's own failures are logged here, and only a generic message leaves for them."""
+    if isinstance(error, NeuroserveError):
+        return ErrorAnswer(error.status_code, error.code, error.message)
+    if isinstance(error, ModelNotFoundError):
+        message = str(error.args[0]) if error.args else str(error)
+        return ErrorAnswer(404, NotFoundError.code, message)
+    if isinstance(error, ArtifactError):
+        # A broken or unreadable artifact is the server's problem, not the client's.
+        logger.error("model artifact error on %s: %s", where, error)
+        return ErrorAnswer(503, "artifact_error", f"model artifact could not be loaded: {error}")
+    if isinstance(error, StateNotFoundError):
+        return ErrorAnswer(404, NotFoundError.code, str(error))
+    if isinstance(error, _STATE_CONFLICTS):
+        # A lost compare-and-set (after retries), an id already taken, or a stored state that
+        # does not fit the model now served: the client can retry or start a new session.
+        message = str(error)
+        if isinstance(error, CorruptStateError):
+            message = f"stored session state is damaged: {error}"
+        return ErrorAnswer(409, ConflictError.code, message)
+    if isinstance(error, StateStoreUnavailableError):
+        logger.warning("state store unavailable on %s: %s", where, error)
+        message = (
+            "state store unavailable: session state cannot be read or written now; retry later"
+        )
+        return ErrorAnswer(503, "state_store_unavailable", message)
+    logger.exception("unexpected error on %s", where)
+    return ErrorAnswer(500, "internal_error", "internal server error")
 
 
-async def _handle_artifact_error(request: Request, error: ArtifactError) -> JSONResponse:
-    # A broken or unreadable artifact is the server's problem, not the client's.
-    logger.error("model artifact error on %s: %s", request.url.path, error)
-    message = f"model artifact could not be loaded: {error}"
-    return error_response(request, 503, "artifact_error", message)
+_STATE_CONFLICTS = (StaleVersionError, StateExistsError, IncompatibleStateError, CorruptStateError)
+# The errors `answer_for` knows; anything else is answered as a 500.
+ANSWERED_ERRORS = (
+    NeuroserveError,
+    ModelNotFoundError,
+    ArtifactError,
+    StateNotFoundError,
+    *_STATE_CONFLICTS,
+    StateStoreUnavailableError,
+    Exception,
+)
 
 
-async def _handle_state_not_found(request: Request, error: StateNotFoundError) -> JSONResponse:
-    return error_response(request, 404, NotFoundError.code, str(error))
-
-
-async def _handle_state_conflict(request: Request, error: Exception) -> JSONResponse:
-    # A lost compare-and-set (after retries), an id already taken, or a stored state that
-    # does not fit the model now served: the client can retry or start a new session.
-    message = str(error)
-    if isinstance(error, CorruptStateError):
-        message = f"stored session state is damaged: {error}"
-    return error_response(request, 409, ConflictError.code, message)
-
-
-async def _handle_store_unavailable(
-    request: Request, error: StateStoreUnavailableError
-) -> JSONResponse:
-    logger.warning("state store unavailable on %s: %s", request.url.path, error)
-    message = "state store unavailable: session state cannot be read or written now; retry later"
-    return error_response(request, 503, "state_store_unavailable", message)
+async def _handle_error(request: Request, error: Exception) -> JSONResponse:
+    answer = answer_for(error, f"{request.method} {request.url.path}")
+    return error_response(request, answer.status_code, answer.code, answer.message)
 
 
 async def _handle_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -120,25 +144,9 @@ async def _handle_http_exception(request: Request, error: StarletteHTTPException
     return response
 
 
-async def _handle_unexpected(request: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(request, 500, "internal_error", "internal server error")
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Register every handler above on `app`."""
-    app.add_exception_handler(NeuroserveError, _handle_neuroserve_error)
-    app.add_exception_handler(ModelNotFoundError, _handle_model_not_found)
-    app.add_exception_handler(ArtifactError, _handle_artifact_error)
-    app.add_exception_handler(StateNotFoundError, _handle_state_not_found)
-    for conflict in (
-        StaleVersionError,
-        StateExistsError,
-        IncompatibleStateError,
-        CorruptStateError,
-    ):
-        app.add_exception_handler(conflict, _handle_state_conflict)
-    app.add_exception_handler(StateStoreUnavailableError, _handle_store_unavailable)
+    for error_type in ANSWERED_ERRORS:
+        app.add_exception_handler(error_type, _handle_error)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
-    app.add_exception_handler(Exception, _handle_unexpected)

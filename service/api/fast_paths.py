@@ -84,16 +84,25 @@ class HotRoute:
             return None
 
 
+# Bodies that are more than JSON (compressed; JSON followed by V2 binary tensors): the route
+# reads them.
+_FRAMED_BODY_HEADERS = (b"content-encoding", b"inference-header-content-length")
+
+
 def is_json(scope: Scope) -> bool:
     """Whether the request says its body is JSON, as FastAPI decides it: `application/json`
-    or `application/*+json`, parameters (charset) aside."""
+    or `application/*+json`, parameters (charset) aside, and nothing but JSON (no
+    Content-Encoding, no V2 binary tensors after it)."""
+    media_type = None
     for name, value in scope["headers"]:
+        if name in _FRAMED_BODY_HEADERS:
+            return False
         if name == b"content-type":
             media_type = value.split(b";", 1)[0].strip().lower()
-            return media_type == b"application/json" or (
-                media_type.startswith(b"application/") and media_type.endswith(b"+json")
-            )
-    return False
+    return media_type is not None and (
+        media_type == b"application/json"
+        or (media_type.startswith(b"application/") and media_type.endswith(b"+json"))
+    )
 
 
 class FastPaths:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from service.api.schemas.common import ErrorResponse
+from service.api.schemas.common import ErrorResponse, V2ErrorResponse
 from service.dataplane.plane import DataPlane
 
 
@@ -28,6 +28,31 @@ def serialized(model: BaseModel, status_code: int = 200) -> Response:
     )
 
 
-def error_doc(status: int, description: str) -> dict[int | str, dict[str, Any]]:
-    """An entry of a route's `responses`: `status` answered with the error body."""
-    return {status: {"model": ErrorResponse, "description": description}}
+def error_doc(
+    status: int, description: str, model: type[BaseModel] = ErrorResponse
+) -> dict[int | str, dict[str, Any]]:
+    """An entry of a route's `responses`: `status` answered with the error body (`/v1`'s by
+    default; `V2ErrorResponse` on `/v2`). Document every 4xx/5xx a route really answers, in the
+    shape `service.api.error_handlers` sends (tests/service/test_openapi_docs.py checks both)."""
+    return {status: {"model": model, "description": description}}
+
+
+UNAUTHORIZED_DESCRIPTION = (
+    "API keys are configured (NEUROSERVE_API_KEYS) and the request sent none, or an unknown one "
+    "(`Authorization: Bearer <key>` or `X-API-Key`)."
+)
+RATE_LIMITED_DESCRIPTION = (
+    "Over the API key's request rate (NEUROSERVE_RATE_LIMIT_PER_SECOND); retry after the "
+    "`Retry-After` seconds."
+)
+# What every route but the open ones (health probes, metrics, docs) may answer.
+ACCESS_ERRORS = {
+    **error_doc(401, UNAUTHORIZED_DESCRIPTION),
+    **error_doc(429, RATE_LIMITED_DESCRIPTION),
+}
+V2_ACCESS_ERRORS = {
+    **error_doc(401, UNAUTHORIZED_DESCRIPTION, V2ErrorResponse),
+    **error_doc(429, RATE_LIMITED_DESCRIPTION, V2ErrorResponse),
+}
+TOO_LARGE_DESCRIPTION = "Request body over NEUROSERVE_MAX_REQUEST_BYTES."
+TOO_LARGE = error_doc(413, TOO_LARGE_DESCRIPTION)

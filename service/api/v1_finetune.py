@@ -26,17 +26,26 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from models.repository import VersionConflictError
 from service.api.auth import Principal, PrincipalDependency, require_admin
-from service.api.route_helpers import error_doc, get_dataplane
-from service.api.schemas.finetune import FinetuneJob, FinetuneJobRequest, NpzUpload
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
+from service.api.schemas.finetune import (
+    FINETUNE_JOB_EXAMPLES,
+    FinetuneJob,
+    FinetuneJobRequest,
+    NpzUpload,
+)
+from service.api.schemas.parameters import JobId
 from service.dataplane.plane import DataPlane
 from service.errors import (
     BadInputError,
+    ConflictError,
     NeuroserveError,
     NotFoundError,
     RateLimitedError,
 )
 from service.finetuning.job import load_finetune_data
+from service.finetuning.promotion import check_output_name
 from service.finetuning.spec import FinetuneSpec, NpzData
 from service.jobs.factory import open_job_queue
 from service.jobs.types import (
@@ -73,7 +82,9 @@ async def jobs_lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(queue.close)
 
 
-router = APIRouter(prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan)
+router = APIRouter(
+    prefix="/v1/finetune", tags=["fine-tuning"], lifespan=jobs_lifespan, responses=ACCESS_ERRORS
+)
 
 
 async def get_jobs(request: Request) -> JobQueue:
@@ -89,16 +100,6 @@ JOB_OWNERS = "job-owner"  # state store namespace: job id -> the key that submit
 _UNKNOWN_JOB = error_doc(404, "Unknown job id (or its record expired, or another key's job).")
 _ADMIN_ONLY = error_doc(403, "The API key is not an admin key (NEUROSERVE_ADMIN_API_KEYS).")
 _UNAVAILABLE = error_doc(503, "The job queue's Redis cannot be reached.")
-
-
-SPEC_EXAMPLE: dict[str, Any] = {
-    "model": "digits-lru",
-    "backend": "torch",
-    "data": {"kind": "builtin", "name": "digits-seq", "shift": "translated"},
-    "parameters": "readout_and_norm",
-    "steps": 300,
-    "eval_every": 50,
-}
 
 
 # ---- the body -> a validated submission -----------------------------------------------------
@@ -149,6 +150,10 @@ def validate_job(
         if card.config["task"] != "classification":
             task = card.config["task"]
             raise _invalid(f"model: {spec.model} is a {task} model; only classifiers are tuned")
+        try:
+            check_output_name(dataplane.repository, spec.target_name, card)
+        except VersionConflictError as error:
+            raise ConflictError(str(error)) from None
         d_input = int(card.config["model_config"]["d_input"])
         try:
             load_finetune_data(spec, list(card.config["labels"]), d_input)
@@ -202,22 +207,24 @@ async def _check_owner(request: Request, principal: Principal, job_id: str) -> N
         raise NotFoundError(f"no fine-tuning job with id {job_id!r}")
 
 
-async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueue) -> None:
-    """RateLimitedError when the key already has its limit of queued or running jobs
-    (counted from the jobs this replica accepted for it). Open mode has only the server-wide
-    limit, NEUROSERVE_MAX_ACTIVE_JOBS."""
+async def _reserve_job(request: Request, principal: Principal, jobs: JobQueue) -> str | None:
+    """A place for one more job of the key, or RateLimitedError at its limit of queued or
+    running jobs (counted across replicas with Redis: `service.api.limits`). Open mode has
+    only the server-wide limit, NEUROSERVE_MAX_ACTIVE_JOBS: None."""
     if principal.owner is None:
-        return
+        return None
     held = request.app.state.jobs_per_key
-    for job_id in held.keys(principal.owner):
+    for job_id in await held.keys(principal.owner):
         try:
             record = await run_in_threadpool(jobs.get, job_id)
         except JobNotFoundError:
             record = None
         if record is None or record.status in FINISHED:
-            held.gone(principal.owner, job_id)
+            await held.gone(principal.owner, job_id)
     limit = request.app.state.settings.max_jobs_per_key
-    held.check(principal.owner, limit, "queued or running jobs", "NEUROSERVE_MAX_JOBS_PER_KEY")
+    return await held.reserve(
+        principal.owner, limit, "queued or running jobs", "NEUROSERVE_MAX_JOBS_PER_KEY"
+    )
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -229,13 +236,14 @@ async def _check_job_quota(request: Request, principal: Principal, jobs: JobQueu
     response_model=FinetuneJob,
     responses={
         **error_doc(404, "Unknown model or version."),
-        **error_doc(413, "Request body too large."),
+        **error_doc(409, "`output_name` names an existing model of another lineage."),
+        **TOO_LARGE,
         **_ADMIN_ONLY,
         **error_doc(422, "An invalid spec; the message names the field."),
         **error_doc(
             429,
             "Too many jobs queued or running (NEUROSERVE_MAX_ACTIVE_JOBS, "
-            "NEUROSERVE_MAX_JOBS_PER_KEY).",
+            "NEUROSERVE_MAX_JOBS_PER_KEY), or over the key's request rate.",
         ),
         **_UNAVAILABLE,
     },
@@ -247,15 +255,22 @@ async def submit_job(
     jobs: JobsDependency,
     dataplane: DataPlaneDependency,
     principal: PrincipalDependency,
-    body: Annotated[FinetuneJobRequest, Body(examples=[SPEC_EXAMPLE])],
+    body: Annotated[FinetuneJobRequest, Body(openapi_examples=FINETUNE_JOB_EXAMPLES)],
 ) -> FinetuneJob:
+    """Queue a zeroth-order (forward-only) fine-tuning job; its data is checked against the
+    model first. The tuned model is published as a new version when the job succeeds."""
     require_admin(principal)
-    await _check_job_quota(request, principal, jobs)
-    max_upload = request.app.state.settings.max_upload_bytes
-    submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
-    record = await _call(jobs.submit, submission)
+    reservation = await _reserve_job(request, principal, jobs)
+    try:
+        max_upload = request.app.state.settings.max_upload_bytes
+        submission = await run_in_threadpool(build_submission, body, dataplane, max_upload)
+        record = await _call(jobs.submit, submission)
+        if principal.owner is not None:
+            await request.app.state.jobs_per_key.seen(principal.owner, record.job_id)
+    finally:
+        if reservation is not None:
+            await request.app.state.jobs_per_key.gone(principal.owner, reservation)
     if principal.owner is not None:
-        request.app.state.jobs_per_key.seen(principal.owner, record.job_id)
         ttl = request.app.state.settings.job_record_ttl_seconds
         store = request.app.state.state_store
         await store.put_record(JOB_OWNERS, record.job_id, principal.owner.encode(), ttl)
@@ -270,8 +285,9 @@ async def submit_job(
     summary="Status, progress and result of a job",
 )
 async def get_job(
-    job_id: str, request: Request, jobs: JobsDependency, principal: PrincipalDependency
+    job_id: JobId, request: Request, jobs: JobsDependency, principal: PrincipalDependency
 ) -> FinetuneJob:
+    """Where the job stands: status, progress (step, loss, validation accuracy), result."""
     await _check_owner(request, principal, job_id)
     return _job_out(await _call(jobs.get, job_id))
 
@@ -288,7 +304,7 @@ async def get_job(
     summary="Cancel a job",
 )
 async def cancel_job(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     response: Response,
     jobs: JobsDependency,

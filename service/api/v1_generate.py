@@ -28,7 +28,7 @@ import time
 from contextlib import aclosing, suppress
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi import APIRouter, Body, Depends, Request, WebSocket
 from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
@@ -36,9 +36,14 @@ from models.repository import ArtifactError, ModelNotFoundError
 from service.api.auth import PrincipalDependency, authenticate_key
 from service.api.limits import TokenBucket
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
-from service.api.schemas.common import ErrorResponse
-from service.api.schemas.generate import GenerateMessage, GenerateOptions, GenerateResponse
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, get_dataplane
+from service.api.schemas.generate import (
+    GENERATE_EXAMPLES,
+    GenerateMessage,
+    GenerateOptions,
+    GenerateResponse,
+)
+from service.api.schemas.parameters import LanguageModelName
 from service.dataplane.plane import DataPlane
 from service.errors import NeuroserveError, describe_validation_errors
 from service.sessions.generation import GeneratedToken, GenerationDone, generate
@@ -68,19 +73,24 @@ def _sessions(app_state: Any) -> Any:
     "/models/{name}/generate",
     response_model=GenerateResponse,
     responses={
-        404: {"model": ErrorResponse, "description": "Unknown model, version or session."},
-        409: {"model": ErrorResponse, "description": "The backend is not calibrated."},
-        422: {"model": ErrorResponse, "description": "Malformed request; the message says where."},
+        **ACCESS_ERRORS,
+        **error_doc(404, "Unknown model, version or session."),
+        **error_doc(409, "The backend is not calibrated, or the session belongs to another model."),
+        **TOO_LARGE,
+        **error_doc(422, "Malformed request, or not a language model; the message says where."),
+        **error_doc(503, "The state store (or the model's artifact) cannot serve right now."),
     },
     summary="Generate tokens (all at once)",
 )
 async def generate_all(
-    name: str,
-    body: GenerateOptions,
+    name: LanguageModelName,
+    body: Annotated[GenerateOptions, Body(openapi_examples=GENERATE_EXAMPLES)],
     request: Request,
     dataplane: DataPlaneDependency,
     principal: PrincipalDependency,
 ) -> GenerateResponse:
+    """Generate from a language model and answer every token at once, each with its
+    calibrated probability and conformal set of next tokens (`WS /v1/generate` streams them)."""
     tokens: list[dict[str, Any]] = []
     done: GenerationDone | None = None
     stream = generate(

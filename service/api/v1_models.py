@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 
+from models.imported import model_origin
 from models.repository import ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane, serialized
-from service.api.schemas.common import ErrorResponse
+from service.api.route_helpers import (
+    ACCESS_ERRORS,
+    TOO_LARGE,
+    error_doc,
+    get_dataplane,
+    serialized,
+)
 from service.api.schemas.models import (
+    PREDICT_EXAMPLES,
     BackendInfo,
     InputSpec,
     ModelInfo,
@@ -22,30 +29,27 @@ from service.api.schemas.models import (
     PredictResponse,
     Usage,
 )
+from service.api.schemas.parameters import ModelName, VersionQuery
 from service.dataplane.plane import DataPlane
-from service.dataplane.predictions import ConformalOptions, PredictionBatch
-
-IGNORED_SEED_WARNING = (
-    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
-    "prediction id, so that no request can steer coverage"
+from service.dataplane.predictions import (
+    IGNORED_SEED_WARNING,
+    ConformalOptions,
+    PredictionBatch,
 )
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=ACCESS_ERRORS)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
-_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "Unknown model or version."}
-}
+_NOT_FOUND = error_doc(404, "Unknown model or version.")
 _BAD_INPUT: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorResponse, "description": "Request body too large."},
-    422: {"model": ErrorResponse, "description": "Malformed input; the message says where."},
+    **TOO_LARGE,
+    **error_doc(422, "Malformed input; the message says where and how to fix it."),
 }
 _PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
-    409: {
-        "model": ErrorResponse,
-        "description": "The model is not calibrated on this backend (`neuroserve calibrate`).",
-    },
-    503: {"model": ErrorResponse, "description": "The backend cannot run on this server."},
+    **error_doc(409, "The model is not calibrated on this backend (`neuroserve calibrate`)."),
+    **error_doc(
+        503, "The backend cannot run on this server, or the model's artifact cannot be loaded."
+    ),
 }
 
 
@@ -54,13 +58,14 @@ def _summary(card: ModelCard, versions: list[str]) -> ModelSummary:
         name=card.name,
         task=card.config["task"],
         architecture=card.config["architecture"],
-        latest_version=versions[-1],
+        latest_version=card.version,  # the cards listed are the latest versions
         versions=versions,
     )
 
 
 @router.get("/models", response_model=ModelList, summary="List models")
 def list_models(dataplane: DataPlaneDependency) -> ModelList:
+    """Every model this server serves, with its task, architecture and versions."""
     cards = dataplane.list_models()
     return ModelList(models=[_summary(card, dataplane.versions(card.name)) for card in cards])
 
@@ -69,17 +74,17 @@ def list_models(dataplane: DataPlaneDependency) -> ModelList:
     "/models/{name}", response_model=ModelInfo, responses=_NOT_FOUND, summary="Describe a model"
 )
 def model_info(
-    name: str,
-    dataplane: DataPlaneDependency,
-    version: Annotated[str | None, Query(description="Version; the latest when omitted.")] = None,
+    name: ModelName, dataplane: DataPlaneDependency, version: VersionQuery = None
 ) -> ModelInfo:
+    """A model version's labels or vocabulary, input shape, metrics, provenance, and which
+    backends run it here with a calibration."""
     card = dataplane.card(name, version)
     config = card.config
     versions = dataplane.versions(name)
     return ModelInfo(
         name=card.name,
         version=card.version,
-        latest_version=versions[-1],
+        latest_version=dataplane.card(name).version,
         versions=versions,
         task=config["task"],
         architecture=config["architecture"],
@@ -89,6 +94,7 @@ def model_info(
         metrics=config.get("metrics") or {},
         dataset=config.get("dataset"),
         provenance=config.get("provenance") or {},
+        origin=model_origin(config),
         backends=[BackendInfo.model_validate(info) for info in dataplane.backend_infos(card)],
     )
 
@@ -113,7 +119,13 @@ def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictRes
     responses={**_NOT_FOUND, **_BAD_INPUT, **_PREDICT_ERRORS},
     summary="Predict on whole sequences",
 )
-async def predict(name: str, body: PredictRequest, request: Request) -> Response:
+async def predict(
+    name: ModelName,
+    body: Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)],
+    request: Request,
+) -> Response:
+    """Calibrated predictions with conformal prediction sets for a batch of whole sequences
+    (stateless; use sessions to feed a sequence step by step)."""
     # A hot route (service.api.fast_paths calls it directly): no dependencies.
     dataplane: DataPlane = request.app.state.dataplane
     conformal = ConformalOptions(

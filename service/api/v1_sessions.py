@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import error_doc, serialized
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, serialized
+from service.api.schemas.parameters import SessionId
 from service.api.schemas.sessions import (
+    SESSION_CREATE_EXAMPLES,
+    SESSION_STEP_EXAMPLES,
     SessionCreateRequest,
     SessionResponse,
     SessionStepRequest,
@@ -19,7 +22,7 @@ from service.api.schemas.sessions import (
 from service.sessions.plane import SessionManager
 from service.sessions.types import SessionInfo
 
-router = APIRouter(prefix="/v1", tags=["sessions"])
+router = APIRouter(prefix="/v1", tags=["sessions"], responses=ACCESS_ERRORS)
 
 
 async def get_sessions(request: Request) -> SessionManager:
@@ -34,11 +37,10 @@ _UNKNOWN = error_doc(404, "Unknown, deleted or expired session.")
 _CONFLICT = error_doc(
     409,
     "The session's stored state does not fit the model now served (redeployed with another "
-    "state shape), or it kept changing under concurrent writers; at create: early decisions "
-    "asked of a backend without a fitted rule.",
+    "state shape, or no longer serves its model), or it kept changing under concurrent writers.",
 )
 _UNAVAILABLE = error_doc(503, "The state store (or the backend) cannot serve right now.")
-_BAD_INPUT = error_doc(422, "Malformed input; the message says where.")
+_BAD_INPUT = {**TOO_LARGE, **error_doc(422, "Malformed input; the message says where.")}
 
 
 def _session_out(info: SessionInfo) -> SessionResponse:
@@ -59,20 +61,23 @@ def _session_out(info: SessionInfo) -> SessionResponse:
     )
 
 
-def _check_session_quota(request: Request, principal: Principal) -> None:
-    """429 when the key holds its limit of live sessions on this replica (keys only: open
-    mode has the server-wide NEUROSERVE_MAX_SESSIONS)."""
+async def _reserve_session(request: Request, principal: Principal) -> str | None:
+    """A place for one more session of the key, or 429 at its limit of live sessions
+    (counted across replicas with Redis: `service.api.limits`; keys only: open mode has the
+    server-wide NEUROSERVE_MAX_SESSIONS). None in open mode."""
     if principal.owner is None:
-        return
+        return None
     limit = request.app.state.settings.max_sessions_per_key
-    request.app.state.sessions_per_key.check(
+    return await request.app.state.sessions_per_key.reserve(
         principal.owner, limit, "live sessions", "NEUROSERVE_MAX_SESSIONS_PER_KEY"
     )
 
 
-def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
+async def _note_session(request: Request, principal: Principal, info: SessionInfo) -> None:
     if principal.owner is not None:
-        request.app.state.sessions_per_key.seen(principal.owner, info.session_id, info.expires_at)
+        await request.app.state.sessions_per_key.seen(
+            principal.owner, info.session_id, info.expires_at
+        )
 
 
 @router.post(
@@ -81,36 +86,47 @@ def _note_session(request: Request, principal: Principal, info: SessionInfo) -> 
     response_model=SessionResponse,
     responses={
         **error_doc(404, "Unknown model or version."),
+        **error_doc(409, "Early decisions asked of a model or backend without a calibrated rule."),
         **_BAD_INPUT,
         **error_doc(
-            429, "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY)."
+            429,
+            "The API key holds its limit of sessions (NEUROSERVE_MAX_SESSIONS_PER_KEY), or is "
+            "over its request rate (NEUROSERVE_RATE_LIMIT_PER_SECOND).",
         ),
         **_UNAVAILABLE,
     },
     summary="Start a session",
 )
 async def create_session(
-    body: SessionCreateRequest,
+    body: Annotated[SessionCreateRequest, Body(openapi_examples=SESSION_CREATE_EXAMPLES)],
     request: Request,
     sessions: SessionsDependency,
     principal: PrincipalDependency,
 ) -> SessionResponse:
+    """Open a stateful session on a model: its recurrent state is kept between steps, in the
+    server's state store, until deleted or idle for its TTL."""
     label_request(request, model=body.model, backend=body.backend)
-    _check_session_quota(request, principal)
-    info = await sessions.create(
-        owner=principal.owner,
-        model=body.model,
-        version=body.version,
-        backend=body.backend,
-        alpha=body.alpha,
-        score=body.score,
-        ttl_seconds=body.ttl_seconds,
-        options=body.options,
-        early_decision=(None if body.early_decision is None else body.early_decision.model_dump()),
-        online=body.online,
-        never_empty=body.never_empty,
-    )
-    _note_session(request, principal, info)
+    reservation = await _reserve_session(request, principal)
+    try:
+        info = await sessions.create(
+            owner=principal.owner,
+            model=body.model,
+            version=body.version,
+            backend=body.backend,
+            alpha=body.alpha,
+            score=body.score,
+            ttl_seconds=body.ttl_seconds,
+            options=body.options,
+            early_decision=(
+                None if body.early_decision is None else body.early_decision.model_dump()
+            ),
+            online=body.online,
+            never_empty=body.never_empty,
+        )
+        await _note_session(request, principal, info)
+    finally:
+        if reservation is not None:
+            await request.app.state.sessions_per_key.gone(principal.owner, reservation)
     return _session_out(info)
 
 
@@ -121,10 +137,14 @@ async def create_session(
     summary="Describe a session (counts as use: its TTL restarts)",
 )
 async def get_session(
-    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+    session_id: SessionId,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
 ) -> SessionResponse:
+    """The session's model, settings, steps consumed so far and expiry."""
     info = await sessions.get(session_id, owner=principal.owner)
-    _note_session(request, principal, info)
+    await _note_session(request, principal, info)
     label_request(request, model=info.model, backend=info.backend)
     return _session_out(info)
 
@@ -137,11 +157,15 @@ async def get_session(
     summary="End a session",
 )
 async def delete_session(
-    session_id: str, request: Request, sessions: SessionsDependency, principal: PrincipalDependency
+    session_id: SessionId,
+    request: Request,
+    sessions: SessionsDependency,
+    principal: PrincipalDependency,
 ) -> Response:
+    """Forget the session and its state now."""
     await sessions.delete(session_id, owner=principal.owner)
     if principal.owner is not None:
-        request.app.state.sessions_per_key.gone(principal.owner, session_id)
+        await request.app.state.sessions_per_key.gone(principal.owner, session_id)
     return Response(status_code=204)
 
 
@@ -151,7 +175,13 @@ async def delete_session(
     responses={**_UNKNOWN, **_CONFLICT, **_BAD_INPUT, **_UNAVAILABLE},
     summary="Feed the next chunk of the session's sequence",
 )
-async def step_session(session_id: str, body: SessionStepRequest, request: Request) -> Response:
+async def step_session(
+    session_id: SessionId,
+    body: Annotated[SessionStepRequest, Body(openapi_examples=SESSION_STEP_EXAMPLES)],
+    request: Request,
+) -> Response:
+    """Advance the session's state through the chunk and answer the prediction after its last
+    step (with an early decision where the session asked for one)."""
     # A hot route (service.api.fast_paths calls it directly): no dependencies, and the app's
     # objects straight from the request.
     sessions: SessionManager = request.app.state.sessions
@@ -159,6 +189,6 @@ async def step_session(session_id: str, body: SessionStepRequest, request: Reque
     outcome = await sessions.step(
         session_id, body.inputs, per_step=body.return_steps, owner=principal.owner
     )
-    _note_session(request, principal, outcome.info)
+    await _note_session(request, principal, outcome.info)
     label_request(request, model=outcome.info.model, backend=outcome.info.backend)
     return serialized(SessionStepResponse.of(outcome))

@@ -1,29 +1,28 @@
-"""Open Inference Protocol (KServe V2) routes: server and model metadata, health, inference.
+"""Open Inference Protocol (KServe V2) HTTP routes: server and model metadata, health,
+inference (JSON and the binary tensor data extension), and Triton's model configuration,
+repository index and statistics extensions.
 
 Live means the process answers; ready means start-up (model preload) has finished. Stock
 clients (`tritonclient.http`) only look at the status code: 200 for true, 503 for not ready.
 
-Inference (`POST /v2/models/{name}[/versions/{v}]/infer`) takes JSON tensors:
-- feature models: one input `input`, FP16/FP32/FP64 or INT*/UINT*, shape [N, T, F];
-- language models: one input `prompt`, BYTES, shape [N] (or [N, 1]) of prompt strings.
-Outputs, all returned unless the request's `outputs` names a subset:
-- `label` BYTES [N] (the label text, not its index: labels are strings in the model card),
-- `confidence` FP32 [N], `probabilities` FP32 [N, C] (in the order of the model's labels),
-- `prediction_set` BOOL [N, C] (membership of each label; only where the answer has a set),
-- `entropy` FP32 [N] (nats), `prediction_id` BYTES [N] (quote it in `POST /v1/feedback`).
-Request parameters: `alpha`, `score`, `backend`, and Triton's sequence parameters
-`sequence_id` (int or string; 0 and "" mean none), `sequence_start`, `sequence_end`, which
-map onto sessions (`service.api.v2_sequences`). Unknown parameters are ignored, as the
-protocol asks. Malformed requests get 400 with `{"error": "..."}`.
+Inference (`POST /v2/models/{name}[/versions/{v}]/infer`) decodes the request's tensors
+(`service.api.v2_codec`) and parameters (`service.api.v2_parameters`) and runs the
+protocol-independent core (`service.api.v2_infer.run_infer`), which documents the inputs
+and outputs. A body with the `Inference-Header-Content-Length` header is that many bytes of
+JSON followed by the binary inputs; outputs asked for as binary (`binary_data` per output,
+else the request's `binary_data_output`) follow the JSON part of the answer the same way.
+Malformed requests get 400 with `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
+import json
+import zlib
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -32,44 +31,116 @@ from starlette.concurrency import run_in_threadpool
 from models.repository import ArtifactError, ModelCard
 from service.api.auth import get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import get_dataplane
+from service.api.route_helpers import (
+    TOO_LARGE_DESCRIPTION,
+    V2_ACCESS_ERRORS,
+    error_doc,
+    get_dataplane,
+)
 from service.api.schemas.common import V2ErrorResponse
+from service.api.schemas.parameters import ModelName, VersionPath
 from service.api.schemas.v2 import (
+    V2_INFER_EXAMPLES,
+    V2_REPOSITORY_INDEX_EXAMPLES,
     Liveness,
     Readiness,
     ServerMetadata,
+    V2InferenceStatistics,
     V2InferRequest,
     V2InferResponse,
+    V2ModelConfig,
     V2ModelMetadata,
     V2ModelReady,
+    V2RepositoryIndexRequest,
+    V2RepositoryModel,
+    V2RequestedOutput,
     V2TensorMetadata,
 )
-from service.api.v2_codec import V2BadRequestError
-from service.api.v2_infer import (
-    FEATURES_INPUT,
-    PROMPT_INPUT,
-    conformal_options,
-    decoded_input,
-    encode_predictions,
-    feature_batch,
-    parse_parameters,
-    prompt_batch,
-    requested_outputs,
+from service.api.v2_codec import (
+    BINARY_HEADER,
+    BinaryTail,
+    V2BadRequestError,
+    binary_tensor,
+    decode_tensor,
+    json_tensor,
+    split_binary_body,
 )
-from service.api.v2_sequences import run_sequence_step
-from service.dataplane.plane import TORCH_BACKEND, DataPlane
-from service.errors import BadInputError, describe_validation_errors
+from service.api.v2_infer import InferAnswer, InferCall, run_infer
+from service.api.v2_inputs import input_name
+from service.api.v2_models import (
+    ServingLimits,
+    model_config,
+    model_statistics,
+    output_metadata,
+    repository_index,
+)
+from service.api.v2_parameters import parse_parameters
+from service.dataplane.plane import DataPlane
+from service.errors import BadInputError, PayloadTooLargeError, describe_validation_errors
+
+
+class _JsonPart(Request):
+    """A V2 request whose body is read as JSON whatever its Content-Type (clients send
+    `application/octet-stream` or none), cut to its JSON part when binary tensors follow
+    it; those wait in `state.binary_tail`. FastAPI then parses it as any other JSON body."""
+
+    def __init__(self, request: Request, json_part: bytes, tail: bytes | None) -> None:
+        headers = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"]
+        scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        super().__init__(scope, request.receive)
+        self._body = json_part
+        self.state.binary_tail = tail
+
+
+# Content-Encoding -> zlib's wbits for it (the stock client's request_compression_algorithm).
+_COMPRESSIONS = {"gzip": 31, "deflate": 15}
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body of a compressed request, at most `limit` bytes once inflated."""
+    if encoding.strip().lower() == "identity":
+        return body
+    wbits = _COMPRESSIONS.get(encoding.strip().lower())
+    if wbits is None:
+        raise V2BadRequestError(
+            f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or identity"
+        )
+    inflater = zlib.decompressobj(wbits=wbits)
+    try:
+        inflated = inflater.decompress(body, limit + 1)
+    except zlib.error as error:
+        raise V2BadRequestError(f"the body is not valid {encoding} data: {error}") from None
+    if len(inflated) > limit:
+        raise PayloadTooLargeError(
+            f"the decompressed body exceeds {limit} bytes (NEUROSERVE_MAX_REQUEST_BYTES)"
+        )
+    return inflated
+
+
+def _is_json(content_type: str | None) -> bool:
+    return content_type is None or content_type.split(";")[0].strip().endswith("json")
 
 
 class V2Route(APIRoute):
     """A route whose bad requests answer 400, the Open Inference Protocol's status for them
-    (the native API's 422 comes from the shared handlers; the body format is chosen there)."""
+    (the native API's 422 comes from the shared handlers; the body format is chosen there),
+    and whose body may carry binary tensors after its JSON."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def v2_handler(request: Request) -> Response:
             try:
+                header_length = request.headers.get(BINARY_HEADER)
+                encoding = request.headers.get("content-encoding")
+                plain_json = _is_json(request.headers.get("content-type"))
+                if header_length is not None or encoding is not None or not plain_json:
+                    body = await request.body()
+                    if encoding is not None:
+                        limit = request.app.state.settings.max_request_bytes
+                        body = _decompressed(body, encoding, limit)
+                    json_part, tail = split_binary_body(body, header_length)
+                    request = _JsonPart(request, json_part, tail)
                 return await handler(request)
             except RequestValidationError as error:
                 message = "invalid request: " + describe_validation_errors(error.errors())
@@ -85,12 +156,16 @@ router = APIRouter(prefix="/v2", tags=["v2"], route_class=V2Route, strict_conten
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 
 SERVER_NAME = "neuroserve"
-# Optional protocol extensions advertised: none. Triton's sequence parameters are honoured
-# (`service.api.v2_sequences`) without claiming the whole of Triton's sequence extension.
-EXTENSIONS: list[str] = []
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": V2ErrorResponse, "description": "Malformed request; the message says where."},
-    404: {"model": V2ErrorResponse, "description": "Unknown model, version or sequence."},
+# Triton's sequence parameters are honoured (`service.api.v2_sequences`) without claiming the
+# whole of its sequence extension (no implicit state tensors, no control inputs); of the
+# model repository extension only the index is offered, so it is not claimed either.
+EXTENSIONS: list[str] = ["binary_tensor_data", "model_configuration", "statistics"]
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model or version.", V2ErrorResponse),
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": V2ModelReady, "description": "Not loaded (yet), or its artifact is broken."}
 }
 
 
@@ -101,13 +176,17 @@ def server_version() -> str:
         return "0+unknown"
 
 
-@router.get("", response_model=ServerMetadata, summary="Server metadata")
+@router.get(
+    "", response_model=ServerMetadata, responses=V2_ACCESS_ERRORS, summary="Server metadata"
+)
 def server_metadata() -> ServerMetadata:
+    """The server's name, version and protocol extensions."""
     return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
 
 @router.get("/health/live", response_model=Liveness, summary="Liveness")
 def live() -> Liveness:
+    """200 while the process answers (open without an API key)."""
     return Liveness(live=True)
 
 
@@ -118,6 +197,8 @@ def live() -> Liveness:
     summary="Readiness",
 )
 def ready(request: Request) -> Readiness | JSONResponse:
+    """200 once start-up (model preload) has finished and the state store answers; 503
+    before (open without an API key)."""
     dataplane = getattr(request.app.state, "dataplane", None)
     is_ready = dataplane is not None and dataplane.ready
     if not is_ready:
@@ -125,26 +206,60 @@ def ready(request: Request) -> Readiness | JSONResponse:
     return Readiness(ready=True)
 
 
+# ---- inference statistics (before /models/{name}: "stats" is no model name here) -------------
+
+
+@router.get(
+    "/models/stats",
+    response_model=V2InferenceStatistics,
+    responses=V2_ACCESS_ERRORS,
+    summary="Inference statistics of every model",
+)
+def all_statistics(dataplane: DataPlaneDependency) -> dict[str, Any]:
+    """Per model version: successful and failed V2 inference requests (HTTP and gRPC) with
+    their summed durations, rows answered and the time of the last one, since start-up."""
+    return model_statistics(dataplane)
+
+
+@router.get(
+    "/models/{name}/stats",
+    response_model=V2InferenceStatistics,
+    responses=_NOT_FOUND,
+    summary="Inference statistics of a model",
+)
+def statistics_of_model(name: ModelName, dataplane: DataPlaneDependency) -> dict[str, Any]:
+    """Every version of one model; see `GET /v2/models/stats`."""
+    return model_statistics(dataplane, name)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/stats",
+    response_model=V2InferenceStatistics,
+    responses=_NOT_FOUND,
+    summary="Inference statistics of a model version",
+)
+def statistics_of_version(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
+) -> dict[str, Any]:
+    """One model version; see `GET /v2/models/stats`."""
+    return model_statistics(dataplane, name, version)
+
+
 # ---- model metadata and readiness -----------------------------------------------------------
 
 
 def _model_metadata(card: ModelCard, versions: list[str]) -> V2ModelMetadata:
     config = card.config
-    n_classes = len(
-        config["labels"] if config["task"] == "classification" else config["vocabulary"]
-    )
     if config["input"]["kind"] == "tokens":
-        inputs = [V2TensorMetadata(name=PROMPT_INPUT, datatype="BYTES", shape=[-1])]
+        inputs = [V2TensorMetadata(name=input_name(card), datatype="BYTES", shape=[-1])]
     else:
         features = int(config["input"]["features"])
-        inputs = [V2TensorMetadata(name=FEATURES_INPUT, datatype="FP32", shape=[-1, -1, features])]
+        inputs = [
+            V2TensorMetadata(name=input_name(card), datatype="FP32", shape=[-1, -1, features])
+        ]
     outputs = [
-        V2TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
-        V2TensorMetadata(name="confidence", datatype="FP32", shape=[-1]),
-        V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, n_classes]),
-        V2TensorMetadata(name="prediction_set", datatype="BOOL", shape=[-1, n_classes]),
-        V2TensorMetadata(name="entropy", datatype="FP32", shape=[-1]),
-        V2TensorMetadata(name="prediction_id", datatype="BYTES", shape=[-1]),
+        V2TensorMetadata(name=name, datatype=datatype, shape=shape)
+        for name, datatype, shape in output_metadata(card)
     ]
     return V2ModelMetadata(
         name=card.name,
@@ -156,38 +271,57 @@ def _model_metadata(card: ModelCard, versions: list[str]) -> V2ModelMetadata:
 
 
 @router.get(
-    "/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model metadata"
+    "/models/{name}", response_model=V2ModelMetadata, responses=_NOT_FOUND, summary="Model metadata"
 )
+def model_metadata(name: ModelName, dataplane: DataPlaneDependency) -> V2ModelMetadata:
+    """The latest version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name), dataplane.versions(name))
+
+
 @router.get(
     "/models/{name}/versions/{version}",
     response_model=V2ModelMetadata,
-    responses=_ERRORS,
+    responses=_NOT_FOUND,
     summary="Model version metadata",
 )
-def model_metadata(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+def model_version_metadata(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelMetadata:
-    card = dataplane.card(name, version)
-    return _model_metadata(card, dataplane.versions(name))
+    """One version's input and output tensors (names, datatypes, shapes)."""
+    return _model_metadata(dataplane.card(name, version), dataplane.versions(name))
 
 
 @router.get(
     "/models/{name}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model readiness",
 )
+async def model_ready(
+    name: ModelName, dataplane: DataPlaneDependency
+) -> V2ModelReady | JSONResponse:
+    """200 once the server has started and the latest version loads; 503 while starting up or
+    when its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, None)
+
+
 @router.get(
     "/models/{name}/versions/{version}/ready",
     response_model=V2ModelReady,
-    responses={**_ERRORS, 503: {"model": V2ModelReady, "description": "Not loaded (yet)."}},
+    responses={**_NOT_FOUND, **_NOT_READY},
     summary="Model version readiness",
 )
-async def model_ready(
-    name: str, dataplane: DataPlaneDependency, version: str | None = None
+async def model_version_ready(
+    name: ModelName, version: VersionPath, dataplane: DataPlaneDependency
 ) -> V2ModelReady | JSONResponse:
-    """200 once the server has started and the model loads; 503 while starting up or when its
-    artifact is broken (the server log says why); 404 for an unknown model or version."""
+    """200 once the server has started and this version loads; 503 while starting up or when
+    its artifact is broken (the server log says why)."""
+    return await _model_ready(dataplane, name, version)
+
+
+async def _model_ready(
+    dataplane: DataPlane, name: str, version: str | None
+) -> V2ModelReady | JSONResponse:
     card = dataplane.card(name, version)
     answer = V2ModelReady(name=card.name, version=card.version, ready=False)
     if not dataplane.ready:
@@ -201,95 +335,215 @@ async def model_ready(
 
 # ---- inference ------------------------------------------------------------------------------
 
+_OUTPUT_PARAMETERS = ("binary_data",)
+
+
+def _binary_outputs(outputs: list[V2RequestedOutput] | None, default: bool) -> set[str] | bool:
+    """Which outputs go back as binary data: the names whose `binary_data` says so (else
+    `default`, the request's `binary_data_output`); True for every output when the request
+    names none and asked for binary output."""
+    if outputs is None:
+        return default
+    binary = set()
+    for i, output in enumerate(outputs):
+        parameters = output.parameters or {}
+        unknown = sorted(set(parameters) - set(_OUTPUT_PARAMETERS))
+        if unknown:
+            reason = (
+                "; Triton's classification extension is not offered (the label, "
+                "probabilities and prediction_set outputs carry it)"
+                if "classification" in unknown
+                else "; shared memory is not offered"
+                if any(key.startswith("shared_memory") for key in unknown)
+                else ""
+            )
+            raise V2BadRequestError(
+                f"outputs[{i}] ({output.name!r}).parameters {unknown} not supported{reason} "
+                "(an output takes only binary_data)"
+            )
+        choice = parameters.get("binary_data", default)
+        if not isinstance(choice, bool):
+            raise V2BadRequestError(
+                f"outputs[{i}] ({output.name!r}).parameters.binary_data must be true or false"
+            )
+        if choice:
+            binary.add(output.name)
+    return binary
+
+
+def _infer_response(
+    answer: InferAnswer, request_id: str | None, binary: set[str] | bool
+) -> Response:
+    """The answer as JSON, or as JSON followed by the binary outputs' bytes."""
+    head: dict[str, Any] = {"model_name": answer.model, "model_version": answer.version}
+    if request_id is not None:
+        head["id"] = request_id
+    if answer.parameters:
+        head["parameters"] = answer.parameters
+    tails: list[bytes] = []
+    entries = []
+    for tensor in answer.outputs:
+        if binary is True or (isinstance(binary, set) and tensor.name in binary):
+            entry, raw = binary_tensor(tensor)
+            tails.append(raw)
+            entries.append(entry)
+        else:
+            entries.append(json_tensor(tensor))
+    head["outputs"] = entries
+    if not tails:
+        return JSONResponse(head)
+    json_part = json.dumps(head, separators=(",", ":")).encode()
+    return Response(
+        json_part + b"".join(tails),
+        media_type="application/octet-stream",
+        headers={BINARY_HEADER: str(len(json_part))},
+    )
+
 
 async def _infer(
-    request: Request,
-    body: V2InferRequest,
-    dataplane: DataPlane,
-    name: str,
-    version: str | None,
-) -> JSONResponse:
-    if "inference-header-content-length" in request.headers:
-        raise V2BadRequestError(
-            "the binary tensor data extension is not supported: send JSON tensors "
-            "(tritonclient: set_data_from_numpy(..., binary_data=False))"
-        )
-    card = dataplane.card(name, version)
+    request: Request, body: V2InferRequest, name: str, version: str | None
+) -> Response:
+    """The infer routes' work. They are hot routes (`service.api.fast_paths`): a JSON request
+    may reach them without FastAPI's layers or `V2Route`'s handler, so the app's objects come
+    from the request and a bad input is a 400 here, as `V2Route` makes it."""
+    try:
+        return await _answer_infer(request, body, name, version)
+    except BadInputError as error:
+        raise V2BadRequestError(error.message) from None
+
+
+async def _answer_infer(
+    request: Request, body: V2InferRequest, name: str, version: str | None
+) -> Response:
+    tail = getattr(request.state, "binary_tail", None)
+    binary_part = BinaryTail(tail) if tail is not None else None
+    if not isinstance(body.inputs, list) or not body.inputs:
+        raise V2BadRequestError("inputs must be a non-empty list of tensors")
+    inputs = [
+        decode_tensor(tensor, f"inputs[{i}]", binary_part) for i, tensor in enumerate(body.inputs)
+    ]
+    if binary_part is not None:
+        binary_part.check_consumed()
     params = parse_parameters(body.parameters)
-    tokens = card.config["input"]["kind"] == "tokens"
-    labels = card.config["vocabulary"] if tokens else card.config["labels"]
-    tensor = decoded_input(body.inputs, PROMPT_INPUT if tokens else FEATURES_INPUT)
-    requested = requested_outputs(body.outputs)
-    backend = params.backend or TORCH_BACKEND
-    response_parameters: dict[str, Any] = {}
-    if params.sequence_id is not None:
-        predictions, response_parameters = await run_sequence_step(
-            request, dataplane, card, tensor, params, params.sequence_id, version
-        )
-    else:
-        inputs: Any = (
-            prompt_batch(tensor)
-            if tokens
-            else feature_batch(tensor, int(card.config["input"]["features"])).tolist()
-        )
-        batch = await dataplane.predict(
-            card.name,
-            inputs,
-            version=card.version,
-            backend=backend,
-            conformal=conformal_options(params, None, None),
-            owner=get_principal(request).owner,
-        )
-        predictions = batch.predictions
-        label_request(request, model=card.name, backend=backend)
-
-    def describe_uncalibrated() -> str:
-        return (
-            f"no prediction_set: model {card.name!r} version {card.version} has no calibration "
-            f"for backend {backend!r}; run `neuroserve calibrate {card.name} --backend {backend}`"
-        )
-
-    outputs = encode_predictions(
-        predictions, labels, requested, body.outputs is not None, describe_uncalibrated
+    binary = _binary_outputs(body.outputs, params.binary_data_output)
+    call = InferCall(
+        model=name,
+        version=version,
+        inputs=inputs,
+        parameters=params,
+        outputs=None if body.outputs is None else [output.name for output in body.outputs],
+        owner=get_principal(request).owner,
     )
-    answer: dict[str, Any] = {"model_name": card.name, "model_version": card.version}
-    if body.id is not None:
-        answer["id"] = body.id
-    if response_parameters:
-        answer["parameters"] = response_parameters
-    answer["outputs"] = outputs
-    return JSONResponse(answer)
+    state = request.app.state
+    answer = await run_infer(state.dataplane, getattr(state, "sessions", None), call)
+    label_request(request, model=answer.model, backend=answer.backend)
+    return _infer_response(answer, body.id, binary)
 
 
 _INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    **_ERRORS,
-    409: {"model": V2ErrorResponse, "description": "Sequence already open / not calibrated."},
+    200: {
+        "description": (
+            "JSON; or, when outputs are asked for as binary data, the JSON part (its byte "
+            "length in the Inference-Header-Content-Length header) followed by their bytes."
+        ),
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
+    **V2_ACCESS_ERRORS,
+    **error_doc(404, "Unknown model, version or sequence.", V2ErrorResponse),
+    **error_doc(409, "No prediction set: not calibrated on the backend.", V2ErrorResponse),
+    **error_doc(413, TOO_LARGE_DESCRIPTION, V2ErrorResponse),
+    **error_doc(503, "The model's artifact or the state store cannot serve now.", V2ErrorResponse),
 }
+InferBody = Annotated[V2InferRequest, Body(openapi_examples=V2_INFER_EXAMPLES)]
 
 
 @router.post(
     "/models/{name}/infer",
     response_model=V2InferResponse,
     responses=_INFER_RESPONSES,
-    summary="Inference (JSON tensors)",
+    summary="Inference (JSON or binary tensors)",
 )
-async def infer(
-    name: str, body: V2InferRequest, request: Request, dataplane: DataPlaneDependency
-) -> JSONResponse:
-    return await _infer(request, body, dataplane, name, None)
+async def infer(name: ModelName, body: InferBody, request: Request) -> Response:
+    """Calibrated predictions with conformal prediction sets, from JSON tensors or the binary
+    tensor data extension (the default of `tritonclient.http`: the JSON part's byte length in
+    `Inference-Header-Content-Length`, binary inputs marked by `parameters.binary_data_size`).
+    Outputs: label, confidence, probabilities, prediction_set, set_size, abstain, entropy,
+    prediction_id. Every `/v1` predict option is a parameter; Triton's sequence parameters
+    feed a session step by step (docs/V2_PROTOCOL.md)."""
+    return await _infer(request, body, name, None)
 
 
 @router.post(
     "/models/{name}/versions/{version}/infer",
     response_model=V2InferResponse,
     responses=_INFER_RESPONSES,
-    summary="Inference on one model version (JSON tensors)",
+    summary="Inference on one model version (JSON or binary tensors)",
 )
 async def infer_version(
-    name: str,
-    version: str,
-    body: V2InferRequest,
-    request: Request,
+    name: ModelName, version: VersionPath, body: InferBody, request: Request
+) -> Response:
+    """Inference on one model version (see the route without `/versions/{version}`)."""
+    return await _infer(request, body, name, version)
+
+
+# ---- model configuration and repository index -----------------------------------------------
+
+
+def serving_limits(request: Request) -> ServingLimits:
+    settings = request.app.state.settings
+    return ServingLimits(
+        max_batch_size=settings.max_batch_size,
+        session_ttl_seconds=settings.session_ttl_seconds,
+        batch_window_ms=settings.batch_window_ms,
+    )
+
+
+@router.get(
+    "/models/{name}/config",
+    response_model=V2ModelConfig,
+    responses=_NOT_FOUND,
+    summary="Model configuration",
+)
+def model_configuration(
+    name: ModelName, request: Request, dataplane: DataPlaneDependency
+) -> dict[str, Any]:
+    """Triton's model configuration of the latest version: inputs and outputs with their data
+    types and dims (batch dimension left out), `max_batch_size`, and `sequence_batching`
+    (every model is stateful)."""
+    return model_config(dataplane.card(name), serving_limits(request))
+
+
+@router.get(
+    "/models/{name}/versions/{version}/config",
+    response_model=V2ModelConfig,
+    responses=_NOT_FOUND,
+    summary="Model version configuration",
+)
+def model_version_configuration(
+    name: ModelName, version: VersionPath, request: Request, dataplane: DataPlaneDependency
+) -> dict[str, Any]:
+    """Triton's model configuration of one model version."""
+    return model_config(dataplane.card(name, version), serving_limits(request))
+
+
+@router.post(
+    "/repository/index",
+    response_model=list[V2RepositoryModel],
+    responses={
+        **error_doc(400, "Malformed request; the message says where.", V2ErrorResponse),
+        **V2_ACCESS_ERRORS,
+    },
+    summary="Model repository index",
+)
+async def repository_index_route(
     dataplane: DataPlaneDependency,
-) -> JSONResponse:
-    return await _infer(request, body, dataplane, name, version)
+    body: Annotated[
+        V2RepositoryIndexRequest | None, Body(openapi_examples=V2_REPOSITORY_INDEX_EXAMPLES)
+    ] = None,
+) -> list[dict[str, Any]]:
+    """Every version of every model: READY when it loads, UNAVAILABLE (with the reason) when
+    its artifact is broken. `{"ready": true}` lists only the ready ones; the body may be
+    empty."""
+    ready_only = body is not None and body.ready
+    return await run_in_threadpool(repository_index, dataplane, ready_only)

@@ -1,4 +1,5 @@
-"""Open Inference Protocol (KServe V2) JSON tensors: decoding, validation and encoding.
+"""Open Inference Protocol (KServe V2) tensors: decoding, validation and encoding, in the JSON
+form and in the binary tensor data extension.
 
 A V2 JSON tensor is `{"name", "datatype", "shape", "data"}`. `data` holds the elements in
 row-major order, either flat (`[1, 2, 3, 4]` for shape [2, 2]) or nested like the shape
@@ -8,14 +9,23 @@ element count match the shape, every element has the datatype's JSON type (numbe
 FP*/INT*/UINT*, true/false for BOOL, strings for BYTES), integers fit their type, and
 floats are finite and fit their width (`NaN`, which Python's JSON parser accepts, is named).
 
+Binary tensors (Triton's binary tensor data extension, the default of `tritonclient.http`):
+the HTTP body is the JSON request followed by raw tensor bytes, the JSON's length in bytes in
+the `Inference-Header-Content-Length` header. A binary input has
+`parameters.binary_data_size` (its byte count) and no `data`; the tensors' bytes follow one
+another in the order of the inputs. Raw bytes are little-endian, row-major, without padding:
+a BOOL is one byte (0 or 1), a BYTES element a 4-byte little-endian length and its bytes, a
+BF16 the top half of a float32. gRPC's `raw_input_contents` / `raw_output_contents` use the
+same layout, so `decode_raw_tensor` and `tensor_bytes` serve both protocols.
+
 Every problem raises `V2BadRequestError` (HTTP 400, body `{"error": "..."}`), the status the
-protocol uses for a malformed request. Only the JSON form is supported: the binary tensor
-data extension (`Inference-Header-Content-Length`) is refused with a message saying so.
+protocol uses for a malformed request.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +46,20 @@ INT_TYPES: dict[str, Any] = {
     "UINT64": np.uint64,
 }
 NUMERIC_TYPES = (*FLOAT_TYPES, *INT_TYPES)
-DATATYPES = (*NUMERIC_TYPES, "BOOL", "BYTES")
+# BF16 has no JSON form and no numpy type: binary only, widened to float32 on decoding.
+DATATYPES = (*NUMERIC_TYPES, "BF16", "BOOL", "BYTES")
+# Raw layouts of the binary form: little-endian, the datatype's native width.
+RAW_DTYPES: dict[str, np.dtype] = {
+    **{
+        name: np.dtype(kind).newbyteorder("<")
+        for name, kind in {**FLOAT_TYPES, **INT_TYPES}.items()
+    },
+    "BF16": np.dtype("<u2"),
+    "BOOL": np.dtype("u1"),
+}
+BINARY_HEADER = "Inference-Header-Content-Length"
+BINARY_SIZE = "binary_data_size"
+_BYTES_LENGTH = struct.Struct("<I")  # the 4-byte length before each BYTES element
 # JSON floats/integers (bool is a separate Python type, so true/false are not numbers here).
 _NUMBER_TYPES = {int, float}
 _SHOWN_PROBLEMS = 3
@@ -62,8 +85,53 @@ class DecodedTensor:
 # ---- decoding -------------------------------------------------------------------------------
 
 
-def decode_tensor(tensor: Any, where: str) -> DecodedTensor:
-    """One request tensor (already JSON-parsed) as a checked `DecodedTensor`.
+class BinaryTail:
+    """The raw bytes after a request's JSON header, handed out tensor by tensor in order."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.offset = 0
+
+    def take(self, size: int, where: str) -> bytes:
+        if self.offset + size > len(self.data):
+            left = len(self.data) - self.offset
+            raise V2BadRequestError(
+                f"{where}.parameters.{BINARY_SIZE} is {size} but only {left} bytes of binary "
+                "data are left after the JSON header"
+            )
+        chunk = bytes(self.data[self.offset : self.offset + size])
+        self.offset += size
+        return chunk
+
+    def check_consumed(self) -> None:
+        left = len(self.data) - self.offset
+        if left:
+            raise V2BadRequestError(
+                f"the request has {left} bytes of binary data that no input's "
+                f"parameters.{BINARY_SIZE} accounts for ({BINARY_HEADER} may be wrong)"
+            )
+
+
+def split_binary_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes | None]:
+    """(JSON header, binary tail) of an HTTP request body; a body without the
+    `Inference-Header-Content-Length` header is all JSON (tail None)."""
+    if header_length is None:
+        return body, None
+    try:
+        length = int(header_length)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= len(body):
+        raise V2BadRequestError(
+            f"header {BINARY_HEADER} is {header_length!r}: it must be the byte length of the "
+            f"JSON part, between 0 and the body's {len(body)} bytes"
+        )
+    return body[:length], body[length:]
+
+
+def decode_tensor(tensor: Any, where: str, binary: BinaryTail | None = None) -> DecodedTensor:
+    """One request tensor (already JSON-parsed) as a checked `DecodedTensor`; a tensor with
+    `parameters.binary_data_size` takes its bytes from `binary`, the request's binary tail.
 
     `where` names the tensor in messages, e.g. "inputs[0]".
     """
@@ -79,10 +147,25 @@ def decode_tensor(tensor: Any, where: str) -> DecodedTensor:
             f"{where}.datatype {datatype!r} is not a V2 datatype; use one of {list(DATATYPES)}"
         )
     shape = _checked_shape(tensor.get("shape"), where)
+    size = _binary_size(tensor.get("parameters"), where)
+    if size is not None:
+        if "data" in tensor:
+            raise V2BadRequestError(
+                f"{where} has both data and parameters.{BINARY_SIZE}: send one or the other"
+            )
+        if binary is None:
+            raise V2BadRequestError(
+                f"{where} has parameters.{BINARY_SIZE} but the request has no binary part: "
+                f"send the {BINARY_HEADER} header with the byte length of the JSON part"
+            )
+        return decode_raw_tensor(name, datatype, shape, binary.take(size, where), where)
     if "data" not in tensor:
         raise V2BadRequestError(
-            f"{where} has no data; only the JSON tensor form is supported (send data inline)"
+            f"{where} has no data: send it inline as JSON, or as binary data with "
+            f"parameters.{BINARY_SIZE}"
         )
+    if datatype == "BF16":
+        raise V2BadRequestError(f"{where}: BF16 has no JSON form; send it as binary data")
     flat = flatten_data(tensor["data"], shape, where)
     if datatype == "BYTES":
         return DecodedTensor(name, datatype, shape, _checked_strings(flat, where))
@@ -94,6 +177,95 @@ def decode_tensor(tensor: Any, where: str) -> DecodedTensor:
         return DecodedTensor(name, datatype, shape, _checked_ints(flat, datatype, where, shape))
     _check_element_types(flat, _NUMBER_TYPES, "numbers", where)
     return DecodedTensor(name, datatype, shape, _checked_floats(flat, datatype, where, shape))
+
+
+def _binary_size(parameters: Any, where: str) -> int | None:
+    """The tensor's `binary_data_size`, or None for a JSON tensor; other tensor parameters
+    (Triton's shared memory) are refused by name."""
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        raise V2BadRequestError(f"{where}.parameters must be an object")
+    unknown = sorted(set(parameters) - {BINARY_SIZE})
+    if unknown:
+        shared = any(key.startswith("shared_memory") for key in unknown)
+        raise V2BadRequestError(
+            f"{where}.parameters {unknown} not supported"
+            + ("; shared memory is not offered: send the data in the request" if shared else "")
+            + f" (an input tensor takes only {BINARY_SIZE})"
+        )
+    size = parameters.get(BINARY_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise V2BadRequestError(
+            f"{where}.parameters.{BINARY_SIZE} must be a non-negative integer, got {size!r}"
+        )
+    return size
+
+
+def decode_raw_tensor(
+    name: str, datatype: str, shape: Sequence[int], raw: bytes, where: str
+) -> DecodedTensor:
+    """A tensor from its raw bytes (HTTP binary data or gRPC `raw_input_contents`), checked:
+    the byte count fits the shape, floats are finite, BOOLs are 0 or 1, BYTES elements are
+    well framed UTF-8 text (prompts are text)."""
+    shape = tuple(shape)
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return DecodedTensor(name, datatype, shape, _raw_strings(raw, count, where))
+    if datatype not in RAW_DTYPES:
+        raise V2BadRequestError(f"{where}.datatype {datatype!r} is not a V2 datatype")
+    dtype = RAW_DTYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise V2BadRequestError(
+            f"{where} has {len(raw)} bytes of binary data but shape {list(shape)} of "
+            f"{datatype} needs {count * dtype.itemsize}"
+        )
+    values = np.frombuffer(raw, dtype=dtype)  # [prod(shape)]
+    if datatype == "BOOL":
+        if (values > 1).any():
+            i = int(np.argmax(values > 1))
+            raise V2BadRequestError(
+                f"{where} BOOL element {i} is the byte {int(values[i])}: BOOL bytes are 0 or 1"
+            )
+        return DecodedTensor(name, datatype, shape, values.astype(bool).reshape(shape))
+    if datatype in INT_TYPES:
+        wide = np.uint64 if datatype == "UINT64" else np.int64
+        return DecodedTensor(name, datatype, shape, values.astype(wide).reshape(shape))
+    if datatype == "BF16":
+        values = (values.astype(np.uint32) << 16).view(np.float32)  # bfloat16 = top of float32
+    floats = values.astype(np.float64)
+    finite = np.isfinite(floats)
+    if not finite.all():
+        i = int(np.argmin(finite))
+        raise V2BadRequestError(
+            f"{where} element {i} is {floats[i]}: values must be finite numbers"
+        )
+    return DecodedTensor(name, datatype, shape, floats.reshape(shape))
+
+
+def _raw_strings(raw: bytes, count: int, where: str) -> list[str]:
+    """`count` BYTES elements, each a 4-byte little-endian length and that many bytes."""
+    strings, offset = [], 0
+    for i in range(count):
+        if offset + _BYTES_LENGTH.size > len(raw):
+            raise V2BadRequestError(f"{where} binary BYTES data ends after {i} of {count} elements")
+        (length,) = _BYTES_LENGTH.unpack_from(raw, offset)
+        offset += _BYTES_LENGTH.size
+        if offset + length > len(raw):
+            raise V2BadRequestError(
+                f"{where} binary BYTES element {i} claims {length} bytes; only "
+                f"{len(raw) - offset} are left"
+            )
+        try:
+            strings.append(raw[offset : offset + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise V2BadRequestError(f"{where} BYTES element {i} is not UTF-8 text") from None
+        offset += length
+    if offset != len(raw):
+        raise V2BadRequestError(
+            f"{where} binary BYTES data has {len(raw) - offset} bytes after its {count} elements"
+        )
+    return strings
 
 
 def _checked_shape(shape: Any, where: str) -> tuple[int, ...]:
@@ -193,25 +365,67 @@ def _checked_floats(elements: list[float], datatype: str, where: str, shape: tup
 # ---- encoding -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OutputTensor:
+    """A response tensor before it meets a wire: the HTTP JSON form (`encode_tensor`), the
+    HTTP binary form and gRPC's `raw_output_contents` (`tensor_bytes`) are built from it."""
+
+    name: str
+    datatype: str
+    values: np.ndarray | list[str]  # an array of the datatype for numbers/BOOL; str for BYTES
+
+    @property
+    def shape(self) -> list[int]:
+        if isinstance(self.values, list):
+            return [len(self.values)]
+        return list(self.values.shape)
+
+
+def output_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> OutputTensor:
+    """`values` cast to `datatype` (BYTES: a list of str)."""
+    if datatype not in DATATYPES or datatype == "BF16":
+        raise ValueError(f"unknown output datatype {datatype!r}")
+    if datatype == "BYTES":
+        return OutputTensor(name, datatype, [str(value) for value in values])
+    array = np.asarray(values)
+    if datatype == "BOOL":
+        return OutputTensor(name, datatype, array.astype(bool))
+    return OutputTensor(name, datatype, array.astype({**FLOAT_TYPES, **INT_TYPES}[datatype]))
+
+
 def encode_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> dict[str, Any]:
     """A response tensor in the JSON form: flat row-major `data` plus its `shape`."""
-    if datatype not in DATATYPES:
-        raise ValueError(f"unknown V2 datatype {datatype!r}")
-    if datatype == "BYTES":
-        strings = list(values)
-        return {"name": name, "datatype": datatype, "shape": [len(strings)], "data": strings}
-    array = np.asarray(values)
-    if datatype in FLOAT_TYPES:
-        array = array.astype(FLOAT_TYPES[datatype])
-    elif datatype in INT_TYPES:
-        array = array.astype(INT_TYPES[datatype])
+    return json_tensor(output_tensor(name, datatype, values))
+
+
+def json_tensor(tensor: OutputTensor) -> dict[str, Any]:
+    """The JSON form of a response tensor: flat row-major `data` and its `shape`."""
+    if isinstance(tensor.values, list):
+        data: list[Any] = tensor.values
     else:
-        array = array.astype(bool)
-    # tolist() turns float32 into the Python float of the same value, so clients that parse
-    # into FP32 get back exactly the server's numbers.
-    return {
-        "name": name,
-        "datatype": datatype,
-        "shape": list(array.shape),
-        "data": array.reshape(-1).tolist(),
+        # tolist() turns float32 into the Python float of the same value, so clients that
+        # parse into FP32 get back exactly the server's numbers.
+        data = tensor.values.reshape(-1).tolist()
+    return {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape, "data": data}
+
+
+def tensor_bytes(tensor: OutputTensor) -> bytes:
+    """The raw bytes of a response tensor: the binary tensor data extension's layout, which
+    is also gRPC's `raw_output_contents`."""
+    if isinstance(tensor.values, list):
+        encoded = [text.encode("utf-8") for text in tensor.values]
+        return b"".join(_BYTES_LENGTH.pack(len(item)) + item for item in encoded)
+    return np.ascontiguousarray(tensor.values, dtype=RAW_DTYPES[tensor.datatype]).tobytes()
+
+
+def binary_tensor(tensor: OutputTensor) -> tuple[dict[str, Any], bytes]:
+    """The binary form of a response tensor: its JSON entry (no data, the byte count in
+    `parameters.binary_data_size`) and the bytes that follow the JSON header."""
+    raw = tensor_bytes(tensor)
+    entry = {
+        "name": tensor.name,
+        "datatype": tensor.datatype,
+        "shape": tensor.shape,
+        "parameters": {BINARY_SIZE: len(raw)},
     }
+    return entry, raw

@@ -1,197 +1,223 @@
-"""An Open Inference Protocol inference request, checked: its parameters, its one input
-tensor and the outputs it asks for; and the output tensors its predictions are encoded as.
-The routes (`service.api.v2`) document the inputs, outputs and parameters."""
+"""Open Inference Protocol inference, whatever the protocol: a checked request
+(`InferCall`: decoded input tensors, parsed parameters, the outputs asked for) runs on the
+data plane, or as one step of a Triton sequence on the session plane, and answers output
+tensors (`InferAnswer`). HTTP (`service.api.v2`) and gRPC build the call from their wire
+format and encode the answer back into it; `run_infer` is all they share.
+
+Outputs, all returned unless the request names a subset:
+- `label` BYTES [N] (the label text), `confidence` FP32 [N], `probabilities` FP32 [N, C]
+  (in the order of the model's labels), `entropy` FP32 [N] (nats),
+- `prediction_set` BOOL [N, C] (membership of each label), `set_size` INT32 [N] and
+  `abstain` BOOL [N] (the set does not single out one label): calibrated answers only,
+- `prediction_id` BYTES [N] (quote it in `POST /v1/feedback`).
+"""
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from calibration.checks import check_alpha
-from service.api.v2_codec import DecodedTensor, V2BadRequestError, decode_tensor, encode_tensor
-from service.dataplane.predictions import ClassPrediction, ConformalOptions
-from service.errors import NotCalibratedError, value_errors_as
+from models.repository import ModelCard
+from service.api.v2_codec import DecodedTensor, OutputTensor, V2BadRequestError, output_tensor
+from service.api.v2_inputs import feature_batch, input_name, prompt_batch, single_input
+from service.api.v2_parameters import InferParameters
+from service.api.v2_sequences import run_sequence_step
+from service.dataplane.plane import TORCH_BACKEND, DataPlane
+from service.dataplane.predictions import (
+    IGNORED_SEED_WARNING,
+    ClassPrediction,
+    ConformalOptions,
+)
+from service.errors import NotCalibratedError
 
-FEATURES_INPUT = "input"
-PROMPT_INPUT = "prompt"
-OUTPUTS = ("label", "confidence", "probabilities", "prediction_set", "entropy", "prediction_id")
-_SEQUENCE_ID_TEXT = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Output -> (datatype, whether it has one value per label): shape [N] or [N, C].
+OUTPUT_TYPES: dict[str, tuple[str, bool]] = {
+    "label": ("BYTES", False),
+    "confidence": ("FP32", False),
+    "probabilities": ("FP32", True),
+    "prediction_set": ("BOOL", True),
+    "set_size": ("INT32", False),
+    "abstain": ("BOOL", False),
+    "entropy": ("FP32", False),
+    "prediction_id": ("BYTES", False),
+}
+OUTPUTS = tuple(OUTPUT_TYPES)
+# Outputs only a calibrated answer has (an uncalibrated one carries no set).
+SET_OUTPUTS = ("prediction_set", "set_size", "abstain")
 
 
 @dataclass(frozen=True)
-class InferParameters:
-    alpha: float | None
-    score: str | None
-    backend: str | None
-    sequence_id: int | str | None  # None: a stateless request
-    sequence_start: bool
-    sequence_end: bool
-    never_empty: bool | None = None  # None: the server's default (never empty)
+class InferCall:
+    """One inference request, decoded from its protocol."""
+
+    model: str
+    version: str | None  # from the URL (HTTP) or `model_version` (gRPC); None: the latest
+    inputs: Sequence[DecodedTensor]
+    parameters: InferParameters
+    outputs: Sequence[str] | None = None  # the outputs asked for, in order; None: all
+    owner: str | None = None  # the API key's owner: sequences and feedback belong to it
 
 
-def parse_parameters(parameters: dict[str, Any] | None) -> InferParameters:
-    """The request parameters we use, type-checked; every other parameter is ignored."""
-    parameters = parameters or {}
-    alpha = parameters.get("alpha")
-    if alpha is not None:
-        with value_errors_as(V2BadRequestError, prefix="parameters."):
-            check_alpha(alpha)
-    for key in ("score", "backend"):
-        value = parameters.get(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise V2BadRequestError(f"parameters.{key} must be a non-empty string, got {value!r}")
-    sequence_id = parameters.get("sequence_id")
-    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str | None):
-        raise V2BadRequestError(
-            f"parameters.sequence_id must be an integer or a string, got {sequence_id!r}"
+@dataclass(frozen=True)
+class InferAnswer:
+    model: str
+    version: str
+    backend: str
+    outputs: list[OutputTensor]
+    parameters: dict[str, Any] = field(default_factory=dict)  # sequence_id / _step, warnings
+
+
+async def run_infer(dataplane: DataPlane, sessions: Any, call: InferCall) -> InferAnswer:
+    """Answer one inference request (`sessions`: the session manager, for sequences; None
+    refuses them). Counted in the model's inference statistics, success or failure."""
+    card = dataplane.card(call.model, call.version)
+    started = time.perf_counter_ns()
+    try:
+        answer = await _answer(dataplane, sessions, card, call)
+    except Exception:
+        dataplane.statistics.record(
+            card.name, card.version, ok=False, nanoseconds=time.perf_counter_ns() - started
         )
-    if isinstance(sequence_id, int) and sequence_id < 0:
-        raise V2BadRequestError(f"parameters.sequence_id must be >= 0, got {sequence_id}")
-    if (
-        isinstance(sequence_id, str)
-        and sequence_id
-        and not _SEQUENCE_ID_TEXT.fullmatch(sequence_id)
-    ):
-        raise V2BadRequestError(
-            f"parameters.sequence_id {sequence_id!r} must be 1-128 letters, digits, '.', '_', "
-            "':' or '-'"
-        )
-    never_empty = parameters.get("never_empty")
-    if never_empty is not None and not isinstance(never_empty, bool):
-        raise V2BadRequestError(
-            f"parameters.never_empty must be true or false, got {never_empty!r}"
-        )
-    flags = {}
-    for key in ("sequence_start", "sequence_end"):
-        value = parameters.get(key, False)
-        if not isinstance(value, bool):
-            raise V2BadRequestError(f"parameters.{key} must be true or false, got {value!r}")
-        flags[key] = value
-    if sequence_id in (0, "", None):  # Triton's convention: 0 / "" is "not a sequence"
-        if flags["sequence_start"] or flags["sequence_end"]:
-            raise V2BadRequestError(
-                "parameters.sequence_start/sequence_end need a non-zero parameters.sequence_id"
-            )
-        sequence_id = None
-    return InferParameters(
-        alpha=float(alpha) if alpha is not None else None,
-        score=parameters.get("score"),
-        backend=parameters.get("backend"),
-        sequence_id=sequence_id,
-        never_empty=never_empty,
-        **flags,
+        raise
+    rows = answer.outputs[0].shape[0] if answer.outputs else 0
+    dataplane.statistics.record(
+        card.name,
+        card.version,
+        ok=True,
+        nanoseconds=time.perf_counter_ns() - started,
+        inferences=rows,
     )
+    return answer
 
 
-def decoded_input(inputs: Any, expected_name: str) -> DecodedTensor:
-    if not isinstance(inputs, list) or not inputs:
-        raise V2BadRequestError("inputs must be a non-empty list of tensors")
-    decoded = [decode_tensor(tensor, f"inputs[{i}]") for i, tensor in enumerate(inputs)]
-    names = [tensor.name for tensor in decoded]
-    unknown = [name for name in names if name != expected_name]
-    if unknown or len(names) != 1:
-        raise V2BadRequestError(
-            f"this model takes exactly one input named {expected_name!r}; got {names} "
-            "(see GET /v2/models/{name} for its inputs)"
+async def _answer(
+    dataplane: DataPlane, sessions: Any, card: ModelCard, call: InferCall
+) -> InferAnswer:
+    params = call.parameters
+    tokens = card.config["input"]["kind"] == "tokens"
+    labels = card.config["vocabulary"] if tokens else card.config["labels"]
+    tensor = single_input(call.inputs, input_name(card))
+    requested = requested_outputs(call.outputs)
+    warnings: list[str] = [IGNORED_SEED_WARNING] if params.seed is not None else []
+    parameters: dict[str, Any] = {}
+    if params.sequence_id is not None:
+        step = await run_sequence_step(
+            dataplane,
+            sessions,
+            card,
+            tensor,
+            params,
+            url_version=call.version,
+            owner=call.owner,
         )
-    return decoded[0]
-
-
-def feature_batch(tensor: DecodedTensor, n_features: int) -> np.ndarray:
-    """[N, T, F] float64 values of a numeric input, or 400 naming the problem."""
-    if tensor.datatype in ("BYTES", "BOOL"):
-        raise V2BadRequestError(
-            f"input {tensor.name!r} has datatype {tensor.datatype}; this model takes numbers "
-            "(FP32, FP64, FP16 or INT*/UINT*)"
+        predictions, backend, parameters = step.predictions, step.backend, step.parameters
+        warnings += step.warnings
+    else:
+        backend = params.backend or TORCH_BACKEND
+        inputs: Any = (
+            prompt_batch(tensor)
+            if tokens
+            else feature_batch(tensor, int(card.config["input"]["features"])).tolist()
         )
-    if len(tensor.shape) != 3 or tensor.shape[2] != n_features:
-        raise V2BadRequestError(
-            f"input {tensor.name!r} has shape {list(tensor.shape)}; this model takes "
-            f"[N, T, {n_features}] (N sequences of T steps of {n_features} features)"
+        batch = await dataplane.predict(
+            card.name,
+            inputs,
+            version=card.version,
+            backend=backend,
+            backend_options=params.backend_options,
+            conformal=stateless_conformal(params),
+            owner=call.owner,
         )
-    return np.asarray(tensor.values, dtype=np.float64)  # [N, T, F]
+        predictions = batch.predictions
+        warnings += batch.warnings
 
-
-def prompt_batch(tensor: DecodedTensor) -> list[str]:
-    if tensor.datatype != "BYTES":
-        raise V2BadRequestError(
-            f"input {tensor.name!r} has datatype {tensor.datatype}; this language model takes "
-            "BYTES prompt strings"
+    def describe_uncalibrated() -> str:
+        return (
+            f"no prediction_set: model {card.name!r} version {card.version} has no calibration "
+            f"for backend {backend!r}; run `neuroserve calibrate {card.name} --backend {backend}`"
         )
-    if not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)):
-        raise V2BadRequestError(
-            f"input {tensor.name!r} has shape {list(tensor.shape)}; prompts are [N] (or [N, 1])"
-        )
-    return list(tensor.values)
+
+    outputs = prediction_outputs(
+        predictions, labels, requested, call.outputs is not None, describe_uncalibrated
+    )
+    if warnings:
+        parameters["warnings"] = "; ".join(dict.fromkeys(warnings))
+    return InferAnswer(card.name, card.version, backend, outputs, parameters)
 
 
-def requested_outputs(outputs: list[Any] | None) -> list[str]:
-    if outputs is None:
+# ---- the request ----------------------------------------------------------------------------
+
+
+def requested_outputs(names: Sequence[str] | None) -> list[str]:
+    """The outputs to answer, in request order without repeats; all when `names` is None."""
+    if names is None:
         return list(OUTPUTS)
-    names: list[str] = []
-    for output in outputs:
-        if output.name not in OUTPUTS:
-            raise V2BadRequestError(
-                f"unknown output {output.name!r}; this model's outputs are {list(OUTPUTS)}"
-            )
-        if output.name not in names:
-            names.append(output.name)
-    return names
+    unknown = [name for name in names if name not in OUTPUTS]
+    if unknown:
+        raise V2BadRequestError(
+            f"unknown output {unknown[0]!r}; this model's outputs are {list(OUTPUTS)}"
+        )
+    return list(dict.fromkeys(names))
 
 
-def encode_predictions(
+def stateless_conformal(params: InferParameters) -> ConformalOptions:
+    """What a stateless request asks of calibration (BadInputError when invalid)."""
+    chosen = {
+        "alpha": params.alpha,
+        "score": params.score,
+        "class_conditional": params.class_conditional,
+        "never_empty": params.never_empty,
+        "online": params.online,
+        "max_set_size": params.max_set_size,
+    }
+    return ConformalOptions(**{key: value for key, value in chosen.items() if value is not None})
+
+
+# ---- the answer -----------------------------------------------------------------------------
+
+
+def prediction_outputs(
     predictions: Sequence[ClassPrediction],
     labels: Sequence[str],
     requested: list[str],
     explicit: bool,
     describe_uncalibrated: Callable[[], str],
-) -> list[dict[str, Any]]:
-    """The response tensors for `requested` outputs, in that order.
+) -> list[OutputTensor]:
+    """The output tensors for `requested` outputs, in that order.
 
-    `prediction_set` needs every prediction to carry a set: when one does not (an
-    uncalibrated model served under NEUROSERVE_ALLOW_UNCALIBRATED), it is left out of a
-    default response and refused (409) when the request asked for it by name.
+    The set outputs need every prediction to carry a set: when one does not (an uncalibrated
+    model served under NEUROSERVE_ALLOW_UNCALIBRATED, a position past the calibration), they
+    are left out of a default response and refused (409) when the request named one.
     """
     has_sets = all(p.prediction_set is not None for p in predictions)
-    if "prediction_set" in requested and not has_sets:
+    if not has_sets and any(name in SET_OUTPUTS for name in requested):
         if explicit:
             notes = [p.note for p in predictions if p.note is not None]
             raise NotCalibratedError(
                 f"no prediction_set: {notes[0]}" if notes else describe_uncalibrated()
             )
-        requested = [name for name in requested if name != "prediction_set"]
+        requested = [name for name in requested if name not in SET_OUTPUTS]
     index = {label: i for i, label in enumerate(labels)}
-    tensors = []
-    for name in requested:
-        if name == "label":
-            tensors.append(encode_tensor(name, "BYTES", [p.label for p in predictions]))
-        elif name == "confidence":
-            tensors.append(encode_tensor(name, "FP32", [p.confidence for p in predictions]))
-        elif name == "probabilities":
-            tensors.append(encode_tensor(name, "FP32", [p.probabilities for p in predictions]))
-        elif name == "entropy":
-            tensors.append(encode_tensor(name, "FP32", [p.entropy for p in predictions]))
-        elif name == "prediction_id":
-            tensors.append(encode_tensor(name, "BYTES", [p.id for p in predictions]))
-        else:
-            mask = np.zeros((len(predictions), len(labels)), dtype=bool)  # [N, C]
-            for row, prediction in enumerate(predictions):
-                mask[row, [index[label] for label in prediction.prediction_set or []]] = True
-            tensors.append(encode_tensor(name, "BOOL", mask))
-    return tensors
-
-
-def conformal_options(
-    params: InferParameters, alpha: float | None, score: str | None
-) -> ConformalOptions:
-    """The request's conformal options over the given defaults (BadInputError when invalid)."""
-    chosen = {
-        "alpha": params.alpha if params.alpha is not None else alpha,
-        "score": params.score or score,
-        "never_empty": params.never_empty,
+    n = len(predictions)
+    values: dict[str, Callable[[], Any]] = {
+        "label": lambda: [p.label for p in predictions],
+        "confidence": lambda: [p.confidence for p in predictions],
+        "probabilities": lambda: np.reshape([p.probabilities for p in predictions], (n, -1)),
+        "prediction_set": lambda: _set_mask(predictions, index),
+        "set_size": lambda: [p.set_size or 0 for p in predictions],
+        "abstain": lambda: [bool(p.abstain) for p in predictions],
+        "entropy": lambda: [p.entropy for p in predictions],
+        "prediction_id": lambda: [p.id for p in predictions],
     }
-    return ConformalOptions(**{key: value for key, value in chosen.items() if value is not None})
+    return [output_tensor(name, OUTPUT_TYPES[name][0], values[name]()) for name in requested]
+
+
+def _set_mask(predictions: Sequence[ClassPrediction], index: dict[str, int]) -> np.ndarray:
+    mask = np.zeros((len(predictions), len(index)), dtype=bool)  # [N, C]
+    for row, prediction in enumerate(predictions):
+        mask[row, [index[label] for label in prediction.prediction_set or []]] = True
+    return mask

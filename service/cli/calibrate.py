@@ -190,6 +190,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
             card.version,
             args.backend,
             seed=args.seed,
+            map_candidates=tuple(args.maps),
         )
         report = (
             {}
@@ -324,7 +325,25 @@ def register_calibrate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--plot", type=Path, help="write a reliability diagram PNG here")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits and windows")
+    parser.add_argument(
+        "--maps",
+        type=_map_names,
+        default=["identity", "temperature", "vector_scaling"],
+        metavar="MAP[,MAP...]",
+        help="calibration maps to choose from per position, by cross-validated NLL (default "
+        "identity,temperature,vector_scaling); identity,temperature keeps every decision "
+        "the model itself makes (vector scaling may change some)",
+    )
     parser.set_defaults(func=run_calibrate)
+
+
+def _map_names(text: str) -> list[str]:
+    known = ("identity", "temperature", "vector_scaling")
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown maps {unknown or text!r}; choose from {known}")
+    return names
 
 
 def register_export_onnx(subparsers: argparse._SubParsersAction) -> None:

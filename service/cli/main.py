@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.cli import calibrate, keys, models, worker
+from service.cli import calibrate, importing, keys, models, worker
 from service.cli.common import LOG_LEVELS, configure_logging, settings_from_flags
 
 Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
@@ -24,15 +24,24 @@ Registrar = Callable[[Any], None]  # takes the object add_subparsers() returned
 def register_serve(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
-        help="run the HTTP server",
+        help="run the HTTP and gRPC server",
         description=(
             "Serve the model repository over HTTP (native REST under /v1, Open Inference "
-            "Protocol under /v2, OpenAPI docs at /docs). Options left out fall back to the "
+            "Protocol under /v2, OpenAPI docs at /docs) and the Open Inference Protocol over "
+            "gRPC (its own port, 8001 by default). Options left out fall back to the "
             "NEUROSERVE_* environment variables, then to the defaults."
         ),
     )
     parser.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="TCP port of the V2 gRPC endpoint (default 8001)"
+    )
+    parser.add_argument(
+        "--no-grpc",
+        action="store_true",
+        help="serve HTTP only (NEUROSERVE_GRPC_ENABLED=false)",
+    )
     parser.add_argument(
         "--repository",
         type=Path,
@@ -55,6 +64,8 @@ def serve(args: argparse.Namespace) -> int:
     flags = {
         "host": args.host,
         "port": args.port,
+        "grpc_port": args.grpc_port,
+        "grpc_enabled": False if args.no_grpc else None,
         "model_repository": args.repository,
         "redis_url": args.redis_url,
         "log_level": args.log_level,
@@ -107,6 +118,7 @@ def command_registrars() -> list[Registrar]:
     return [
         register_serve,
         models.register,
+        importing.register,
         calibrate.register_calibrate,
         calibrate.register_export_onnx,
         worker.register,

@@ -118,6 +118,7 @@ class CalibrationStore:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
         self._cache: dict[tuple[str, str, str], tuple[tuple[int, ...], StoredCalibration]] = {}
+        self._paths: dict[tuple[str, str, str], tuple[Path, Path]] = {}
         self._lock = threading.Lock()
 
     def directory(self, name: str, version: str) -> Path:
@@ -125,9 +126,13 @@ class CalibrationStore:
 
     def paths(self, name: str, version: str, backend: str) -> tuple[Path, Path]:
         """(JSON path, safetensors path) of one artifact, whether or not it exists."""
-        folder = self.directory(name, version)
-        stem = check_backend_name(backend)
-        return folder / f"{stem}.json", folder / f"{stem}.safetensors"
+        key = (name, str(version), backend)
+        found = self._paths.get(key)
+        if found is None:  # built once: every answered batch looks its artifact up
+            folder = self.directory(name, version)
+            stem = check_backend_name(backend)
+            found = self._paths[key] = (folder / f"{stem}.json", folder / f"{stem}.safetensors")
+        return found
 
     # ---- reading ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from calibration import AdaptiveConformal
+from calibration.maps import CalibrationMap
 from service.dataplane.calibration_store import StoredCalibration
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.predictions import ConformalOptions
@@ -35,6 +36,7 @@ class ConformalAnswer:
     uniforms: list[float | None]
     aci_alphas: list[float | None]
     notes: list[str | None]  # why a row is not calibrated (None for calibrated rows)
+    maps: list[CalibrationMap | None]  # the map that made each row's probs (None: raw softmax)
 
 
 def uncovered_position_note(stored: StoredCalibration, position: int) -> str:
@@ -81,9 +83,10 @@ def conformal_answer(
     uniforms: list[float | None] = [None] * n
     aci_alphas: list[float | None] = [None] * n
     notes: list[str | None] = [None] * n
+    maps: list[CalibrationMap | None] = [None] * n
     if not stored.fitted_with(backend_options):
         notes = [options_note(stored, backend_options)] * n
-        return ConformalAnswer(probs, sets, calibrated, uniforms, aci_alphas, notes)
+        return ConformalAnswer(probs, sets, calibrated, uniforms, aci_alphas, notes, maps)
 
     rows_at: dict[int, list[int]] = defaultdict(list)
     for row, position in enumerate(positions):
@@ -131,4 +134,5 @@ def conformal_answer(
         sets[index] = row_sets
         for row in rows:
             calibrated[row] = True
-    return ConformalAnswer(probs, sets, calibrated, uniforms, aci_alphas, notes)
+            maps[row] = artifact.calibration_map
+    return ConformalAnswer(probs, sets, calibrated, uniforms, aci_alphas, notes, maps)

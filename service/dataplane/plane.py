@@ -13,7 +13,9 @@ The path of one prediction:
    a registered backend that cannot run here -> 503.
 2. logits: the last step of every sequence, [N, C]. Sampling backends return [S, N, C];
    calibration then works on the log of the predictive mean of the S softmaxes, and the
-   mutual information between label and sample is reported as `epistemic` (nats).
+   part of the answer's entropy that the samples' disagreement accounts for is reported as
+   `epistemic` (nats; each sample through the same calibration map as the answer, so
+   0 <= epistemic <= entropy; the mutual information when the map is the identity).
 3. calibration: the (model, version, backend) calibration
    (`service.dataplane.calibration_store`) has one calibration per position (steps read, or
    context length); each row's logits are mapped to calibrated probabilities and a conformal
@@ -54,6 +56,7 @@ from service.dataplane.calibration_store import (
 from service.dataplane.conformal_answer import conformal_answer
 from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.feedback import FeedbackLog, FeedbackResult
+from service.dataplane.inference_stats import InferenceStatistics
 from service.dataplane.inputs import (
     InputLimits,
     encode_prompts,
@@ -66,6 +69,7 @@ from service.dataplane.predictions import (
     PredictionBatch,
     batch_warnings,
     calibration_inputs,
+    epistemic_part,
     model_labels,
     new_prediction_ids,
     predictions_from_probabilities,
@@ -139,6 +143,7 @@ class DataPlane:
         self.levels = None if feedback is None else feedback.levels
         self.draws = draws or ConformalDraws()
         self.ready = False  # set once the start-up preload has finished
+        self.statistics = InferenceStatistics()  # V2 inference counts and durations
         # Concurrent stateless requests for one runner and sequence length run as one
         # forward pass: continuous batching, as session steps (see `predict`).
         self._batches = FeatureBatches(
@@ -413,7 +418,7 @@ class DataPlane:
         """
         conformal = (conformal or ConformalOptions()).for_model(card)
         labels = model_labels(card)
-        logits, epistemic = calibration_inputs(last_logits)  # [N, C] float64, [N] or None
+        logits, samples = calibration_inputs(last_logits)  # [N, C], [S, N, C] or None
         if logits.shape[-1] != len(labels):
             raise ValueError(
                 f"{card.name} produced {logits.shape[-1]} logits for {len(labels)} labels"
@@ -431,10 +436,11 @@ class DataPlane:
                 "probabilities are the raw softmax and no prediction set is made (run "
                 f"`neuroserve calibrate {card.name} --version {card.version} --backend {backend}`)"
             )
+            raw = torch.softmax(logits, dim=-1)  # [N, C]
             predictions = predictions_from_probabilities(
-                torch.softmax(logits, dim=-1),  # [N, C]
+                raw,
                 labels,
-                epistemic=epistemic,
+                epistemic=None if samples is None else epistemic_part(raw, samples, [None] * n),
                 ids=ids,
                 positions=positions,
                 notes=[note] * n,
@@ -466,6 +472,7 @@ class DataPlane:
             if conformal.max_set_size is not None
             else self.policy.abstain_set_size
         )
+        epistemic = None if samples is None else epistemic_part(answer.probs, samples, answer.maps)
         predictions = predictions_from_probabilities(
             answer.probs,
             labels,

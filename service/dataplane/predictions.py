@@ -3,9 +3,11 @@
 (`PredictionBatch`), and the read-out from logits.
 
 Backends return last-step logits [N, C], or [S, N, C] when they sample (stochastic weights).
-`calibration_inputs` turns either into the logits calibration works on and, for samples, the
-epistemic part of the uncertainty; `predictions_from_probabilities` reads labels, confidence,
-entropy and the conformal set out of calibrated probabilities.
+`calibration_inputs` turns either into the logits calibration works on (and, for samples,
+their per-sample log-probabilities); `epistemic_part` splits the entropy of the answered
+probabilities into the samples' disagreement, on the same calibrated basis;
+`predictions_from_probabilities` reads labels, confidence, entropy and the conformal set out
+of calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from calibration import SCORE_NAMES
 from calibration.checks import check_alpha
+from calibration.maps import CalibrationMap
 from hardware_backends.base import Runner, Usage
 from models.base import StatefulModel
 from models.repository import ModelCard
@@ -36,6 +39,11 @@ DEFAULT_SCORE = "raps"
 # ~99% of the mass (or, for RAPS, always hold its k_reg ~5 first tokens): a 0.997-confident
 # step got 5-6 characters. LAC's sets are the top token alone on confident steps.
 LANGUAGE_MODEL_SCORE = "lac"
+# What an answer says when its request sent a `seed` (accepted for compatibility, not used).
+IGNORED_SEED_WARNING = (
+    "seed is ignored: the uniform draw of randomised scores is the server's, one per "
+    "prediction id, so that no request can steer coverage"
+)
 
 
 def default_score(card: ModelCard) -> str:
@@ -134,12 +142,11 @@ def split_batch(
     usages: Sequence[dict[str, Any]],
     request_warnings: Sequence[Sequence[str]],
 ) -> list[PredictionBatch]:
-    """`batch` (answered for several requests at once, without row-level online levels) cut
-    into one answer per request: `sizes[i]` consecutive rows, with its own usage and
-    warnings."""
+    """`batch` (answered for several requests at once; at online levels, for one) cut into one
+    answer per request: `sizes[i]` consecutive rows, with its own usage and warnings."""
     if sum(sizes) != len(batch.predictions):
         raise ValueError(f"{len(batch.predictions)} predictions cannot be cut into {list(sizes)}")
-    if batch.level_keys:
+    if batch.level_keys and len(sizes) > 1:
         raise ValueError("a batch answered at online levels belongs to one request")
     parts, start = [], 0
     for size, usage, warnings in zip(sizes, usages, request_warnings, strict=True):
@@ -190,11 +197,12 @@ def prompt_logits(run: Callable[[Tensor], Tensor], prompts: Sequence[Tensor]) ->
 
 
 def calibration_inputs(last_logits: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The logits calibration works on [N, C] (float64), and the epistemic part [N] or None.
+    """The logits calibration works on [N, C] (float64), and the samples' log-probabilities
+    [S, N, C] (float64) or None.
 
     Sampled logits [S, N, C] become the log of the predictive mean of the S softmaxes, whose
     softmax is that mean, so every calibration map and score sees the predictive
-    distribution. Epistemic = H(mean) - mean H (mutual information, nats, >= 0).
+    distribution.
     """
     if last_logits.dim() == 2:
         return last_logits.double(), None
@@ -203,9 +211,40 @@ def calibration_inputs(last_logits: Tensor) -> tuple[Tensor, Tensor | None]:
     log_probs = torch.log_softmax(last_logits.double(), dim=-1)  # [S, N, C]
     samples = log_probs.shape[0]
     log_mean = torch.logsumexp(log_probs, dim=0) - math.log(samples)  # [N, C]
-    total = -(log_mean.exp() * log_mean).sum(dim=-1)  # [N] entropy of the mean
-    aleatoric = -(log_probs.exp() * log_probs).sum(dim=-1).mean(dim=0)  # [N] mean entropy
-    return log_mean, (total - aleatoric).clamp_min(0.0)
+    return log_mean, log_probs
+
+
+def epistemic_part(
+    probs: Tensor, sample_log_probs: Tensor, maps: Sequence[CalibrationMap | None]
+) -> Tensor:
+    """The epistemic part [N] (nats) of the entropy of the answered probabilities [N, C].
+
+    Every row's samples [S, C] go through the calibration map that made the row's answer
+    (None: the raw softmax), so both terms live on the same calibrated basis: epistemic =
+    H(answer) - mean_s H(calibrated sample s). With the raw softmax (or an identity map) the
+    answer is the samples' mean and this is their mutual information with the label; a
+    non-linear map can leave the calibrated samples more uncertain than their calibrated mean,
+    and then no part of the entropy is put down to disagreement (0). Always
+    0 <= epistemic <= entropy.
+    """
+    total = _entropy(probs)  # [N]
+    aleatoric = torch.zeros_like(total)  # [N]
+    rows_by_map: dict[int, list[int]] = defaultdict(list)
+    for row, calibration_map in enumerate(maps):
+        rows_by_map[id(calibration_map)].append(row)
+    for rows in rows_by_map.values():
+        calibration_map = maps[rows[0]]
+        samples = sample_log_probs[:, rows]  # [S, n, C]
+        if calibration_map is not None:
+            flat = samples.reshape(-1, samples.shape[-1])  # [S·n, C]
+            samples = calibration_map.calibrated_logits(flat).double().view_as(samples)
+        sample_probs = torch.softmax(samples, dim=-1)  # [S, n, C]
+        aleatoric[rows] = (
+            _entropy(sample_probs.reshape(-1, samples.shape[-1]))
+            .view(samples.shape[0], -1)
+            .mean(dim=0)
+        )
+    return (total - aleatoric).clamp(min=0.0).minimum(total)
 
 
 def _entropy(probs: Tensor) -> Tensor:

@@ -13,11 +13,11 @@ from torch import Tensor
 from hardware_backends import registry
 from hardware_backends.torch_backend import TorchRunner
 from models.base import StatefulModel
-from models.finetune import merged_copy
+from models.finetune import is_adapted, merged_copy
+from service.finetuning.chip_loop import ChipInTheLoop
 
 OBJECTIVES = ("cross_entropy", "zero_one")
 TUNING_BACKENDS = ("torch", "analog_imc")
-CHIP_SEEDS = 2**31  # analog_imc accepts chip seeds below this
 
 
 def classification_loss(logits: Tensor, labels: Tensor, objective: str) -> float:
@@ -39,13 +39,14 @@ class BackendForward:
     the state (memory flat in the sequence length) instead of the parallel `forward`.
 
     "analog_imc" is chip-in-the-loop: every call programs a chip from the current weights
-    through the backend's own `prepare` (on a private backend instance, so the server's
-    chip cache is untouched). `chip_seed` picks the chip's noise draws (programming noise,
-    drift exponents, read-noise stream); the two passes of one perturbation get the same
-    seed, so in this simulator their difference measures the perturbation rather than two
-    independent noise draws (common random numbers). A physical chip cannot replay its
-    noise: there the pair would differ by fresh programming and read noise too. Without a
-    chip_seed the job's own options pick the chip, i.e. the one the server will deploy to.
+    (`ChipInTheLoop`: the live weights, no copy of the model, no cache of chips, the server's
+    chip cache untouched). `chip_seed` picks the chip's noise draws (programming noise,
+    drift exponents, read noise, output-noise stream); the two passes of one perturbation get
+    the same seed, so in this simulator their difference measures the perturbation rather than
+    two independent noise draws (common random numbers). A physical chip cannot replay its
+    noise: there the pair would differ by fresh programming, read and output noise too.
+    Without a chip_seed the job's own options pick the chip, i.e. the one the server will
+    deploy to.
     """
 
     def __init__(
@@ -65,20 +66,20 @@ class BackendForward:
                 raise ValueError(f"ZO tuning on torch takes no backend options, got {self.options}")
             self._torch_runner = TorchRunner(model, torch.device("cpu"))
         else:
-            # A private instance of the registered backend (the registry does the same call).
-            self._backend = type(registry.get_backend(backend))()
+            registry.get_backend(backend)  # refused here if the backend cannot run
+            self._chips = ChipInTheLoop(model, self.options)
 
     def runner(self, chip_seed: int | None = None):
-        """A runner over the current weights (a fresh chip per call off torch)."""
+        """A runner over the current weights (off torch: the live weights programmed onto
+        one chip per call, `service.finetuning.chip_loop`; no copy, no cache)."""
         if self.backend == "torch":
             return self._torch_runner
-        options = dict(self.options)
-        if chip_seed is not None:
-            options["seed"] = chip_seed % CHIP_SEEDS
         self._calls += 1
-        key = f"zo-tuning/{id(self)}/{self._calls}"
-        # The chip is programmed from plain weights: adapters are folded in first.
-        return self._backend.prepare(merged_copy(self.model), model_key=key, options=options)
+        if is_adapted(self.model):
+            # Adapted weights are computed, not parameters the chip can program: fold the
+            # adapters into a plain copy (the only copy alive, for this call's chip).
+            return ChipInTheLoop(merged_copy(self.model), self.options).runner(chip_seed)
+        return self._chips.runner(chip_seed)
 
     @torch.no_grad()
     def final_logits(

@@ -23,7 +23,12 @@ its best checkpoint kept.
 
 Recalibration: the chosen weights are rebuilt by replaying the truncated trajectory, their
 logits on the calibration split (never seen by tuning) fit a calibration per step for the
-job's backend, stored as `calibration/<backend>.json` + `.safetensors` in the new version.
+job's backend, stored as `calibration/<backend>.json` + `.safetensors` in the new version,
+and one for every other backend its base version is calibrated on.
+
+Publishing is guarded (`service.finetuning.promotion`): the version is always published, but
+becomes `latest` only when the job asked, its test accuracy beat the base's by more than the
+comparison's noise, and it is calibrated on every backend its base was.
 For comparison the base model gets the same treatment: its calibration is refitted on the
 same split, and both are scored on the test split (accuracy, ECE, NLL, coverage and mean
 set size at the spec's alpha and score).
@@ -64,6 +69,14 @@ from models.zo import (
     learning_rate,
 )
 from service.finetuning.forward import BackendForward
+from service.finetuning.promotion import (
+    JobCancelled,
+    base_backends,
+    calibrate_on_backends,
+    check_output_name,
+    decide,
+    lineage_of,
+)
 from service.finetuning.spec import (
     BuiltinData,
     EvaluationPoint,
@@ -321,9 +334,10 @@ def tune(
 
 def calibrate_and_score(
     forward: BackendForward, data: FinetuneData, spec: FinetuneSpec, name: str, version: str
-) -> tuple[PositionalCalibration, HeldOutMetrics]:
+) -> tuple[PositionalCalibration, HeldOutMetrics, Tensor]:
     """Fit a calibration per step on the calibration split and score its last step (the
-    whole sequence) on the test split."""
+    whole sequence) on the test split; also which test examples the model's argmax got
+    right ([Nt] bool, for the promotion margin)."""
     calibration_logits = forward.step_logits(data.calibration.inputs)  # [Nc, T, C]
     positional = fit_stepwise_calibration(
         calibration_logits, data.calibration.labels, name, version, spec.backend, seed=spec.seed
@@ -347,7 +361,7 @@ def calibrate_and_score(
         mean_set_size=float(sets.sum(dim=1).double().mean()),
         n=len(labels),
     )
-    return positional, metrics
+    return positional, metrics, test_logits.argmax(dim=1) == labels
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -365,6 +379,7 @@ def _version_config(
     except metadata.PackageNotFoundError:
         version = "unknown"
     return {
+        "lineage": lineage_of(base),
         "dataset": {"spec": data.description, "split_sizes": data.split_sizes},
         "provenance": {
             "data_sha256": data.sha256,
@@ -398,12 +413,16 @@ def run_finetune(
     *,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> FinetuneResult:
-    """Tune `spec.model` on `spec.data`, recalibrate and publish a trajectory version.
+    """Tune `spec.model` on `spec.data`, recalibrate and publish a trajectory version, made
+    `latest` only as `service.finetuning.promotion` allows (the result's `promotion`).
 
     `progress` receives a `ProgressEvent` at every stage, every evaluation and about every
-    1% of the steps; `should_cancel` is polled before every step and before publishing, and
-    a cancelled job publishes nothing. Errors propagate; a failure leaves no version behind.
+    1% of the steps; `should_cancel` is polled before every step, between calibrations and
+    before publishing, and a cancelled job publishes nothing. `before_publish` runs just
+    before the version is written and raises to stop it (a job runner's fencing token).
+    Errors propagate; a failure leaves no version behind.
     """
     started = time.monotonic()
     report = progress or (lambda event: None)
@@ -442,7 +461,8 @@ def run_finetune(
         seed=spec.seed,
     )
     at = {"step": steps_run, "total_steps": spec.steps, "best_step": outcome.best_step}
-    if outcome.stop_reason != "cancelled":
+    stopped = outcome.stop_reason == "cancelled"
+    if not stopped:
         report(ProgressEvent(stage="calibrating", **at))
         _check_replay(model, base.model, outcome.trajectory)
         checkpoint = outcome.trajectory.truncated(outcome.best_step)
@@ -450,18 +470,50 @@ def run_finetune(
         forward = functools.partial(
             BackendForward, backend=spec.backend, options=spec.backend_options
         )
-        result.before = calibrate_and_score(
+        _, result.before, correct_before = calibrate_and_score(
             forward(base.model), data, spec, base.card.name, base.card.version
-        )[1]
-        artifact, result.after = calibrate_and_score(
+        )
+        stopped = cancelled()
+    if not stopped:
+        artifact, result.after, correct_after = calibrate_and_score(
             forward(tuned.eval()), data, spec, spec.target_name, "0"
         )
-    if outcome.stop_reason == "cancelled" or cancelled():
+        required = base_backends(repository, base.card)
+        try:
+            others, used, errors = calibrate_on_backends(
+                tuned,
+                {b: options for b, options in required.items() if b != spec.backend},
+                data.calibration,
+                spec.target_name,
+                spec.seed,
+                cancelled,
+            )
+        except JobCancelled:
+            stopped = True
+    if stopped or cancelled():
         report(ProgressEvent(stage="cancelled", **at, message="nothing was published"))
         result.wall_seconds = time.monotonic() - started
         return result
 
     report(ProgressEvent(stage="publishing", **at))
+    check_output_name(repository, spec.target_name, base.card)  # again: names change
+    result.promotion = decide(
+        requested=spec.promote,
+        z=spec.promotion_z,
+        correct_before=correct_before,
+        correct_after=correct_after,
+        required=list(required),
+        calibrated=[spec.backend, *used],
+        calibration_errors=errors,
+        new_model=not repository.versions(spec.target_name),
+    )
+    source = {"data": data.description, "data_sha256": data.sha256}
+    serving = {
+        backend: {"backend_options": options, "source": source}
+        for backend, options in {spec.backend: dict(spec.backend_options or {}), **used}.items()
+    }
+    if before_publish is not None:
+        before_publish()
     card = publish_trajectory_version(
         repository,
         spec.target_name,
@@ -469,16 +521,15 @@ def run_finetune(
         checkpoint,
         tensor_digest(tensors),
         _version_config(spec, data, result, base.card),
-        calibrations=[artifact],
-        serving={
-            spec.backend: {
-                "backend_options": dict(spec.backend_options or {}),
-                "source": {"data": data.description, "data_sha256": data.sha256},
-            }
-        },
+        calibrations=[artifact, *others],
+        serving=serving,
+        promote=result.promotion.promoted,
     )
     result.status, result.version = "completed", card.version
+    result.promotion.latest = repository.latest(card.name)
     result.trajectory_bytes = len(checkpoint.to_json_bytes())
     result.wall_seconds = time.monotonic() - started
-    report(ProgressEvent(stage="done", **at, message=f"published {card.name}/{card.version}"))
+    verdict = "promoted to latest" if result.promotion.promoted else "not promoted"
+    message = f"published {card.name}/{card.version}, {verdict}: {result.promotion.reason}"
+    report(ProgressEvent(stage="done", **at, message=message))
     return result

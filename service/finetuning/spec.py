@@ -133,6 +133,19 @@ class FinetuneSpec(BaseModel):
     alpha: float = Field(0.1, gt=0.0, lt=1.0)
     score: Literal[SCORE_NAMES] = "aps"
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    promote: bool = Field(
+        True,
+        description="Ask to make the new version `latest`; it moves only when the held-out "
+        "accuracy improved beyond its noise and the version is calibrated on every backend "
+        "its base was (the result's `promotion` says what happened and why).",
+    )
+    promotion_z: float = Field(
+        1.645,
+        ge=0.0,
+        le=10.0,
+        description="How many standard errors of the held-out accuracy difference the "
+        "improvement must exceed (1.645: one-sided 95%).",
+    )
 
     @pydantic.field_validator("parameters")
     @classmethod
@@ -220,6 +233,25 @@ class EvaluationPoint(BaseModel):
     validation_loss: float  # cross-entropy
 
 
+class PromotionDecision(BaseModel):
+    """Whether a job's version became `latest`, and why (`service.finetuning.promotion`)."""
+
+    requested: bool  # the spec's `promote`
+    promoted: bool
+    reason: str
+    latest: str | None = None  # the model's latest version after the job
+    accuracy_before: float | None = None  # base, on the test split
+    accuracy_after: float | None = None  # the new version, on the same examples
+    improvement: float | None = None  # after - before
+    standard_error: float | None = None  # of the paired difference (split-to-split noise)
+    margin: float | None = None  # z * standard_error: the improvement must exceed it
+    z: float
+    n: int = 0  # test examples
+    backends_required: list[str] = []  # the base version's calibrated backends
+    backends_calibrated: list[str] = []  # the new version's
+    calibration_errors: dict[str, str] = {}  # backend -> why it could not be calibrated
+
+
 class FinetuneResult(BaseModel):
     """What a job did; JSON-able with `model_dump(mode="json")`."""
 
@@ -247,3 +279,4 @@ class FinetuneResult(BaseModel):
     trajectory_bytes: int | None = None
     wall_seconds: float = 0.0
     seed: int
+    promotion: PromotionDecision | None = None  # None when nothing was published

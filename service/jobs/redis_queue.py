@@ -15,7 +15,10 @@ What lives where (JSON only: RQ runs with its JSON serializer, never pickle):
   kept out of the job hash (which every status read loads: inline data can be megabytes)
   and deleted once the job has ended for good;
 - `<prefix>:finetune:cancel:<id>`: set by DELETE; the running job polls it (`should_cancel`);
-- `<prefix>:finetune:alive:<id>`: refreshed by the running job every heartbeat interval.
+- `<prefix>:finetune:alive:<id>`: refreshed by the running job every heartbeat interval;
+- `...:fence:<id>`, `...:published:<id>`, `...:outcome:<id>`: the fencing token that makes one
+  run the job's only owner, the claim of its one publication, and the outcome of the run
+  that published (`service.jobs.fencing`).
 
 A dead work-horse is noticed at once by its RQ worker, which fails the job (or retries it).
 When the whole worker dies (machine lost, container killed) nobody is left to notice, and
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timezone
 from typing import Any
 
 import redis
@@ -42,8 +47,10 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.worker_registration import get_keys as worker_keys
 
 from service import metrics
+from service.jobs.fencing import revoke
 from service.jobs.types import (
     JobNotFoundError,
     JobQueue,
@@ -63,14 +70,24 @@ logger = logging.getLogger("neuroserve.jobs")
 
 JOB_FUNCTION = "service.jobs.worker.run_queued_job"  # by name: RQ imports it in the work-horse
 LOST_AFTER_BEATS = 3  # missed heartbeats before a started job counts as lost
+# A run that has not beaten yet (its work-horse still starting: fork, imports, reading its
+# spec) gets this long instead: on a loaded machine that start alone can outlast 3 beats.
+START_GRACE_SECONDS = 30.0
 
 _QUEUED = {RQStatus.QUEUED, RQStatus.DEFERRED, RQStatus.SCHEDULED, RQStatus.CREATED}
 
 
 def job_keys(prefix: str, job_id: str) -> dict[str, str]:
     """Redis keys of one job besides RQ's own (see the module docstring)."""
-    names = ("spec", "upload", "cancel", "alive")
+    names = ("spec", "upload", "cancel", "alive", "beating", "fence", "published", "outcome")
     return {name: f"{prefix}:finetune:{name}:{job_id}" for name in names}
+
+
+def completed_keys(keys: dict[str, str], job_id: str) -> dict[str, str]:
+    """A job's keys as recorded at submission, with any that a server of an older release
+    did not record (same prefix)."""
+    prefix = keys["spec"].rsplit(":finetune:", 1)[0]
+    return {**job_keys(prefix, job_id), **keys}
 
 
 def connect_job_redis(url: str, socket_timeout: float | None = 5.0) -> redis.Redis:
@@ -223,7 +240,29 @@ class RedisJobQueue(JobQueue):
         with _unavailable_as_error():
             self.sweep_abandoned()
             registry = StartedJobRegistry(queue=self.queue, serializer=JSONSerializer)
-            return self.queue.count + registry.get_job_count(cleanup=False)
+            queued = self.queue.count
+            self.live_workers(queued)
+            return queued + registry.get_job_count(cleanup=False)
+
+    def live_workers(self, queued: int | None = None) -> int:
+        """Workers listening on this queue whose registration has not expired (RQ's worker
+        registry; a worker refreshes it while it lives, so a killed one drops out after its
+        `worker_ttl`). Recorded in the metrics with the queued jobs."""
+        keys = worker_keys(queue=self.queue)
+        alive = int(self.connection.exists(*keys)) if keys else 0
+        metrics.set_job_workers(
+            self.queue.name, alive, self.queue.count if queued is None else queued
+        )
+        return alive
+
+    def _waiting_reason(self, alive: int) -> str | None:
+        if alive:
+            return None
+        return (
+            f"no worker is running for the job queue {self.queue.name!r}: the job waits until "
+            f"one starts. Start one with `neuroserve worker` (same NEUROSERVE_REDIS_URL or "
+            f"NEUROSERVE_JOB_QUEUE_URL, and NEUROSERVE_JOB_QUEUE_NAME={self.queue.name})"
+        )
 
     def close(self) -> None:
         self.connection.close()
@@ -243,19 +282,26 @@ class RedisJobQueue(JobQueue):
         return lost
 
     def _is_lost(self, job: Job) -> bool:
+        """Started, and no heartbeat for LOST_AFTER_BEATS beats (START_GRACE_SECONDS while
+        the run has not beaten at all)."""
         beat = float(job.meta.get("heartbeat_seconds", self.heartbeat_seconds))
-        if self.connection.exists(self._keys(job)["alive"]):
-            return False
+        keys = self._keys(job)
+        alive, beating = self.connection.mget([keys["alive"], keys["beating"]])
         started = job.started_at
-        if started is None:
+        if alive is not None or started is None:
             return False
-        running_for = (
-            utc_now().replace(tzinfo=None) - started.replace(tzinfo=None)
-        ).total_seconds()
-        return running_for > LOST_AFTER_BEATS * beat
+        started_s = started.replace(tzinfo=timezone.utc).timestamp()
+        running_for = time.time() - started_s
+        # `beating`: when a run first beat; one from an earlier run of a retried job predates
+        # this run's start (a second of slack for clocks of different machines).
+        has_beaten = beating is not None and float(beating) >= started_s - 1.0
+        limit = LOST_AFTER_BEATS * beat
+        return running_for > (limit if has_beaten else max(limit, START_GRACE_SECONDS))
 
     def _hand_over_lost(self, job: Job) -> None:
         beat = float(job.meta.get("heartbeat_seconds", self.heartbeat_seconds))
+        # Revoke the lost run's token first: if it still runs, it can no longer publish.
+        revoke(self.connection, self._keys(job)["fence"], int(self.record_ttl_seconds))
         job.meta["ended_at"] = iso(utc_now())  # RQ keeps no end time for an abandoned job
         job.meta["lost"] = (
             f"the worker running the job stopped responding (no heartbeat for "
@@ -277,7 +323,8 @@ class RedisJobQueue(JobQueue):
             metrics.record_job("failed")
 
     def _keys(self, job: Job) -> dict[str, str]:
-        return job.meta.get("keys") or job_keys(self.prefix, job.id)
+        recorded = job.meta.get("keys")
+        return completed_keys(recorded, job.id) if recorded else job_keys(self.prefix, job.id)
 
     # ---- RQ job -> JobRecord ----
     def _fetch(self, job_id: str) -> Job:
@@ -300,8 +347,14 @@ class RedisJobQueue(JobQueue):
             "cancel_requested": cancel_requested,
             "attempts": int(meta.get("attempts", 0)),
         }
+        alive = self.live_workers()  # keeps the worker gauges fresh on every read
         if rq_status in _QUEUED:
-            return JobRecord(status="queued", **common)
+            return JobRecord(
+                status="queued",
+                workers_alive=alive,
+                waiting_reason=self._waiting_reason(alive),
+                **common,
+            )
         if rq_status == RQStatus.STARTED:
             return JobRecord(status="running", **common)
         if rq_status == RQStatus.CANCELED:

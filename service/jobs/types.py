@@ -77,6 +77,8 @@ class JobRecord:
     error: str | None = None  # when failed: what went wrong, for the client
     cancel_requested: bool = False
     attempts: int = 0  # runs started (more than one after a retry)
+    workers_alive: int | None = None  # queued on Redis: live workers on its queue
+    waiting_reason: str | None = None  # queued with no live worker: what to do about it
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import tempfile
 import threading
@@ -42,7 +43,13 @@ from models.repository import ModelRepository
 from service import metrics
 from service.finetuning.job import run_finetune
 from service.finetuning.spec import FinetuneSpec
-from service.jobs.redis_queue import LOST_AFTER_BEATS, RedisJobQueue, connect_job_redis
+from service.jobs.fencing import JobFence
+from service.jobs.redis_queue import (
+    LOST_AFTER_BEATS,
+    RedisJobQueue,
+    completed_keys,
+    connect_job_redis,
+)
 from service.state.redis_connection import redact_url
 
 logger = logging.getLogger("neuroserve.worker")
@@ -50,6 +57,7 @@ logger = logging.getLogger("neuroserve.worker")
 Progress = Callable[[dict[str, Any]], None]
 PROGRESS_EVERY_SECONDS = 0.5  # progress writes are throttled to this (the last one is kept)
 CANCEL_CHECK_SECONDS = 0.25  # the Redis cancel flag is read at most this often
+RECORD_TTL_SECONDS = 7 * 24 * 3600  # fencing keys live this long when RQ keeps no result TTL
 
 
 # ---- one job --------------------------------------------------------------------------------
@@ -103,9 +111,11 @@ def execute_finetune(
     progress: Progress,
     should_cancel: Callable[[], bool],
     passthrough: tuple[type[BaseException], ...] = (),
+    before_publish: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Run one job and describe how it ended; exceptions of `passthrough` types propagate
-    (a host's own timeouts), every other failure is a `failed` outcome."""
+    (a host's own timeouts), every other failure is a `failed` outcome. `before_publish`
+    runs just before a version is written and raises to stop it (the fencing claim)."""
     tracker = ProgressTracker(progress)
     scratch_file = "?"  # where an upload is written: never shown to the client
     try:
@@ -126,6 +136,7 @@ def execute_finetune(
                 ModelRepository(repository_root),
                 progress=tracker,
                 should_cancel=should_cancel,
+                before_publish=before_publish,
             )
     except passthrough:
         raise
@@ -168,41 +179,51 @@ _repository_root: Path | None = None  # set in the worker process, inherited by 
 
 
 class Heartbeat:
-    """Keep `key` alive (TTL = `lost_after` beats) from a daemon thread while a job runs."""
+    """Keep a run's alive key fresh (TTL = `lost_after` beats) from a daemon thread while
+    the job runs, and only while the run owns its job (`JobFence.beat`)."""
 
-    def __init__(self, connection: Any, key: str, every: float, lost_after: int) -> None:
-        self.connection, self.key, self.every = connection, key, every
+    def __init__(self, fence: JobFence, every: float, lost_after: int) -> None:
+        self.fence, self.every = fence, every
         self.ttl_ms = max(1, int(every * lost_after * 1000))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-heartbeat", daemon=True)
 
     def __enter__(self) -> Heartbeat:
-        self.connection.set(self.key, b"1", px=self.ttl_ms)
+        self.fence.beat(self.ttl_ms)
+        keys = self.fence.keys
+        self.fence.connection.set(keys["beating"], repr(time.time()), ex=self.fence.ttl_seconds)
         self._thread.start()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.connection.delete(self.key)
+        self.fence.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self.connection.set(self.key, b"1", px=self.ttl_ms)
+                self.fence.beat(self.ttl_ms)
             except Exception as error:  # a blip: the next beat tries again
-                logger.warning("heartbeat of %s failed: %s", self.key, error)
+                logger.warning("heartbeat of %s failed: %s", self.fence.keys["alive"], error)
 
 
-def redis_cancel_check(connection: Any, key: str) -> Callable[[], bool]:
-    """`should_cancel` over a Redis flag, read at most every CANCEL_CHECK_SECONDS."""
+def redis_cancel_check(
+    connection: Any, key: str, fence: JobFence | None = None
+) -> Callable[[], bool]:
+    """`should_cancel` over a Redis flag, and over the run's fencing token when given (a run
+    that lost its job stops as if cancelled), read at most every CANCEL_CHECK_SECONDS."""
     state = {"checked": -math.inf, "cancelled": False}
 
     def should_cancel() -> bool:
         now = time.monotonic()
         if not state["cancelled"] and now - state["checked"] >= CANCEL_CHECK_SECONDS:
             state["checked"] = now
-            state["cancelled"] = bool(connection.exists(key))
+            if fence is None:
+                state["cancelled"] = bool(connection.exists(key))
+            else:
+                cancel, token = connection.mget([key, fence.keys["fence"]])
+                state["cancelled"] = cancel is not None or not fence.holds(token)
         return state["cancelled"]
 
     return should_cancel
@@ -214,7 +235,11 @@ def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("run_queued_job runs only inside `neuroserve worker`")
     job = get_current_job()
     connection = job.connection
-    keys = payload["keys"]
+    keys = completed_keys(payload["keys"], job.id)
+    fence = JobFence(connection, keys, int(job.result_ttl or RECORD_TTL_SECONDS))
+    earlier = connection.get(keys["outcome"])
+    if earlier is not None:  # an earlier run published and was lost afterwards: that stands
+        return json.loads(earlier)
     job.meta["attempts"] = int(job.meta.get("attempts", 0)) + 1
     for stale in ("lost", "ended_at"):  # left by an earlier, lost run of a retried job
         job.meta.pop(stale, None)
@@ -222,11 +247,18 @@ def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
     job.save_meta()
 
     def save_progress(progress: dict[str, Any]) -> None:
-        job.meta["progress"] = progress
-        job.save_meta()
+        if fence.owned():  # a revoked run never writes over its successor's record
+            job.meta["progress"] = progress
+            job.save_meta()
+
+    claimed = []
+
+    def claim() -> None:
+        fence.claim_publication()
+        claimed.append(True)
 
     beat = float(payload["heartbeat_seconds"])
-    with Heartbeat(connection, keys["alive"], beat, LOST_AFTER_BEATS):
+    with Heartbeat(fence, beat, LOST_AFTER_BEATS):
         spec = connection.get(keys["spec"])
         upload = connection.get(keys["upload"]) if payload.get("has_upload") else None
         outcome = execute_finetune(
@@ -234,9 +266,19 @@ def run_queued_job(payload: dict[str, Any]) -> dict[str, Any]:
             upload,
             _repository_root,
             progress=save_progress,
-            should_cancel=redis_cancel_check(connection, keys["cancel"]),
+            should_cancel=redis_cancel_check(connection, keys["cancel"], fence),
             passthrough=(BaseTimeoutException,),  # RQ's job timeout: RQ fails or retries it
+            before_publish=claim,
         )
+    if claimed and outcome["status"] == "succeeded":
+        # This run published: its outcome is the job's, even for a retry that follows.
+        connection.set(keys["outcome"], json.dumps(outcome), ex=fence.ttl_seconds)
+    elif not fence.owned():
+        # Revoked (declared lost, taken over): exit without a word, so RQ leaves the job's
+        # record to the sweep and the run that owns it now (exit code 0 makes RQ's worker
+        # touch nothing).
+        logger.warning("fine-tuning job %s: this run lost its job; stopping quietly", job.id)
+        os._exit(0)
     job.meta["progress"] = outcome["progress"]
     job.save_meta()
     connection.delete(keys["spec"], keys["upload"])  # ended for good: no retry needs them

@@ -276,8 +276,13 @@ class SessionManager:
         except StateExistsError:
             raise ConflictError(f"session {session_id!r} already exists") from None
         self._remember(key, SessionMeta.of(record))
-        self._live.seen(key, card.name, now + ttl)
+        self._live.seen(key, card.name, now + ttl, card.version)
         return session_info(session_id, record, now + ttl)
+
+    def live_sessions_on(self, model: str, version: str) -> int:
+        """Live sessions of one model version that this replica served (deleting a version
+        is refused while it has any)."""
+        return self._live.on_version(model, version, time.time())
 
     async def get(self, session_id: str, *, owner: str | None = None) -> SessionInfo:
         """The session's info; counts as use (restarts its TTL). Unknown → NotFoundError."""
@@ -289,7 +294,7 @@ class SessionManager:
         if not touched:
             raise self._not_found(key, session_id)
         expires_at = time.time() + meta.ttl
-        self._live.seen(key, meta.model, expires_at)
+        self._live.seen(key, meta.model, expires_at, meta.version)
         return session_info(session_id, loaded.record, expires_at)
 
     async def delete(self, session_id: str, *, owner: str | None = None) -> bool:
@@ -436,7 +441,7 @@ class SessionManager:
             elif isinstance(result, StateNotFoundError):
                 outcomes[i] = self._not_found(job.key, job.session_id)
             else:
-                self._live.seen(job.key, record.model, outcome.info.expires_at)
+                self._live.seen(job.key, record.model, outcome.info.expires_at, record.version)
                 outcomes[i] = outcome
                 committed += answer_batches(outcome)
         record_metrics(committed)  # committed answers only

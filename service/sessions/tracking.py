@@ -48,10 +48,11 @@ class FifoLocks:
 
 
 class LiveSessions:
-    """Sessions this replica created or used, with their expiry, counted per model."""
+    """Sessions this replica created or used, with their expiry, counted per model (and per
+    version, so that a version serving sessions is not deleted from under them)."""
 
     def __init__(self) -> None:
-        self._expiry: dict[str, tuple[str, float]] = {}  # key -> (model, expires_at)
+        self._expiry: dict[str, tuple[str, str, float]] = {}  # key -> (model, version, expiry)
         self._counts: dict[str, int] = {}
         self._next_sweep = 0.0
 
@@ -60,11 +61,18 @@ class LiveSessions:
         self._sweep(now)
         return len(self._expiry)
 
-    def seen(self, key: str, model: str, expires_at: float) -> None:
+    def on_version(self, model: str, version: str, now: float) -> int:
+        """Live sessions of one model version (expired ones are not counted)."""
+        return sum(
+            m == model and v == version and expires_at > now
+            for m, v, expires_at in list(self._expiry.values())
+        )
+
+    def seen(self, key: str, model: str, expires_at: float, version: str = "") -> None:
         if key not in self._expiry:
             self._counts[model] = self._counts.get(model, 0) + 1
             metrics.set_active_sessions(model, self._counts[model])
-        self._expiry[key] = (model, expires_at)
+        self._expiry[key] = (model, version, expires_at)
         self._sweep(time.time())
 
     def gone(self, key: str) -> None:
@@ -77,5 +85,5 @@ class LiveSessions:
         if now < self._next_sweep:
             return
         self._next_sweep = now + 1.0
-        for key in [k for k, (_, expires_at) in self._expiry.items() if expires_at <= now]:
+        for key in [k for k, (_, _, expires_at) in self._expiry.items() if expires_at <= now]:
             self.gone(key)

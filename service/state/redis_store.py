@@ -327,6 +327,11 @@ class RedisStateStore(StateStore):
 
     # --- scripts --------------------------------------------------------------------------
 
+    async def eval_one_key(self, source: str, key: str, *args: Any) -> Any:
+        """Run the Lua script `source` on one key (atomic in Redis; any deployment, Cluster
+        included): what counters shared by every replica are built on (`service.api.limits`)."""
+        return (await self._run_scripts(source, [(key, args)]))[0]
+
     async def _run_scripts(self, source: str, calls: Sequence[tuple[str, tuple]]) -> list[Any]:
         """Run the script `source` once per (key, args), all in one pipeline.
 

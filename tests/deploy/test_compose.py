@@ -94,7 +94,7 @@ def test_two_server_replicas_run_the_image_command_behind_one_port(compose: dict
     assert server["deploy"]["replicas"] == 2
     assert server["command"] == dockerfile_exec_form("CMD")
     assert "ports" not in server  # replicas cannot share a host port; the balancer has it
-    assert services(compose)["lb"]["ports"] == ["8000:8000"]
+    assert services(compose)["lb"]["ports"] == ["8000:8000", "8001:8001"]  # HTTP, gRPC
     assert services(compose)["worker"]["command"] == ["worker"]
 
 
@@ -159,6 +159,7 @@ def test_prometheus_scrapes_the_compose_services_on_their_ports(compose: dict) -
     assert targets["neuroserve"] == (["neuroserve"], 8000)
     assert targets["neuroserve-worker"] == (["worker"], 9100)
     assert "8000" in services(compose)["neuroserve"]["expose"]
+    assert "8001" in services(compose)["neuroserve"]["expose"]  # gRPC, behind the balancer
     assert "9100" in services(compose)["worker"]["expose"]
 
 
@@ -166,6 +167,8 @@ def test_load_balancer_proxies_to_the_server_service(compose: dict) -> None:
     nginx = (DEPLOY / "nginx" / "nginx.conf").read_text()
     assert re.search(r"set \$\w+ http://neuroserve:8000;", nginx)
     assert re.search(r"^\s*listen 8000;", nginx, re.MULTILINE)
+    assert re.search(r"set \$(\w+) grpc://neuroserve:8001;\s*grpc_pass \$\1;", nginx)
+    assert re.search(r"^\s*listen 8001;\s*http2 on;", nginx, re.MULTILINE)
     assert "resolver 127.0.0.11" in nginx  # re-resolve replicas through Docker's DNS
     assert "proxy_set_header Upgrade $http_upgrade;" in nginx  # websockets (/v1/generate)
     assert (

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.settings import Settings
 from tests.deploy.helpers import (
     DOCKERFILE,
     REPO_ROOT,
@@ -68,6 +69,7 @@ def test_entrypoint_cmd_and_healthcheck() -> None:
     assert "/v2/health/live" in " ".join(healthcheck_command())
     exposed = " ".join(a for k, a in final_stage() if k == "EXPOSE").split()
     assert "8000" in exposed
+    assert str(Settings.model_fields["grpc_port"].default) in exposed  # gRPC, on by default
 
 
 def test_model_repository_is_a_volume_named_by_the_setting() -> None:

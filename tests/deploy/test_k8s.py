@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import yaml
 
+from service.settings import Settings
 from tests.deploy.helpers import (
     K8S,
     PROMETHEUS,
@@ -30,6 +31,9 @@ REQUIRED_KINDS = {
     "HorizontalPodAutoscaler",
     "StatefulSet",
 }
+
+
+GRPC_PORT_DEFAULT = Settings.model_fields["grpc_port"].default
 
 
 def manifest_files() -> list:
@@ -139,10 +143,12 @@ def test_server_probes_hit_real_routes_on_the_served_port() -> None:
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert server[probe]["httpGet"]["path"] in routes
         assert server[probe]["httpGet"]["port"] == "http"
-    (http,) = server["ports"]
+    ports = {port["name"]: port["containerPort"] for port in server["ports"]}
     args = server["args"]
     assert args == dockerfile_exec_form("CMD")
-    assert http["containerPort"] == int(args[args.index("--port") + 1])
+    assert ports["http"] == int(args[args.index("--port") + 1])
+    config = find("ConfigMap", "neuroserve-config")["data"]
+    assert ports["grpc"] == int(config["NEUROSERVE_GRPC_PORT"]) == GRPC_PORT_DEFAULT
 
 
 def test_server_has_resources_for_the_autoscaler() -> None:

@@ -357,11 +357,11 @@ def test_every_promised_metric_family_is_recorded_by_the_running_server(
     def labels_of(name: str) -> list[dict[str, str]]:
         return [sample.labels for sample in families[name].samples]
 
-    # Requests carry the route template, model, backend and status of what they served.
+    # Requests carry the route template, model, backend, status and protocol they served.
     assert {"route": "/v1/models/{name}/predict", "model": MODEL, "backend": BACKEND,
-            "status": "200"} in labels_of("neuroserve_requests")  # fmt: skip
+            "status": "200", "protocol": "http"} in labels_of("neuroserve_requests")  # fmt: skip
     assert {"route": "/v1/feedback", "model": MODEL, "backend": BACKEND,
-            "status": "200"} in labels_of("neuroserve_requests")  # fmt: skip
+            "status": "200", "protocol": "http"} in labels_of("neuroserve_requests")  # fmt: skip
     spikes = {s.labels["model"]: s.value for s in families["neuroserve_spikes"].samples
               if s.name == "neuroserve_spikes_total"}  # fmt: skip
     assert spikes.get(SPIKING_MODEL, 0) > 0, spikes

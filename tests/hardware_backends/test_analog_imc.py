@@ -204,3 +204,53 @@ def test_noise_follows_the_steps_so_chunks_and_whole_sequences_agree() -> None:
     torch.testing.assert_close(torch.cat([first, second], dim=1), whole, rtol=0, atol=0)
     for name in state:
         torch.testing.assert_close(state[name], whole_state[name], rtol=0, atol=0)
+
+
+def test_read_noise_is_per_chip_and_time_so_batch_neighbours_change_nothing() -> None:
+    # Periphery noise and quantisation off: what is left is the chip as read at t (programming
+    # noise, drift, accumulated read noise). A sequence then gets the same logits alone on a
+    # fresh runner as inside a larger batch on a runner that has served other calls before.
+    model = _lru()
+    options = {"t_inference": 3600.0, "out_noise": 0.0, "inp_res": 0.0, "out_res": 0.0}
+    x = _digits_like(batch=8, steps=5)
+    backend = AnalogIMCBackend()
+    alone, _, _ = backend.prepare(model, model_key="lru/1", options=options).run(x[:1])
+    busy = backend.prepare(model, model_key="lru/1", options=options)
+    busy.run(_digits_like(batch=3, steps=4, seed=9))  # other traffic first
+    batched, _, _ = busy.run(x)
+    torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
+    # The read noise is there: an ideal chip gives other logits.
+    ideal, _, _ = AnalogIMCBackend(IDEAL).prepare(model, model_key="lru/1").run(x[:1])
+    assert (ideal - alone).abs().max() > 1e-3
+
+
+def test_output_noise_is_drawn_per_call() -> None:
+    model = _lru()
+    runner = AnalogIMCBackend().prepare(model, model_key="lru/1")
+    x = _digits_like(batch=2, steps=3)
+    first, _, _ = runner.run(x)
+    second, _, _ = runner.run(x)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("mapping", ["rescaled", "raw"])
+def test_both_weight_mappings_are_exact_on_an_ideal_chip(mapping: str) -> None:
+    model = _lru()
+    ideal = AnalogIMCBackend(IDEAL)
+    runner = ideal.prepare(model, model_key="lru/1", options={"weight_mapping": mapping})
+    x = _digits_like()
+    with torch.no_grad():
+        torch.testing.assert_close(runner.run(x)[0], model(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_raw_mapping_puts_output_noise_in_weight_units() -> None:
+    # Weights well below 1: in raw units the same output noise is a far larger error.
+    model = _lru()
+    x = _digits_like(batch=32, steps=5)
+    noise_only = {"prog_noise_scale": 0.0, "read_noise_scale": 0.0, "drift_scale": 0.0}
+    errors = {}
+    for mapping in ("rescaled", "raw"):
+        options = noise_only | {"weight_mapping": mapping}
+        runner = AnalogIMCBackend().prepare(model, model_key="lru/1", options=options)
+        errors[mapping] = _relative_error(runner, model, x)
+    assert errors["raw"] > 2.0 * errors["rescaled"]

@@ -3,6 +3,7 @@ thread options."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -13,9 +14,11 @@ import torch
 from hardware_backends.onnx_export import (
     INPUT_NAME,
     LOGITS_NAME,
+    OPSET,
     STATE_IN_PREFIX,
     STATE_OUT_PREFIX,
     ExportCache,
+    _register_missing_operators,
     export_onnx,
 )
 from hardware_backends.onnxruntime_backend import (
@@ -167,3 +170,26 @@ def test_bad_thread_options_name_the_problem(
 ) -> None:
     with pytest.raises(ValueError, match=problem):
         backend.prepare(small_model("lru"), model_key="m/1", options=options)
+
+
+class _Expm1(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(x)
+
+
+def test_exported_expm1_keeps_its_precision_for_small_arguments(tmp_path: Path) -> None:
+    # exp(x) - 1 in float32 loses every digit below |x| ~ 1e-7; the exported op must not.
+    _register_missing_operators()
+    path = tmp_path / "expm1.onnx"
+    x = torch.cat([torch.logspace(-9, 1.5, 400), -torch.logspace(-9, 1.5, 400), torch.zeros(1)])
+    with warnings.catch_warnings():  # the TorchScript exporter announces its deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            _Expm1(), (x,), str(path), opset_version=OPSET, dynamo=False, input_names=["x"]
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy()})
+    expected = torch.expm1(x.double())
+    # A few float32 ulps everywhere, including |x| = 1e-9 where exp(x) - 1 would give 0.
+    torch.testing.assert_close(torch.from_numpy(got).double(), expected, rtol=5e-7, atol=0)
+    assert not torch.allclose(torch.exp(x) - 1, expected.float(), rtol=1e-3, atol=0)

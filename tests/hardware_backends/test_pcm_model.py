@@ -61,22 +61,20 @@ def _nu_mean_std(g_t: float, cfg: PCMConfig) -> tuple[float, float]:
     return mean, std
 
 
-def _sigma_read(g_t: float, t: float, cfg: PCMConfig) -> float:
-    q_s = min(0.0088 / max((g_t / cfg.g_max) ** 0.65, 1e-3), 0.2)
+def _sigma_read(g_device: torch.Tensor, t: float, cfg: PCMConfig) -> torch.Tensor:
+    """Relative read-noise std of devices holding g_device µS (their actual conductance)."""
+    q_s = (0.0088 / ((g_device / cfg.g_max) ** 0.65).clamp(min=1e-3)).clamp(max=0.2)
     return q_s * math.sqrt(math.log((t + cfg.t0 + 250e-9) / (2 * 250e-9)))
 
 
 def _expected_moments(g_t: float, t: float, cfg: PCMConfig, stage: str) -> tuple[float, float]:
-    """Exact (mean, variance) of the conductance after 'program', 'drift' or 'read'."""
+    """Exact (mean, variance) of the conductance after 'program' or 'drift'."""
     first, second = _rectified_moments(g_t, _sigma_prog(g_t, cfg))
-    if stage in ("drift", "read") and t > 0:
+    if stage == "drift" and t > 0:
         m, s = _nu_mean_std(g_t, cfg)
         log_base = math.log((t + 20.0) / 20.0)  # t0 = 20 s
         first *= _folded_normal_mgf(-log_base, m, s)
         second *= _folded_normal_mgf(-2.0 * log_base, m, s)
-    if stage == "read":
-        r1, r2 = _rectified_moments(1.0, _sigma_read(g_t, t, cfg))
-        first, second = first * r1, second * r2
     return first, second - first**2
 
 
@@ -86,9 +84,7 @@ def _sample(g_t: float, t: float, cfg: PCMConfig, stage: str, seed: int = 0) -> 
     devices = program_devices(target, cfg, gen)
     if stage == "program":
         return devices.g_programmed
-    if stage == "drift":
-        return drifted_conductance(devices, t, cfg)
-    return read_conductance(devices, t, cfg, gen)
+    return drifted_conductance(devices, t, cfg)
 
 
 def _assert_moments(samples: torch.Tensor, mean: float, var: float) -> None:
@@ -121,12 +117,67 @@ def test_drifted_conductance_matches_power_law_with_device_exponents(g_t: float,
     _assert_moments(_sample(g_t, t, cfg, "drift"), mean, var)
 
 
+def _read_residuals(devices, t: float, cfg: PCMConfig, seed: int) -> tuple[float, float]:
+    """Read the array once and return, in units of their standard errors, how far the sum of
+    (read - E[read | device]) and the sum of its squares minus Var[read | device] fall from 0.
+
+    Given a device's programmed conductance g_p and drifted conductance g_d, the closed form
+    is read = max(g_d · (1 + σ(g_p)·Z), 0): a rectified normal with exact conditional moments.
+    """
+    g_read = read_conductance(devices, t, cfg, torch.Generator().manual_seed(seed))
+    g_drift = drifted_conductance(devices, t, cfg)
+    # E[X], E[X²] of X = max(1 + σ·Z, 0), elementwise (as `_rectified_moments`).
+    sigma = _sigma_read(devices.g_programmed, t, cfg)
+    a = 1.0 / sigma
+    cdf, pdf = torch.special.ndtr(a), torch.exp(-0.5 * a**2) / math.sqrt(2 * math.pi)
+    r1_t = cdf + sigma * pdf
+    r2_t = (1.0 + sigma**2) * cdf + sigma * pdf
+    mean = g_drift * r1_t
+    var = g_drift**2 * (r2_t - r1_t**2)
+    residual = g_read - mean
+    z_mean = float(residual.sum()) / math.sqrt(float(var.sum()))
+    squares = residual**2 - var
+    z_var = float(squares.sum()) / math.sqrt(float((squares**2).sum()))  # empirical SE
+    return z_mean, z_var
+
+
 @pytest.mark.parametrize("t", [0.0, HOUR, DAY, YEAR], ids=["0s", "1h", "1day", "1year"])
 @pytest.mark.parametrize("g_t", LEVELS_US)
-def test_read_conductance_adds_accumulated_one_over_f_noise(g_t: float, t: float) -> None:
+def test_read_noise_follows_the_closed_form_at_the_actual_conductance(g_t: float, t: float) -> None:
+    # Programming noise spreads g_p around the target, so every device has its own σ_read:
+    # the sums are checked against the exact conditional moments, to 5 standard errors.
     cfg = PCMConfig()
-    mean, var = _expected_moments(g_t, t, cfg, "read")
-    _assert_moments(_sample(g_t, t, cfg, "read"), mean, var)
+    target = torch.full((N_DEVICES // 4,), g_t, dtype=torch.float64)
+    devices = program_devices(target, cfg, torch.Generator().manual_seed(1))
+    z_mean, z_var = _read_residuals(devices, t, cfg, seed=2)
+    assert abs(z_mean) <= 5.0 and abs(z_var) <= 5.0, (z_mean, z_var)
+
+
+@pytest.mark.parametrize("t", [0.0, YEAR], ids=["0s", "1year"])
+def test_a_stuck_at_gmax_device_reads_with_the_spread_of_a_device_programmed_to_gmax(
+    t: float,
+) -> None:
+    # Targets 0 (the idle side of a pair) but every device stuck at g_max, against devices
+    # programmed exactly to g_max (no programming noise, no drift: stuck devices do not drift).
+    cfg = PCMConfig(stuck_at_gmax_fraction=1.0)
+    stuck = program_devices(
+        torch.zeros(N_DEVICES, dtype=torch.float64), cfg, torch.Generator().manual_seed(3)
+    )
+    exact_cfg = PCMConfig(prog_noise_scale=0.0, drift_scale=0.0)
+    programmed = program_devices(
+        torch.full((N_DEVICES,), 25.0, dtype=torch.float64),
+        exact_cfg,
+        torch.Generator().manual_seed(4),
+    )
+    expected_std = 25.0 * float(_sigma_read(torch.tensor(25.0), t, cfg))  # 0.92 µS at 0 s
+    for devices, config, seed in ((stuck, cfg, 5), (programmed, exact_cfg, 6)):
+        g = read_conductance(devices, t, config, torch.Generator().manual_seed(seed))
+        # At σ ≈ 4-5 % the clamp at 0 never acts: a normal sample, whose mean has standard
+        # error σ/√N and whose std has standard error σ/√(2N).
+        assert abs(float(g.mean()) - 25.0) <= 5.0 * expected_std / math.sqrt(N_DEVICES)
+        se_std = expected_std / math.sqrt(2 * N_DEVICES)
+        assert abs(float(g.std()) - expected_std) <= 5.0 * se_std, (float(g.std()), expected_std)
+    assert expected_std < 1.3  # the 0.2 cap of the reset state would give about 19-24 µS
 
 
 def test_published_constants_at_known_points() -> None:

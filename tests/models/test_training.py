@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from models.training import (
     TrainingRecipe,
     _add_noise,
     build_for_data,
+    current_command,
     fit_classifier,
     load_training_data,
     seed_everything,
@@ -357,3 +359,10 @@ def test_cli_train_reports_bad_usage(tmp_path: Path, capsys) -> None:
     args = ["train", "--builtin", "digits-lru", "--step-loss", "every", "--quiet"]
     assert cli_main([*args, "--repository", str(tmp_path)]) == 2
     assert "step_loss must be one of last, uniform" in capsys.readouterr().err
+
+
+def test_the_recorded_command_names_neuroserve_however_it_was_started(monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["/x/.venv/bin/neuroserve", "calibrate", "a b"])
+    assert current_command() == "neuroserve calibrate 'a b'"
+    monkeypatch.setattr(sys, "argv", ["/repo/service/cli/__main__.py", "calibrate", "m"])
+    assert current_command() == "neuroserve calibrate m"

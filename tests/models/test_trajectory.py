@@ -320,14 +320,13 @@ def test_a_failure_while_publishing_leaves_nothing_behind(repo: ModelRepository)
 
 
 def test_concurrent_publishers_get_distinct_versions(repo: ModelRepository) -> None:
+    # The model's lock serialises them (`models.latest_pointer.model_lock`); all four start
+    # together and each reads the listing it publishes after.
     _publish_base(repo)
-    barrier, first_call = threading.Barrier(4), threading.local()
+    barrier = threading.Barrier(4)
     cards: list[ModelCard] = []
 
     def files_for(version: str) -> dict[str, bytes]:
-        if not getattr(first_call, "done", False):  # all four pick the same version first
-            first_call.done = True
-            barrier.wait(timeout=10)
         config = json.loads((repo.version_path("toy", "1") / CONFIG_FILE).read_text())
         config["version"] = version
         return {
@@ -335,10 +334,11 @@ def test_concurrent_publishers_get_distinct_versions(repo: ModelRepository) -> N
             WEIGHTS_FILE: (repo.version_path("toy", "1") / WEIGHTS_FILE).read_bytes(),
         }
 
-    threads = [
-        threading.Thread(target=lambda: cards.append(repo.publish_files("toy", files_for)))
-        for _ in range(4)
-    ]
+    def publish() -> None:
+        barrier.wait(timeout=10)
+        cards.append(repo.publish_files("toy", files_for))
+
+    threads = [threading.Thread(target=publish) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:

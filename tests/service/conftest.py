@@ -60,8 +60,10 @@ def publish_lru(
     seed: int,
     *,
     task: str = "classification",
+    promote: bool = True,
 ) -> None:
-    """Publish a freshly initialised LRU, seeded with `seed`, under `name`."""
+    """Publish a freshly initialised LRU, seeded with `seed`, under `name` (as its latest
+    version unless `promote` is False)."""
     if task == "classification":
         model_config = lru_config("features", len(DIGIT_LABELS))
         extra = {
@@ -96,7 +98,7 @@ def publish_lru(
         },
         "metrics": {},
     }
-    repository.publish(name, config, model.state_dict())
+    repository.publish(name, config, model.state_dict(), promote=promote)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def test_server_metadata_follows_the_open_inference_protocol(client: httpx.Clien
     body = response.json()
     assert body["name"] == "neuroserve"
     assert isinstance(body["version"], str) and body["version"]
-    assert body["extensions"] == []
+    assert body["extensions"] == ["binary_tensor_data", "model_configuration", "statistics"]
 
 
 def test_openapi_schema_and_docs_are_served(client: httpx.Client) -> None:

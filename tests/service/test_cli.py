@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from models.repository import ModelRepository
 from service.cli.common import parse_key_value, settings_from_flags
@@ -26,7 +28,8 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "service.
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUROSERVE_")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    # A free gRPC port unless a test names one: servers run side by side, and 8001 may be taken.
+    return {**env, "OMP_NUM_THREADS": "1", "NEUROSERVE_GRPC_PORT": "0", **extra}
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -40,13 +43,14 @@ def test_help_lists_the_sub_commands() -> None:
     assert result.returncode == 0, result.stderr
     for command in ("serve", "train", "evaluate"):
         assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
-    assert "run the HTTP server" in result.stdout
+    assert "run the HTTP and gRPC server" in result.stdout
 
 
 def test_serve_help_documents_its_options() -> None:
     result = run_cli("serve", "--help")
     assert result.returncode == 0, result.stderr
-    for option in ("--host", "--port", "--repository", "--redis-url", "--log-level"):
+    options = ("--host", "--port", "--grpc-port", "--no-grpc", "--repository", "--redis-url")
+    for option in (*options, "--log-level"):
         assert option in result.stdout
 
 
@@ -118,9 +122,20 @@ def test_serve_refuses_several_workers_without_redis() -> None:
 def test_several_workers_continue_one_session_and_merge_their_metrics(
     redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:
-    port = free_tcp_port()
+    port, grpc_port = free_tcp_port(), free_tcp_port()
     process = subprocess.Popen(
-        [*COMMAND, "serve", "--workers", "2", "--port", str(port), "--redis-url", redis_url],
+        [
+            *COMMAND,
+            "serve",
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--redis-url",
+            redis_url,
+            "--grpc-port",
+            str(grpc_port),
+        ],  # fmt: skip
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -154,6 +169,17 @@ def test_several_workers_continue_one_session_and_merge_their_metrics(
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["step"] == expected_step  # no worker lost another's step
+        # gRPC on the same port in both workers: a Triton sequence continued over a new
+        # connection per request, so the kernel spreads it over both, loses no step either.
+        chunk = np.full((1, 1, 8), 3.0, dtype=np.float32)
+        for i in range(8):
+            with triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}") as grpc_client:
+                tensor = triton_grpc.InferInput("input", [1, 1, 8], "FP32")
+                tensor.set_data_from_numpy(chunk)
+                result = grpc_client.infer(
+                    "digits-lru", [tensor], sequence_id=31, sequence_start=i == 0
+                )
+            assert result.get_response().parameters["sequence_step"].int64_param == i + 1
         metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
         served = re.search(
             r'neuroserve_requests_total\{[^}]*route="/v1/sessions/\{session_id\}/step"[^}]*'

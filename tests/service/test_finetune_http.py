@@ -215,7 +215,8 @@ def test_an_uploaded_npz_is_tuned_on(client: httpx.Client, repository: ModelRepo
 def test_a_job_end_to_end_publishes_a_version_that_serves_at_once(
     client: httpx.Client, repository: ModelRepository
 ) -> None:
-    versions_before = client.get("/v1/models/tiny").json()["versions"]
+    before = client.get("/v1/models/tiny").json()
+    versions_before = before["versions"]
     response = client.post("/v1/finetune/jobs", json=shifted_subset_spec("tiny"))
     assert response.status_code == 202, response.text
     submitted = response.json()
@@ -225,14 +226,18 @@ def test_a_job_end_to_end_publishes_a_version_that_serves_at_once(
     job = wait_until_finished(client, submitted["job_id"])
     assert job["status"] == "succeeded", job["error"]
     new_version = job["result"]["version"]
-    assert job["result"]["base_version"] == versions_before[-1]
+    assert job["result"]["base_version"] == before["latest_version"]
     assert job["progress"]["stage"] == "done" and job["progress"]["step"] == 200
     for when in ("before", "after"):
         assert 0.0 <= job["result"][when]["accuracy"] <= 1.0
 
     info = client.get("/v1/models/tiny").json()
     assert info["versions"] == [*versions_before, new_version]
-    assert info["latest_version"] == new_version
+    promotion = job["result"]["promotion"]
+    # latest moved to the new version exactly when the guard let it (the reason says why)
+    assert info["latest_version"] == promotion["latest"]
+    assert (promotion["latest"] == new_version) == promotion["promoted"], promotion
+    assert promotion["reason"] and promotion["n"] == job["result"]["after"]["n"]
     session = client.post("/v1/sessions", json={"model": "tiny", "version": new_version})
     assert session.status_code == 201, session.text
     assert session.json()["version"] == new_version
@@ -250,6 +255,15 @@ def test_a_job_end_to_end_publishes_a_version_that_serves_at_once(
     # Same weights through both routes: the session's final step is the whole-sequence answer.
     probabilities = predict.json()["predictions"][0]["probabilities"]
     assert np.allclose(step.json()["prediction"]["probabilities"], probabilities, atol=1e-5)
+
+
+def test_output_name_of_a_model_of_another_lineage_is_409(client: httpx.Client) -> None:
+    response = client.post(
+        "/v1/finetune/jobs", json=shifted_subset_spec("tiny", output_name="corrupt")
+    )
+    assert response.status_code == 409, response.text
+    message = response.json()["error"]["message"]
+    assert "'corrupt'" in message and "another lineage" in message and "output_name" in message
 
 
 def test_cancelling_a_running_job_publishes_nothing(

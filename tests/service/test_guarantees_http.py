@@ -92,8 +92,8 @@ def test_predict_on_prefixes_covers_at_every_step_and_alpha(server, model, backe
                 coverage, size = check_step(sets, alpha, f"{model}/{backend} t={step} a={alpha}")
                 report.append((step, alpha, coverage, size))
                 # The default answer is never empty, decides only on a single label, and
-                # covers at least the plain set's floor (the analog chip draws new noise per
-                # request, so the two answers are not the same run).
+                # covers at least the plain set's floor (the analog chip draws new output
+                # noise per request, so the two answers are not the same run).
                 default = http.post(f"/v1/models/{model}/predict", json=body).json()
                 for p in default["predictions"]:
                     assert p["set_size"] >= 1 and p["abstain"] == (p["set_size"] != 1)
@@ -186,7 +186,7 @@ def test_session_steps_cover_at_every_position(server, model, backend) -> None:
         assert any("past the 8 steps" in warning for warning in answer["warnings"])
     if backend == "torch":
         # Same step, same calibration: a session's sets equal predict's on the same prefix
-        # (torch is deterministic; the analog chip draws new noise per request).
+        # (torch is deterministic; the analog chip draws new output noise per request).
         with httpx.Client(base_url=server, timeout=300) as http:
             for step in (1, 4, 8):
                 prefixes = [image[:step] for image in IMAGES[:50]]

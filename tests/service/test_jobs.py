@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from rq.registry import CanceledJobRegistry
 
+from models.latest_pointer import LOCK_FILE, POINTER_FILE
 from models.repository import WEIGHTS_FILE, ModelRepository
 from service.finetuning.spec import ProgressEvent
 from service.jobs.local_queue import LocalJobQueue
@@ -87,7 +88,8 @@ def assert_repository_intact(repository: ModelRepository, name: str, versions: l
     """Exactly `versions` of `name` exist, each complete and readable, and no half-written
     version (the repository's hidden temp dirs) is left anywhere."""
     assert repository.versions(name) == versions
-    assert sorted(entry.name for entry in (repository.root / name).iterdir()) == sorted(versions)
+    entries = {entry.name for entry in (repository.root / name).iterdir()}
+    assert entries - {POINTER_FILE, LOCK_FILE} == set(versions)  # beside: `latest`, its lock
     assert not [entry for entry in repository.root.iterdir() if entry.name.startswith(TEMP_PREFIX)]
     for version in versions:
         repository.card(name, version)

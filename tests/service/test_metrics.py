@@ -138,7 +138,7 @@ def test_record_request_counts_and_times() -> None:
     metrics.record_request(route, "m", "torch", 200, 0.003)
     metrics.record_request(route, "m", "torch", 200, 0.2)
     metrics.record_request(route, "m", "torch", 503, 0.004)
-    labels = {"route": route, "model": "m", "backend": "torch"}
+    labels = {"route": route, "model": "m", "backend": "torch", "protocol": "http"}
     assert sample("neuroserve_requests_total", **labels, status="200") == 2
     assert sample("neuroserve_requests_total", **labels, status="503") == 1
     assert sample("neuroserve_request_duration_seconds_count", **labels) == 3
@@ -363,6 +363,7 @@ def test_middleware_labels_by_route_template_model_backend_and_status() -> None:
 
     def requests(route: str, model: str, backend: str, status: str) -> float:
         labels = {"route": route, "model": model, "backend": backend, "status": status}
+        labels["protocol"] = "http"
         return samples.get(("neuroserve_requests_total", frozenset(labels.items())), 0.0)
 
     predict = "/v1/models/{name}/predict"
@@ -497,6 +498,7 @@ def test_two_processes_are_summed_in_one_exposition(tmp_path: Path, monkeypatch)
         return samples[(name, frozenset(labels.items()))]
 
     request = {"route": "/v1/models/{name}/predict", "model": model, "backend": "torch"}
+    request["protocol"] = "http"
     assert value("neuroserve_requests_total", **request, status="200") == 7
     assert value("neuroserve_request_duration_seconds_count", **request) == 7
     # sum of 0.01*(1+2+3) and 0.01*(1+2+3+4)

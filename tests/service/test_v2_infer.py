@@ -1,22 +1,36 @@
 """Open Inference Protocol (KServe V2) over real HTTP: model metadata and readiness, stateless
 inference agreeing with `/v1/.../predict`, the JSON tensor codec (flat and nested data, every
-numeric datatype), output selection, the `never_empty` parameter and sets past the calibrated
-horizon, and malformed requests that must each get a clean 400 `{"error": ...}` naming the
-problem."""
+numeric datatype), the binary tensor data extension built by hand (framing, every datatype,
+malformed binary bodies), output selection, the parameters (unknown ones refused), sets past
+the calibrated horizon, and malformed requests that must each get a clean 400
+`{"error": ...}` naming the problem."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from models.digits import load_digits_seq
-from service.api.v2_codec import V2BadRequestError, decode_tensor, encode_tensor
-from service.api.v2_infer import OUTPUTS, encode_predictions, parse_parameters
+from service.api.v2_codec import (
+    BINARY_HEADER,
+    V2BadRequestError,
+    decode_raw_tensor,
+    decode_tensor,
+    encode_tensor,
+    json_tensor,
+    output_tensor,
+    tensor_bytes,
+)
+from service.api.v2_infer import OUTPUTS, SET_OUTPUTS, prediction_outputs
+from service.api.v2_parameters import KNOWN_PARAMETERS, parse_parameters
 from service.dataplane.predictions import ClassPrediction
 from service.errors import NotCalibratedError
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
@@ -68,6 +82,8 @@ def test_feature_model_metadata_lists_inputs_and_outputs_with_free_dims(
         "confidence": ("FP32", [-1]),
         "probabilities": ("FP32", [-1, len(DIGIT_LABELS)]),
         "prediction_set": ("BOOL", [-1, len(DIGIT_LABELS)]),
+        "set_size": ("INT32", [-1]),
+        "abstain": ("BOOL", [-1]),
         "entropy": ("FP32", [-1]),
         "prediction_id": ("BYTES", [-1]),
     }
@@ -110,7 +126,7 @@ def test_infer_agrees_with_v1_predict(client: httpx.Client) -> None:
     assert (body["model_name"], body["model_version"], body["id"]) == ("tiny-digits", "2", "req-7")
     outputs = outputs_by_name(body)
     # Served without calibration (TEST_SETTINGS), so there is no set to encode.
-    assert TEST_SETTINGS["allow_uncalibrated"] and set(outputs) == set(OUTPUTS) - {"prediction_set"}
+    assert TEST_SETTINGS["allow_uncalibrated"] and set(outputs) == set(OUTPUTS) - set(SET_OUTPUTS)
     expected = v1["predictions"]
     assert outputs["label"] == {
         "name": "label",
@@ -151,6 +167,19 @@ def test_flat_and_nested_data_and_every_numeric_datatype_give_the_same_answer(
             assert body["outputs"] == reference["outputs"], (datatype, nested)
 
 
+def test_bool_features_are_zeros_and_ones(client: httpx.Client) -> None:
+    spikes = np.random.default_rng(3).random((2, 5, 8)) < 0.3  # [2, 5, 8] spike trains
+    request = {"outputs": [{"name": "probabilities"}]}
+    as_bool = {"name": "input", "datatype": "BOOL", "shape": [2, 5, 8]}
+    as_bool["data"] = spikes.reshape(-1).tolist()
+    as_float = features_tensor(spikes.astype(np.float64))
+    body = infer(client, "tiny-digits", {**request, "inputs": [as_bool]})
+    assert (
+        body["outputs"]
+        == infer(client, "tiny-digits", {**request, "inputs": [as_float]})["outputs"]
+    )
+
+
 def test_outputs_selection_is_honoured_in_request_order(client: httpx.Client) -> None:
     request = {
         "inputs": [features_tensor(digit_like(2))],
@@ -162,7 +191,10 @@ def test_outputs_selection_is_honoured_in_request_order(client: httpx.Client) ->
     }
     body = infer(client, "tiny-digits", request)
     assert [o["name"] for o in body["outputs"]] == ["entropy", "label"]
-    assert "id" not in body and "parameters" not in body
+    assert "id" not in body
+    # The only response parameter of a stateless answer: why it carries no guarantee.
+    assert list(body["parameters"]) == ["warnings"]
+    assert "is not calibrated" in body["parameters"]["warnings"]
 
 
 def test_explicitly_requested_prediction_set_without_calibration_is_409(
@@ -191,12 +223,29 @@ def test_language_model_prompts_as_bytes(client: httpx.Client) -> None:
         assert body["outputs"][0]["data"] == [p["label"] for p in v1["predictions"]]
 
 
-def test_unknown_parameters_are_ignored_and_known_ones_checked(client: httpx.Client) -> None:
+def test_unknown_and_unsupported_parameters_are_refused_by_name(client: httpx.Client) -> None:
     tensor = features_tensor(digit_like(1))
-    parameters = {"priority": 3, "timeout": 100, "binary_data_output": True, "x-custom": "y"}
-    infer(client, "tiny-digits", {"inputs": [tensor], "parameters": parameters})
-    body = infer(client, "tiny-digits", {"inputs": [tensor], "parameters": {"alpha": 1.5}}, 400)
-    assert body["error"] == "parameters.alpha must be a number in the open interval (0, 1), got 1.5"
+
+    def refused(parameters: dict[str, Any]) -> str:
+        return infer(client, "tiny-digits", {"inputs": [tensor], "parameters": parameters}, 400)[
+            "error"
+        ]
+
+    misspelt = refused({"alpah": 0.1})
+    assert misspelt.startswith("unknown parameter 'alpah' (did you mean 'alpha'?); known")
+    assert "max_set_size" in misspelt and "class_conditional" in misspelt
+    assert "unknown parameter 'x-custom'" in refused({"x-custom": "y"})
+    assert "no request priorities" in refused({"priority": 3})
+    assert "parameters.timeout is not supported" in refused({"timeout": 100})
+    assert refused({"alpha": 1.5}) == (
+        "parameters.alpha must be a number in the open interval (0, 1), got 1.5"
+    )
+    assert "apply to sequences only" in refused({"ttl_seconds": 5})
+    assert "max_set_size must be an integer >= 0" in refused({"max_set_size": -1})
+    assert "apply to sequences only" in refused({"return_steps": True})
+    assert "backend_options must be an object" in refused({"backend_options": [1]})
+    # JSON-encoded booleans and a null parameter are fine; binary_data_output is known.
+    infer(client, "tiny-digits", {"inputs": [tensor], "parameters": {"seed": 3, "alpha": None}})
 
 
 # ---- malformed requests ---------------------------------------------------------------------
@@ -277,17 +326,211 @@ def test_non_finite_numbers_are_400(client: httpx.Client, literal: str) -> None:
     assert "finite" in response.json()["error"]
 
 
-def test_invalid_json_and_binary_extension_are_400(client: httpx.Client) -> None:
+def test_invalid_json_is_400(client: httpx.Client) -> None:
     headers = {"content-type": "application/json"}
     bad = client.post("/v2/models/tiny-digits/infer", content=b'{"inputs": [', headers=headers)
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]
-    body = json.dumps({"inputs": [_tensor()]}).encode()
-    binary = client.post(
-        "/v2/models/tiny-digits/infer",
-        content=body,
-        headers={**headers, "Inference-Header-Content-Length": str(len(body))},
+
+
+# ---- the binary tensor data extension, built by hand ----------------------------------------
+
+
+def binary_request(
+    body: dict[str, Any], tensors: list[bytes], header_length: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(body).encode()
+    length = len(head) if header_length is None else header_length
+    # Labelled JSON as some clients do: the JSON fast path must leave framed bodies alone.
+    headers = {BINARY_HEADER: str(length), "Content-Type": "application/json"}
+    return head + b"".join(tensors), headers
+
+
+def split_binary_answer(response: httpx.Response) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The JSON part of a binary answer and each binary output's bytes."""
+    length = int(response.headers[BINARY_HEADER])
+    head = json.loads(response.content[:length])
+    raw, offset = {}, length
+    for output in head["outputs"]:
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw[output["name"]] = response.content[offset : offset + size]
+            offset += size
+    assert offset == len(response.content)
+    return head, raw
+
+
+def test_binary_inputs_of_every_numeric_datatype_agree_with_json(client: httpx.Client) -> None:
+    values = digit_like(2, seed=7)  # small integers: exact in every datatype
+    request = {"outputs": [{"name": "probabilities"}]}
+    reference = infer(client, "tiny-digits", {**request, "inputs": [features_tensor(values)]})
+    for datatype, dtype in (
+        ("FP16", "<f2"),
+        ("FP32", "<f4"),
+        ("FP64", "<f8"),
+        ("INT8", "i1"),
+        ("INT16", "<i2"),
+        ("INT32", "<i4"),
+        ("INT64", "<i8"),
+        ("UINT8", "u1"),
+        ("UINT32", "<u4"),
+        ("UINT64", "<u8"),
+        ("BF16", None),
+    ):
+        if dtype is None:  # bfloat16: the top 16 bits of float32 (exact for small integers)
+            raw = (values.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+        else:
+            raw = values.astype(dtype).tobytes()
+        tensor = {"name": "input", "datatype": datatype, "shape": list(values.shape)}
+        tensor["parameters"] = {"binary_data_size": len(raw)}
+        content, headers = binary_request({**request, "inputs": [tensor]}, [raw])
+        response = client.post("/v2/models/tiny-digits/infer", content=content, headers=headers)
+        assert response.status_code == 200, (datatype, response.text)
+        assert BINARY_HEADER not in response.headers  # JSON outputs were asked for
+        assert response.json()["outputs"] == reference["outputs"], datatype
+
+
+def test_binary_outputs_carry_the_json_values_bit_for_bit(client: httpx.Client) -> None:
+    values = digit_like(3, seed=8)
+    names = ["label", "probabilities", "confidence", "entropy", "prediction_id"]
+    as_json = infer(
+        client,
+        "tiny-digits",
+        {"inputs": [features_tensor(values)], "outputs": [{"name": n} for n in names]},
     )
-    assert binary.status_code == 400 and "binary_data=False" in binary.json()["error"]
+    # Mixed: every output binary by default, entropy asked for as JSON by name.
+    outputs = [{"name": n} for n in names if n != "entropy"]
+    outputs.append({"name": "entropy", "parameters": {"binary_data": False}})
+    response = client.post(
+        "/v2/models/tiny-digits/infer",
+        json={
+            "inputs": [features_tensor(values)],
+            "parameters": {"binary_data_output": True},
+            "outputs": outputs,
+        },
+    )
+    assert response.status_code == 200 and response.headers["content-type"] == (
+        "application/octet-stream"
+    )
+    head, raw = split_binary_answer(response)
+    reference = outputs_by_name(as_json)
+    assert outputs_by_name(head)["entropy"] == reference["entropy"]
+    decoded = {
+        name: decode_raw_tensor(name, reference[name]["datatype"], entry["shape"], raw[name], name)
+        for name, entry in outputs_by_name(head).items()
+        if name in raw
+    }
+    assert set(decoded) == {"label", "probabilities", "confidence", "prediction_id"}
+    assert decoded["label"].values == reference["label"]["data"]
+    probabilities = np.frombuffer(raw["probabilities"], "<f4")
+    assert probabilities.tolist() == reference["probabilities"]["data"]  # float32 both ways
+    assert np.frombuffer(raw["confidence"], "<f4").tolist() == reference["confidence"]["data"]
+    assert len(set(decoded["prediction_id"].values)) == 3  # fresh ids, well framed
+
+
+def test_binary_prompts_as_bytes_elements(client: httpx.Client) -> None:
+    prompts = ["the cat", "a dog, then"]
+    raw = b"".join(len(p).to_bytes(4, "little") + p.encode() for p in prompts)
+    tensor = {"name": "prompt", "datatype": "BYTES", "shape": [2]}
+    tensor["parameters"] = {"binary_data_size": len(raw)}
+    content, headers = binary_request({"inputs": [tensor], "outputs": [{"name": "label"}]}, [raw])
+    response = client.post("/v2/models/tiny-charlm/infer", content=content, headers=headers)
+    v1 = client.post("/v1/models/tiny-charlm/predict", json={"inputs": prompts}).json()
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [p["label"] for p in v1["predictions"]]
+
+
+def _binary_input(raw: bytes, size: int | None = None, datatype: str = "FP32") -> dict:
+    tensor = {"name": "input", "datatype": datatype, "shape": [1, 2, 8]}
+    tensor["parameters"] = {"binary_data_size": len(raw) if size is None else size}
+    return tensor
+
+
+_SIXTEEN = np.arange(16, dtype="<f4").tobytes()
+MALFORMED_BINARY: list[tuple[str, dict[str, Any], list[bytes], int | None, str]] = [
+    (
+        "too few bytes",
+        {"inputs": [_binary_input(_SIXTEEN[:-4])]},
+        [_SIXTEEN[:-4]],
+        None,
+        "needs 64",
+    ),
+    ("size past the body", {"inputs": [_binary_input(_SIXTEEN, 80)]}, [_SIXTEEN], None, "only 64"),
+    (
+        "bytes nobody claims",
+        {"inputs": [_binary_input(_SIXTEEN)]},
+        [_SIXTEEN, b"xx"],
+        None,
+        "2 bytes of binary data that no input",
+    ),
+    ("header past the body", {"inputs": [_binary_input(_SIXTEEN)]}, [_SIXTEEN], 10**6, "between 0"),
+    (
+        "data and binary",
+        {"inputs": [{**_binary_input(_SIXTEEN), "data": [0.0] * 16}]},
+        [_SIXTEEN],
+        None,
+        "both data and parameters.binary_data_size",
+    ),
+    (
+        "NaN",
+        {"inputs": [_binary_input(np.full(16, np.nan, "<f4").tobytes())]},
+        [np.full(16, np.nan, "<f4").tobytes()],
+        None,
+        "finite",
+    ),
+    (
+        "BOOL byte 2",
+        {"inputs": [_binary_input(bytes([2] * 16), datatype="BOOL")]},
+        [bytes([2] * 16)],
+        None,
+        "BOOL bytes are 0 or 1",
+    ),
+    (
+        "shared memory",
+        {"inputs": [{**_binary_input(_SIXTEEN), "parameters": {"shared_memory_region": "r"}}]},
+        [],
+        None,
+        "shared memory is not offered",
+    ),
+    (
+        "classification output",
+        {
+            "inputs": [_binary_input(_SIXTEEN)],
+            "outputs": [{"name": "label", "parameters": {"classification": 3}}],
+        },
+        [_SIXTEEN],
+        None,
+        "classification extension is not offered",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "tensors", "header_length", "mentions"),
+    [case[1:] for case in MALFORMED_BINARY],
+    ids=[case[0] for case in MALFORMED_BINARY],
+)
+def test_malformed_binary_requests_are_400_with_a_message(
+    client: httpx.Client,
+    body: dict[str, Any],
+    tensors: list[bytes],
+    header_length: int | None,
+    mentions: str,
+) -> None:
+    content, headers = binary_request(body, tensors, header_length)
+    response = client.post("/v2/models/tiny-digits/infer", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    assert mentions in response.json()["error"]
+
+
+def test_binary_bytes_elements_are_checked() -> None:
+    with pytest.raises(V2BadRequestError, match="claims 9 bytes"):
+        decode_raw_tensor("p", "BYTES", [1], (9).to_bytes(4, "little") + b"abc", "t")
+    with pytest.raises(V2BadRequestError, match="not UTF-8 text"):
+        decode_raw_tensor("p", "BYTES", [1], (2).to_bytes(4, "little") + b"\xff\xfe", "t")
+    with pytest.raises(V2BadRequestError, match="ends after 1 of 2"):
+        decode_raw_tensor("p", "BYTES", [2], (1).to_bytes(4, "little") + b"a", "t")
+    tensor = output_tensor("s", "BYTES", ["é", ""])
+    assert decode_raw_tensor("s", "BYTES", [2], tensor_bytes(tensor), "t").values == ["é", ""]
 
 
 def test_prompt_with_characters_outside_the_vocabulary_is_400(client: httpx.Client) -> None:
@@ -358,9 +601,11 @@ def test_prediction_sets_encode_as_label_membership_masks() -> None:
         _prediction("i0", "b", 1, [0.1, 0.5, 0.3, 0.1], ["b", "c"]),
         _prediction("i1", "d", 3, [0.0, 0.05, 0.05, 0.9], ["d"]),
     ]
-    (tensor,) = encode_predictions(predictions, labels, ["prediction_set"], True, str)
-    assert tensor["shape"] == [2, 4]
-    assert tensor["data"] == [False, True, True, False, False, False, False, True]
+    tensors = prediction_outputs(predictions, labels, ["prediction_set", "set_size"], True, str)
+    mask, sizes = (json_tensor(tensor) for tensor in tensors)
+    assert mask["shape"] == [2, 4]
+    assert mask["data"] == [False, True, True, False, False, False, False, True]
+    assert sizes == {"name": "set_size", "datatype": "INT32", "shape": [2], "data": [2, 1]}
 
 
 def test_a_row_without_a_set_drops_the_default_set_output_and_refuses_an_explicit_one() -> None:
@@ -371,10 +616,12 @@ def test_a_row_without_a_set_drops_the_default_set_output_and_refuses_an_explici
         _prediction("i0", "a", 0, [0.6, 0.4], ["a"]),
         _prediction("i1", "b", 1, [0.3, 0.7]),
     ]
-    tensors = encode_predictions(predictions, labels, ["label", "prediction_set"], False, str)
-    assert [tensor["name"] for tensor in tensors] == ["label"]
-    with pytest.raises(NotCalibratedError, match="no prediction_set: position 8 lies past"):
-        encode_predictions(predictions, labels, ["prediction_set"], True, str)
+    requested = ["label", "prediction_set", "abstain"]
+    tensors = prediction_outputs(predictions, labels, requested, False, str)
+    assert [tensor.name for tensor in tensors] == ["label"]
+    for name in SET_OUTPUTS:
+        with pytest.raises(NotCalibratedError, match="no prediction_set: position 8 lies past"):
+            prediction_outputs(predictions, labels, [name], True, str)
 
 
 def test_sequence_parameters_follow_tritons_conventions() -> None:
@@ -410,6 +657,7 @@ def test_a_language_model_sequence_continues_its_prompt(client: httpx.Client) ->
     prompt("the ", sequence_id="lm-1", sequence_start=True)
     chunked = prompt("cat", sequence_id="lm-1", sequence_end=True)
     whole = prompt("the cat")
+    assert "is not calibrated" in chunked["parameters"].pop("warnings")  # test models
     assert chunked["parameters"] == {"sequence_id": "lm-1", "sequence_step": 7}
     np.testing.assert_allclose(
         chunked["outputs"][0]["data"], whole["outputs"][0]["data"], rtol=0, atol=1e-6
@@ -448,3 +696,66 @@ def test_never_empty_parameter_and_sets_past_the_horizon(builtin: httpx.Client) 
     assert "no prediction_set: position 9 lies past the 8 steps" in refused["error"]
     unasked = infer(builtin, "digits-lru", {"inputs": [features_tensor(nine)]})
     assert "prediction_set" not in outputs_by_name(unasked)
+
+
+def test_the_v2_docs_list_every_parameter_and_output() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "V2_PROTOCOL.md").read_text()
+    for name in KNOWN_PARAMETERS:
+        assert f"| `{name}` |" in doc, name
+    for name in OUTPUTS:
+        assert f"| `{name}` |" in doc, name
+
+
+def test_parameters_from_grpc_shaped_values() -> None:
+    """gRPC's InferParameter holds bool, int, float or str: backend_options as JSON text."""
+    parsed = parse_parameters(
+        {"alpha": 0.2, "max_set_size": 2, "backend_options": '{"t_inference": 60}', "seed": "x"}
+    )
+    assert (parsed.alpha, parsed.max_set_size, parsed.backend_options, parsed.seed) == (
+        0.2,
+        2,
+        {"t_inference": 60},
+        "x",
+    )
+    with pytest.raises(V2BadRequestError, match="not a JSON object"):
+        parse_parameters({"backend_options": "{t_inference"})
+
+
+BINARY_TENSORS = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["input", "prompt"]),
+        "datatype": st.sampled_from(["FP32", "FP16", "BF16", "INT8", "UINT64", "BOOL", "BYTES"]),
+        "shape": st.lists(st.integers(1, 9), min_size=1, max_size=3),
+        "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 300)}),
+    }
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.generate],
+)
+@given(
+    tensors=st.lists(BINARY_TENSORS, min_size=1, max_size=2),
+    tail=st.binary(max_size=300),
+    header_shift=st.integers(-3, 3),
+    model=st.sampled_from(["tiny-digits", "tiny-charlm"]),
+)
+def test_any_binary_body_is_answered_or_a_clean_400(
+    server_url: str, tensors: list[dict], tail: bytes, header_shift: int, model: str
+) -> None:
+    """Random binary tensors, tails and header lengths: 200, or 4xx in the V2 format."""
+    head = json.dumps({"inputs": tensors}).encode()
+    response = httpx.post(
+        f"{server_url}/v2/models/{model}/infer",
+        content=head + tail,
+        headers={BINARY_HEADER: str(len(head) + header_shift)},
+        timeout=60,
+    )
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert 400 <= response.status_code < 500 and isinstance(response.json()["error"], str)

@@ -309,6 +309,82 @@ def test_a_lost_worker_s_job_is_retried_on_another_worker(
     assert_repository_intact(repository, "tiny", repository.versions("tiny"))
 
 
+def test_a_job_whose_heartbeat_lapses_while_it_runs_never_publishes_twice(
+    redis_url: str,
+    names: tuple[str, str],
+    repository: ModelRepository,
+    worker: WorkerProcess,
+) -> None:
+    """A work-horse frozen mid-job (SIGSTOP: alive, but silent) is declared lost and its job
+    runs again on another worker; woken up afterwards, the first run finds its fencing token
+    revoked and stops without publishing or touching the job's record."""
+    prefix, queue = names
+    settings = server_settings(redis_url, names, repository, job_retries=1)
+    second = WorkerProcess(redis_url, queue, prefix, repository.root)
+    with running_server(create_app(settings)) as base_url, httpx.Client(base_url=base_url) as http:
+        worker.ensure_running()
+        versions = repository.versions("tiny")
+        job_id = submit(http, shifted_subset_spec("tiny"))
+        wait_for_job(http, job_id, lambda job: is_tuning(job["progress"]))
+        (horse,) = worker.horse_pids()
+        os.kill(horse, signal.SIGSTOP)
+        try:
+            requeued = wait_for_job(http, job_id, lambda job: job["status"] != "running")
+            assert requeued["status"] == "queued", requeued
+            second.ensure_running()
+            job = wait_until_finished(http, job_id)
+        finally:
+            os.kill(horse, signal.SIGCONT)  # the first run wakes up and checks its token
+        try:
+            wait_for(worker.horse_pids, lambda pids: pids == [], timeout=60)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+            time.sleep(1.0)  # anything the woken run could still write would land by now
+            again = http.get(f"/v1/finetune/jobs/{job_id}").json()
+            assert (again["status"], again["result"], again["attempts"]) == (
+                "succeeded",
+                job["result"],
+                2,
+            )
+            # exactly one new version, the retry's
+            assert repository.versions("tiny") == [*versions, job["result"]["version"]]
+            assert_repository_intact(repository, "tiny", repository.versions("tiny"))
+        finally:
+            second.stop()
+
+
+def test_a_queued_job_with_no_worker_says_so(
+    redis_url: str, names: tuple[str, str], repository: ModelRepository
+) -> None:
+    prefix, queue = names
+    lonely = f"{queue}-nobody-listens"
+    settings = server_settings(redis_url, (prefix, lonely), repository)
+    with (
+        running_server(create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=60) as http,
+    ):
+        job_id = submit(http, shifted_subset_spec("tiny"))
+        job = http.get(f"/v1/finetune/jobs/{job_id}").json()
+        assert job["status"] == "queued" and job["workers_alive"] == 0
+        assert "no worker is running" in job["waiting_reason"]
+        assert "`neuroserve worker`" in job["waiting_reason"] and lonely in job["waiting_reason"]
+        text = http.get("/metrics").text
+        assert metric_value(text, f'neuroserve_finetune_workers{{queue="{lonely}"}}') == 0.0
+        waiting = f'neuroserve_finetune_jobs_waiting_without_worker{{queue="{lonely}"}}'
+        assert metric_value(text, waiting) == 1.0
+
+        helper = WorkerProcess(redis_url, lonely, prefix, repository.root)
+        try:
+            helper.ensure_running()
+            seen = wait_for_job(
+                http, job_id, lambda job: job["status"] != "queued" or job["workers_alive"]
+            )
+            assert seen["waiting_reason"] is None
+            assert wait_until_finished(http, job_id)["status"] == "succeeded"
+            http.get(f"/v1/finetune/jobs/{job_id}")
+        finally:
+            helper.stop()
+
+
 # ---- the command line -------------------------------------------------------------------------
 
 

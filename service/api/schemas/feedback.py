@@ -17,6 +17,20 @@ class FeedbackRequest(StrictRequest):
     )
 
 
+# Bodies of `POST /v1/feedback`: `prediction_id` is the `id` of a prediction this server made
+# (each prediction of predict, a session step, V2 infer or generation has one).
+FEEDBACK_EXAMPLES: dict[str, Any] = {
+    "by-name": {
+        "summary": "The true label of a digits prediction, by name",
+        "value": {"prediction_id": "<the id of an earlier prediction>", "label": "0"},
+    },
+    "by-index": {
+        "summary": "The same, by the label's index in the model's labels",
+        "value": {"prediction_id": "<the id of an earlier prediction>", "label": 0},
+    },
+}
+
+
 class FeedbackResponse(BaseModel):
     prediction_id: str
     model: str

@@ -46,6 +46,33 @@ class FinetuneJobRequest(FinetuneSpec):
     )
 
 
+# Bodies of `POST /v1/finetune/jobs`.
+FINETUNE_JOB_EXAMPLES: dict[str, Any] = {
+    "translated-digits": {
+        "summary": "Adapt the digits classifier to shifted digits (read-out and norms, 300 steps)",
+        "value": {
+            "model": "digits-lru",
+            "backend": "torch",
+            "data": {"kind": "builtin", "name": "digits-seq", "shift": "translated"},
+            "parameters": "readout_and_norm",
+            "steps": 300,
+            "eval_every": 50,
+        },
+    },
+    "inverted-digits-early-stop": {
+        "summary": "Inverted digits, every parameter, stop after 5 evaluations without gain",
+        "value": {
+            "model": "digits-lru",
+            "data": {"kind": "builtin", "name": "digits-seq", "shift": "inverted"},
+            "steps": 2000,
+            "lr": 0.001,
+            "eval_every": 100,
+            "patience": 5,
+        },
+    },
+}
+
+
 FinetuneJobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -91,3 +118,12 @@ class FinetuneJob(BaseModel):
         False, description="A cancel was asked for; a running job stops at its next step."
     )
     attempts: int = Field(0, description="Runs started (more than one after a retry).")
+    workers_alive: int | None = Field(
+        None,
+        description="While queued on Redis: live `neuroserve worker` processes listening on "
+        "the job's queue (RQ's worker registry). Null on the embedded queue, where the server "
+        "runs jobs itself.",
+    )
+    waiting_reason: str | None = Field(
+        None, description="Why a queued job is not starting, e.g. no worker is running."
+    )

@@ -74,6 +74,25 @@ class GenerateOptions(StrictRequest):
     backend: str | None = Field(None, min_length=1, description="Backend for a new session.")
 
 
+# Bodies of `POST /v1/models/{name}/generate` (a language model's name in the path).
+GENERATE_EXAMPLES: dict[str, Any] = {
+    "sampled": {
+        "summary": "32 characters after a prompt, sampled at temperature 0.8 with a fixed seed",
+        "value": {"prompt": "The quick brown ", "max_tokens": 32, "temperature": 0.8, "seed": 7},
+    },
+    "greedy-until-unsure": {
+        "summary": "Greedy; stop at a full stop, or abstain once 3+ characters are plausible",
+        "value": {
+            "prompt": "Once upon a time",
+            "max_tokens": 64,
+            "temperature": 0,
+            "stop": ["."],
+            "max_set_size": 3,
+        },
+    },
+}
+
+
 class GenerateMessage(GenerateOptions):
     """The first message on `WS /v1/generate`."""
 

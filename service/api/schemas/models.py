@@ -13,6 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictStr
 
 from service.api.schemas.common import ScoreName, StrictRequest, VersionField
 
+# A handwritten zero from scikit-learn's digits (its first image), as the built-in digits models
+# read it: 8 time steps (rows) of 8 features (pixel intensities 0..16).
+DIGIT_ZERO: list[list[float]] = [
+    [0, 0, 5, 13, 9, 1, 0, 0],
+    [0, 0, 13, 15, 10, 15, 5, 0],
+    [0, 3, 15, 2, 0, 11, 8, 0],
+    [0, 4, 12, 0, 0, 8, 8, 0],
+    [0, 5, 8, 0, 0, 9, 8, 0],
+    [0, 4, 11, 0, 1, 12, 7, 0],
+    [0, 2, 14, 5, 10, 12, 0, 0],
+    [0, 0, 6, 13, 10, 0, 0, 0],
+]
+
 # ---- models ---------------------------------------------------------------------------------
 
 
@@ -39,6 +52,24 @@ class ModelSummary(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "models": [
+                        {
+                            "name": "digits-lru",
+                            "task": "classification",
+                            "architecture": "lru",
+                            "latest_version": "1",
+                            "versions": ["1"],
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
     models: list[ModelSummary]
 
 
@@ -95,6 +126,14 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: Any = None
     provenance: dict[str, Any] = Field(default_factory=dict)
+    origin: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            'Where this version came from: {"kind": "built-in" | "trained" | "fine-tuned", '
+            '"command"}, or {"kind": "imported", "format": "nir" | "onnx", "file", "sha256", '
+            "...} for `neuroserve import` (sha256 of the source file)."
+        ),
+    )
     backends: list[BackendInfo] = Field(
         default_factory=list,
         description="Registered backends: does each run here, is this version calibrated on it.",
@@ -170,6 +209,24 @@ class PredictRequest(StrictRequest):
     )
 
 
+# Bodies of `POST /v1/models/{name}/predict`. An example named like a model goes with that
+# model's name in the path (see `service.api.schemas.parameters`).
+PREDICT_EXAMPLES: dict[str, Any] = {
+    "digits-lru": {
+        "summary": "One handwritten digit (8 rows of 8 pixels), 90% prediction set",
+        "value": {"inputs": [DIGIT_ZERO], "alpha": 0.1},
+    },
+    "charlm-selective": {
+        "summary": "The next character after each of two prompts (language model)",
+        "value": {"inputs": ["The quick brown fox", "Hello wor"], "alpha": 0.1},
+    },
+    "analog": {
+        "summary": "The same digit on the simulated analog crossbar, plain split-conformal set",
+        "value": {"inputs": [DIGIT_ZERO], "backend": "analog_imc", "never_empty": False},
+    },
+}
+
+
 class Prediction(BaseModel):
     id: str = Field(description="Unique id; quote it when sending a label back as feedback.")
     label: str = Field(description="Most probable class (or next token).")
@@ -211,8 +268,11 @@ class Prediction(BaseModel):
     epistemic: float | None = Field(
         None,
         description=(
-            "Sampling backends: mutual information between label and sample (nats), the "
-            "epistemic part of `entropy`."
+            "Sampling backends: the part of `entropy` (nats) that the samples' disagreement "
+            "accounts for: `entropy` minus the mean entropy of the samples, each sample "
+            "through the same calibration map as the answer; 0 <= epistemic <= entropy. "
+            "With an identity map (or uncalibrated) it is the mutual information between "
+            "label and sample."
         ),
     )
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, Field, SkipValidation
 
 from service.api.schemas.common import ScoreName, StrictRequest, VersionField
-from service.api.schemas.models import Prediction, Usage
+from service.api.schemas.models import DIGIT_ZERO, Prediction, Usage
 
 if TYPE_CHECKING:
     from service.sessions.types import StepOutcome
@@ -72,6 +72,24 @@ class SessionCreateRequest(StrictRequest):
     )
 
 
+# Bodies of `POST /v1/sessions`.
+SESSION_CREATE_EXAMPLES: dict[str, Any] = {
+    "digits-lru": {
+        "summary": "A digits session that may stop reading early once its set is one label",
+        "value": {
+            "model": "digits-lru",
+            "alpha": 0.1,
+            "ttl_seconds": 600,
+            "early_decision": {"max_set_size": 1},
+        },
+    },
+    "charlm-selective": {
+        "summary": "A language-model session (feed it text; generate from it)",
+        "value": {"model": "charlm-selective", "alpha": 0.1},
+    },
+}
+
+
 class SessionResponse(BaseModel):
     session_id: str = Field(description="The handle for steps; keep it secret.")
     model: str
@@ -104,6 +122,20 @@ class SessionStepRequest(StrictRequest):
     return_steps: bool = Field(
         False, description="Also return the prediction after every step of the chunk."
     )
+
+
+# Bodies of `POST /v1/sessions/{session_id}/step`: each goes with a session of the model it is
+# named after (created from that `SESSION_CREATE_EXAMPLES` entry).
+SESSION_STEP_EXAMPLES: dict[str, Any] = {
+    "digits-lru": {
+        "summary": "The next 4 rows of a digit (a digits session)",
+        "value": {"inputs": DIGIT_ZERO[:4], "return_steps": False},
+    },
+    "charlm-selective": {
+        "summary": "Text for a language-model session (one step per character)",
+        "value": {"inputs": "The quick brown "},
+    },
+}
 
 
 class SessionStepResponse(BaseModel):
