@@ -49,14 +49,8 @@ from models.artifact_format import (
     stored_tensors,
 )
 from models.base import StatefulModel
-from models.zo import (
-    MAX_SEED,
-    PARAMETER_SELECTIONS,
-    ZOConfig,
-    ZOOptimizer,
-    as_float32,
-    select_parameters,
-)
+from models.finetune import attach_targets, merge_targets, parse_targets
+from models.zo import MAX_SEED, ZOConfig, ZOOptimizer, as_float32
 
 TRAJECTORY_FILE = "trajectory.json"
 TRAJECTORY_FORMAT = "neuroserve-zo-trajectory"
@@ -183,8 +177,10 @@ class Trajectory:
 
     def _check(self, source: str, n_steps: Any) -> None:
         problems = []
-        if self.selection not in PARAMETER_SELECTIONS:
-            problems.append(f"unknown parameter selection {self.selection!r}")
+        try:
+            parse_targets(self.selection)
+        except ValueError as error:
+            problems.append(str(error))
         if not self.parameter_names or not all(isinstance(n, str) for n in self.parameter_names):
             problems.append("parameter_names must be a non-empty list of names")
         if n_steps != self.n_steps:
@@ -232,8 +228,9 @@ def _is_finite_list(values: Any, n: int) -> bool:
 
 
 def replay(model: StatefulModel, trajectory: Trajectory, source: str = "trajectory") -> None:
-    """Apply the trajectory's updates to `model` in place (its weights must be the base's)."""
-    parameters = select_parameters(model, trajectory.selection)
+    """Apply the trajectory's updates to `model` in place (its weights must be the base's):
+    attach the recorded targets' adapters, replay, and merge the adapters into the weights."""
+    parameters = attach_targets(model, trajectory.selection)
     names = [name for name, _ in parameters]
     if names != trajectory.parameter_names:
         raise ArtifactError(
@@ -245,6 +242,7 @@ def replay(model: StatefulModel, trajectory: Trajectory, source: str = "trajecto
         trajectory.seeds, trajectory.projected_grads, trajectory.learning_rates, strict=True
     ):
         optimizer.update_(seeds, grads, lr)
+    merge_targets(model)
 
 
 def rebuild_weights(

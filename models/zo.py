@@ -43,20 +43,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.architectures import architecture_of
-from models.base import StatefulModel
-
 OPTIMIZERS = ("mezo", "zo_sign", "zo_adam")
 DIRECTIONS = ("gaussian", "rademacher")
 SCHEDULES = ("constant", "linear", "cosine")
-PARAMETER_SELECTIONS = ("all", "readout_and_norm")
 GAUSSIAN_CLIP = 6.0  # |z| is clipped here so the grid can reserve headroom for εz
 MAX_SEED = 2**53 - 1  # seeds stay exact in every JSON parser (JavaScript numbers included)
 MAX_UPDATE = 1e30  # |lr · g · z| beyond this is divergence (float32 overflows at 3.4e38)
-
-# The output head of each built-in architecture, by attribute name.
-READOUT_MODULES = {"lru": "head", "selective": "head", "snn": "readout"}
-NORM_TYPES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 Loss = Callable[[int], float]  # loss of the current weights; gets the perturbation's seed
 
@@ -94,26 +86,6 @@ class ZOConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-# ---- which parameters to tune --------------------------------------------------------------
-
-
-def select_parameters(model: StatefulModel, selection: str) -> list[tuple[str, nn.Parameter]]:
-    """The tuned parameters, in `named_parameters` order (tied weights once).
-
-    "all": every parameter. "readout_and_norm": the output head (`READOUT_MODULES`) and
-    every normalisation layer; everything else keeps its base value.
-    """
-    if selection not in PARAMETER_SELECTIONS:
-        raise ValueError(f"parameters must be one of {PARAMETER_SELECTIONS}, got {selection!r}")
-    named = list(model.named_parameters())
-    if selection == "all":
-        return named
-    modules = [getattr(model, READOUT_MODULES[architecture_of(model)])]
-    modules += [module for module in model.modules() if isinstance(module, NORM_TYPES)]
-    chosen = {id(p) for module in modules for p in module.parameters()}
-    return [(name, p) for name, p in named if id(p) in chosen]
 
 
 # ---- learning-rate schedules ---------------------------------------------------------------
@@ -315,3 +287,54 @@ class ZOOptimizer:
             delta = on_grid(delta, coarser)
             self.grid_steps[index] = coarser
         parameter.add_(delta)
+
+
+# ---- perturbation size above the noise floor -------------------------------------------------
+
+EPS_CANDIDATES = (
+    1e-3,
+    2e-3,
+    5e-3,
+    1e-2,
+    2e-2,
+    5e-2,
+    1e-1,
+    2e-1,
+)  # auto ε: the first whose signal clears the floor
+SIGNAL_TO_NOISE = 4.0  # the median |L+ - L-| must be this many noise floors
+
+
+@dataclass(frozen=True)
+class EstimateNoise:
+    eps: float
+    signal: float  # median |L+ - L-| over the probe directions
+    noise_floor: float  # RMS disagreement of two measurements of the same L+ - L-
+
+
+def estimate_noise(
+    optimizer: ZOOptimizer, loss_a: Loss, loss_b: Loss, seeds: Sequence[int]
+) -> EstimateNoise:
+    """How reproducible a loss difference is at the optimizer's ε: each direction's L+ - L-
+    measured twice, by two losses that differ only in their noise (on the simulated chip: two
+    chips programmed with different seeds). noise = RMS(d_a - d_b) / √2, the floor a single
+    measurement carries; signal = median |(d_a + d_b) / 2|. The weights end as they began."""
+    first = np.array([_pair_difference(optimizer, seed, loss_a) for seed in seeds])
+    second = np.array([_pair_difference(optimizer, seed, loss_b) for seed in seeds])
+    noise = float(np.sqrt(np.mean(np.square(first - second)) / 2.0))
+    signal = float(np.median(np.abs(first + second) / 2.0))
+    return EstimateNoise(optimizer.config.eps, signal, noise)
+
+
+def _pair_difference(optimizer: ZOOptimizer, seed: int, loss: Loss) -> float:
+    _, loss_plus, loss_minus = optimizer.estimate(seed, loss)
+    return loss_plus - loss_minus
+
+
+def choose_eps(measure: Callable[[float], EstimateNoise]) -> EstimateNoise:
+    """The first of `EPS_CANDIDATES` whose signal is `SIGNAL_TO_NOISE` noise floors or more
+    (the first at once for a deterministic loss), else the largest."""
+    for eps in EPS_CANDIDATES:
+        measured = measure(eps)
+        if measured.signal >= SIGNAL_TO_NOISE * measured.noise_floor:
+            break
+    return measured

@@ -13,6 +13,7 @@ from torch import Tensor
 from hardware_backends import registry
 from hardware_backends.torch_backend import TorchRunner
 from models.base import StatefulModel
+from models.finetune import is_adapted, merged_copy
 from service.finetuning.chip_loop import ChipInTheLoop
 
 OBJECTIVES = ("cross_entropy", "zero_one")
@@ -74,6 +75,10 @@ class BackendForward:
         if self.backend == "torch":
             return self._torch_runner
         self._calls += 1
+        if is_adapted(self.model):
+            # Adapted weights are computed, not parameters the chip can program: fold the
+            # adapters into a plain copy (the only copy alive, for this call's chip).
+            return ChipInTheLoop(merged_copy(self.model), self.options).runner(chip_seed)
         return self._chips.runner(chip_seed)
 
     @torch.no_grad()

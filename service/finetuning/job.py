@@ -56,11 +56,18 @@ from calibration.positional import PositionalCalibration, fit_stepwise_calibrati
 from models import digits
 from models.base import StatefulModel
 from models.datasets import SequenceDataset
+from models.finetune import attach_targets, merge_targets
 from models.repository import ModelCard, ModelRepository
 from models.trajectory import BaseReference, Trajectory, rebuild_weights, tensor_digest
 from models.trajectory_publish import publish_trajectory_version
 from models.userdata import load_npz_dataset
-from models.zo import ZOOptimizer, learning_rate, select_parameters
+from models.zo import (
+    EstimateNoise,
+    ZOOptimizer,
+    choose_eps,
+    estimate_noise,
+    learning_rate,
+)
 from service.finetuning.forward import BackendForward
 from service.finetuning.promotion import (
     JobCancelled,
@@ -181,6 +188,10 @@ class TuningOutcome:
     history: list[EvaluationPoint]
     best_step: int  # the checkpoint: steps applied at the best evaluation
     stop_reason: StopReason  # all steps ran, no progress for `patience`, non-finite, cancelled
+    tuned_parameters: int = 0
+    eps: float | None = None
+    noise_floor: float | None = None
+    eps_signal: float | None = None
 
 
 def _evaluate(forward: BackendForward, data: SequenceDataset, step: int) -> EvaluationPoint:
@@ -208,12 +219,46 @@ class _Batches:
         self.rng = np.random.default_rng([seed, 1])
         self.order, self.cursor = self.rng.permutation(len(data)), 0
 
+    def peek(self) -> tuple[Tensor, Tensor]:
+        """The first batch of the first epoch, without consuming it."""
+        index = torch.from_numpy(self.order[: self.batch_size])
+        return self.data.inputs[index], self.data.labels[index]
+
     def next(self) -> tuple[Tensor, Tensor]:
         if self.cursor + self.batch_size > len(self.order):
             self.order, self.cursor = self.rng.permutation(len(self.data)), 0
         index = torch.from_numpy(self.order[self.cursor : self.cursor + self.batch_size])
         self.cursor += self.batch_size
         return self.data.inputs[index], self.data.labels[index]  # [b, T, F], [b]
+
+
+NOISE_PROBES = 8  # directions measured for each candidate ε
+SECOND_CHIP = 1_000_003  # offset of the chip seeds of the second measurement
+
+
+def measure_eps(model: StatefulModel, spec: FinetuneSpec, batch: tuple[Tensor, Tensor]):
+    """Resolve `spec.eps`: as given (no measurement, None), or the smallest candidate ε whose
+    loss difference clears the noise floor of the job's backend (`models.zo.choose_eps`).
+    Candidates are tried on a throw-away copy, so the tuned weights are snapped only once."""
+    if spec.eps != "auto":
+        return None
+    inputs, labels = batch
+
+    def measure(eps: float) -> EstimateNoise:
+        trial = copy.deepcopy(model)
+        optimizer = ZOOptimizer(attach_targets(trial, spec.parameters), spec.zo_config(eps))
+        forward = BackendForward(trial, spec.backend, spec.backend_options)
+
+        def loss(offset: int):
+            def at(seed: int) -> float:
+                chip_seed = seed + offset
+                return forward.loss(inputs, labels, spec.objective, chip_seed=chip_seed)
+
+            return at
+
+        return estimate_noise(optimizer, loss(0), loss(SECOND_CHIP), range(NOISE_PROBES))
+
+    return choose_eps(measure)
 
 
 def tune(
@@ -225,10 +270,26 @@ def tune(
     should_cancel: Callable[[], bool],
 ) -> TuningOutcome:
     """Run up to `spec.steps` ZO steps on `model` in place, evaluating as it goes."""
-    optimizer = ZOOptimizer(select_parameters(model, spec.parameters), spec.zo_config())
+    batches = _Batches(data.tune, spec.batch_size, spec.seed)
+    probe = measure_eps(model, spec, batches.peek())
+    eps = spec.eps if probe is None else probe.eps
+    optimizer = ZOOptimizer(attach_targets(model, spec.parameters), spec.zo_config(eps))
     trajectory = Trajectory(base_ref, optimizer.config, spec.parameters, optimizer.names)
     forward = BackendForward(model, spec.backend, spec.backend_options)
-    batches = _Batches(data.tune, spec.batch_size, spec.seed)
+    done = functools.partial(
+        TuningOutcome,
+        tuned_parameters=optimizer.n_parameters,
+        eps=eps,
+        noise_floor=None if probe is None else probe.noise_floor,
+        eps_signal=None if probe is None else probe.signal,
+    )
+    message = f"eps {eps:g} (given)"
+    if probe is not None:
+        message = (
+            f"eps {eps:g} (auto): median |L+ - L-| {probe.signal:.3g}, "
+            f"noise floor {probe.noise_floor:.3g}"
+        )
+    progress(ProgressEvent(stage="tuning", total_steps=spec.steps, message=message))
     seeds = np.random.default_rng([spec.seed, 2])
     history = [_evaluate(forward, data.validation, 0)]
     best, since_best = history[0], 0
@@ -240,7 +301,7 @@ def tune(
 
     for step in range(1, spec.steps + 1):
         if should_cancel():
-            return TuningOutcome(trajectory, history, best.step, "cancelled")
+            return done(trajectory, history, best.step, "cancelled")
         inputs, labels = batches.next()
         lr = learning_rate(step - 1, spec.steps, spec.lr, spec.schedule, spec.min_lr_fraction)
         step_seeds = [int(s) for s in seeds.integers(0, 2**32, size=spec.n_perturbations)]
@@ -255,7 +316,7 @@ def tune(
             point = _evaluate(forward, data.validation, step) if evaluated else None
         except FloatingPointError as error:
             report(trajectory.n_steps, best.step, message=f"diverged: {error}")
-            return TuningOutcome(trajectory, history, best.step, "diverged")
+            return done(trajectory, history, best.step, "diverged")
         if point is not None:
             history.append(point)
             best, since_best = (point, 0) if _better(point, best) else (best, since_best + 1)
@@ -264,8 +325,8 @@ def tune(
             train_loss = float(np.mean(result.losses))
             report(step, best.step, train_loss=train_loss, validation_accuracy=accuracy)
         if point is not None and spec.patience is not None and since_best >= spec.patience:
-            return TuningOutcome(trajectory, history, best.step, "patience")
-    return TuningOutcome(trajectory, history, best.step, "steps")
+            return done(trajectory, history, best.step, "patience")
+    return done(trajectory, history, best.step, "steps")
 
 
 # ---- recalibration and held-out metrics ------------------------------------------------------
@@ -376,6 +437,7 @@ def run_finetune(
     report(ProgressEvent(stage="tuning", total_steps=spec.steps, message=data.description))
     model = copy.deepcopy(base.model)  # the repository's cached base stays untouched
     outcome = tune(model, spec, data, base_ref, report, cancelled)
+    merge_targets(model)  # adapters folded into plain weights, as replay does
     steps_run = outcome.trajectory.n_steps
     result = FinetuneResult(
         status="cancelled",
@@ -392,7 +454,10 @@ def run_finetune(
         score=spec.score,
         split_sizes=data.split_sizes,
         data_sha256=data.sha256,
-        tuned_parameters=sum(p.numel() for _, p in select_parameters(model, spec.parameters)),
+        tuned_parameters=outcome.tuned_parameters,
+        eps=outcome.eps,
+        noise_floor=outcome.noise_floor,
+        eps_signal=outcome.eps_signal,
         seed=spec.seed,
     )
     at = {"step": steps_run, "total_steps": spec.steps, "best_step": outcome.best_step}

@@ -12,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from calibration.scores import SCORE_NAMES
 from hardware_backends.analog_imc import AnalogIMCOptions
 from hardware_backends.base import parse_options
+from models.finetune import canonical_targets
 from models.repository import is_safe_name
 from models.zo import ZOConfig
 
 MAX_INLINE_EXAMPLES = 10_000
+DEFAULT_TARGETS = "all"
 MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
 
 # ---- the job's specification -----------------------------------------------------------------
@@ -67,6 +69,25 @@ class NpzData(BaseModel):
     path: str = Field(min_length=5, pattern=r"\.npz$")
 
 
+def _eps(value: Any) -> float | str:
+    """ "auto" or a finite number in [1e-7, 1] (one error, located at `eps`)."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"eps must be 'auto' or a number in [1e-7, 1], got {value!r}")
+    if not 1e-7 <= value <= 1.0:  # NaN fails too
+        raise ValueError(f"eps must be 'auto' or a number in [1e-7, 1], got {value}")
+    return float(value)
+
+
+Eps = Annotated[
+    float | Literal["auto"],
+    pydantic.PlainValidator(_eps),
+    pydantic.WithJsonSchema(
+        {"anyOf": [{"type": "number", "minimum": 1e-7, "maximum": 1.0}, {"const": "auto"}]}
+    ),
+]
+
 DataSpec = Annotated[InlineData | BuiltinData | NpzData, Field(discriminator="kind")]
 
 
@@ -81,20 +102,30 @@ class FinetuneSpec(BaseModel):
     backend: Literal["torch", "analog_imc"] = "torch"
     backend_options: dict[str, Any] = Field(default_factory=dict)
     optimizer: Literal["mezo", "zo_sign", "zo_adam"] = "mezo"
-    parameters: Literal["all", "readout_and_norm"] = "all"
+    parameters: str = Field(
+        DEFAULT_TARGETS,
+        description="What to tune: targets joined by '+' from input (per-feature scale and bias "
+        "in front of the encoder), norm, readout, lora<rank> (low-rank adapters on the "
+        "recurrent and mixing matrices) and all (every parameter).",
+    )
     objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
     direction: Literal["gaussian", "rademacher"] = "gaussian"
-    steps: int = Field(1000, ge=1, le=200_000)
+    steps: int = Field(5000, ge=1, le=200_000)
     batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(3e-4, gt=0.0, le=1.0)
+    lr: float = Field(5e-4, gt=0.0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    eps: float = Field(1e-3, ge=1e-7, le=1.0)
+    eps: Eps = Field(
+        "auto",
+        description="Perturbation size ε, or 'auto': measure the noise floor of the loss "
+        "difference and take the smallest of 0.001, 0.002, 0.005, ..., 0.2 whose signal clears "
+        "it four times (0.001 on torch, whose loss is deterministic).",
+    )
     n_perturbations: int = Field(1, ge=1, le=64)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
-    eval_every: int = Field(100, ge=1, le=200_000)
+    eval_every: int = Field(250, ge=1, le=200_000)
     patience: int | None = Field(None, ge=1, le=10_000)
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
@@ -115,6 +146,11 @@ class FinetuneSpec(BaseModel):
         description="How many standard errors of the held-out accuracy difference the "
         "improvement must exceed (1.645: one-sided 95%).",
     )
+
+    @pydantic.field_validator("parameters")
+    @classmethod
+    def _targets(cls, expression: str) -> str:
+        return canonical_targets(expression)  # ValueError says which terms exist
 
     @pydantic.field_validator("model", "output_name")
     @classmethod
@@ -141,10 +177,13 @@ class FinetuneSpec(BaseModel):
     def target_name(self) -> str:
         return self.output_name or self.model
 
-    def zo_config(self) -> ZOConfig:
+    def zo_config(self, eps: float | None = None) -> ZOConfig:
+        """The optimiser's settings; `eps` resolves an "auto" ε (the job measures it)."""
+        if eps is None and self.eps == "auto":
+            raise ValueError("eps is 'auto': pass the measured value")
         return ZOConfig(
             optimizer=self.optimizer,
-            eps=self.eps,
+            eps=self.eps if eps is None else eps,
             n_perturbations=self.n_perturbations,
             direction=self.direction,
             beta1=self.beta1,
@@ -234,6 +273,9 @@ class FinetuneResult(BaseModel):
     split_sizes: dict[str, int]
     data_sha256: str
     tuned_parameters: int
+    eps: float | None = None  # the perturbation size used (measured when the spec said auto)
+    noise_floor: float | None = None  # RMS of L+ - L- with no perturbation (0: deterministic)
+    eps_signal: float | None = None  # median |L+ - L-| at that ε, on the first tune batch
     trajectory_bytes: int | None = None
     wall_seconds: float = 0.0
     seed: int

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from calibration import fit_stepwise_calibration
 from models.architectures import build_model, config_to_dict
+from models.finetune import attach_targets
 from models.repository import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -35,7 +36,7 @@ from models.trajectory import (
     tensor_digest,
 )
 from models.trajectory_publish import export_safetensors_version, publish_trajectory_version
-from models.zo import ZOConfig, ZOOptimizer, select_parameters
+from models.zo import ZOConfig, ZOOptimizer
 from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.forward import BackendForward
 
@@ -71,7 +72,7 @@ def _tune(repo: ModelRepository, base: ModelCard, steps: int = 12, selection: st
     model.eval()
     reference = BaseReference(base.name, base.version, base.config["weights_sha256"])
     config = ZOConfig(eps=1e-3, n_perturbations=2)
-    optimizer = ZOOptimizer(select_parameters(model, selection), config)
+    optimizer = ZOOptimizer(attach_targets(model, selection), config)
     trajectory = Trajectory(reference, config, selection, optimizer.names)
     generator = torch.Generator().manual_seed(1)
     x, labels = torch.rand(16, 5, 3, generator=generator), torch.arange(16) % 4

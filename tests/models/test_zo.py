@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.architectures import build_model
+from models.finetune import attach_targets
 from models.zo import (
     GAUSSIAN_CLIP,
     ZOConfig,
@@ -17,7 +18,6 @@ from models.zo import (
     grid_step,
     learning_rate,
     on_grid,
-    select_parameters,
 )
 
 TINY_LRU = {"d_input": 3, "d_output": 4, "d_model": 8, "d_state": 4, "n_layers": 2}
@@ -247,33 +247,31 @@ def test_readout_and_norm_picks_the_head_and_the_norms_of_each_architecture() ->
     lru = build_model("lru", dict(TINY_LRU))
     expected = {"norm.weight", "norm.bias", "head.weight", "head.bias"}
     expected |= {f"layers.{i}.norm.{p}" for i in range(2) for p in ("weight", "bias")}
-    assert {name for name, _ in select_parameters(lru, "readout_and_norm")} == expected
+    assert {name for name, _ in attach_targets(lru, "readout_and_norm")} == expected
 
     tiny_lm = {"d_model": 8, "d_state": 2, "n_layers": 2, "vocab_size": 11, "d_output": 11}
     selective = build_model("selective", tiny_lm)
-    names = [name for name, _ in select_parameters(selective, "readout_and_norm")]
+    names = [name for name, _ in attach_targets(selective, "readout_and_norm")]
     # The head is tied to the embedding, which named_parameters lists once, under its name.
     norms = ["layers.0.norm.weight", "layers.1.norm.weight", "norm.weight"]
     assert names == ["encoder.embed.weight", *norms]
 
     snn = build_model("snn", {"d_model": 8, "n_layers": 2})
-    names = {name for name, _ in select_parameters(snn, "readout_and_norm")}
+    names = {name for name, _ in attach_targets(snn, "readout_and_norm")}
     assert names == {"readout.proj.weight", "readout.proj.bias", "readout.beta_logit"}
 
 
 def test_all_is_every_parameter_in_order() -> None:
     model = _lru()
-    assert [n for n, _ in select_parameters(model, "all")] == [
-        n for n, _ in model.named_parameters()
-    ]
-    with pytest.raises(ValueError, match="parameters must be one of"):
-        select_parameters(model, "everything")
+    assert [n for n, _ in attach_targets(model, "all")] == [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="unknown target"):
+        attach_targets(model, "everything")
 
 
 def test_untuned_parameters_never_move() -> None:
     model = _lru()
     before = _snapshot(model)
-    optimizer = ZOOptimizer(select_parameters(model, "readout_and_norm"), ZOConfig())
+    optimizer = ZOOptimizer(attach_targets(model, "readout_and_norm"), ZOConfig())
     x = torch.rand(4, 5, 3)
     labels = torch.tensor([0, 1, 2, 3])
 
@@ -282,7 +280,7 @@ def test_untuned_parameters_never_move() -> None:
 
     for step in range(5):
         optimizer.step([step], loss, lr=0.1)
-    tuned = {n for n, _ in select_parameters(model, "readout_and_norm")}
+    tuned = {n for n, _ in attach_targets(model, "readout_and_norm")}
     after = _snapshot(model)
     assert all(torch.equal(before[n], after[n]) for n in before if n not in tuned)
     assert all(not torch.equal(before[n], after[n]) for n in tuned)

@@ -52,7 +52,9 @@ def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
 
 
 def _spec(**overrides) -> FinetuneSpec:
-    fields = {"model": "tiny", "data": TRANSLATED, "steps": 300, "lr": 2e-3, "eval_every": 100}
+    """Plain all-parameter MeZO at fixed settings (the defaults: test_finetuning_targets.py)."""
+    fields = {"model": "tiny", "data": TRANSLATED, "steps": 300, "lr": 2e-3, "eval_every": 100,
+              "parameters": "all", "optimizer": "mezo", "eps": 1e-3}  # fmt: skip
     return FinetuneSpec(**{**fields, **overrides})
 
 

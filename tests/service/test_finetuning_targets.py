@@ -1,0 +1,95 @@
+"""The fine-tuning job with its default targets and ε: a short real job improves a tiny model
+on a shift, keeps its best checkpoint, and picks ε above the chip's noise floor."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.repository import ModelRepository
+from models.training import TrainingRecipe, train_and_publish
+from models.zo import EPS_CANDIDATES, SIGNAL_TO_NOISE
+from service.finetuning.forward import BackendForward
+from service.finetuning.job import load_finetune_data, run_finetune
+from service.finetuning.spec import DEFAULT_TARGETS, FinetuneSpec
+
+INVERTED = {"kind": "builtin", "shift": "inverted"}
+DIGITS_LABELS = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small LRU trained on clean digits in a few seconds."""
+    root = tmp_path_factory.mktemp("targets-base")
+    recipe = TrainingRecipe(
+        architecture="lru",
+        dataset="digits-seq:rows",
+        model_config={"d_model": 16, "d_state": 8, "n_layers": 1, "dropout": 0.0},
+        epochs=6,
+        lr=1e-2,
+        seed=0,
+    )
+    train_and_publish(recipe, ModelRepository(root), "tiny", "test fixture", progress=False)
+    return root
+
+
+@pytest.fixture
+def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
+    shutil.copytree(base_root, tmp_path / "repo")
+    return ModelRepository(tmp_path / "repo")
+
+
+def test_the_defaults() -> None:
+    spec = FinetuneSpec(model="tiny", data=INVERTED)
+    assert spec.parameters == DEFAULT_TARGETS == "all"
+    assert (spec.optimizer, spec.eps, spec.n_perturbations, spec.lr) == ("mezo", "auto", 1, 5e-4)
+
+
+def test_an_input_adapter_job_adapts_a_model_to_inverted_inputs_and_keeps_its_best_checkpoint(
+    repo,
+) -> None:
+    spec = FinetuneSpec(
+        model="tiny", data=INVERTED, steps=300, eval_every=50, parameters="input", lr=0.05
+    )
+    result = run_finetune(spec, repo)
+    assert result.after.accuracy > result.before.accuracy + 0.05, (result.before, result.after)
+    assert result.tuned_parameters == 2 * 8  # a scale and a bias per input feature
+    assert result.eps == EPS_CANDIDATES[0] and result.noise_floor == 0.0  # torch: exact
+
+    # The published version is the best evaluated checkpoint, not the last step.
+    best = max(result.history, key=lambda p: (p.validation_accuracy, -p.validation_loss))
+    assert result.best_step == best.step
+    published = repo.load("tiny", result.version).model
+    data = load_finetune_data(spec, DIGITS_LABELS, published.config.d_input)
+    logits = BackendForward(published).final_logits(data.validation.inputs)  # [N, C]
+    accuracy = float((logits.argmax(-1) == data.validation.labels).float().mean())
+    assert accuracy == best.validation_accuracy
+    # Only the encoder (where the input adapter folds in) moved.
+    base = dict(repo.load("tiny", "1").model.named_parameters())
+    for name, value in published.named_parameters():
+        assert torch.equal(value, base[name]) != name.startswith("encoder."), name
+
+
+def test_chip_in_the_loop_picks_eps_above_the_noise_floor(repo) -> None:
+    spec = FinetuneSpec(
+        model="tiny", data=INVERTED, backend="analog_imc", steps=2, batch_size=16, eval_every=1
+    )
+    result = run_finetune(spec, repo)
+    assert result.noise_floor > 0.0  # the chip's read noise and quantisation
+    assert result.eps in EPS_CANDIDATES
+    assert result.eps_signal >= SIGNAL_TO_NOISE * result.noise_floor or (
+        result.eps == EPS_CANDIDATES[-1]
+    )
+
+
+def test_a_job_can_tune_low_rank_adapters_and_every_parameter_too(repo) -> None:
+    for parameters in ("input+lora2", "all"):
+        spec = FinetuneSpec(
+            model="tiny", data=INVERTED, steps=6, eval_every=3, parameters=parameters
+        )
+        result = run_finetune(spec, repo)
+        assert result.status == "completed" and result.tuned_parameters > 0
+        repo.load("tiny", result.version)  # replays and checks its digest
