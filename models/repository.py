@@ -266,7 +266,7 @@ class ModelRepository:
             full_config["version"] = version
             return {WEIGHTS_FILE: weights, **extra_files, CONFIG_FILE: _config_bytes(full_config)}
 
-        return self.publish_files(name, files_for)
+        return self.publish_files(name, files_for, promote=promote)
 
     def publish_files(
         self, name: str, files_for: Callable[[str], dict[str, bytes]], *, promote: bool = True

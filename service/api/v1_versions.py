@@ -19,11 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from models.latest_pointer import LatestPointer
 from models.repository import VersionConflictError
 from service.api.auth import PrincipalDependency, require_admin
-from service.api.route_helpers import error_doc, get_dataplane
+from service.api.route_helpers import ACCESS_ERRORS, error_doc, get_dataplane
+from service.api.schemas.parameters import ModelName, VersionPath
 from service.dataplane.plane import DataPlane
 from service.errors import ConflictError, NotFoundError
 
-router = APIRouter(prefix="/v1/models", tags=["model versions"])
+router = APIRouter(prefix="/v1/models", tags=["model versions"], responses=ACCESS_ERRORS)
 
 DataPlaneDependency = Annotated[DataPlane, Depends(get_dataplane)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -71,7 +72,9 @@ async def _change(dataplane: DataPlane, name: str, function: Any, *args: Any) ->
     responses=error_doc(404, "Unknown model."),
     summary="Which version is latest, and the promotion history",
 )
-async def get_latest(name: str, dataplane: DataPlaneDependency) -> VersionPointer:
+async def get_latest(name: ModelName, dataplane: DataPlaneDependency) -> VersionPointer:
+    """The version that requests naming none get, the order versions became latest, and the
+    published and deleted versions."""
     dataplane.card(name)
     pointer = await run_in_threadpool(dataplane.repository.pointer, name)
     return _pointer_out(dataplane, name, pointer)
@@ -84,8 +87,13 @@ async def get_latest(name: str, dataplane: DataPlaneDependency) -> VersionPointe
     summary="Make a version latest (admin)",
 )
 async def promote_version(
-    name: str, version: str, dataplane: DataPlaneDependency, principal: PrincipalDependency
+    name: ModelName,
+    version: VersionPath,
+    dataplane: DataPlaneDependency,
+    principal: PrincipalDependency,
 ) -> VersionPointer:
+    """Requests that name no version get this one from now on (on every replica sharing the
+    repository); promoting the latest version changes nothing."""
     require_admin(principal)
     return await _change(dataplane, name, dataplane.repository.promote, version)
 
@@ -97,8 +105,10 @@ async def promote_version(
     summary="Make the previous latest version latest again (admin)",
 )
 async def rollback_latest(
-    name: str, dataplane: DataPlaneDependency, principal: PrincipalDependency
+    name: ModelName, dataplane: DataPlaneDependency, principal: PrincipalDependency
 ) -> VersionPointer:
+    """The version that was latest before the current one becomes latest again (one step back
+    in the history); 409 when there is none."""
     require_admin(principal)
     return await _change(dataplane, name, dataplane.repository.rollback)
 
@@ -113,8 +123,8 @@ async def rollback_latest(
     summary="Delete a version that is not latest and serves no live session (admin)",
 )
 async def delete_version(
-    name: str,
-    version: str,
+    name: ModelName,
+    version: VersionPath,
     request: Request,
     dataplane: DataPlaneDependency,
     principal: PrincipalDependency,

@@ -86,6 +86,8 @@ class LocalJobQueue(JobQueue):
         self.timeout_seconds = timeout_seconds
         self.record_ttl_seconds = record_ttl_seconds
         self._context = multiprocessing.get_context("spawn")
+        # This server runs its own jobs (one at a time): its queue always has one worker.
+        metrics.set_job_workers(self.kind, 1, 0)
         self._jobs: dict[str, _LocalJob] = {}
         self._pending: deque[str] = deque()
         self._condition = threading.Condition()

@@ -285,3 +285,13 @@ def test_concurrent_loads_build_once(tmp_path: Path) -> None:
 
 def test_default_root_is_the_committed_artifacts_folder() -> None:
     assert default_repository_root() == Path(__file__).resolve().parents[2] / "models" / "artifacts"
+
+
+def test_a_candidate_publish_leaves_latest_where_it_was(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path)
+    _publish(repo, seed=0)  # no pointer file yet: the highest version is latest
+    model, config = _classifier(seed=1)
+    card = repo.publish("toy", config, model.state_dict(), promote=False)
+    assert card.version == "2"
+    assert repo.latest("toy") == "1"
+    assert ModelRepository(tmp_path).latest("toy") == "1"  # another replica sees the same

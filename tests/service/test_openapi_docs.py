@@ -222,8 +222,25 @@ def test_fastapis_validation_error_shape_is_documented_nowhere() -> None:
 class LiveIds:
     """Ids the server hands out, made on demand for the examples that need one."""
 
-    def __init__(self, client: httpx.Client) -> None:
+    def __init__(self, client: httpx.Client, repository: ModelRepository | None = None) -> None:
         self.client = client
+        self.repository = repository
+
+    def spare_version(self, model: str) -> str:
+        """A new version of `model` (a copy of its latest) that is not latest: one to delete."""
+        assert self.repository is not None, "spare versions need the server's repository"
+        loaded = self.repository.load(model)
+        card = self.repository.publish(
+            model, loaded.card.config, loaded.model.state_dict(), promote=False
+        )
+        return str(card.version)
+
+    def promoted_spare(self, model: str) -> str:
+        """A spare version made latest: the earlier latest is one rollback away."""
+        version = self.spare_version(model)
+        response = self.client.post(f"/v1/models/{model}/versions/{version}/promote")
+        assert response.status_code == 200, response.text
+        return version
 
     def session(self, model: str = "digits-lru") -> str:
         response = self.client.post("/v1/sessions", json={"model": model})
@@ -258,6 +275,14 @@ def _example_value(parameter: dict[str, Any], name: str) -> Any:
 
 
 LIVE_ID_PARAMETERS = ("session_id", "job_id")  # their examples only show the form of an id
+# Version admin examples that need a version to act on: a spare one to delete, and a promoted
+# spare so that a rollback has an earlier latest to go back to.
+DELETE_VERSION = ("delete", "/v1/models/{name}/versions/{version}")
+ROLLBACK = ("post", "/v1/models/{name}/rollback")
+
+
+def _parameter(operation: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in operation.get("parameters", []) if p["name"] == name)
 
 
 def _example_requests(path: str, method: str, live: LiveIds) -> Iterator[tuple[str, str, Any]]:
@@ -278,6 +303,8 @@ def _example_requests(path: str, method: str, live: LiveIds) -> Iterator[tuple[s
                 value = live.session(name if name in BUILTIN_MODELS else "digits-lru")
             elif parameter["name"] == "job_id":
                 value = live.job()
+            elif parameter["name"] == "version" and (method, path) == DELETE_VERSION:
+                value = live.spare_version(_example_value(_parameter(operation, "name"), name))
             else:
                 value = _example_value(parameter, name)
             if parameter["in"] == "path":
@@ -286,6 +313,8 @@ def _example_requests(path: str, method: str, live: LiveIds) -> Iterator[tuple[s
                 query[parameter["name"]] = value
         if isinstance(body, dict) and "prediction_id" in body:
             body = {**body, "prediction_id": live.prediction()}
+        if (method, path) == ROLLBACK:
+            live.promoted_spare(_example_value(_parameter(operation, "name"), name))
         yield name, url + ("?" + str(httpx.QueryParams(query)) if query else ""), body
 
 
@@ -294,10 +323,11 @@ def _example_requests(path: str, method: str, live: LiveIds) -> Iterator[tuple[s
     [pytest.param(path, method, id=operation_id(path, method)) for path, method, _ in OPERATIONS],
 )
 def test_the_examples_work_against_the_builtin_models(
-    docs_server: str, path: str, method: str
+    docs_server: str, docs_repository: ModelRepository, path: str, method: str
 ) -> None:
     with httpx.Client(base_url=docs_server, headers=key(ADMIN), timeout=60) as client:
-        for name, url, body in _example_requests(path, method, LiveIds(client)):
+        live = LiveIds(client, docs_repository)
+        for name, url, body in _example_requests(path, method, live):
             response = client.request(method.upper(), url, json=body)
             assert 200 <= response.status_code < 300, (
                 f"{operation_id(path, method)} example {name!r} ({url}): "
@@ -392,6 +422,8 @@ PREDICT = "/v1/models/{name}/predict"
 SESSIONS, STEP = "/v1/sessions", "/v1/sessions/{session_id}/step"
 GENERATE, FEEDBACK, JOBS = "/v1/models/{name}/generate", "/v1/feedback", "/v1/finetune/jobs"
 V2_INFER = "/v2/models/{name}/infer"
+LATEST, PROMOTE = "/v1/models/{name}/latest", "/v1/models/{name}/versions/{version}/promote"
+ROLLBACK_PATH, VERSION = "/v1/models/{name}/rollback", "/v1/models/{name}/versions/{version}"
 
 ERROR_CASES = [
     # models
@@ -409,6 +441,69 @@ ERROR_CASES = [
         429,
         _twice("GET", "/v1/models/digits-lru"),
         server="rate_limited_server",
+    ),
+    # model versions
+    ErrorCase("model versions", "GET", LATEST, 401, _without_key("GET", "/v1/models/x/latest")),
+    ErrorCase("model versions", "GET", LATEST, 404, lambda c: c.get("/v1/models/nope/latest")),
+    ErrorCase(
+        "model versions",
+        "GET",
+        LATEST,
+        429,
+        _twice("GET", "/v1/models/digits-lru/latest"),
+        server="rate_limited_server",
+    ),
+    ErrorCase(
+        "model versions",
+        "POST",
+        PROMOTE,
+        403,
+        lambda c: c.post("/v1/models/digits-lru/versions/1/promote", headers=key(USER)),
+    ),
+    ErrorCase(
+        "model versions",
+        "POST",
+        PROMOTE,
+        404,
+        lambda c: c.post("/v1/models/digits-lru/versions/99/promote"),
+    ),
+    ErrorCase(
+        "model versions",
+        "POST",
+        ROLLBACK_PATH,
+        403,
+        lambda c: c.post("/v1/models/digits-snn/rollback", headers=key(USER)),
+    ),
+    ErrorCase(
+        "model versions", "POST", ROLLBACK_PATH, 404, lambda c: c.post("/v1/models/nope/rollback")
+    ),
+    ErrorCase(  # never promoted: no earlier latest
+        "model versions",
+        "POST",
+        ROLLBACK_PATH,
+        409,
+        lambda c: c.post("/v1/models/digits-snn/rollback"),
+    ),
+    ErrorCase(
+        "model versions",
+        "DELETE",
+        VERSION,
+        403,
+        lambda c: c.delete("/v1/models/digits-snn/versions/1", headers=key(USER)),
+    ),
+    ErrorCase(
+        "model versions",
+        "DELETE",
+        VERSION,
+        404,
+        lambda c: c.delete("/v1/models/digits-snn/versions/99"),
+    ),
+    ErrorCase(  # the latest version
+        "model versions",
+        "DELETE",
+        VERSION,
+        409,
+        lambda c: c.delete("/v1/models/digits-snn/versions/1"),
     ),
     # sessions
     ErrorCase("sessions", "POST", SESSIONS, 401, _without_key("POST", SESSIONS)),
@@ -531,6 +626,13 @@ ERROR_CASES = [
         "/v1/finetune/jobs/{job_id}",
         404,
         lambda c: c.get("/v1/finetune/jobs/nope"),
+    ),
+    ErrorCase(  # output_name of a model of another lineage
+        "fine-tuning",
+        "POST",
+        JOBS,
+        409,
+        lambda c: c.post(JOBS, json={**JOB, "output_name": "digits-snn"}),
     ),
     ErrorCase("fine-tuning", "POST", JOBS, 413, _too_large(JOBS)),
     ErrorCase("fine-tuning", "POST", JOBS, 422, lambda c: c.post(JOBS, json={**JOB, "steps": 0})),
