@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+import tritonclient.http as triton_http
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
@@ -219,6 +220,35 @@ def test_infer_on_a_digits_model_equals_http_v2_and_the_native_route(
     assert [[labels[i] for i in np.flatnonzero(row)] for row in sets] == [
         p["prediction_set"] for p in native
     ]
+
+
+def test_the_stock_http_client_with_its_defaults_gets_the_same_answers_from_the_same_server(
+    client: triton.InferenceServerClient, http_url: str
+) -> None:
+    """`tritonclient.http` with no non-default argument (binary tensors both ways) against the
+    same `neuroserve serve`: every built-in model, config, index and statistics."""
+    http = triton_http.InferenceServerClient(http_url.removeprefix("http://"))
+    try:
+        batch = np.stack(digit_chunks(2, steps=8, seed=4))  # [2, 8, 8]
+        for model in DIGITS:
+            over_http = triton_http.InferInput("input", list(batch.shape), "FP32")
+            over_http.set_data_from_numpy(batch)
+            answer = http.infer(model, [over_http])
+            expected = client.infer(model, [features(batch)])
+            for name in ("probabilities", "prediction_set", "set_size", "abstain"):
+                assert np.array_equal(answer.as_numpy(name), expected.as_numpy(name)), name
+        prompt = np.array([[b"the quick "]], dtype=np.object_)
+        text = triton_http.InferInput("prompt", [1, 1], "BYTES")
+        text.set_data_from_numpy(prompt)
+        label = http.infer(LANGUAGE_MODEL, [text]).as_numpy("label")
+        assert label.shape == (1,) and len(label[0]) == 1
+        assert http.get_model_config("digits-lru")["name"] == "digits-lru"
+        index = http.get_model_repository_index()
+        assert {entry["name"] for entry in index} == {*DIGITS, LANGUAGE_MODEL}
+        stats = http.get_inference_statistics("digits-lru")["model_stats"]
+        assert stats[0]["inference_stats"]["success"]["count"] >= 1
+    finally:
+        http.close()
 
 
 def test_infer_on_the_language_model_answers_the_next_token(
