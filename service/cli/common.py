@@ -10,12 +10,22 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch-heavy; imported where it is used so `neuroserve --help` stays fast
     from service.settings import Settings
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def add_repository_flag(parser: argparse.ArgumentParser) -> None:
+    """`--repository`: the model repository a command reads and publishes to."""
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        help="model repository root (default: the built-in models/artifacts)",
+    )
 
 
 def parse_key_value(text: str) -> tuple[str, Any]:

@@ -13,9 +13,10 @@ and the new version records the source file's sha256. See docs/BRING_YOUR_OWN_MO
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
+
+from service.cli.common import add_repository_flag
 
 
 def _labels(text: str) -> list[str]:
@@ -138,22 +139,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             type=_labels,
             help="comma-separated class names, one per output (default 0..C-1)",
         )
-        sub.add_argument(
-            "--repository",
-            type=Path,
-            help="model repository root (default: the built-in models/artifacts)",
-        )
+        add_repository_flag(sub)
         sub.set_defaults(func=run_import)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="neuroserve")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    if argv is not None:
-        args.command_line = shlex.join(["neuroserve", *argv])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

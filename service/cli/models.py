@@ -17,10 +17,9 @@ import json
 import shlex
 import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.cli.common import parse_key_value
+from service.cli.common import add_repository_flag, parse_key_value
 
 if TYPE_CHECKING:  # torch-heavy; imported in the handlers so `neuroserve --help` stays fast
     from models.repository import ModelRepository
@@ -142,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "step t weighted by 1, t or t^2 (uniform, linear, quadratic)",
     )
     knobs.add_argument("--seed", type=int)
-    _add_repository_flag(train)
+    add_repository_flag(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=run_train)
 
@@ -151,19 +150,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="print the built-in models' held-out metrics",
         description="Evaluate digits-lru, digits-snn and charlm-selective on held-out data.",
     )
-    _add_repository_flag(evaluate)
+    add_repository_flag(evaluate)
     evaluate.add_argument(
         "--sample-tokens", type=int, default=200, help="length of the generated text samples"
     )
     evaluate.set_defaults(func=run_evaluate)
-
-
-def _add_repository_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        help="model repository root (default: the built-in models/artifacts)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
