@@ -164,3 +164,32 @@ class StatefulModel(nn.Module, ABC):
             raise ValueError(
                 f"input {what} must have batch >= 1 and length >= 1, got {list(x.shape)}"
             )
+
+
+class StepLoopModel(StatefulModel):
+    """A model given by its one-step cell alone (imported graphs): `step` is the cell, and
+    `forward` runs it over time, so the two agree by construction."""
+
+    @abstractmethod
+    def _cell(self, x_t: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """One step on checked inputs: (logits [B, n_out], new state, activity)."""
+
+    def step_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        self.check_step_input(x_t)
+        self.check_state(state, x_t.shape[0])
+        return self._cell(x_t, state)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """x: [B, T, d_input] -> logits [B, T, n_out], final state: the cell in a loop."""
+        self.check_sequence_input(x)
+        if state is None:
+            dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+            state = self.init_state(x.shape[0], device=x.device, dtype=dtype)
+        self.check_state(state, x.shape[0])
+        logits = []
+        for x_t in x.unbind(1):
+            logits_t, state, _ = self._cell(x_t, state)
+            logits.append(logits_t)
+        return torch.stack(logits, dim=1), state  # [B, T, C]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from models.base import State, StatefulModel, check_common_config
+from models.base import State, StepLoopModel, check_common_config
 from models.nir_nodes import SPIKING_KINDS, build_node, node_macs, synapses_per_input
 
 READOUTS = ("value", "sum")
@@ -61,7 +61,7 @@ class NIRGraphConfig:
                 raise ValueError(f"graph.{key} must be a list of [source, destination] pairs")
 
 
-class NIRGraphModel(StatefulModel):
+class NIRGraphModel(StepLoopModel):
     """The nodes of a NIR graph stepped in order, with delayed edges for recurrence."""
 
     def __init__(self, config: NIRGraphConfig) -> None:
@@ -105,6 +105,7 @@ class NIRGraphModel(StatefulModel):
 
     # ---- one step -------------------------------------------------------------------------
     def _cell(self, x_t: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """activity (graphs with spiking nodes): "spikes", "neurons", "synaptic_ops", each [B]."""
         batch = x_t.shape[0]
         values: list[Tensor | None] = [None] * len(self.nodes)
         new_state: State = {}
@@ -147,26 +148,6 @@ class NIRGraphModel(StatefulModel):
             feeds = self.sources[j].count(index) + self.delayed_sources[j].count(index)
             total += feeds * synapses_per_input(self.nodes[j])
         return total
-
-    def step_with_activity(
-        self, x_t: Tensor, state: State
-    ) -> tuple[Tensor, State, dict[str, Tensor]]:
-        """activity (graphs with spiking nodes): "spikes", "neurons", "synaptic_ops", each [B]."""
-        self.check_step_input(x_t)
-        self.check_state(state, x_t.shape[0])
-        return self._cell(x_t, state)
-
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """x: [B, T, d_input] -> logits [B, T, d_output], final state. Loops over time."""
-        self.check_sequence_input(x)
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        self.check_state(state, x.shape[0])
-        logits = []
-        for x_t in x.unbind(1):
-            logits_t, state, _ = self._cell(x_t, state)
-            logits.append(logits_t)
-        return torch.stack(logits, dim=1), state  # [B, T, C]
 
     def macs_per_step(self) -> dict[str, int]:
         """dense_macs: nodes fed by anything but spikes (the input layer, decays);

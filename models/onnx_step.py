@@ -24,7 +24,7 @@ import onnxruntime
 import torch
 from torch import Tensor
 
-from models.base import State, StatefulModel, check_common_config
+from models.base import State, StepLoopModel, check_common_config
 
 INPUT_NAME = "x"
 LOGITS_NAME = "logits"
@@ -58,7 +58,7 @@ class OnnxStepConfig:
             raise ValueError(f"graph_bytes must be >= 1, got {self.graph_bytes}")
 
 
-class OnnxStepModel(StatefulModel):
+class OnnxStepModel(StepLoopModel):
     """`step` is one onnxruntime call; `forward` loops it over time."""
 
     def __init__(self, config: OnnxStepConfig) -> None:
@@ -129,25 +129,6 @@ class OnnxStepModel(StatefulModel):
             for name, value in zip(self.config.activity, outputs[1 + n :], strict=True)
         }  # [B] each
         return logits, new_state, activity
-
-    def step_with_activity(
-        self, x_t: Tensor, state: State
-    ) -> tuple[Tensor, State, dict[str, Tensor]]:
-        self.check_step_input(x_t)
-        self.check_state(state, x_t.shape[0])
-        return self._cell(x_t, state)
-
-    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-        """x: [B, T, F] -> logits [B, T, C], final state; the step graph in a loop."""
-        self.check_sequence_input(x)
-        if state is None:
-            state = self.init_state(x.shape[0], device=x.device)
-        self.check_state(state, x.shape[0])
-        logits = []
-        for x_t in x.unbind(1):
-            logits_t, state, _ = self._cell(x_t, state)
-            logits.append(logits_t)
-        return torch.stack(logits, dim=1), state  # [B, T, C]
 
     def macs_per_step(self) -> dict[str, int]:
         """dense_macs: the weights of the graph's matrices, counted at import (one MAC each)."""
