@@ -56,11 +56,18 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def free_tcp_port() -> int:
-    """A loopback port nothing listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_tcp_port(highest: int = 65535) -> int:
+    """A loopback port nothing listens on right now (the OS picks it), at most `highest`."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port <= highest:
+            return port
+
+
+# A cluster node also listens on its port + 10000 (the cluster bus): Redis refuses ports above.
+CLUSTER_PORT_MAX = 55535
 
 
 def wait_until(condition: Callable[[], bool], what: str) -> None:
@@ -88,8 +95,9 @@ class RedisProcesses:
 
         Retries on another port if the chosen one was taken in the meantime.
         """
+        highest = CLUSTER_PORT_MAX if "--cluster-enabled" in args else 65535
         for _ in range(3):
-            port = free_tcp_port()
+            port = free_tcp_port(highest)
             log = self.workdir / f"redis-{port}.log"
             command = [self.binary]
             if config_text is not None:  # sentinels need a writable config file
