@@ -45,7 +45,7 @@ class LatestPointer:
         return (json.dumps(body, indent=2) + "\n").encode()
 
 
-_cache: dict[Path, tuple[tuple[int, ...], LatestPointer | None]] = {}
+_cache: dict[str, tuple[tuple[int, ...], LatestPointer | None]] = {}
 
 
 def read_pointer(model_dir: Path, fresh: bool = False) -> LatestPointer | None:
@@ -57,17 +57,24 @@ def read_pointer(model_dir: Path, fresh: bool = False) -> LatestPointer | None:
     path = model_dir / POINTER_FILE
     if fresh:
         return _parse(path) if path.exists() else None
+    pointed_latest(str(model_dir))  # refreshes the cache entry
+    cached = _cache.get(str(path))
+    return _copy(cached[1]) if cached is not None else None
+
+
+def pointed_latest(model_dir: str) -> str | None:
+    """`read_pointer(model_dir).latest` for the request path: the same stat and cache, on a
+    str path and without copying the pointer (pathlib and the copy cost more than the stat)."""
+    path = os.path.join(model_dir, POINTER_FILE)
     try:
-        status = path.stat()
+        status = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     stamp = (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size)
     cached = _cache.get(path)
-    if cached is not None and cached[0] == stamp:
-        return _copy(cached[1])
-    pointer = _parse(path)
-    _cache[path] = (stamp, pointer)
-    return _copy(pointer)
+    if cached is None or cached[0] != stamp:
+        cached = _cache[path] = (stamp, _parse(Path(path)))
+    return cached[1].latest if cached[1] is not None else None
 
 
 def _copy(pointer: LatestPointer | None) -> LatestPointer | None:

@@ -52,7 +52,13 @@ from models.artifact_format import (
 )
 from models.base import StatefulModel
 from models.files import empty_directory, fsync_path, fsync_tree, staging_directory, write_synced
-from models.latest_pointer import LatestPointer, model_lock, read_pointer, write_pointer
+from models.latest_pointer import (
+    LatestPointer,
+    model_lock,
+    pointed_latest,
+    read_pointer,
+    write_pointer,
+)
 from models.trajectory import TRAJECTORY_FILE, is_trajectory_version, materialize_trajectory
 
 TASKS = ("classification", "language-model")
@@ -90,6 +96,7 @@ class ModelRepository:
         # config file) keeps its modification time, so a publish shows up at once.
         self._versions: dict[str, tuple[int, list[str]]] = {}
         self._cards: dict[tuple[str, str], tuple[tuple[int, int], ModelCard]] = {}
+        self._model_dirs: dict[str, str] = {}  # checked name -> its directory, as str for os.stat
 
     # ---- listing ----------------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -103,16 +110,29 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[str]:
         """Published versions of `name`, sorted numerically; [] for an unknown name."""
-        model_dir = self.root / check_model_name(name)
+        return list(self._listing(name))
+
+    def _model_dir(self, name: str) -> str:
+        model_dir = self._model_dirs.get(name)
+        if model_dir is None:
+            if len(self._model_dirs) >= 1024:  # names come from requests: keep it bounded
+                self._model_dirs.clear()
+            model_dir = self._model_dirs[name] = str(self.root / check_model_name(name))
+        return model_dir
+
+    def _listing(self, name: str) -> list[str]:
+        """`versions` without the copy: the cached list itself, not to be changed. Every
+        request passes here, hence `os.stat` on a str (pathlib costs more than the stat)."""
         try:
-            status = model_dir.stat()
+            status = os.stat(self._model_dir(name))
         except OSError:
             return []
         if not stat.S_ISDIR(status.st_mode):
             return []
         cached = self._versions.get(name)
         if cached is not None and cached[0] == status.st_mtime_ns:
-            return list(cached[1])
+            return cached[1]
+        model_dir = Path(self._model_dir(name))
         numbers = [
             int(entry.name)
             for entry in model_dir.iterdir()
@@ -125,15 +145,13 @@ class ModelRepository:
     def latest(self, name: str) -> str:
         """The version a request without one gets: the pointer's (`models.latest_pointer`),
         else the highest."""
-        versions = self.versions(name)
+        versions = self._listing(name)
         if not versions:
             raise ModelNotFoundError(
                 f"no model named {name!r} in {self.root}; available: {self.list_models()}"
             )
-        pointer = read_pointer(self.root / name)
-        if pointer is not None and pointer.latest in versions:
-            return pointer.latest
-        return versions[-1]
+        pointed = pointed_latest(self._model_dir(name))
+        return pointed if pointed in versions else versions[-1]
 
     def pointer(self, name: str) -> LatestPointer:
         """Latest, the promotion history and deleted numbers (implicit ones for a model
@@ -153,7 +171,7 @@ class ModelRepository:
     def _resolve(self, name: str, version: str | None) -> str:
         if version is None:
             return self.latest(name)
-        versions = self.versions(name)
+        versions = self._listing(name)
         if str(version) not in versions:
             if not versions:
                 raise ModelNotFoundError(
@@ -167,16 +185,17 @@ class ModelRepository:
     def card(self, name: str, version: str | None = None) -> ModelCard:
         """The parsed, key-checked config of one version (the latest when version is None)."""
         version = self._resolve(name, version)
-        path = self.version_path(name, version)
-        config_path = path / CONFIG_FILE
-        try:
-            status = config_path.stat()
-        except FileNotFoundError as error:
-            raise ArtifactError(f"{config_path}: missing") from error
-        stamp = (status.st_mtime_ns, status.st_size)
         cached = self._cards.get((name, version))
+        config_file = os.path.join(self._model_dir(name), version, CONFIG_FILE)
+        try:
+            status = os.stat(config_file)
+        except FileNotFoundError as error:
+            raise ArtifactError(f"{config_file}: missing") from error
+        stamp = (status.st_mtime_ns, status.st_size)
         if cached is not None and cached[0] == stamp:
             return cached[1]
+        path = self.version_path(name, version)
+        config_path = path / CONFIG_FILE
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except FileNotFoundError as error:
