@@ -121,7 +121,7 @@ async def _answer(
         inputs: Any = (
             prompt_batch(tensor)
             if tokens
-            else feature_batch(tensor, int(card.config["input"]["features"])).tolist()
+            else feature_batch(tensor, int(card.config["input"]["features"]))
         )
         batch = await dataplane.predict(
             card.name,

@@ -58,7 +58,11 @@ def _validated(adapter: TypeAdapter, inputs: list[Any]) -> Any:
 
 
 def feature_tensor(inputs: object, n_features: int, limits: InputLimits) -> Tensor:
-    """A batch of equal-length feature sequences as float32 [N, T, F], or BadInputError."""
+    """A batch of equal-length feature sequences as float32 [N, T, F], or BadInputError.
+
+    `inputs` is JSON (nested lists) or an array a protocol decoded already (V2 tensors)."""
+    if isinstance(inputs, np.ndarray):
+        return _array_features(inputs, n_features, limits)
     batch = _check_batch(inputs, limits, "a list of sequences of shape [N, T, F]")
     values = _validated(_FEATURE_SEQUENCES, batch)
     try:
@@ -73,6 +77,38 @@ def feature_tensor(inputs: object, n_features: int, limits: InputLimits) -> Tens
         n, t, f = (int(i) for i in np.argwhere(~np.isfinite(array))[0])
         raise BadInputError(
             f"inputs[{n}][{t}][{f}] = {values[n][t][f]!r} is outside the float32 range"
+        )
+    return torch.from_numpy(array)
+
+
+def _array_features(values: np.ndarray, n_features: int, limits: InputLimits) -> Tensor:
+    """`feature_tensor` of a decoded numeric array: the same limits and messages, no per-value
+    Python work."""
+    if values.ndim != 3 or values.shape[2] != n_features:
+        raise BadInputError(
+            f"inputs have shape {list(values.shape)}; the model expects [N, T, {n_features}]"
+        )
+    n, t, _ = values.shape
+    if n == 0:
+        raise BadInputError("inputs is empty: send at least one sequence")
+    if n > limits.max_batch_size:
+        raise BadInputError(
+            f"inputs has {n} sequences; the limit is {limits.max_batch_size} per request "
+            "(NEUROSERVE_MAX_BATCH_SIZE)"
+        )
+    if t == 0:
+        raise BadInputError("inputs[0] is empty: every sequence needs at least one time step")
+    if t > limits.max_sequence_length:
+        raise BadInputError(
+            f"inputs[0] has {t} steps; the limit is {limits.max_sequence_length} per sequence "
+            "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
+        )
+    with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
+        array = np.ascontiguousarray(values, dtype=np.float32)  # [N, T, F]
+    if not np.isfinite(array).all():
+        i, step, f = (int(k) for k in np.argwhere(~np.isfinite(array))[0])
+        raise BadInputError(
+            f"inputs[{i}][{step}][{f}] = {values[i, step, f]!r} is not finite in float32"
         )
     return torch.from_numpy(array)
 

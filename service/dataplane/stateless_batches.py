@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,6 +153,8 @@ def answer_groups(jobs: Sequence[FeatureJob]) -> list[list[int]]:
 def rough_steps(inputs: object) -> int:
     """Time steps in a JSON batch of sequences, counted without validating it (a large
     request is then parsed in a worker thread)."""
+    if isinstance(inputs, np.ndarray):  # [N, T, F] decoded by a protocol
+        return int(inputs.shape[0] * inputs.shape[1]) if inputs.ndim >= 2 else 1
     if not isinstance(inputs, list):
         return 0
     return sum(len(sequence) if isinstance(sequence, list) else 1 for sequence in inputs)

@@ -115,6 +115,34 @@ def test_too_long_a_sequence_is_422_naming_the_setting(http: httpx.Client) -> No
     http.delete(f"/v1/sessions/{session}")
 
 
+def v2_body(sequences: int, steps: int) -> dict[str, Any]:
+    shape = [sequences, steps, 8]
+    return {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": shape,
+                "data": [1.0] * (sequences * steps * 8),
+            }
+        ]
+    }
+
+
+@pytest.mark.parametrize(
+    ("sequences", "steps", "setting"),
+    [(9, 3, "NEUROSERVE_MAX_BATCH_SIZE"), (1, 33, "NEUROSERVE_MAX_SEQUENCE_LENGTH")],
+)
+def test_v2_tensors_meet_the_same_limits(
+    http: httpx.Client, sequences: int, steps: int, setting: str
+) -> None:
+    """V2 hands its decoded array to the data plane as it is: the limits still apply."""
+    response = http.post("/v2/models/tiny-digits/infer", json=v2_body(sequences, steps))
+    assert response.status_code in (400, 422)
+    assert setting in response.json()["error"]
+    assert http.post("/v2/models/tiny-digits/infer", json=v2_body(8, 32)).status_code == 200
+
+
 def test_too_many_tokens_is_422_naming_the_setting(http: httpx.Client) -> None:
     body = {"prompt": "ab", "max_tokens": 33}
     response = http.post("/v1/models/tiny-charlm/generate", json=body)
