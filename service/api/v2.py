@@ -16,12 +16,12 @@ Malformed requests get 400 with `{"error": "..."}`.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable, Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -390,9 +390,10 @@ def _infer_response(
         else:
             entries.append(json_tensor(tensor))
     head["outputs"] = entries
+    # Every value is a finite number, a bool or a str, so orjson writes what json would.
+    json_part = orjson.dumps(head)
     if not tails:
-        return JSONResponse(head)
-    json_part = json.dumps(head, separators=(",", ":")).encode()
+        return Response(json_part, media_type="application/json")
     return Response(
         json_part + b"".join(tails),
         media_type="application/octet-stream",
