@@ -277,26 +277,30 @@ def predictions_from_probabilities(
     """One prediction per row of probs [N, C] (float64), with its set [N, C] bool if given
     (rows whose `has_set` is False carry none)."""
     confidence, index = probs.max(dim=-1)  # [N], [N]
-    entropy = _entropy(probs)  # [N]
+    # Python values of whole tensors at once: indexing a tensor per row costs more than the rest.
+    confidences, indices = confidence.tolist(), index.tolist()
+    entropies, rows = _entropy(probs).tolist(), probs.tolist()
+    set_rows = sets.tolist() if sets is not None else None  # [N][C] bool
+    epistemics = epistemic.tolist() if epistemic is not None else None
     predictions = []
-    for n in range(probs.shape[0]):
+    for n in range(len(rows)):
         members = None
-        if sets is not None and (has_set is None or has_set[n]):
-            members = sets[n].nonzero().flatten().tolist()
+        if set_rows is not None and (has_set is None or has_set[n]):
+            members = [i for i, member in enumerate(set_rows[n]) if member]
         predictions.append(
             ClassPrediction(
                 id=uuid.uuid4().hex if ids is None else ids[n],
-                label=labels[int(index[n])],
-                index=int(index[n]),
-                confidence=float(confidence[n]),
-                probabilities=probs[n].tolist(),
-                entropy=float(entropy[n]),
+                label=labels[indices[n]],
+                index=indices[n],
+                confidence=confidences[n],
+                probabilities=rows[n],
+                entropy=entropies[n],
                 calibrated=bool(calibrated[n]) if calibrated is not None else False,
                 position=None if positions is None else positions[n],
                 prediction_set=None if members is None else [labels[i] for i in members],
                 set_size=None if members is None else len(members),
                 abstain=abstains(None if members is None else len(members), abstain_above),
-                epistemic=None if epistemic is None else float(epistemic[n]),
+                epistemic=None if epistemics is None else epistemics[n],
                 set_indices=members,
                 uniform=None if uniforms is None else uniforms[n],
                 aci_alpha=None if aci_alphas is None else aci_alphas[n],
