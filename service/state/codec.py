@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import safetensors.torch
 import torch
@@ -63,6 +64,13 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 _DTYPE_BY_CODE = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+# The same dtypes in numpy, where it has them (not bfloat16): numpy views build a session's few
+# small tensors at a fraction of torch's per-call cost.
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    dtype: np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    for dtype in SAFETENSORS_DTYPES
+    if dtype != torch.bfloat16
+}
 _HEADER_FIELDS = {
     "model",
     "version",
@@ -360,14 +368,14 @@ def decode_state(blob: bytes, expected: StateSignature | None = None) -> StateRe
 
 
 def _parse_header(header_bytes: bytes) -> dict[str, Any]:
+    # Fast path: a header this codec wrote is orjson's canonical form of what it parses to.
+    # Anything else (duplicate keys, other spacing, big integers) takes the strict parser.
     try:
-        header = json.loads(
-            header_bytes.decode("utf-8"),
-            object_pairs_hook=_unique_keys,
-            parse_constant=_reject_constant,
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptStateError(f"state header is not valid JSON: {exc}") from exc
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or orjson.dumps(header) != header_bytes:
+        header = _parse_header_strictly(header_bytes)
     if not isinstance(header, dict) or set(header) != _HEADER_FIELDS:
         raise CorruptStateError("state header does not have the expected fields")
     if not isinstance(header["schema_hash"], str) or not _HEX_SHA256.fullmatch(
@@ -377,6 +385,17 @@ def _parse_header(header_bytes: bytes) -> dict[str, Any]:
     if not isinstance(header["metadata"], dict):
         raise CorruptStateError("state header metadata is not a JSON object")
     return header
+
+
+def _parse_header_strictly(header_bytes: bytes) -> Any:
+    try:
+        return json.loads(
+            header_bytes.decode("utf-8"),
+            object_pairs_hook=_unique_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptStateError(f"state header is not valid JSON: {exc}") from exc
 
 
 def tensors_from_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
@@ -391,13 +410,20 @@ def tensors_from_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
     covered = spans[-1][1] if spans else 0
     if covered != len(data):
         raise CorruptStateError(f"tensor data is {len(data)} bytes but the index covers {covered}")
-    # A copy per tensor: the blob is immutable bytes, and states must be writable tensors.
-    return {
-        name: torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-        if end > begin
-        else torch.empty(shape, dtype=dtype)
-        for begin, end, name, dtype, shape in spans
-    }
+    # One writable copy (the blob is immutable bytes; states must be writable), viewed per tensor.
+    writable = bytearray(data)
+    tensors = {}
+    for begin, end, name, dtype, shape in spans:
+        numpy_dtype = _NUMPY_DTYPES.get(dtype)
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif numpy_dtype is not None and begin % numpy_dtype.itemsize == 0:
+            count = (end - begin) // numpy_dtype.itemsize
+            values = np.frombuffer(writable, numpy_dtype, count, begin).reshape(shape)
+            tensors[name] = torch.from_numpy(values)
+        else:  # bfloat16, or a dtype's values off their alignment
+            tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+    return tensors
 
 
 @functools.lru_cache(maxsize=256)

@@ -294,6 +294,24 @@ def test_malformed_header_fields_are_corrupt(edit) -> None:
         decode_state(assemble(header, payload))
 
 
+def test_headers_decode_alike_in_any_spacing_and_duplicate_keys_are_corrupt() -> None:
+    """The canonical (compact) header takes a fast parser; any other form the strict one."""
+    record = make_record(metadata={"owner": "alice", "alpha": 0.1})
+    header, payload = split_blob(encode_state(record))
+    spaced = decode_state(assemble(header, payload))  # json.dumps' spacing: the strict path
+    compact = decode_state(encode_state(record))
+    assert (spaced.step, spaced.metadata, spaced.created_at) == (
+        compact.step,
+        compact.metadata,
+        compact.created_at,
+    )
+    canonical = json.dumps(header, separators=(",", ":"))
+    duplicated = canonical[:-1] + ',"step":7}'  # compact, with "step" twice
+    prefix = struct.pack(">4sBI", b"NSST", 1, len(duplicated))
+    with pytest.raises(CorruptStateError, match="duplicate"):
+        decode_state(reseal(prefix + duplicated.encode() + payload))
+
+
 def test_tensor_index_that_disagrees_with_the_data_is_corrupt() -> None:
     header, payload = split_blob(encode_state(make_record({"h": torch.ones(1, 4)})))
     (index_length,) = struct.unpack_from("<Q", payload)
