@@ -37,7 +37,7 @@ from service.state.store import StateStore
 PREDICTIONS_NAMESPACE = "prediction"
 CLAIMS_NAMESPACE = "feedback-claim"
 LIVE_NAMESPACE = "calibration-live"
-_PREDICTION_ID = re.compile(r"[0-9a-f]{32}")  # uuid4 hex, as the dataplane makes them
+_PREDICTION_ID = re.compile(r"[0-9a-f]{32}")  # 128 bits in hex, as the dataplane makes them
 _MICRO = 1_000_000  # target coverage is summed in millionths: counters are integers
 LIVE_COUNTERS = ("feedback", "covered", "correct", "target_micro")
 

@@ -13,7 +13,6 @@ batches of their own.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -91,11 +90,16 @@ def _part(
     keys = {
         new: batch.level_keys[old] for new, (old, _) in enumerate(rows) if old in batch.level_keys
     }
-    return dataclasses.replace(
-        batch,
+    return PredictionBatch(  # not dataclasses.replace: this runs per row, and it costs
+        model=batch.model,
+        version=batch.version,
+        backend=batch.backend,
+        calibrated=all(p.calibrated for p in predictions),
         predictions=predictions,
         usage=usage,
-        calibrated=all(p.calibrated for p in predictions),
+        conformal=batch.conformal,
+        alpha=batch.alpha,
+        calibration_id=batch.calibration_id,
         level_keys=keys,
         warnings=batch_warnings(warnings, predictions),
     )

@@ -34,7 +34,6 @@ it was created with, and two owners' given ids never collide.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import random
@@ -470,7 +469,7 @@ class SessionManager:
                 except Exception as error:  # that step fails, unwritten
                     advanced[i] = (record, error)
                 else:
-                    advanced[i] = (record, dataclasses.replace(outcome, decision=decision))
+                    outcome.decision = decision
         return advanced
 
     async def _load_batch(

@@ -7,7 +7,6 @@ the functions here run between the load and the store.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -152,7 +151,7 @@ def attach_answers(
         if isinstance(answer, BaseException):
             advanced[i] = (record, answer)
         else:
-            advanced[i] = (record, dataclasses.replace(outcome, answer=answer))
+            outcome.answer = answer  # type: ignore[union-attr]
 
 
 # ---- small helpers ----------------------------------------------------------------------------

@@ -40,8 +40,11 @@ class SessionInfo:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepOutcome:
+    """A step's result. The batch fills in `answer` (and `decision`) in its worker thread,
+    before anyone else sees the outcome: set in place, not copied (a copy per row costs)."""
+
     info: SessionInfo  # after the step (step count updated)
     logits: Tensor  # [C] after the last step of the chunk, or [S, C] for sampling backends
     step_logits: Tensor | None  # [T, C] (or [S, T, C]) per step when per_step=True
