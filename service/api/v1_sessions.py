@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Request, Response
 
 from service.api.auth import Principal, PrincipalDependency, get_principal
 from service.api.metrics_route import label_request
-from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc, serialized
+from service.api.route_helpers import ACCESS_ERRORS, TOO_LARGE, error_doc
 from service.api.schemas.parameters import SessionId
 from service.api.schemas.sessions import (
     SESSION_CREATE_EXAMPLES,
@@ -191,4 +191,4 @@ async def step_session(
     )
     await _note_session(request, principal, outcome.info)
     label_request(request, model=outcome.info.model, backend=outcome.info.backend)
-    return serialized(SessionStepResponse.of(outcome))
+    return Response(SessionStepResponse.json_of(outcome), media_type="application/json")

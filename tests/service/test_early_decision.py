@@ -25,6 +25,7 @@ import torch
 from calibration import EarlyDecisionRule
 from models import digits
 from models.repository import CONFIG_FILE, WEIGHTS_FILE, ModelRepository, default_repository_root
+from service.api.schemas.sessions import SessionStepResponse
 from service.app import create_app
 from service.cli import main
 from service.dataplane.calibration_store import CalibrationStore
@@ -128,6 +129,8 @@ def test_streaming_the_test_split_stops_early_with_coverage(
             assert answer["calibrated"] and answer["prediction"]["position"] == answer["step"]
             assert answer["decision"]["checkpoint"] == answer["step"]
             assert answer["decision"]["guaranteed_coverage"] == pytest.approx(1 - ALPHA)
+            # Written without the models (SessionStepResponse.json_of), exactly as they would.
+            assert SessionStepResponse.model_validate(answer).model_dump(mode="json") == answer
     stops = [answers[-1] for answers in streams]
     n = len(stops)
     final_sets = [a["decision"]["prediction_set"] for a in stops]

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosedError
 from websockets.sync.client import connect
 
 from models.repository import ModelRepository
+from service.api.schemas.sessions import SessionStepResponse
 from service.app import create_app
 from service.dataplane.calibration_store import CalibrationStore
 from service.settings import Settings
@@ -60,6 +61,19 @@ def v1_step(http: httpx.Client, session_id: str, inputs: Any, status: int = 200)
     answer = http.post(f"/v1/sessions/{session_id}/step", json={"inputs": inputs})
     assert answer.status_code == status, answer.text
     return answer.json()
+
+
+@pytest.mark.parametrize("return_steps", [False, True])
+def test_a_step_answer_is_exactly_what_its_response_model_writes(
+    http: httpx.Client, return_steps: bool
+) -> None:
+    """The step route writes its JSON without building the pydantic models, which stay the
+    schema: the answer must be what the model makes of it, field for field."""
+    session = http.post("/v1/sessions", json={"model": DIGITS}).json()["session_id"]
+    step = {"inputs": rows(3), "return_steps": return_steps}
+    body = http.post(f"/v1/sessions/{session}/step", json=step).json()
+    assert SessionStepResponse.model_validate(body).model_dump(mode="json") == body
+    assert (body["step_predictions"] is not None) == return_steps
 
 
 def v2_step(http: httpx.Client, row: list[float], status: int = 200, **parameters: Any) -> dict:

@@ -7,6 +7,7 @@ given here documents both shapes in the OpenAPI schema.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictStr
@@ -294,6 +295,22 @@ class Usage(BaseModel):
     dense_equivalent_energy_joules: float | None = Field(
         None, description="The same work counted as dense multiply-accumulates."
     )
+
+
+_PREDICTION_FIELDS = tuple(Prediction.model_fields)
+_USAGE_FIELDS = tuple(Usage.model_fields)
+
+
+def prediction_json(prediction: Any) -> dict[str, Any]:
+    """`Prediction.of(prediction).model_dump()` without building the model: for answers
+    written straight to JSON on hot routes (their values are already plain Python)."""
+    return {name: getattr(prediction, name) for name in _PREDICTION_FIELDS}
+
+
+def usage_json(usage: Mapping[str, Any], sequences: int) -> dict[str, Any]:
+    """`Usage(**usage, sequences=...).model_dump()` without the model: every declared field
+    (null unless reported), then the extras the runner reported."""
+    return {**dict.fromkeys(_USAGE_FIELDS), **usage, "sequences": sequences}
 
 
 class PredictResponse(BaseModel):
