@@ -15,7 +15,6 @@ from service.api.route_helpers import (
     TOO_LARGE,
     error_doc,
     get_dataplane,
-    serialized,
 )
 from service.api.schemas.models import (
     PREDICT_EXAMPLES,
@@ -24,17 +23,14 @@ from service.api.schemas.models import (
     ModelInfo,
     ModelList,
     ModelSummary,
-    Prediction,
     PredictRequest,
     PredictResponse,
-    Usage,
 )
 from service.api.schemas.parameters import ModelName, VersionQuery
 from service.dataplane.plane import DataPlane
 from service.dataplane.predictions import (
     IGNORED_SEED_WARNING,
     ConformalOptions,
-    PredictionBatch,
 )
 
 router = APIRouter(prefix="/v1", tags=["models"], responses=ACCESS_ERRORS)
@@ -99,20 +95,6 @@ def model_info(
     )
 
 
-def _predict_response(batch: PredictionBatch, warnings: list[str]) -> PredictResponse:
-    return PredictResponse(
-        model=batch.model,
-        version=batch.version,
-        backend=batch.backend,
-        calibrated=batch.calibrated,
-        alpha=batch.alpha,
-        score=batch.conformal.score if batch.conformal is not None else None,
-        predictions=[Prediction.of(p) for p in batch.predictions],
-        usage=Usage(**batch.usage),
-        warnings=warnings,
-    )
-
-
 @router.post(
     "/models/{name}/predict",
     response_model=PredictResponse,
@@ -149,4 +131,4 @@ async def predict(
     warnings = list(batch.warnings)
     if body.seed is not None:
         warnings.append(IGNORED_SEED_WARNING)
-    return serialized(_predict_response(batch, warnings))
+    return Response(PredictResponse.json_of(batch, warnings), media_type="application/json")

@@ -25,6 +25,7 @@ from service.dataplane.conformal_draws import ConformalDraws
 from service.dataplane.predictions import last_step_logits
 from service.settings import Settings
 from tests.service.conftest import TEST_SETTINGS, running_server
+from tests.service.test_predict_http import exactly_as_modelled
 
 ALPHA = 0.1
 N_CONFORMAL = 200  # conformal scores per step in the committed digits calibrations
@@ -51,7 +52,7 @@ def predict_split(
             json={"inputs": inputs[start : start + BATCH].tolist(), **body},
         )
         assert response.status_code == 200, response.text
-        answer = response.json()
+        answer = exactly_as_modelled(response.json())
         assert answer["calibrated"] is True and answer["warnings"] == []
         predictions += answer["predictions"]
     return predictions

@@ -17,6 +17,7 @@ import torch
 from models.digits import load_digits_seq
 from models.evaluate import final_logits
 from models.repository import ModelRepository
+from service.api.schemas.models import PredictResponse
 from tests.service.conftest import CHAR_VOCABULARY, DIGIT_LABELS, TEST_SETTINGS
 
 # Probabilities are computed in float64 from float32 logits; the same sequence run in a batch
@@ -32,7 +33,14 @@ def digit_like_sequences(n: int, steps: int = 8, seed: int = 0) -> list[list[lis
 def predict(client: httpx.Client, model: str, **body: Any) -> dict[str, Any]:
     response = client.post(f"/v1/models/{model}/predict", json=body)
     assert response.status_code == 200, response.text
-    return response.json()
+    return exactly_as_modelled(response.json())
+
+
+def exactly_as_modelled(body: dict[str, Any]) -> dict[str, Any]:
+    """The route writes its JSON without the pydantic models, which stay the schema: the
+    answer must be what the model makes of it, field for field."""
+    assert PredictResponse.model_validate(body).model_dump(mode="json") == body
+    return body
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ def test_builtin_digits_lru_reaches_its_recorded_test_accuracy(builtin_server_ur
             batch = test_split.inputs[start : start + 64]  # [64, 8, 8]
             response = http.post(f"/v1/models/{name}/predict", json={"inputs": batch.tolist()})
             assert response.status_code == 200, response.text
-            served = [p["label"] for p in response.json()["predictions"]]
+            served = [p["label"] for p in exactly_as_modelled(response.json())["predictions"]]
             truth = [info["labels"][int(y)] for y in test_split.labels[start : start + 64]]
             correct += sum(s == t for s, t in zip(served, truth, strict=True))
     accuracy = correct / len(test_split)

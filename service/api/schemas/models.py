@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, StrictStr
 
 from service.api.schemas.common import ScoreName, StrictRequest, VersionField
@@ -307,10 +308,10 @@ def prediction_json(prediction: Any) -> dict[str, Any]:
     return {name: getattr(prediction, name) for name in _PREDICTION_FIELDS}
 
 
-def usage_json(usage: Mapping[str, Any], sequences: int) -> dict[str, Any]:
-    """`Usage(**usage, sequences=...).model_dump()` without the model: every declared field
-    (null unless reported), then the extras the runner reported."""
-    return {**dict.fromkeys(_USAGE_FIELDS), **usage, "sequences": sequences}
+def usage_json(usage: Mapping[str, Any]) -> dict[str, Any]:
+    """`Usage(**usage).model_dump()` without the model: every declared field (null unless
+    reported), then the extras the runner reported."""
+    return {**dict.fromkeys(_USAGE_FIELDS), **usage}
 
 
 class PredictResponse(BaseModel):
@@ -329,3 +330,35 @@ class PredictResponse(BaseModel):
         default_factory=list,
         description="Why an answer may not carry its usual guarantee (uncalibrated, options).",
     )
+
+    @classmethod
+    def of(cls, batch: Any, warnings: list[str]) -> PredictResponse:
+        """The wire form of a `service.dataplane.predictions.PredictionBatch`."""
+        return cls(
+            model=batch.model,
+            version=batch.version,
+            backend=batch.backend,
+            calibrated=batch.calibrated,
+            alpha=batch.alpha,
+            score=batch.conformal.score if batch.conformal is not None else None,
+            predictions=[Prediction.of(p) for p in batch.predictions],
+            usage=Usage(**batch.usage),
+            warnings=warnings,
+        )
+
+    @staticmethod
+    def json_of(batch: Any, warnings: list[str]) -> bytes:
+        """`of(batch, warnings)` written as JSON directly (the hot route's answer); `of` stays
+        the reference, and the tests compare."""
+        body = {
+            "model": batch.model,
+            "version": batch.version,
+            "backend": batch.backend,
+            "calibrated": batch.calibrated,
+            "alpha": batch.alpha,
+            "score": batch.conformal.score if batch.conformal is not None else None,
+            "predictions": [prediction_json(p) for p in batch.predictions],
+            "usage": usage_json(batch.usage),
+            "warnings": list(warnings),
+        }
+        return orjson.dumps(body)

@@ -190,7 +190,7 @@ class SessionStepResponse(BaseModel):
                 if outcome.decision is None
                 else EarlyDecision(**outcome.decision).model_dump(mode="json")
             ),
-            "usage": usage_json(outcome.usage, sequences=1),
+            "usage": usage_json({**outcome.usage, "sequences": 1}),
             "warnings": list(last.warnings),
         }
         return orjson.dumps(body)
