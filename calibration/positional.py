@@ -24,6 +24,7 @@ ignores it when reading.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -152,7 +153,7 @@ class PositionalCalibration:
     def horizon(self) -> int:
         return self.buckets.horizon
 
-    @property
+    @functools.cached_property  # asked for every answer; the fields are frozen
     def calibration_id(self) -> str:
         """16 hex digits that change with every fit (time and data): online levels and live
         counters are keyed by it, so they restart when the calibration is replaced."""
