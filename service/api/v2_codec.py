@@ -280,18 +280,27 @@ def _checked_shape(shape: Any, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+_SCALAR_TYPES = {int, float, str, bool, type(None)}  # what JSON elements can be, short of nesting
+
+
 def flatten_data(data: Any, shape: Sequence[int], where: str) -> list[Any]:
     """The elements of flat or shape-nested `data` in row-major order, checked against `shape`."""
     if not isinstance(data, list):
         raise V2BadRequestError(f"{where}.data must be a list, got {type(data).__name__}")
     expected = math.prod(shape)
-    nested = len(shape) > 1 and any(isinstance(item, list) for item in data)
+    kinds = set(map(type, data))  # one pass at C speed: flat data of scalars is the usual case
+    nested = (
+        len(shape) > 1
+        and not kinds <= _SCALAR_TYPES
+        and any(isinstance(item, list) for item in data)
+    )
     if not nested:
         if len(data) != expected:
             raise V2BadRequestError(
                 f"{where}.data has {len(data)} elements but shape {list(shape)} needs {expected}"
             )
-        _check_leaves(data, where)
+        if not kinds <= _SCALAR_TYPES:
+            _check_leaves(data, where)
         return data
     level: list[Any] = [data]
     for depth, size in enumerate(shape):

@@ -127,6 +127,30 @@ class PredictionBatch:
     level_keys: dict[int, Any] = field(default_factory=dict)  # prediction row -> LevelKey
     warnings: list[str] = field(default_factory=list)
 
+    def part(
+        self,
+        predictions: list[ClassPrediction],
+        usage: dict[str, Any],
+        request_warnings: Sequence[str],
+        level_keys: dict[int, Any] | None = None,
+    ) -> PredictionBatch:
+        """Some of this batch's predictions as a batch of their own, with their own usage and
+        warnings (level keys: this batch's unless given). Built directly, not with
+        `dataclasses.replace`: it runs per request and per session step."""
+        return PredictionBatch(
+            model=self.model,
+            version=self.version,
+            backend=self.backend,
+            calibrated=all(p.calibrated for p in predictions),
+            predictions=predictions,
+            usage=usage,
+            conformal=self.conformal,
+            alpha=self.alpha,
+            calibration_id=self.calibration_id,
+            level_keys=self.level_keys if level_keys is None else level_keys,
+            warnings=batch_warnings(request_warnings, predictions),
+        )
+
 
 def batch_warnings(
     request_warnings: Sequence[str], predictions: Sequence[ClassPrediction]
@@ -152,15 +176,7 @@ def split_batch(
     for size, usage, warnings in zip(sizes, usages, request_warnings, strict=True):
         predictions = batch.predictions[start : start + size]
         start += size
-        parts.append(
-            replace(
-                batch,
-                predictions=predictions,
-                calibrated=all(p.calibrated for p in predictions),
-                usage=dict(usage),
-                warnings=batch_warnings(warnings, predictions),
-            )
-        )
+        parts.append(batch.part(predictions, dict(usage), warnings))
     return parts
 
 

@@ -19,7 +19,7 @@ import torch
 
 from hardware_backends.registry import freeze_options
 from service.dataplane.plane import DataPlane
-from service.dataplane.predictions import PredictionBatch, batch_warnings
+from service.dataplane.predictions import PredictionBatch
 from service.sessions.types import StepAnswer, StepOutcome
 
 
@@ -90,19 +90,7 @@ def _part(
     keys = {
         new: batch.level_keys[old] for new, (old, _) in enumerate(rows) if old in batch.level_keys
     }
-    return PredictionBatch(  # not dataclasses.replace: this runs per row, and it costs
-        model=batch.model,
-        version=batch.version,
-        backend=batch.backend,
-        calibrated=all(p.calibrated for p in predictions),
-        predictions=predictions,
-        usage=usage,
-        conformal=batch.conformal,
-        alpha=batch.alpha,
-        calibration_id=batch.calibration_id,
-        level_keys=keys,
-        warnings=batch_warnings(warnings, predictions),
-    )
+    return batch.part(predictions, usage, warnings, level_keys=keys)
 
 
 def _conformal_group(position: int, outcome: StepOutcome) -> Hashable:
