@@ -99,14 +99,31 @@ class StatefulModel(nn.Module, ABC):
         logits, new_state, _ = self.step_with_activity(x_t, state)
         return logits, new_state
 
+    def step_reference_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """The plain, obvious step that a fused `step_with_activity` must agree with (an
+        architecture with a fused step overrides this with its reference)."""
+        return self.step_with_activity(x_t, state)
+
+    def step_reference(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """`step` through the reference path, never the fused one."""
+        logits, new_state, _ = self.step_reference_with_activity(x_t, state)
+        return logits, new_state
+
     def state_schema(self) -> dict[str, tuple[list[int], str]]:
         """Name -> (shape without the batch dim, dtype name),
-        e.g. {"layers.0.h_re": ([64], "float32")}."""
-        state = self.init_state(1)
-        return {
-            name: (list(t.shape[1:]), str(t.dtype).removeprefix("torch."))
-            for name, t in state.items()
-        }
+        e.g. {"layers.0.h_re": ([64], "float32")}. Fixed by the config, so computed once:
+        every step checks its state against it."""
+        schema = self.__dict__.get("_state_schema")
+        if schema is None:
+            state = self.init_state(1)
+            schema = {
+                name: (list(t.shape[1:]), str(t.dtype).removeprefix("torch."))
+                for name, t in state.items()
+            }
+            self.__dict__["_state_schema"] = schema
+        return {name: (list(shape), dtype) for name, (shape, dtype) in schema.items()}
 
     def check_step_input(self, x_t: Tensor) -> None:
         """Raise ValueError unless x_t is one step: float [B, d_input] or integer tokens [B]."""
@@ -120,7 +137,7 @@ class StatefulModel(nn.Module, ABC):
         """Raise ValueError unless `state` has exactly this model's names and shapes for `batch`."""
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict of tensors, got {type(state).__name__}")
-        schema = self.state_schema()
+        schema = self.__dict__.get("_state_schema") or self.state_schema()
         missing = sorted(set(schema) - set(state))
         unknown = sorted(set(state) - set(schema))
         if missing or unknown:

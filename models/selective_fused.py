@@ -1,0 +1,144 @@
+"""The fused step of the selective SSM: `SelectiveModel.step` in fewer, cheaper ops.
+
+Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`), with:
+- every matmul weight stored transposed ([in, out], `transposed`), half the time at batch 1;
+- each RMSNorm folded into the matmul after it (in_proj, the head): the norm becomes one
+  per-row scale rsqrt(x·x + D·eps) on the matmul's output (`rms_folded`);
+- A = −exp(A_log) and the depthwise conv taps precomputed (`DerivedWeights`);
+- the decay, drive and state update as one exp, one mul and one baddbmm; the readout as a
+  bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
+  fresh, so fewer tensors are allocated;
+- the whole step (embedding, every block, head) one TorchScript function (`script`), so no
+  Python runs between the ops.
+
+charlm-selective at batch 1 goes from 23 ops per block through nn.Module calls to one call
+of ~20 ops per block; bench/fused_step.py gives the times.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.base import State
+from models.fused import DerivedWeights, encode, encoder_weights, rms_folded, script, transposed
+
+if TYPE_CHECKING:
+    from models.selective import SelectiveModel
+
+
+def block_step(
+    u: Tensor,  # [B, D]
+    conv_state: Tensor,  # [B, E, K-1]
+    ssm_state: Tensor,  # [B, E, N]
+    weights: list[Tensor],  # see `_derive`
+    sq_eps: float,  # D · eps of the block's norm
+    dt_rank: int,
+    d_state: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One block: (u + Mixer(RMSNorm(u)) [B, D], conv state, ssm state)."""
+    in_t, conv_weight, conv_bias, x_t, dt_t, dt_bias, A, D, out_t = weights
+    E = conv_weight.shape[0]
+    inv_rms = torch.linalg.vecdot(u, u).unsqueeze(-1).add_(sq_eps).rsqrt_()  # [B, 1]
+    xz = torch.mm(u, in_t).mul_(inv_rms)  # [B, 2E], in_proj(RMSNorm(u))
+    x, z = xz[:, :E], xz[:, E:]  # [B, E] each
+    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # [B, E, K]
+    x_conv = F.silu(torch.linalg.vecdot(window, conv_weight).add_(conv_bias), inplace=True)
+    dbc = torch.mm(x_conv, x_t)  # [B, R + 2N]
+    dt = F.softplus(torch.addmm(dt_bias, dbc[:, :dt_rank], dt_t))  # [B, E]
+    B = dbc[:, dt_rank : dt_rank + d_state].unsqueeze(-2)  # [B, 1, N]
+    C = dbc[:, dt_rank + d_state :].unsqueeze(-1)  # [B, N, 1]
+    decay = torch.mul(dt.unsqueeze(-1), A).exp_()  # [B, E, N]
+    h = torch.baddbmm(decay.mul_(ssm_state), (dt * x_conv).unsqueeze(-1), B)  # [B, E, N]
+    y = torch.bmm(h, C).squeeze(-1).addcmul_(D, x_conv)  # [B, E]
+    out = torch.addmm(u, y.mul_(F.silu(z)), out_t)  # [B, D], the residual included
+    return out, window[:, :, 1:], h
+
+
+def model_step(
+    x_t: Tensor,  # [B] tokens or [B, F] features
+    conv_states: list[Tensor],
+    ssm_states: list[Tensor],
+    enc_weight: Tensor,
+    enc_bias: Tensor | None,
+    blocks: list[list[Tensor]],
+    sq_eps: list[float],
+    head_t: Tensor,  # [D, n_out]
+    head_sq_eps: float,
+    dt_rank: int,
+    d_state: int,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The whole step: (logits [B, n_out], new conv states, new ssm states)."""
+    u = encode(x_t, enc_weight, enc_bias)  # [B, D]
+    new_conv: list[Tensor] = []
+    new_ssm: list[Tensor] = []
+    for i in range(len(blocks)):
+        u, conv, ssm = block_step(
+            u, conv_states[i], ssm_states[i], blocks[i], sq_eps[i], dt_rank, d_state
+        )
+        new_conv.append(conv)
+        new_ssm.append(ssm)
+    inv_rms = torch.linalg.vecdot(u, u).unsqueeze(-1).add_(head_sq_eps).rsqrt_()  # [B, 1]
+    return torch.mm(u, head_t).mul_(inv_rms), new_conv, new_ssm
+
+
+# What `fused_selective_step` runs: the step above compiled by TorchScript.
+scripted_model_step = script(model_step)
+
+
+def _derive(model: SelectiveModel) -> tuple:
+    """The arguments of `model_step` after the states, and the state names."""
+    blocks, sq_eps = [], []
+    for layer in model.layers:
+        mixer = layer.mixer
+        in_t, block_sq_eps = rms_folded(mixer.in_proj.weight, layer.norm)  # [D, 2E]
+        blocks.append(
+            [
+                in_t,
+                mixer.conv.weight.squeeze(1),  # [E, K]
+                mixer.conv.bias,  # [E]
+                transposed(mixer.x_proj.weight),  # [E, R + 2N]
+                transposed(mixer.dt_proj.weight),  # [R, E]
+                mixer.dt_proj.bias,  # [E]
+                -torch.exp(mixer.A_log),  # [E, N]
+                mixer.D,  # [E]
+                transposed(mixer.out_proj.weight),  # [E, D]
+            ]
+        )
+        sq_eps.append(block_sq_eps)
+    head_t, head_sq_eps = rms_folded(model.head.weight, model.norm)  # [D, n_out]
+    mixer = model.layers[0].mixer
+    arguments = (
+        *encoder_weights(model.encoder),
+        blocks,
+        sq_eps,
+        head_t,
+        head_sq_eps,
+        mixer.dt_rank,
+        mixer.d_state,
+    )
+    names = [(f"layers.{i}.conv", f"layers.{i}.ssm") for i in range(len(model.layers))]
+    return arguments, names
+
+
+def fused_weights() -> DerivedWeights:
+    """The cache a `SelectiveModel` keeps for `fused_selective_step`."""
+    return DerivedWeights(_derive)
+
+
+def fused_selective_step(
+    model: SelectiveModel, x_t: Tensor, state: State, step=scripted_model_step
+) -> tuple[Tensor, State]:
+    """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
+    `step` is the kernel (`model_step` itself runs the same ops eagerly)."""
+    arguments, names = model._fused_weights.get(model)
+    conv_states = [state[conv] for conv, _ in names]
+    ssm_states = [state[ssm] for _, ssm in names]
+    logits, new_conv, new_ssm = step(x_t, conv_states, ssm_states, *arguments)
+    new_state: State = {}
+    for (conv, ssm), conv_t, ssm_t in zip(names, new_conv, new_ssm, strict=True):
+        new_state[conv], new_state[ssm] = conv_t, ssm_t
+    return logits, new_state
