@@ -128,14 +128,15 @@ def transposed(weight: Tensor) -> Tensor:
     return weight.t().contiguous()
 
 
-def rms_folded(weight: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, float]:
+def rms_folded(weight: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
     """Linear(RMSNorm(x)) without the norm: RMSNorm(x) = √D · x / sqrt(x·x + D·eps) · gain,
-    so Linear(RMSNorm(x)) = (x @ w') · rsqrt(x·x + D·eps) with w' = (weight · gain · √D)ᵀ.
-    Returns (w' [D, out], D·eps)."""
+    so Linear(RMSNorm(x)) = (x @ w') / hypot(‖x‖, √(D·eps)) with w' = (weight · gain · √D)ᵀ
+    (two ops for the norm: vector_norm and hypot). Returns (w' [D, out], √(D·eps) 0-dim)."""
     D = weight.shape[1]
     gain = norm.weight if norm.weight is not None else torch.ones(D, dtype=weight.dtype)
     eps = norm.eps if norm.eps is not None else torch.finfo(weight.dtype).eps
-    return transposed(weight * gain * math.sqrt(D)), float(D * eps)
+    sqrt_d_eps = torch.tensor(math.sqrt(D * eps), dtype=weight.dtype, device=weight.device)
+    return transposed(weight * gain * math.sqrt(D)), sqrt_d_eps
 
 
 def script(function: Callable) -> Callable:

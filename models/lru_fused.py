@@ -49,14 +49,14 @@ def model_step(
     new_im: list[Tensor] = []
     for i in range(len(layers)):
         transition_t, glu_t, glu_bias = layers[i]
-        N = h_re[i].shape[1]
+        N, H = h_re[i].shape[1], x.shape[1]
         u = _normalise(x, norm_weights[i], norm_biases[i], norm_eps)  # [B, H]
-        out = torch.mm(torch.cat([h_re[i], h_im[i], u], dim=1), transition_t)  # [B, 2N + H]
-        new_re.append(out[:, :N])
-        new_im.append(out[:, N : 2 * N])
-        ab = torch.addmm(glu_bias, F.gelu(out[:, 2 * N :]), glu_t)  # [B, 2H]
-        H = ab.shape[1] // 2
-        x = torch.addcmul(x, ab[:, :H], torch.sigmoid(ab[:, H:]))  # [B, H], x + GLU
+        z = torch.cat([h_re[i], h_im[i], u], dim=1)  # [B, 2N + H]
+        re, im, y = torch.mm(z, transition_t).split([N, N, H], dim=1)  # [B, N], [B, N], [B, H]
+        new_re.append(re)
+        new_im.append(im)
+        a, b = torch.addmm(glu_bias, F.gelu(y), glu_t).chunk(2, dim=1)  # [B, H] each
+        x = torch.addcmul(x, a, torch.sigmoid(b))  # [B, H], x + GLU
     u = _normalise(x, norm_weights[-1], norm_biases[-1], norm_eps)
     return torch.addmm(head_bias, u, head_t), new_re, new_im
 

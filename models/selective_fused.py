@@ -3,7 +3,7 @@
 Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`), with:
 - every matmul weight stored transposed ([in, out], `transposed`), half the time at batch 1;
 - each RMSNorm folded into the matmul after it (in_proj, the head): the norm becomes one
-  per-row scale rsqrt(x·x + D·eps) on the matmul's output (`rms_folded`);
+  per-row division by hypot(‖x‖, √(D·eps)) of the matmul's output (`rms_folded`);
 - A = −exp(A_log) and the depthwise conv taps precomputed (`DerivedWeights`);
 - the decay, drive and state update as one exp, one mul and one baddbmm; the readout as a
   bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
@@ -35,27 +35,25 @@ def block_step(
     conv_state: Tensor,  # [B, E, K-1]
     ssm_state: Tensor,  # [B, E, N]
     weights: list[Tensor],  # see `_derive`
-    sq_eps: float,  # D · eps of the block's norm
+    sqrt_d_eps: Tensor,  # √(D · eps) of the block's norm, 0-dim
     dt_rank: int,
     d_state: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One block: (u + Mixer(RMSNorm(u)) [B, D], conv state, ssm state)."""
+    """One block: (u + Mixer(RMSNorm(u)) [B, D], conv state, ssm state). Views come from
+    chunk, split and narrow: each is one op, where `t[:, a:b]` is two."""
     in_t, conv_weight, conv_bias, x_t, dt_t, dt_bias, A, D, out_t = weights
-    E = conv_weight.shape[0]
-    inv_rms = torch.linalg.vecdot(u, u).unsqueeze(-1).add_(sq_eps).rsqrt_()  # [B, 1]
-    xz = torch.mm(u, in_t).mul_(inv_rms)  # [B, 2E], in_proj(RMSNorm(u))
-    x, z = xz[:, :E], xz[:, E:]  # [B, E] each
+    rms = torch.hypot(torch.linalg.vector_norm(u, dim=-1, keepdim=True), sqrt_d_eps)  # [B, 1]
+    x, z = torch.mm(u, in_t).div_(rms).chunk(2, dim=1)  # [B, E] each, in_proj(RMSNorm(u))
     window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # [B, E, K]
     x_conv = F.silu(torch.linalg.vecdot(window, conv_weight).add_(conv_bias), inplace=True)
-    dbc = torch.mm(x_conv, x_t)  # [B, R + 2N]
-    dt = F.softplus(torch.addmm(dt_bias, dbc[:, :dt_rank], dt_t))  # [B, E]
-    B = dbc[:, dt_rank : dt_rank + d_state].unsqueeze(-2)  # [B, 1, N]
-    C = dbc[:, dt_rank + d_state :].unsqueeze(-1)  # [B, N, 1]
+    dt_low, B, C = torch.mm(x_conv, x_t).split([dt_rank, d_state, d_state], dim=1)
+    dt = F.softplus(torch.addmm(dt_bias, dt_low, dt_t))  # [B, E]
     decay = torch.mul(dt.unsqueeze(-1), A).exp_()  # [B, E, N]
-    h = torch.baddbmm(decay.mul_(ssm_state), (dt * x_conv).unsqueeze(-1), B)  # [B, E, N]
-    y = torch.bmm(h, C).squeeze(-1).addcmul_(D, x_conv)  # [B, E]
+    drive = (dt * x_conv).unsqueeze(-1)  # [B, E, 1]
+    h = torch.baddbmm(decay.mul_(ssm_state), drive, B.unsqueeze(-2))  # [B, E, N]
+    y = torch.bmm(h, C.unsqueeze(-1)).squeeze(-1).addcmul_(D, x_conv)  # [B, E]
     out = torch.addmm(u, y.mul_(F.silu(z)), out_t)  # [B, D], the residual included
-    return out, window[:, :, 1:], h
+    return out, window.narrow(2, 1, window.shape[2] - 1), h
 
 
 def model_step(
@@ -65,9 +63,9 @@ def model_step(
     enc_weight: Tensor,
     enc_bias: Tensor | None,
     blocks: list[list[Tensor]],
-    sq_eps: list[float],
+    sqrt_d_eps: list[Tensor],
     head_t: Tensor,  # [D, n_out]
-    head_sq_eps: float,
+    head_sqrt_d_eps: Tensor,
     dt_rank: int,
     d_state: int,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
@@ -77,12 +75,12 @@ def model_step(
     new_ssm: list[Tensor] = []
     for i in range(len(blocks)):
         u, conv, ssm = block_step(
-            u, conv_states[i], ssm_states[i], blocks[i], sq_eps[i], dt_rank, d_state
+            u, conv_states[i], ssm_states[i], blocks[i], sqrt_d_eps[i], dt_rank, d_state
         )
         new_conv.append(conv)
         new_ssm.append(ssm)
-    inv_rms = torch.linalg.vecdot(u, u).unsqueeze(-1).add_(head_sq_eps).rsqrt_()  # [B, 1]
-    return torch.mm(u, head_t).mul_(inv_rms), new_conv, new_ssm
+    rms = torch.hypot(torch.linalg.vector_norm(u, dim=-1, keepdim=True), head_sqrt_d_eps)
+    return torch.mm(u, head_t).div_(rms), new_conv, new_ssm  # [B, n_out]
 
 
 # What `fused_selective_step` runs: the step above compiled by TorchScript.
@@ -91,10 +89,10 @@ scripted_model_step = script(model_step)
 
 def _derive(model: SelectiveModel) -> tuple:
     """The arguments of `model_step` after the states, and the state names."""
-    blocks, sq_eps = [], []
+    blocks, sqrt_d_eps = [], []
     for layer in model.layers:
         mixer = layer.mixer
-        in_t, block_sq_eps = rms_folded(mixer.in_proj.weight, layer.norm)  # [D, 2E]
+        in_t, block_sqrt_d_eps = rms_folded(mixer.in_proj.weight, layer.norm)  # [D, 2E]
         blocks.append(
             [
                 in_t,
@@ -108,15 +106,15 @@ def _derive(model: SelectiveModel) -> tuple:
                 transposed(mixer.out_proj.weight),  # [E, D]
             ]
         )
-        sq_eps.append(block_sq_eps)
-    head_t, head_sq_eps = rms_folded(model.head.weight, model.norm)  # [D, n_out]
+        sqrt_d_eps.append(block_sqrt_d_eps)
+    head_t, head_sqrt_d_eps = rms_folded(model.head.weight, model.norm)  # [D, n_out]
     mixer = model.layers[0].mixer
     arguments = (
         *encoder_weights(model.encoder),
         blocks,
-        sq_eps,
+        sqrt_d_eps,
         head_t,
-        head_sq_eps,
+        head_sqrt_d_eps,
         mixer.dt_rank,
         mixer.d_state,
     )
