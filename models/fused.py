@@ -140,10 +140,12 @@ def rms_folded(weight: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
 
 
 def script(function: Callable) -> Callable:
-    """`function` compiled by TorchScript. At a batch-1 step's sizes it runs the same ops ~20%
-    faster than eager Python (bench/fused_step.py), is ready in milliseconds and handles any
-    batch size and dtype, where torch.compile took ~10–30 s to compile and was no faster.
-    TorchScript warns that it is deprecated upstream; the warning is expected here."""
+    """`function` compiled by TorchScript, for a fused step where that pays (measured per
+    architecture with bench/fused_step.py; charlm-selective: ~12% faster than the same ops
+    eagerly). It is ready in milliseconds and takes any batch size and dtype, where
+    torch.compile (inductor) took 10–30 s to compile on the first call and was no faster at
+    these sizes (guards and a wrapper per call). TorchScript warns that it is deprecated
+    upstream; the warning is expected here."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.script(function)

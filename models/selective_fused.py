@@ -9,10 +9,10 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
   bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
   fresh, so fewer tensors are allocated;
 - the whole step (embedding, every block, head) one TorchScript function (`script`), so no
-  Python runs between the ops.
+  Python runs between the ops: ~12% faster than the same ops eagerly at charlm-selective's
+  sizes (171 against 194 µs per batch-1 step in one run); torch.compile was slower still.
 
-charlm-selective at batch 1 goes from 23 ops per block through nn.Module calls to one call
-of ~20 ops per block; bench/fused_step.py gives the times.
+bench/fused_step.py times the fused step against the reference for every built-in.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ gives their sum:
 
 where in_0 is the raw input (input_scale folded into W_0) and in_i the spikes layer i − 1 just
 sent. The decays σ(α), σ(β), σ(β_out) are precomputed and the weights stored transposed
-(`DerivedWeights`, `transposed`); each neuron update is one addcmul, and the whole step one
-TorchScript function (`script`). Eval mode only (dropout off), so `fused_step_applies`
-guards it.
+(`DerivedWeights`, `transposed`); each neuron update is one addcmul. Eval mode only (dropout
+off), so `fused_step_applies` guards it. The step runs eagerly: compiled by TorchScript
+(`models.fused.script`) it was slower at digits-snn's sizes (67 against 53 µs per batch-1
+step, same run).
 
 A sum in another order rounds differently; a membrane within a rounding error of the
 threshold could spike in one path and not the other. The agreement test runs both on real
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import State
-from models.fused import DerivedWeights, encoder_weights, script, transposed
+from models.fused import DerivedWeights, encoder_weights, transposed
 
 if TYPE_CHECKING:
     from models.snn import SNNModel
@@ -77,10 +78,6 @@ def model_step(
     return logits, new_syn, new_mem, new_spk, spikes, synaptic_ops
 
 
-# What `fused_snn_step` runs: the step above compiled by TorchScript.
-scripted_model_step = script(model_step)
-
-
 def _derive(model: SNNModel) -> tuple:
     """The arguments of `model_step` after the states."""
     enc_weight, enc_bias = encoder_weights(model.encoder)  # [F, n] or the [V, n] table
@@ -121,7 +118,7 @@ def fused_weights() -> DerivedWeights:
 
 
 def fused_snn_step(
-    model: SNNModel, x_t: Tensor, state: State, step=scripted_model_step
+    model: SNNModel, x_t: Tensor, state: State, step=model_step
 ) -> tuple[Tensor, State, dict[str, Tensor]]:
     """The reference step's (logits [B, n_out], new state, activity), on checked inputs."""
     L = len(model.layers)
