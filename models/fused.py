@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -71,32 +70,46 @@ def fused_step_applies(model: nn.Module) -> bool:
     )
 
 
+class _Derivation(NamedTuple):
+    watched: tuple[Tensor, ...]  # every parameter and buffer, held so no address is reused
+    versioned: tuple[Tensor, ...]  # those with a version counter (not inference tensors)
+    key: tuple
+    value: Any
+
+
+def _key(watched: tuple[Tensor, ...], versioned: tuple[Tensor, ...]) -> tuple:
+    return (
+        _registration_count,
+        tuple(t._version for t in versioned),
+        tuple(t.data_ptr() for t in watched),
+    )
+
+
 class DerivedWeights(Generic[Derived]):
     """`derive(model)` computed once and reused while none of `model`'s parameters and buffers
-    changes (see the module docstring for what counts as a change)."""
+    changes (see the module docstring for what counts as a change). One derivation is one
+    object swapped in whole, so a step on another thread never sees a key beside an older
+    value; the key is taken before deriving, so a change made meanwhile is seen next time."""
 
     def __init__(self, derive: Callable[[nn.Module], Derived]) -> None:
         self.derive = derive
-        self._watched: tuple[Tensor, ...] = ()
-        self._versioned: tuple[Tensor, ...] = ()  # inference tensors keep no version counter
-        self._key: tuple | None = None
-        self._value: Derived | None = None
+        self._derivation: _Derivation | None = None
 
     def get(self, model: nn.Module) -> Derived:
-        if self._key is None or self._key != self._current_key():
+        derivation = self._derivation
+        if derivation is None or derivation.key != _key(derivation.watched, derivation.versioned):
+            watched = tuple(itertools.chain(model.parameters(), model.buffers()))
+            versioned = tuple(t for t in watched if not t.is_inference())
+            key = _key(watched, versioned)
             with torch.no_grad():
-                value = self.derive(model)
-            self._watched = tuple(itertools.chain(model.parameters(), model.buffers()))
-            self._versioned = tuple(t for t in self._watched if not t.is_inference())
-            self._key, self._value = self._current_key(), value
-        return self._value  # type: ignore[return-value]
+                derivation = _Derivation(watched, versioned, key, self.derive(model))
+            self._derivation = derivation
+        return derivation.value
 
-    def _current_key(self) -> tuple:
-        return (
-            _registration_count,
-            tuple(t._version for t in self._versioned),
-            tuple(t.data_ptr() for t in self._watched),
-        )
+    @property
+    def cached(self) -> Derived | None:
+        """The derived weights in use, or None before the first fused step."""
+        return None if self._derivation is None else self._derivation.value
 
     def __deepcopy__(self, memo: dict) -> DerivedWeights[Derived]:
         return DerivedWeights(self.derive)  # a copy derives afresh from its own parameters
@@ -115,7 +128,7 @@ def encoder_weights(encoder: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 def encode(x_t: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """One step's input, tokens [B] or features [B, F], -> [B, D] with `encoder_weights`.
-    Called from the TorchScript steps too."""
+    Written so that TorchScript can compile it too (bench/fused_step.py --compile)."""
     if bias is None:
         return F.embedding(x_t, weight)  # [B, D]
     return torch.addmm(bias, x_t, weight)  # [B, D]
@@ -137,15 +150,3 @@ def rms_folded(weight: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
     eps = norm.eps if norm.eps is not None else torch.finfo(weight.dtype).eps
     sqrt_d_eps = torch.tensor(math.sqrt(D * eps), dtype=weight.dtype, device=weight.device)
     return transposed(weight * gain * math.sqrt(D)), sqrt_d_eps
-
-
-def script(function: Callable) -> Callable:
-    """`function` compiled by TorchScript, for a fused step where that pays (measured per
-    architecture with bench/fused_step.py; charlm-selective: ~12% faster than the same ops
-    eagerly). It is ready in milliseconds and takes any batch size and dtype, where
-    torch.compile (inductor) took 10–30 s to compile on the first call and was no faster at
-    these sizes (guards and a wrapper per call). TorchScript warns that it is deprecated
-    upstream; the warning is expected here."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(function)

@@ -13,8 +13,8 @@ parameter change (`DerivedWeights`) and stored transposed, as every matmul weigh
 (`transposed`); the GLU's residual add is one addcmul. A layer is seven ops. Eval mode only
 (no dropout), so `fused_step_applies` guards it.
 
-The step runs eagerly: compiled by TorchScript (`models.fused.script`) it was no faster at
-digits-lru's sizes (79 against 81 µs per batch-1 step, same run), so the simpler path stays.
+The step runs eagerly: compiled by TorchScript it was no faster at digits-lru's sizes (81
+against 79 µs per batch-1 step, same run).
 """
 
 from __future__ import annotations

@@ -8,11 +8,14 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
 - the decay, drive and state update as one exp, one mul and one baddbmm; the readout as a
   bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
   fresh, so fewer tensors are allocated;
-- the whole step (embedding, every block, head) one TorchScript function (`script`), so no
-  Python runs between the ops: ~12% faster than the same ops eagerly at charlm-selective's
-  sizes (171 against 194 µs per batch-1 step in one run); torch.compile was slower still.
+- the whole step (embedding, every block, head) one plain function of tensors, no module
+  calls.
 
-bench/fused_step.py times the fused step against the reference for every built-in.
+The step runs eagerly. Compiled by TorchScript it was ~12% faster in a tight loop of one model
+but ~10% slower in bench/fused_step.py, where the built-ins take turns (232 against 209 µs per
+batch-1 step); torch.compile (inductor) took 9–25 s to compile on the first call and was
+slower again (257 µs), so neither is used. bench/fused_step.py --compile reruns the
+comparison.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import State
-from models.fused import DerivedWeights, encode, encoder_weights, rms_folded, script, transposed
+from models.fused import DerivedWeights, encode, encoder_weights, rms_folded, transposed
 
 if TYPE_CHECKING:
     from models.selective import SelectiveModel
@@ -83,10 +86,6 @@ def model_step(
     return torch.mm(u, head_t).div_(rms), new_conv, new_ssm  # [B, n_out]
 
 
-# What `fused_selective_step` runs: the step above compiled by TorchScript.
-scripted_model_step = script(model_step)
-
-
 def _derive(model: SelectiveModel) -> tuple:
     """The arguments of `model_step` after the states, and the state names."""
     blocks, sqrt_d_eps = [], []
@@ -128,10 +127,10 @@ def fused_weights() -> DerivedWeights:
 
 
 def fused_selective_step(
-    model: SelectiveModel, x_t: Tensor, state: State, step=scripted_model_step
+    model: SelectiveModel, x_t: Tensor, state: State, step=model_step
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
-    `step` is the kernel (`model_step` itself runs the same ops eagerly)."""
+    `step` runs `model_step`'s ops: itself, or a compiled copy (bench/fused_step.py)."""
     arguments, names = model._fused_weights.get(model)
     conv_states = [state[conv] for conv, _ in names]
     ssm_states = [state[ssm] for _, ssm in names]

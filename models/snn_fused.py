@@ -9,9 +9,8 @@ gives their sum:
 where in_0 is the raw input (input_scale folded into W_0) and in_i the spikes layer i − 1 just
 sent. The decays σ(α), σ(β), σ(β_out) are precomputed and the weights stored transposed
 (`DerivedWeights`, `transposed`); each neuron update is one addcmul. Eval mode only (dropout
-off), so `fused_step_applies` guards it. The step runs eagerly: compiled by TorchScript
-(`models.fused.script`) it was slower at digits-snn's sizes (67 against 53 µs per batch-1
-step, same run).
+off), so `fused_step_applies` guards it. The step runs eagerly: compiled by TorchScript it
+was slower at digits-snn's sizes (67 against 53 µs per batch-1 step, same run).
 
 A sum in another order rounds differently; a membrane within a rounding error of the
 threshold could spike in one path and not the other. The agreement test runs both on real

@@ -77,22 +77,22 @@ def test_the_fused_path_is_taken_only_where_it_applies() -> None:
     x = random_input(model, 2, 1)[:, 0]
     state = model.init_state(2)
     logits, _ = model.step(x, state)  # autograd on: the reference, with a graph
-    assert logits.grad_fn is not None and model._fused_weights._value is None
+    assert logits.grad_fn is not None and model._fused_weights.cached is None
     model.train()
     with torch.no_grad():
         model.step(x, state)  # training mode: dropout, so the reference
-    assert model._fused_weights._value is None
+    assert model._fused_weights.cached is None
     model.eval()
     with torch.inference_mode(), PassThrough():  # as a backend routing F.linear
         model.step(x, state)
-    assert model._fused_weights._value is None
+    assert model._fused_weights.cached is None
     with torch.inference_mode():
         model.step(x, state)
-    derived = model._fused_weights._value
+    derived = model._fused_weights.cached
     assert derived is not None
     with torch.no_grad():
         model.step(x, state)
-    assert model._fused_weights._value is derived  # reused while nothing changed
+    assert model._fused_weights.cached is derived  # reused while nothing changed
 
 
 def _agree_after_change(model: StatefulModel) -> None:
