@@ -11,10 +11,11 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
 - the whole step (embedding, every block, head) one plain function of tensors, no module
   calls.
 
-The step runs eagerly. Compiled by TorchScript it was ~12% faster in a tight loop of one model
-but ~10% slower in bench/fused_step.py, where the built-ins take turns (232 against 209 µs per
-batch-1 step); torch.compile (inductor) took 9–25 s to compile on the first call and was
-slower again (257 µs), so neither is used. bench/fused_step.py --compile reruns the
+The step runs eagerly. Compiled by TorchScript it measured from 30% faster to 15% slower
+than eager across runs of bench/fused_step.py on the shared 2-core machine (~12% faster in a
+tight loop of one model); torch.compile (inductor) took 7–25 s to compile on the first call
+and was never faster than TorchScript. Eager needs no compile step, takes any batch size and
+device, and TorchScript is deprecated upstream. `bench/fused_step.py --compile` reruns the
 comparison.
 """
 
