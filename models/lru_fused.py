@@ -19,17 +19,12 @@ against 79 µs per batch-1 step, same run).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import State
+from models.base import State, StatefulModel
 from models.fused import DerivedWeights, encode, encoder_weights, transposed
-
-if TYPE_CHECKING:
-    from models.lru import LRU, LRUModel
 
 
 def model_step(
@@ -69,7 +64,7 @@ def _normalise(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Te
     return F.layer_norm(x, [x.shape[-1]], weight, bias, eps)
 
 
-def _transition(lru: LRU) -> Tensor:
+def _transition(lru: nn.Module) -> Tensor:
     """The stacked [R; C' R + [0, 0, diag D]] matrix of one layer, transposed: [2N + H, 2N + H]."""
     lam_re, lam_im, gamma = lru.compute_eigenvalues()  # [N] each
     N = lru.B_re.shape[0]
@@ -90,7 +85,7 @@ def _norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
     return float(norm.eps if norm.eps is not None else torch.finfo(dtype).eps)  # RMSNorm: None
 
 
-def _derive(model: LRUModel) -> tuple:
+def _derive(model: StatefulModel) -> tuple:
     """The arguments of `model_step` after the states, and the state names."""
     norms = [layer.norm for layer in model.layers] + [model.norm]
     layers = [
@@ -116,7 +111,7 @@ def fused_weights() -> DerivedWeights:
 
 
 def fused_lru_step(
-    model: LRUModel, x_t: Tensor, state: State, step=model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=model_step
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, eval mode."""
     arguments, names = model._fused_weights.get(model)

@@ -21,17 +21,12 @@ comparison.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import State
+from models.base import State, StatefulModel
 from models.fused import DerivedWeights, encode, encoder_weights, rms_folded, transposed
-
-if TYPE_CHECKING:
-    from models.selective import SelectiveModel
 
 
 def block_step(
@@ -87,7 +82,7 @@ def model_step(
     return torch.mm(u, head_t).div_(rms), new_conv, new_ssm  # [B, n_out]
 
 
-def _derive(model: SelectiveModel) -> tuple:
+def _derive(model: StatefulModel) -> tuple:
     """The arguments of `model_step` after the states, and the state names."""
     blocks, sqrt_d_eps = [], []
     for layer in model.layers:
@@ -128,7 +123,7 @@ def fused_weights() -> DerivedWeights:
 
 
 def fused_selective_step(
-    model: SelectiveModel, x_t: Tensor, state: State, step=model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=model_step
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
     `step` runs `model_step`'s ops: itself, or a compiled copy (bench/fused_step.py)."""

@@ -19,17 +19,12 @@ digits and checks it does not happen there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import State
+from models.base import State, StatefulModel
 from models.fused import DerivedWeights, encoder_weights, transposed
-
-if TYPE_CHECKING:
-    from models.snn import SNNModel
 
 
 def model_step(
@@ -77,7 +72,7 @@ def model_step(
     return logits, new_syn, new_mem, new_spk, spikes, synaptic_ops
 
 
-def _derive(model: SNNModel) -> tuple:
+def _derive(model: StatefulModel) -> tuple:
     """The arguments of `model_step` after the states."""
     enc_weight, enc_bias = encoder_weights(model.encoder)  # [F, n] or the [V, n] table
     weights, biases, alphas, betas, thresholds = [], [], [], [], []
@@ -117,7 +112,7 @@ def fused_weights() -> DerivedWeights:
 
 
 def fused_snn_step(
-    model: SNNModel, x_t: Tensor, state: State, step=model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=model_step
 ) -> tuple[Tensor, State, dict[str, Tensor]]:
     """The reference step's (logits [B, n_out], new state, activity), on checked inputs."""
     L = len(model.layers)
