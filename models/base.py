@@ -5,7 +5,9 @@ lives outside the module (so a server can keep it per session, in Redis, and han
 any replica). `State` maps names to tensors whose leading dimension is the batch.
 
 Subclasses implement `init_state`, `step_with_activity`, `forward` and `macs_per_step`;
-`forward` must agree with repeated `step`. This module also holds the two pieces every
+`forward` must agree with repeated `step`. An architecture whose `step_with_activity` takes a
+fused path (models/fused.py) keeps its plain step as `step_reference_with_activity`, and the
+two must agree. This module also holds the two pieces every
 architecture shares: common config validation and the input encoder (a scaled linear
 projection for float features, an embedding for tokens).
 """

@@ -12,10 +12,11 @@ A change is noticed three ways: an in-place update (fine-tuning, `load_state_dic
 tensor's `_version`; a move or `.data` swap changes its `data_ptr()`; a new parameter, buffer or
 submodule anywhere (an assigned `nn.Parameter`, a registered parametrization, which also
 swaps the module's class) advances a process-wide registration count that torch's global
-registration hooks keep. The cache holds the watched tensors, so their addresses cannot be
-reused by others while it lives. Tensors created under `torch.inference_mode()` keep no
-version counter: an in-place update of such a parameter (possible only inside inference
-mode) goes unnoticed, so update parameters outside it, as the fine-tuning code does.
+registration hooks keep. The cache holds the watched tensors and their storages, so no
+other tensor can take their addresses while it lives. Tensors created under
+`torch.inference_mode()` keep no version counter: an in-place update of such a parameter
+(possible only inside inference mode) goes unnoticed, so update parameters outside it, as
+the fine-tuning code does.
 
 The fused step runs only where the reference would give the same thing and nothing needs
 the graph or the model's own ops: eval mode (no dropout), no autograd, no tracing or export
@@ -71,7 +72,8 @@ def fused_step_applies(model: nn.Module) -> bool:
 
 
 class _Derivation(NamedTuple):
-    watched: tuple[Tensor, ...]  # every parameter and buffer, held so no address is reused
+    watched: tuple[Tensor, ...]  # every parameter and buffer
+    storages: tuple  # their storages, held so that no other tensor can take their addresses
     versioned: tuple[Tensor, ...]  # those with a version counter (not inference tensors)
     key: tuple
     value: Any
@@ -101,8 +103,9 @@ class DerivedWeights(Generic[Derived]):
             watched = tuple(itertools.chain(model.parameters(), model.buffers()))
             versioned = tuple(t for t in watched if not t.is_inference())
             key = _key(watched, versioned)
+            storages = tuple(t.untyped_storage() for t in watched)
             with torch.no_grad():
-                derivation = _Derivation(watched, versioned, key, self.derive(model))
+                derivation = _Derivation(watched, storages, versioned, key, self.derive(model))
             self._derivation = derivation
         return derivation.value
 
