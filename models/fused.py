@@ -26,6 +26,7 @@ the graph or the model's own ops: eval mode (no dropout), no autograd, no tracin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -69,6 +70,13 @@ def fused_step_applies(model: nn.Module) -> bool:
         or torch.onnx.is_in_onnx_export()
         or torch.compiler.is_compiling()
     )
+
+
+def knows_config(config: Any, known: frozenset[str]) -> bool:
+    """True when every field of the `config` dataclass is one a fused step was written for. A
+    field added later (a new option) sends the model to its reference step until its fused
+    step learns the option; a test checks that every built-in takes the fused path."""
+    return {field.name for field in dataclasses.fields(config)} <= known
 
 
 class _Derivation(NamedTuple):

@@ -224,7 +224,7 @@ class LRUModel(StatefulModel):
         norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm
         self.norm = norm(config.d_model)
         self.head = nn.Linear(config.d_model, config.d_output)
-        self._fused_weights = fused_weights()
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         N = self.config.d_state
@@ -238,7 +238,7 @@ class LRUModel(StatefulModel):
         self, x_t: Tensor, state: State
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
         """The fused step (models/lru_fused.py) where it applies, else the reference."""
-        if not fused_step_applies(self):
+        if self._fused_weights is None or not fused_step_applies(self):
             return self.step_reference_with_activity(x_t, state)
         self.check_step_input(x_t)
         self.check_state(state, x_t.shape[0])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encode, encoder_weights, transposed
+from models.fused import DerivedWeights, encode, encoder_weights, knows_config, transposed
 
 
 def model_step(
@@ -105,9 +105,30 @@ def _derive(model: StatefulModel) -> tuple:
     return arguments, names
 
 
-def fused_weights() -> DerivedWeights:
-    """The cache an `LRUModel` keeps for `fused_lru_step`."""
-    return DerivedWeights(_derive)
+# The LRUConfig fields this fused step was written for (`knows_config`).
+KNOWN_CONFIG = frozenset(
+    {
+        "d_input",
+        "vocab_size",
+        "input_kind",
+        "d_output",
+        "d_model",
+        "d_state",
+        "n_layers",
+        "input_scale",
+        "r_min",
+        "r_max",
+        "max_phase",
+        "norm",
+        "dropout",
+    }
+)
+
+
+def fused_weights(config) -> DerivedWeights | None:
+    """The cache an `LRUModel` keeps for `fused_lru_step`; None for a config with a field this fused
+    step does not know (the model then always takes its reference step)."""
+    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
 
 
 def fused_lru_step(

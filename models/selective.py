@@ -230,7 +230,7 @@ class SelectiveModel(StatefulModel):
             nn.init.normal_(self.encoder.embed.weight, std=0.02)
             if config.tie_embeddings:
                 self.head.weight = self.encoder.embed.weight
-        self._fused_weights = fused_weights()
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         cfg = self.config
@@ -248,7 +248,7 @@ class SelectiveModel(StatefulModel):
         self, x_t: Tensor, state: State
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
         """The fused step (models/selective_fused.py) where it applies, else the reference."""
-        if not fused_step_applies(self):
+        if self._fused_weights is None or not fused_step_applies(self):
             return self.step_reference_with_activity(x_t, state)
         self.check_step_input(x_t)
         self.check_state(state, x_t.shape[0])

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encode, encoder_weights, rms_folded, transposed
+from models.fused import (
+    DerivedWeights,
+    encode,
+    encoder_weights,
+    knows_config,
+    rms_folded,
+    transposed,
+)
 
 
 def block_step(
@@ -117,9 +124,31 @@ def _derive(model: StatefulModel) -> tuple:
     return arguments, names
 
 
-def fused_weights() -> DerivedWeights:
-    """The cache a `SelectiveModel` keeps for `fused_selective_step`."""
-    return DerivedWeights(_derive)
+# The SelectiveConfig fields this fused step was written for (`knows_config`).
+KNOWN_CONFIG = frozenset(
+    {
+        "d_input",
+        "vocab_size",
+        "input_kind",
+        "d_output",
+        "d_model",
+        "n_layers",
+        "input_scale",
+        "d_state",
+        "d_conv",
+        "expand",
+        "dt_rank",
+        "dt_min",
+        "dt_max",
+        "tie_embeddings",
+    }
+)
+
+
+def fused_weights(config) -> DerivedWeights | None:
+    """The cache a `SelectiveModel` keeps for `fused_selective_step`; None for a config with
+    a field this fused step does not know (the model then always takes its reference step)."""
+    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
 
 
 def fused_selective_step(

@@ -175,7 +175,7 @@ class SNNModel(StatefulModel):
         self.layers = nn.ModuleList(LIFLayer(config) for _ in range(L))
         self.readout = LeakyReadout(config)
         self.drop = nn.Dropout(config.dropout)  # on forward-going spikes, training only
-        self._fused_weights = fused_weights()
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         n = self.config.d_model
@@ -223,7 +223,7 @@ class SNNModel(StatefulModel):
         """activity: "spikes" (hidden spikes this step), "neurons" (hidden neurons) and
         "synaptic_ops" (accumulates those spikes drive), each [B]. The fused step
         (models/snn_fused.py) where it applies, else the reference."""
-        if not fused_step_applies(self):
+        if self._fused_weights is None or not fused_step_applies(self):
             return self.step_reference_with_activity(x_t, state)
         self.check_step_input(x_t)
         self.check_state(state, x_t.shape[0])

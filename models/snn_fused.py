@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encoder_weights, transposed
+from models.fused import DerivedWeights, encoder_weights, knows_config, transposed
 
 
 def model_step(
@@ -106,9 +106,32 @@ def _derive(model: StatefulModel) -> tuple:
     )
 
 
-def fused_weights() -> DerivedWeights:
-    """The cache an `SNNModel` keeps for `fused_snn_step`."""
-    return DerivedWeights(_derive)
+# The SNNConfig fields this fused step was written for (`knows_config`).
+KNOWN_CONFIG = frozenset(
+    {
+        "d_input",
+        "vocab_size",
+        "input_kind",
+        "d_output",
+        "d_model",
+        "n_layers",
+        "input_scale",
+        "threshold",
+        "alpha_init",
+        "beta_init",
+        "readout_beta_init",
+        "learn_decays",
+        "surrogate",
+        "surrogate_slope",
+        "dropout",
+    }
+)
+
+
+def fused_weights(config) -> DerivedWeights | None:
+    """The cache an `SNNModel` keeps for `fused_snn_step`; None for a config with a field this fused
+    step does not know (the model then always takes its reference step)."""
+    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
 
 
 def fused_snn_step(

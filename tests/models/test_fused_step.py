@@ -3,6 +3,8 @@ and activity over many steps, at batch 1 and above, and after every way a parame
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from models.architectures import build_model
 from models.base import State, StatefulModel
 from models.builtin import BUILTIN_RECIPES
 from models.finetune import attach_targets
+from models.lru import LRUConfig
 from models.zo import ZOConfig, ZOOptimizer
 from tests.models.test_architectures import CASES, make, random_input, warm_state
 
@@ -63,6 +66,22 @@ def test_fused_and_reference_steps_agree_over_many_steps(case: str, batch: int) 
     model = build(case)
     x = random_input(model, batch, STEPS, seed=batch)
     assert_agree(model, x, warm_state(model, batch))
+    # Every case really took the fused path (a config option the fused step does not know
+    # would send it to the reference, and this test would compare the reference to itself).
+    assert model._fused_weights is not None and model._fused_weights.cached is not None
+
+
+def test_a_config_field_the_fused_step_does_not_know_takes_the_reference() -> None:
+    @dataclasses.dataclass
+    class WithNewOption(LRUConfig):
+        new_option: int = 0
+
+    model = build_model("lru", {"d_model": 8, "d_state": 4}).eval()
+    other = type(model)(WithNewOption(d_model=8, d_state=4)).eval()
+    other.load_state_dict(model.state_dict())
+    assert other._fused_weights is None
+    x = random_input(model, 2, 4)
+    assert_agree(other, x, other.init_state(2))  # the reference on both sides, trivially
 
 
 class PassThrough(TorchFunctionMode):
