@@ -13,9 +13,8 @@ Two ways to run it:
 The decode step gets the care the state-space model's fused step gets (models/fused.py):
 fused QKV, SDPA over a preallocated cache written in place, the positions precomputed with
 the cache, every matmul weight stored transposed, each RMSNorm's gain folded into the matmul
-after it, the residual adds inside the output matmuls, the whole step one plain function of
-tensors run eagerly, as the SSM's. `step_reference` is the plain module-by-module step
-beside it.
+after it, the residual adds inside the output matmuls, the whole step one function compiled
+by TorchScript, as the SSM's. `step_reference` is the plain module-by-module step beside it.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.fused import DerivedWeights, rms_folded, transposed
+from models.fused import DerivedWeights, rms_folded, script, transposed
 
 
 @dataclass
@@ -175,7 +174,7 @@ class TransformerDecoder(nn.Module):
         position = cache.length
         if position >= cache.capacity:
             raise ValueError(f"the cache is full ({cache.capacity} positions)")
-        logits = decode_step(
+        logits = scripted_decode_step(
             token, position, cache.positions, cache.keys, cache.values, *self._fused.get(self)
         )
         cache.length = position + 1
@@ -233,6 +232,9 @@ def decode_step(
         x = torch.addmm(x, F.gelu(torch.mm(x, up_t).div_(rms)), down_t)  # [B, D]
     rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps)
     return torch.mm(x, head_t).div_(rms)  # [B, V]
+
+
+scripted_decode_step = script(decode_step)
 
 
 def _derive(model: TransformerDecoder) -> tuple:

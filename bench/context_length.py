@@ -17,8 +17,9 @@ model's `step_reference`, the plain module-by-module step, is timed beside it in
 rounds, so the table shows what the fused steps changed.
 
 Each time is the fastest of `--repeats` blocks of `--steps` decode steps, every block
-starting again from the same context; blocks of all contexts and both models take turns
-(after a warm-up round), so changes in machine load hit them alike.
+starting again from the same context; blocks of all contexts and both models take turns in
+a freshly shuffled order each round (after a warm-up round), so changes in machine load hit
+them alike and no block always follows the same one.
 
     .venv/bin/python bench/context_length.py [--contexts 64 256 1024 2048 4096 8192]
         [--steps 16] [--repeats 5] [--threads 1] [--append docs/BENCHMARKS.md]
@@ -30,6 +31,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -132,13 +134,19 @@ def transformer_run(
 def seconds_per_step(runs: list[DecodeRun], steps: int, repeats: int) -> list[float]:
     """The fastest block's mean step time for every run.
 
-    Blocks go round-robin over all runs, `repeats` rounds after a warm-up round, so a change
-    in machine load hits every context alike; the fastest block is reported because on a
-    shared machine the slower ones measure the other load, not the code.
+    Every run gets one block per round, `repeats` rounds after a warm-up round, so a change
+    in machine load hits every context alike; the order is shuffled each round (seeded), so
+    no block always follows the same one (a block runs slower after one that filled the
+    caches with other data). The fastest block is reported because on a shared machine the
+    slower ones measure the other load, not the code.
     """
     best = [math.inf] * len(runs)
+    order = list(range(len(runs)))
+    shuffler = random.Random(0)
     for round_ in range(repeats + 1):
-        for i, run in enumerate(runs):
+        shuffler.shuffle(order)
+        for i in order:
+            run = runs[i]
             run.reset()
             started = time.perf_counter()
             for t in range(steps):

