@@ -9,6 +9,12 @@ Two ways to run it:
   optionally fill a `KVCache` with every position's keys and values (prefill);
 - `step(token, cache)`: one new token attending to everything cached so far, the decode
   path whose time and memory grow with the context. A test checks the two agree.
+
+The decode step gets the care the state-space model's fused step gets (models/fused.py):
+fused QKV, SDPA over a preallocated cache written in place, the positions precomputed with
+the cache, every matmul weight stored transposed, each RMSNorm's gain folded into the matmul
+after it, the residual adds inside the output matmuls, the whole step one function compiled
+by TorchScript, as the SSM's. `step_reference` is the plain module-by-module step beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.fused import DerivedWeights, rms_folded, script, transposed
 
 
 @dataclass
@@ -38,6 +46,14 @@ class DecoderConfig:
         return self.d_model // self.n_heads
 
 
+def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
+    """positions [T] -> [T, d_model], the encoding of Vaswani et al. (2017)."""
+    half = d_model // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half) / half)  # [half]
+    angles = positions.float().unsqueeze(-1) * frequencies  # [T, half]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # [T, d_model]
+
+
 class KVCache:
     """Keys and values of every past position, per layer, in preallocated buffers (so a
     step writes in place instead of copying the whole cache)."""
@@ -46,6 +62,7 @@ class KVCache:
         shape = (batch, config.n_heads, capacity, config.head_dim)
         self.keys = [torch.zeros(shape) for _ in range(config.n_layers)]  # [B, H, cap, Dh] each
         self.values = [torch.zeros(shape) for _ in range(config.n_layers)]
+        self.positions = sinusoidal_positions(torch.arange(capacity), config.d_model)  # [cap, D]
         self.length = 0
 
     @property
@@ -59,14 +76,6 @@ class KVCache:
 
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
         return list(zip(self.keys, self.values, strict=True))
-
-
-def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
-    """positions [T] -> [T, d_model], the encoding of Vaswani et al. (2017)."""
-    half = d_model // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half) / half)  # [half]
-    angles = positions.float().unsqueeze(-1) * frequencies  # [T, half]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # [T, d_model]
 
 
 class SelfAttention(nn.Module):
@@ -139,6 +148,7 @@ class TransformerDecoder(nn.Module):
         self.norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.head.weight = self.embed.weight
+        self._fused = DerivedWeights(_derive)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.config, batch, capacity)
@@ -157,7 +167,21 @@ class TransformerDecoder(nn.Module):
         return self.head(self.norm(x))  # [B, T, V]
 
     def step(self, token: Tensor, cache: KVCache) -> Tensor:
-        """token [B] at position cache.length -> logits [B, V]; appends to the cache."""
+        """token [B] at position cache.length -> logits [B, V]; appends to the cache. The
+        fused step (`decode_step`) without autograd, else `step_reference`."""
+        if torch.is_grad_enabled():
+            return self.step_reference(token, cache)
+        position = cache.length
+        if position >= cache.capacity:
+            raise ValueError(f"the cache is full ({cache.capacity} positions)")
+        logits = scripted_decode_step(
+            token, position, cache.positions, cache.keys, cache.values, *self._fused.get(self)
+        )
+        cache.length = position + 1
+        return logits
+
+    def step_reference(self, token: Tensor, cache: KVCache) -> Tensor:
+        """`step` module by module: the reference of the fused step."""
         position = cache.length
         if position >= cache.capacity:
             raise ValueError(f"the cache is full ({cache.capacity} positions)")
@@ -173,3 +197,53 @@ class TransformerDecoder(nn.Module):
         D, L = self.config.d_model, self.config.n_layers
         weights = L * (4 * D * D + 2 * self.config.mlp_ratio * D * D) + D * self.config.vocab_size
         return weights + L * 2 * (context + 1) * D  # q·K and softmax·V over every position
+
+
+# ---- the fused decode step -----------------------------------------------------------------
+
+
+def decode_step(
+    token: Tensor,  # [B]
+    position: int,
+    positions: Tensor,  # [capacity, D]
+    keys: list[Tensor],  # [B, H, capacity, Dh] per layer, written at `position`
+    values: list[Tensor],
+    embed: Tensor,  # [V, D]
+    layers: list[list[Tensor]],  # see `_derive`
+    sqrt_d_eps: Tensor,  # 0-dim
+    n_heads: int,
+    head_t: Tensor,  # [D, V]
+) -> Tensor:
+    """One decode step over the cache: logits [B, V]. Views come from unbind and narrow (one
+    op each), RMSNorm is a division by hypot(‖x‖, √(D·eps)) after the matmul it feeds."""
+    x = F.embedding(token, embed).add_(positions.select(0, position))  # [B, D]
+    B, D = x.shape
+    for i in range(len(layers)):
+        qkv_t, out_t, up_t, down_t = layers[i]
+        rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps)
+        q, k, v = torch.mm(x, qkv_t).div_(rms).view(B, 3, n_heads, 1, D // n_heads).unbind(1)
+        keys[i].narrow(2, position, 1).copy_(k)  # [B, H, 1, Dh]
+        values[i].narrow(2, position, 1).copy_(v)
+        y = F.scaled_dot_product_attention(
+            q, keys[i].narrow(2, 0, position + 1), values[i].narrow(2, 0, position + 1)
+        )  # [B, H, 1, Dh]
+        x = torch.addmm(x, y.view(B, D), out_t)  # [B, D], the residual included
+        rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps)
+        x = torch.addmm(x, F.gelu(torch.mm(x, up_t).div_(rms)), down_t)  # [B, D]
+    rms = torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), sqrt_d_eps)
+    return torch.mm(x, head_t).div_(rms)  # [B, V]
+
+
+scripted_decode_step = script(decode_step)
+
+
+def _derive(model: TransformerDecoder) -> tuple:
+    """The arguments of `decode_step` after the cache."""
+    layers = []
+    for layer in model.layers:
+        qkv_t, _ = rms_folded(layer.attention.qkv.weight, layer.norm1)  # [D, 3D]
+        up_t, _ = rms_folded(layer.mlp[0].weight, layer.norm2)  # [D, 4D]
+        out_t, down_t = transposed(layer.attention.out.weight), transposed(layer.mlp[2].weight)
+        layers.append([qkv_t, out_t, up_t, down_t])
+    head_t, sqrt_d_eps = rms_folded(model.head.weight, model.norm)  # every norm: the same eps
+    return model.embed.weight, layers, sqrt_d_eps, model.config.n_heads, head_t

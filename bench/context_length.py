@@ -11,9 +11,15 @@ grow linearly with the context. This bench measures both, batch 1, on CPU:
   the SSM and as wide as brings its parameter count closest, prefilled with the context, then
   timed `step`.
 
+Both `step`s are the fused ones (models/selective_fused.py; the baseline's `decode_step`:
+SDPA over a preallocated cache, fused QKV, the same weight layout and norm folding); each
+model's `step_reference`, the plain module-by-module step, is timed beside it in the same
+rounds, so the table shows what the fused steps changed.
+
 Each time is the fastest of `--repeats` blocks of `--steps` decode steps, every block
-starting again from the same context; blocks of all contexts and both models take turns
-(after a warm-up round), so changes in machine load hit them alike.
+starting again from the same context; blocks of all contexts and both models take turns in
+a freshly shuffled order each round (after a warm-up round), so changes in machine load hit
+them alike and no block always follows the same one.
 
     .venv/bin/python bench/context_length.py [--contexts 64 256 1024 2048 4096 8192]
         [--steps 16] [--repeats 5] [--threads 1] [--append docs/BENCHMARKS.md]
@@ -25,6 +31,7 @@ import argparse
 import math
 import os
 import platform
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -88,12 +95,15 @@ class DecodeRun:
     state_bytes: int  # what a server keeps per session at this context length
 
 
-def ssm_run(model: StatefulModel, context: Tensor, next_tokens: Tensor) -> DecodeRun:
+def ssm_run(
+    model: StatefulModel, context: Tensor, next_tokens: Tensor, reference: bool = False
+) -> DecodeRun:
     _, after_context = model(context)  # {name: [1, ...]}, the fixed-size state
     state: dict[str, Tensor] = {}
+    model_step = model.step_reference if reference else model.step
 
     def step(t: int) -> None:
-        _, new_state = model.step(next_tokens[t], state)
+        _, new_state = model_step(next_tokens[t], state)
         state.update(new_state)
 
     return DecodeRun(
@@ -103,17 +113,20 @@ def ssm_run(model: StatefulModel, context: Tensor, next_tokens: Tensor) -> Decod
     )
 
 
-def transformer_run(model: TransformerDecoder, context: Tensor, next_tokens: Tensor) -> DecodeRun:
+def transformer_run(
+    model: TransformerDecoder, context: Tensor, next_tokens: Tensor, reference: bool = False
+) -> DecodeRun:
     length = context.shape[1]
     cache = model.new_cache(1, length + len(next_tokens))
     model(context, cache)  # prefill: keys and values of every context position
+    model_step = model.step_reference if reference else model.step
 
     def reset() -> None:
         cache.length = length  # the block's own slots are simply overwritten
 
     return DecodeRun(
         reset=reset,
-        step=lambda t: model.step(next_tokens[t], cache),
+        step=lambda t: model_step(next_tokens[t], cache),
         state_bytes=cache.nbytes(),
     )
 
@@ -121,13 +134,19 @@ def transformer_run(model: TransformerDecoder, context: Tensor, next_tokens: Ten
 def seconds_per_step(runs: list[DecodeRun], steps: int, repeats: int) -> list[float]:
     """The fastest block's mean step time for every run.
 
-    Blocks go round-robin over all runs, `repeats` rounds after a warm-up round, so a change
-    in machine load hits every context alike; the fastest block is reported because on a
-    shared machine the slower ones measure the other load, not the code.
+    Every run gets one block per round, `repeats` rounds after a warm-up round, so a change
+    in machine load hits every context alike; the order is shuffled each round (seeded), so
+    no block always follows the same one (a block runs slower after one that filled the
+    caches with other data). The fastest block is reported because on a shared machine the
+    slower ones measure the other load, not the code.
     """
     best = [math.inf] * len(runs)
+    order = list(range(len(runs)))
+    shuffler = random.Random(0)
     for round_ in range(repeats + 1):
-        for i, run in enumerate(runs):
+        shuffler.shuffle(order)
+        for i in order:
+            run = runs[i]
             run.reset()
             started = time.perf_counter()
             for t in range(steps):
@@ -153,23 +172,32 @@ def measure(contexts: list[int], steps: int, repeats: int, threads: int) -> tupl
         "transformer_config": decoder.config,
     }
     next_tokens = torch.randint(0, len(VOCABULARY), (steps, 1), generator=_generator(1))
-    ssm_runs, transformer_runs = [], []
+    runs: dict[tuple[str, str, int], DecodeRun] = {}
     for length in contexts:
         context = torch.randint(0, len(VOCABULARY), (1, length), generator=_generator(0))
-        ssm_runs.append(ssm_run(ssm, context, next_tokens))
-        transformer_runs.append(transformer_run(decoder, context, next_tokens))
-    seconds = seconds_per_step(ssm_runs + transformer_runs, steps, repeats)
+        for reference in (False, True):
+            kind = "reference" if reference else "fused"
+            runs[("ssm", kind, length)] = ssm_run(ssm, context, next_tokens, reference)
+            runs[("transformer", kind, length)] = transformer_run(
+                decoder, context, next_tokens, reference
+            )
+    seconds = dict(zip(runs, seconds_per_step(list(runs.values()), steps, repeats), strict=True))
     rows = [
         {
             "context": length,
-            "ssm": {"seconds": seconds[i], "bytes": ssm_runs[i].state_bytes},
+            "ssm": {
+                "seconds": seconds[("ssm", "fused", length)],
+                "reference_seconds": seconds[("ssm", "reference", length)],
+                "bytes": runs[("ssm", "fused", length)].state_bytes,
+            },
             "transformer": {
-                "seconds": seconds[len(contexts) + i],
-                "bytes": transformer_runs[i].state_bytes,
+                "seconds": seconds[("transformer", "fused", length)],
+                "reference_seconds": seconds[("transformer", "reference", length)],
+                "bytes": runs[("transformer", "fused", length)].state_bytes,
                 "macs": decoder.macs_per_step(length),
             },
         }
-        for i, length in enumerate(contexts)
+        for length in contexts
     ]
     return rows, models
 
@@ -190,17 +218,30 @@ def format_table(rows: list[dict], models: dict, threads: int, steps: int, repea
         f"d_model {tf.d_model}, {tf.n_heads} heads, KV cache): "
         f"{models['transformer_parameters']:,} parameters.",
         "",
-        "| context | SSM µs/step | SSM state KiB | Transformer µs/step | Transformer KV cache KiB "
+        "| context | SSM µs/step | SSM reference µs/step | SSM state KiB "
+        "| Transformer µs/step | Transformer reference µs/step | Transformer KV cache KiB "
         "| Transformer MACs/step | time ratio T/SSM | memory ratio T/SSM |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         ssm, tr = row["ssm"], row["transformer"]
         lines.append(
-            f"| {row['context']:,} | {ssm['seconds'] * 1e6:,.0f} | {_kib(ssm['bytes'])} "
-            f"| {tr['seconds'] * 1e6:,.0f} | {_kib(tr['bytes'])} | {tr['macs']:,} "
+            f"| {row['context']:,} | {ssm['seconds'] * 1e6:,.0f} "
+            f"| {ssm['reference_seconds'] * 1e6:,.0f} | {_kib(ssm['bytes'])} "
+            f"| {tr['seconds'] * 1e6:,.0f} | {tr['reference_seconds'] * 1e6:,.0f} "
+            f"| {_kib(tr['bytes'])} | {tr['macs']:,} "
             f"| {tr['seconds'] / ssm['seconds']:.2f} | {tr['bytes'] / ssm['bytes']:.1f} |"
         )
+    first, last = rows[0], rows[-1]
+    ssm, tr = last["ssm"], last["transformer"]
+    lines += [
+        "",
+        f"SSM step at {last['context']:,} against {first['context']:,} tokens: "
+        f"{ssm['seconds'] / first['ssm']['seconds']:.2f}x. Fused against reference step at "
+        f"{last['context']:,}: SSM {ssm['reference_seconds'] / ssm['seconds']:.2f}x faster, "
+        f"Transformer {tr['reference_seconds'] / tr['seconds']:.2f}x faster. Time ratio "
+        "T/SSM: fused Transformer over fused SSM.",
+    ]
     return "\n".join(lines)
 
 

@@ -5,7 +5,9 @@ lives outside the module (so a server can keep it per session, in Redis, and han
 any replica). `State` maps names to tensors whose leading dimension is the batch.
 
 Subclasses implement `init_state`, `step_with_activity`, `forward` and `macs_per_step`;
-`forward` must agree with repeated `step`. This module also holds the two pieces every
+`forward` must agree with repeated `step`. An architecture whose `step_with_activity` takes a
+fused path (models/fused.py) keeps its plain step as `step_reference_with_activity`, and the
+two must agree. This module also holds the two pieces every
 architecture shares: common config validation and the input encoder (a scaled linear
 projection for float features, an embedding for tokens).
 """
@@ -99,14 +101,31 @@ class StatefulModel(nn.Module, ABC):
         logits, new_state, _ = self.step_with_activity(x_t, state)
         return logits, new_state
 
+    def step_reference_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """The plain, obvious step that a fused `step_with_activity` must agree with (an
+        architecture with a fused step overrides this with its reference)."""
+        return self.step_with_activity(x_t, state)
+
+    def step_reference(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """`step` through the reference path, never the fused one."""
+        logits, new_state, _ = self.step_reference_with_activity(x_t, state)
+        return logits, new_state
+
     def state_schema(self) -> dict[str, tuple[list[int], str]]:
         """Name -> (shape without the batch dim, dtype name),
-        e.g. {"layers.0.h_re": ([64], "float32")}."""
-        state = self.init_state(1)
-        return {
-            name: (list(t.shape[1:]), str(t.dtype).removeprefix("torch."))
-            for name, t in state.items()
-        }
+        e.g. {"layers.0.h_re": ([64], "float32")}. Fixed by the config, so computed once:
+        every step checks its state against it."""
+        schema = self.__dict__.get("_state_schema")
+        if schema is None:
+            state = self.init_state(1)
+            schema = {
+                name: (list(t.shape[1:]), str(t.dtype).removeprefix("torch."))
+                for name, t in state.items()
+            }
+            self.__dict__["_state_schema"] = schema
+        return {name: (list(shape), dtype) for name, (shape, dtype) in schema.items()}
 
     def check_step_input(self, x_t: Tensor) -> None:
         """Raise ValueError unless x_t is one step: float [B, d_input] or integer tokens [B]."""
@@ -120,10 +139,10 @@ class StatefulModel(nn.Module, ABC):
         """Raise ValueError unless `state` has exactly this model's names and shapes for `batch`."""
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict of tensors, got {type(state).__name__}")
-        schema = self.state_schema()
-        missing = sorted(set(schema) - set(state))
-        unknown = sorted(set(state) - set(schema))
-        if missing or unknown:
+        schema = self.__dict__.get("_state_schema") or self.state_schema()
+        if state.keys() != schema.keys():  # checked on every step: the sets only on a mismatch
+            missing = sorted(set(schema) - set(state))
+            unknown = sorted(set(state) - set(schema))
             raise ValueError(f"state names do not match: missing {missing}, unknown {unknown}")
         for name, (shape, _) in schema.items():
             tensor = state[name]
@@ -148,10 +167,10 @@ class StatefulModel(nn.Module, ABC):
             vocab = self.config.vocab_size
             # Reading values back would break graph capture (ONNX export), so only check eagerly.
             eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-            if eager and x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
-                raise ValueError(
-                    f"token ids must lie in [0, {vocab}), got [{int(x.min())}, {int(x.max())}]"
-                )
+            if eager and x.numel():
+                low, high = (int(v) for v in torch.aminmax(x))  # one pass, checked every step
+                if low < 0 or high >= vocab:
+                    raise ValueError(f"token ids must lie in [0, {vocab}), got [{low}, {high}]")
         else:
             expected_dims = 3 if sequence else 2
             d_input = self.config.d_input

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import InputEncoder, State, StatefulModel, check_common_config
+from models.fused import fused_step_applies
+from models.lru_fused import fused_lru_step, fused_weights
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -222,6 +224,7 @@ class LRUModel(StatefulModel):
         norm = nn.LayerNorm if config.norm == "layernorm" else nn.RMSNorm
         self.norm = norm(config.d_model)
         self.head = nn.Linear(config.d_model, config.d_output)
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         N = self.config.d_state
@@ -232,6 +235,17 @@ class LRUModel(StatefulModel):
         return state
 
     def step_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """The fused step (models/lru_fused.py) where it applies, else the reference."""
+        if self._fused_weights is None or not fused_step_applies(self):
+            return self.step_reference_with_activity(x_t, state)
+        self.check_step_input(x_t)
+        self.check_state(state, x_t.shape[0])
+        logits, new_state = fused_lru_step(self, x_t, state)
+        return logits, new_state, {}
+
+    def step_reference_with_activity(
         self, x_t: Tensor, state: State
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
         self.check_step_input(x_t)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import InputEncoder, State, StatefulModel, check_common_config
+from models.fused import fused_step_applies
+from models.selective_fused import fused_selective_step, fused_weights
 
 
 @dataclass
@@ -228,6 +230,7 @@ class SelectiveModel(StatefulModel):
             nn.init.normal_(self.encoder.embed.weight, std=0.02)
             if config.tie_embeddings:
                 self.head.weight = self.encoder.embed.weight
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         cfg = self.config
@@ -242,6 +245,17 @@ class SelectiveModel(StatefulModel):
         return state
 
     def step_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """The fused step (models/selective_fused.py) where it applies, else the reference."""
+        if self._fused_weights is None or not fused_step_applies(self):
+            return self.step_reference_with_activity(x_t, state)
+        self.check_step_input(x_t)
+        self.check_state(state, x_t.shape[0])
+        logits, new_state = fused_selective_step(self, x_t, state)
+        return logits, new_state, {}
+
+    def step_reference_with_activity(
         self, x_t: Tensor, state: State
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
         self.check_step_input(x_t)

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from models.base import InputEncoder, State, StatefulModel, check_common_config
+from models.fused import fused_step_applies
+from models.snn_fused import fused_snn_step, fused_weights
 
 SURROGATES = ("fast_sigmoid", "arctan")
 
@@ -173,6 +175,7 @@ class SNNModel(StatefulModel):
         self.layers = nn.ModuleList(LIFLayer(config) for _ in range(L))
         self.readout = LeakyReadout(config)
         self.drop = nn.Dropout(config.dropout)  # on forward-going spikes, training only
+        self._fused_weights = fused_weights(config)
 
     def init_state(self, batch: int, device=None, dtype=torch.float32) -> State:
         n = self.config.d_model
@@ -218,7 +221,17 @@ class SNNModel(StatefulModel):
         self, x_t: Tensor, state: State
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
         """activity: "spikes" (hidden spikes this step), "neurons" (hidden neurons) and
-        "synaptic_ops" (accumulates those spikes drive), each [B]."""
+        "synaptic_ops" (accumulates those spikes drive), each [B]. The fused step
+        (models/snn_fused.py) where it applies, else the reference."""
+        if self._fused_weights is None or not fused_step_applies(self):
+            return self.step_reference_with_activity(x_t, state)
+        self.check_step_input(x_t)
+        self.check_state(state, x_t.shape[0])
+        return fused_snn_step(self, x_t, state)
+
+    def step_reference_with_activity(
+        self, x_t: Tensor, state: State
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
         self.check_step_input(x_t)
         self.check_state(state, x_t.shape[0])
         return self._cell(x_t, state)

@@ -72,3 +72,22 @@ def test_measure_reports_every_context_with_positive_times() -> None:
     assert all(row["ssm"]["seconds"] > 0 and row["transformer"]["seconds"] > 0 for row in rows)
     assert rows[1]["transformer"]["macs"] > rows[0]["transformer"]["macs"]
     assert models["ssm_parameters"] == parameter_count(selective_lm())
+
+
+def test_fused_decode_step_agrees_with_the_reference_step() -> None:
+    torch.manual_seed(0)
+    model = TransformerDecoder(DecoderConfig(vocab_size=11, d_model=24, n_heads=4)).eval()
+    tokens = torch.randint(0, 11, (2, 30), generator=torch.Generator().manual_seed(2))
+    fused, reference = model.new_cache(2, capacity=30), model.new_cache(2, capacity=30)
+    with torch.inference_mode():
+        model(tokens[:, :5], fused)
+        model(tokens[:, :5], reference)
+        for t in range(5, 30):
+            torch.testing.assert_close(
+                model.step(tokens[:, t], fused),
+                model.step_reference(tokens[:, t], reference),
+                atol=FLOAT32_AGREEMENT,
+                rtol=FLOAT32_AGREEMENT,
+            )
+    for a, b in zip(fused.keys + fused.values, reference.keys + reference.values, strict=True):
+        torch.testing.assert_close(a, b, atol=FLOAT32_AGREEMENT, rtol=FLOAT32_AGREEMENT)
