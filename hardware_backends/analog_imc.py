@@ -204,6 +204,11 @@ class AnalogIMCRunner(RoutedRunner):
         """The units the tiles compute in: "rescaled" (default) or "raw"."""
         return self.config.crossbar.weight_mapping
 
+    @property
+    def notes(self) -> dict[str, str]:
+        """Carried by every answer beside its usage (`base.runner_notes`)."""
+        return {"weight_mapping": self.weight_mapping}
+
 
 class AnalogIMCBackend:
     name = "analog_imc"
@@ -214,6 +219,11 @@ class AnalogIMCBackend:
 
     def availability(self) -> str | None:
         return None  # a pure-torch simulation runs wherever torch does
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """What runs when the options leave it open (`base.backend_defaults`)."""
+        return {"weight_mapping": self.config.crossbar.weight_mapping}
 
     def prepare(
         self, model: StatefulModel, *, model_key: str, options: dict | None = None

@@ -463,6 +463,35 @@ def probe_readout(
     return mean_abs.clamp(min=1e-4)
 
 
+EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
+
+
+def exact_sum_grid(weights: Tensor, rows: int, levels: float) -> Tensor:
+    """`weights` [K, rows, out] (ADC steps per DAC step) rounded onto a grid of a power of
+    two, fine enough to lose nothing the device would notice and coarse enough that every
+    sum of `rows` products with integer DAC steps (|n| <= levels) is exact in float32 --
+    or in float64 when float32 could only hold a grid coarser than 2^-8 of the largest
+    weight. Exact sums do not depend on the order a BLAS kernel adds them in, which differs
+    with the number of rows of a batch: a row's result is then the same alone or batched,
+    bit for bit. Returns contiguous float32 or float64 [K, rows, out].
+
+    The grid is at most 2^-9 of the largest weight for 512-row tiles with aihwkit's 7-bit
+    DAC (a rounding error of about 0.1% of g_max rms, an order of magnitude below the
+    programming noise)."""
+    largest = float(weights.abs().max())
+    if largest == 0:
+        return weights.contiguous()
+    top = math.ceil(math.log2(largest))  # |weight| <= 2^top
+    products = rows * math.ceil(levels)  # |sum| <= products · 2^top
+    dtype, mantissa = torch.float32, 24
+    bits = math.floor(math.log2(2.0**mantissa / products))
+    if bits < EXACT_GRID_MIN_BITS:
+        dtype, mantissa = torch.float64, 53
+        bits = min(30, math.floor(math.log2(2.0**mantissa / products)))
+    unit = 2.0 ** (top - bits)
+    return (weights.double() / unit).round_().mul_(unit).to(dtype).contiguous()
+
+
 class AnalogMatmul:
     """``F.linear`` on a programmed crossbar at a fixed time since programming.
 
@@ -503,6 +532,10 @@ class AnalogMatmul:
         read = read_weights(crossbar, self.t_inference, pcm, read_generator or generator)
         self.read_normalised = read  # [K, out, rows], the array as read at t_inference
         self.weights = analog_units(read, crossbar.scale, config)  # [K, out, rows]
+        self._tiles = layout.row_tiles
+        self._col_tiles = layout.col_tiles
+        self._macs_per_row = layout.in_features * layout.out_features
+        self._prepare_fast_path()  # puts self.weights on the grid of exact sums
         alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
         if drift_compensation:
             if crossbar.reference_readout is None:
@@ -512,10 +545,10 @@ class AnalogMatmul:
         self.alpha = alpha
         digital = digital_scale(crossbar.scale, config)  # [K, out]
         self.output_scale = digital * layout.per_column(alpha)  # [K, out]
-        self._tiles = layout.row_tiles
-        self._col_tiles = layout.col_tiles
-        self._macs_per_row = layout.in_features * layout.out_features
-        self._prepare_fast_path()
+        if self.fast:
+            adc_step = config.out_res * 2.0 * config.out_bound
+            self._scale_per_step = self.output_scale * adc_step  # [K, out]
+            self._scale_one_tile = self._scale_per_step[0]  # [out]
 
     def _prepare_fast_path(self) -> None:
         config = self.config
@@ -531,10 +564,14 @@ class AnalogMatmul:
         self._dac_clips = config.inp_bound < 1.0
         self._adc_bound = config.out_bound / adc_step  # the ADC's range in ADC steps
         self._noise_in_steps = config.out_noise / adc_step
-        # [K, rows, out]: one DAC step of input times a weight, in ADC steps.
-        self._weights_in_steps = (self.weights * (dac_step / adc_step)).transpose(1, 2).contiguous()
-        self._scale_per_step = self.output_scale * adc_step  # [K, out]
-        self._scale_one_tile = self._scale_per_step[0]  # [out]
+        # [K, rows, out]: one DAC step of input times a weight, in ADC steps, on the grid of
+        # exact sums; every path computes with these weights (the reference, the probes).
+        in_steps = (self.weights * (dac_step / adc_step)).transpose(1, 2)
+        self._weights_in_steps = exact_sum_grid(
+            in_steps, self.crossbar.layout.rows, self._dac_levels
+        )
+        self.weights = (self._weights_in_steps.double() * (adc_step / dac_step)).float()
+        self.weights = self.weights.transpose(1, 2).contiguous()  # [K, out, rows]
         self._weights_one_tile = self._weights_in_steps[0]  # [in, out]
         self._one = torch.ones(1, 1)
 
@@ -602,11 +639,10 @@ class AnalogMatmul:
         if self._dac_clips:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
         drawn = noise(0, None)  # [R, out] standard normals ([out] for one row), or None
-        if drawn is None:
-            y = torch.mm(x_dac, self._weights_one_tile)
-        else:
-            y = torch.addmm(drawn, x_dac, self._weights_one_tile, beta=self._noise_in_steps)
-        y = y.round_()  # [R, out], ADC steps
+        y = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)  # exact
+        if drawn is not None:
+            y = y.add_(drawn, alpha=self._noise_in_steps)
+        y = y.round_().float()  # [R, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:
             if self._col_tiles == 1:
@@ -636,11 +672,10 @@ class AnalogMatmul:
             if self._dac_clips:
                 x_dac.clamp_(-self._dac_levels, self._dac_levels)
             drawn = noise(pass_, rows)  # [P, out]
-            if drawn is None:
-                rerun = torch.mm(x_dac, self._weights_one_tile)
-            else:
-                rerun = torch.addmm(drawn, x_dac, self._weights_one_tile, beta=self._noise_in_steps)
-            rerun = rerun.round_()  # [P, out], ADC steps
+            rerun = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)
+            if drawn is not None:
+                rerun = rerun.add_(drawn, alpha=self._noise_in_steps)
+            rerun = rerun.round_().float()  # [P, out], ADC steps
             if reduction > give_up_above:
                 accept = torch.ones_like(rows, dtype=torch.bool)  # give up: keep it clipped
             else:
@@ -656,11 +691,12 @@ class AnalogMatmul:
         x_dac = (x / nm).div_(self._dac_step).round_()  # [R, K, rows], DAC steps
         if self._dac_clips:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
-        y = torch.bmm(x_dac.transpose(0, 1), self._weights_in_steps).transpose(0, 1)  # [R, K, out]
+        weights = self._weights_in_steps  # [K, rows, out]
+        y = torch.bmm(x_dac.transpose(0, 1).to(weights.dtype), weights).transpose(0, 1)  # exact
         drawn = noise(0, None)  # [R, K·out]
         if drawn is not None:
             y = y.add_(drawn.view_as(y), alpha=self._noise_in_steps)
-        y = y.round_()  # ADC steps
+        y = y.round_().float()  # [R, K, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:
             y = self._manage_bounds(y, x / nm, noise)

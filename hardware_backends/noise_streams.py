@@ -78,9 +78,10 @@ def step_keys(streams: Tensor) -> Tensor:
     return mix64_tensor(seeds)
 
 
-def stream_of(name: str) -> int:
-    """A stream id for a name (a session id, say): 63 bits of its hash."""
-    return mix64(zlib.crc32(name.encode()) | (zlib.adler32(name.encode()) << 32)) >> 1
+def stream_of(name: str | bytes) -> int:
+    """A stream id for a name (a session id, say) or bytes: 63 bits of their hash."""
+    data = name.encode() if isinstance(name, str) else name
+    return mix64(zlib.crc32(data) | (zlib.adler32(data) << 32)) >> 1
 
 
 def seed_streams(state: dict[str, Tensor], streams: list[int]) -> dict[str, Tensor]:
@@ -94,6 +95,16 @@ def seed_streams(state: dict[str, Tensor], streams: list[int]) -> dict[str, Tens
     seeded = entry.clone()
     seeded[:, 0] = torch.tensor(streams, dtype=torch.int64)
     return {**state, NOISE_STREAM: seeded}
+
+
+def seed_streams_from_inputs(state: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+    """`state` with each sequence's stream id hashed from its own inputs x [B, T, ...]: a
+    stateless request's noise then depends on nothing but its inputs (the same inputs, the
+    same answer, whatever else shares the batch). Unchanged without noise streams."""
+    if NOISE_STREAM not in state:
+        return state
+    rows = x.detach().cpu().contiguous()
+    return seed_streams(state, [stream_of(row.numpy().tobytes()) for row in rows])
 
 
 def salt(*parts: object) -> int:
