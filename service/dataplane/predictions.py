@@ -26,7 +26,7 @@ from calibration import SCORE_NAMES
 from calibration.checks import check_alpha
 from calibration.maps import CalibrationMap
 from hardware_backends.base import Runner, Usage
-from hardware_backends.noise_streams import seed_streams_from_inputs
+from hardware_backends.noise_streams import NOISE_STREAM, seed_streams_from_inputs
 from models.base import StatefulModel
 from models.repository import ModelCard
 from service.errors import BadInputError, value_errors_as
@@ -177,8 +177,11 @@ def run_stateless(runner: Runner, x: Tensor) -> tuple[Tensor, Usage]:
     """A backend run of whole sequences from a fresh state: logits [N, T, C] (or [S, N, T, C]).
     A backend with per-sequence noise streams draws each row's noise from its own inputs,
     so a sequence's answer does not depend on the sequences batched with it."""
-    state = seed_streams_from_inputs(runner.init_state(x.shape[0]), x)
-    logits, _, usage = runner.run(x, state)
+    state = runner.init_state(x.shape[0])
+    if NOISE_STREAM not in state:
+        logits, _, usage = runner.run(x)  # what the runner does for a fresh state
+        return logits, usage
+    logits, _, usage = runner.run(x, seed_streams_from_inputs(state, x))
     return logits, usage
 
 

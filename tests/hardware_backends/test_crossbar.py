@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from hardware_backends.crossbar import (
     AnalogMatmul,
+    analog_units,
     CrossbarConfig,
     dense_weight,
+    exact_sum_grid,
     generator_noise,
     layout_for,
     program_crossbar,
@@ -237,3 +239,32 @@ def test_fast_forward_equals_the_general_path_with_the_same_noise(case: str) -> 
     # The noise is there: other draws give other outputs.
     other = fast(x, generator_noise(_gen(6), shape, cfg))
     assert not torch.equal(other, y_fast)
+
+
+@pytest.mark.parametrize("tile_size", [512, 4096])  # float32 sums, and float64 ones
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(tile_size: int) -> None:
+    # BLAS sums a one-row product in another order than a batch's; on the grid of exact
+    # sums the order cannot matter, so no ADC step flips between the two.
+    torch.manual_seed(13)
+    weight = torch.randn(96, 700)
+    cfg = CrossbarConfig(tile_rows=tile_size, tile_cols=tile_size, out_noise=0.0)
+    matmul = _matmul(weight, cfg, PCMConfig(), t=3600.0)
+    x = torch.randn(48, 700)
+    batched = matmul(x)
+    alone = torch.cat([matmul(x[i : i + 1]) for i in range(48)])
+    assert torch.equal(alone, batched)
+    assert torch.equal(matmul(x.flip(0)), batched.flip(0))
+    # The grid is fine: the weights moved far less than the programming noise does.
+    unsnapped = analog_units(matmul.read_normalised, matmul.crossbar.scale, cfg)
+    moved = (matmul.weights - unsnapped).abs().max() / unsnapped.abs().max()
+    assert float(moved) <= 2.0**-8
+
+
+def test_exact_sum_grid_holds_every_sum_exactly() -> None:
+    weights = torch.randn(1, 512, 64, generator=_gen(3)) * 0.37  # [K, rows, out]
+    grid = exact_sum_grid(weights, rows=512, levels=63.0)
+    assert grid.dtype == torch.float32
+    x = torch.randint(-63, 64, (256, 512), generator=_gen(4)).double()
+    exact = x @ grid[0].double()  # float64 holds these sums exactly
+    assert torch.equal((x.float() @ grid[0]).double(), exact)
+    assert exact_sum_grid(weights, rows=4096, levels=63.0).dtype == torch.float64
