@@ -463,6 +463,7 @@ def probe_readout(
     return mean_abs.clamp(min=1e-4)
 
 
+SCRATCH_SIZES = 4  # batch sizes whose scratch buffers a matmul keeps
 EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
 
 
@@ -504,12 +505,13 @@ class AnalogMatmul:
     Counts the multiply-accumulates it executed in ``macs``.
 
     Everything a read needs is prepared here, so that a call is a few whole-batch tensor
-    operations: noise management, DAC, one matmul over all tiles with the output noise added
-    (the tiles' weights in ADC steps per DAC step), ADC, one clip check, the digital scale.
-    Bound management, when an output clipped, reruns only the rows concerned
-    (`manage_bounds`). Configurations without abs-max noise management, a DAC and an ADC
-    take the general path, `tile_mvm`, which is also the reference the fast path is tested
-    against.
+    operations: noise management, DAC, one matmul over all tiles (the tiles' weights in ADC
+    steps per DAC step, on the grid of exact sums, `exact_sum_grid`), output noise, ADC, one
+    clip check, the digital scale. Bound management, when an output clipped, reruns only the
+    rows concerned. Configurations without abs-max noise management, a DAC and an ADC take
+    the general path, `tile_mvm`, which is also the reference the fast path is tested
+    against. One caller at a time (a runner's lock): a call keeps no state between calls
+    but the MAC counter and the generator.
     """
 
     def __init__(
@@ -574,6 +576,7 @@ class AnalogMatmul:
         self.weights = self.weights.transpose(1, 2).contiguous()  # [K, out, rows]
         self._weights_one_tile = self._weights_in_steps[0]  # [in, out]
         self._one = torch.ones(1, 1)
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # batch size -> scratch
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         layout = self.crossbar.layout
@@ -630,16 +633,20 @@ class AnalogMatmul:
     def _forward_one_tile(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
         """rows [R, in] on one row tile -> [R, out]: the arithmetic of `reference_forward`
         in a few whole-batch operations."""
-        if rows.shape[0] == 1:  # one row: a whole-tensor max and a Python test are cheaper
+        count = rows.shape[0]
+        weights = self._weights_one_tile  # [in, out]
+        x_dac, y = self._scratch(count)  # [R, in], [R, out] reused between calls, or None
+        if count == 1:  # one row: a whole-tensor max and a Python test are cheaper
             amax = torch.linalg.vector_norm(rows, math.inf)  # [], the same value as the row's
             nm = amax if float(amax) > 0 else self._one
         else:
-            nm = self._managed(rows.abs().amax(dim=1, keepdim=True))  # [R, 1]
-        x_dac = (rows / nm).div_(self._dac_step).round_()  # [R, in], DAC steps
+            amax = torch.abs(rows, out=x_dac).amax(dim=1, keepdim=True)  # [R, 1]
+            nm = self._managed(amax)
+        x_dac = torch.div(rows, nm, out=x_dac).div_(self._dac_step).round_()  # DAC steps
         if self._dac_clips:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
         drawn = noise(0, None)  # [R, out] standard normals ([out] for one row), or None
-        y = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)  # exact
+        y = torch.mm(x_dac.to(weights.dtype), weights, out=y)  # [R, out], exact
         if drawn is not None:
             y = y.add_(drawn, alpha=self._noise_in_steps)
         y = y.round_().float()  # [R, out], ADC steps
@@ -649,7 +656,25 @@ class AnalogMatmul:
                 y = self._rerun_one_tile(y, rows / nm, noise)
             else:
                 y = self._manage_bounds(y.unsqueeze(1), (rows / nm).unsqueeze(1), noise)[:, 0]
-        return y.mul_(nm).mul_(self._scale_one_tile)
+        return torch.mul(y.mul_(nm), self._scale_one_tile)  # a fresh [R, out] for the caller
+
+    def _scratch(self, count: int) -> tuple[Tensor | None, Tensor | None]:
+        """Buffers for a read of `count` rows, [R, in] float32 and [R, out] in the weights'
+        dtype, reused between calls of the same size (a fresh 0.5 MiB tensor per call costs
+        more than the arithmetic on it); (None, None) for one row (nothing large to reuse)."""
+        if count == 1:
+            return None, None
+        buffers = self._buffers.get(count)
+        if buffers is None:
+            layout, dtype = self.crossbar.layout, self._weights_one_tile.dtype
+            buffers = (
+                torch.empty(count, layout.in_features),
+                torch.empty(count, layout.out_features, dtype=dtype),
+            )
+            if len(self._buffers) >= SCRATCH_SIZES:
+                self._buffers.pop(next(iter(self._buffers)))
+            self._buffers[count] = buffers
+        return buffers
 
     def _rerun_one_tile(self, y: Tensor, x_managed: Tensor, noise: NoiseDraw) -> Tensor:
         """`manage_bounds` for a matrix on one tile: y [R, out] (ADC steps) of a first pass

@@ -199,6 +199,7 @@ class KeyedNoise:
         self.streams = streams
         self.name = name
         self._multipliers: dict[tuple[int, int, int], int] = {}
+        self._scratch: dict[tuple[int, int], Tensor] = {}
 
     @property
     def active(self) -> bool:
@@ -240,7 +241,19 @@ class KeyedNoise:
             first, second = window_offsets_tensor(
                 keys, self._multiplier(call, pass_, position), length
             )
-            parts.append(windows[first] + windows[second])  # [B, length]
+            both = self._gathered(sequences, length)  # [2B, length], reused between reads
+            torch.index_select(windows, 0, torch.cat([first, second]), out=both)
+            parts.append(torch.add(both[:sequences], both[sequences:]))  # [B, length]
         if per_sequence == 1:
             return parts[0]
         return torch.stack(parts, dim=1).reshape(rows, length)  # [B·M, length], row b·M + m
+
+    def _gathered(self, sequences: int, length: int) -> Tensor:
+        """A scratch [2B, length] for the two windows of B rows (a fresh one per read would
+        cost more than the gather)."""
+        buffer = self._scratch.get((sequences, length))
+        if buffer is None:
+            if len(self._scratch) >= 4:
+                self._scratch.clear()
+            buffer = self._scratch[(sequences, length)] = torch.empty(2 * sequences, length)
+        return buffer
