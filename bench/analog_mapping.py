@@ -48,6 +48,7 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
 TIMES = {"0 s": 0.0, "1 hour": 3600.0, "1 day": 86_400.0, "1 year": 365.0 * 86_400.0}
 MAPPINGS = ("rescaled", "raw")
 ERROR_ROWS = 256  # inputs the relative error is measured on
+BLOCK_SECONDS = 2e-3  # the length of one timed block of calls
 # aihwkit 1.2.0 on a 128x512 layer (../shared/FIELD_NOTES.md "Analog mapping"), for reference.
 AIHWKIT = {
     ("rescaled", True): (0.087, 0.100, 0.116, 0.154),
@@ -114,9 +115,10 @@ def block_seconds(call: Callable[[], object], per_block: int) -> float:
 
 
 def timing_rows(batches: list[int], repeats: int) -> list[dict]:
-    """Float, analog, reference and before forwards timed in interleaved rounds (so that
-    load from elsewhere on the machine hits all alike); the fastest round of each is
-    reported, the figure least disturbed by other work on a shared machine."""
+    """Float, analog, reference and before forwards timed in interleaved rounds of blocks
+    of about equal duration (so that load from elsewhere on the machine hits all alike);
+    the fastest block of each is reported, the figure least disturbed by other work on a
+    shared machine."""
     weight, _ = layer()
     streams = StepStreams()
     matmul = engine(weight, "rescaled", 86_400.0, True, chip=0, streams=streams)
@@ -142,7 +144,6 @@ def timing_rows(batches: list[int], repeats: int) -> list[dict]:
             draw = generator_noise(matmul.generator, shape, matmul.config)
             return matmul.reference_forward(x, draw)
 
-        per_block = max(1, 512 // batch)
         calls = {
             "float": lambda x=x: F.linear(x, weight),
             "analog": served,
@@ -151,11 +152,16 @@ def timing_rows(batches: list[int], repeats: int) -> list[dict]:
         }
         timings: dict[str, list[float]] = {name: [] for name in calls}
         with torch.inference_mode():
-            for round_ in range(repeats + 1):
+            # The warm-up round sizes each forward's block to about BLOCK_SECONDS, so that
+            # every block is as likely to be interrupted by other work on the machine (a
+            # slower forward in a longer block would be, and its fastest block would lose).
+            per_block = {
+                name: max(1, round(BLOCK_SECONDS / block_seconds(call, 20)))
+                for name, call in calls.items()
+            }
+            for _ in range(repeats):
                 for name, call in calls.items():
-                    seconds = block_seconds(call, per_block)
-                    if round_:  # the first round warms caches and allocators up
-                        timings[name].append(seconds)
+                    timings[name].append(block_seconds(call, per_block[name]))
         rows.append({"batch": batch} | {k: min(v) for k, v in timings.items()})
     return rows
 
@@ -175,7 +181,10 @@ def print_error_table(table: dict[tuple[str, bool], list[float]], chips: int) ->
 
 
 def print_timing(rows: list[dict], repeats: int) -> None:
-    print(f"\nforward time of the 128x512 layer, 1 thread, fastest of {repeats} interleaved rounds")
+    print(
+        f"\nforward time of the 128x512 layer, 1 thread, fastest of {repeats} interleaved "
+        f"rounds of {BLOCK_SECONDS * 1e3:.0f} ms blocks"
+    )
     print("(rescaled mapping, 1 day, drift compensation on)\n")
     columns = ["batch", "float µs", "analog µs", "analog / float"]
     columns += ["reference path µs", "reference / float", "before: re-read per call µs"]
