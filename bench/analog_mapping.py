@@ -14,7 +14,8 @@ time; output noise per read from each sequence's own stream, the step's keys der
 the batch's stream entries included in the timed call); the general path it is tested
 against (`reference_forward`, tile by tile, noise from one generator); and the analog
 forward as it was before the chip was read once (the conductances re-read with fresh 1/f
-noise on every call). Fastest of `--repeats` interleaved rounds.
+noise on every call). Fastest of `--repeats` interleaved rounds of ~2 ms blocks (the old forward
+timed apart, after them).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/analog_mapping.py [--chips 5] [--batches 1 64 256]
 """
@@ -115,10 +116,10 @@ def block_seconds(call: Callable[[], object], per_block: int) -> float:
 
 
 def timing_rows(batches: list[int], repeats: int) -> list[dict]:
-    """Float, analog, reference and before forwards timed in interleaved rounds of blocks
-    of about equal duration (so that load from elsewhere on the machine hits all alike);
-    the fastest block of each is reported, the figure least disturbed by other work on a
-    shared machine."""
+    """Float, analog and reference forwards timed in interleaved rounds of blocks of about
+    equal duration (so that load from elsewhere on the machine hits all alike), then the
+    old forward on its own; the fastest block of each is reported, the figure least
+    disturbed by other work on a shared machine."""
     weight, _ = layer()
     streams = StepStreams()
     matmul = engine(weight, "rescaled", 86_400.0, True, chip=0, streams=streams)
@@ -148,13 +149,14 @@ def timing_rows(batches: list[int], repeats: int) -> list[dict]:
             "float": lambda x=x: F.linear(x, weight),
             "analog": served,
             "reference": reference,
-            "before": lambda x=x: before(x),
         }
         timings: dict[str, list[float]] = {name: [] for name in calls}
         with torch.inference_mode():
             # The warm-up round sizes each forward's block to about BLOCK_SECONDS, so that
             # every block is as likely to be interrupted by other work on the machine (a
             # slower forward in a longer block would be, and its fastest block would lose).
+            for call in calls.values():  # first calls build caches (the noise table, ...)
+                block_seconds(call, 5)
             per_block = {
                 name: max(1, round(BLOCK_SECONDS / block_seconds(call, 20)))
                 for name, call in calls.items()
@@ -162,6 +164,9 @@ def timing_rows(batches: list[int], repeats: int) -> list[dict]:
             for _ in range(repeats):
                 for name, call in calls.items():
                     timings[name].append(block_seconds(call, per_block[name]))
+            # The old forward churns through megabytes per call; timed apart, so that it
+            # does not leave the others' blocks starting from cold caches.
+            timings["before"] = [block_seconds(lambda x=x: before(x), 3) for _ in range(5)]
         rows.append({"batch": batch} | {k: min(v) for k, v in timings.items()})
     return rows
 
