@@ -178,10 +178,11 @@ class RoutedRunner:
         check_batch(batch)
         state = self.model.init_state(batch)
         if self.streams is not None:
-            with self._lock:
-                first, self._next_stream = self._next_stream, self._next_stream + batch
+            with self._lock:  # ids count upwards, wrapping within int64
+                first = self._next_stream
+                self._next_stream = (first + batch) % (1 << 63)
             streams = torch.zeros(batch, 2, dtype=torch.int64)  # [B, 2] (stream, steps)
-            streams[:, 0] = torch.arange(first, first + batch, dtype=torch.int64)
+            streams[:, 0] = torch.arange(batch, dtype=torch.int64).add_(first)
             state[NOISE_STREAM] = streams
         return state
 
