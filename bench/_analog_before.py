@@ -40,4 +40,4 @@ class RereadingMatmul:
 def rereading_runner(runner: AnalogIMCRunner) -> AnalogIMCRunner:
     """The same model and chip, every crossbar call re-reading its conductances."""
     engines = {name: RereadingMatmul(engine) for name, engine in runner.engines.items()}
-    return AnalogIMCRunner(runner.model, engines, runner.config)
+    return AnalogIMCRunner(runner.model, engines, runner.config, runner.streams)

@@ -5,8 +5,8 @@ and 64, times `runner.step` (the serving path, conversions included) on torch, o
 and analog_imc (default options: rescaled mapping, t = 0, drift compensation) in the same
 process, with the same thread count, their blocks interleaved (fastest of 5 kept).
 analog_imc is timed twice on the same chip: as served (conductances read once per chip and
-inference time, output noise per call) and as before (every call re-reading all
-conductances with fresh 1/f noise, `bench/_analog_before.py`).
+inference time, output noise per read from each sequence's stream) and as before (every
+call re-reading all conductances with fresh 1/f noise, `bench/_analog_before.py`).
 
     .venv/bin/python bench/backend_latency.py [--steps 200] [--threads 1] [--batches 1 64]
 """

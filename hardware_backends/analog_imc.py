@@ -10,14 +10,20 @@ embedding lookups stay digital.
 
 The chip is read once per inference time: drift and the accumulated 1/f read noise are one
 draw per (chip seed, t_inference, matrix), so every runner at that time multiplies with the
-same conductances, and a sequence's result does not depend on what else shares its batch.
-Only the output noise of the periphery is drawn per crossbar call, from the runner's seeded
-stream, so a runner replays the same numbers for the same calls.
+same conductances. Only the output noise of the periphery is drawn per crossbar read, and
+per sequence: each sequence carries a noise stream in its state (`noise_streams`), so its
+answers do not depend on what else shares its batch or in which order. `init_state` hands
+out fresh streams counting from a start fixed by (seed, t_inference), so a fresh runner
+replays the same numbers; a server seeds a session's stream from the session's id.
 
 The weight mapping (option ``weight_mapping``) is "rescaled" by default: each tile computes
 with its weights normalised to max |w| = 1 (aihwkit's ``weight_scaling_omega = 1``, not
 aihwkit's default); "raw" computes in the weights' own units as aihwkit does by default
-(``weight_scaling_omega = 0``), where output noise and the ADC weigh far more.
+(``weight_scaling_omega = 0``), where output noise and the ADC weigh far more. Rescaled is
+the default because it is how a chip is used well: a tile uses its whole conductance range
+and its ADC range for whatever the weights' scale (4x less error at a year on a 128x512
+layer, docs/BENCHMARKS.md). A runner names its mapping (`weight_mapping`), and answers
+carry it.
 
 Usage prices the crossbar MACs with the PCM chip's figure (`energy.ANALOG_PCM`) and the
 remaining digital work of the step with the FP32 figure.
@@ -45,6 +51,7 @@ from hardware_backends.crossbar import (
     program_crossbar,
 )
 from hardware_backends.energy import ANALOG_PCM
+from hardware_backends.noise_streams import KeyedNoise, StepStreams, stream_of
 from hardware_backends.pcm_model import PCMConfig
 from hardware_backends.routing import (
     RoutedRunner,
@@ -182,10 +189,25 @@ class AnalogIMCRunner(RoutedRunner):
     backend = "analog_imc"
 
     def __init__(
-        self, model: StatefulModel, engines: dict[str, AnalogMatmul], config: AnalogIMCConfig
+        self,
+        model: StatefulModel,
+        engines: dict[str, AnalogMatmul],
+        config: AnalogIMCConfig,
+        streams: StepStreams,
     ) -> None:
-        super().__init__(model, engines, ANALOG_PCM, noisy_engines=True)
+        first_stream = stream_of(f"analog_imc:{config.seed}:{config.t_inference!r}")
+        super().__init__(model, engines, ANALOG_PCM, True, streams, first_stream)
         self.config = config
+
+    @property
+    def weight_mapping(self) -> str:
+        """The units the tiles compute in: "rescaled" (default) or "raw"."""
+        return self.config.crossbar.weight_mapping
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Carried by every answer beside its usage (`base.runner_notes`)."""
+        return {"weight_mapping": self.weight_mapping}
 
 
 class AnalogIMCBackend:
@@ -197,6 +219,11 @@ class AnalogIMCBackend:
 
     def availability(self) -> str | None:
         return None  # a pure-torch simulation runs wherever torch does
+
+    @property
+    def defaults(self) -> dict[str, str]:
+        """What runs when the options leave it open (`base.backend_defaults`)."""
+        return {"weight_mapping": self.config.crossbar.weight_mapping}
 
     def prepare(
         self, model: StatefulModel, *, model_key: str, options: dict | None = None
@@ -221,8 +248,10 @@ def chip_runner(
     """`model` with each programmed weight read from `chip` at `config.t_inference`. The
     model is used as it is, not copied: the caller decides whether it is a snapshot (serving)
     or the live weights (chip-in-the-loop tuning)."""
-    # Output noise: one stream per runner. Read noise: one draw per (chip, t, matrix).
+    # Read noise: one draw per (chip, t, matrix). Output noise: per sequence and step from
+    # the keys the runner sets (`streams`); outside a step, from one stream per runner.
     output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
+    streams = StepStreams()
     engines = {
         name: AnalogMatmul(
             chip[name],
@@ -232,7 +261,8 @@ def chip_runner(
             config.drift_compensation,
             output_stream,
             read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
+            noise=KeyedNoise(streams, f"{config.seed}:{name}"),
         )
         for name in sorted(chip)
     }
-    return AnalogIMCRunner(model, engines, config)
+    return AnalogIMCRunner(model, engines, config, streams)

@@ -122,6 +122,18 @@ def parse_options(backend: str, schema: type[OptionsT], options: Mapping | None)
         ) from None
 
 
+def runner_notes(runner: object) -> dict[str, Any]:
+    """What a runner says about how it computes, for answers to carry beside their usage
+    (analog_imc: its weight mapping); {} from a runner that says nothing (`notes`)."""
+    return dict(getattr(runner, "notes", None) or {})
+
+
+def backend_defaults(backend: object) -> dict[str, Any]:
+    """What a backend does where the options leave it open (`defaults`), for model info;
+    {} from a backend that says nothing."""
+    return dict(getattr(backend, "defaults", None) or {})
+
+
 def check_batch(batch: int) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")

@@ -41,11 +41,13 @@ small when the weights have drifted (the noise floor does not drift), so it unde
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from hardware_backends.noise_streams import KeyedNoise
 from hardware_backends.pcm_model import (
     PCMConfig,
     ProgrammedDevices,
@@ -195,18 +197,19 @@ def _analog_pass(
     reduction: float,
     weights: Tensor,
     config: CrossbarConfig,
-    generator: torch.Generator,
+    noise: Tensor | None,
     overwrite_input: bool = False,
 ) -> tuple[Tensor, float, Tensor | None]:
     """DAC -> crossbar -> output noise -> ADC on the inputs x / reduction.
 
-    x [R, K, rows] (noise-managed), weights [K, out, rows] -> (y [R, K, out] clipped to
-    ±out_bound, in units of the returned float; which outputs clipped [R, K, out], or None
-    when none did). The same arithmetic as quantise-then-multiply, counted in DAC and ADC
-    steps so that each element is touched as few times as possible: W·(n·step) = step·(W·n)
-    for integer n. The input is divided exactly as the reference does (an input at the
-    bound halved lands on a rounding tie, so the order of operations matters); with
-    `overwrite_input` x itself is turned into DAC steps.
+    x [R, K, rows] (noise-managed), weights [K, out, rows], noise [R, K·out] standard
+    normals (or None: none drawn) -> (y [R, K, out] clipped to ±out_bound, in units of the
+    returned float; which outputs clipped [R, K, out], or None when none did). The same
+    arithmetic as quantise-then-multiply, counted in DAC and ADC steps so that each element
+    is touched as few times as possible: W·(n·step) = step·(W·n) for integer n. The input
+    is divided exactly as the reference does (an input at the bound halved lands on a
+    rounding tie, so the order of operations matters); with `overwrite_input` x itself is
+    turned into DAC steps.
     """
     if reduction != 1.0:
         x, overwrite_input = x / reduction, True
@@ -223,9 +226,8 @@ def _analog_pass(
         y = (x_dac[:, 0] @ weights[0].T).unsqueeze(1)  # [R, 1, out], in units of `unit`
     else:
         y = torch.bmm(x_dac.transpose(0, 1), weights.transpose(1, 2)).transpose(0, 1)
-    if config.out_noise > 0:
-        noise = torch.randn(y.shape, generator=generator, dtype=y.dtype)  # [R, K, out]
-        y = y.add_(noise, alpha=config.out_noise / unit)
+    if config.out_noise > 0 and noise is not None:
+        y = y.add_(noise.view_as(y), alpha=config.out_noise / unit)
     adc_step = config.out_res * 2.0 * config.out_bound
     if adc_step > 0:
         y = y.mul_(unit / adc_step).round_()  # ADC steps
@@ -237,6 +239,29 @@ def _analog_pass(
         clipped = y.abs() > bound  # [R, K, out]
         y = y.clamp_(-bound, bound)
     return y, unit, clipped
+
+
+# Output noise for pass `pass_` (0: the first, then each bound-management rerun) of the rows
+# `rows` (None: all): standard normals [P, K·out], or None when the periphery has none.
+NoiseDraw = Callable[[int, "Tensor | None"], "Tensor | None"]
+
+
+def _no_noise(pass_: int, rows: Tensor | None) -> None:
+    return None
+
+
+def generator_noise(
+    generator: torch.Generator, shape: tuple[int, int, int], config: CrossbarConfig
+) -> NoiseDraw:
+    """Draws for a read of `shape` [R, K, out] from one sequential stream."""
+
+    def draw(pass_: int, rows: Tensor | None) -> Tensor | None:
+        if config.out_noise <= 0:
+            return None
+        count = shape[0] if rows is None else rows.numel()
+        return torch.randn((count, shape[1] * shape[2]), generator=generator)
+
+    return draw
 
 
 def _largest_input_reduction(config: CrossbarConfig) -> float:
@@ -253,12 +278,16 @@ def tile_mvm(
     layout: TileLayout,
     config: CrossbarConfig,
     generator: torch.Generator,
+    noise: NoiseDraw | None = None,
 ) -> Tensor:
     """Per-tile analog products with noise and bound management, in the units of x.
 
     x [R, K, rows] (inputs split over row tiles), weights [K, out, rows] (in analog units)
     -> [R, K, out]: each row tile's partial product, before the digital weight scale.
+    Output noise comes from `noise`, or else from `generator` in call order.
     """
+    if noise is None:
+        noise = generator_noise(generator, (x.shape[0], *weights.shape[:2]), config)
     if config.noise_management == "abs_max":
         nm = x.abs().amax(dim=-1, keepdim=True)  # [R, K, 1]
         nm = torch.where(nm > 0, nm, torch.ones_like(nm))
@@ -267,26 +296,43 @@ def tile_mvm(
 
     # The first pass may overwrite its managed input: it is rebuilt if bound management
     # needs it again.
-    y, unit, clipped = _analog_pass(x / nm, 1.0, weights, config, generator, True)
+    y, unit, clipped = _analog_pass(x / nm, 1.0, weights, config, noise(0, None), True)
     if config.bound_management == "none" or clipped is None:
         return y.mul_(nm * unit)
+    result = manage_bounds(y.mul_(unit), clipped, x / nm, weights, layout, config, noise)
+    return result.mul_(nm)
 
-    # Iterative bound management (aihwkit): the inputs of a tile whose ADC clipped are
-    # halved and run again, until they fit or would sink below max_bm_res DAC steps. Only
-    # the rows with a pending tile are run again, as the chip reruns only those vectors.
+
+def manage_bounds(
+    result: Tensor,
+    clipped: Tensor,
+    x_managed: Tensor,
+    weights: Tensor,
+    layout: TileLayout,
+    config: CrossbarConfig,
+    noise: NoiseDraw,
+) -> Tensor:
+    """Iterative bound management (aihwkit) after a first pass that clipped.
+
+    result [R, K, out]: the first pass in the units of the managed input x_managed
+    [R, K, rows], overwritten in place where a rerun is accepted; clipped [R, K, out]. The
+    inputs of a tile whose ADC clipped are halved and run again, until they fit or would
+    sink below max_bm_res DAC steps. Only the rows with a pending tile are run again, as
+    the chip reruns only those vectors.
+    """
     give_up_above = _largest_input_reduction(config)
-    result = y.mul_(unit)  # [R, K, out]; the clipped tiles are replaced below
     if give_up_above < 1.0:  # not even one halving allowed: keep the clipped outputs
-        return result.mul_(nm)
-    x_managed = x / nm  # [R, K, rows]
+        return result
     pending = layout.tile_any(clipped)  # [R, K, col_tiles]
-    reduction = 1.0
+    reduction, pass_ = 1.0, 0
     while True:
         rows = pending.flatten(1).any(dim=1).nonzero().squeeze(1)  # [P] rows still pending
         if rows.numel() == 0:
-            return result.mul_(nm)
-        reduction *= 2.0
-        y, unit, clipped = _analog_pass(x_managed[rows], reduction, weights, config, generator)
+            return result
+        reduction, pass_ = reduction * 2.0, pass_ + 1
+        y, unit, clipped = _analog_pass(
+            x_managed[rows], reduction, weights, config, noise(pass_, rows)
+        )
         waiting = pending[rows]  # [P, K, col_tiles]
         if reduction > give_up_above or clipped is None:
             accept = waiting
@@ -417,15 +463,55 @@ def probe_readout(
     return mean_abs.clamp(min=1e-4)
 
 
+SCRATCH_SIZES = 4  # batch sizes whose scratch buffers a matmul keeps
+EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
+
+
+def exact_sum_grid(weights: Tensor, rows: int, levels: float) -> Tensor:
+    """`weights` [K, rows, out] (ADC steps per DAC step) rounded onto a grid of a power of
+    two, fine enough to lose nothing the device would notice and coarse enough that every
+    sum of `rows` products with integer DAC steps (|n| <= levels) is exact in float32 --
+    or in float64 when float32 could only hold a grid coarser than 2^-8 of the largest
+    weight. Exact sums do not depend on the order a BLAS kernel adds them in, which differs
+    with the number of rows of a batch: a row's result is then the same alone or batched,
+    bit for bit. Returns contiguous float32 or float64 [K, rows, out].
+
+    The grid is at most 2^-9 of the largest weight for 512-row tiles with aihwkit's 7-bit
+    DAC (a rounding error of about 0.1% of g_max rms, an order of magnitude below the
+    programming noise)."""
+    largest = float(weights.abs().max())
+    if largest == 0:
+        return weights.contiguous()
+    top = math.ceil(math.log2(largest))  # |weight| <= 2^top
+    products = rows * math.ceil(levels)  # |sum| <= products · 2^top
+    dtype, mantissa = torch.float32, 24
+    bits = math.floor(math.log2(2.0**mantissa / products))
+    if bits < EXACT_GRID_MIN_BITS:
+        dtype, mantissa = torch.float64, 53
+        bits = min(30, math.floor(math.log2(2.0**mantissa / products)))
+    unit = 2.0 ** (top - bits)
+    return (weights.double() / unit).round_().mul_(unit).to(dtype).contiguous()
+
+
 class AnalogMatmul:
     """``F.linear`` on a programmed crossbar at a fixed time since programming.
 
     The chip is read at ``t_inference`` once, here: drift and the accumulated 1/f read noise
     belong to (chip, inference time), as in the device model, so every call multiplies with
-    the same conductances and a row's result never depends on the other rows of its batch
-    or on the calls before it, except through the output noise, which is drawn afresh per
-    call from ``generator``. The drift-compensation factor is measured once here too, as the
-    chip would after waking up. Counts the multiply-accumulates it executed in ``macs``.
+    the same conductances. Only the output noise is drawn per call: per sequence from
+    `noise` while a runner's step has set its sequences' keys (so a row's result never
+    depends on the other rows of its batch), else from ``generator`` in call order. The
+    drift-compensation factor is measured once here too, as the chip would after waking up.
+    Counts the multiply-accumulates it executed in ``macs``.
+
+    Everything a read needs is prepared here, so that a call is a few whole-batch tensor
+    operations: noise management, DAC, one matmul over all tiles (the tiles' weights in ADC
+    steps per DAC step, on the grid of exact sums, `exact_sum_grid`), output noise, ADC, one
+    clip check, the digital scale. Bound management, when an output clipped, reruns only the
+    rows concerned. Configurations without abs-max noise management, a DAC and an ADC take
+    the general path, `tile_mvm`, which is also the reference the fast path is tested
+    against. One caller at a time (a runner's lock): a call keeps no state between calls
+    but the MAC counter and the generator.
     """
 
     def __init__(
@@ -437,15 +523,21 @@ class AnalogMatmul:
         drift_compensation: bool,
         generator: torch.Generator,
         read_generator: torch.Generator | None = None,
+        noise: KeyedNoise | None = None,
     ) -> None:
         self.crossbar, self.config, self.pcm = crossbar, config, pcm
         self.t_inference = float(t_inference)
         self.generator = generator
+        self.noise = noise
         self.macs = 0
         layout = crossbar.layout
         read = read_weights(crossbar, self.t_inference, pcm, read_generator or generator)
         self.read_normalised = read  # [K, out, rows], the array as read at t_inference
         self.weights = analog_units(read, crossbar.scale, config)  # [K, out, rows]
+        self._tiles = layout.row_tiles
+        self._col_tiles = layout.col_tiles
+        self._macs_per_row = layout.in_features * layout.out_features
+        self._prepare_fast_path()  # puts self.weights on the grid of exact sums
         alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
         if drift_compensation:
             if crossbar.reference_readout is None:
@@ -455,6 +547,36 @@ class AnalogMatmul:
         self.alpha = alpha
         digital = digital_scale(crossbar.scale, config)  # [K, out]
         self.output_scale = digital * layout.per_column(alpha)  # [K, out]
+        if self.fast:
+            adc_step = config.out_res * 2.0 * config.out_bound
+            self._scale_per_step = self.output_scale * adc_step  # [K, out]
+            self._scale_one_tile = self._scale_per_step[0]  # [out]
+
+    def _prepare_fast_path(self) -> None:
+        config = self.config
+        dac_step = config.inp_res * 2.0 * config.inp_bound
+        adc_step = config.out_res * 2.0 * config.out_bound
+        self.fast = config.noise_management == "abs_max" and dac_step > 0 and adc_step > 0
+        if not self.fast:
+            return
+        # Scalars as 0-dim tensors: an in-place op with a Python float wraps it anew per call.
+        self._dac_step = torch.tensor(dac_step)
+        self._dac_levels = config.inp_bound / dac_step
+        # |x / abs-max| <= 1 never needs the DAC clip when the range reaches 1.
+        self._dac_clips = config.inp_bound < 1.0
+        self._adc_bound = config.out_bound / adc_step  # the ADC's range in ADC steps
+        self._noise_in_steps = config.out_noise / adc_step
+        # [K, rows, out]: one DAC step of input times a weight, in ADC steps, on the grid of
+        # exact sums; every path computes with these weights (the reference, the probes).
+        in_steps = (self.weights * (dac_step / adc_step)).transpose(1, 2)
+        self._weights_in_steps = exact_sum_grid(
+            in_steps, self.crossbar.layout.rows, self._dac_levels
+        )
+        self.weights = (self._weights_in_steps.double() * (adc_step / dac_step)).float()
+        self.weights = self.weights.transpose(1, 2).contiguous()  # [K, out, rows]
+        self._weights_one_tile = self._weights_in_steps[0]  # [in, out]
+        self._one = torch.ones(1, 1)
+        self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # batch size -> scratch
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         layout = self.crossbar.layout
@@ -462,16 +584,159 @@ class AnalogMatmul:
             raise ValueError(
                 f"crossbar expects {layout.in_features} input features, got {x.shape[-1]}"
             )
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, layout.in_features).float()  # [R, in]
-        partial = tile_mvm(
-            layout.split_inputs(rows), self.weights, layout, self.config, self.generator
-        )  # [R, K, out]
-        if layout.row_tiles == 1:
-            y = partial[:, 0] * self.output_scale[0]  # [R, out]
+        plain = x.dim() == 2 and x.dtype == torch.float32
+        rows = x if plain else x.reshape(-1, layout.in_features).float()  # [R, in]
+        self.macs += rows.shape[0] * self._macs_per_row
+        noise = self._noise_draw(rows.shape[0])
+        if not self.fast:
+            y = self.reference_forward(rows, noise)
+        elif self._tiles == 1:
+            y = self._forward_one_tile(rows, noise)  # [R, out]
         else:
-            y = (partial * self.output_scale).sum(dim=1)  # [R, out], digital sum over row tiles
-        self.macs += rows.shape[0] * layout.in_features * layout.out_features
+            y = self._forward_tiles(rows, noise)
         if bias is not None:
             y = y + bias
-        return y.to(x.dtype).view(*lead, layout.out_features)
+        if plain:
+            return y
+        return y.to(x.dtype).view(*x.shape[:-1], layout.out_features)
+
+    def _noise_draw(self, rows: int) -> NoiseDraw:
+        """This call's output noise: keyed per sequence inside a step, else the generator."""
+        layout = self.crossbar.layout
+        shape = (rows, self._tiles, layout.out_features)
+        if self.noise is None or not self.noise.active:
+            return generator_noise(self.generator, shape, self.config)
+        if self.config.out_noise <= 0:
+            return _no_noise
+        keyed, call, length = self.noise, self.noise.next_call(), self._tiles * layout.out_features
+
+        def draw(pass_: int, selected: Tensor | None) -> Tensor:
+            drawn = keyed.draw(rows, length, call, pass_)  # [R, K·out], or [K·out] if R = 1
+            return drawn if selected is None else drawn.view(rows, length)[selected]
+
+        return draw
+
+    def reference_forward(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
+        """The general path: `tile_mvm` per tile, then the digital scale and tile sum."""
+        layout = self.crossbar.layout
+        partial = tile_mvm(
+            layout.split_inputs(rows), self.weights, layout, self.config, self.generator, noise
+        )  # [R, K, out]
+        if layout.row_tiles == 1:
+            return partial[:, 0] * self.output_scale[0]  # [R, out]
+        return (partial * self.output_scale).sum(dim=1)  # [R, out], digital sum over row tiles
+
+    def _managed(self, amax: Tensor) -> Tensor:
+        """The noise-management divisor: the abs-max, or 1 for an all-zero input."""
+        return torch.where(amax > 0, amax, self._one)
+
+    def _forward_one_tile(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
+        """rows [R, in] on one row tile -> [R, out]: the arithmetic of `reference_forward`
+        in a few whole-batch operations."""
+        count = rows.shape[0]
+        weights = self._weights_one_tile  # [in, out]
+        x_dac, y = self._scratch(count)  # [R, in], [R, out] reused between calls, or None
+        if count == 1:  # one row: a whole-tensor max and a Python test are cheaper
+            amax = torch.linalg.vector_norm(rows, math.inf)  # [], the same value as the row's
+            nm = amax if float(amax) > 0 else self._one
+        else:
+            amax = torch.abs(rows, out=x_dac).amax(dim=1, keepdim=True)  # [R, 1]
+            nm = self._managed(amax)
+        x_dac = torch.div(rows, nm, out=x_dac).div_(self._dac_step).round_()  # DAC steps
+        if self._dac_clips:
+            x_dac.clamp_(-self._dac_levels, self._dac_levels)
+        drawn = noise(0, None)  # [R, out] standard normals ([out] for one row), or None
+        y = torch.mm(x_dac.to(weights.dtype), weights, out=y)  # [R, out], exact
+        if drawn is not None:
+            y = y.add_(drawn, alpha=self._noise_in_steps)
+        y = y.round_().float()  # [R, out], ADC steps
+        low, high = torch.aminmax(y)
+        if float(high) > self._adc_bound or float(low) < -self._adc_bound:
+            if self._col_tiles == 1:
+                y = self._rerun_one_tile(y, rows / nm, noise)
+            else:
+                y = self._manage_bounds(y.unsqueeze(1), (rows / nm).unsqueeze(1), noise)[:, 0]
+        return torch.mul(y.mul_(nm), self._scale_one_tile)  # a fresh [R, out] for the caller
+
+    def _scratch(self, count: int) -> tuple[Tensor | None, Tensor | None]:
+        """Buffers for a read of `count` rows, [R, in] float32 and [R, out] in the weights'
+        dtype, reused between calls of the same size (a fresh 0.5 MiB tensor per call costs
+        more than the arithmetic on it); (None, None) for one row (nothing large to reuse)."""
+        if count == 1:
+            return None, None
+        buffers = self._buffers.get(count)
+        if buffers is None:
+            layout, dtype = self.crossbar.layout, self._weights_one_tile.dtype
+            buffers = (
+                torch.empty(count, layout.in_features),
+                torch.empty(count, layout.out_features, dtype=dtype),
+            )
+            if len(self._buffers) >= SCRATCH_SIZES:
+                self._buffers.pop(next(iter(self._buffers)))
+            self._buffers[count] = buffers
+        return buffers
+
+    def _rerun_one_tile(self, y: Tensor, x_managed: Tensor, noise: NoiseDraw) -> Tensor:
+        """`manage_bounds` for a matrix on one tile: y [R, out] (ADC steps) of a first pass
+        that clipped, x_managed [R, in]. Rows that clipped run again with their input halved
+        until they fit or would sink below max_bm_res DAC steps. Returns ADC steps [R, out]
+        (a rerun's outputs times its input reduction)."""
+        bound = self._adc_bound
+        pending = (y.abs() > bound).any(dim=1)  # [R]
+        y = y.clamp_(-bound, bound)
+        give_up_above = _largest_input_reduction(self.config)
+        if self.config.bound_management == "none" or give_up_above < 1.0:
+            return y
+        reduction, pass_ = 1.0, 0
+        while True:
+            rows = pending.nonzero().squeeze(1)  # [P]
+            if rows.numel() == 0:
+                return y
+            reduction, pass_ = reduction * 2.0, pass_ + 1
+            x_dac = (x_managed[rows] / reduction).div_(self._dac_step).round_()  # [P, in]
+            if self._dac_clips:
+                x_dac.clamp_(-self._dac_levels, self._dac_levels)
+            drawn = noise(pass_, rows)  # [P, out]
+            rerun = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)
+            if drawn is not None:
+                rerun = rerun.add_(drawn, alpha=self._noise_in_steps)
+            rerun = rerun.round_().float()  # [P, out], ADC steps
+            if reduction > give_up_above:
+                accept = torch.ones_like(rows, dtype=torch.bool)  # give up: keep it clipped
+            else:
+                accept = ~(rerun.abs() > bound).any(dim=1)  # [P]
+            accepted = rows[accept]
+            y[accepted] = rerun[accept].clamp_(-bound, bound).mul_(reduction)
+            pending[accepted] = False
+
+    def _forward_tiles(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
+        """rows [R, in] over K row tiles -> [R, out]: one batched matmul for all tiles."""
+        x = self.crossbar.layout.split_inputs(rows)  # [R, K, rows]
+        nm = self._managed(x.abs().amax(dim=2, keepdim=True))  # [R, K, 1]
+        x_dac = (x / nm).div_(self._dac_step).round_()  # [R, K, rows], DAC steps
+        if self._dac_clips:
+            x_dac.clamp_(-self._dac_levels, self._dac_levels)
+        weights = self._weights_in_steps  # [K, rows, out]
+        y = torch.bmm(x_dac.transpose(0, 1).to(weights.dtype), weights).transpose(0, 1)  # exact
+        drawn = noise(0, None)  # [R, K·out]
+        if drawn is not None:
+            y = y.add_(drawn.view_as(y), alpha=self._noise_in_steps)
+        y = y.round_().float()  # [R, K, out], ADC steps
+        low, high = torch.aminmax(y)
+        if float(high) > self._adc_bound or float(low) < -self._adc_bound:
+            y = self._manage_bounds(y, x / nm, noise)
+        return (y.mul_(nm) * self._scale_per_step).sum(dim=1)  # [R, out], digital tile sum
+
+    def _manage_bounds(self, y: Tensor, x_managed: Tensor, noise: NoiseDraw) -> Tensor:
+        """A first pass in ADC steps [R, K, out] that clipped: clip it, and with iterative
+        bound management rerun the clipped tiles' rows. Returns ADC steps [R, K, out]."""
+        clipped = y.abs() > self._adc_bound  # [R, K, out]
+        y = y.clamp_(-self._adc_bound, self._adc_bound)
+        if self.config.bound_management == "none":
+            return y
+        adc_step = self.config.out_res * 2.0 * self.config.out_bound
+        layout = self.crossbar.layout
+        units = manage_bounds(
+            y.mul_(adc_step), clipped, x_managed, self.weights, layout, self.config, noise
+        )  # [R, K, out] in the units of x_managed
+        return units.div_(adc_step)

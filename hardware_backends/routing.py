@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from hardware_backends.base import State, Usage, check_batch, run_by_steps
 from hardware_backends.energy import DIGITAL_FP32, EnergyModel, usage_of_steps
+from hardware_backends.noise_streams import NOISE_STREAM, StepStreams
 
 if TYPE_CHECKING:
     from models.base import StatefulModel
@@ -137,9 +138,13 @@ class RoutedRunner:
     Shared by the analog and stochastic backends; `engine_energy` prices the engines' work.
     Engines that draw fresh noise on every call (`noisy_engines`) run a sequence step by
     step, so that a step sees the same noise whether it comes alone, in a chunk or in a
-    whole sequence: the draws follow the runner's stream in step order. Deterministic
-    engines use the model's (parallel) `forward`. Calls are serialised by a lock: engines
-    keep counters and a random stream.
+    whole sequence. With `streams`, each sequence carries its own noise stream in its state
+    (`noise_streams.NOISE_STREAM`: stream id, steps taken), the engines draw every row's
+    noise from its sequence's key, and a sequence's result does not depend on the other
+    sequences of its batch. `init_state` hands out fresh stream ids, counting from
+    `first_stream` (a caller that wants a given stream, a session say, sets it with
+    `noise_streams.seed_streams`). Calls are serialised by a lock: engines keep counters and
+    a random stream.
     """
 
     backend = "routed"
@@ -151,30 +156,67 @@ class RoutedRunner:
         engines: dict[str, MatmulEngine],
         engine_energy: EnergyModel,
         noisy_engines: bool,
+        streams: StepStreams | None = None,
+        first_stream: int = 0,
     ) -> None:
         self.model = model
         self.engines = engines
         self.engine_energy = engine_energy
         self.op_counts = model.macs_per_step()
         # Spiking models report their activity only from step_with_activity.
-        self.by_steps = noisy_engines or "synaptic_ops_max" in self.op_counts
+        self.by_steps = noisy_engines or streams is not None or "synaptic_ops_max" in self.op_counts
         parameters = dict(model.named_parameters())
         self._router = LinearRouter({id(parameters[name]): e for name, e in engines.items()})
         self._lock = threading.Lock()
+        self.streams = streams
+        self._next_stream = first_stream
 
     def _engine_macs(self) -> int:
         return sum(engine.macs for engine in self.engines.values())
 
     def init_state(self, batch: int) -> State:
         check_batch(batch)
-        return self.model.init_state(batch)
+        state = self.model.init_state(batch)
+        if self.streams is not None:
+            with self._lock:  # ids count upwards, wrapping within int64
+                first = self._next_stream
+                self._next_stream = (first + batch) % (1 << 63)
+            streams = torch.zeros(batch, 2, dtype=torch.int64)  # [B, 2] (stream, steps)
+            streams[:, 0] = torch.arange(batch, dtype=torch.int64).add_(first)
+            state[NOISE_STREAM] = streams
+        return state
+
+    def _split_streams(self, state: State, batch: int) -> tuple[State, Tensor | None]:
+        """The model's part of `state` and the noise streams [B, 2] (None without streams)."""
+        if self.streams is None:
+            return state, None
+        streams = state.get(NOISE_STREAM)
+        if (
+            not isinstance(streams, Tensor)
+            or streams.dtype != torch.int64
+            or list(streams.shape) != [batch, 2]
+        ):
+            raise ValueError(
+                f"state needs {NOISE_STREAM!r}: int64 [{batch}, 2] (stream id, steps taken), "
+                f"as init_state makes it"
+            )
+        return {name: t for name, t in state.items() if name != NOISE_STREAM}, streams
 
     def step(self, x_t: Tensor, state: State) -> tuple[Tensor, State, Usage]:
         self.model.check_step_input(x_t)
+        state, streams = self._split_streams(state, x_t.shape[0])
         with self._lock, torch.inference_mode(), self._router:
-            before = self._engine_macs()
-            logits, new_state, activity = self.model.step_with_activity(x_t, state)  # [B, C]
-            engine_macs = self._engine_macs() - before
+            if streams is not None:
+                self.streams.begin(streams)  # type: ignore[union-attr]
+            try:
+                before = self._engine_macs()
+                logits, new_state, activity = self.model.step_with_activity(x_t, state)  # [B, C]
+                engine_macs = self._engine_macs() - before
+            finally:
+                if streams is not None:
+                    self.streams.end()  # type: ignore[union-attr]
+        if streams is not None:
+            new_state = {**new_state, NOISE_STREAM: streams + _ONE_STEP}
         usage = usage_with_engines(
             self.op_counts, x_t.shape[0], 1, activity, engine_macs, self.engine_energy
         )
@@ -199,6 +241,9 @@ class RoutedRunner:
         """The reference path: `run` as repeated `step`."""
         self.model.check_sequence_input(x)
         return run_by_steps(self.step, self.init_state, x, state)
+
+
+_ONE_STEP = torch.tensor([0, 1], dtype=torch.int64)  # added to a stream entry per step
 
 
 def eval_snapshot(model: StatefulModel) -> StatefulModel:

@@ -37,7 +37,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from hardware_backends.base import Runner, State, Usage
+from hardware_backends.base import Runner, State, Usage, runner_notes
 
 logger = logging.getLogger("neuroserve.batching")
 
@@ -153,7 +153,7 @@ def run_chunks(
             logits = logits.unsqueeze(-2)  # [n, 1, C] or [S, n, 1, C]
         else:
             logits, new_state, usage = runner.run(x, stacked)  # [n, T, C] or [S, n, T, C]
-        share = usage_share(usage, 1, len(positions), len(chunks))
+        share = usage_share(usage, 1, len(positions), len(chunks)) | runner_notes(runner)
         pieces = zip(
             _split_logits(logits, len(positions)), split_state(new_state, rows), strict=True
         )

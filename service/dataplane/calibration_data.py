@@ -39,7 +39,7 @@ from models.repository import ModelCard, ModelRepository
 from models.training import ClassificationData, LanguageData, load_training_data
 from models.userdata import load_npz_dataset
 from service.dataplane.plane import runner_key
-from service.dataplane.predictions import calibration_inputs
+from service.dataplane.predictions import calibration_inputs, run_stateless
 
 LM_BUCKET_EDGES = (1, 2, 4, 8, 16, 1025)  # context lengths 1, 2-3, 4-7, 8-15, 16-1024
 LM_WINDOWS = 2000  # examples per context-length bucket (half fit the map, half score)
@@ -198,7 +198,7 @@ def readout_logits(step_logits: Tensor) -> Tensor:
 def stepwise_logits(runner: Runner, inputs: Tensor, batch_size: int = RUN_BATCH) -> Tensor:
     """The logits after every step, [N, T, C] float64, in batches of sequences."""
     parts = [
-        readout_logits(runner.run(inputs[i : i + batch_size])[0])
+        readout_logits(run_stateless(runner, inputs[i : i + batch_size])[0])
         for i in range(0, inputs.shape[0], batch_size)
     ]
     return torch.cat(parts)
@@ -254,7 +254,7 @@ def language_examples(
         length = int(longest[batch].max())
         position += len(batch)
         tokens = ids[torch.from_numpy(starts[batch])[:, None] + torch.arange(length + 1)]
-        logits = readout_logits(runner.run(tokens[:, :length])[0])  # [n, L, V]
+        logits = readout_logits(run_stateless(runner, tokens[:, :length])[0])  # [n, L, V]
         for k in range(len(buckets)):
             at = torch.from_numpy(lengths[k, batch])  # [n] context lengths
             rows = torch.arange(len(batch))

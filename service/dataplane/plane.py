@@ -44,8 +44,15 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from hardware_backends.base import BackendUnavailableError, Runner, UnknownBackendError, Usage
-from hardware_backends.registry import backend_statuses, prepare_runner
+from hardware_backends.base import (
+    BackendUnavailableError,
+    Runner,
+    UnknownBackendError,
+    Usage,
+    backend_defaults,
+    runner_notes,
+)
+from hardware_backends.registry import backend_statuses, get_backend, prepare_runner
 from models.repository import ModelCard, ModelNotFoundError, ModelRepository, check_model_name
 from service.batching import run_compute
 from service.dataplane.calibration_store import (
@@ -239,6 +246,7 @@ class DataPlane:
                 "reason": status.reason,
                 "calibrated": False,
                 "calibration": None,
+                "defaults": backend_defaults(get_backend(name)) if status.reason is None else {},
             }
             try:
                 stored = self.calibrations.get(card.name, card.version, name)
@@ -391,6 +399,7 @@ class DataPlane:
             "steps": int(sum(positions)),
             "compute_seconds": time.perf_counter() - started,
             **total.to_dict(),
+            **runner_notes(runner),
         }
         return ModelRun(card, logits, positions, usage, warnings)
 

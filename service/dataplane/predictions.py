@@ -26,6 +26,7 @@ from calibration import SCORE_NAMES
 from calibration.checks import check_alpha
 from calibration.maps import CalibrationMap
 from hardware_backends.base import Runner, Usage
+from hardware_backends.noise_streams import NOISE_STREAM, seed_streams_from_inputs
 from models.base import StatefulModel
 from models.repository import ModelCard
 from service.errors import BadInputError, value_errors_as
@@ -188,9 +189,21 @@ def last_step_logits(model: StatefulModel, x: Tensor) -> Tensor:
     return logits[:, -1]  # [N, C]
 
 
+def run_stateless(runner: Runner, x: Tensor) -> tuple[Tensor, Usage]:
+    """A backend run of whole sequences from a fresh state: logits [N, T, C] (or [S, N, T, C]).
+    A backend with per-sequence noise streams draws each row's noise from its own inputs,
+    so a sequence's answer does not depend on the sequences batched with it."""
+    state = runner.init_state(x.shape[0])
+    if NOISE_STREAM not in state:
+        logits, _, usage = runner.run(x)  # what the runner does for a fresh state
+        return logits, usage
+    logits, _, usage = runner.run(x, seed_streams_from_inputs(state, x))
+    return logits, usage
+
+
 def run_last_step(runner: Runner, x: Tensor) -> tuple[Tensor, Usage]:
     """Last-step logits of a backend run: [N, C], or [S, N, C] from a sampling backend."""
-    logits, _, usage = runner.run(x)  # [N, T, C] or [S, N, T, C]
+    logits, usage = run_stateless(runner, x)  # [N, T, C] or [S, N, T, C]
     return logits[..., -1, :], usage
 
 

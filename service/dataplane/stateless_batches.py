@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hardware_backends.base import Runner
+from hardware_backends.base import Runner, runner_notes
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
 from service.batching import MicroBatcher, run_compute, usage_share
@@ -106,6 +106,7 @@ class FeatureBatches:
                 "steps": n * length,
                 "compute_seconds": seconds,
                 **usage_share(usage, n, total, total),
+                **runner_notes(jobs[0].runner),
             }
             for n in rows
         ]

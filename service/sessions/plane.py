@@ -50,6 +50,7 @@ from torch import Tensor
 
 from calibration import SCORE_NAMES
 from calibration.checks import check_alpha
+from hardware_backends.noise_streams import seed_streams, stream_of
 from models.repository import ModelNotFoundError
 from service import metrics
 from service.batching import MicroBatcher, run_compute
@@ -260,15 +261,18 @@ class SessionManager:
                 backend_options=options,
             )
             metadata["early_decision"] = {"max_set_size": size}
+        key = store_key(session_id, owner)
+        # A backend with per-sequence noise streams draws this session's noise from its own
+        # stream, so its answers never depend on the sessions batched with its steps.
+        initial = seed_streams(group.runner.init_state(1), [stream_of(key)])
         record = StateRecord.new(
-            group.runner.init_state(1),
+            initial,
             model=card.name,
             version=card.version,
             backend=backend,
             metadata=metadata,
             now=now,
         )
-        key = store_key(session_id, owner)
         try:
             async with self._store_op("create", expected=(StateExistsError,)):
                 await self.store.create(key, record, ttl)

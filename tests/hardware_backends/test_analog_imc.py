@@ -9,6 +9,7 @@ from hardware_backends.analog_imc import AnalogIMCBackend, AnalogIMCConfig
 from hardware_backends.base import Runner
 from hardware_backends.crossbar import CrossbarConfig
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32
+from hardware_backends.noise_streams import NOISE_STREAM, seed_streams, stream_of
 from hardware_backends.pcm_model import PCMConfig
 from hardware_backends.routing import find_linear_weights
 from models.lru import LRUConfig, LRUModel
@@ -254,3 +255,25 @@ def test_raw_mapping_puts_output_noise_in_weight_units() -> None:
         runner = AnalogIMCBackend().prepare(model, model_key="lru/1", options=options)
         errors[mapping] = _relative_error(runner, model, x)
     assert errors["raw"] > 2.0 * errors["rescaled"]
+
+
+def test_a_sequence_gets_the_same_answers_alone_or_in_any_batch() -> None:
+    # Full periphery: each sequence's output noise follows its own stream and steps, so a
+    # sequence stepped alone gives what it gives inside a batch, wherever it sits there.
+    model, backend = _lru(), AnalogIMCBackend()
+    x = _digits_like(batch=5, steps=4)
+    streams = [stream_of(f"session-{i}") for i in range(5)]
+    runner = backend.prepare(model, model_key="lru/1")
+    batched, batch_state, _ = runner.run(x, seed_streams(runner.init_state(5), streams))
+    for i in (0, 3):
+        alone_runner = backend.prepare(model, model_key="lru/1")
+        state = seed_streams(alone_runner.init_state(1), [streams[i]])
+        alone, alone_state, _ = alone_runner.run(x[i : i + 1], state)
+        assert torch.equal(alone, batched[i : i + 1])
+        for name in alone_state:
+            assert torch.equal(alone_state[name], batch_state[name][i : i + 1]), name
+    assert batch_state[NOISE_STREAM][:, 1].tolist() == [4] * 5  # steps taken
+    order = [4, 2, 0, 1, 3]
+    reordered = seed_streams(runner.init_state(5), [streams[i] for i in order])
+    shuffled, _, _ = runner.run(x[order], reordered)
+    assert torch.equal(shuffled, batched[order])

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from hardware_backends.base import BackendUnavailableError, Runner, Usage
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32, joules_per_mac, usage_from_counts
+from hardware_backends.noise_streams import NOISE_STREAM
 from hardware_backends.onnx_export import CACHE_DIR_ENV
 from hardware_backends.registry import BackendRegistry
 from hardware_backends.torch_backend import TorchBackend
@@ -100,7 +101,11 @@ class TestRunnerContract:
         assert isinstance(runner.samples, int) and runner.samples >= 1
         state = runner.init_state(BATCH)
         model_state = model.init_state(BATCH)
-        assert list(state) == list(model_state)
+        # A runner may add one entry of its own: each sequence's noise stream.
+        assert [name for name in state if name != NOISE_STREAM] == list(model_state)
+        if NOISE_STREAM in state:
+            assert state[NOISE_STREAM].dtype == torch.int64
+            assert list(state[NOISE_STREAM].shape) == [BATCH, 2]
         for name, tensor in model_state.items():
             assert state[name].shape[1:] == tensor.shape[1:], name
             assert state[name].dtype == tensor.dtype, name

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 
 from hardware_backends.crossbar import (
     AnalogMatmul,
+    analog_units,
     CrossbarConfig,
     dense_weight,
+    exact_sum_grid,
+    generator_noise,
     layout_for,
     program_crossbar,
     quantize,
@@ -175,3 +178,93 @@ def test_bad_inputs_raise_clear_errors() -> None:
     matmul = _matmul(torch.ones(2, 3), CrossbarConfig())
     with pytest.raises(ValueError, match="3 input features"):
         matmul(torch.ones(4, 5))
+
+
+# ---- the fast forward against the general path --------------------------------------------
+
+
+FAST_CASES = {
+    "one tile": dict(),
+    "row tiles": dict(tile_rows=16),
+    "column tiles": dict(tile_cols=8),
+    "row and column tiles": dict(tile_rows=16, tile_cols=8),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAST_CASES))
+@pytest.mark.parametrize("bound_management", ["iterative", "none"])
+def test_fast_forward_equals_the_reference_loop_without_output_noise(
+    case: str, bound_management: str
+) -> None:
+    # A small output bound makes bound management rerun many rows (and tiles).
+    torch.manual_seed(11)
+    weight = torch.randn(21, 45)
+    cfg = CrossbarConfig(
+        **FAST_CASES[case], out_noise=0.0, out_bound=2.0, bound_management=bound_management
+    )
+    matmul = _matmul(weight, cfg, PCMConfig(), t=3600.0)
+    assert matmul.fast
+    x = torch.randn(64, 45) * torch.rand(64, 1) * 3
+    x[3] = 0.0  # an all-zero row: noise management divides by 1
+    layout = matmul.crossbar.layout
+    partial = reference_tile_mvm(layout.split_inputs(x), matmul.weights, layout, cfg)
+    slow = (partial * matmul.output_scale).sum(dim=1)  # [R, out]
+    assert bool((partial.abs() >= cfg.out_bound).any()), "some first pass must clip"
+    torch.testing.assert_close(matmul(x), slow, rtol=1e-5, atol=1e-5)
+    one_by_one = torch.cat([matmul(x[i : i + 1]) for i in range(x.shape[0])])
+    torch.testing.assert_close(one_by_one, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(FAST_CASES))
+def test_fast_forward_equals_the_general_path_with_the_same_noise(case: str) -> None:
+    # With output noise, the general path (tile_mvm) given the same draws computes the same.
+    torch.manual_seed(12)
+    weight = torch.randn(21, 45)
+    cfg = CrossbarConfig(**FAST_CASES[case])
+    matmul = _matmul(weight, cfg, PCMConfig(), t=86_400.0, compensate=True)
+    x = torch.randn(32, 45)
+    layout = matmul.crossbar.layout
+    shape = (32, layout.row_tiles, layout.out_features)
+    fast = matmul._forward_one_tile if layout.row_tiles == 1 else matmul._forward_tiles
+    y_fast = fast(x, generator_noise(_gen(5), shape, cfg))
+    y_general = matmul.reference_forward(x, generator_noise(_gen(5), shape, cfg))
+    # The two round the same sums in a different order: an output may land one ADC step
+    # apart where its exact value sits on a rounding boundary; nothing else may differ.
+    adc_step = cfg.out_res * 2.0 * cfg.out_bound
+    nm = x.abs().amax(dim=1, keepdim=True)  # one ADC step in output units, per row/column
+    one_step = adc_step * nm * matmul.output_scale.abs().amax(dim=0)
+    difference = (y_fast - y_general).abs()
+    assert bool((difference <= one_step * 1.001 + 1e-6).all())
+    assert float((difference > 1e-5).float().mean()) < 0.01
+    # The noise is there: other draws give other outputs.
+    other = fast(x, generator_noise(_gen(6), shape, cfg))
+    assert not torch.equal(other, y_fast)
+
+
+@pytest.mark.parametrize("tile_size", [512, 4096])  # float32 sums, and float64 ones
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(tile_size: int) -> None:
+    # BLAS sums a one-row product in another order than a batch's; on the grid of exact
+    # sums the order cannot matter, so no ADC step flips between the two.
+    torch.manual_seed(13)
+    weight = torch.randn(96, 700)
+    cfg = CrossbarConfig(tile_rows=tile_size, tile_cols=tile_size, out_noise=0.0)
+    matmul = _matmul(weight, cfg, PCMConfig(), t=3600.0)
+    x = torch.randn(48, 700)
+    batched = matmul(x)
+    alone = torch.cat([matmul(x[i : i + 1]) for i in range(48)])
+    assert torch.equal(alone, batched)
+    assert torch.equal(matmul(x.flip(0)), batched.flip(0))
+    # The grid is fine: the weights moved far less than the programming noise does.
+    unsnapped = analog_units(matmul.read_normalised, matmul.crossbar.scale, cfg)
+    moved = (matmul.weights - unsnapped).abs().max() / unsnapped.abs().max()
+    assert float(moved) <= 2.0**-8
+
+
+def test_exact_sum_grid_holds_every_sum_exactly() -> None:
+    weights = torch.randn(1, 512, 64, generator=_gen(3)) * 0.37  # [K, rows, out]
+    grid = exact_sum_grid(weights, rows=512, levels=63.0)
+    assert grid.dtype == torch.float32
+    x = torch.randint(-63, 64, (256, 512), generator=_gen(4)).double()
+    exact = x @ grid[0].double()  # float64 holds these sums exactly
+    assert torch.equal((x.float() @ grid[0]).double(), exact)
+    assert exact_sum_grid(weights, rows=4096, levels=63.0).dtype == torch.float64

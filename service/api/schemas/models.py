@@ -113,6 +113,13 @@ class BackendInfo(BaseModel):
     calibrated: bool = Field(description="Whether this model version has its calibration.")
     calibration: BackendCalibration | None = None
     calibration_error: str | None = Field(None, description="A calibration file that is broken.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "What the backend does where the options leave it open, e.g. analog_imc's "
+            '{"weight_mapping": "rescaled"}.'
+        ),
+    )
 
 
 class ModelInfo(BaseModel):
@@ -295,6 +302,15 @@ class Usage(BaseModel):
     )
     dense_equivalent_energy_joules: float | None = Field(
         None, description="The same work counted as dense multiply-accumulates."
+    )
+    weight_mapping: Literal["rescaled", "raw"] | None = Field(
+        None,
+        description=(
+            "analog_imc: the units the crossbar tiles computed in. 'rescaled' (the default): "
+            "each tile's weights normalised to max |w| = 1, the scale applied digitally "
+            "(aihwkit weight_scaling_omega = 1); 'raw': the weights' own units (aihwkit's "
+            "default, omega = 0), where output noise and the ADC weigh more."
+        ),
     )
 
 

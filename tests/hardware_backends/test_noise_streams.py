@@ -1,0 +1,90 @@
+"""Per-sequence noise streams: the integer arithmetic twice (Python ints and int64 tensors)
+agrees bit for bit, a row's noise depends on its own sequence only, and it is standard normal."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hardware_backends.noise_streams import (
+    MAX_WINDOW,
+    WINDOW_PAD,
+    KeyedNoise,
+    StepStreams,
+    mix64,
+    mix64_tensor,
+    step_key,
+    step_keys,
+    stream_of,
+    window_offsets,
+    window_offsets_tensor,
+)
+
+_INT64 = (1 << 64) - 1
+
+
+def _as_unsigned(values: torch.Tensor) -> list[int]:
+    return [v & _INT64 for v in values.tolist()]
+
+
+def test_python_and_tensor_arithmetic_agree_bit_for_bit() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(-(2**63), 2**63 - 1, (500,), dtype=torch.int64, generator=generator)
+    assert _as_unsigned(mix64_tensor(values)) == [mix64(v) for v in _as_unsigned(values)]
+    streams = torch.stack([values, torch.arange(500, dtype=torch.int64) * 7919], dim=1)
+    keys = step_keys(streams)
+    assert keys.tolist() == [step_key(s, t) for s, t in streams.tolist()]
+    for length in (1, 128, WINDOW_PAD + 5, MAX_WINDOW):
+        for multiplier in (3, -(2**61) + 1):
+            first, second = window_offsets_tensor(keys, multiplier, length)
+            expected = [window_offsets(key, multiplier, length) for key in keys.tolist()]
+            assert list(zip(first.tolist(), second.tolist(), strict=True)) == expected
+
+
+def _draw(streams: StepStreams, entry: torch.Tensor, rows: int, call: int = 0) -> torch.Tensor:
+    streams.begin(entry)
+    try:
+        return KeyedNoise(streams, "layer").draw(rows, 128, call).reshape(rows, 128)
+    finally:
+        streams.end()
+
+
+def test_a_rows_noise_depends_on_its_own_stream_and_step_only() -> None:
+    streams = StepStreams()
+    entry = torch.tensor([[stream_of(f"session-{i}"), 3 + i] for i in range(6)])
+    batch = _draw(streams, entry, 6)
+    alone = torch.cat([_draw(streams, entry[i : i + 1], 1) for i in range(6)])
+    assert torch.equal(batch, alone)
+    reordered = _draw(streams, entry.flip(0), 6)
+    assert torch.equal(reordered, batch.flip(0))
+    # Several rows per sequence (positions) come in the sequence's order and differ.
+    two = _draw(streams, entry[:2], 4)
+    assert not torch.equal(two[0], two[1])
+    assert torch.equal(_draw(streams, entry[:1], 2), two[:2])
+    # Another step, another call of the same matrix: other numbers.
+    later = entry + torch.tensor([0, 1])
+    assert not torch.equal(_draw(streams, later, 6), batch)
+    assert not torch.equal(_draw(streams, entry, 6, call=1), batch)
+
+
+def test_keyed_noise_is_standard_normal_and_uncorrelated_between_reads() -> None:
+    streams = StepStreams()
+    reads = 2000
+    entry = torch.stack(
+        [torch.arange(reads, dtype=torch.int64), torch.zeros(reads, dtype=torch.int64)], dim=1
+    )
+    noise = _draw(streams, entry, reads)  # [reads, 128]
+    n = noise.numel()
+    # Windows may overlap (a pair of reads shares values with probability ~ 4·128 / 2^21),
+    # so the draws are close to, not exactly, independent: 6 standard errors of slack.
+    assert abs(float(noise.mean())) < 6.0 / math.sqrt(n)
+    assert abs(float(noise.var()) - 1.0) < 6.0 * math.sqrt(2.0 / n)
+    # Neighbouring sequences' reads are uncorrelated: correlation of row pairs ~ N(0, 1/128).
+    a, b = noise[0::2], noise[1::2]
+    correlation = ((a - a.mean(1, keepdim=True)) * (b - b.mean(1, keepdim=True))).mean(1)
+    correlation = correlation / (a.std(1) * b.std(1))
+    assert abs(float(correlation.mean())) < 6.0 / math.sqrt(128 * correlation.numel())
+    # Normal tails: the fraction beyond 3 sigma is 0.27%.
+    beyond = float((noise.abs() > 3.0).float().mean())
+    assert abs(beyond - 0.0027) < 6.0 * math.sqrt(0.0027 / n)
