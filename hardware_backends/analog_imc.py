@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import pydantic
+import torch
 from torch import Tensor
 
 from hardware_backends.base import BackendOptions, parse_options
@@ -215,24 +216,39 @@ class AnalogIMCBackend:
         return config_from_options(self.config, parse_options(self.name, AnalogIMCOptions, options))
 
 
+def output_stream(config: AnalogIMCConfig) -> torch.Generator:
+    """The chip's output-noise stream at its inference time (one per runner)."""
+    return derived_generator(config.seed, f"output:{config.t_inference!r}")
+
+
+def chip_engine(
+    name: str,
+    crossbar: ProgrammedCrossbar,
+    config: AnalogIMCConfig,
+    stream: torch.Generator,
+    probe_stream: torch.Generator | None = None,
+) -> AnalogMatmul:
+    """Matrix `name` of a chip read at `config.t_inference`: drift and read noise are one
+    draw per (chip, t, matrix); output noise draws from `stream`, and so does the drift
+    compensation's probe unless `probe_stream` is given."""
+    return AnalogMatmul(
+        crossbar,
+        config.crossbar,
+        config.pcm,
+        config.t_inference,
+        config.drift_compensation,
+        stream,
+        read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
+        probe_generator=probe_stream,
+    )
+
+
 def chip_runner(
     model: StatefulModel, chip: dict[str, ProgrammedCrossbar], config: AnalogIMCConfig
 ) -> AnalogIMCRunner:
     """`model` with each programmed weight read from `chip` at `config.t_inference`. The
     model is used as it is, not copied: the caller decides whether it is a snapshot (serving)
     or the live weights (chip-in-the-loop tuning)."""
-    # Output noise: one stream per runner. Read noise: one draw per (chip, t, matrix).
-    output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
-    engines = {
-        name: AnalogMatmul(
-            chip[name],
-            config.crossbar,
-            config.pcm,
-            config.t_inference,
-            config.drift_compensation,
-            output_stream,
-            read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
-        )
-        for name in sorted(chip)
-    }
+    stream = output_stream(config)
+    engines = {name: chip_engine(name, chip[name], config, stream) for name in sorted(chip)}
     return AnalogIMCRunner(model, engines, config)

@@ -425,7 +425,8 @@ class AnalogMatmul:
     the same conductances and a row's result never depends on the other rows of its batch
     or on the calls before it, except through the output noise, which is drawn afresh per
     call from ``generator``. The drift-compensation factor is measured once here too, as the
-    chip would after waking up. Counts the multiply-accumulates it executed in ``macs``.
+    chip would after waking up (its probe's output noise from ``probe_generator`` when given,
+    else from ``generator``). Counts the multiply-accumulates it executed in ``macs``.
     """
 
     def __init__(
@@ -437,6 +438,7 @@ class AnalogMatmul:
         drift_compensation: bool,
         generator: torch.Generator,
         read_generator: torch.Generator | None = None,
+        probe_generator: torch.Generator | None = None,
     ) -> None:
         self.crossbar, self.config, self.pcm = crossbar, config, pcm
         self.t_inference = float(t_inference)
@@ -450,7 +452,7 @@ class AnalogMatmul:
         if drift_compensation:
             if crossbar.reference_readout is None:
                 raise ValueError("drift compensation needs a crossbar programmed with a reference")
-            now = probe_readout(self.weights, layout, config, generator)
+            now = probe_readout(self.weights, layout, config, probe_generator or generator)
             alpha = crossbar.reference_readout / now
         self.alpha = alpha
         digital = digital_scale(crossbar.scale, config)  # [K, out]
