@@ -7,8 +7,10 @@ Each ZO step measures two losses (theta +- eps*z) on the analog backend. Two way
   call runs `AnalogIMCBackend.prepare` on one private backend instance with a fresh model
   key, which deep-copies the model into a snapshot and programs a chip into the backend's
   8-entry chip cache, where no later call can use it;
-- chip_in_the_loop: `service.finetuning.chip_loop.ChipInTheLoop`: the live weights programmed
-  onto one chip per call (both calls of a pair share the chip seed), nothing kept.
+- chip_in_the_loop: `service.finetuning.chip_loop.ChipInTheLoop`: the live weights on one
+  chip for the whole run; every parameter moves here, so every call rewrites every matrix,
+  one at a time (the old matrix is dropped before its replacement is written), and both
+  calls of a pair share the output-noise seed.
 
 Model: an LRU with random weights (default d_model 512, d_state 512, 4 layers: about 4.2M
 parameters), batch 8 sequences of 8 steps. Measured as bench/zo_memory.py does: each
@@ -61,7 +63,7 @@ def measure(method: str, steps: int, d_model: int, layers: int) -> dict[str, int
         if method == "prepare_per_call":
             runner = backend.prepare(model, model_key=f"zo/{calls[0]}", options={"seed": seed})
         else:
-            runner = loop.runner(chip_seed=seed)
+            runner = loop.runner(noise_seed=seed)
         logits, _, _ = runner.run(x)  # [B, T, C]
         return float(logits[:, -1].logsumexp(dim=-1).mean())
 
