@@ -21,8 +21,9 @@ it was programmed (the tensor's version counter moved). What is tuned decides th
 `run(inputs, noise_seed)` reseeds the output-noise stream first: the two halves of a
 perturbation pair get the same seed and so the same output-noise draws (common random
 numbers), and their difference measures the perturbation, not the noise. Without a seed
-the stream runs on, as a physical chip's periphery would. Memory stays the model plus one
-chip, whatever the number of steps (`bench/zo_chip_memory.py` measures it).
+the stream runs on, as a physical chip's periphery would. Objects held: the model and one
+chip, whatever the number of steps (`bench/zo_chip_memory.py` measures the RSS; when every
+matrix is rewritten on every call, glibc's allocator lets it creep: docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
