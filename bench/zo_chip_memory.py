@@ -19,6 +19,7 @@ resets the kernel's peak-RSS counter and reports VmHWM - VmRSS (extra resident m
 peak) and the resident growth after the last step. Linux only.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/zo_chip_memory.py [--steps 1 4 16] [--d-model 512]
+        [--methods prepare_per_call chip_in_the_loop] [--pin-mmap-threshold]
 
 Prints a markdown table in MiB.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -94,10 +96,15 @@ def measure(method: str, steps: int, d_model: int, layers: int) -> dict[str, int
     }
 
 
-def run_isolated(method: str, steps: int, d_model: int, layers: int) -> dict[str, int]:
+def run_isolated(
+    method: str, steps: int, d_model: int, layers: int, pin_mmap_threshold: bool = False
+) -> dict[str, int]:
     command = [sys.executable, __file__, "--measure", method, "--n", str(steps),
                "--d-model", str(d_model), "--layers", str(layers)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if pin_mmap_threshold:  # glibc's default: 128 KiB, raised by every larger block freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -106,6 +113,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--pin-mmap-threshold",
+        action="store_true",
+        help="children run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_)",
+    )
     parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,8 +129,8 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         cells = []
-        for method in METHODS:
-            result = run_isolated(method, steps, args.d_model, args.layers)
+        for method in args.methods:
+            result = run_isolated(method, steps, args.d_model, args.layers, args.pin_mmap_threshold)
             cells.append(f"{result['peak_bytes'] / mib:.1f} / {result['retained_bytes'] / mib:.1f}")
         rows.append(f"| {steps} | {2 * steps} | " + " | ".join(cells) + " |")
     print(
@@ -125,8 +138,8 @@ def main() -> None:
         f"d_model {args.d_model}, {args.layers} layers, {result['parameters']:,} parameters, "
         f"batch {BATCH}x{LENGTH})\n"
     )
-    print("| ZO steps | loss calls | " + " | ".join(METHODS) + " |")
-    print("|---|---|" + "---|" * len(METHODS))
+    print("| ZO steps | loss calls | " + " | ".join(args.methods) + " |")
+    print("|---|---|" + "---|" * len(args.methods))
     print("\n".join(rows), flush=True)
 
 
