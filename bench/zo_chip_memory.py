@@ -7,8 +7,10 @@ Each ZO step measures two losses (theta +- eps*z) on the analog backend. Two way
   call runs `AnalogIMCBackend.prepare` on one private backend instance with a fresh model
   key, which deep-copies the model into a snapshot and programs a chip into the backend's
   8-entry chip cache, where no later call can use it;
-- chip_in_the_loop: `service.finetuning.chip_loop.ChipInTheLoop`: the live weights programmed
-  onto one chip per call (both calls of a pair share the chip seed), nothing kept.
+- chip_in_the_loop: `service.finetuning.chip_loop.ChipInTheLoop`: the live weights on one
+  chip for the whole run; every parameter moves here, so every call rewrites every matrix,
+  one at a time (the old matrix is dropped before its replacement is written), and both
+  calls of a pair share the output-noise seed.
 
 Model: an LRU with random weights (default d_model 512, d_state 512, 4 layers: about 4.2M
 parameters), batch 8 sequences of 8 steps. Measured as bench/zo_memory.py does: each
@@ -17,6 +19,7 @@ resets the kernel's peak-RSS counter and reports VmHWM - VmRSS (extra resident m
 peak) and the resident growth after the last step. Linux only.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/zo_chip_memory.py [--steps 1 4 16] [--d-model 512]
+        [--methods prepare_per_call chip_in_the_loop] [--pin-mmap-threshold]
 
 Prints a markdown table in MiB.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -61,7 +65,7 @@ def measure(method: str, steps: int, d_model: int, layers: int) -> dict[str, int
         if method == "prepare_per_call":
             runner = backend.prepare(model, model_key=f"zo/{calls[0]}", options={"seed": seed})
         else:
-            runner = loop.runner(chip_seed=seed)
+            runner = loop.runner(noise_seed=seed)
         logits, _, _ = runner.run(x)  # [B, T, C]
         return float(logits[:, -1].logsumexp(dim=-1).mean())
 
@@ -92,10 +96,15 @@ def measure(method: str, steps: int, d_model: int, layers: int) -> dict[str, int
     }
 
 
-def run_isolated(method: str, steps: int, d_model: int, layers: int) -> dict[str, int]:
+def run_isolated(
+    method: str, steps: int, d_model: int, layers: int, pin_mmap_threshold: bool = False
+) -> dict[str, int]:
     command = [sys.executable, __file__, "--measure", method, "--n", str(steps),
                "--d-model", str(d_model), "--layers", str(layers)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if pin_mmap_threshold:  # glibc's default: 128 KiB, raised by every larger block freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -104,6 +113,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--pin-mmap-threshold",
+        action="store_true",
+        help="children run with glibc's mmap threshold fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_)",
+    )
     parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,8 +129,8 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         cells = []
-        for method in METHODS:
-            result = run_isolated(method, steps, args.d_model, args.layers)
+        for method in args.methods:
+            result = run_isolated(method, steps, args.d_model, args.layers, args.pin_mmap_threshold)
             cells.append(f"{result['peak_bytes'] / mib:.1f} / {result['retained_bytes'] / mib:.1f}")
         rows.append(f"| {steps} | {2 * steps} | " + " | ".join(cells) + " |")
     print(
@@ -123,8 +138,8 @@ def main() -> None:
         f"d_model {args.d_model}, {args.layers} layers, {result['parameters']:,} parameters, "
         f"batch {BATCH}x{LENGTH})\n"
     )
-    print("| ZO steps | loss calls | " + " | ".join(METHODS) + " |")
-    print("|---|---|" + "---|" * len(METHODS))
+    print("| ZO steps | loss calls | " + " | ".join(args.methods) + " |")
+    print("|---|---|" + "---|" * len(args.methods))
     print("\n".join(rows), flush=True)
 
 

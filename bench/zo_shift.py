@@ -3,7 +3,7 @@
 For each shift (inverted x -> 16 - x, translated by one pixel, gaussian noise) the job gets
 the same 600 shifted train images inline (the job cuts them into tune 240 / validation 120 /
 calibration 120 / test 120, as it would a user's upload) and the built-in `digits-lru` is
-tuned six ways, each in a fresh process (so each one's peak memory is its own):
+tuned eight ways, each in a fresh process (so each one's peak memory is its own):
 
 - "zo default":    the default `FinetuneSpec`: plain MeZO over all parameters (cosine rate
                    5e-4, one perturbation per step, 5000 steps, ε auto = 1e-3 on torch),
@@ -14,8 +14,16 @@ tuned six ways, each in a fresh process (so each one's peak memory is its own):
 - "adam backprop": Adam (lr 1e-3) on the default's parameters (all), same batch size and
                    steps, best validation checkpoint kept; "adam targets": the same on
                    `TARGETS`' parameters and steps (lr 1e-2);
-- "zo chip":       the default spec chip-in-the-loop on analog_imc (inverted only; fewer
-                   steps, each chip pass costs ~0.1 s), ε picked above the noise floor.
+- "zo input":      the chip defaults (`CHIP_DEFAULTS`) on torch: the digital reference of
+                   the chip rows;
+- "zo chip":       the default spec with `"backend": "analog_imc"` and nothing else:
+                   chip-in-the-loop with the chip defaults (`CHIP_DEFAULTS`: the input
+                   adapter, MeZO at 0.05, 2 perturbations x 1000 steps) on one programmed
+                   chip, ε picked above the measured noise floor; evaluated, like the job,
+                   on the deployed chip (analog_imc, seed 0) with the adapter merged;
+  "zo chip fresh": the same with `"common_noise": false`: every loss reading draws fresh
+                   output noise, as a physical chip's periphery would (no common random
+                   numbers within a perturbation pair).
 
 Reported on the held-out examples: accuracy on the job's test split (the job's own figure),
 and, after recalibration, ECE and conformal coverage / mean set size (alpha 0.1, APS) as
@@ -24,7 +32,7 @@ examples; training forward passes (batches), wall seconds, and the process's pea
 (and its growth during the method).
 
     OMP_NUM_THREADS=1 python bench/zo_shift.py [--shifts inverted translated gaussian_noise]
-        [--steps N] [--analog-steps 300] [--resplits 20] [--seed 0] [--json out.json]
+        [--steps N] [--analog-steps N] [--resplits 20] [--seed 0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from models.finetune import attach_targets, merge_targets
 from models.repository import ModelRepository, default_repository_root
 from service.finetuning.forward import BackendForward
 from service.finetuning.job import FinetuneData, load_finetune_data, run_finetune
-from service.finetuning.spec import FinetuneSpec, ProgressEvent
+from service.finetuning.spec import CHIP_DEFAULTS, FinetuneSpec, ProgressEvent
 
 MODEL_NAME = "digits-lru"
 SHIFTS = ("inverted", "translated", "gaussian_noise")
@@ -156,15 +164,16 @@ def run_method(method: str, shift: str, args: dict) -> dict:
                 spec = default
             elif method == "zo targets":
                 spec = FinetuneSpec(**{**common, **TARGETS})
-            else:  # zo chip
-                spec = FinetuneSpec(
-                    **{
-                        **common,
-                        "backend": "analog_imc",
-                        "steps": args["analog_steps"],
-                        "eval_every": max(1, args["analog_steps"] // 10),
-                    }
-                )
+            elif method == "zo input":  # the chip defaults on torch
+                digital = {k: v for k, v in common.items() if k != "steps"}
+                spec = FinetuneSpec(**{**CHIP_DEFAULTS, **digital})
+            else:  # zo chip: the analog_imc defaults (CHIP_DEFAULTS), not torch's step count
+                chip = {k: v for k, v in common.items() if k != "steps"}
+                if args["analog_steps"]:
+                    chip["steps"] = args["analog_steps"]
+                if method == "zo chip fresh":
+                    chip["common_noise"] = False
+                spec = FinetuneSpec(**chip, backend="analog_imc")
             result = run_finetune(spec, repository, progress=_progress(method, shift))
             model, backend = repository.load(MODEL_NAME, result.version).model, spec.backend
             extra = {
@@ -174,6 +183,7 @@ def run_method(method: str, shift: str, args: dict) -> dict:
                 "tuned_parameters": result.tuned_parameters,
                 "eps": result.eps,
                 "noise_floor": result.noise_floor,
+                "loss_noise": result.loss_noise,
                 "job_accuracy": (result.before.accuracy, result.after.accuracy),
             }
         wall = time.monotonic() - started
@@ -261,7 +271,7 @@ def table(rows: list[dict]) -> str:
         params = r.get("tuned_parameters", "–")
         method = r["method"] + (f", ε {r['eps']:g}" if r.get("eps") else "")
         if r.get("noise_floor"):
-            method += f" (floor {r['noise_floor']:.2g})"
+            method += f" (floor {r['noise_floor']:.2g}, loss SD {r['loss_noise']:.2g})"
         lines.append(
             f"| {r['shift']} | {method} | {params} | {steps} | {r['accuracy']:.3f} | "
             f"{r['ece'][0]:.3f} ± {r['ece'][1]:.3f} | {r['coverage'][0]:.3f} ± "
@@ -277,11 +287,20 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["base", "zo default", "zo targets", "adam backprop", "adam targets", "zo chip"],
+        default=[
+            "base",
+            "zo default",
+            "zo targets",
+            "adam backprop",
+            "adam targets",
+            "zo input",
+            "zo chip",
+            "zo chip fresh",
+        ],
     )
     parser.add_argument("--examples", type=int, default=600)
     parser.add_argument("--steps", type=int, default=0, help="0: the default spec's steps")
-    parser.add_argument("--analog-steps", type=int, default=300)
+    parser.add_argument("--analog-steps", type=int, default=0, help="0: the chip defaults'")
     parser.add_argument("--resplits", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -293,8 +312,6 @@ def main() -> None:
     rows = []
     for shift in args.shifts:
         for method in args.methods:
-            if method == "zo chip" and shift != "inverted":
-                continue
             with context.Pool(1) as pool:
                 row = pool.apply(run_method, (method, shift, options))
             rows.append(row)

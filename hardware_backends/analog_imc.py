@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import pydantic
+import torch
 from torch import Tensor
 
 from hardware_backends.base import BackendOptions, parse_options
@@ -242,6 +243,37 @@ class AnalogIMCBackend:
         return config_from_options(self.config, parse_options(self.name, AnalogIMCOptions, options))
 
 
+def output_stream(config: AnalogIMCConfig) -> torch.Generator:
+    """The chip's output-noise stream at its inference time (one per runner)."""
+    return derived_generator(config.seed, f"output:{config.t_inference!r}")
+
+
+def chip_engine(
+    name: str,
+    crossbar: ProgrammedCrossbar,
+    config: AnalogIMCConfig,
+    stream: torch.Generator,
+    probe_stream: torch.Generator | None = None,
+    *,
+    streams: StepStreams,
+) -> AnalogMatmul:
+    """Matrix `name` of a chip read at `config.t_inference`: drift and read noise are one
+    draw per (chip, t, matrix); output noise per sequence and step from the keys a runner
+    sets in `streams` (outside a step from `stream`, as the drift compensation's probe does
+    unless `probe_stream` is given)."""
+    return AnalogMatmul(
+        crossbar,
+        config.crossbar,
+        config.pcm,
+        config.t_inference,
+        config.drift_compensation,
+        stream,
+        read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
+        noise=KeyedNoise(streams, f"{config.seed}:{name}"),
+        probe_generator=probe_stream,
+    )
+
+
 def chip_runner(
     model: StatefulModel, chip: dict[str, ProgrammedCrossbar], config: AnalogIMCConfig
 ) -> AnalogIMCRunner:
@@ -250,19 +282,9 @@ def chip_runner(
     or the live weights (chip-in-the-loop tuning)."""
     # Read noise: one draw per (chip, t, matrix). Output noise: per sequence and step from
     # the keys the runner sets (`streams`); outside a step, from one stream per runner.
-    output_stream = derived_generator(config.seed, f"output:{config.t_inference!r}")
-    streams = StepStreams()
+    stream, streams = output_stream(config), StepStreams()
     engines = {
-        name: AnalogMatmul(
-            chip[name],
-            config.crossbar,
-            config.pcm,
-            config.t_inference,
-            config.drift_compensation,
-            output_stream,
-            read_generator=derived_generator(config.seed, f"read:{name}:{config.t_inference!r}"),
-            noise=KeyedNoise(streams, f"{config.seed}:{name}"),
-        )
+        name: chip_engine(name, chip[name], config, stream, streams=streams)
         for name in sorted(chip)
     }
     return AnalogIMCRunner(model, engines, config, streams)

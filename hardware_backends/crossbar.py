@@ -501,7 +501,8 @@ class AnalogMatmul:
     the same conductances. Only the output noise is drawn per call: per sequence from
     `noise` while a runner's step has set its sequences' keys (so a row's result never
     depends on the other rows of its batch), else from ``generator`` in call order. The
-    drift-compensation factor is measured once here too, as the chip would after waking up.
+    drift-compensation factor is measured once here too, as the chip would after waking up
+    (its probe's output noise from ``probe_generator`` when given, else from ``generator``).
     Counts the multiply-accumulates it executed in ``macs``.
 
     Everything a read needs is prepared here, so that a call is a few whole-batch tensor
@@ -524,6 +525,7 @@ class AnalogMatmul:
         generator: torch.Generator,
         read_generator: torch.Generator | None = None,
         noise: KeyedNoise | None = None,
+        probe_generator: torch.Generator | None = None,
     ) -> None:
         self.crossbar, self.config, self.pcm = crossbar, config, pcm
         self.t_inference = float(t_inference)
@@ -542,7 +544,7 @@ class AnalogMatmul:
         if drift_compensation:
             if crossbar.reference_readout is None:
                 raise ValueError("drift compensation needs a crossbar programmed with a reference")
-            now = probe_readout(self.weights, layout, config, generator)
+            now = probe_readout(self.weights, layout, config, probe_generator or generator)
             alpha = crossbar.reference_readout / now
         self.alpha = alpha
         digital = digital_scale(crossbar.scale, config)  # [K, out]

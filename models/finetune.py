@@ -212,6 +212,10 @@ def is_adapted(model: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in model.modules())
 
 
+def has_low_rank_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, LowRank) for m in model.modules())
+
+
 @torch.no_grad()
 def merge_targets(model: StatefulModel) -> StatefulModel:
     """Fold every adapter into the weight it adapts (in place): the model is a plain one again,
@@ -266,3 +270,65 @@ def merged_copy(model: StatefulModel) -> StatefulModel:
     plain = type(model)(model.config)
     plain.load_state_dict(state)
     return plain.train(model.training)
+
+
+# ---- the model as an analog chip sees it ----------------------------------------------------
+
+
+def input_adapter(model: StatefulModel) -> tuple[Tensor, Tensor, float] | None:
+    """(scale s [F], shift b [F], the encoder's input_scale) of the attached input adapter:
+    the live parameters, not copies. None without one."""
+    encoder = _encoder(model)
+    if encoder is None or not parametrize.is_parametrized(encoder.proj):
+        return None
+    adapters = {
+        attribute: list(parametrization)[0]
+        for attribute, parametrization in encoder.proj.parametrizations.items()
+    }
+    scale, shift = adapters.get("weight"), adapters.get("bias")
+    if not (isinstance(scale, InputScale) and isinstance(shift, InputShift)):
+        return None
+    return scale.scale, shift.shift, encoder.input_scale
+
+
+def adapt_inputs(model: StatefulModel, inputs: Tensor) -> Tensor:
+    """inputs [..., F] through the input adapter in raw units, x -> s * x + b / input_scale,
+    what `InputScale` and `InputShift` fold into the encoder: W(s ⊙ x·c + b) = W diag(s)·x·c
+    + W b (c the input scale). The identity without an adapter."""
+    adapter = input_adapter(model)
+    if adapter is None:
+        return inputs
+    scale, shift, input_scale = adapter
+    return inputs * scale + shift / input_scale  # [..., F]
+
+
+def chip_view(model: StatefulModel) -> StatefulModel:
+    """A plain model over the *live* parameters of `model` (the same tensors: an in-place
+    perturbation is seen, nothing is copied) with the input adapter left out: the encoder
+    keeps its base weight and bias, and the adapter is applied to the inputs instead
+    (`adapt_inputs`), digitally, in front of the chip. So a chip programmed with the view's
+    matrices never needs reprogramming while only the input adapter and digital parameters
+    (norms) move. Low-rank adapters compute their weights and have no such view (ValueError):
+    a chip must be programmed with their merge (`merged_copy`)."""
+    if not is_adapted(model):
+        return model
+    if has_low_rank_adapters(model):
+        raise ValueError("low-rank adapters have no chip view: program their merged weights")
+    state: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if ".parametrizations." not in key:
+            state[key] = tensor
+        elif key.endswith(".original"):  # "<module>.parametrizations.<attribute>.original"
+            module_name, attribute = key.split(".parametrizations.")
+            state[f"{module_name}.{attribute.removesuffix('.original')}"] = tensor
+    with torch.device("meta"):
+        view = type(model)(model.config)  # no storage: every tensor is replaced below
+    for key, tensor in state.items():
+        module_name, _, attribute = key.rpartition(".")
+        module = view.get_submodule(module_name)
+        slot = module._parameters if attribute in module._parameters else module._buffers
+        slot[attribute] = tensor
+    left = [name for name, t in [*view.named_parameters(), *view.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"no live tensor for {left} in the chip view")
+    return view.train(model.training)

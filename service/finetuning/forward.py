@@ -13,7 +13,7 @@ from torch import Tensor
 from hardware_backends import registry
 from hardware_backends.torch_backend import TorchRunner
 from models.base import StatefulModel
-from models.finetune import is_adapted, merged_copy
+from models.finetune import has_low_rank_adapters, merged_copy
 from service.finetuning.chip_loop import ChipInTheLoop
 
 OBJECTIVES = ("cross_entropy", "zero_one")
@@ -38,15 +38,14 @@ class BackendForward:
     in-place perturbation is seen as is; `stream=True` feeds one `step` at a time keeping only
     the state (memory flat in the sequence length) instead of the parallel `forward`.
 
-    "analog_imc" is chip-in-the-loop: every call programs a chip from the current weights
-    (`ChipInTheLoop`: the live weights, no copy of the model, no cache of chips, the server's
-    chip cache untouched). `chip_seed` picks the chip's noise draws (programming noise,
-    drift exponents, read noise, output-noise stream); the two passes of one perturbation get
-    the same seed, so in this simulator their difference measures the perturbation rather than
-    two independent noise draws (common random numbers). A physical chip cannot replay its
-    noise: there the pair would differ by fresh programming, read and output noise too.
-    Without a chip_seed the job's own options pick the chip, i.e. the one the server will
-    deploy to.
+    "analog_imc" is chip-in-the-loop (`ChipInTheLoop`): one chip, picked by the job's
+    options (the chip the server deploys to), programmed once from the live weights and
+    reprogrammed only where weights inside the crossbars moved; the input adapter and the
+    norms are digital. `noise_seed` reseeds the chip's output noise: the two passes of a
+    perturbation pair get the same seed, so their difference measures the perturbation, not
+    two output-noise draws (common random numbers); without one the noise runs on. Low-rank
+    adapters compute their weights, so with them every call programs their merge onto a
+    fresh chip of the same seed (`merged_copy`: the only copy alive, for that call).
     """
 
     def __init__(
@@ -60,53 +59,48 @@ class BackendForward:
             raise ValueError(f"ZO tuning runs on one of {TUNING_BACKENDS}, not {backend!r}")
         self.model, self.backend, self.stream = model, backend, stream
         self.options = dict(options or {})
-        self._calls = 0
+        self._chips: ChipInTheLoop | None = None
         if backend == "torch":
             if self.options:
                 raise ValueError(f"ZO tuning on torch takes no backend options, got {self.options}")
             self._torch_runner = TorchRunner(model, torch.device("cpu"))
         else:
             registry.get_backend(backend)  # refused here if the backend cannot run
-            self._chips = ChipInTheLoop(model, self.options)
+            if not has_low_rank_adapters(model):
+                self._chips = ChipInTheLoop(model, self.options)
 
-    def runner(self, chip_seed: int | None = None):
-        """A runner over the current weights (off torch: the live weights programmed onto
-        one chip per call, `service.finetuning.chip_loop`; no copy, no cache)."""
+    def _run(self, inputs: Tensor, noise_seed: int | None) -> Tensor:
+        """inputs [b, T, F] -> logits [b, T, C] from a fresh state, on this backend."""
         if self.backend == "torch":
-            return self._torch_runner
-        self._calls += 1
-        if is_adapted(self.model):
-            # Adapted weights are computed, not parameters the chip can program: fold the
-            # adapters into a plain copy (the only copy alive, for this call's chip).
-            return ChipInTheLoop(merged_copy(self.model), self.options).runner(chip_seed)
-        return self._chips.runner(chip_seed)
+            return self._torch_runner.run(inputs)[0]
+        if self._chips is not None:
+            return self._chips.run(inputs, noise_seed)
+        return ChipInTheLoop(merged_copy(self.model), self.options).run(inputs, noise_seed)
 
     @torch.no_grad()
     def final_logits(
-        self, inputs: Tensor, chip_seed: int | None = None, batch_size: int = 512
+        self, inputs: Tensor, noise_seed: int | None = None, batch_size: int = 512
     ) -> Tensor:
         """inputs [N, T, F] -> logits of each sequence's last step, [N, C]."""
-        runner = self.runner(chip_seed)
         parts = []
         for start in range(0, inputs.shape[0], batch_size):
             chunk = inputs[start : start + batch_size]  # [b, T, F]
             if self.stream and self.backend == "torch":
                 parts.append(self._streamed_final_logits(chunk))
             else:
-                logits, _, _ = runner.run(chunk)  # [b, T, C], from a fresh init_state
-                parts.append(logits[:, -1])
+                seed = None if noise_seed is None else noise_seed + start
+                parts.append(self._run(chunk, seed)[:, -1])  # [b, C]
         return torch.cat(parts)  # [N, C]
 
     @torch.no_grad()
     def step_logits(
-        self, inputs: Tensor, chip_seed: int | None = None, batch_size: int = 512
+        self, inputs: Tensor, noise_seed: int | None = None, batch_size: int = 512
     ) -> Tensor:
         """inputs [N, T, F] -> the logits after every step, [N, T, C] (calibration per step)."""
-        runner = self.runner(chip_seed)
-        parts = [
-            runner.run(inputs[start : start + batch_size])[0]  # [b, T, C]
-            for start in range(0, inputs.shape[0], batch_size)
-        ]
+        parts = []
+        for start in range(0, inputs.shape[0], batch_size):
+            seed = None if noise_seed is None else noise_seed + start
+            parts.append(self._run(inputs[start : start + batch_size], seed))  # [b, T, C]
         return torch.cat(parts)  # [N, T, C]
 
     def _streamed_final_logits(self, inputs: Tensor) -> Tensor:
@@ -116,5 +110,5 @@ class BackendForward:
             logits, state = self.model.step(inputs[:, t], state)  # [b, C]
         return logits
 
-    def loss(self, inputs: Tensor, labels: Tensor, objective: str, chip_seed: int | None = None):
-        return classification_loss(self.final_logits(inputs, chip_seed), labels, objective)
+    def loss(self, inputs: Tensor, labels: Tensor, objective: str, noise_seed: int | None = None):
+        return classification_loss(self.final_logits(inputs, noise_seed), labels, objective)

@@ -192,6 +192,7 @@ class TuningOutcome:
     eps: float | None = None
     noise_floor: float | None = None
     eps_signal: float | None = None
+    loss_noise: float | None = None
 
 
 def _evaluate(forward: BackendForward, data: SequenceDataset, step: int) -> EvaluationPoint:
@@ -233,32 +234,44 @@ class _Batches:
 
 
 NOISE_PROBES = 8  # directions measured for each candidate ε
-SECOND_CHIP = 1_000_003  # offset of the chip seeds of the second measurement
+SECOND_DRAW = 1_000_003  # offset of the noise seeds of the second measurement
 
 
-def measure_eps(model: StatefulModel, spec: FinetuneSpec, batch: tuple[Tensor, Tensor]):
+@dataclass(frozen=True)
+class EpsProbe:
+    estimate: EstimateNoise  # the chosen ε, its signal and the estimate's noise floor
+    loss_noise: float  # SD of one loss reading repeated at the same weights (fresh noise)
+
+
+def measure_eps(
+    model: StatefulModel, spec: FinetuneSpec, batch: tuple[Tensor, Tensor]
+) -> EpsProbe | None:
     """Resolve `spec.eps`: as given (no measurement, None), or the smallest candidate ε whose
     loss difference clears the noise floor of the job's backend (`models.zo.choose_eps`).
-    Candidates are tried on a throw-away copy, so the tuned weights are snapped only once."""
+    Also measures the spread of one loss reading at the base weights, each reading with its
+    own noise draws. Candidates are tried on throw-away copies, so the tuned weights are
+    snapped only once."""
     if spec.eps != "auto":
         return None
     inputs, labels = batch
+
+    def loss(forward: BackendForward, offset: int):
+        def at(seed: int) -> float:
+            noise_seed = seed + offset if spec.common_noise else None
+            return forward.loss(inputs, labels, spec.objective, noise_seed=noise_seed)
+
+        return at
 
     def measure(eps: float) -> EstimateNoise:
         trial = copy.deepcopy(model)
         optimizer = ZOOptimizer(attach_targets(trial, spec.parameters), spec.zo_config(eps))
         forward = BackendForward(trial, spec.backend, spec.backend_options)
+        first, second = loss(forward, 0), loss(forward, SECOND_DRAW)
+        return estimate_noise(optimizer, first, second, range(NOISE_PROBES))
 
-        def loss(offset: int):
-            def at(seed: int) -> float:
-                chip_seed = seed + offset
-                return forward.loss(inputs, labels, spec.objective, chip_seed=chip_seed)
-
-            return at
-
-        return estimate_noise(optimizer, loss(0), loss(SECOND_CHIP), range(NOISE_PROBES))
-
-    return choose_eps(measure)
+    forward = BackendForward(model, spec.backend, spec.backend_options)
+    readings = [loss(forward, 2 * SECOND_DRAW)(seed) for seed in range(NOISE_PROBES)]
+    return EpsProbe(choose_eps(measure), float(np.std(readings, ddof=1)))
 
 
 def tune(
@@ -272,7 +285,7 @@ def tune(
     """Run up to `spec.steps` ZO steps on `model` in place, evaluating as it goes."""
     batches = _Batches(data.tune, spec.batch_size, spec.seed)
     probe = measure_eps(model, spec, batches.peek())
-    eps = spec.eps if probe is None else probe.eps
+    eps = spec.eps if probe is None else probe.estimate.eps
     optimizer = ZOOptimizer(attach_targets(model, spec.parameters), spec.zo_config(eps))
     trajectory = Trajectory(base_ref, optimizer.config, spec.parameters, optimizer.names)
     forward = BackendForward(model, spec.backend, spec.backend_options)
@@ -280,14 +293,16 @@ def tune(
         TuningOutcome,
         tuned_parameters=optimizer.n_parameters,
         eps=eps,
-        noise_floor=None if probe is None else probe.noise_floor,
-        eps_signal=None if probe is None else probe.signal,
+        noise_floor=None if probe is None else probe.estimate.noise_floor,
+        eps_signal=None if probe is None else probe.estimate.signal,
+        loss_noise=None if probe is None else probe.loss_noise,
     )
     message = f"eps {eps:g} (given)"
     if probe is not None:
         message = (
-            f"eps {eps:g} (auto): median |L+ - L-| {probe.signal:.3g}, "
-            f"noise floor {probe.noise_floor:.3g}"
+            f"eps {eps:g} (auto): median |L+ - L-| {probe.estimate.signal:.3g}, "
+            f"noise floor {probe.estimate.noise_floor:.3g}, "
+            f"loss reading SD {probe.loss_noise:.3g}"
         )
     progress(ProgressEvent(stage="tuning", total_steps=spec.steps, message=message))
     seeds = np.random.default_rng([spec.seed, 2])
@@ -307,7 +322,8 @@ def tune(
         step_seeds = [int(s) for s in seeds.integers(0, 2**32, size=spec.n_perturbations)]
 
         def loss(seed: int, inputs: Tensor = inputs, labels: Tensor = labels) -> float:
-            return forward.loss(inputs, labels, spec.objective, chip_seed=seed)
+            noise_seed = seed if spec.common_noise else None  # None: the noise runs on
+            return forward.loss(inputs, labels, spec.objective, noise_seed=noise_seed)
 
         try:
             result = optimizer.step(step_seeds, loss, lr)  # refused before any weight moves
@@ -458,6 +474,7 @@ def run_finetune(
         eps=outcome.eps,
         noise_floor=outcome.noise_floor,
         eps_signal=outcome.eps_signal,
+        loss_noise=outcome.loss_noise,
         seed=spec.seed,
     )
     at = {"step": steps_run, "total_steps": spec.steps, "best_step": outcome.best_step}

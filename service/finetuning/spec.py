@@ -18,6 +18,20 @@ from models.zo import ZOConfig
 
 MAX_INLINE_EXAMPLES = 10_000
 DEFAULT_TARGETS = "all"
+# Chip-in-the-loop defaults where they differ from torch's (bench/zo_shift.py measured them):
+# the input adapter is digital, so the chip stays programmed and a perturbation pair differs
+# only by the perturbation (the crossbar weights would be reprogrammed per call, and the
+# norms' loss differences need ε 0.2 to clear the chip's noise floor); 16 numbers take a far
+# larger rate than 135,306 do, and travel from s = 1 to s = -1 in a few hundred steps.
+CHIP_DEFAULTS = {
+    "parameters": "input",
+    "lr": 0.05,
+    "schedule": "constant",
+    "n_perturbations": 2,
+    "steps": 1000,
+    "eval_every": 100,
+}
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {"torch": {}, "analog_imc": CHIP_DEFAULTS}
 MAX_INLINE_VALUES = 2_000_000  # floats in one inline request (about 16 MB of JSON)
 
 # ---- the job's specification -----------------------------------------------------------------
@@ -106,7 +120,8 @@ class FinetuneSpec(BaseModel):
         DEFAULT_TARGETS,
         description="What to tune: targets joined by '+' from input (per-feature scale and bias "
         "in front of the encoder), norm, readout, lora<rank> (low-rank adapters on the "
-        "recurrent and mixing matrices) and all (every parameter).",
+        "recurrent and mixing matrices) and all (every parameter). On analog_imc the default "
+        "is input, with lr 0.05 (constant), 2 perturbations, 1000 steps, eval_every 100.",
     )
     objective: Literal["cross_entropy", "zero_one"] = "cross_entropy"
     direction: Literal["gaussian", "rademacher"] = "gaussian"
@@ -122,6 +137,12 @@ class FinetuneSpec(BaseModel):
         "it four times (0.001 on torch, whose loss is deterministic).",
     )
     n_perturbations: int = Field(1, ge=1, le=64)
+    common_noise: bool = Field(
+        True,
+        description="analog_imc: the two loss readings of a perturbation pair replay the same "
+        "output-noise draws (common random numbers, which the simulator can do); false reads "
+        "fresh noise every time, as a physical chip would. The ε probe measures the same way.",
+    )
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
@@ -146,6 +167,14 @@ class FinetuneSpec(BaseModel):
         description="How many standard errors of the held-out accuracy difference the "
         "improvement must exceed (1.645: one-sided 95%).",
     )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _backend_defaults(cls, data: Any) -> Any:
+        """Fields left out take their backend's defaults (`BACKEND_DEFAULTS`)."""
+        if isinstance(data, dict):
+            return {**BACKEND_DEFAULTS.get(data.get("backend", "torch"), {}), **data}
+        return data
 
     @pydantic.field_validator("parameters")
     @classmethod
@@ -274,8 +303,13 @@ class FinetuneResult(BaseModel):
     data_sha256: str
     tuned_parameters: int
     eps: float | None = None  # the perturbation size used (measured when the spec said auto)
-    noise_floor: float | None = None  # RMS of L+ - L- with no perturbation (0: deterministic)
+    # The noise floor of one loss-difference estimate at that ε: the RMS disagreement of two
+    # measurements of the same L+ - L- (same weights, other noise draws) / sqrt(2); 0 on torch.
+    noise_floor: float | None = None
     eps_signal: float | None = None  # median |L+ - L-| at that ε, on the first tune batch
+    # Standard deviation of one loss reading repeated at the same (base) weights with fresh
+    # noise each time (the chip's output noise); 0 on torch. Measured with eps "auto".
+    loss_noise: float | None = None
     trajectory_bytes: int | None = None
     wall_seconds: float = 0.0
     seed: int

@@ -12,8 +12,10 @@ from torch import nn
 
 from models.architectures import build_model
 from models.finetune import (
+    adapt_inputs,
     attach_targets,
     canonical_targets,
+    chip_view,
     is_adapted,
     merge_targets,
     merged_copy,
@@ -91,6 +93,30 @@ def test_the_input_adapter_is_an_affine_map_of_the_inputs() -> None:
         merge_targets(model)
         assert torch.allclose(model(x)[0], expected, atol=1e-5)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()]
+
+
+def test_the_chip_view_on_adapted_inputs_is_the_adapted_model_over_the_same_tensors() -> None:
+    model = _lru()
+    tuned = dict(attach_targets(model, "input+norm+readout"))
+    view = chip_view(model)
+    x, _ = _batch()
+    with torch.no_grad():
+        for parameter in tuned.values():  # move every target, in place
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        # The reference: the adapted forward (the adapter folded into the encoder weights).
+        torch.testing.assert_close(view(adapt_inputs(model, x))[0], model(x)[0])
+    proj = model.encoder.proj.parametrizations
+    assert view.encoder.proj.weight is proj.weight.original  # the base weight, not a copy
+    assert view.encoder.proj.bias is proj.bias.original
+    assert view.head.weight is model.head.weight  # a tuned crossbar weight: the live tensor
+    adapter = {id(p) for name, p in tuned.items() if ".parametrizations." in name}  # s and b
+    assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()} - adapter
+    assert not is_adapted(view)
+    plain = _lru()
+    assert chip_view(plain) is plain
+    attach_targets(plain, "lora2")
+    with pytest.raises(ValueError, match="low-rank adapters have no chip view"):
+        chip_view(plain)
 
 
 def test_adapters_hold_no_copy_of_the_base_parameters() -> None:

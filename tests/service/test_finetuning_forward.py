@@ -58,14 +58,14 @@ def test_chip_in_the_loop_reprograms_from_the_current_weights() -> None:
     optimizer = ZOOptimizer(list(model.named_parameters()), ZOConfig(eps=1e-2))  # snaps
     forward = BackendForward(model, "analog_imc")
     x = torch.rand(3, 4, 3)
-    first = forward.final_logits(x, chip_seed=11)
-    # Same chip seed: the same noise draws (common random numbers); another seed: others.
-    torch.testing.assert_close(forward.final_logits(x, chip_seed=11), first, rtol=0, atol=0)
-    assert not torch.equal(forward.final_logits(x, chip_seed=12), first)
+    first = forward.final_logits(x, noise_seed=11)
+    # Same noise seed: the same output-noise draws (common random numbers); another: others.
+    torch.testing.assert_close(forward.final_logits(x, noise_seed=11), first, rtol=0, atol=0)
+    assert not torch.equal(forward.final_logits(x, noise_seed=12), first)
     optimizer.perturb_(3, +1)
-    assert not torch.equal(forward.final_logits(x, chip_seed=11), first)
+    assert not torch.equal(forward.final_logits(x, noise_seed=11), first)
     optimizer.perturb_(3, -1)
-    torch.testing.assert_close(forward.final_logits(x, chip_seed=11), first, rtol=0, atol=0)
+    torch.testing.assert_close(forward.final_logits(x, noise_seed=11), first, rtol=0, atol=0)
 
 
 def test_backend_choices_are_checked() -> None:
