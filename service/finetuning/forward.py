@@ -41,9 +41,9 @@ class BackendForward:
     "analog_imc" is chip-in-the-loop (`ChipInTheLoop`): one chip, picked by the job's
     options (the chip the server deploys to), programmed once from the live weights and
     reprogrammed only where weights inside the crossbars moved; the input adapter and the
-    norms are digital. `noise_seed` reseeds the chip's output noise: the two passes of a
-    perturbation pair get the same seed, so their difference measures the perturbation, not
-    two output-noise draws (common random numbers); without one the noise runs on. Low-rank
+    norms are digital. `noise_seed` names the run's output-noise streams: the two passes of
+    a perturbation pair get the same seed, so their difference measures the perturbation, not
+    two output-noise draws (common random numbers); without one every run draws afresh. Low-rank
     adapters compute their weights, so with them every call programs their merge onto a
     fresh chip of the same seed (`merged_copy`: the only copy alive, for that call).
     """
