@@ -66,13 +66,14 @@ BUILTIN_RECIPES: dict[str, TrainingRecipe] = {
         step_loss="quadratic",
         seed=0,
     ),
-    # ~3 min on one core. The same recurrent LIF at half the width, built for energy per
+    # ~30 s on one core. The same recurrent LIF at half the width, built for energy per
     # answer: each pixel enters as 4 thermometer-coded input spikes (levels at 2, 6, 10, 14
     # of 16), so the input layer is spike-driven too; threshold 1.0 and a spike-rate penalty
     # (0.2 x spikes / neuron-steps) cut firing to ~10%; 150 epochs instead of 80. Picked by
     # 5-fold cross-validation on the training split (800 / 200): 0.969 mean validation
     # accuracy at ~86 nJ per image, against 0.955 at ~117 nJ without the penalty and 80
-    # epochs, and 0.936-0.941 for the dense-input 128/256-neuron networks.
+    # epochs, 0.936-0.941 for the dense-input 128/256-neuron networks, and 0.941 at 1.6x
+    # the energy for 2 LIF substeps per row (128 dense-input neurons, against 0.936).
     "digits-snn-lite": TrainingRecipe(
         architecture="snn",
         dataset="digits-seq:rows",
