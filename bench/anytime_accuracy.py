@@ -1,7 +1,7 @@
 """Anytime accuracy of the digits classifiers: held-out accuracy after each of the 8 rows.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/anytime_accuracy.py [--repository DIR]
-        [--models digits-lru digits-snn] [--splits test calibration] [--nll]
+        [--models digits-lru digits-snn digits-snn-lite] [--splits test calibration] [--nll]
 
 A session that has read t rows of an image answers with the logits after step t, so its
 accuracy at t = 1..8 is what an early answer is worth. Each model (its latest version in the
@@ -21,7 +21,7 @@ from models.evaluate import step_classification_metrics
 from models.repository import ModelRepository, default_repository_root
 from models.training import ClassificationData, load_training_data
 
-MODELS = ("digits-lru", "digits-snn")
+MODELS = ("digits-lru", "digits-snn", "digits-snn-lite")
 
 
 def measure(repository: ModelRepository, models: list[str], splits: list[str]) -> list[dict]:

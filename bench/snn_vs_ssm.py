@@ -4,7 +4,8 @@ estimated energy of one inference, event-driven beside the dense-equivalent figu
     OMP_NUM_THREADS=1 .venv/bin/python bench/snn_vs_ssm.py [--backends torch analog_imc]
         [--append docs/BENCHMARKS.md]
 
-Both built-in classifiers (`digits-lru`, the SSM; `digits-snn`, a recurrent LIF network) run
+The built-in classifiers (`digits-lru`, the SSM; `digits-snn`, a recurrent LIF network with
+a dense input layer; `digits-snn-lite`, a smaller one fed thermometer-coded input spikes) run
 the digits test split (397 images, 8 rows of 8 pixels each) through each backend's runner,
 exactly as the server does. Work and energy are the runner's `Usage` (hardware_backends.energy:
 4.6 pJ per FP32 MAC and 0.9 pJ per spike-driven accumulate on digital hardware, the PCM
@@ -35,7 +36,7 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
     from _report import append_section
 
 HEADING = "## SNN against SSM on digits"
-MODELS = ("digits-lru", "digits-snn")
+MODELS = ("digits-lru", "digits-snn", "digits-snn-lite")
 
 
 def measure(model_name: str, backend: str, repository: ModelRepository) -> dict:

@@ -2,7 +2,7 @@
 the calibration per step that the server answers sessions and prefixes with.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/stepwise_coverage.py [--backends torch ...]
-        [--models digits-lru digits-snn] [--alphas 0.05 0.1 0.2] [--scores raps lac]
+        [--models digits-lru digits-snn digits-snn-lite] [--alphas 0.05 0.1 0.2] [--scores raps lac]
         [--append docs/BENCHMARKS.md]
 
 The digits test split (397 images, never used to fit anything) is run through each backend
@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # run as a script: bench/ itself is on sys.path
     from _report import append_section
 
 HEADING = "## Calibration per step: accuracy, coverage and set size after every row"
-MODELS = ("digits-lru", "digits-snn")
+MODELS = ("digits-lru", "digits-snn", "digits-snn-lite")
 BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
 
 

@@ -66,6 +66,39 @@ BUILTIN_RECIPES: dict[str, TrainingRecipe] = {
         step_loss="quadratic",
         seed=0,
     ),
+    # ~30 s on one core. The same recurrent LIF at half the width, built for energy per
+    # answer: each pixel enters as 4 thermometer-coded input spikes (levels at 2, 6, 10, 14
+    # of 16), so the input layer is spike-driven too; threshold 1.0 and a spike-rate penalty
+    # (0.2 x spikes / neuron-steps) cut firing to ~10%; 150 epochs instead of 80. Picked by
+    # 5-fold cross-validation on the training split (800 / 200): 0.969 mean validation
+    # accuracy at ~86 nJ per image, against 0.955 at ~117 nJ without the penalty and 80
+    # epochs, 0.936-0.941 for the dense-input 128/256-neuron networks, and 0.941 at 1.6x
+    # the energy for 2 LIF substeps per row (128 dense-input neurons, against 0.936).
+    "digits-snn-lite": TrainingRecipe(
+        architecture="snn",
+        dataset="digits-seq:rows",
+        model_config={
+            "d_model": 256,
+            "n_layers": 1,
+            "input_encoding": "thermometer",
+            "input_levels": 4,
+            "input_scale": 0.25,
+            "threshold": 1.0,
+            "alpha_init": 0.2,
+            "beta_init": 0.8,
+            "readout_beta_init": 0.8,
+            "surrogate": "arctan",
+            "surrogate_slope": 2.0,
+            "dropout": 0.0,
+        },
+        epochs=150,
+        batch_size=64,
+        lr=3e-3,
+        input_noise=2.0,
+        step_loss="quadratic",
+        spike_penalty=0.2,
+        seed=1,  # of seeds 0-3, the best calibration-split accuracy (0.965/0.975/0.968/0.970)
+    ),
     # ~10 min on one core. A small state (d_state 4) keeps the parallel scan's
     # [B, T, E, N] tensors small enough to train on CPU.
     "charlm-selective": TrainingRecipe(
@@ -99,6 +132,7 @@ class MetricTarget:
 BUILTIN_TARGETS: dict[str, MetricTarget] = {
     "digits-lru": MetricTarget("test_accuracy", minimum=0.97),
     "digits-snn": MetricTarget("test_accuracy", minimum=0.95),
+    "digits-snn-lite": MetricTarget("test_accuracy", minimum=0.95),
     "charlm-selective": MetricTarget("valid_bpc", maximum=2.5),
 }
 

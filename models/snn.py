@@ -14,9 +14,15 @@ the derivative of a fast sigmoid (Zenke & Ganguli, SuperSpike, 2018) or of an ar
 (Fang et al., 2021). The reset term is detached from the graph, which makes surrogate
 training more robust (Zenke & Vogels, Neural Computation 2021).
 
-The first layer's W x is a dense projection of the (scaled) raw input; deeper layers and
-the recurrence are driven by binary spikes only, so their cost is one accumulate per
-spike and synapse. The readout is a non-spiking leaky integrator whose membrane is the
+With analog inputs ("analog", the default) the first layer's W x is a dense projection of
+the (scaled) raw input, one MAC per weight and step. With "thermometer" inputs each feature
+is first turned into binary input spikes (level j fires when the scaled value exceeds
+j − ½), so W is spike-driven as well. Deeper layers and the recurrence are driven by binary
+spikes only. Every spike-driven projection costs one accumulate per spike and synapse; the
+model reports those counts per step ("synaptic_ops"), so the event-driven estimate charges
+MACs only for what is dense (analog input projection, decays). With `substeps` K > 1 the
+neurons update K times per input step on the same input current, and the readout
+integrates all K. The readout is a non-spiking leaky integrator whose membrane is the
 logits: out_t = β_out ⊙ out_{t-1} + W_out s_t + b. In training, dropout acts on the spikes
 sent forward (to the next layer and the readout), never on the recurrence.
 
@@ -37,6 +43,7 @@ from models.fused import fused_step_applies
 from models.snn_fused import fused_snn_step, fused_weights
 
 SURROGATES = ("fast_sigmoid", "arctan")
+INPUT_ENCODINGS = ("analog", "thermometer")
 
 
 @dataclass
@@ -64,6 +71,14 @@ class SNNConfig:
     # recurrence: one recurrent layer overfits 1000 digits, and this is the regulariser
     # that travels with the model whatever the training loop.
     dropout: float = 0.5
+    # How features reach layer 0. "analog": a dense projection of the scaled values (MACs).
+    # "thermometer": each scaled feature becomes `input_levels` binary input spikes, level j
+    # firing when input_scale * x > j - 1/2, so layer 0 is spike-driven too (accumulates).
+    input_encoding: str = "analog"
+    input_levels: int = 4
+    # LIF updates per input step: the row's current is held while the neurons integrate it
+    # this many times (more time to spike for a cheap accumulate-only recurrence).
+    substeps: int = 1
 
     def __post_init__(self) -> None:
         check_common_config(self)
@@ -78,6 +93,16 @@ class SNNConfig:
             raise ValueError(f"surrogate_slope must be > 0, got {self.surrogate_slope}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.input_encoding not in INPUT_ENCODINGS:
+            raise ValueError(
+                f"input_encoding must be one of {INPUT_ENCODINGS}, got {self.input_encoding!r}"
+            )
+        if self.input_encoding == "thermometer" and self.input_kind != "features":
+            raise ValueError("input_encoding 'thermometer' needs input_kind 'features'")
+        if self.input_levels < 1:
+            raise ValueError(f"input_levels must be >= 1, got {self.input_levels}")
+        if self.substeps < 1:
+            raise ValueError(f"substeps must be >= 1, got {self.substeps}")
 
 
 # ---- the spike nonlinearity ---------------------------------------------------------------
@@ -112,6 +137,37 @@ def spike(v: Tensor, slope: float, arctan: bool) -> Tensor:
 
 def _decay_logit(value: float, n: int) -> Tensor:
     return torch.full((n,), math.log(value / (1 - value)))  # sigmoid⁻¹, [n]
+
+
+# ---- spike-encoded input --------------------------------------------------------------------
+
+
+class ThermometerEncoder(nn.Module):
+    """Features -> binary input spikes -> current into layer 0.
+
+    Feature i of x [B, F] becomes `levels` spikes, level j (1-based) firing when
+    input_scale * x_i > j - 1/2 (a thermometer code of the value rounded to a level), so
+    the projection W [n, F * levels] is driven by spikes: one accumulate per input spike and
+    neuron. The encoding has no parameters and no gradient to pass (the input has none).
+    """
+
+    def __init__(self, cfg: SNNConfig):
+        super().__init__()
+        self.input_scale = float(cfg.input_scale)
+        self.n_channels = cfg.d_input * cfg.input_levels
+        levels = torch.arange(1, cfg.input_levels + 1, dtype=torch.float32) - 0.5  # [L]
+        self.register_buffer("levels", levels)
+        self.proj = nn.Linear(self.n_channels, cfg.d_model)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x [B, F] -> input spikes [B, F * L] (feature-major: feature i owns channels iL..)."""
+        scaled = (x * self.input_scale)[..., None]  # [B, F, 1]
+        return (scaled > self.levels).to(x.dtype).flatten(-2)  # [B, F * L]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, F] -> (current [B, n], input spikes per sample [B])."""
+        spikes = self.encode(x)  # [B, F * L]
+        return self.proj(spikes), spikes.sum(-1)
 
 
 # ---- a recurrent LIF layer ------------------------------------------------------------------
@@ -170,7 +226,11 @@ class SNNModel(StatefulModel):
         self.config = config
         self.input_kind = config.input_kind
         n, L = config.d_model, config.n_layers
-        self.encoder = InputEncoder(config)  # current into layer 0
+        # current into layer 0: dense (InputEncoder) or driven by input spikes
+        if config.input_encoding == "thermometer":
+            self.encoder = ThermometerEncoder(config)
+        else:
+            self.encoder = InputEncoder(config)
         self.feedforward = nn.ModuleList(nn.Linear(n, n) for _ in range(L - 1))  # layer i -> i+1
         self.layers = nn.ModuleList(LIFLayer(config) for _ in range(L))
         self.readout = LeakyReadout(config)
@@ -187,30 +247,38 @@ class SNNModel(StatefulModel):
         return state
 
     def _cell(self, x_t: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
-        """One step without input checks; shared by `step_with_activity` and `forward`."""
-        current = self.encoder(x_t)  # [B, n], the dense drive of layer 0
-        new_state: State = {}
-        spikes = current.new_zeros(current.shape[0])  # [B]
-        synaptic_ops = current.new_zeros(current.shape[0])  # [B]
-        for i, layer in enumerate(self.layers):
-            syn, mem, spk = layer(
-                current,
-                state[f"layers.{i}.syn"],
-                state[f"layers.{i}.mem"],
-                state[f"layers.{i}.spk"],
-            )  # [B, n] each
-            new_state[f"layers.{i}.syn"], new_state[f"layers.{i}.mem"] = syn, mem
-            new_state[f"layers.{i}.spk"] = spk
-            layer_spikes = spk.sum(-1)  # [B]
-            spikes = spikes + layer_spikes
-            synaptic_ops = synaptic_ops + layer_spikes * self._fan_out(i)
-            if i + 1 < len(self.layers):
-                current = self.feedforward[i](self.drop(spk))  # [B, n], spike-driven
-        logits = self.readout(self.drop(spk), state["readout.mem"])  # [B, n_out]
-        new_state["readout.mem"] = logits
-        neurons = torch.full_like(spikes, self.config.d_model * self.config.n_layers)
+        """One step without input checks; shared by `step_with_activity` and `forward`.
+        The input's current is computed once and held over the step's `substeps` updates."""
+        if self.config.input_encoding == "thermometer":
+            drive, input_spikes = self.encoder(x_t)  # [B, n], [B]
+            synaptic_ops = input_spikes * self.config.d_model  # [B], accumulates into layer 0
+        else:
+            drive = self.encoder(x_t)  # [B, n], the dense drive of layer 0
+            synaptic_ops = drive.new_zeros(drive.shape[0])  # [B]
+        spikes = drive.new_zeros(drive.shape[0])  # [B]
+        state = dict(state)
+        for _ in range(self.config.substeps):
+            current = drive
+            for i, layer in enumerate(self.layers):
+                syn, mem, spk = layer(
+                    current,
+                    state[f"layers.{i}.syn"],
+                    state[f"layers.{i}.mem"],
+                    state[f"layers.{i}.spk"],
+                )  # [B, n] each
+                state[f"layers.{i}.syn"], state[f"layers.{i}.mem"] = syn, mem
+                state[f"layers.{i}.spk"] = spk
+                layer_spikes = spk.sum(-1)  # [B]
+                spikes = spikes + layer_spikes
+                synaptic_ops = synaptic_ops + layer_spikes * self._fan_out(i)
+                if i + 1 < len(self.layers):
+                    current = self.feedforward[i](self.drop(spk))  # [B, n], spike-driven
+            state["readout.mem"] = self.readout(self.drop(spk), state["readout.mem"])  # [B, C]
+        neurons = torch.full_like(
+            spikes, self.config.d_model * self.config.n_layers * self.config.substeps
+        )
         activity = {"spikes": spikes, "neurons": neurons, "synaptic_ops": synaptic_ops}
-        return logits, new_state, activity
+        return state["readout.mem"], state, activity
 
     def _fan_out(self, layer: int) -> int:
         """Synapses each spike of `layer` drives: its recurrence plus the next layer or readout."""
@@ -239,24 +307,38 @@ class SNNModel(StatefulModel):
     def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """x: [B, T, d_input] floats or [B, T] tokens -> logits [B, T, n_out], final state.
         Loops over time: a spike depends nonlinearly on the state it resets."""
+        logits, state, _ = self.forward_with_activity(x, state)
+        return logits, state
+
+    def forward_with_activity(
+        self, x: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """`forward` plus the activity counters summed over the sequence, each [B]; the spike
+        count keeps its surrogate gradient, so training can penalise firing."""
         self.check_sequence_input(x)
         if state is None:
             state = self.init_state(
                 x.shape[0], device=x.device, dtype=self.readout.proj.weight.dtype
             )
         self.check_state(state, x.shape[0])
-        logits = []
+        logits, totals = [], {}
         for x_t in x.unbind(1):
-            logits_t, state, _ = self._cell(x_t, state)
+            logits_t, state, activity = self._cell(x_t, state)
             logits.append(logits_t)
-        return torch.stack(logits, dim=1), state  # [B, T, n_out]
+            totals = {k: totals.get(k, 0) + v for k, v in activity.items()}  # [B] each
+        return torch.stack(logits, dim=1), state, totals  # [B, T, n_out]
 
     def macs_per_step(self) -> dict[str, int]:
-        """dense_macs: the dense input projection plus every decay multiply (two per LIF
-        neuron, one per readout unit). synaptic_ops_max: accumulates if every neuron spiked."""
-        n, L = self.config.d_model, self.config.n_layers
-        dense = self.encoder.macs() + 2 * n * L + self.config.d_output
-        return {
-            "dense_macs": dense,
-            "synaptic_ops_max": n * sum(self._fan_out(i) for i in range(L)),
-        }
+        """dense_macs: the dense input projection (analog inputs) plus every decay multiply
+        (two per LIF neuron, one per readout unit, per substep; a neuron's bias adds ride on
+        its decay MACs). synaptic_ops_max: accumulates if every input channel (thermometer
+        inputs) and every neuron spiked."""
+        cfg = self.config
+        n, L, K = cfg.d_model, cfg.n_layers, cfg.substeps
+        dense = K * (2 * n * L + cfg.d_output)
+        spike_driven = K * n * sum(self._fan_out(i) for i in range(L))
+        if cfg.input_encoding == "thermometer":
+            spike_driven += self.encoder.n_channels * n
+        else:
+            dense += self.encoder.macs()
+        return {"dense_macs": dense, "synaptic_ops_max": spike_driven}

@@ -74,6 +74,9 @@ class TrainingRecipe:
     grad_clip: float = 1.0
     input_noise: float = 0.0  # classification: std of Gaussian noise added to training inputs
     step_loss: str = "last"  # classification: which steps' logits get cross-entropy (STEP_LOSSES)
+    # classification with a spiking model: loss += spike_penalty * (spikes / neuron-steps),
+    # a firing-rate regulariser that trades accuracy for fewer spike-driven accumulates
+    spike_penalty: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class TrainingRecipe:
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
         if not (self.input_noise >= 0.0 and math.isfinite(self.input_noise)):
             raise ValueError(f"input_noise must be finite and >= 0, got {self.input_noise}")
+        if not (self.spike_penalty >= 0.0 and math.isfinite(self.spike_penalty)):
+            raise ValueError(f"spike_penalty must be finite and >= 0, got {self.spike_penalty}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.step_loss not in STEP_LOSSES:
@@ -256,6 +261,14 @@ def step_cross_entropy(logits: Tensor, labels: Tensor, step_loss: str) -> Tensor
     return (per_step.mean(dim=0) * weights).sum()
 
 
+def spiking_forward(model: StatefulModel):
+    """The model's `forward_with_activity`; a recipe's spike_penalty needs one."""
+    forward = getattr(model, "forward_with_activity", None)
+    if forward is None:
+        raise ValueError(f"spike_penalty needs a spiking model, got {type(model).__name__}")
+    return forward
+
+
 def fit_classifier(
     model: StatefulModel, train: SequenceDataset, recipe: TrainingRecipe, progress: bool = True
 ) -> list[float]:
@@ -276,9 +289,15 @@ def fit_classifier(
                 inputs = train.inputs[batch]  # [b, T, F]
                 if recipe.input_noise > 0:
                     inputs = _add_noise(inputs, recipe.input_noise, train.value_range, generator)
-                logits = model(inputs)[0]  # [b, T, C]
                 labels = train.labels[batch]  # [b]
-                loss = step_cross_entropy(logits, labels, recipe.step_loss)
+                if recipe.spike_penalty > 0:
+                    logits, _, activity = spiking_forward(model)(inputs)  # [b, T, C]
+                    rate = activity["spikes"].sum() / activity["neurons"].sum()
+                    loss = step_cross_entropy(logits, labels, recipe.step_loss)
+                    loss = loss + recipe.spike_penalty * rate
+                else:
+                    logits = model(inputs)[0]  # [b, T, C]
+                    loss = step_cross_entropy(logits, labels, recipe.step_loss)
                 _update(model, optimiser, schedule, loss, recipe.grad_clip)
                 losses.append(loss.item())
                 correct += int((logits[:, -1].argmax(-1) == labels).sum())

@@ -33,6 +33,7 @@ _RECIPE_FLAGS = (
     "lr",
     "weight_decay",
     "step_loss",
+    "spike_penalty",
     "seed",
 )
 
@@ -112,7 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = train.add_argument_group("what to train")
     source.add_argument(
-        "--builtin", help="a built-in recipe: digits-lru, digits-snn or charlm-selective"
+        "--builtin",
+        help="a built-in recipe: digits-lru, digits-snn, digits-snn-lite or charlm-selective",
     )
     source.add_argument(
         "--dataset",
@@ -140,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="classification: cross-entropy on the last step only (last) or on every step, "
         "step t weighted by 1, t or t^2 (uniform, linear, quadratic)",
     )
+    knobs.add_argument(
+        "--spike-penalty",
+        dest="spike_penalty",
+        type=float,
+        help="spiking classifiers: add this times the spike rate to the loss (fewer spikes)",
+    )
     knobs.add_argument("--seed", type=int)
     add_repository_flag(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -148,7 +156,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser(
         "evaluate",
         help="print the built-in models' held-out metrics",
-        description="Evaluate digits-lru, digits-snn and charlm-selective on held-out data.",
+        description="Evaluate the built-in models (digits-lru, digits-snn, digits-snn-lite, "
+        "charlm-selective) on held-out data.",
     )
     add_repository_flag(evaluate)
     evaluate.add_argument(

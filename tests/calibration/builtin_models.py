@@ -12,7 +12,7 @@ from functools import cache
 import pytest
 import torch
 
-BUILTIN_CLASSIFIERS = ("digits-lru", "digits-snn")
+BUILTIN_CLASSIFIERS = ("digits-lru", "digits-snn", "digits-snn-lite")
 
 
 @cache

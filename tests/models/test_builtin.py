@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hardware_backends.energy import FP32_ACCUMULATE_JOULES, FP32_MAC_JOULES
 from models.builtin import (
     BUILTIN_RECIPES,
     BUILTIN_TARGETS,
@@ -23,7 +24,7 @@ from models.repository import ModelRepository, default_repository_root
 from models.training import TrainingRecipe, load_training_data
 from service.cli.models import main as cli_main
 
-BUILTINS = ("digits-lru", "digits-snn", "charlm-selective")
+BUILTINS = ("digits-lru", "digits-snn", "digits-snn-lite", "charlm-selective")
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +71,35 @@ def test_builtin_reaches_its_stated_metric(
     assert measured == pytest.approx(stored, abs=1e-4)
 
 
-def test_snn_reports_sparse_spiking_and_event_driven_cost(report: dict[str, dict]) -> None:
-    snn = report["digits-snn"]
+@pytest.mark.parametrize("name", ["digits-snn", "digits-snn-lite"])
+def test_snn_reports_sparse_spiking_and_event_driven_cost(
+    report: dict[str, dict], name: str
+) -> None:
+    snn = report[name]
     assert 0.0 < snn["test_spike_fraction"] < 0.5
     # Event-driven accumulates are far fewer than a dense implementation's operations.
     assert (
         snn["test_synaptic_ops_per_inference"]
         < 0.5 * snn["test_dense_equivalent_macs_per_inference"]
     )
+
+
+def test_snn_lite_input_is_spike_driven_and_costs_a_fraction_of_digits_snn(
+    report: dict[str, dict],
+) -> None:
+    lite, snn = report["digits-snn-lite"], report["digits-snn"]
+    # thermometer-coded input spikes: the only dense MACs are the decays of 256 LIF neurons
+    # (two each) and 10 readout units, on each of 8 steps
+    assert lite["test_dense_macs_per_inference"] == 8 * (2 * 256 + 10)
+
+    def nanojoules(metrics: dict) -> float:
+        return 1e9 * (
+            metrics["test_dense_macs_per_inference"] * FP32_MAC_JOULES
+            + metrics["test_synaptic_ops_per_inference"] * FP32_ACCUMULATE_JOULES
+        )
+
+    assert nanojoules(lite) < nanojoules(snn) / 5
+    assert lite["test_spike_fraction"] < snn["test_spike_fraction"]
 
 
 def test_language_model_beats_unigram_and_writes_text(report: dict[str, dict]) -> None:

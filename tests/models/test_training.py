@@ -20,6 +20,7 @@ from models.evaluate import (
     final_logits,
     final_logits_stepwise,
     generate,
+    spike_statistics,
     step_classification_metrics,
     step_logits,
     unigram_bits_per_character,
@@ -84,6 +85,7 @@ def test_warmup_then_cosine_down_to_a_tenth() -> None:
         ("lr", float("nan"), "lr must be positive"),
         ("warmup_fraction", 1.0, "warmup_fraction"),
         ("input_noise", -1.0, "input_noise"),
+        ("spike_penalty", -0.1, "spike_penalty"),
         ("step_loss", "all", "one of last, uniform, linear, quadratic, got 'all'"),
     ],
 )
@@ -137,6 +139,26 @@ def test_per_step_loss_trains_the_answer_after_every_step() -> None:
     for t in range(2, 6):  # after 3..6 rows
         assert metrics["last"]["nll"][t] > chance_nll > metrics["uniform"]["nll"][t] + 0.5
         assert metrics["uniform"]["accuracy"][t] > metrics["last"]["accuracy"][t] + 0.2
+
+
+def test_spike_penalty_lowers_the_firing_rate() -> None:
+    """The same seeded SNN recipe with and without a firing-rate penalty: the penalised one
+    spikes less on held-out digits. A non-spiking model refuses the penalty."""
+    data = load_training_data("digits-seq:rows")
+    config = {"d_model": 32, "threshold": 0.5, "dropout": 0.0, "input_encoding": "thermometer"}
+    rates = {}
+    for penalty in (0.0, 2.0):
+        recipe = TrainingRecipe(
+            "snn", "digits-seq:rows", config, epochs=3, step_loss="quadratic", spike_penalty=penalty
+        )
+        seed_everything(0)
+        model = build_for_data(recipe, data)
+        fit_classifier(model, data.train, recipe, progress=False)
+        rates[penalty] = spike_statistics(model, data.evaluation["test"])["spike_fraction"]
+    assert 0.0 < rates[2.0] < 0.75 * rates[0.0]
+    lru = TrainingRecipe("lru", "digits-seq:rows", dict(TINY_LRU), epochs=1, spike_penalty=1.0)
+    with pytest.raises(ValueError, match="spike_penalty needs a spiking model"):
+        fit_classifier(build_for_data(lru, data), data.train, lru, progress=False)
 
 
 def test_dataset_specs(tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ def metric_value(http: httpx.Client, name: str, **labels: str) -> float:
 # ---- every built-in backend -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["digits-lru", "digits-snn"])
+@pytest.mark.parametrize("model", ["digits-lru", "digits-snn", "digits-snn-lite"])
 @pytest.mark.parametrize("backend", BUILT_IN_BACKENDS)
 def test_every_built_in_backend_answers_calibrated_sets_with_usage(
     builtin: httpx.Client, backend: str, model: str
@@ -72,7 +72,7 @@ def test_every_built_in_backend_answers_calibrated_sets_with_usage(
     assert (usage["sequences"], usage["steps"]) == (16, 16 * 8)
     assert usage["macs"] > 0 and usage["energy_joules"] > 0
     assert usage["dense_equivalent_energy_joules"] >= usage["energy_joules"]
-    if model == "digits-snn":
+    if model.startswith("digits-snn"):
         assert usage["spikes"] > 0 and 0 < usage["sparsity"] < 1
         assert usage["accumulates"] > 0
     else:

@@ -41,7 +41,7 @@ from tests.conftest import free_tcp_port
 from tests.service.conftest import TEST_SETTINGS, running_server
 from tests.service.test_cli import COMMAND, cli_env
 
-DIGITS = ("digits-lru", "digits-snn")
+DIGITS = ("digits-lru", "digits-snn", "digits-snn-lite")
 LANGUAGE_MODEL = "charlm-selective"
 START_TIMEOUT_S = 60.0
 STREAM_TIMEOUT_S = 60.0

@@ -30,7 +30,7 @@ from tests.service.conftest import running_server
 
 pytestmark = pytest.mark.redis
 
-MODELS = ("digits-lru", "digits-snn")
+MODELS = ("digits-lru", "digits-snn", "digits-snn-lite")
 BACKENDS = ("torch", "analog_imc")
 ALPHAS = (0.05, 0.1, 0.2)
 STEPS = 8

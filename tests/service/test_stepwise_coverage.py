@@ -30,7 +30,7 @@ BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("model", ["digits-lru", "digits-snn"])
+@pytest.mark.parametrize("model", ["digits-lru", "digits-snn", "digits-snn-lite"])
 def test_every_step_covers_on_every_backend(model: str, backend: str) -> None:
     torch.manual_seed(0)  # the stochastic backend's draws
     repository = ModelRepository(default_repository_root())
