@@ -22,6 +22,11 @@ from tests.models.test_architectures import CASES, make, random_input, warm_stat
 BUILTIN_CASES = {
     name: (recipe.architecture, recipe.model_config) for name, recipe in BUILTIN_RECIPES.items()
 }
+# Options no built-in uses yet, which the fused step must follow too.
+BUILTIN_CASES["snn-thermometer-substeps-2layers"] = (
+    "snn",
+    {"d_model": 32, "n_layers": 2, "input_encoding": "thermometer", "substeps": 3},
+)
 TOL = 1e-5  # absolute and relative: float32 sums in another order, amplified over 64 steps
 STEPS = 64
 

@@ -203,7 +203,7 @@ def test_forward_with_activity_sums_the_steps_activity() -> None:
         logits, final, totals = model.forward_with_activity(x)
         state, stepped, summed = model.init_state(3), [], {}
         for t in range(5):
-            logits_t, state, activity = model.step_with_activity(x[:, t], state)
+            logits_t, state, activity = model.step_reference_with_activity(x[:, t], state)
             stepped.append(logits_t)
             summed = {k: summed.get(k, 0) + v for k, v in activity.items()}
     assert torch.equal(logits, torch.stack(stepped, dim=1))
