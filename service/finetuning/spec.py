@@ -172,8 +172,9 @@ class FinetuneSpec(BaseModel):
     @classmethod
     def _backend_defaults(cls, data: Any) -> Any:
         """Fields left out take their backend's defaults (`BACKEND_DEFAULTS`)."""
-        if isinstance(data, dict):
-            return {**BACKEND_DEFAULTS.get(data.get("backend", "torch"), {}), **data}
+        backend = data.get("backend", "torch") if isinstance(data, dict) else None
+        if isinstance(backend, str):  # anything else is the field validator's to refuse
+            return {**BACKEND_DEFAULTS.get(backend, {}), **data}
         return data
 
     @pydantic.field_validator("parameters")

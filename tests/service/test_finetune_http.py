@@ -104,6 +104,8 @@ def client(repository: ModelRepository) -> Iterator[httpx.Client]:
         ({"alpha": 1.5}, "alpha"),
         ({"version": "latest"}, "version"),
         ({"backend": "onnxruntime"}, "backend"),
+        ({"backend": {"name": "analog_imc"}}, "backend"),
+        ({"backend": ["analog_imc"]}, "backend"),
         ({"learning_rate": 0.1}, "learning_rate"),
         ({"data": {"kind": "csv"}}, "data"),
         ({"data": {"kind": "builtin", "shift": "rotated"}}, "data.builtin.shift"),
