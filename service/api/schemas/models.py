@@ -294,6 +294,19 @@ class Usage(BaseModel):
     dense_equivalent_energy_joules: float | None = Field(
         None, description="The same work counted as dense multiply-accumulates."
     )
+    routed_macs: int | None = Field(
+        None,
+        description="The part of `macs` run in routers and the experts they chose "
+        "(models with routed experts; 0 otherwise).",
+    )
+    skipped_macs: int | None = Field(
+        None, description="MACs of the experts not chosen: not run and not in `macs`."
+    )
+    active_fraction: float | None = Field(
+        None,
+        description="macs / (macs + skipped_macs): the fraction of the model's work with "
+        "every expert that ran (models with routed experts; null otherwise).",
+    )
 
 
 class PredictResponse(BaseModel):
