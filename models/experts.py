@@ -15,8 +15,10 @@ The gate is the router's probability itself (not renormalised over S), so the ro
 learns through the answer even with top_k = 1. Nothing here carries state from one token
 to the next, so a model's state and its step/forward agreement are untouched.
 
-`forward` gathers each expert's tokens and runs only those (the work `macs()` counts);
-`forward_dense` runs every expert on every token and weights the outputs with the same
+`forward` runs each expert on its own tokens only (the work `macs()` counts): a pass per
+expert over its gathered rows, or for a handful of tokens (a session's step) each token's
+experts' weights gathered, which saves the per-expert passes; `forward_dense` runs every
+expert on every token and weights the outputs with the same
 sparse gates: the slow reference beside it. The experts are plain matmuls on gathered rows,
 not `F.linear`, so the analog and stochastic backends (which route `F.linear` weights to
 their engines) leave them digital and exact: a gathered row no longer sits where a sampling
@@ -66,13 +68,28 @@ class RoutedExperts(nn.Module):
         """u [..., d] -> (out [..., d], router probabilities [..., n]); only routed work runs."""
         probs, chosen, gates = self.route(u)
         flat = u.reshape(-1, u.shape[-1])  # [M, d]
+        # Few tokens (a session's step): gathering each token's experts costs two calls, not
+        # a pass per expert; many tokens: a pass per expert over its own rows.
+        few = flat.shape[0] * self.top_k <= self.n_experts
+        run = self._run_gathered if few else self._run_by_expert
+        out = run(flat, chosen, gates)  # [M, d]
+        return out.reshape(u.shape), probs.reshape(*u.shape[:-1], self.n_experts)
+
+    def _run_by_expert(self, flat: Tensor, chosen: Tensor, gates: Tensor) -> Tensor:
+        """flat [M, d], chosen and gates [M, k] -> [M, d]: each expert on its rows only."""
         out = torch.zeros_like(flat)  # [M, d]
         for e in range(self.n_experts):
             rows, slots = torch.nonzero(chosen == e, as_tuple=True)  # [m_e] each
             hidden = F.gelu(flat[rows] @ self.w_up[e].T)  # [m_e, d_expert]
             weighted = gates[rows, slots].unsqueeze(-1) * (hidden @ self.w_down[e].T)  # [m_e, d]
             out = out.index_add(0, rows, weighted)
-        return out.reshape(u.shape), probs.reshape(*u.shape[:-1], self.n_experts)
+        return out
+
+    def _run_gathered(self, flat: Tensor, chosen: Tensor, gates: Tensor) -> Tensor:
+        """The same with each token's k experts' weights gathered (memory grows with M)."""
+        hidden = F.gelu(torch.einsum("md,mkhd->mkh", flat, self.w_up[chosen]))  # [M, k, d_expert]
+        out = torch.einsum("mkh,mkdh->mkd", hidden, self.w_down[chosen])  # [M, k, d]
+        return (gates.unsqueeze(-1) * out).sum(1)  # [M, d]
 
     def forward_dense(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """Reference: every expert on every token, weighted by the same sparse gates."""
