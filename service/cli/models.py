@@ -112,7 +112,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = train.add_argument_group("what to train")
     source.add_argument(
-        "--builtin", help="a built-in recipe: digits-lru, digits-snn or charlm-selective"
+        "--builtin",
+        help="a built-in recipe: digits-lru, digits-snn, charlm-selective or charlm-moe",
     )
     source.add_argument(
         "--dataset",
