@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 from models.repository import ModelRepository, default_repository_root
 
 MOE, DENSE = "charlm-moe", "charlm-selective"
-CALIBRATED_BACKENDS = ("torch", "onnxruntime", "analog_imc")  # charlm-moe's calibrations
+CALIBRATED_BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
 REPOSITORY = ModelRepository(default_repository_root())
 
 
