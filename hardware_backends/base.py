@@ -43,6 +43,8 @@ class Usage:
     neuron_steps: int = 0  # neuron updates (sparsity = spikes / neuron_steps)
     energy_joules: float = 0.0  # estimate on this backend (event-driven where it applies)
     dense_equivalent_energy_joules: float = 0.0  # same work counted as dense MACs
+    routed_macs: int = 0  # the part of macs spent in routers and the experts they chose
+    skipped_macs: int = 0  # MACs of the experts not chosen: not run, not in macs
 
     def __add__(self, other: Usage) -> Usage:
         if not isinstance(other, Usage):
@@ -56,9 +58,24 @@ class Usage:
         """Fraction of neuron updates that emitted a spike; None for models without spikes."""
         return self.spikes / self.neuron_steps if self.neuron_steps else None
 
+    @property
+    def active_fraction(self) -> float | None:
+        """Fraction of the model's work (every expert run) that ran: macs / (macs +
+        skipped_macs); None for models without routed experts."""
+        return active_fraction(self.macs, self.skipped_macs)
+
     def to_dict(self) -> dict[str, Any]:
         # Every field is a number: a shallow copy is `asdict` without its recursion.
-        return {**vars(self), "sparsity": self.sparsity}
+        return {**vars(self), "sparsity": self.sparsity, "active_fraction": self.active_fraction}
+
+
+# Usage.to_dict() keys that are ratios of the counts: recomputed from sums, never added.
+DERIVED_USAGE = ("sparsity", "active_fraction")
+
+
+def active_fraction(macs: float, skipped_macs: float) -> float | None:
+    """macs / (macs + skipped_macs), or None when nothing was skipped by routing."""
+    return macs / (macs + skipped_macs) if skipped_macs else None
 
 
 @runtime_checkable

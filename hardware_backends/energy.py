@@ -124,17 +124,23 @@ def usage_from_counts(
     dense_equivalent_macs: int | None = None,
     spikes: int = 0,
     neuron_steps: int = 0,
+    routed_macs: int = 0,
+    skipped_macs: int = 0,
     energy: EnergyModel = DIGITAL_FP32,
 ) -> Usage:
     """Usage of `macs` dense MACs plus `accumulates` spike-driven adds on `energy`'s hardware.
 
     `dense_equivalent_macs` is the MAC count had every layer been dense (defaults to `macs`
-    when nothing is event-driven).
+    when nothing is event-driven). Models with routed experts say which part of `macs` ran
+    in routers and chosen experts (`routed_macs`) and what the experts not chosen would
+    have cost (`skipped_macs`): work not done, so it is priced nowhere, not even in the
+    dense equivalent (which prices the work done as dense MACs).
     """
     if dense_equivalent_macs is None:
         dense_equivalent_macs = macs
     counts = {"macs": macs, "accumulates": accumulates, "spikes": spikes}
     counts |= {"neuron_steps": neuron_steps, "dense_equivalent_macs": dense_equivalent_macs}
+    counts |= {"routed_macs": routed_macs, "skipped_macs": skipped_macs}
     negative = {k: v for k, v in counts.items() if v < 0}
     if negative:
         raise ValueError(f"operation counts must be non-negative, got {negative}")
@@ -143,6 +149,8 @@ def usage_from_counts(
         accumulates=int(accumulates),
         spikes=int(spikes),
         neuron_steps=int(neuron_steps),
+        routed_macs=int(routed_macs),
+        skipped_macs=int(skipped_macs),
         energy_joules=macs * energy.mac_joules + accumulates * energy.accumulate_joules,
         dense_equivalent_energy_joules=dense_equivalent_macs * energy.mac_joules,
     )
@@ -164,15 +172,22 @@ def usage_of_steps(
     spike-driven work is those synaptic operations, counted as accumulates; without
     "synaptic_ops" it is synaptic_ops_max * spikes / neurons (exact for a common fan-out).
     The dense-equivalent figure prices dense_macs + synaptic_ops_max per step as MACs.
+    Models with routed experts count only the routed work in dense_macs and add
+    "routed_macs" (its routers and chosen experts) and "skipped_macs" (the experts not
+    chosen) per step: fixed per step, since every token runs the same number of experts.
     """
     if batch < 1 or steps < 1:
         raise ValueError(f"batch and steps must be >= 1, got {batch}, {steps}")
     dense_macs = int(op_counts["dense_macs"]) * batch * steps
+    routing = {
+        name: int(op_counts.get(name, 0)) * batch * steps
+        for name in ("routed_macs", "skipped_macs")
+    }
     spike_driven_max = int(op_counts.get("synaptic_ops_max", 0))
     if not activity:
         if spike_driven_max:
             raise ValueError("a spiking model's usage needs its per-step activity counters")
-        return usage_from_counts(macs=dense_macs, energy=energy)
+        return usage_from_counts(macs=dense_macs, energy=energy, **routing)
     if steps != 1:
         raise ValueError("activity counters describe one step; sum the usage of each step")
     counters = {name: activity[name].detach().double().cpu() for name in activity}  # [B] each
@@ -198,4 +213,5 @@ def usage_of_steps(
         spikes=round(float(spikes.sum())),
         neuron_steps=round(float(neurons.sum())),
         energy=energy,
+        **routing,
     )

@@ -96,6 +96,11 @@ class StatefulModel(nn.Module, ABC):
         """Static per-sample operation counts of one step, e.g. {"dense_macs": ...}."""
 
     # ---- shared -------------------------------------------------------------------------
+    def pop_auxiliary_loss(self) -> Tensor | None:
+        """A loss term the last training-mode `forward` asks training to add to the task loss
+        (e.g. routed experts' load balance), handed over once; None when there is none."""
+        return None
+
     def step(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
         """One step: (logits [B, n_out], new state). Never mutates `state`."""
         logits, new_state, _ = self.step_with_activity(x_t, state)

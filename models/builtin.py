@@ -3,7 +3,7 @@
 Each built-in artifact under `models/artifacts/` was produced by
 `neuroserve train --builtin <name>` from the recipe below (its config.json records the exact
 command, seed and data hash). `ensure_builtin_models(repo)` trains any that a repository
-lacks, so a fresh repository directory works too (the language model takes minutes).
+lacks, so a fresh repository directory works too (the language models take minutes).
 """
 
 from __future__ import annotations
@@ -112,6 +112,32 @@ BUILTIN_RECIPES: dict[str, TrainingRecipe] = {
         weight_decay=0.1,
         seed=0,
     ),
+    # Routed experts (mixer "moe"): each block's selective SSM (d_model 112, E = 224) is
+    # followed by 8 expert MLPs (hidden 112) of which each token runs one, so a token costs
+    # 0.465x charlm-selective's MACs while the model holds 1.17x its parameters. A training
+    # step costs about half the dense one's (bench/moe_lm.py), so twice the steps (1600) fit
+    # a comparable budget: 860 s of CPU here, on a shared 2-core machine. Load balance:
+    # Switch's loss at 0.01. 1.72 held-out bpc against the dense model's 1.77.
+    "charlm-moe": TrainingRecipe(
+        architecture="selective",
+        dataset="charcorpus",
+        model_config={
+            "d_model": 112,
+            "n_layers": 2,
+            "d_state": 4,
+            "mixer": "moe",
+            "n_experts": 8,
+            "top_k": 1,
+            "d_expert": 112,
+            "load_balance_weight": 0.01,
+        },
+        steps=1600,
+        batch_size=32,
+        seq_len=128,
+        lr=3e-3,
+        weight_decay=0.1,
+        seed=0,
+    ),
 }
 
 
@@ -134,6 +160,7 @@ BUILTIN_TARGETS: dict[str, MetricTarget] = {
     "digits-snn": MetricTarget("test_accuracy", minimum=0.95),
     "digits-snn-lite": MetricTarget("test_accuracy", minimum=0.95),
     "charlm-selective": MetricTarget("valid_bpc", maximum=2.5),
+    "charlm-moe": MetricTarget("valid_bpc", maximum=2.5),
 }
 
 SAMPLE_PROMPT = "Return the "
@@ -201,9 +228,15 @@ def _language_model_rows(
     prompt = corpus.encode(SAMPLE_PROMPT)
     greedy = corpus.decode(generate(model, prompt, sample_tokens, temperature=0.0))
     sampled = corpus.decode(generate(model, prompt, sample_tokens, temperature=0.8, seed=seed))
+    counts = model.macs_per_step()
+    work = [ReportRow(name, version, "macs_per_token", float(counts["dense_macs"]))]
+    if counts.get("skipped_macs"):  # routed experts: the share of the whole model that runs
+        active = counts["dense_macs"] / (counts["dense_macs"] + counts["skipped_macs"])
+        work.append(ReportRow(name, version, "active_fraction", active))
     return [
         ReportRow(name, version, "valid_bpc", bpc, _target_text(name, "valid_bpc")),
         ReportRow(name, version, "unigram_valid_bpc", unigram),
+        *work,
         ReportRow(name, version, "sample_greedy", SAMPLE_PROMPT + greedy),
         ReportRow(name, version, f"sample_t0.8_seed{seed}", SAMPLE_PROMPT + sampled),
     ]

@@ -17,6 +17,12 @@ and blocks form a pre-norm residual stack with RMSNorm. The state of block i is 
 state "layers.{i}.ssm" [B, E, N] and the last d_conv − 1 conv inputs "layers.{i}.conv"
 [B, E, d_conv − 1], so stepping one token at a time is exact.
 
+With `mixer: "moe"` each block also mixes channels with routed experts (models/experts.py,
+as in MoE-Mamba): x + Experts(RMSNorm(x)) after the SSM's residual, each token running
+top_k of n_experts expert MLPs. The experts hold no state, so the state is the same as the
+dense model's; `macs_per_step` counts the routed work only. The default ("ssm") builds
+exactly the original block, so artifacts saved before the option existed load unchanged.
+
 `forward` runs the scan in parallel (an odd/even associative scan, O(T) work and
 O(log T) depth); `_scan_sequential` is the reference loop beside it. For a character
 language model (input_kind "tokens") an embedding sits in front and the head may share
@@ -33,8 +39,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import InputEncoder, State, StatefulModel, check_common_config
+from models.experts import RoutedExperts
 from models.fused import fused_step_applies
 from models.selective_fused import fused_selective_step, fused_weights
+
+MIXERS = ("ssm", "moe")  # the selective SSM alone, or followed by routed experts
 
 
 @dataclass
@@ -54,9 +63,24 @@ class SelectiveConfig:
     dt_min: float = 1e-3
     dt_max: float = 0.1
     tie_embeddings: bool = True
+    mixer: str = "ssm"
+    n_experts: int = 8  # mixer "moe": experts per block
+    top_k: int = 1  # mixer "moe": experts each token runs
+    d_expert: int = 0  # mixer "moe": hidden width of an expert, 0 means d_model
+    load_balance_weight: float = 0.01  # mixer "moe": scale of the load-balance loss in training
 
     def __post_init__(self) -> None:
         check_common_config(self)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"need 1 <= top_k <= n_experts, got {self.top_k}, {self.n_experts}")
+        if self.d_expert < 0:
+            raise ValueError(f"d_expert must be >= 0 (0 = d_model), got {self.d_expert}")
+        if not 0.0 <= self.load_balance_weight < math.inf:
+            raise ValueError(
+                f"load_balance_weight must be finite and >= 0, got {self.load_balance_weight}"
+            )
         for name in ("d_state", "expand"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -81,6 +105,10 @@ class SelectiveConfig:
     @property
     def dt_rank_resolved(self) -> int:
         return self.dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def d_expert_resolved(self) -> int:
+        return self.d_expert or self.d_model
 
 
 # ---- the selective scan: h_t = a_t * h_{t-1} + b_t ----------------------------------------
@@ -194,20 +222,43 @@ class SelectiveMixer(nn.Module):
 
 
 class SelectiveBlock(nn.Module):
-    """x + Mixer(RMSNorm(x))."""
+    """x + Mixer(RMSNorm(x)); with mixer "moe", then x + Experts(RMSNorm(x))."""
 
     def __init__(self, cfg: SelectiveConfig):
         super().__init__()
         self.norm = nn.RMSNorm(cfg.d_model)
         self.mixer = SelectiveMixer(cfg)
+        self.experts: RoutedExperts | None = None
+        if cfg.mixer == "moe":
+            self.experts_norm = nn.RMSNorm(cfg.d_model)
+            self.experts = RoutedExperts(
+                cfg.d_model, cfg.n_experts, cfg.top_k, cfg.d_expert_resolved
+            )
+
+    def _mix_channels(self, x: Tensor, dense: bool) -> tuple[Tensor, Tensor | None]:
+        """x [..., d_model] -> (x + routed experts, router probabilities [..., n]); the
+        identity for the dense mixer. `dense` runs the experts' reference path."""
+        if self.experts is None:
+            return x, None
+        route = self.experts.forward_dense if dense else self.experts
+        out, probs = route(self.experts_norm(x))
+        return x + out, probs
 
     def step(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor):
         out, conv_state, ssm_state = self.mixer.step(self.norm(x), conv_state, ssm_state)
-        return x + out, conv_state, ssm_state
+        x, _ = self._mix_channels(x + out, dense=False)
+        return x, conv_state, ssm_state
 
-    def forward(self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, scan=_scan_parallel):
+    def forward(
+        self, x: Tensor, conv_state: Tensor, ssm_state: Tensor, scan=_scan_parallel, dense=False
+    ):
+        """x [B, T, d_model] -> (x, conv_state, ssm_state, router probabilities or None)."""
         out, conv_state, ssm_state = self.mixer(self.norm(x), conv_state, ssm_state, scan=scan)
-        return x + out, conv_state, ssm_state
+        x, probs = self._mix_channels(x + out, dense)
+        return x, conv_state, ssm_state, probs
+
+    def macs(self) -> int:
+        return self.mixer.macs() + (self.experts.macs() if self.experts is not None else 0)
 
 
 # ---- the full model ---------------------------------------------------------------------------
@@ -225,6 +276,7 @@ class SelectiveModel(StatefulModel):
         self.layers = nn.ModuleList(SelectiveBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
         self.head = nn.Linear(config.d_model, config.d_output, bias=False)
+        self._load_balance_loss: Tensor | None = None  # see pop_auxiliary_loss
         if config.input_kind == "tokens":
             # Small embeddings, as in Mamba/GPT-2, keep a tied head's first logits near zero.
             nn.init.normal_(self.encoder.embed.weight, std=0.02)
@@ -268,26 +320,53 @@ class SelectiveModel(StatefulModel):
         return self.head(self.norm(x)), new_state, {}  # [B, n_out]
 
     def forward(
-        self, x: Tensor, state: State | None = None, scan=_scan_parallel
+        self, x: Tensor, state: State | None = None, scan=_scan_parallel, dense_experts=False
     ) -> tuple[Tensor, State]:
         """x: [B, T, d_input] floats or [B, T] tokens -> logits [B, T, n_out], final state.
 
         `scan=_scan_sequential` runs the reference loop instead of the parallel scan. On one
         CPU core the loop is the faster of the two (about 2x end to end at T = 128,
         d_state 16): the parallel scan buys O(log T) depth with extra passes over
-        [B, T, E, N] tensors, which pays off on parallel hardware, not on a CPU."""
+        [B, T, E, N] tensors, which pays off on parallel hardware, not on a CPU.
+        `dense_experts=True` runs every expert (the reference path of mixer "moe").
+        In training mode a "moe" model keeps this pass's load-balance loss for
+        `pop_auxiliary_loss`."""
         self.check_sequence_input(x)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=self.head.weight.dtype)
         self.check_state(state, x.shape[0])
         h = self.encoder(x)  # [B, T, d_model]
         new_state: State = {}
+        balance = []
         for i, layer in enumerate(self.layers):
-            h, conv, ssm = layer(h, state[f"layers.{i}.conv"], state[f"layers.{i}.ssm"], scan=scan)
+            conv, ssm = state[f"layers.{i}.conv"], state[f"layers.{i}.ssm"]
+            h, conv, ssm, probs = layer(h, conv, ssm, scan=scan, dense=dense_experts)
             new_state[f"layers.{i}.conv"], new_state[f"layers.{i}.ssm"] = conv, ssm
+            if probs is not None and self.training:
+                balance.append(layer.experts.load_balance_loss(probs))
+        if balance:
+            self._load_balance_loss = torch.stack(balance).mean()
         return self.head(self.norm(h)), new_state  # [B, T, n_out]
 
+    def pop_auxiliary_loss(self) -> Tensor | None:
+        """The routers' load-balance loss of the last training-mode forward (mean over blocks)
+        times load_balance_weight, handed over once (the module keeps no graph afterwards, so
+        it can still be deep-copied); None for the dense mixer or without such a forward."""
+        loss, self._load_balance_loss = self._load_balance_loss, None
+        if loss is None:
+            return None
+        return self.config.load_balance_weight * loss
+
     def macs_per_step(self) -> dict[str, int]:
-        layers = sum(layer.mixer.macs() for layer in self.layers)
+        """dense_macs: the work one token's step runs, with mixer "moe" only the routers and
+        the top_k experts each token is routed to (every token runs exactly top_k equal-sized
+        experts, so the count is exact, not an average). "moe" adds routed_macs (routers and
+        experts run, part of dense_macs) and skipped_macs (the experts not run)."""
+        layers = sum(layer.macs() for layer in self.layers)
         head = self.head.in_features * self.head.out_features
-        return {"dense_macs": self.encoder.macs() + layers + head}
+        counts = {"dense_macs": self.encoder.macs() + layers + head}
+        experts = [layer.experts for layer in self.layers if layer.experts is not None]
+        if experts:
+            counts["routed_macs"] = sum(e.macs() for e in experts)
+            counts["skipped_macs"] = sum(e.skipped_macs() for e in experts)
+        return counts

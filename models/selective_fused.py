@@ -143,13 +143,24 @@ KNOWN_CONFIG = frozenset(
         "dt_min",
         "dt_max",
         "tie_embeddings",
+        # routed experts' options: a model that uses them (mixer "moe") takes the reference
+        # step (`fused_weights`); with mixer "ssm" they are unused
+        "mixer",
+        "n_experts",
+        "top_k",
+        "d_expert",
+        "load_balance_weight",
     }
 )
 
 
 def fused_weights(config) -> DerivedWeights | None:
     """The cache a `SelectiveModel` keeps for `fused_selective_step`; None for a config with
-    a field this fused step does not know (the model then always takes its reference step)."""
+    a field this fused step does not know (the model then always takes its reference step),
+    and for routed experts (mixer "moe"): their step's cost is the per-token gather of the
+    chosen experts' weights, which fusing the SSM block around it would not remove."""
+    if getattr(config, "mixer", "ssm") != "ssm":
+        return None
     return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
 
 

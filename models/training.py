@@ -313,7 +313,8 @@ def fit_classifier(
 def fit_language_model(
     model: StatefulModel, corpus: CharCorpus, recipe: TrainingRecipe, progress: bool = True
 ) -> list[float]:
-    """Minimise next-token cross-entropy on random windows; returns per-step losses (nats)."""
+    """Minimise next-token cross-entropy (plus the model's auxiliary loss, if it has one) on
+    random windows; returns the per-step cross-entropies (nats)."""
     ids = corpus.train_ids
     if len(ids) < recipe.seq_len + 2:
         raise ValueError(f"{corpus.name}: {len(ids)} training tokens, need > seq_len + 1")
@@ -330,7 +331,9 @@ def fit_language_model(
             windows = ids[starts[:, None] + offsets]  # [B, L+1]
             logits = model(windows[:, :-1])[0]  # [B, L, V]
             loss = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
-            _update(model, optimiser, schedule, loss, recipe.grad_clip)
+            auxiliary = model.pop_auxiliary_loss()  # e.g. routed experts' load balance
+            total = loss if auxiliary is None else loss + auxiliary
+            _update(model, optimiser, schedule, total, recipe.grad_clip)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", bpc=f"{losses[-1] / math.log(2):.3f}")

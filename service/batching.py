@@ -37,7 +37,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from hardware_backends.base import Runner, State, Usage, runner_notes
+from hardware_backends.base import DERIVED_USAGE, Runner, State, Usage, runner_notes
 
 logger = logging.getLogger("neuroserve.batching")
 
@@ -107,12 +107,13 @@ def split_state(state: State, rows: int) -> list[State]:
 def usage_share(usage: Usage, rows: int, total_rows: int, batch_size: int) -> dict[str, Any]:
     """The share of `rows` in a run over `total_rows` equal-length rows.
 
-    Dense work is the same for every row, so the share is exact; spike counts (and the
+    Dense work (routed experts' too: every token runs top_k of them) is the same for every
+    row, so the share is exact; the ratios are the run's own; spike counts (and the
     energy they drive) are the mean over the rows, since runners report totals.
     """
     share = usage.to_dict()
     for name, value in share.items():
-        if name == "sparsity" or value is None:
+        if name in DERIVED_USAGE or value is None:
             continue
         part = value * rows / total_rows
         share[name] = round(part) if isinstance(value, int) else part

@@ -114,7 +114,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = train.add_argument_group("what to train")
     source.add_argument(
         "--builtin",
-        help="a built-in recipe: digits-lru, digits-snn, digits-snn-lite or charlm-selective",
+        help=(
+            "a built-in recipe: digits-lru, digits-snn, digits-snn-lite, charlm-selective or "
+            "charlm-moe"
+        ),
     )
     source.add_argument(
         "--dataset",

@@ -33,7 +33,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 from torch import Tensor
 
-from hardware_backends.base import Usage
+from hardware_backends.base import Usage, active_fraction
 from models.repository import ModelCard
 from service.api.schemas.generate import GenerateOptions
 from service.dataplane.inputs import encode_prompts
@@ -145,7 +145,8 @@ def stop_reached(text: str, new_token: str, stops: Sequence[str]) -> bool:
 
 def sum_usage(chunks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Usage of several steps: the work counts, energies, steps and compute time add up;
-    sparsity is recomputed; per-step facts such as the batch size are left out."""
+    sparsity and the active fraction are recomputed; per-step facts such as the batch size
+    are left out."""
     total: dict[str, Any] = {}
     for chunk in chunks:
         for key in ADDITIVE_USAGE:
@@ -154,6 +155,8 @@ def sum_usage(chunks: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     if "spikes" in total and "neuron_steps" in total:
         neuron_steps = total["neuron_steps"]
         total["sparsity"] = total["spikes"] / neuron_steps if neuron_steps else None
+    if "macs" in total and "skipped_macs" in total:
+        total["active_fraction"] = active_fraction(total["macs"], total["skipped_macs"])
     return total
 
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from hardware_backends.base import BackendUnavailableError, Runner, Usage
+from hardware_backends.base import DERIVED_USAGE, BackendUnavailableError, Runner, Usage
 from hardware_backends.energy import ANALOG_PCM, DIGITAL_FP32, joules_per_mac, usage_from_counts
 from hardware_backends.noise_streams import NOISE_STREAM
 from hardware_backends.onnx_export import CACHE_DIR_ENV
 from hardware_backends.registry import BackendRegistry
+from hardware_backends.routing import find_linear_weights
 from hardware_backends.torch_backend import TorchBackend
 from models.architectures import ARCHITECTURES, build_model
 from models.base import StatefulModel
@@ -34,14 +35,26 @@ SMALL_CONFIGS: dict[str, dict] = {
     "snn": {"d_model": 24, "n_layers": 2},
 }
 
+# Every architecture, plus the options that change what a step runs: name -> (architecture,
+# config).
+MODEL_CASES: dict[str, tuple[str, dict]] = {
+    **{name: (name, SMALL_CONFIGS.get(name, {})) for name in ARCHITECTURES},
+    "selective-moe": (
+        "selective",
+        {**SMALL_CONFIGS["selective"], "mixer": "moe", "n_experts": 4, "top_k": 1, "d_expert": 8},
+    ),
+}
+
 REGISTRY = BackendRegistry()
 BACKENDS = REGISTRY.names()
 BATCH, STEPS = 3, 6
 
 
-def small_model(architecture: str, seed: int = 0) -> StatefulModel:
+def small_model(case: str, seed: int = 0) -> StatefulModel:
+    """The model of `case` in MODEL_CASES (an architecture's name is its own case)."""
     torch.manual_seed(seed)
-    return build_model(architecture, SMALL_CONFIGS.get(architecture, {}))
+    architecture, config = MODEL_CASES[case]
+    return build_model(architecture, config)
 
 
 def example_sequence(model: StatefulModel, batch: int, steps: int, seed: int = 0) -> Tensor:
@@ -91,7 +104,7 @@ def test_every_built_in_backend_is_registered() -> None:
     assert {"torch", "onnxruntime", "analog_imc", "stochastic"} <= set(BACKENDS)
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", sorted(MODEL_CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
 class TestRunnerContract:
     def test_shapes_and_state_layout(self, backend: str, architecture: str) -> None:
@@ -168,9 +181,14 @@ class TestRunnerContract:
         assert usage.macs + usage.accumulates > 0, "a step does some work"
         assert usage.spikes <= usage.neuron_steps
         assert usage.energy_joules > 0 and usage.dense_equivalent_energy_joules > 0
-        assert all(math.isfinite(counts[f]) for f in counts if f != "sparsity")
+        assert all(math.isfinite(counts[f]) for f in counts if f not in DERIVED_USAGE)
         if usage.neuron_steps:
             assert counts["sparsity"] == usage.spikes / usage.neuron_steps
+        assert 0 <= usage.routed_macs <= usage.macs
+        if usage.skipped_macs:
+            assert counts["active_fraction"] == usage.macs / (usage.macs + usage.skipped_macs)
+        else:
+            assert counts["active_fraction"] is None
         # Per-step work scales with the batch: a run of 2B sequences is the sum of two runs.
         double = example_sequence(model, 2 * BATCH, STEPS)
         _, _, both = fresh_runner(backend, model).run(double)
@@ -217,7 +235,7 @@ class TestRunnerContract:
             runner.init_state(0)
 
 
-@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("architecture", sorted(MODEL_CASES))
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_digital_backends_charge_the_digital_energy_figures(backend: str, architecture: str):
     model = small_model(architecture)
@@ -238,6 +256,29 @@ def test_digital_backends_charge_the_digital_energy_figures(backend: str, archit
     if "synaptic_ops_max" not in counts:  # a dense model does no event-driven work
         assert usage.accumulates == usage.spikes == usage.neuron_steps == 0
         assert usage.energy_joules == usage.dense_equivalent_energy_joules
+    # Routed experts: only the chosen ones are counted, and the rest is reported as skipped.
+    assert usage.routed_macs == counts.get("routed_macs", 0) * BATCH * STEPS
+    assert usage.skipped_macs == counts.get("skipped_macs", 0) * BATCH * STEPS
+
+
+@pytest.mark.parametrize("backend", ["analog_imc", "stochastic"])
+def test_routed_experts_stay_digital_on_engine_backends(backend: str) -> None:
+    """The router runs on the engines like any projection; the experts, gathered rows in
+    plain matmuls, run digitally and are priced as FP32 MACs, and usage still counts only
+    the chosen experts."""
+    model = small_model("selective-moe")
+    weights = find_linear_weights(model)
+    assert "layers.0.experts.router.weight" in weights
+    assert not any("w_up" in name or "w_down" in name for name in weights)
+    runner = fresh_runner(backend, model)
+    _, _, usage = runner.run(example_sequence(model, BATCH, STEPS))
+    counts = model.macs_per_step()
+    per_sequence_step = usage.macs // (counts["dense_macs"] * STEPS)  # B, or S·B if sampled
+    assert usage.macs == counts["dense_macs"] * STEPS * per_sequence_step
+    assert usage.routed_macs == counts["routed_macs"] * STEPS * per_sequence_step
+    assert usage.active_fraction == pytest.approx(
+        counts["dense_macs"] / (counts["dense_macs"] + counts["skipped_macs"])
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from hardware_backends.crossbar import (
     AnalogMatmul,
-    analog_units,
     CrossbarConfig,
+    analog_units,
     dense_weight,
     exact_sum_grid,
     generator_noise,

@@ -46,6 +46,20 @@ CASES = {
             "input_scale": 0.0625,
         },
     ),
+    "selective-moe-tokens": (
+        "selective",
+        {
+            "vocab_size": 13,
+            "d_output": 13,
+            "d_model": 16,
+            "n_layers": 2,
+            "d_state": 4,
+            "mixer": "moe",
+            "n_experts": 4,
+            "top_k": 2,
+            "d_expert": 24,
+        },
+    ),
     "snn-features": ("snn", {"d_model": 32}),
     "snn-tokens-2layers": (
         "snn",

@@ -24,7 +24,8 @@ from models.repository import ModelRepository, default_repository_root
 from models.training import TrainingRecipe, load_training_data
 from service.cli.models import main as cli_main
 
-BUILTINS = ("digits-lru", "digits-snn", "digits-snn-lite", "charlm-selective")
+BUILTINS = ("digits-lru", "digits-snn", "digits-snn-lite", "charlm-selective", "charlm-moe")
+LANGUAGE_MODELS = ("charlm-selective", "charlm-moe")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_builtin_reaches_its_stated_metric(
     measured = report[name][target.metric]
     stored = repository.card(name).config["metrics"][target.metric]
     assert target.met_by(measured), f"{name}: {target.metric} = {measured}, target {target}"
-    if name == "charlm-selective":
+    if name in LANGUAGE_MODELS:
         # The corpus is this Python's stdlib docstrings: equal only where the text is equal.
         data_hash = repository.card(name).config["provenance"]["data_sha256"]
         if load_char_corpus().sha256 != data_hash:
@@ -102,8 +103,9 @@ def test_snn_lite_input_is_spike_driven_and_costs_a_fraction_of_digits_snn(
     assert lite["test_spike_fraction"] < snn["test_spike_fraction"]
 
 
-def test_language_model_beats_unigram_and_writes_text(report: dict[str, dict]) -> None:
-    lm = report["charlm-selective"]
+@pytest.mark.parametrize("name", LANGUAGE_MODELS)
+def test_language_model_beats_unigram_and_writes_text(report: dict[str, dict], name: str) -> None:
+    lm = report[name]
     assert lm["valid_bpc"] < lm["unigram_valid_bpc"] - 1.5
     greedy = lm["sample_greedy"]
     assert greedy.startswith("Return the ") and len(greedy) == len("Return the ") + 40

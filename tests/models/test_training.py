@@ -34,6 +34,7 @@ from models.training import (
     build_for_data,
     current_command,
     fit_classifier,
+    fit_language_model,
     load_training_data,
     seed_everything,
     step_cross_entropy,
@@ -269,6 +270,24 @@ def test_tiny_language_model_learns_a_repeating_text(tmp_path: Path) -> None:
     assert metrics["valid_bpc"] < 0.5 * metrics["unigram_valid_bpc"]
     loaded = repo.load("song").model
     assert bits_per_character(loaded, corpus.valid_ids) == pytest.approx(metrics["valid_bpc"])
+
+
+def test_language_model_training_adds_the_models_load_balance_loss(tmp_path: Path) -> None:
+    """Routed experts: the balance term reaches the routers through the training loop (two
+    runs that differ only in its weight end with different routers), and the loop takes it
+    every step (nothing is left on the model)."""
+    corpus = load_text_corpus(_repeating_text(tmp_path))
+    moe = {**TINY_SELECTIVE, "mixer": "moe", "n_experts": 4, "top_k": 1, "d_expert": 8}
+    routers = []
+    for weight in (0.0, 1.0):
+        config = {**moe, "load_balance_weight": weight}
+        recipe = TrainingRecipe("selective", "charcorpus", config, steps=3, seq_len=16, lr=1e-2)
+        torch.manual_seed(0)
+        model = build_model("selective", {"vocab_size": 97, "d_output": 97, **config})
+        fit_language_model(model, corpus, recipe, progress=False)
+        assert model.pop_auxiliary_loss() is None
+        routers.append(model.layers[0].experts.router.weight.detach().clone())
+    assert not torch.equal(routers[0], routers[1])
 
 
 # ---- evaluation: fast paths against their references -----------------------------------------

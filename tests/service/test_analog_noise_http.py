@@ -94,12 +94,14 @@ def test_a_session_answers_the_same_alone_and_batched_with_others(server_factory
     assert all(answer["usage"]["weight_mapping"] == "rescaled" for answer in other_answers)
     assert batched == alone
     # Another session fed the same inputs draws other noise: the stream is the session's.
-    with server_factory(create_app(settings)) as base_url:
-        with httpx.Client(base_url=base_url, timeout=60) as client:
-            other = [
-                _sequence_step(client, "someone-else", chunk, start=t == 0)
-                for t, chunk in enumerate(probe_rows)
-            ]
+    with (
+        server_factory(create_app(settings)) as base_url,
+        httpx.Client(base_url=base_url, timeout=60) as client,
+    ):
+        other = [
+            _sequence_step(client, "someone-else", chunk, start=t == 0)
+            for t, chunk in enumerate(probe_rows)
+        ]
     assert other != alone
 
 

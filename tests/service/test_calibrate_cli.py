@@ -47,7 +47,13 @@ from service.settings import Settings
 from tests.service.conftest import CHAR_VOCABULARY, publish_lru, running_server
 from tests.service.test_cli import run_cli
 
-BUILT_IN_MODELS = ("digits-lru", "digits-snn", "digits-snn-lite", "charlm-selective")
+BUILT_IN_MODELS = (
+    "digits-lru",
+    "digits-snn",
+    "digits-snn-lite",
+    "charlm-selective",
+    "charlm-moe",
+)
 BUILT_IN_BACKENDS = ("torch", "onnxruntime", "analog_imc", "stochastic")
 NPZ_STEPS = 4  # the npz calibration data: the first rows of each digit (a short horizon)
 NPZ_IMAGES = 200

@@ -431,3 +431,10 @@ def test_usage_of_several_steps_adds_up() -> None:
     total = sum_usage(chunks)
     assert total["macs"] == 15 and total["steps"] == 3 and total["sparsity"] == 0.5
     assert "batch_size" not in total
+    routed = [
+        {"macs": 30, "routed_macs": 10, "skipped_macs": 70, "active_fraction": 0.3},
+        {"macs": 10, "routed_macs": 4, "skipped_macs": 10, "active_fraction": 0.5},
+    ]
+    total = sum_usage(routed)
+    assert (total["routed_macs"], total["skipped_macs"]) == (14, 80)
+    assert total["active_fraction"] == 40 / 120  # recomputed from the sums, not averaged

@@ -43,6 +43,7 @@ from tests.service.test_cli import COMMAND, cli_env
 
 DIGITS = ("digits-lru", "digits-snn", "digits-snn-lite")
 LANGUAGE_MODEL = "charlm-selective"
+LANGUAGE_MODELS = (LANGUAGE_MODEL, "charlm-moe")  # every built-in language model
 START_TIMEOUT_S = 60.0
 STREAM_TIMEOUT_S = 60.0
 
@@ -164,18 +165,18 @@ def test_health_and_metadata(client: triton.InferenceServerClient, http_url: str
 def test_model_config_repository_index_and_statistics_equal_http(
     client: triton.InferenceServerClient, http_url: str
 ) -> None:
-    for model in (*DIGITS, LANGUAGE_MODEL):
+    for model in (*DIGITS, *LANGUAGE_MODELS):
         config = client.get_model_config(model).config
         over_http = httpx.get(f"{http_url}/v2/models/{model}/config").json()
         expected = json_format.ParseDict(over_http, mc.ModelConfig())
-        # Only gRPC streams tokens, one response each: its language model is decoupled.
-        if model == LANGUAGE_MODEL:
+        # Only gRPC streams tokens, one response each: its language models are decoupled.
+        if model in LANGUAGE_MODELS:
             expected.model_transaction_policy.decoupled = True
         assert config == expected
     index = client.get_model_repository_index(as_json=True)["models"]
     assert index == [
         {"name": name, "version": "1", "state": "READY"}
-        for name in sorted((*DIGITS, LANGUAGE_MODEL))
+        for name in sorted((*DIGITS, *LANGUAGE_MODELS))
     ]
     client.infer("digits-snn", [features(np.stack(digit_chunks(2)))])
     stats = client.get_inference_statistics("digits-snn").model_stats
@@ -244,7 +245,7 @@ def test_the_stock_http_client_with_its_defaults_gets_the_same_answers_from_the_
         assert label.shape == (1,) and len(label[0]) == 1
         assert http.get_model_config("digits-lru")["name"] == "digits-lru"
         index = http.get_model_repository_index()
-        assert {entry["name"] for entry in index} == {*DIGITS, LANGUAGE_MODEL}
+        assert {entry["name"] for entry in index} == {*DIGITS, *LANGUAGE_MODELS}
         stats = http.get_inference_statistics("digits-lru")["model_stats"]
         assert stats[0]["inference_stats"]["success"]["count"] >= 1
     finally:

@@ -313,6 +313,20 @@ class Usage(BaseModel):
         ),
     )
 
+    routed_macs: int | None = Field(
+        None,
+        description="The part of `macs` run in routers and the experts they chose "
+        "(models with routed experts; 0 otherwise).",
+    )
+    skipped_macs: int | None = Field(
+        None, description="MACs of the experts not chosen: not run and not in `macs`."
+    )
+    active_fraction: float | None = Field(
+        None,
+        description="macs / (macs + skipped_macs): the fraction of the model's work with "
+        "every expert that ran (models with routed experts; null otherwise).",
+    )
+
 
 _PREDICTION_FIELDS = tuple(Prediction.model_fields)
 _USAGE_FIELDS = tuple(Usage.model_fields)
