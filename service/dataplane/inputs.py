@@ -108,7 +108,7 @@ def _array_features(values: np.ndarray, n_features: int, limits: InputLimits) ->
     if not np.isfinite(array).all():
         i, step, f = (int(k) for k in np.argwhere(~np.isfinite(array))[0])
         raise BadInputError(
-            f"inputs[{i}][{step}][{f}] = {values[i, step, f]!r} is not finite in float32"
+            f"inputs[{i}][{step}][{f}] = {float(values[i, step, f])!r} is not finite in float32"
         )
     return torch.from_numpy(array)
 
