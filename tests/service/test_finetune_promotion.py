@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from models.repository import ModelRepository, VersionConflictError
-from models.training import TrainingRecipe, train_and_publish
 from models.trajectory import load_calibration, load_serving
 from service.cli.main import main
 from service.finetuning.job import run_finetune
 from service.finetuning.promotion import accuracy_margin, check_output_name, decide
 from service.finetuning.spec import FinetuneSpec
-from tests.service.conftest import publish_lru
+from tests.service.conftest import copied_repository, publish_lru, publish_tiny_lru
 
 TRANSLATED = {"kind": "builtin", "shift": "translated"}
 BASE_BACKENDS = ("torch", "stochastic", "onnxruntime")
@@ -29,16 +28,8 @@ def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small LRU trained on clean digits (~3 s), calibrated on three backends, and an
     untrained LRU of another lineage (`other-lru`)."""
     root = tmp_path_factory.mktemp("promotion-base")
-    recipe = TrainingRecipe(
-        architecture="lru",
-        dataset="digits-seq:rows",
-        model_config={"d_model": 16, "d_state": 8, "n_layers": 1, "dropout": 0.0},
-        epochs=6,
-        lr=1e-2,
-        seed=0,
-    )
     repository = ModelRepository(root)
-    train_and_publish(recipe, repository, "tiny", "test fixture", progress=False)
+    publish_tiny_lru(repository)
     for backend in BASE_BACKENDS:
         assert main(["calibrate", "tiny", "--backend", backend, "--repository", str(root)]) == 0
     return root
@@ -46,8 +37,7 @@ def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
-    shutil.copytree(base_root, tmp_path / "repo")
-    return ModelRepository(tmp_path / "repo")
+    return copied_repository(base_root, tmp_path)
 
 
 def _spec(**overrides) -> FinetuneSpec:

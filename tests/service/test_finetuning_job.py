@@ -4,7 +4,6 @@ early stopping, cancellation, failures, and publishing with recalibration."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from models.repository import ModelRepository
-from models.training import TrainingRecipe, train_and_publish
 from models.trajectory import (
     TRAJECTORY_FILE,
     load_calibration,
@@ -24,31 +22,15 @@ from models.trajectory import (
 from service.dataplane.calibration_store import CalibrationStore
 from service.finetuning.job import load_finetune_data, run_finetune
 from service.finetuning.spec import FinetuneSpec, ProgressEvent
+from tests.service.conftest import copied_repository
 
 DIGITS_LABELS = [str(d) for d in range(10)]
 TRANSLATED = {"kind": "builtin", "shift": "translated"}
 
 
-@pytest.fixture(scope="session")
-def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small LRU trained on clean digits in ~3 s (78% test accuracy, 30% when translated)."""
-    root = tmp_path_factory.mktemp("finetune-base")
-    recipe = TrainingRecipe(
-        architecture="lru",
-        dataset="digits-seq:rows",
-        model_config={"d_model": 16, "d_state": 8, "n_layers": 1, "dropout": 0.0},
-        epochs=6,
-        lr=1e-2,
-        seed=0,
-    )
-    train_and_publish(recipe, ModelRepository(root), "tiny", "test fixture", progress=False)
-    return root
-
-
 @pytest.fixture
-def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
-    shutil.copytree(base_root, tmp_path / "repo")
-    return ModelRepository(tmp_path / "repo")
+def repo(tiny_lru_root: Path, tmp_path: Path) -> ModelRepository:
+    return copied_repository(tiny_lru_root, tmp_path)
 
 
 def _spec(**overrides) -> FinetuneSpec:

@@ -3,43 +3,25 @@ on a shift, keeps its best checkpoint, and picks ε above the chip's noise floor
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.repository import ModelRepository
-from models.training import TrainingRecipe, train_and_publish
 from models.zo import EPS_CANDIDATES, SIGNAL_TO_NOISE
 from service.finetuning.forward import BackendForward
 from service.finetuning.job import load_finetune_data, run_finetune
 from service.finetuning.spec import CHIP_DEFAULTS, DEFAULT_TARGETS, FinetuneSpec
+from tests.service.conftest import copied_repository
 
 INVERTED = {"kind": "builtin", "shift": "inverted"}
 DIGITS_LABELS = [str(d) for d in range(10)]
 
 
-@pytest.fixture(scope="module")
-def base_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small LRU trained on clean digits in a few seconds."""
-    root = tmp_path_factory.mktemp("targets-base")
-    recipe = TrainingRecipe(
-        architecture="lru",
-        dataset="digits-seq:rows",
-        model_config={"d_model": 16, "d_state": 8, "n_layers": 1, "dropout": 0.0},
-        epochs=6,
-        lr=1e-2,
-        seed=0,
-    )
-    train_and_publish(recipe, ModelRepository(root), "tiny", "test fixture", progress=False)
-    return root
-
-
 @pytest.fixture
-def repo(base_root: Path, tmp_path: Path) -> ModelRepository:
-    shutil.copytree(base_root, tmp_path / "repo")
-    return ModelRepository(tmp_path / "repo")
+def repo(tiny_lru_root: Path, tmp_path: Path) -> ModelRepository:
+    return copied_repository(tiny_lru_root, tmp_path)
 
 
 def test_the_defaults() -> None:
