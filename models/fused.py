@@ -73,11 +73,21 @@ def fused_step_applies(model: nn.Module) -> bool:
     )
 
 
-def knows_config(config: Any, known: frozenset[str]) -> bool:
-    """True when every field of the `config` dataclass is one a fused step was written for. A
-    field added later (a new option) sends the model to its reference step until its fused
-    step learns the option; a test checks that every built-in takes the fused path."""
-    return {field.name for field in dataclasses.fields(config)} <= known
+# The fields every architecture's config shares (`models.base.check_common_config`).
+COMMON_CONFIG = frozenset(
+    {"d_input", "vocab_size", "input_kind", "d_output", "d_model", "n_layers", "input_scale"}
+)
+
+
+def weights_if_known(
+    config: Any, known: frozenset[str], derive: Callable[[nn.Module], Derived]
+) -> DerivedWeights[Derived] | None:
+    """The cache of `derive`'s weights for a model of `config`, or None when `config` has a
+    field that is neither common nor in `known` (the options its fused step was written for).
+    A field added later (a new option) thus sends the model to its reference step until its
+    fused step learns the option; a test checks that every built-in takes the fused path."""
+    fields = {field.name for field in dataclasses.fields(config)}
+    return DerivedWeights(derive) if fields <= COMMON_CONFIG | known else None
 
 
 class _Derivation(NamedTuple):

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encode, encoder_weights, knows_config, transposed
+from models.fused import DerivedWeights, encode, encoder_weights, transposed, weights_if_known
 
 
 def model_step(
@@ -105,17 +105,10 @@ def _derive(model: StatefulModel) -> tuple:
     return arguments, names
 
 
-# The LRUConfig fields this fused step was written for (`knows_config`).
+# The LRUConfig fields beyond the common ones that this fused step was written for.
 KNOWN_CONFIG = frozenset(
     {
-        "d_input",
-        "vocab_size",
-        "input_kind",
-        "d_output",
-        "d_model",
         "d_state",
-        "n_layers",
-        "input_scale",
         "r_min",
         "r_max",
         "max_phase",
@@ -128,7 +121,7 @@ KNOWN_CONFIG = frozenset(
 def fused_weights(config) -> DerivedWeights | None:
     """The cache an `LRUModel` keeps for `fused_lru_step`; None for a config with a field this fused
     step does not know (the model then always takes its reference step)."""
-    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
+    return weights_if_known(config, KNOWN_CONFIG, _derive)
 
 
 def fused_lru_step(

@@ -27,10 +27,10 @@ from models.fused import (
     DerivedWeights,
     encode,
     encoder_weights,
-    knows_config,
     rms_folded,
     script,
     transposed,
+    weights_if_known,
 )
 
 
@@ -126,16 +126,9 @@ def _derive(model: StatefulModel) -> tuple:
     return arguments, names
 
 
-# The SelectiveConfig fields this fused step was written for (`knows_config`).
+# The SelectiveConfig fields beyond the common ones that this fused step was written for.
 KNOWN_CONFIG = frozenset(
     {
-        "d_input",
-        "vocab_size",
-        "input_kind",
-        "d_output",
-        "d_model",
-        "n_layers",
-        "input_scale",
         "d_state",
         "d_conv",
         "expand",
@@ -161,7 +154,7 @@ def fused_weights(config) -> DerivedWeights | None:
     chosen experts' weights, which fusing the SSM block around it would not remove."""
     if getattr(config, "mixer", "ssm") != "ssm":
         return None
-    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
+    return weights_if_known(config, KNOWN_CONFIG, _derive)
 
 
 def fused_selective_step(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encoder_weights, knows_config, transposed
+from models.fused import DerivedWeights, encoder_weights, transposed, weights_if_known
 
 
 def model_step(
@@ -130,16 +130,9 @@ def _derive(model: StatefulModel) -> tuple:
     )
 
 
-# The SNNConfig fields this fused step was written for (`knows_config`).
+# The SNNConfig fields beyond the common ones that this fused step was written for.
 KNOWN_CONFIG = frozenset(
     {
-        "d_input",
-        "vocab_size",
-        "input_kind",
-        "d_output",
-        "d_model",
-        "n_layers",
-        "input_scale",
         "threshold",
         "alpha_init",
         "beta_init",
@@ -158,7 +151,7 @@ KNOWN_CONFIG = frozenset(
 def fused_weights(config) -> DerivedWeights | None:
     """The cache an `SNNModel` keeps for `fused_snn_step`; None for a config with a field this fused
     step does not know (the model then always takes its reference step)."""
-    return DerivedWeights(_derive) if knows_config(config, KNOWN_CONFIG) else None
+    return weights_if_known(config, KNOWN_CONFIG, _derive)
 
 
 def fused_snn_step(
