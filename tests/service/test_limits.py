@@ -224,8 +224,11 @@ def test_an_oversized_websocket_message_is_closed_with_1009(limited_url: str) ->
 def test_a_websocket_flood_is_closed_with_1008(limited_url: str) -> None:
     with _ws(limited_url) as socket:
         socket.send(json.dumps({"model": "tiny-charlm", "prompt": "ab", "max_tokens": 32}))
-        for _ in range(10):  # far over 2 a second
-            socket.send("{}")
+        try:
+            for _ in range(10):  # far over 2 a second
+                socket.send("{}")
+        except ConnectionClosed:
+            pass  # the server may close before the client has sent them all
         replies = _until_closed(socket)
     assert socket.close_code == 1008
     assert replies[-1]["code"] == "rate_limited"  # no token after the refusal
