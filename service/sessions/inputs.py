@@ -115,8 +115,8 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
             raise BadInputError(
                 f"feature inputs must have shape [T, {spec.features}], got {list(inputs.shape)}"
             )
-        chunk = inputs.to(torch.float32)
-        finite = np.isfinite(chunk.detach().cpu().numpy())  # numpy: cheaper on a few values
+        chunk = inputs if inputs.dtype == torch.float32 else inputs.to(torch.float32)
+        finite = np.isfinite(_numpy_of(chunk))  # numpy: cheaper on a few values
         if not finite.all():
             t, f = (int(i) for i in np.argwhere(~finite)[0])
             raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
@@ -128,6 +128,13 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
             "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
         )
     return chunk
+
+
+def _numpy_of(tensor: Tensor) -> np.ndarray:
+    try:
+        return tensor.numpy()  # a CPU tensor without autograd: read in place
+    except (RuntimeError, TypeError):
+        return tensor.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
 def _check_length(inputs: object, max_steps: int, expected: str) -> None:

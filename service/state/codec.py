@@ -22,7 +22,6 @@ error instead of running a model on the wrong state.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -182,17 +181,34 @@ class StateRecord:
                 raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
             raise ValueError(f"state step must be a non-negative integer, got {self.step!r}")
-        for name in ("created_at", "updated_at"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
+        _check_time("created_at", self.created_at)
+        _check_time("updated_at", self.updated_at)
         object.__setattr__(self, "tensors", dict(self.tensors))
         if not isinstance(self.metadata, _JsonMetadata):  # advancing keeps the normalised one
             object.__setattr__(self, "metadata", _normalise_metadata(self.metadata))
+
+    @classmethod
+    def _with_checked_tensors(cls, fields: dict[str, Any], schema_hash: str | None) -> StateRecord:
+        """A record whose tensors are known to pass `__post_init__`'s checks with this schema
+        hash (the hot paths: a decoded blob's checked index, or the same layout as a checked
+        record); the other fields are checked as the constructor checks them. None: not
+        known, check everything."""
+        if schema_hash is None:
+            return cls(**fields)
+        record = object.__new__(cls)
+        record.__dict__.update(fields, schema_hash=schema_hash)  # schema_hash: the cache slot
+        for name in ("model", "version", "backend"):
+            value = fields[name]
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
+        step = fields["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state step must be a non-negative integer, got {step!r}")
+        _check_time("created_at", fields["created_at"])
+        _check_time("updated_at", fields["updated_at"])
+        if not isinstance(record.metadata, _JsonMetadata):
+            record.__dict__["metadata"] = _normalise_metadata(record.metadata)
+        return record
 
     @classmethod
     def new(
@@ -220,13 +236,19 @@ class StateRecord:
         """The state after `steps` more time steps; keeps the metadata unless given new."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        return dataclasses.replace(
-            self,
-            tensors=tensors,
-            step=self.step + steps,
-            updated_at=time.time() if now is None else now,
-            metadata=self.metadata if metadata is None else metadata,
-        )
+        fields = {
+            "tensors": dict(tensors),
+            "model": self.model,
+            "version": self.version,
+            "backend": self.backend,
+            "step": self.step + steps,
+            "created_at": self.created_at,
+            "updated_at": time.time() if now is None else now,
+            "metadata": self.metadata if metadata is None else metadata,
+        }
+        # A step keeps the layout: then the new tensors pass the checks the old ones passed.
+        same_layout = _same_layout(self.tensors, fields["tensors"])
+        return StateRecord._with_checked_tensors(fields, self.schema_hash if same_layout else None)
 
     @functools.cached_property
     def schema_hash(self) -> str:
@@ -237,8 +259,32 @@ class StateRecord:
         return StateSignature(self.model, self.version, self.backend, self.schema_hash)
 
 
+def _same_layout(checked: Mapping[str, torch.Tensor], tensors: Mapping[str, Any]) -> bool:
+    """Whether `tensors` have exactly the names, shapes, dtypes and layout of `checked`."""
+    if len(tensors) != len(checked):
+        return False
+    for name, tensor in tensors.items():
+        old = checked.get(name)
+        if (
+            old is None
+            or not isinstance(tensor, torch.Tensor)
+            or tensor.shape != old.shape
+            or tensor.dtype != old.dtype
+            or tensor.layout != torch.strided
+        ):
+            return False
+    return True
+
+
 def check_compatible(record: StateRecord, expected: StateSignature) -> None:
     """Raise `IncompatibleStateError` naming every field where `record` differs from `expected`."""
+    if (
+        record.model == expected.model
+        and record.version == expected.version
+        and record.backend == expected.backend
+        and record.schema_hash == expected.schema_hash
+    ):
+        return
     actual = record.signature
     differences = [
         f"{name} {getattr(actual, name)!r} (expected {getattr(expected, name)!r})"
@@ -285,13 +331,21 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     whole model step for a session's few small tensors; this writes the same format (tensors
     in name order, index padded to 8 bytes) from a cached index and the raw bytes.
     """
-    # .contiguous() keeps the values bit-for-bit; a uint8 view reads any dtype's raw bytes.
-    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    names = sorted(cpu)
+    names = sorted(tensors)
     index = _safetensors_index(
-        tuple((name, cpu[name].dtype, tuple(cpu[name].shape)) for name in names)
+        tuple((name, tensors[name].dtype, tuple(tensors[name].shape)) for name in names)
     )
-    return index + b"".join(cpu[name].view(torch.uint8).numpy().tobytes() for name in names)
+    return index + b"".join(_raw_bytes(tensors[name]) for name in names)
+
+
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's values in C order, bit for bit."""
+    try:  # a CPU tensor without autograd, conjugate bit or bfloat16: numpy reads it in place
+        return tensor.numpy().tobytes()  # tobytes writes C order whatever the strides
+    except (RuntimeError, TypeError):
+        # .contiguous() keeps the values bit-for-bit; a uint8 view reads any dtype's raw bytes.
+        plain = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
+        return plain.view(torch.uint8).numpy().tobytes()
 
 
 def safetensors_bytes_reference(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -346,18 +400,19 @@ def decode_state(blob: bytes, expected: StateSignature | None = None) -> StateRe
     header = _parse_header(body[_PREFIX.size : header_end])
     if header_length <= MAX_METADATA_BYTES:  # parsed JSON, within the limit: already normal
         header["metadata"] = _JsonMetadata(header["metadata"])
-    tensors = tensors_from_safetensors(body[header_end:])
+    tensors, spans = _tensors_and_spans(body[header_end:])
+    fields = {
+        "tensors": tensors,
+        "model": header["model"],
+        "version": header["version"],
+        "backend": header["backend"],
+        "step": header["step"],
+        "created_at": header["created_at"],
+        "updated_at": header["updated_at"],
+        "metadata": header["metadata"],
+    }
     try:
-        record = StateRecord(
-            tensors,
-            header["model"],
-            header["version"],
-            header["backend"],
-            header["step"],
-            header["created_at"],
-            header["updated_at"],
-            header["metadata"],
-        )
+        record = StateRecord._with_checked_tensors(fields, _record_schema_hash(spans))
     except (TypeError, ValueError) as exc:
         raise CorruptStateError(f"stored state header is invalid: {exc}") from exc
     if record.schema_hash != header["schema_hash"]:
@@ -400,6 +455,13 @@ def _parse_header_strictly(header_bytes: bytes) -> Any:
 
 def tensors_from_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
     """Validate the safetensors layout ourselves, then build the tensors from the bytes."""
+    return _tensors_and_spans(payload)[0]
+
+
+_Spans = tuple[tuple[int, int, str, torch.dtype, tuple], ...]
+
+
+def _tensors_and_spans(payload: bytes) -> tuple[dict[str, torch.Tensor], _Spans]:
     if len(payload) < 8:
         raise CorruptStateError("state tensor payload is truncated")
     (index_length,) = struct.unpack_from("<Q", payload)
@@ -423,11 +485,22 @@ def tensors_from_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
             tensors[name] = torch.from_numpy(values)
         else:  # bfloat16, or a dtype's values off their alignment
             tensors[name] = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
-    return tensors
+    return tensors, spans
 
 
 @functools.lru_cache(maxsize=256)
-def _tensor_spans(index_bytes: bytes) -> tuple[tuple[int, int, str, torch.dtype, tuple], ...]:
+def _record_schema_hash(spans: _Spans) -> str | None:
+    """The schema hash of tensors read by `spans` when they pass `StateRecord`'s tensor checks
+    (names, dtypes and shapes are the index's, already checked; the batch sizes must agree),
+    else None. Cached: every state of one model has the same index."""
+    if not spans or len({shape[0] for *_, shape in spans}) != 1:
+        return None
+    tensors = {name: torch.empty(shape, dtype=dtype) for _, _, name, dtype, shape in spans}
+    return tensor_schema_hash(tensors)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_spans(index_bytes: bytes) -> _Spans:
     """(begin, end, name, dtype, shape) per tensor in data order, from a checked index.
 
     Cached by the index's bytes: every state of one model has the same index. A CorruptStateError
@@ -497,6 +570,15 @@ def _check_tensor(name: Any, tensor: Any) -> None:
         )
     if tensor.ndim == 0:
         raise ValueError(f"state tensor {name!r} needs a leading batch dimension, got a scalar")
+
+
+def _check_time(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
 
 
 def _normalise_metadata(metadata: Any) -> dict[str, Any]:

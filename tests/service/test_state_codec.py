@@ -132,6 +132,40 @@ def test_advance_counts_steps_and_keeps_creation_time() -> None:
         record.advance(lru_like_state(), -1)
 
 
+def test_advance_to_another_layout_is_checked_as_a_new_record_is() -> None:
+    record = make_record()
+    widened = {**lru_like_state(), "membrane": torch.randn(1, 9)}
+    assert record.advance(widened, 1).schema_hash == tensor_schema_hash(widened)
+    assert record.advance(widened, 1).schema_hash != record.schema_hash
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        record.advance({**lru_like_state(), "membrane": [0.0] * 8}, 1)
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        record.advance({**lru_like_state(), "membrane": torch.randn(2, 8)}, 1)
+    with pytest.raises(ValueError, match="finite unix time"):
+        record.advance(lru_like_state(), 1, now=float("nan"))
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        record.advance(lru_like_state(), 1, metadata={"x": float("inf")})
+
+
+def test_advance_in_the_same_layout_keeps_the_hash_it_would_compute() -> None:
+    record = make_record()
+    later = record.advance(lru_like_state(seed=3), 1)
+    assert later.schema_hash == tensor_schema_hash(later.tensors) == record.schema_hash
+    assert later.tensors is not record.tensors
+
+
+def test_a_decoded_record_has_the_hash_its_tensors_give() -> None:
+    decoded = decode_state(encode_state(make_record()))
+    assert decoded.schema_hash == tensor_schema_hash(decoded.tensors)
+
+
+def test_non_contiguous_and_conjugate_tensors_are_written_by_value() -> None:
+    base = torch.randn(3, 4, dtype=torch.complex64)
+    views = {"t": torch.randn(4, 3).t(), "c": base.conj(), "n": torch.randn(2, 5)[:, ::2]}
+    expected = {name: view.resolve_conj().contiguous() for name, view in views.items()}
+    assert safetensors_bytes(views) == safetensors_bytes_reference(expected)
+
+
 @st.composite
 def random_states(draw: st.DrawFn) -> dict[str, torch.Tensor]:
     batch = draw(st.integers(0, 3))
