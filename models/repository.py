@@ -224,6 +224,14 @@ class ModelRepository:
                 self._cache[key] = loaded
             return loaded
 
+    def load_resolved(self, card: ModelCard) -> LoadedModel:
+        """`load` of a card just resolved by `card` (as a request does first): the loaded
+        version of that very card without a second look at the files."""
+        cached = self._cache.get((card.name, card.version))
+        if cached is not None and cached.card is card:
+            return cached
+        return self.load(card.name, card.version)
+
     def _load_uncached(self, name: str, version: str) -> LoadedModel:
         card = self.card(name, version)
         config_path = card.path / CONFIG_FILE

@@ -119,9 +119,8 @@ async def predict(
         max_set_size=body.max_set_size,
     )
     batch = await dataplane.predict(
-        name,
+        dataplane.card(name, body.version),
         body.inputs,
-        version=body.version,
         backend=body.backend,
         backend_options=body.backend_options,
         conformal=conformal,

@@ -390,16 +390,16 @@ class OutputTensor:
         return list(self.values.shape)
 
 
+_OUTPUT_DTYPES = {**FLOAT_TYPES, **INT_TYPES, "BOOL": np.dtype(bool)}
+
+
 def output_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> OutputTensor:
     """`values` cast to `datatype` (BYTES: a list of str)."""
     if datatype not in DATATYPES or datatype == "BF16":
         raise ValueError(f"unknown output datatype {datatype!r}")
     if datatype == "BYTES":
         return OutputTensor(name, datatype, [str(value) for value in values])
-    array = np.asarray(values)
-    if datatype == "BOOL":
-        return OutputTensor(name, datatype, array.astype(bool))
-    return OutputTensor(name, datatype, array.astype({**FLOAT_TYPES, **INT_TYPES}[datatype]))
+    return OutputTensor(name, datatype, np.asarray(values, dtype=_OUTPUT_DTYPES[datatype]))
 
 
 def encode_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> dict[str, Any]:

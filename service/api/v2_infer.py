@@ -124,9 +124,8 @@ async def _answer(
             else feature_batch(tensor, int(card.config["input"]["features"]))
         )
         batch = await dataplane.predict(
-            card.name,
+            card,
             inputs,
-            version=card.version,
             backend=backend,
             backend_options=params.backend_options,
             conformal=stateless_conformal(params),

@@ -200,7 +200,7 @@ class DataPlane:
         backend_options: Mapping[str, Any] | None = None,
     ) -> Runner:
         """The model prepared on `backend` (cached per model version, backend and options)."""
-        model = self.repository.load(card.name, card.version).model
+        model = self.repository.load_resolved(card).model
         try:
             return prepare_runner(
                 backend,
@@ -262,26 +262,25 @@ class DataPlane:
     # ---- predict ------------------------------------------------------------------------
     async def predict(
         self,
-        name: str,
+        card: ModelCard,
         inputs: object,
         *,
-        version: str | None = None,
         backend: str = TORCH_BACKEND,
         backend_options: Mapping[str, Any] | None = None,
         conformal: ConformalOptions | None = None,
         owner: str | None = None,
     ) -> PredictionBatch:
-        """Predict on whole sequences and remember the predictions for feedback (as `owner`'s).
+        """Predict on whole sequences of the model version `card` (`DataPlane.card`, once per
+        request) and remember the predictions for feedback (as `owner`'s).
 
         Feature sequences join the requests for the same runner and length that arrive
         meanwhile: one forward pass, then each request's answer with its own options
         (`FeatureBatches`). Token prompts run on their own. Work of more than a few
         time steps happens in worker threads, so the event loop never waits on torch."""
         conformal = conformal or ConformalOptions()
-        card = self.card(name, version)  # cached while its files are unchanged
         if card.config["input"]["kind"] == "tokens":
             return await self._predict_prompts(
-                name, inputs, version, backend, backend_options, conformal, owner
+                card, inputs, backend, backend_options, conformal, owner
             )
         job = await run_compute(
             self._feature_job,
@@ -321,9 +320,8 @@ class DataPlane:
 
     async def _predict_prompts(
         self,
-        name: str,
+        card: ModelCard,
         inputs: object,
-        version: str | None,
         backend: str,
         backend_options: Mapping[str, Any] | None,
         conformal: ConformalOptions,
@@ -332,9 +330,9 @@ class DataPlane:
         """Next-token answers for prompts of any lengths (one run per distinct length)."""
         run = await run_in_threadpool(
             self.run_model,
-            name,
+            card.name,
             inputs,
-            version=version,
+            version=card.version,
             backend=backend,
             backend_options=backend_options,
         )

@@ -11,40 +11,67 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections import deque
 
 from service import metrics
 
 
 class FifoLocks:
-    """One FIFO lock per key, created on demand and dropped when nobody holds or awaits it.
+    """One FIFO lock per key, existing only while someone holds or awaits it.
 
-    `asyncio.Lock` hands the lock to waiters in the order they arrived, which is what keeps
-    steps on one session in arrival order within a replica.
+    The lock is handed to waiters in the order they arrived, which is what keeps steps on one
+    session in arrival order within a replica. An uncontended hold (the usual step) costs a
+    dict entry: no lock object, no task switch.
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # key -> futures of the waiters, oldest first; present while the key is held.
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._waiters)
 
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
+    def hold(self, key: str) -> _Hold:
+        """`async with locks.hold(key):` runs its body while holding `key`'s lock."""
+        return _Hold(self, key)
+
+    async def _acquire(self, key: str) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is None:
+            self._waiters[key] = deque()
+            return
+        handed = asyncio.get_running_loop().create_future()
+        waiters.append(handed)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self._release(key)  # handed the lock, then cancelled: pass it on
+            elif handed in waiters:
+                waiters.remove(handed)
+            raise
+
+    def _release(self, key: str) -> None:
+        waiters = self._waiters[key]
+        while waiters:
+            handed = waiters.popleft()
+            if not handed.done():
+                handed.set_result(None)  # the lock now belongs to that waiter
+                return
+        del self._waiters[key]
+
+
+class _Hold:
+    __slots__ = ("_locks", "_key")
+
+    def __init__(self, locks: FifoLocks, key: str) -> None:
+        self._locks, self._key = locks, key
+
+    async def __aenter__(self) -> None:
+        await self._locks._acquire(self._key)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._locks._release(self._key)
 
 
 class LiveSessions:
