@@ -200,13 +200,12 @@ def prediction_outputs(
                 f"no prediction_set: {notes[0]}" if notes else describe_uncalibrated()
             )
         requested = [name for name in requested if name not in SET_OUTPUTS]
-    index = {label: i for i, label in enumerate(labels)}
     n = len(predictions)
     values: dict[str, Callable[[], Any]] = {
         "label": lambda: [p.label for p in predictions],
         "confidence": lambda: [p.confidence for p in predictions],
         "probabilities": lambda: np.reshape([p.probabilities for p in predictions], (n, -1)),
-        "prediction_set": lambda: _set_mask(predictions, index),
+        "prediction_set": lambda: _set_mask(predictions, labels),
         "set_size": lambda: [p.set_size or 0 for p in predictions],
         "abstain": lambda: [bool(p.abstain) for p in predictions],
         "entropy": lambda: [p.entropy for p in predictions],
@@ -215,8 +214,7 @@ def prediction_outputs(
     return [output_tensor(name, OUTPUT_TYPES[name][0], values[name]()) for name in requested]
 
 
-def _set_mask(predictions: Sequence[ClassPrediction], index: dict[str, int]) -> np.ndarray:
-    mask = np.zeros((len(predictions), len(index)), dtype=bool)  # [N, C]
-    for row, prediction in enumerate(predictions):
-        mask[row, [index[label] for label in prediction.prediction_set or []]] = True
-    return mask
+def _set_mask(predictions: Sequence[ClassPrediction], labels: Sequence[str]) -> list[list[bool]]:
+    """[N, C]: whether each label is in each prediction's set."""
+    members = [set(p.prediction_set or ()) for p in predictions]
+    return [[label in chosen for label in labels] for chosen in members]

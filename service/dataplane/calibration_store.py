@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -143,10 +144,11 @@ class CalibrationStore:
         """
         json_path, tensor_path = self.paths(name, version, backend)
         key = (name, str(version), backend)
+        json_file = str(json_path)  # os.stat on a str: every answered batch passes here
         signatures = set()
         for _ in range(_READ_ATTEMPTS):
             try:
-                stat = json_path.stat()
+                stat = os.stat(json_file)
             except FileNotFoundError:
                 with self._lock:
                     self._cache.pop(key, None)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
+from service.dataplane.inputs import numpy_view
 from service.errors import BadInputError, NotFoundError, describe_validation_errors
 
 # Strict: a JSON number is a feature, while true/false, "1.5", NaN and Infinity are errors.
@@ -116,7 +117,7 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
                 f"feature inputs must have shape [T, {spec.features}], got {list(inputs.shape)}"
             )
         chunk = inputs if inputs.dtype == torch.float32 else inputs.to(torch.float32)
-        finite = np.isfinite(_numpy_of(chunk))  # numpy: cheaper on a few values
+        finite = np.isfinite(numpy_view(chunk))  # numpy: cheaper on a few values
         if not finite.all():
             t, f = (int(i) for i in np.argwhere(~finite)[0])
             raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
@@ -128,13 +129,6 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
             "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
         )
     return chunk
-
-
-def _numpy_of(tensor: Tensor) -> np.ndarray:
-    try:
-        return tensor.numpy()  # a CPU tensor without autograd: read in place
-    except (RuntimeError, TypeError):
-        return tensor.detach().cpu().resolve_conj().resolve_neg().numpy()
 
 
 def _check_length(inputs: object, max_steps: int, expected: str) -> None:
