@@ -349,21 +349,22 @@ def _checked_ints(elements: list[int], datatype: str, where: str, shape: tuple) 
     return np.array(elements, dtype=np.int64 if datatype != "UINT64" else np.uint64).reshape(shape)
 
 
+_FLOAT_LIMITS = {name: float(np.finfo(dtype).max) for name, dtype in FLOAT_TYPES.items()}
+
+
 def _checked_floats(elements: list[float], datatype: str, where: str, shape: tuple) -> np.ndarray:
     try:
         values = np.array(elements, dtype=np.float64)  # [prod(shape)]
     except OverflowError:  # an integer beyond float64, e.g. 10**400
         raise V2BadRequestError(f"{where}.data holds an integer too large for {datatype}") from None
-    finite = np.isfinite(values)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise V2BadRequestError(
-            f"{where}.data element {i} is {elements[i]!r}: values must be finite numbers"
-        )
-    limit = float(np.finfo(FLOAT_TYPES[datatype]).max)
-    too_large = np.abs(values) > limit
-    if too_large.any():
-        i = int(np.argmax(too_large))
+    limit = _FLOAT_LIMITS[datatype]
+    in_range = np.abs(values) <= limit  # False for NaN too: one pass checks both
+    if not in_range.all():
+        i = int(np.argmin(in_range))
+        if not math.isfinite(values[i]):
+            raise V2BadRequestError(
+                f"{where}.data element {i} is {elements[i]!r}: values must be finite numbers"
+            )
         raise V2BadRequestError(
             f"{where}.data element {i} is {elements[i]!r}, outside the {datatype} range "
             f"(|x| <= {limit:.6g})"
