@@ -382,12 +382,15 @@ class OutputTensor:
 
     name: str
     datatype: str
-    values: np.ndarray | list[str]  # an array of the datatype for numbers/BOOL; str for BYTES
+    # An array of the datatype; or its values row-major in a list, already of the datatype
+    # (str for BYTES, float32-exact floats for FP32: `listed_tensor`).
+    values: np.ndarray | list[Any]
+    dims: tuple[int, ...] | None = None  # the shape of listed values; None: [len(values)]
 
     @property
     def shape(self) -> list[int]:
         if isinstance(self.values, list):
-            return [len(self.values)]
+            return list(self.dims) if self.dims is not None else [len(self.values)]
         return list(self.values.shape)
 
 
@@ -401,6 +404,27 @@ def output_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) 
     if datatype == "BYTES":
         return OutputTensor(name, datatype, [str(value) for value in values])
     return OutputTensor(name, datatype, np.asarray(values, dtype=_OUTPUT_DTYPES[datatype]))
+
+
+def listed_tensor(
+    name: str, datatype: str, values: list[Any], dims: tuple[int, ...] | None = None
+) -> OutputTensor:
+    """A response tensor of plain values, row-major, for JSON answers without numpy: BYTES
+    str, BOOL bool, integer types int (in range), FP32 floats rounded to float32 here."""
+    if datatype == "FP32":
+        values = float32_list(values)
+    elif datatype not in ("BYTES", "BOOL", *INT_TYPES):
+        raise ValueError(f"listed tensors take BYTES, BOOL, integers or FP32, not {datatype!r}")
+    if dims is not None and math.prod(dims) != len(values):
+        raise ValueError(f"{len(values)} values do not fill shape {list(dims)}")
+    return OutputTensor(name, datatype, values, dims)
+
+
+def float32_list(values: Sequence[float]) -> list[float]:
+    """Each value rounded to the nearest float32, as Python floats (what `np.float32(x)` gives,
+    at a fraction of numpy's per-call cost on a few values)."""
+    count = len(values)
+    return list(struct.unpack(f"<{count}f", struct.pack(f"<{count}f", *values)))
 
 
 def encode_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> dict[str, Any]:
@@ -422,7 +446,7 @@ def json_tensor(tensor: OutputTensor) -> dict[str, Any]:
 def tensor_bytes(tensor: OutputTensor) -> bytes:
     """The raw bytes of a response tensor: the binary tensor data extension's layout, which
     is also gRPC's `raw_output_contents`."""
-    if isinstance(tensor.values, list):
+    if tensor.datatype == "BYTES":
         encoded = [text.encode("utf-8") for text in tensor.values]
         return b"".join(_BYTES_LENGTH.pack(len(item)) + item for item in encoded)
     return np.ascontiguousarray(tensor.values, dtype=RAW_DTYPES[tensor.datatype]).tobytes()

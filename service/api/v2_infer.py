@@ -19,10 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from models.repository import ModelCard
-from service.api.v2_codec import DecodedTensor, OutputTensor, V2BadRequestError, output_tensor
+from service.api.v2_codec import DecodedTensor, OutputTensor, V2BadRequestError, listed_tensor
 from service.api.v2_inputs import feature_batch, input_name, prompt_batch, single_input
 from service.api.v2_parameters import InferParameters
 from service.api.v2_sequences import run_sequence_step
@@ -200,21 +198,30 @@ def prediction_outputs(
                 f"no prediction_set: {notes[0]}" if notes else describe_uncalibrated()
             )
         requested = [name for name in requested if name not in SET_OUTPUTS]
-    n = len(predictions)
-    values: dict[str, Callable[[], Any]] = {
+    # Plain lists, row-major: a JSON answer is written from them without numpy.
+    per_label = (len(predictions), len(labels))  # [N, C]
+    values: dict[str, Callable[[], list[Any]]] = {
         "label": lambda: [p.label for p in predictions],
         "confidence": lambda: [p.confidence for p in predictions],
-        "probabilities": lambda: np.reshape([p.probabilities for p in predictions], (n, -1)),
+        "probabilities": lambda: [x for p in predictions for x in p.probabilities],
         "prediction_set": lambda: _set_mask(predictions, labels),
         "set_size": lambda: [p.set_size or 0 for p in predictions],
         "abstain": lambda: [bool(p.abstain) for p in predictions],
         "entropy": lambda: [p.entropy for p in predictions],
         "prediction_id": lambda: [p.id for p in predictions],
     }
-    return [output_tensor(name, OUTPUT_TYPES[name][0], values[name]()) for name in requested]
+    return [
+        listed_tensor(
+            name,
+            OUTPUT_TYPES[name][0],
+            values[name](),
+            per_label if OUTPUT_TYPES[name][1] else None,
+        )
+        for name in requested
+    ]
 
 
-def _set_mask(predictions: Sequence[ClassPrediction], labels: Sequence[str]) -> list[list[bool]]:
-    """[N, C]: whether each label is in each prediction's set."""
+def _set_mask(predictions: Sequence[ClassPrediction], labels: Sequence[str]) -> list[bool]:
+    """[N, C] row-major: whether each label is in each prediction's set."""
     members = [set(p.prediction_set or ()) for p in predictions]
-    return [[label in chosen for label in labels] for chosen in members]
+    return [label in chosen for chosen in members for label in labels]

@@ -108,6 +108,9 @@ class CalibrationPolicy:
     abstain_set_size: int = DEFAULT_ABSTAIN_SET_SIZE  # abstain when a set holds more labels
 
 
+PLAIN_RUNNERS_KEPT = 256  # model versions x backends whose option-less runner is kept at hand
+
+
 def runner_key(card: ModelCard) -> str:
     """The registry's cache key for a model version: the weights hash is part of it, so two
     repositories that both hold a "name/1" never share a prepared runner."""
@@ -156,6 +159,9 @@ class DataPlane:
         self._batches = FeatureBatches(
             self.build_predictions, self.publish_many, max_batch=stateless_batch_max
         )
+        # (name, version, backend) -> (card, runner) for requests without backend options:
+        # the registry's lookup (option freezing, locks) is per request otherwise.
+        self._plain_runners: dict[tuple[str, str, str], tuple[ModelCard, Runner]] = {}
 
     async def close(self) -> None:
         await self._batches.close()
@@ -200,9 +206,14 @@ class DataPlane:
         backend_options: Mapping[str, Any] | None = None,
     ) -> Runner:
         """The model prepared on `backend` (cached per model version, backend and options)."""
+        plain_key = (card.name, card.version, backend)
+        if not backend_options:
+            known = self._plain_runners.get(plain_key)
+            if known is not None and known[0] is card:  # the same files as when prepared
+                return known[1]
         model = self.repository.load_resolved(card).model
         try:
-            return prepare_runner(
+            runner = prepare_runner(
                 backend,
                 model,
                 model_key=runner_key(card),
@@ -214,6 +225,11 @@ class DataPlane:
             raise ServiceUnavailableError(str(error)) from None
         except ValueError as error:  # the backend's option schema names the key
             raise BadInputError(str(error)) from None
+        if not backend_options:
+            if len(self._plain_runners) >= PLAIN_RUNNERS_KEPT:
+                self._plain_runners.clear()
+            self._plain_runners[plain_key] = (card, runner)
+        return runner
 
     def calibration(self, card: ModelCard, backend: str) -> StoredCalibration | None:
         """The backend's calibration of this version; NotCalibratedError when there is none

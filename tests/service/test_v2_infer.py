@@ -25,7 +25,9 @@ from service.api.v2_codec import (
     decode_raw_tensor,
     decode_tensor,
     encode_tensor,
+    float32_list,
     json_tensor,
+    listed_tensor,
     output_tensor,
     tensor_bytes,
 )
@@ -576,6 +578,27 @@ def test_fp32_encoding_carries_the_float32_value() -> None:
     value = 0.1  # not representable: the wire carries float32(0.1) exactly
     (sent,) = encode_tensor("p", "FP32", [value])["data"]
     assert sent == float(np.float32(value)) and sent != value
+
+
+def test_listed_tensors_carry_what_numpy_tensors_carry() -> None:
+    rng = np.random.default_rng(0)
+    floats = [*rng.normal(size=200).tolist(), 0.1, 1 / 3, 0.0, -0.0, 1e-45, 3.4e38]
+    assert float32_list(floats) == np.asarray(floats, dtype=np.float32).tolist()
+    cases = [
+        ("FP32", [0.1, 0.25, 1 / 3, 0.7], (2, 2)),
+        ("BOOL", [True, False, False, True], (2, 2)),
+        ("INT32", [0, 3, -7], None),
+        ("BYTES", ["a", "é"], None),
+    ]
+    for datatype, values, dims in cases:
+        listed = listed_tensor("x", datatype, values, dims)
+        array = np.asarray(values, dtype=object if datatype == "BYTES" else None)
+        reference = output_tensor("x", datatype, array.reshape(dims) if dims else values)
+        assert listed.shape == reference.shape
+        assert json_tensor(listed) == json_tensor(reference)
+        assert tensor_bytes(listed) == tensor_bytes(reference)
+    with pytest.raises(ValueError, match="do not fill shape"):
+        listed_tensor("x", "BOOL", [True] * 3, (2, 2))
 
 
 def _prediction(id: str, label: str, index: int, probabilities: list[float], members=None):
