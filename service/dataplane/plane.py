@@ -323,12 +323,11 @@ class DataPlane:
         conformal: ConformalOptions,
         owner: str | None,
     ) -> FeatureJob:
-        """Validated inputs [N, T, F] with the runner to run them on (refusing an
-        uncalibrated backend before anything runs)."""
+        """Validated inputs [N, T, F] with the runner to run them on. (An uncalibrated backend
+        is refused when the batch is answered, with the same error a check here would give.)"""
         x = feature_tensor(inputs, int(card.config["input"]["features"]), self.limits)
         note = out_of_range_warning(x, card.config["input"].get("value_range"))
         runner = self.runner(card, backend, backend_options)
-        self.calibration(card, backend)
         options = dict(backend_options or {})
         return FeatureJob(
             card, backend, options, runner, x, conformal, owner, [note] if note else []
