@@ -42,7 +42,7 @@ from service.api.limits import KeyRates, RequestRateLimit, key_quota
 from service.api.v2_grpc.server import start_grpc
 from service.dataplane.calibration_store import CalibrationStore
 from service.dataplane.conformal_draws import ConformalDraws
-from service.dataplane.feedback import FeedbackLog
+from service.dataplane.feedback import PREDICTIONS_NAMESPACE, FeedbackLog
 from service.dataplane.inputs import InputLimits
 from service.dataplane.plane import CalibrationPolicy, DataPlane
 from service.errors import PayloadTooLargeError
@@ -151,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state_store = open_state_store(
             settings.redis_url,
             prefix=settings.state_store_prefix,
+            in_process_caps={PREDICTIONS_NAMESPACE: settings.in_process_max_predictions},
             **({"pool_timeout": settings.redis_pool_timeout_seconds} if settings.redis_url else {}),
         )
         calibrations = CalibrationStore(repository)

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a prediction is remembered for label feedback (POST /v1/feedback).",
     )
+    in_process_max_predictions: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "Without Redis: the most predictions kept for feedback (about 1 KB each); beyond "
+            "it the oldest are dropped first and feedback on them answers 404. With Redis they "
+            "are kept for the whole feedback window (bound Redis with maxmemory)."
+        ),
+    )
     aci_gamma: float = Field(
         0.005, gt=0.0, le=1.0, description="Step size of the online (ACI) levels per label."
     )

@@ -170,8 +170,9 @@ class FeedbackLog:
         raw = await self.store.get_json(PREDICTIONS_NAMESPACE, prediction_id)
         if raw is None:
             raise NotFoundError(
-                f"no prediction with id {prediction_id!r}: unknown, or older than the "
-                f"feedback window of {self.ttl_seconds:g} s"
+                f"no prediction with id {prediction_id!r}: unknown, older than the feedback "
+                f"window of {self.ttl_seconds:g} s, or (without Redis) not among the "
+                "NEUROSERVE_IN_PROCESS_MAX_PREDICTIONS most recent"
             )
         return PredictionRecord.from_json(raw)
 

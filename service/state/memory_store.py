@@ -10,7 +10,8 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from service.state.store import DEFAULT_PREFIX, INT64_RANGE, RawLoad, StateStore
@@ -34,6 +35,12 @@ class InMemoryStateStore(StateStore):
     event loop is never blocked for long. Expired entries vanish on access and are swept
     out at most once per `sweep_interval` seconds. `close` is a no-op: the data lives as long
     as the object, so a store shared between threads may be closed by any of them.
+
+    `capped` bounds the memory of busy record namespaces: namespace -> the most records of it
+    kept; beyond that the oldest written go first (Redis would keep them until their TTL, in
+    its own memory). A prediction record is kept for the whole feedback window (a day by
+    default), so uncapped, a process under steady load would grow without bound. Sessions
+    and other namespaces are never dropped.
     """
 
     def __init__(
@@ -43,6 +50,7 @@ class InMemoryStateStore(StateStore):
         seed: int = 0,
         sweep_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        capped: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(prefix=prefix, seed=seed)
         self._entries: dict[str, _Entry] = {}
@@ -50,6 +58,13 @@ class InMemoryStateStore(StateStore):
         self._clock = clock
         self._sweep_interval = sweep_interval
         self._next_sweep = clock() + sweep_interval
+        # Per capped namespace: its key prefix, its limit and its keys in write order.
+        self._caps: list[tuple[str, int, OrderedDict[str, None]]] = []
+        for namespace, limit in (capped or {}).items():
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ValueError(f"the cap of {namespace!r} must be a positive integer")
+            key_prefix = self.record_key(namespace, "k")[:-1]
+            self._caps.append((key_prefix, limit, OrderedDict()))
 
     def __len__(self) -> int:
         """Live entries (sessions and records)."""
@@ -104,6 +119,7 @@ class InMemoryStateStore(StateStore):
         with self._lock:
             existed = self._live(key, self._clock()) is not None
             self._entries.pop(key, None)
+            self._forget(key)
             return existed
 
     async def _touch_raw(self, key: str, ttl_ms: int) -> bool:
@@ -128,7 +144,26 @@ class InMemoryStateStore(StateStore):
             deadline = None if ttl_ms is None else now + ttl_ms / 1000
             for key, value in owned:
                 self._entries[key] = _Entry(value, 0, deadline)
+                self._count_write(key)
             self._sweep(now)
+
+    def _count_write(self, key: str) -> None:
+        """Note a record written; drop its namespace's oldest beyond the cap. Hold the lock."""
+        for key_prefix, limit, written in self._caps:
+            if key.startswith(key_prefix):
+                written[key] = None
+                written.move_to_end(key)
+                while len(written) > limit:
+                    oldest, _ = written.popitem(last=False)
+                    self._entries.pop(oldest, None)
+                return
+
+    def _forget(self, key: str) -> None:
+        """Stop counting a record that is gone. Hold the lock."""
+        for key_prefix, _, written in self._caps:
+            if key.startswith(key_prefix):
+                written.pop(key, None)
+                return
 
     async def _get_raw(self, key: str) -> bytes | None:
         with self._lock:
@@ -177,6 +212,7 @@ class InMemoryStateStore(StateStore):
         entry = self._entries.get(key)
         if entry is not None and entry.deadline is not None and entry.deadline <= now:
             del self._entries[key]
+            self._forget(key)
             return None
         return entry
 
@@ -190,6 +226,7 @@ class InMemoryStateStore(StateStore):
         ]
         for key in expired:
             del self._entries[key]
+            self._forget(key)
 
 
 # --- helpers -------------------------------------------------------------------------------

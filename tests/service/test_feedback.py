@@ -312,7 +312,7 @@ def test_randomised_sets_use_the_servers_draw_and_labels_score_the_served_set(
 def test_feedback_refusals(http: httpx.Client, test_digits) -> None:
     prediction = predict(http, test_digits.inputs[:1])["predictions"][0]
     unknown = send(http, "0123456789abcdef0123456789abcdef", "3")
-    assert unknown.status_code == 404 and "unknown, or older than" in unknown.text
+    assert unknown.status_code == 404 and "unknown, older than" in unknown.text
     malformed = send(http, "not-an-id", "3")
     assert malformed.status_code == 404 and "32 hex digits" in malformed.text
     for label, fragment in [("11", "label '11' is not one of the model's 10 labels"),
@@ -339,6 +339,22 @@ def test_an_expired_prediction_gets_404(builtin_root: Path, test_digits) -> None
         response = send(client, prediction["id"], "0")
         assert response.status_code == 404
         assert "feedback window of 0.3 s" in response.json()["error"]["message"]
+
+
+def test_without_redis_only_the_newest_predictions_are_kept(
+    builtin_root: Path, test_digits
+) -> None:
+    settings = online_settings(builtin_root, in_process_max_predictions=3)
+    with (
+        running_server(create_app(settings)) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
+        first = predict(client, test_digits.inputs[:1])["predictions"][0]
+        newest = predict(client, test_digits.inputs[:3])["predictions"]
+        dropped = send(client, first["id"], "0")
+        assert dropped.status_code == 404
+        assert "NEUROSERVE_IN_PROCESS_MAX_PREDICTIONS" in dropped.json()["error"]["message"]
+        assert all(send(client, p["id"], "0").status_code == 200 for p in newest)
 
 
 def test_another_keys_prediction_is_not_found_and_its_levels_are_not_shown(

@@ -596,6 +596,45 @@ async def test_in_memory_store_sweeps_expired_entries() -> None:
     assert await store.get("s0") is None
 
 
+async def test_a_capped_namespace_keeps_its_newest_records_and_nothing_else_is_dropped() -> None:
+    store = InMemoryStateStore(capped={"prediction": 3})
+    await store.create("s1", counter_record(), LONG_TTL)
+    await store.put_record("owners", "job", b"alice", LONG_TTL)
+    for index in range(5):
+        await store.put_json("prediction", f"p{index}", {"i": index}, LONG_TTL)
+    assert [await store.get_json("prediction", f"p{i}") for i in range(5)] == [
+        None,
+        None,
+        {"i": 2},
+        {"i": 3},
+        {"i": 4},
+    ]
+    await store.put_json_many("prediction", [("p2", {"i": 22}), ("p5", {"i": 5})], LONG_TTL)
+    # p2 was rewritten, so p3 is now the oldest written and the one to go.
+    assert await store.get_json("prediction", "p3") is None
+    assert await store.get_json("prediction", "p2") == {"i": 22}
+    assert await store.get("s1") is not None  # sessions and other namespaces stay
+    assert await store.get_record("owners", "job") == b"alice"
+    assert len(store) == 5  # the session, the owner record, three predictions
+
+
+async def test_records_that_expire_or_are_deleted_free_their_place_under_the_cap() -> None:
+    now = [100.0]
+    store = InMemoryStateStore(clock=lambda: now[0], sweep_interval=1.0, capped={"prediction": 3})
+    await store.put_record("prediction", "long", b"1", LONG_TTL)
+    await store.put_record("prediction", "short", b"2", 1.0)
+    await store.put_record("prediction", "gone", b"3", LONG_TTL)
+    await store.delete_record("prediction", "gone")
+    now[0] += 1.0  # "short" expires; the next write sweeps it out
+    await store.put_record("prediction", "new", b"4", LONG_TTL)
+    await store.put_record("prediction", "newer", b"5", LONG_TTL)
+    # Three live records, the cap: none is dropped for the two that are gone.
+    assert await store.get_record("prediction", "long") == b"1"
+    assert await store.get_record("prediction", "newer") == b"5"
+    with pytest.raises(ValueError, match="must be a positive integer"):
+        InMemoryStateStore(capped={"prediction": 0})
+
+
 def test_open_state_store_picks_the_implementation() -> None:
     assert isinstance(open_state_store(None), InMemoryStateStore)
     assert isinstance(open_state_store(""), InMemoryStateStore)
