@@ -437,13 +437,22 @@ def _json_bytes(value: Any) -> bytes:
 def _finite(value: Any) -> bool:
     """No NaN or infinity anywhere in `value` (JSON-like nesting)."""
     kind = type(value)
-    if kind is float:
-        return math.isfinite(value)
     if kind is dict:
-        return all(_finite(item) for item in value.values())
-    if kind is list or kind is tuple:
-        return all(math.isfinite(item) if type(item) is float else _finite(item) for item in value)
-    return not isinstance(value, float) or math.isfinite(value)  # float subclasses
+        items: Any = value.values()
+    elif kind is list or kind is tuple:
+        items = value
+    else:
+        return not isinstance(value, float) or math.isfinite(value)  # float subclasses too
+    for item in items:  # scalars inline: a record is mostly scalars
+        kind = type(item)
+        if kind is float:
+            if not math.isfinite(item):
+                return False
+        elif (
+            kind is not str and kind is not int and kind is not bool and item is not None
+        ) and not _finite(item):
+            return False
+    return True
 
 
 def _ttl_ms(ttl: float) -> int:
