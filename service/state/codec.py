@@ -175,14 +175,7 @@ class StateRecord:
                 f"state tensors disagree on the batch size (leading dimension): "
                 f"{sorted(batch_sizes)}"
             )
-        for name in ("model", "version", "backend"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
-        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
-            raise ValueError(f"state step must be a non-negative integer, got {self.step!r}")
-        _check_time("created_at", self.created_at)
-        _check_time("updated_at", self.updated_at)
+        _check_header_fields(vars(self))
         object.__setattr__(self, "tensors", dict(self.tensors))
         if not isinstance(self.metadata, _JsonMetadata):  # advancing keeps the normalised one
             object.__setattr__(self, "metadata", _normalise_metadata(self.metadata))
@@ -195,17 +188,9 @@ class StateRecord:
         known, check everything."""
         if schema_hash is None:
             return cls(**fields)
+        _check_header_fields(fields)
         record = object.__new__(cls)
         record.__dict__.update(fields, schema_hash=schema_hash)  # schema_hash: the cache slot
-        for name in ("model", "version", "backend"):
-            value = fields[name]
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
-        step = fields["step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state step must be a non-negative integer, got {step!r}")
-        _check_time("created_at", fields["created_at"])
-        _check_time("updated_at", fields["updated_at"])
         if not isinstance(record.metadata, _JsonMetadata):
             record.__dict__["metadata"] = _normalise_metadata(record.metadata)
         return record
@@ -495,8 +480,9 @@ def _record_schema_hash(spans: _Spans) -> str | None:
     else None. Cached: every state of one model has the same index."""
     if not spans or len({shape[0] for *_, shape in spans}) != 1:
         return None
-    tensors = {name: torch.empty(shape, dtype=dtype) for _, _, name, dtype, shape in spans}
-    return tensor_schema_hash(tensors)
+    return _schema_hash(
+        tuple(sorted((name, torch.Size(shape[1:]), dtype) for _, _, name, dtype, shape in spans))
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -572,13 +558,23 @@ def _check_tensor(name: Any, tensor: Any) -> None:
         raise ValueError(f"state tensor {name!r} needs a leading batch dimension, got a scalar")
 
 
-def _check_time(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not (math.isfinite(value) and value >= 0)
-    ):
-        raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
+def _check_header_fields(fields: Mapping[str, Any]) -> None:
+    """A record's fields besides its tensors and metadata, as the constructor checks them."""
+    for name in ("model", "version", "backend"):
+        value = fields[name]
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"state {name} must be a non-empty string, got {value!r}")
+    step = fields["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"state step must be a non-negative integer, got {step!r}")
+    for name in ("created_at", "updated_at"):
+        value = fields[name]
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise ValueError(f"state {name} must be a finite unix time, got {value!r}")
 
 
 def _normalise_metadata(metadata: Any) -> dict[str, Any]:
