@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -464,6 +465,24 @@ def probe_readout(
 
 
 SCRATCH_SIZES = 4  # batch sizes whose scratch buffers a matmul keeps
+ONE_FLOAT32 = np.float32(1.0)  # the noise-management divisor of an all-zero row
+_largest = np.maximum.reduce  # the largest element of a 1-d array, as a numpy scalar
+
+
+class RowScratch:
+    """The buffers of a one-row read on one row tile, as numpy arrays and, where torch
+    computes on them too, as tensors on the same memory."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        self.x_dac = np.empty(in_features, dtype=np.float32)  # [in], DAC steps
+        self.x_dac_tensor = torch.from_numpy(self.x_dac).view(1, in_features)
+        self.y_tensor = torch.empty(1, out_features)  # [1, out], ADC steps
+        self.y = self.y_tensor.numpy()[0]  # [out]
+        self.noise_tensor = torch.empty(1, out_features)  # [1, out], standard normals
+        self.noise = self.noise_tensor.numpy()[0]  # [out]
+        self.magnitudes = np.empty(out_features, dtype=np.float32)  # [out]
+
+
 EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
 
 
@@ -539,6 +558,7 @@ class AnalogMatmul:
         self._tiles = layout.row_tiles
         self._col_tiles = layout.col_tiles
         self._macs_per_row = layout.in_features * layout.out_features
+        self._one_row_shape = torch.Size([1, layout.in_features])
         self._prepare_fast_path()  # puts self.weights on the grid of exact sums
         alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
         if drift_compensation:
@@ -553,6 +573,9 @@ class AnalogMatmul:
             adc_step = config.out_res * 2.0 * config.out_bound
             self._scale_per_step = self.output_scale * adc_step  # [K, out]
             self._scale_one_tile = self._scale_per_step[0]  # [out]
+        self._row: RowScratch | None = None
+        if self.fast and self._tiles == 1 and self._weights_one_tile.dtype == torch.float32:
+            self._row = RowScratch(layout.in_features, layout.out_features)
 
     def _prepare_fast_path(self) -> None:
         config = self.config
@@ -563,6 +586,8 @@ class AnalogMatmul:
             return
         # Scalars as 0-dim tensors: an in-place op with a Python float wraps it anew per call.
         self._dac_step = torch.tensor(dac_step)
+        self._dac_step_float32 = np.float32(dac_step)  # the same value, for numpy
+        self._noisy = config.out_noise > 0
         self._dac_levels = config.inp_bound / dac_step
         # |x / abs-max| <= 1 never needs the DAC clip when the range reaches 1.
         self._dac_clips = config.inp_bound < 1.0
@@ -581,6 +606,12 @@ class AnalogMatmul:
         self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # batch size -> scratch
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        # One row [1, in], a session's step: the checks kept short.
+        one_row = x.shape == self._one_row_shape and x.dtype is torch.float32
+        if one_row and self._row is not None and not x.requires_grad:
+            self.macs += self._macs_per_row
+            y = self._forward_one_row(x)  # [1, out]
+            return y if bias is None else y + bias
         layout = self.crossbar.layout
         if x.shape[-1] != layout.in_features:
             raise ValueError(
@@ -588,8 +619,14 @@ class AnalogMatmul:
             )
         plain = x.dim() == 2 and x.dtype == torch.float32
         rows = x if plain else x.reshape(-1, layout.in_features).float()  # [R, in]
-        self.macs += rows.shape[0] * self._macs_per_row
-        noise = self._noise_draw(rows.shape[0])
+        count = rows.shape[0]
+        self.macs += count * self._macs_per_row
+        if count == 1 and self._row is not None and not rows.requires_grad:
+            y = self._forward_one_row(rows)  # [1, out]
+            if bias is not None:
+                y = y + bias
+            return y if plain else y.to(x.dtype).view(*x.shape[:-1], layout.out_features)
+        noise = self._noise_draw(count)
         if not self.fast:
             y = self.reference_forward(rows, noise)
         elif self._tiles == 1:
@@ -602,15 +639,18 @@ class AnalogMatmul:
             return y
         return y.to(x.dtype).view(*x.shape[:-1], layout.out_features)
 
-    def _noise_draw(self, rows: int) -> NoiseDraw:
-        """This call's output noise: keyed per sequence inside a step, else the generator."""
+    def _noise_draw(self, rows: int, call: int | None = None) -> NoiseDraw:
+        """This call's output noise: keyed per sequence inside a step (read `call` of the
+        matrix in the step, None: the next), else the generator."""
         layout = self.crossbar.layout
         shape = (rows, self._tiles, layout.out_features)
         if self.noise is None or not self.noise.active:
             return generator_noise(self.generator, shape, self.config)
         if self.config.out_noise <= 0:
             return _no_noise
-        keyed, call, length = self.noise, self.noise.next_call(), self._tiles * layout.out_features
+        keyed, length = self.noise, self._tiles * layout.out_features
+        if call is None:
+            call = keyed.next_call()
 
         def draw(pass_: int, selected: Tensor | None) -> Tensor:
             drawn = keyed.draw(rows, length, call, pass_)  # [R, K·out], or [K·out] if R = 1
@@ -654,11 +694,68 @@ class AnalogMatmul:
         y = y.round_().float()  # [R, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:
-            if self._col_tiles == 1:
-                y = self._rerun_one_tile(y, rows / nm, noise)
-            else:
-                y = self._manage_bounds(y.unsqueeze(1), (rows / nm).unsqueeze(1), noise)[:, 0]
+            y = self._clipped_one_tile(y, rows / nm, noise)
         return torch.mul(y.mul_(nm), self._scale_one_tile)  # a fresh [R, out] for the caller
+
+    def _clipped_one_tile(self, y: Tensor, x_managed: Tensor, noise: NoiseDraw) -> Tensor:
+        """A first pass on one row tile, y [R, out] in ADC steps, that clipped: clipped, and
+        rerun as bound management has it. x_managed [R, in]. Returns ADC steps [R, out]."""
+        if self._col_tiles == 1:
+            return self._rerun_one_tile(y, x_managed, noise)
+        return self._manage_bounds(y.unsqueeze(1), x_managed.unsqueeze(1), noise)[:, 0]
+
+    def _forward_one_row(self, row: Tensor) -> Tensor:
+        """row [1, in] (float32) on one row tile -> a fresh [1, out]: `_forward_one_tile`'s
+        arithmetic op for op, so bit for bit, with the output noise drawn as `_noise_draw`
+        draws it. On one row every op costs its dispatch more than its arithmetic, so the
+        elementwise ops run on numpy views of reused buffers (a fraction of a tensor op's
+        fixed cost); the matmul and the noise's fused multiply-add stay torch's."""
+        scratch, keyed = self._row, self.noise
+        if keyed is not None and keyed.streams.key is not None:  # a step of one sequence
+            call = keyed.next_call()
+            if self._noisy:
+                keyed.draw_one_row(scratch.noise, call)
+        else:
+            call = self._draw_one_row(scratch)  # the noise into scratch.noise, if noisy
+        x = row.numpy()[0]  # [in]
+        x_dac = scratch.x_dac  # [in]
+        nm = _largest(np.abs(x, out=x_dac))  # float32 abs-max
+        if not nm > 0:
+            nm = ONE_FLOAT32
+        np.divide(x, nm, out=x_dac)
+        np.divide(x_dac, self._dac_step_float32, out=x_dac)
+        np.rint(x_dac, out=x_dac)  # DAC steps (rint rounds half to even, as torch.round)
+        if self._dac_clips:
+            np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
+        y_tensor = scratch.y_tensor  # [1, out]
+        torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
+        if self._noisy:  # one fused multiply-add (numpy has none, and the batch path's is)
+            y_tensor.add_(scratch.noise_tensor, alpha=self._noise_in_steps)
+        y = scratch.y  # [out], y_tensor's memory
+        np.rint(y, out=y)  # ADC steps
+        if _largest(np.abs(y, out=scratch.magnitudes)) > self._adc_bound:
+            noise = self._noise_draw(1, call)  # reruns draw passes 1, 2, ... of this read
+            y = self._clipped_one_tile(y_tensor.clone(), row / float(nm), noise)
+            return torch.mul(y.mul_(float(nm)), self._scale_one_tile)
+        np.multiply(y, nm, out=y)
+        return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [1, out]
+
+    def _draw_one_row(self, scratch: RowScratch) -> int | None:
+        """The first pass's output noise of a one-row read into scratch.noise (when the
+        periphery has any), as `_noise_draw` draws it: keyed inside a step, else from the
+        generator. Returns the read's call index in the step (None off a step)."""
+        keyed = self.noise
+        if keyed is None or not keyed.active:
+            if self._noisy:
+                torch.randn(
+                    scratch.noise_tensor.shape, generator=self.generator, out=scratch.noise_tensor
+                )
+            return None
+        call = keyed.next_call()
+        if self._noisy and not keyed.draw_one_row(scratch.noise, call):
+            length = scratch.noise.shape[0]  # a step of several sequences: the general draw
+            scratch.noise_tensor.copy_(keyed.draw(1, length, call).view(1, length))
+        return call
 
     def _scratch(self, count: int) -> tuple[Tensor | None, Tensor | None]:
         """Buffers for a read of `count` rows, [R, in] float32 and [R, out] in the weights'

@@ -27,6 +27,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -174,7 +175,7 @@ class StepStreams:
     def begin(self, streams: Tensor) -> None:
         """Set the keys from a stream entry [B, 2] for one step."""
         if streams.shape[0] == 1:
-            stream, step = streams[0].tolist()
+            stream, step = streams.tolist()[0]  # no indexing op: one call on [1, 2]
             self.key, self.keys = step_key(stream, step), None
         else:
             self.key, self.keys = None, step_keys(streams)
@@ -200,6 +201,7 @@ class KeyedNoise:
         self.name = name
         self._multipliers: dict[tuple[int, int, int], int] = {}
         self._scratch: dict[tuple[int, int], Tensor] = {}
+        self._table_array: np.ndarray | None = None  # the table as numpy sees it, once made
 
     @property
     def active(self) -> bool:
@@ -247,6 +249,25 @@ class KeyedNoise:
         if per_sequence == 1:
             return parts[0]
         return torch.stack(parts, dim=1).reshape(rows, length)  # [B·M, length], row b·M + m
+
+    def draw_one_row(self, out: np.ndarray, call: int, pass_: int = 0) -> bool:
+        """`draw` of one row in a step of one sequence, written into `out` (numpy float32
+        [length]): the same numbers, at numpy's per-call cost (a tensor slice and add cost
+        several times the arithmetic on a few hundred values). False, with nothing written,
+        in a step of several sequences."""
+        key = self.streams.key
+        if key is None:
+            return False
+        length = out.shape[0]
+        if length > MAX_WINDOW:
+            raise ValueError(f"a read of {length} outputs exceeds the noise table's windows")
+        table = self._table_array
+        if table is None:
+            table = self._table_array = gaussian_table().numpy()
+        multiplier = self._multipliers.get((call, pass_, 0)) or self._multiplier(call, pass_, 0)
+        first, second = window_offsets(key, multiplier, length)
+        np.add(table[first : first + length], table[second : second + length], out=out)
+        return True
 
     def _gathered(self, sequences: int, length: int) -> Tensor:
         """A scratch [2B, length] for the two windows of B rows (a fresh one per read would

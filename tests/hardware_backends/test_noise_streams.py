@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hardware_backends.noise_streams import (
@@ -88,3 +89,21 @@ def test_keyed_noise_is_standard_normal_and_uncorrelated_between_reads() -> None
     # Normal tails: the fraction beyond 3 sigma is 0.27%.
     beyond = float((noise.abs() > 3.0).float().mean())
     assert abs(beyond - 0.0027) < 6.0 * math.sqrt(0.0027 / n)
+
+
+def test_one_row_draw_into_numpy_equals_the_tensor_draw() -> None:
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    out = np.empty(128, dtype=np.float32)
+    streams.begin(torch.tensor([[stream_of("session-1"), 5]]))
+    try:
+        for call, pass_ in ((0, 0), (1, 0), (0, 2)):
+            assert noise.draw_one_row(out, call, pass_)
+            assert torch.equal(torch.from_numpy(out), noise.draw(1, 128, call, pass_))
+    finally:
+        streams.end()
+    streams.begin(torch.tensor([[1, 0], [2, 0]]))  # several sequences: not a one-row draw
+    try:
+        assert not noise.draw_one_row(out, 0)
+    finally:
+        streams.end()
