@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hardware_backends.noise_streams import KeyedNoise
+from hardware_backends.noise_streams import WINDOW_PAD, KeyedNoise
 from hardware_backends.pcm_model import (
     PCMConfig,
     ProgrammedDevices,
@@ -243,11 +243,12 @@ def _analog_pass(
 
 
 # Output noise for pass `pass_` (0: the first, then each bound-management rerun) of the rows
-# `rows` (None: all): standard normals [P, K·out], or None when the periphery has none.
-NoiseDraw = Callable[[int, "Tensor | None"], "Tensor | None"]
+# `rows` (None: all), times `scale` (default 1): normals of std `scale` [P, K·out], or None
+# when the periphery has none. The fast paths draw it in ADC steps and add it as it is.
+NoiseDraw = Callable[..., "Tensor | None"]  # (pass_, rows, scale=1.0)
 
 
-def _no_noise(pass_: int, rows: Tensor | None) -> None:
+def _no_noise(pass_: int, rows: Tensor | None, scale: float = 1.0) -> None:
     return None
 
 
@@ -256,11 +257,12 @@ def generator_noise(
 ) -> NoiseDraw:
     """Draws for a read of `shape` [R, K, out] from one sequential stream."""
 
-    def draw(pass_: int, rows: Tensor | None) -> Tensor | None:
+    def draw(pass_: int, rows: Tensor | None, scale: float = 1.0) -> Tensor | None:
         if config.out_noise <= 0:
             return None
         count = shape[0] if rows is None else rows.numel()
-        return torch.randn((count, shape[1] * shape[2]), generator=generator)
+        drawn = torch.randn((count, shape[1] * shape[2]), generator=generator)
+        return drawn if scale == 1.0 else drawn.mul_(scale)
 
     return draw
 
@@ -478,9 +480,10 @@ class RowScratch:
         self.x_dac_tensor = torch.from_numpy(self.x_dac).view(1, in_features)
         self.y_tensor = torch.empty(1, out_features)  # [1, out], ADC steps
         self.y = self.y_tensor.numpy()[0]  # [out]
-        self.noise_tensor = torch.empty(1, out_features)  # [1, out], standard normals
+        self.noise_tensor = torch.empty(1, out_features)  # [1, out], output noise, ADC steps
         self.noise = self.noise_tensor.numpy()[0]  # [out]
         self.magnitudes = np.empty(out_features, dtype=np.float32)  # [out]
+        self.table: np.ndarray | None = None  # the keyed noise's table in ADC steps, once used
 
 
 EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
@@ -527,7 +530,10 @@ class AnalogMatmul:
     Everything a read needs is prepared here, so that a call is a few whole-batch tensor
     operations: noise management, DAC, one matmul over all tiles (the tiles' weights in ADC
     steps per DAC step, on the grid of exact sums, `exact_sum_grid`), output noise, ADC, one
-    clip check, the digital scale. Bound management, when an output clipped, reruns only the
+    clip check, the digital scale. The output noise is drawn in ADC steps (the keyed noise
+    from its table scaled once, `gaussian_table(scale)`) and added as it is, no multiply per
+    read. One row (a session's step) takes `_forward_one_row`: the same arithmetic on numpy
+    views of reused buffers. Bound management, when an output clipped, reruns only the
     rows concerned. Configurations without abs-max noise management, a DAC and an ADC take
     the general path, `tile_mvm`, which is also the reference the fast path is tested
     against. One caller at a time (a runner's lock): a call keeps no state between calls
@@ -574,7 +580,8 @@ class AnalogMatmul:
             self._scale_per_step = self.output_scale * adc_step  # [K, out]
             self._scale_one_tile = self._scale_per_step[0]  # [out]
         self._row: RowScratch | None = None
-        if self.fast and self._tiles == 1 and self._weights_one_tile.dtype == torch.float32:
+        one_row = self.fast and self._tiles == 1 and layout.out_features <= WINDOW_PAD
+        if one_row and self._weights_one_tile.dtype == torch.float32:
             self._row = RowScratch(layout.in_features, layout.out_features)
 
     def _prepare_fast_path(self) -> None:
@@ -652,8 +659,8 @@ class AnalogMatmul:
         if call is None:
             call = keyed.next_call()
 
-        def draw(pass_: int, selected: Tensor | None) -> Tensor:
-            drawn = keyed.draw(rows, length, call, pass_)  # [R, K·out], or [K·out] if R = 1
+        def draw(pass_: int, selected: Tensor | None, scale: float = 1.0) -> Tensor:
+            drawn = keyed.draw(rows, length, call, pass_, scale)  # [R, K·out], [K·out] if R = 1
             return drawn if selected is None else drawn.view(rows, length)[selected]
 
         return draw
@@ -687,10 +694,10 @@ class AnalogMatmul:
         x_dac = torch.div(rows, nm, out=x_dac).div_(self._dac_step).round_()  # DAC steps
         if self._dac_clips:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
-        drawn = noise(0, None)  # [R, out] standard normals ([out] for one row), or None
+        drawn = noise(0, None, self._noise_in_steps)  # [R, out] ([out] for one row), or None
         y = torch.mm(x_dac.to(weights.dtype), weights, out=y)  # [R, out], exact
         if drawn is not None:
-            y = y.add_(drawn, alpha=self._noise_in_steps)
+            y = y.add_(drawn)  # output noise in ADC steps
         y = y.round_().float()  # [R, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:
@@ -709,12 +716,13 @@ class AnalogMatmul:
         arithmetic op for op, so bit for bit, with the output noise drawn as `_noise_draw`
         draws it. On one row every op costs its dispatch more than its arithmetic, so the
         elementwise ops run on numpy views of reused buffers (a fraction of a tensor op's
-        fixed cost); the matmul and the noise's fused multiply-add stay torch's."""
+        fixed cost); the matmul stays torch's."""
         scratch, keyed = self._row, self.noise
         if keyed is not None and keyed.streams.key is not None:  # a step of one sequence
             call = keyed.next_call()
             if self._noisy:
-                keyed.draw_one_row(scratch.noise, call)
+                table = self._row_table() if scratch.table is None else scratch.table
+                keyed.draw_one_row(scratch.noise, call, table)
         else:
             call = self._draw_one_row(scratch)  # the noise into scratch.noise, if noisy
         x = row.numpy()[0]  # [in]
@@ -729,9 +737,9 @@ class AnalogMatmul:
             np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
         y_tensor = scratch.y_tensor  # [1, out]
         torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
-        if self._noisy:  # one fused multiply-add (numpy has none, and the batch path's is)
-            y_tensor.add_(scratch.noise_tensor, alpha=self._noise_in_steps)
         y = scratch.y  # [out], y_tensor's memory
+        if self._noisy:
+            np.add(y, scratch.noise, out=y)  # output noise, in ADC steps
         np.rint(y, out=y)  # ADC steps
         if _largest(np.abs(y, out=scratch.magnitudes)) > self._adc_bound:
             noise = self._noise_draw(1, call)  # reruns draw passes 1, 2, ... of this read
@@ -741,21 +749,25 @@ class AnalogMatmul:
         return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [1, out]
 
     def _draw_one_row(self, scratch: RowScratch) -> int | None:
-        """The first pass's output noise of a one-row read into scratch.noise (when the
-        periphery has any), as `_noise_draw` draws it: keyed inside a step, else from the
-        generator. Returns the read's call index in the step (None off a step)."""
-        keyed = self.noise
+        """The first pass's output noise of a one-row read, in ADC steps, into scratch.noise
+        (when the periphery has any), as `_noise_draw` draws it: keyed inside a step, else
+        from the generator. Returns the read's call index in the step (None off a step)."""
+        keyed, scale = self.noise, self._noise_in_steps
         if keyed is None or not keyed.active:
             if self._noisy:
-                torch.randn(
-                    scratch.noise_tensor.shape, generator=self.generator, out=scratch.noise_tensor
-                )
+                noise = scratch.noise_tensor
+                torch.randn(noise.shape, generator=self.generator, out=noise).mul_(scale)
             return None
         call = keyed.next_call()
-        if self._noisy and not keyed.draw_one_row(scratch.noise, call):
+        if self._noisy and not keyed.draw_one_row(scratch.noise, call, self._row_table()):
             length = scratch.noise.shape[0]  # a step of several sequences: the general draw
-            scratch.noise_tensor.copy_(keyed.draw(1, length, call).view(1, length))
+            scratch.noise_tensor.copy_(keyed.draw(1, length, call, 0, scale).view(1, length))
         return call
+
+    def _row_table(self) -> np.ndarray:
+        """The keyed noise's table in ADC steps, as numpy, kept in the one-row scratch."""
+        self._row.table = self.noise.table_array(self._noise_in_steps)
+        return self._row.table
 
     def _scratch(self, count: int) -> tuple[Tensor | None, Tensor | None]:
         """Buffers for a read of `count` rows, [R, in] float32 and [R, out] in the weights'
@@ -795,10 +807,10 @@ class AnalogMatmul:
             x_dac = (x_managed[rows] / reduction).div_(self._dac_step).round_()  # [P, in]
             if self._dac_clips:
                 x_dac.clamp_(-self._dac_levels, self._dac_levels)
-            drawn = noise(pass_, rows)  # [P, out]
+            drawn = noise(pass_, rows, self._noise_in_steps)  # [P, out], ADC steps
             rerun = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)
             if drawn is not None:
-                rerun = rerun.add_(drawn, alpha=self._noise_in_steps)
+                rerun = rerun.add_(drawn)
             rerun = rerun.round_().float()  # [P, out], ADC steps
             if reduction > give_up_above:
                 accept = torch.ones_like(rows, dtype=torch.bool)  # give up: keep it clipped
@@ -817,9 +829,9 @@ class AnalogMatmul:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
         weights = self._weights_in_steps  # [K, rows, out]
         y = torch.bmm(x_dac.transpose(0, 1).to(weights.dtype), weights).transpose(0, 1)  # exact
-        drawn = noise(0, None)  # [R, K·out]
+        drawn = noise(0, None, self._noise_in_steps)  # [R, K·out], ADC steps
         if drawn is not None:
-            y = y.add_(drawn.view_as(y), alpha=self._noise_in_steps)
+            y = y.add_(drawn.view_as(y))
         y = y.round_().float()  # [R, K, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:

@@ -69,8 +69,13 @@ def mix64_tensor(z: Tensor) -> Tensor:
 
 
 def step_key(stream: int, step: int) -> int:
-    """SplitMix64's output number `step` for seed `stream`: this step's key, as an int64."""
-    return _signed(mix64(stream + (step + 1) * _GOLDEN))
+    """SplitMix64's output number `step` for seed `stream`: this step's key, as an int64
+    (`mix64` and `_signed` inline: once per step of every session)."""
+    z = (stream + (step + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
 
 
 def step_keys(streams: Tensor) -> Tensor:
@@ -115,11 +120,17 @@ def salt(*parts: object) -> int:
 
 _table: Tensor | None = None
 _table_lock = threading.Lock()
+_scaled_tables: dict[float, Tensor] = {}  # scale -> the table times it, most recent last
+SCALED_TABLES = 4  # scaled tables kept for later engines (each engine holds its own too)
 
 
-def gaussian_table() -> Tensor:
+def gaussian_table(scale: float = 1.0) -> Tensor:
     """The process's table of normal draws of variance 1/2, float32 [TABLE_SIZE + WINDOW_PAD]
-    (8.3 MiB, made once, seeded): the sum of two windows is a standard normal vector."""
+    (8.3 MiB, made once, seeded): the sum of two windows is a standard normal vector.
+
+    With a `scale`, the table times it (each value rounded once to float32, 8.3 MiB more):
+    the sum of two of its windows is a normal vector of std `scale`, drawn without a
+    multiply per read."""
     global _table
     if _table is None:
         with _table_lock:
@@ -127,7 +138,16 @@ def gaussian_table() -> Tensor:
                 generator = torch.Generator().manual_seed(TABLE_SEED)
                 draws = torch.randn(TABLE_SIZE + WINDOW_PAD, generator=generator)
                 _table = draws.mul_(math.sqrt(0.5))
-    return _table
+    if scale == 1.0:
+        return _table
+    with _table_lock:
+        table = _scaled_tables.pop(scale, None)
+        if table is None:
+            table = _table * scale
+        _scaled_tables[scale] = table
+        while len(_scaled_tables) > SCALED_TABLES:
+            _scaled_tables.pop(next(iter(_scaled_tables)))
+    return table
 
 
 def window_offsets(key: int, multiplier: int, length: int) -> tuple[int, int]:
@@ -189,9 +209,10 @@ class StepStreams:
 class KeyedNoise:
     """Standard-normal noise for the reads of one matrix, keyed per sequence.
 
-    `draw(rows, length, call, pass_)` returns [R, length] ([length] for a step of one
-    sequence of one row, which broadcasts as [1, length]): each row's noise from its
-    sequence's key, so a row's numbers never depend on the other rows. Rows map to the
+    `draw(rows, length, call, pass_, scale)` returns [R, length] ([length] for a step of one
+    sequence of one row, which broadcasts as [1, length]) of std `scale` (the windows of
+    `gaussian_table(scale)`): each row's noise from its sequence's key, so a row's numbers
+    never depend on the other rows. Rows map to the
     step's B sequences as a leading [B, M] (M rows per sequence, e.g. several positions)."""
 
     def __init__(self, streams: StepStreams, name: str) -> None:
@@ -201,7 +222,7 @@ class KeyedNoise:
         self.name = name
         self._multipliers: dict[tuple[int, int, int], int] = {}
         self._scratch: dict[tuple[int, int], Tensor] = {}
-        self._table_array: np.ndarray | None = None  # the table as numpy sees it, once made
+        self._tables: dict[float, tuple[Tensor, np.ndarray]] = {}  # scale -> table, as numpy
 
     @property
     def active(self) -> bool:
@@ -220,12 +241,20 @@ class KeyedNoise:
             multiplier = self._multipliers[index] = salt(self.name, call, pass_, position)
         return multiplier
 
-    def draw(self, rows: int, length: int, call: int, pass_: int = 0) -> Tensor:
+    def _table(self, scale: float) -> tuple[Tensor, np.ndarray]:
+        """`gaussian_table(scale)` and its numpy view, held by this source once used."""
+        tables = self._tables.get(scale)
+        if tables is None:
+            table = gaussian_table(scale)
+            tables = self._tables[scale] = (table, table.numpy())
+        return tables
+
+    def draw(self, rows: int, length: int, call: int, pass_: int = 0, scale: float = 1.0) -> Tensor:
         if length > MAX_WINDOW:
             raise ValueError(f"a read of {length} outputs exceeds the noise table's windows")
         if not self.streams.active:
             raise RuntimeError("keyed noise drawn outside a step")
-        table = gaussian_table()
+        table = self._table(scale)[0]
         sequences = self.streams.sequences
         if rows % sequences:
             raise ValueError(f"{rows} rows do not split over {sequences} sequences")
@@ -250,22 +279,22 @@ class KeyedNoise:
             return parts[0]
         return torch.stack(parts, dim=1).reshape(rows, length)  # [B·M, length], row b·M + m
 
-    def draw_one_row(self, out: np.ndarray, call: int, pass_: int = 0) -> bool:
-        """`draw` of one row in a step of one sequence, written into `out` (numpy float32
-        [length]): the same numbers, at numpy's per-call cost (a tensor slice and add cost
-        several times the arithmetic on a few hundred values). False, with nothing written,
-        in a step of several sequences."""
+    def table_array(self, scale: float = 1.0) -> np.ndarray:
+        """`gaussian_table(scale)` as a numpy array, for `draw_one_row`."""
+        return self._table(scale)[1]
+
+    def draw_one_row(self, out: np.ndarray, call: int, table: np.ndarray, pass_: int = 0) -> bool:
+        """`draw` of one row in a step of one sequence, from `table_array(scale)`, written
+        into `out` (numpy float32 [length], length <= WINDOW_PAD): the same numbers, at
+        numpy's per-call cost (a tensor slice and add cost several times the arithmetic on
+        a few hundred values). False, with nothing written, in a step of several sequences."""
         key = self.streams.key
         if key is None:
             return False
-        length = out.shape[0]
-        if length > MAX_WINDOW:
-            raise ValueError(f"a read of {length} outputs exceeds the noise table's windows")
-        table = self._table_array
-        if table is None:
-            table = self._table_array = gaussian_table().numpy()
         multiplier = self._multipliers.get((call, pass_, 0)) or self._multiplier(call, pass_, 0)
-        first, second = window_offsets(key, multiplier, length)
+        h = (key * multiplier) & _MASK64  # `window_offsets` inline, for windows <= WINDOW_PAD
+        first, second = (h >> 43) & _OFFSET_MASK, (h >> 22) & _OFFSET_MASK
+        length = len(out)
         np.add(table[first : first + length], table[second : second + length], out=out)
         return True
 

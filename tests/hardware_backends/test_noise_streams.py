@@ -98,12 +98,29 @@ def test_one_row_draw_into_numpy_equals_the_tensor_draw() -> None:
     streams.begin(torch.tensor([[stream_of("session-1"), 5]]))
     try:
         for call, pass_ in ((0, 0), (1, 0), (0, 2)):
-            assert noise.draw_one_row(out, call, pass_)
+            assert noise.draw_one_row(out, call, noise.table_array(), pass_)
             assert torch.equal(torch.from_numpy(out), noise.draw(1, 128, call, pass_))
     finally:
         streams.end()
     streams.begin(torch.tensor([[1, 0], [2, 0]]))  # several sequences: not a one-row draw
     try:
-        assert not noise.draw_one_row(out, 0)
+        assert not noise.draw_one_row(out, 0, noise.table_array())
     finally:
         streams.end()
+
+
+def test_scaled_draws_are_the_same_windows_of_the_scaled_table() -> None:
+    # Noise drawn in another unit (ADC steps, say) comes from the table scaled once: the
+    # same windows, each value rounded once after scaling, so equal to the scaled standard
+    # draw up to float32 rounding.
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    entry = torch.tensor([[stream_of(f"session-{i}"), 2] for i in range(5)])
+    streams.begin(entry)
+    try:
+        standard = noise.draw(5, 128, 0)
+        scaled = noise.draw(5, 128, 0, scale=1.2748)
+    finally:
+        streams.end()
+    torch.testing.assert_close(scaled, standard * 1.2748, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(scaled, standard)
