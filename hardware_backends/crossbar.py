@@ -725,27 +725,28 @@ class AnalogMatmul:
                 keyed.draw_one_row(scratch.noise, call, table)
         else:
             call = self._draw_one_row(scratch)  # the noise into scratch.noise, if noisy
+        # numpy ufuncs with the output as the last positional argument (a keyword costs more)
         x = row.numpy()[0]  # [in]
         x_dac = scratch.x_dac  # [in]
-        nm = _largest(np.abs(x, out=x_dac))  # float32 abs-max
+        nm = _largest(np.abs(x, x_dac))  # float32 abs-max
         if not nm > 0:
             nm = ONE_FLOAT32
-        np.divide(x, nm, out=x_dac)
-        np.divide(x_dac, self._dac_step_float32, out=x_dac)
-        np.rint(x_dac, out=x_dac)  # DAC steps (rint rounds half to even, as torch.round)
+        np.divide(x, nm, x_dac)
+        np.divide(x_dac, self._dac_step_float32, x_dac)
+        np.rint(x_dac, x_dac)  # DAC steps (rint rounds half to even, as torch.round)
         if self._dac_clips:
             np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
         y_tensor = scratch.y_tensor  # [1, out]
         torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
         y = scratch.y  # [out], y_tensor's memory
         if self._noisy:
-            np.add(y, scratch.noise, out=y)  # output noise, in ADC steps
-        np.rint(y, out=y)  # ADC steps
-        if _largest(np.abs(y, out=scratch.magnitudes)) > self._adc_bound:
+            np.add(y, scratch.noise, y)  # output noise, in ADC steps
+        np.rint(y, y)  # ADC steps
+        if _largest(np.abs(y, scratch.magnitudes)) > self._adc_bound:
             noise = self._noise_draw(1, call)  # reruns draw passes 1, 2, ... of this read
             y = self._clipped_one_tile(y_tensor.clone(), row / float(nm), noise)
             return torch.mul(y.mul_(float(nm)), self._scale_one_tile)
-        np.multiply(y, nm, out=y)
+        np.multiply(y, nm, y)
         return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [1, out]
 
     def _draw_one_row(self, scratch: RowScratch) -> int | None:

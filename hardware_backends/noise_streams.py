@@ -295,7 +295,7 @@ class KeyedNoise:
         h = (key * multiplier) & _MASK64  # `window_offsets` inline, for windows <= WINDOW_PAD
         first, second = (h >> 43) & _OFFSET_MASK, (h >> 22) & _OFFSET_MASK
         length = len(out)
-        np.add(table[first : first + length], table[second : second + length], out=out)
+        np.add(table[first : first + length], table[second : second + length], out)
         return True
 
     def _gathered(self, sequences: int, length: int) -> Tensor:
