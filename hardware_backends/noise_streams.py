@@ -37,6 +37,7 @@ TABLE_SIZE = 1 << TABLE_BITS  # window offsets: 21 bits of a hash
 WINDOW_PAD = 1 << 16  # the table runs this far past the last offset, so windows up to ...
 TABLE_SEED = 20_261_202
 MAX_WINDOW = TABLE_SIZE // 2  # ... this long need no range reduction; at most this long
+SMALL_STEP = 16  # a step of up to this many sequences keeps its keys as Python ints
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -176,33 +177,44 @@ def window_offsets_tensor(keys: Tensor, multiplier: int, length: int) -> tuple[T
 class StepStreams:
     """The keys of the sequences in the step being run, shared by a runner's engines.
 
-    Outside a step both are None (engines then draw from their own generator). In a step of
+    Outside a step all are None (engines then draw from their own generator). In a step of
     one sequence `key` is its key as a Python int (the common case of a session step: no
-    tensor op on one element); of several, `keys` is int64 [B]."""
+    tensor op on one element); of a few (at most SMALL_STEP), `key_list` holds them as
+    Python ints (a dozen int64 tensor ops cost more than the arithmetic on a few ints); of
+    more, `keys` is int64 [B]."""
 
     key: int | None = None
     keys: Tensor | None = None
+    key_list: list[int] | None = None
     calls: dict[str, int] = field(default_factory=dict)  # reads of each matrix this step
 
     @property
     def active(self) -> bool:
-        return self.key is not None or self.keys is not None
+        return self.key is not None or self.key_list is not None or self.keys is not None
 
     @property
     def sequences(self) -> int:
-        return 1 if self.key is not None else int(self.keys.shape[0])  # type: ignore[union-attr]
+        if self.key is not None:
+            return 1
+        if self.key_list is not None:
+            return len(self.key_list)
+        return int(self.keys.shape[0])  # type: ignore[union-attr]
 
     def begin(self, streams: Tensor) -> None:
         """Set the keys from a stream entry [B, 2] for one step."""
-        if streams.shape[0] == 1:
+        count = streams.shape[0]
+        if count == 1:
             stream, step = streams.tolist()[0]  # no indexing op: one call on [1, 2]
-            self.key, self.keys = step_key(stream, step), None
+            self.key, self.key_list, self.keys = step_key(stream, step), None, None
+        elif count <= SMALL_STEP:
+            keys = [step_key(stream, step) for stream, step in streams.tolist()]
+            self.key, self.key_list, self.keys = None, keys, None
         else:
-            self.key, self.keys = None, step_keys(streams)
+            self.key, self.key_list, self.keys = None, None, step_keys(streams)
         self.calls.clear()
 
     def end(self) -> None:
-        self.key = self.keys = None
+        self.key = self.key_list = self.keys = None
         self.calls.clear()
 
 
@@ -263,10 +275,20 @@ class KeyedNoise:
         if key is not None and per_sequence == 1:  # one row: [length], broadcast as [1, length]
             first, second = window_offsets(key, self._multiplier(call, pass_, 0), length)
             return table[first : first + length] + table[second : second + length]
-        keys = self.streams.keys
-        if keys is None:
-            keys = torch.tensor([key], dtype=torch.int64)
         windows = table.unfold(0, length, 1)  # [table size - length + 1, length], a view
+        key_list = [key] if key is not None else self.streams.key_list
+        if key_list is not None:  # a few sequences: the offsets on Python ints, one gather
+            firsts, seconds = [], []
+            multipliers = [self._multiplier(call, pass_, m) for m in range(per_sequence)]
+            for sequence_key in key_list:
+                for multiplier in multipliers:  # row b·M + m
+                    first, second = window_offsets(sequence_key, multiplier, length)
+                    firsts.append(first)
+                    seconds.append(second)
+            both = self._gathered(rows, length)  # [2R, length], reused between reads
+            torch.index_select(windows, 0, torch.tensor(firsts + seconds), out=both)
+            return torch.add(both[:rows], both[rows:])  # [R, length]
+        keys = self.streams.keys
         parts = []
         for position in range(per_sequence):
             first, second = window_offsets_tensor(

@@ -124,3 +124,26 @@ def test_scaled_draws_are_the_same_windows_of_the_scaled_table() -> None:
         streams.end()
     torch.testing.assert_close(scaled, standard * 1.2748, rtol=1e-6, atol=1e-6)
     assert not torch.equal(scaled, standard)
+
+
+def test_a_few_sequences_draw_on_python_ints_what_many_draw_on_tensors() -> None:
+    # A step of a few sequences keeps its keys as Python ints; a larger one as int64 tensors.
+    # Both give the same numbers, for one row per sequence and for several.
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    entry = torch.tensor([[stream_of(f"session-{i}"), 3 * i] for i in range(5)])
+    for per_sequence, length in ((1, 128), (3, 40), (1, WINDOW_PAD + 7)):
+        rows = 5 * per_sequence
+        streams.begin(entry)
+        assert streams.key_list is not None and streams.keys is None
+        try:
+            few = noise.draw(rows, length, 1, 2, scale=0.5)
+        finally:
+            streams.end()
+        streams.begin(entry)
+        streams.key_list, streams.keys = None, step_keys(entry)  # as a large step holds them
+        try:
+            many = noise.draw(rows, length, 1, 2, scale=0.5)
+        finally:
+            streams.end()
+        assert torch.equal(few, many)
