@@ -180,8 +180,9 @@ class StepStreams:
     Outside a step all are None (engines then draw from their own generator). In a step of
     one sequence `key` is its key as a Python int (the common case of a session step: no
     tensor op on one element); of a few (at most SMALL_STEP), `key_list` holds them as
-    Python ints (a dozen int64 tensor ops cost more than the arithmetic on a few ints); of
-    more, `keys` is int64 [B]."""
+    Python ints (a dozen int64 tensor ops cost more than the arithmetic on a few ints, and
+    a read of at most SMALL_STEP rows takes its windows with a numpy add per row); of more,
+    `keys` is int64 [B]."""
 
     key: int | None = None
     keys: Tensor | None = None
@@ -275,20 +276,23 @@ class KeyedNoise:
         if key is not None and per_sequence == 1:  # one row: [length], broadcast as [1, length]
             first, second = window_offsets(key, self._multiplier(call, pass_, 0), length)
             return table[first : first + length] + table[second : second + length]
-        windows = table.unfold(0, length, 1)  # [table size - length + 1, length], a view
         key_list = [key] if key is not None else self.streams.key_list
-        if key_list is not None:  # a few sequences: the offsets on Python ints, one gather
-            firsts, seconds = [], []
+        if key_list is not None and rows <= SMALL_STEP:  # a few rows: Python ints, numpy adds
+            array = self._table(scale)[1]
+            drawn = np.empty((rows, length), dtype=np.float32)
             multipliers = [self._multiplier(call, pass_, m) for m in range(per_sequence)]
+            row = 0
             for sequence_key in key_list:
                 for multiplier in multipliers:  # row b·M + m
                     first, second = window_offsets(sequence_key, multiplier, length)
-                    firsts.append(first)
-                    seconds.append(second)
-            both = self._gathered(rows, length)  # [2R, length], reused between reads
-            torch.index_select(windows, 0, torch.tensor(firsts + seconds), out=both)
-            return torch.add(both[:rows], both[rows:])  # [R, length]
+                    window = array[first : first + length]
+                    np.add(window, array[second : second + length], drawn[row])
+                    row += 1
+            return torch.from_numpy(drawn)  # [R, length]
         keys = self.streams.keys
+        if keys is None:
+            keys = torch.tensor(key_list, dtype=torch.int64)
+        windows = table.unfold(0, length, 1)  # [table size - length + 1, length], a view
         parts = []
         for position in range(per_sequence):
             first, second = window_offsets_tensor(

@@ -128,11 +128,12 @@ def test_scaled_draws_are_the_same_windows_of_the_scaled_table() -> None:
 
 def test_a_few_sequences_draw_on_python_ints_what_many_draw_on_tensors() -> None:
     # A step of a few sequences keeps its keys as Python ints; a larger one as int64 tensors.
-    # Both give the same numbers, for one row per sequence and for several.
+    # Both give the same numbers, for one row per sequence and for several (4 per sequence:
+    # more rows than a few, gathered as a large step's are).
     streams = StepStreams()
     noise = KeyedNoise(streams, "layer")
     entry = torch.tensor([[stream_of(f"session-{i}"), 3 * i] for i in range(5)])
-    for per_sequence, length in ((1, 128), (3, 40), (1, WINDOW_PAD + 7)):
+    for per_sequence, length in ((1, 128), (3, 40), (4, 40), (1, WINDOW_PAD + 7)):
         rows = 5 * per_sequence
         streams.begin(entry)
         assert streams.key_list is not None and streams.keys is None
