@@ -467,23 +467,29 @@ def probe_readout(
 
 
 SCRATCH_SIZES = 4  # batch sizes whose scratch buffers a matmul keeps
+FEW_ROWS = 16  # reads of up to this many rows run their elementwise ops in numpy
 ONE_FLOAT32 = np.float32(1.0)  # the noise-management divisor of an all-zero row
 _largest = np.maximum.reduce  # the largest element of a 1-d array, as a numpy scalar
 
 
 class RowScratch:
-    """The buffers of a one-row read on one row tile, as numpy arrays and, where torch
-    computes on them too, as tensors on the same memory."""
+    """The buffers of a read of one row (numpy [in] and [out]) or of a few (numpy [R, in] and
+    [R, out]) on one row tile, as numpy arrays and, where torch computes on them too, as
+    tensors on the same memory."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
-        self.x_dac = np.empty(in_features, dtype=np.float32)  # [in], DAC steps
-        self.x_dac_tensor = torch.from_numpy(self.x_dac).view(1, in_features)
-        self.y_tensor = torch.empty(1, out_features)  # [1, out], ADC steps
-        self.y = self.y_tensor.numpy()[0]  # [out]
+    def __init__(self, in_features: int, out_features: int, count: int | None = None) -> None:
+        rows = 1 if count is None else count
+        x_dac = np.empty((rows, in_features), dtype=np.float32)  # DAC steps
+        self.x_dac_tensor = torch.from_numpy(x_dac)  # [R, in]
+        self.y_tensor = torch.empty(rows, out_features)  # [R, out], ADC steps
         self.noise_tensor = torch.empty(1, out_features)  # [1, out], output noise, ADC steps
         self.noise = self.noise_tensor.numpy()[0]  # [out]
-        self.magnitudes = np.empty(out_features, dtype=np.float32)  # [out]
+        magnitudes = np.empty((rows, out_features), dtype=np.float32)
         self.table: np.ndarray | None = None  # the keyed noise's table in ADC steps, once used
+        if count is None:  # one row: 1-d views, whose numpy calls are the cheapest
+            self.x_dac, self.y, self.magnitudes = x_dac[0], self.y_tensor.numpy()[0], magnitudes[0]
+        else:
+            self.x_dac, self.y, self.magnitudes = x_dac, self.y_tensor.numpy(), magnitudes
 
 
 EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
@@ -580,6 +586,7 @@ class AnalogMatmul:
             self._scale_per_step = self.output_scale * adc_step  # [K, out]
             self._scale_one_tile = self._scale_per_step[0]  # [out]
         self._row: RowScratch | None = None
+        self._few_rows: dict[int, RowScratch] = {}  # batch size -> scratch
         one_row = self.fast and self._tiles == 1 and layout.out_features <= WINDOW_PAD
         if one_row and self._weights_one_tile.dtype == torch.float32:
             self._row = RowScratch(layout.in_features, layout.out_features)
@@ -637,7 +644,10 @@ class AnalogMatmul:
         if not self.fast:
             y = self.reference_forward(rows, noise)
         elif self._tiles == 1:
-            y = self._forward_one_tile(rows, noise)  # [R, out]
+            if count <= FEW_ROWS and self._row is not None and not rows.requires_grad:
+                y = self._forward_few_rows(rows, noise)  # [R, out]
+            else:
+                y = self._forward_one_tile(rows, noise)  # [R, out]
         else:
             y = self._forward_tiles(rows, noise)
         if bias is not None:
@@ -748,6 +758,44 @@ class AnalogMatmul:
             return torch.mul(y.mul_(float(nm)), self._scale_one_tile)
         np.multiply(y, nm, y)
         return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [1, out]
+
+    def _forward_few_rows(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
+        """rows [R, in] (float32, R <= FEW_ROWS) on one row tile -> a fresh [R, out]:
+        `_forward_one_tile`'s arithmetic op for op, so bit for bit, its elementwise ops on
+        numpy views of reused buffers, as `_forward_one_row` does for one row."""
+        scratch = self._few_rows_scratch(rows.shape[0])
+        x, x_dac = rows.numpy(), scratch.x_dac  # [R, in], [R, in]
+        nm = _largest(np.abs(x, x_dac), axis=1, keepdims=True)  # [R, 1] float32 abs-max
+        nm[~(nm > 0)] = 1.0  # an all-zero row: divide by 1
+        np.divide(x, nm, x_dac)
+        np.divide(x_dac, self._dac_step_float32, x_dac)
+        np.rint(x_dac, x_dac)  # DAC steps
+        if self._dac_clips:
+            np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
+        drawn = noise(0, None, self._noise_in_steps)  # [R, out] in ADC steps, or None
+        y_tensor = scratch.y_tensor  # [R, out]
+        torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
+        y = scratch.y  # [R, out], y_tensor's memory
+        if drawn is not None:
+            np.add(y, drawn.numpy(), y)
+        np.rint(y, y)  # ADC steps
+        if _largest(np.abs(y, scratch.magnitudes), axis=None) > self._adc_bound:
+            nm_tensor = torch.from_numpy(nm)  # [R, 1]
+            y = self._clipped_one_tile(y_tensor.clone(), rows / nm_tensor, noise)
+            return torch.mul(y.mul_(nm_tensor), self._scale_one_tile)
+        np.multiply(y, nm, y)
+        return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [R, out]
+
+    def _few_rows_scratch(self, count: int) -> RowScratch:
+        """`RowScratch` for reads of `count` rows, kept for SCRATCH_SIZES batch sizes."""
+        scratch = self._few_rows.get(count)
+        if scratch is None:
+            if len(self._few_rows) >= SCRATCH_SIZES:
+                self._few_rows.pop(next(iter(self._few_rows)))
+            layout = self.crossbar.layout
+            scratch = RowScratch(layout.in_features, layout.out_features, count)
+            self._few_rows[count] = scratch
+        return scratch
 
     def _draw_one_row(self, scratch: RowScratch) -> int | None:
         """The first pass's output noise of a one-row read, in ADC steps, into scratch.noise

@@ -341,3 +341,27 @@ def test_a_row_read_off_a_step_draws_as_the_batch_path_does() -> None:
         ]
     )
     assert torch.equal(alone, expected)
+
+
+@pytest.mark.parametrize("out_bound", [12.0, 2.0])  # 2.0: most rows clip and run again
+def test_a_few_rows_read_in_numpy_gives_the_torch_paths_bits(out_bound: float) -> None:
+    torch.manual_seed(16)
+    weight = torch.randn(40, 96)
+    streams = StepStreams()
+    matmul = _keyed_matmul(weight, CrossbarConfig(out_bound=out_bound), streams)
+    x = torch.randn(16, 96) * torch.rand(16, 1) * 3
+    x[1] = 0.0  # an all-zero row
+    x[2:6] = torch.randint(0, 17, (4, 96)).float()  # pixels: DAC inputs on rounding ties
+    entry = torch.stack([torch.arange(16) * 104_729 + 5, torch.full((16,), 4)], dim=1)
+    for count in (2, 5, 16):
+        streams.begin(entry[:count])
+        try:
+            few = matmul(x[:count])  # the numpy path
+        finally:
+            streams.end()
+        streams.begin(entry[:count])
+        try:
+            general = matmul._forward_one_tile(x[:count], matmul._noise_draw(count))
+        finally:
+            streams.end()
+        assert torch.equal(few, general)
