@@ -538,12 +538,13 @@ class AnalogMatmul:
     steps per DAC step, on the grid of exact sums, `exact_sum_grid`), output noise, ADC, one
     clip check, the digital scale. The output noise is drawn in ADC steps (the keyed noise
     from its table scaled once, `gaussian_table(scale)`) and added as it is, no multiply per
-    read. One row (a session's step) takes `_forward_one_row`: the same arithmetic on numpy
-    views of reused buffers. Bound management, when an output clipped, reruns only the
-    rows concerned. Configurations without abs-max noise management, a DAC and an ADC take
-    the general path, `tile_mvm`, which is also the reference the fast path is tested
-    against. One caller at a time (a runner's lock): a call keeps no state between calls
-    but the MAC counter and the generator.
+    read. One row (a session's step) takes `_forward_one_row`, up to FEW_ROWS rows
+    `_forward_few_rows`: the same arithmetic on numpy views of reused buffers. Bound
+    management, when an output clipped, reruns only the rows concerned. Configurations
+    without abs-max noise management, a DAC and an ADC take the general path, `tile_mvm`,
+    which is also the reference the fast path is tested against. One caller at a time (a
+    runner's lock): a call keeps no state between calls but the MAC counter and the
+    generator (and scratch buffers it overwrites).
     """
 
     def __init__(

@@ -225,8 +225,8 @@ class KeyedNoise:
     `draw(rows, length, call, pass_, scale)` returns [R, length] ([length] for a step of one
     sequence of one row, which broadcasts as [1, length]) of std `scale` (the windows of
     `gaussian_table(scale)`): each row's noise from its sequence's key, so a row's numbers
-    never depend on the other rows. Rows map to the
-    step's B sequences as a leading [B, M] (M rows per sequence, e.g. several positions)."""
+    never depend on the other rows. Rows map to the step's B sequences as a leading [B, M]
+    (M rows per sequence, e.g. several positions)."""
 
     def __init__(self, streams: StepStreams, name: str) -> None:
         if not isinstance(name, str):
@@ -267,7 +267,7 @@ class KeyedNoise:
             raise ValueError(f"a read of {length} outputs exceeds the noise table's windows")
         if not self.streams.active:
             raise RuntimeError("keyed noise drawn outside a step")
-        table = self._table(scale)[0]
+        table, array = self._table(scale)  # the same values, as a tensor and as numpy
         sequences = self.streams.sequences
         if rows % sequences:
             raise ValueError(f"{rows} rows do not split over {sequences} sequences")
@@ -278,7 +278,6 @@ class KeyedNoise:
             return table[first : first + length] + table[second : second + length]
         key_list = [key] if key is not None else self.streams.key_list
         if key_list is not None and rows <= SMALL_STEP:  # a few rows: Python ints, numpy adds
-            array = self._table(scale)[1]
             drawn = np.empty((rows, length), dtype=np.float32)
             multipliers = [self._multiplier(call, pass_, m) for m in range(per_sequence)]
             row = 0

@@ -365,3 +365,8 @@ def test_a_few_rows_read_in_numpy_gives_the_torch_paths_bits(out_bound: float) -
         finally:
             streams.end()
         assert torch.equal(few, general)
+    # Off a step (noise from the generator in call order) as well.
+    state = matmul.generator.get_state()
+    few = matmul(x[:5])
+    matmul.generator.set_state(state)
+    assert torch.equal(few, matmul._forward_one_tile(x[:5], matmul._noise_draw(5)))
