@@ -44,10 +44,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from hardware_backends.noise_streams import KeyedNoise
+from hardware_backends.noise_streams import WINDOW_PAD, KeyedNoise
 from hardware_backends.pcm_model import (
     PCMConfig,
     ProgrammedDevices,
@@ -242,11 +243,12 @@ def _analog_pass(
 
 
 # Output noise for pass `pass_` (0: the first, then each bound-management rerun) of the rows
-# `rows` (None: all): standard normals [P, K·out], or None when the periphery has none.
-NoiseDraw = Callable[[int, "Tensor | None"], "Tensor | None"]
+# `rows` (None: all), times `scale` (default 1): normals of std `scale` [P, K·out], or None
+# when the periphery has none. The fast paths draw it in ADC steps and add it as it is.
+NoiseDraw = Callable[..., "Tensor | None"]  # (pass_, rows, scale=1.0)
 
 
-def _no_noise(pass_: int, rows: Tensor | None) -> None:
+def _no_noise(pass_: int, rows: Tensor | None, scale: float = 1.0) -> None:
     return None
 
 
@@ -255,11 +257,12 @@ def generator_noise(
 ) -> NoiseDraw:
     """Draws for a read of `shape` [R, K, out] from one sequential stream."""
 
-    def draw(pass_: int, rows: Tensor | None) -> Tensor | None:
+    def draw(pass_: int, rows: Tensor | None, scale: float = 1.0) -> Tensor | None:
         if config.out_noise <= 0:
             return None
         count = shape[0] if rows is None else rows.numel()
-        return torch.randn((count, shape[1] * shape[2]), generator=generator)
+        drawn = torch.randn((count, shape[1] * shape[2]), generator=generator)
+        return drawn if scale == 1.0 else drawn.mul_(scale)
 
     return draw
 
@@ -464,6 +467,31 @@ def probe_readout(
 
 
 SCRATCH_SIZES = 4  # batch sizes whose scratch buffers a matmul keeps
+FEW_ROWS = 16  # reads of up to this many rows run their elementwise ops in numpy
+ONE_FLOAT32 = np.float32(1.0)  # the noise-management divisor of an all-zero row
+_largest = np.maximum.reduce  # the largest element of a 1-d array, as a numpy scalar
+
+
+class RowScratch:
+    """The buffers of a read of one row (numpy [in] and [out]) or of a few (numpy [R, in] and
+    [R, out]) on one row tile, as numpy arrays and, where torch computes on them too, as
+    tensors on the same memory."""
+
+    def __init__(self, in_features: int, out_features: int, count: int | None = None) -> None:
+        rows = 1 if count is None else count
+        x_dac = np.empty((rows, in_features), dtype=np.float32)  # DAC steps
+        self.x_dac_tensor = torch.from_numpy(x_dac)  # [R, in]
+        self.y_tensor = torch.empty(rows, out_features)  # [R, out], ADC steps
+        self.noise_tensor = torch.empty(1, out_features)  # [1, out], output noise, ADC steps
+        self.noise = self.noise_tensor.numpy()[0]  # [out]
+        magnitudes = np.empty((rows, out_features), dtype=np.float32)
+        self.table: np.ndarray | None = None  # the keyed noise's table in ADC steps, once used
+        if count is None:  # one row: 1-d views, whose numpy calls are the cheapest
+            self.x_dac, self.y, self.magnitudes = x_dac[0], self.y_tensor.numpy()[0], magnitudes[0]
+        else:
+            self.x_dac, self.y, self.magnitudes = x_dac, self.y_tensor.numpy(), magnitudes
+
+
 EXACT_GRID_MIN_BITS = 8  # the finest a float32 grid must be; coarser needs float64
 
 
@@ -508,11 +536,15 @@ class AnalogMatmul:
     Everything a read needs is prepared here, so that a call is a few whole-batch tensor
     operations: noise management, DAC, one matmul over all tiles (the tiles' weights in ADC
     steps per DAC step, on the grid of exact sums, `exact_sum_grid`), output noise, ADC, one
-    clip check, the digital scale. Bound management, when an output clipped, reruns only the
-    rows concerned. Configurations without abs-max noise management, a DAC and an ADC take
-    the general path, `tile_mvm`, which is also the reference the fast path is tested
-    against. One caller at a time (a runner's lock): a call keeps no state between calls
-    but the MAC counter and the generator.
+    clip check, the digital scale. The output noise is drawn in ADC steps (the keyed noise
+    from its table scaled once, `gaussian_table(scale)`) and added as it is, no multiply per
+    read. One row (a session's step) takes `_forward_one_row`, up to FEW_ROWS rows
+    `_forward_few_rows`: the same arithmetic on numpy views of reused buffers. Bound
+    management, when an output clipped, reruns only the rows concerned. Configurations
+    without abs-max noise management, a DAC and an ADC take the general path, `tile_mvm`,
+    which is also the reference the fast path is tested against. One caller at a time (a
+    runner's lock): a call keeps no state between calls but the MAC counter and the
+    generator (and scratch buffers it overwrites).
     """
 
     def __init__(
@@ -539,6 +571,7 @@ class AnalogMatmul:
         self._tiles = layout.row_tiles
         self._col_tiles = layout.col_tiles
         self._macs_per_row = layout.in_features * layout.out_features
+        self._one_row_shape = torch.Size([1, layout.in_features])
         self._prepare_fast_path()  # puts self.weights on the grid of exact sums
         alpha = torch.ones(layout.row_tiles, layout.col_tiles)  # [K, col_tiles]
         if drift_compensation:
@@ -553,6 +586,11 @@ class AnalogMatmul:
             adc_step = config.out_res * 2.0 * config.out_bound
             self._scale_per_step = self.output_scale * adc_step  # [K, out]
             self._scale_one_tile = self._scale_per_step[0]  # [out]
+        self._row: RowScratch | None = None
+        self._few_rows: dict[int, RowScratch] = {}  # batch size -> scratch
+        one_row = self.fast and self._tiles == 1 and layout.out_features <= WINDOW_PAD
+        if one_row and self._weights_one_tile.dtype == torch.float32:
+            self._row = RowScratch(layout.in_features, layout.out_features)
 
     def _prepare_fast_path(self) -> None:
         config = self.config
@@ -563,6 +601,8 @@ class AnalogMatmul:
             return
         # Scalars as 0-dim tensors: an in-place op with a Python float wraps it anew per call.
         self._dac_step = torch.tensor(dac_step)
+        self._dac_step_float32 = np.float32(dac_step)  # the same value, for numpy
+        self._noisy = config.out_noise > 0
         self._dac_levels = config.inp_bound / dac_step
         # |x / abs-max| <= 1 never needs the DAC clip when the range reaches 1.
         self._dac_clips = config.inp_bound < 1.0
@@ -581,6 +621,12 @@ class AnalogMatmul:
         self._buffers: dict[int, tuple[Tensor, Tensor]] = {}  # batch size -> scratch
 
     def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        # One row [1, in], a session's step: the checks kept short.
+        one_row = x.shape == self._one_row_shape and x.dtype is torch.float32
+        if one_row and self._row is not None and not x.requires_grad:
+            self.macs += self._macs_per_row
+            y = self._forward_one_row(x)  # [1, out]
+            return y if bias is None else y + bias
         layout = self.crossbar.layout
         if x.shape[-1] != layout.in_features:
             raise ValueError(
@@ -588,12 +634,21 @@ class AnalogMatmul:
             )
         plain = x.dim() == 2 and x.dtype == torch.float32
         rows = x if plain else x.reshape(-1, layout.in_features).float()  # [R, in]
-        self.macs += rows.shape[0] * self._macs_per_row
-        noise = self._noise_draw(rows.shape[0])
+        count = rows.shape[0]
+        self.macs += count * self._macs_per_row
+        if count == 1 and self._row is not None and not rows.requires_grad:
+            y = self._forward_one_row(rows)  # [1, out]
+            if bias is not None:
+                y = y + bias
+            return y if plain else y.to(x.dtype).view(*x.shape[:-1], layout.out_features)
+        noise = self._noise_draw(count)
         if not self.fast:
             y = self.reference_forward(rows, noise)
         elif self._tiles == 1:
-            y = self._forward_one_tile(rows, noise)  # [R, out]
+            if count <= FEW_ROWS and self._row is not None and not rows.requires_grad:
+                y = self._forward_few_rows(rows, noise)  # [R, out]
+            else:
+                y = self._forward_one_tile(rows, noise)  # [R, out]
         else:
             y = self._forward_tiles(rows, noise)
         if bias is not None:
@@ -602,18 +657,21 @@ class AnalogMatmul:
             return y
         return y.to(x.dtype).view(*x.shape[:-1], layout.out_features)
 
-    def _noise_draw(self, rows: int) -> NoiseDraw:
-        """This call's output noise: keyed per sequence inside a step, else the generator."""
+    def _noise_draw(self, rows: int, call: int | None = None) -> NoiseDraw:
+        """This call's output noise: keyed per sequence inside a step (read `call` of the
+        matrix in the step, None: the next), else the generator."""
         layout = self.crossbar.layout
         shape = (rows, self._tiles, layout.out_features)
         if self.noise is None or not self.noise.active:
             return generator_noise(self.generator, shape, self.config)
         if self.config.out_noise <= 0:
             return _no_noise
-        keyed, call, length = self.noise, self.noise.next_call(), self._tiles * layout.out_features
+        keyed, length = self.noise, self._tiles * layout.out_features
+        if call is None:
+            call = keyed.next_call()
 
-        def draw(pass_: int, selected: Tensor | None) -> Tensor:
-            drawn = keyed.draw(rows, length, call, pass_)  # [R, K·out], or [K·out] if R = 1
+        def draw(pass_: int, selected: Tensor | None, scale: float = 1.0) -> Tensor:
+            drawn = keyed.draw(rows, length, call, pass_, scale)  # [R, K·out], [K·out] if R = 1
             return drawn if selected is None else drawn.view(rows, length)[selected]
 
         return draw
@@ -647,18 +705,119 @@ class AnalogMatmul:
         x_dac = torch.div(rows, nm, out=x_dac).div_(self._dac_step).round_()  # DAC steps
         if self._dac_clips:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
-        drawn = noise(0, None)  # [R, out] standard normals ([out] for one row), or None
+        drawn = noise(0, None, self._noise_in_steps)  # [R, out] ([out] for one row), or None
         y = torch.mm(x_dac.to(weights.dtype), weights, out=y)  # [R, out], exact
         if drawn is not None:
-            y = y.add_(drawn, alpha=self._noise_in_steps)
+            y = y.add_(drawn)  # output noise in ADC steps
         y = y.round_().float()  # [R, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:
-            if self._col_tiles == 1:
-                y = self._rerun_one_tile(y, rows / nm, noise)
-            else:
-                y = self._manage_bounds(y.unsqueeze(1), (rows / nm).unsqueeze(1), noise)[:, 0]
+            y = self._clipped_one_tile(y, rows / nm, noise)
         return torch.mul(y.mul_(nm), self._scale_one_tile)  # a fresh [R, out] for the caller
+
+    def _clipped_one_tile(self, y: Tensor, x_managed: Tensor, noise: NoiseDraw) -> Tensor:
+        """A first pass on one row tile, y [R, out] in ADC steps, that clipped: clipped, and
+        rerun as bound management has it. x_managed [R, in]. Returns ADC steps [R, out]."""
+        if self._col_tiles == 1:
+            return self._rerun_one_tile(y, x_managed, noise)
+        return self._manage_bounds(y.unsqueeze(1), x_managed.unsqueeze(1), noise)[:, 0]
+
+    def _forward_one_row(self, row: Tensor) -> Tensor:
+        """row [1, in] (float32) on one row tile -> a fresh [1, out]: `_forward_one_tile`'s
+        arithmetic op for op, so bit for bit, with the output noise drawn as `_noise_draw`
+        draws it. On one row every op costs its dispatch more than its arithmetic, so the
+        elementwise ops run on numpy views of reused buffers (a fraction of a tensor op's
+        fixed cost); the matmul stays torch's."""
+        scratch, keyed = self._row, self.noise
+        if keyed is not None and keyed.streams.key is not None:  # a step of one sequence
+            call = keyed.next_call()
+            if self._noisy:
+                table = self._row_table() if scratch.table is None else scratch.table
+                keyed.draw_one_row(scratch.noise, call, table)
+        else:
+            call = self._draw_one_row(scratch)  # the noise into scratch.noise, if noisy
+        # numpy ufuncs with the output as the last positional argument (a keyword costs more)
+        x = row.numpy()[0]  # [in]
+        x_dac = scratch.x_dac  # [in]
+        nm = _largest(np.abs(x, x_dac))  # float32 abs-max
+        if not nm > 0:
+            nm = ONE_FLOAT32
+        np.divide(x, nm, x_dac)
+        np.divide(x_dac, self._dac_step_float32, x_dac)
+        np.rint(x_dac, x_dac)  # DAC steps (rint rounds half to even, as torch.round)
+        if self._dac_clips:
+            np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
+        y_tensor = scratch.y_tensor  # [1, out]
+        torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
+        y = scratch.y  # [out], y_tensor's memory
+        if self._noisy:
+            np.add(y, scratch.noise, y)  # output noise, in ADC steps
+        np.rint(y, y)  # ADC steps
+        if _largest(np.abs(y, scratch.magnitudes)) > self._adc_bound:
+            noise = self._noise_draw(1, call)  # reruns draw passes 1, 2, ... of this read
+            y = self._clipped_one_tile(y_tensor.clone(), row / float(nm), noise)
+            return torch.mul(y.mul_(float(nm)), self._scale_one_tile)
+        np.multiply(y, nm, y)
+        return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [1, out]
+
+    def _forward_few_rows(self, rows: Tensor, noise: NoiseDraw) -> Tensor:
+        """rows [R, in] (float32, R <= FEW_ROWS) on one row tile -> a fresh [R, out]:
+        `_forward_one_tile`'s arithmetic op for op, so bit for bit, its elementwise ops on
+        numpy views of reused buffers, as `_forward_one_row` does for one row."""
+        scratch = self._few_rows_scratch(rows.shape[0])
+        x, x_dac = rows.numpy(), scratch.x_dac  # [R, in], [R, in]
+        nm = _largest(np.abs(x, x_dac), axis=1, keepdims=True)  # [R, 1] float32 abs-max
+        nm[~(nm > 0)] = 1.0  # an all-zero row: divide by 1
+        np.divide(x, nm, x_dac)
+        np.divide(x_dac, self._dac_step_float32, x_dac)
+        np.rint(x_dac, x_dac)  # DAC steps
+        if self._dac_clips:
+            np.clip(x_dac, -self._dac_levels, self._dac_levels, out=x_dac)
+        drawn = noise(0, None, self._noise_in_steps)  # [R, out] in ADC steps, or None
+        y_tensor = scratch.y_tensor  # [R, out]
+        torch.mm(scratch.x_dac_tensor, self._weights_one_tile, out=y_tensor)  # exact
+        y = scratch.y  # [R, out], y_tensor's memory
+        if drawn is not None:
+            np.add(y, drawn.numpy(), y)
+        np.rint(y, y)  # ADC steps
+        if _largest(np.abs(y, scratch.magnitudes), axis=None) > self._adc_bound:
+            nm_tensor = torch.from_numpy(nm)  # [R, 1]
+            y = self._clipped_one_tile(y_tensor.clone(), rows / nm_tensor, noise)
+            return torch.mul(y.mul_(nm_tensor), self._scale_one_tile)
+        np.multiply(y, nm, y)
+        return torch.mul(y_tensor, self._scale_one_tile)  # a fresh [R, out]
+
+    def _few_rows_scratch(self, count: int) -> RowScratch:
+        """`RowScratch` for reads of `count` rows, kept for SCRATCH_SIZES batch sizes."""
+        scratch = self._few_rows.get(count)
+        if scratch is None:
+            if len(self._few_rows) >= SCRATCH_SIZES:
+                self._few_rows.pop(next(iter(self._few_rows)))
+            layout = self.crossbar.layout
+            scratch = RowScratch(layout.in_features, layout.out_features, count)
+            self._few_rows[count] = scratch
+        return scratch
+
+    def _draw_one_row(self, scratch: RowScratch) -> int | None:
+        """The first pass's output noise of a one-row read, in ADC steps, into scratch.noise
+        (when the periphery has any), as `_noise_draw` draws it: keyed inside a step, else
+        from the generator. Returns the read's call index in the step (None off a step)."""
+        keyed, scale = self.noise, self._noise_in_steps
+        if keyed is None or not keyed.active:
+            if self._noisy:
+                noise = scratch.noise_tensor
+                torch.randn(noise.shape, generator=self.generator, out=noise).mul_(scale)
+            return None
+        call = keyed.next_call()
+        if self._noisy and not keyed.draw_one_row(scratch.noise, call, self._row_table()):
+            length = scratch.noise.shape[0]  # a step of several sequences: the general draw
+            scratch.noise_tensor.copy_(keyed.draw(1, length, call, 0, scale).view(1, length))
+        return call
+
+    def _row_table(self) -> np.ndarray:
+        """The keyed noise's table in ADC steps, as numpy, kept in the one-row scratch."""
+        self._row.table = self.noise.table_array(self._noise_in_steps)
+        return self._row.table
 
     def _scratch(self, count: int) -> tuple[Tensor | None, Tensor | None]:
         """Buffers for a read of `count` rows, [R, in] float32 and [R, out] in the weights'
@@ -698,10 +857,10 @@ class AnalogMatmul:
             x_dac = (x_managed[rows] / reduction).div_(self._dac_step).round_()  # [P, in]
             if self._dac_clips:
                 x_dac.clamp_(-self._dac_levels, self._dac_levels)
-            drawn = noise(pass_, rows)  # [P, out]
+            drawn = noise(pass_, rows, self._noise_in_steps)  # [P, out], ADC steps
             rerun = torch.mm(x_dac.to(self._weights_one_tile.dtype), self._weights_one_tile)
             if drawn is not None:
-                rerun = rerun.add_(drawn, alpha=self._noise_in_steps)
+                rerun = rerun.add_(drawn)
             rerun = rerun.round_().float()  # [P, out], ADC steps
             if reduction > give_up_above:
                 accept = torch.ones_like(rows, dtype=torch.bool)  # give up: keep it clipped
@@ -720,9 +879,9 @@ class AnalogMatmul:
             x_dac.clamp_(-self._dac_levels, self._dac_levels)
         weights = self._weights_in_steps  # [K, rows, out]
         y = torch.bmm(x_dac.transpose(0, 1).to(weights.dtype), weights).transpose(0, 1)  # exact
-        drawn = noise(0, None)  # [R, K·out]
+        drawn = noise(0, None, self._noise_in_steps)  # [R, K·out], ADC steps
         if drawn is not None:
-            y = y.add_(drawn.view_as(y), alpha=self._noise_in_steps)
+            y = y.add_(drawn.view_as(y))
         y = y.round_().float()  # [R, K, out], ADC steps
         low, high = torch.aminmax(y)
         if float(high) > self._adc_bound or float(low) < -self._adc_bound:

@@ -27,6 +27,7 @@ import threading
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,6 +37,7 @@ TABLE_SIZE = 1 << TABLE_BITS  # window offsets: 21 bits of a hash
 WINDOW_PAD = 1 << 16  # the table runs this far past the last offset, so windows up to ...
 TABLE_SEED = 20_261_202
 MAX_WINDOW = TABLE_SIZE // 2  # ... this long need no range reduction; at most this long
+SMALL_STEP = 16  # a step of up to this many sequences keeps its keys as Python ints
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's increment
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -68,8 +70,13 @@ def mix64_tensor(z: Tensor) -> Tensor:
 
 
 def step_key(stream: int, step: int) -> int:
-    """SplitMix64's output number `step` for seed `stream`: this step's key, as an int64."""
-    return _signed(mix64(stream + (step + 1) * _GOLDEN))
+    """SplitMix64's output number `step` for seed `stream`: this step's key, as an int64
+    (`mix64` and `_signed` inline: once per step of every session)."""
+    z = (stream + (step + 1) * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & _MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & _MASK64
+    z ^= z >> 31
+    return z - (1 << 64) if z >> 63 else z
 
 
 def step_keys(streams: Tensor) -> Tensor:
@@ -114,11 +121,17 @@ def salt(*parts: object) -> int:
 
 _table: Tensor | None = None
 _table_lock = threading.Lock()
+_scaled_tables: dict[float, Tensor] = {}  # scale -> the table times it, most recent last
+SCALED_TABLES = 4  # scaled tables kept for later engines (each engine holds its own too)
 
 
-def gaussian_table() -> Tensor:
+def gaussian_table(scale: float = 1.0) -> Tensor:
     """The process's table of normal draws of variance 1/2, float32 [TABLE_SIZE + WINDOW_PAD]
-    (8.3 MiB, made once, seeded): the sum of two windows is a standard normal vector."""
+    (8.3 MiB, made once, seeded): the sum of two windows is a standard normal vector.
+
+    With a `scale`, the table times it (each value rounded once to float32, 8.3 MiB more):
+    the sum of two of its windows is a normal vector of std `scale`, drawn without a
+    multiply per read."""
     global _table
     if _table is None:
         with _table_lock:
@@ -126,7 +139,16 @@ def gaussian_table() -> Tensor:
                 generator = torch.Generator().manual_seed(TABLE_SEED)
                 draws = torch.randn(TABLE_SIZE + WINDOW_PAD, generator=generator)
                 _table = draws.mul_(math.sqrt(0.5))
-    return _table
+    if scale == 1.0:
+        return _table
+    with _table_lock:
+        table = _scaled_tables.pop(scale, None)
+        if table is None:
+            table = _table * scale
+        _scaled_tables[scale] = table
+        while len(_scaled_tables) > SCALED_TABLES:
+            _scaled_tables.pop(next(iter(_scaled_tables)))
+    return table
 
 
 def window_offsets(key: int, multiplier: int, length: int) -> tuple[int, int]:
@@ -155,43 +177,56 @@ def window_offsets_tensor(keys: Tensor, multiplier: int, length: int) -> tuple[T
 class StepStreams:
     """The keys of the sequences in the step being run, shared by a runner's engines.
 
-    Outside a step both are None (engines then draw from their own generator). In a step of
+    Outside a step all are None (engines then draw from their own generator). In a step of
     one sequence `key` is its key as a Python int (the common case of a session step: no
-    tensor op on one element); of several, `keys` is int64 [B]."""
+    tensor op on one element); of a few (at most SMALL_STEP), `key_list` holds them as
+    Python ints (a dozen int64 tensor ops cost more than the arithmetic on a few ints, and
+    a read of at most SMALL_STEP rows takes its windows with a numpy add per row); of more,
+    `keys` is int64 [B]."""
 
     key: int | None = None
     keys: Tensor | None = None
+    key_list: list[int] | None = None
     calls: dict[str, int] = field(default_factory=dict)  # reads of each matrix this step
 
     @property
     def active(self) -> bool:
-        return self.key is not None or self.keys is not None
+        return self.key is not None or self.key_list is not None or self.keys is not None
 
     @property
     def sequences(self) -> int:
-        return 1 if self.key is not None else int(self.keys.shape[0])  # type: ignore[union-attr]
+        if self.key is not None:
+            return 1
+        if self.key_list is not None:
+            return len(self.key_list)
+        return int(self.keys.shape[0])  # type: ignore[union-attr]
 
     def begin(self, streams: Tensor) -> None:
         """Set the keys from a stream entry [B, 2] for one step."""
-        if streams.shape[0] == 1:
-            stream, step = streams[0].tolist()
-            self.key, self.keys = step_key(stream, step), None
+        count = streams.shape[0]
+        if count == 1:
+            stream, step = streams.tolist()[0]  # no indexing op: one call on [1, 2]
+            self.key, self.key_list, self.keys = step_key(stream, step), None, None
+        elif count <= SMALL_STEP:
+            keys = [step_key(stream, step) for stream, step in streams.tolist()]
+            self.key, self.key_list, self.keys = None, keys, None
         else:
-            self.key, self.keys = None, step_keys(streams)
+            self.key, self.key_list, self.keys = None, None, step_keys(streams)
         self.calls.clear()
 
     def end(self) -> None:
-        self.key = self.keys = None
+        self.key = self.key_list = self.keys = None
         self.calls.clear()
 
 
 class KeyedNoise:
     """Standard-normal noise for the reads of one matrix, keyed per sequence.
 
-    `draw(rows, length, call, pass_)` returns [R, length] ([length] for a step of one
-    sequence of one row, which broadcasts as [1, length]): each row's noise from its
-    sequence's key, so a row's numbers never depend on the other rows. Rows map to the
-    step's B sequences as a leading [B, M] (M rows per sequence, e.g. several positions)."""
+    `draw(rows, length, call, pass_, scale)` returns [R, length] ([length] for a step of one
+    sequence of one row, which broadcasts as [1, length]) of std `scale` (the windows of
+    `gaussian_table(scale)`): each row's noise from its sequence's key, so a row's numbers
+    never depend on the other rows. Rows map to the step's B sequences as a leading [B, M]
+    (M rows per sequence, e.g. several positions)."""
 
     def __init__(self, streams: StepStreams, name: str) -> None:
         if not isinstance(name, str):
@@ -200,6 +235,7 @@ class KeyedNoise:
         self.name = name
         self._multipliers: dict[tuple[int, int, int], int] = {}
         self._scratch: dict[tuple[int, int], Tensor] = {}
+        self._tables: dict[float, tuple[Tensor, np.ndarray]] = {}  # scale -> table, as numpy
 
     @property
     def active(self) -> bool:
@@ -218,12 +254,20 @@ class KeyedNoise:
             multiplier = self._multipliers[index] = salt(self.name, call, pass_, position)
         return multiplier
 
-    def draw(self, rows: int, length: int, call: int, pass_: int = 0) -> Tensor:
+    def _table(self, scale: float) -> tuple[Tensor, np.ndarray]:
+        """`gaussian_table(scale)` and its numpy view, held by this source once used."""
+        tables = self._tables.get(scale)
+        if tables is None:
+            table = gaussian_table(scale)
+            tables = self._tables[scale] = (table, table.numpy())
+        return tables
+
+    def draw(self, rows: int, length: int, call: int, pass_: int = 0, scale: float = 1.0) -> Tensor:
         if length > MAX_WINDOW:
             raise ValueError(f"a read of {length} outputs exceeds the noise table's windows")
         if not self.streams.active:
             raise RuntimeError("keyed noise drawn outside a step")
-        table = gaussian_table()
+        table, array = self._table(scale)  # the same values, as a tensor and as numpy
         sequences = self.streams.sequences
         if rows % sequences:
             raise ValueError(f"{rows} rows do not split over {sequences} sequences")
@@ -232,9 +276,21 @@ class KeyedNoise:
         if key is not None and per_sequence == 1:  # one row: [length], broadcast as [1, length]
             first, second = window_offsets(key, self._multiplier(call, pass_, 0), length)
             return table[first : first + length] + table[second : second + length]
+        key_list = [key] if key is not None else self.streams.key_list
+        if key_list is not None and rows <= SMALL_STEP:  # a few rows: Python ints, numpy adds
+            drawn = np.empty((rows, length), dtype=np.float32)
+            multipliers = [self._multiplier(call, pass_, m) for m in range(per_sequence)]
+            row = 0
+            for sequence_key in key_list:
+                for multiplier in multipliers:  # row b·M + m
+                    first, second = window_offsets(sequence_key, multiplier, length)
+                    window = array[first : first + length]
+                    np.add(window, array[second : second + length], drawn[row])
+                    row += 1
+            return torch.from_numpy(drawn)  # [R, length]
         keys = self.streams.keys
         if keys is None:
-            keys = torch.tensor([key], dtype=torch.int64)
+            keys = torch.tensor(key_list, dtype=torch.int64)
         windows = table.unfold(0, length, 1)  # [table size - length + 1, length], a view
         parts = []
         for position in range(per_sequence):
@@ -247,6 +303,25 @@ class KeyedNoise:
         if per_sequence == 1:
             return parts[0]
         return torch.stack(parts, dim=1).reshape(rows, length)  # [B·M, length], row b·M + m
+
+    def table_array(self, scale: float = 1.0) -> np.ndarray:
+        """`gaussian_table(scale)` as a numpy array, for `draw_one_row`."""
+        return self._table(scale)[1]
+
+    def draw_one_row(self, out: np.ndarray, call: int, table: np.ndarray, pass_: int = 0) -> bool:
+        """`draw` of one row in a step of one sequence, from `table_array(scale)`, written
+        into `out` (numpy float32 [length], length <= WINDOW_PAD): the same numbers, at
+        numpy's per-call cost (a tensor slice and add cost several times the arithmetic on
+        a few hundred values). False, with nothing written, in a step of several sequences."""
+        key = self.streams.key
+        if key is None:
+            return False
+        multiplier = self._multipliers.get((call, pass_, 0)) or self._multiplier(call, pass_, 0)
+        h = (key * multiplier) & _MASK64  # `window_offsets` inline, for windows <= WINDOW_PAD
+        first, second = (h >> 43) & _OFFSET_MASK, (h >> 22) & _OFFSET_MASK
+        length = len(out)
+        np.add(table[first : first + length], table[second : second + length], out)
+        return True
 
     def _gathered(self, sequences: int, length: int) -> Tensor:
         """A scratch [2B, length] for the two windows of B rows (a fresh one per read would

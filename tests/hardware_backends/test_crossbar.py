@@ -22,6 +22,7 @@ from hardware_backends.crossbar import (
     tile_mvm,
     weight_tiles,
 )
+from hardware_backends.noise_streams import KeyedNoise, StepStreams
 from hardware_backends.pcm_model import PCMConfig
 
 IDEAL_PCM = PCMConfig(prog_noise_scale=0.0, drift_scale=0.0, read_noise_scale=0.0)
@@ -268,3 +269,104 @@ def test_exact_sum_grid_holds_every_sum_exactly() -> None:
     exact = x @ grid[0].double()  # float64 holds these sums exactly
     assert torch.equal((x.float() @ grid[0]).double(), exact)
     assert exact_sum_grid(weights, rows=4096, levels=63.0).dtype == torch.float64
+
+
+# ---- the one-row read (a session's step) against the batch path ---------------------------
+
+
+def _keyed_matmul(weight: torch.Tensor, cfg: CrossbarConfig, streams: StepStreams) -> AnalogMatmul:
+    crossbar = program_crossbar(weight, cfg, PCMConfig(), _gen(0))
+    noise = KeyedNoise(streams, "layer")
+    return AnalogMatmul(crossbar, cfg, PCMConfig(), 86_400.0, True, _gen(1), noise=noise)
+
+
+@pytest.mark.parametrize("out_bound", [12.0, 2.0])  # 2.0: most rows clip and run again
+@pytest.mark.parametrize("out_noise", [0.06, 0.0])
+def test_a_row_read_alone_gives_its_bits_in_a_batch_with_keyed_noise(
+    out_bound: float, out_noise: float
+) -> None:
+    torch.manual_seed(14)
+    weight = torch.randn(40, 96)
+    cfg = CrossbarConfig(out_bound=out_bound, out_noise=out_noise)
+    streams = StepStreams()
+    matmul = _keyed_matmul(weight, cfg, streams)
+    assert matmul._row is not None, "one row must take the one-row read"
+    x = torch.randn(24, 96) * torch.rand(24, 1) * 3
+    x[5] = 0.0  # an all-zero row: noise management divides by 1
+    x[6:12] = torch.randint(0, 17, (6, 96)).float()  # pixels: DAC inputs on rounding ties
+    entry = torch.stack([torch.arange(24) * 7919 + 3, torch.full((24,), 2)], dim=1)  # [B, 2]
+
+    def step(rows: torch.Tensor, streams_entry: torch.Tensor) -> torch.Tensor:
+        streams.begin(streams_entry)
+        try:
+            return matmul(rows)
+        finally:
+            streams.end()
+
+    batched = step(x, entry)
+    alone = torch.cat([step(x[i : i + 1], entry[i : i + 1]) for i in range(24)])
+    assert torch.equal(alone, batched)
+    # A row's noise is its own stream's: its neighbours in the batch change nothing.
+    others = torch.cat([entry[:1], entry[1:] + torch.tensor([1, 0])])
+    assert torch.equal(step(x, others)[0], batched[0])
+    if out_noise > 0:
+        assert not torch.equal(step(x[:1], entry[1:2]), batched[:1])  # another stream
+    # The same read as [1, 1, in] with a bias: the same numbers, shaped and shifted.
+    bias = torch.randn(40)
+    streams.begin(entry[:1])
+    try:
+        y = matmul(x[:1].unsqueeze(0), bias)
+    finally:
+        streams.end()
+    assert y.shape == (1, 1, 40)
+    torch.testing.assert_close(y[0], batched[:1] + bias, rtol=0, atol=0)
+
+
+def test_a_row_read_off_a_step_draws_as_the_batch_path_does() -> None:
+    # Without a step's keys the noise comes from the generator in call order: the one-row
+    # read then computes exactly what the batch path computes with the same draws.
+    torch.manual_seed(15)
+    weight = torch.randn(40, 96)
+    cfg = CrossbarConfig(out_bound=4.0)
+    matmul = _matmul(weight, cfg, PCMConfig(), t=3600.0)
+    x = torch.randn(16, 96)
+    state = matmul.generator.get_state()
+    alone = torch.cat([matmul(x[i : i + 1]) for i in range(16)])
+    matmul.generator.set_state(state)
+    shape = (1, 1, 40)
+    expected = torch.cat(
+        [
+            matmul._forward_one_tile(x[i : i + 1], generator_noise(matmul.generator, shape, cfg))
+            for i in range(16)
+        ]
+    )
+    assert torch.equal(alone, expected)
+
+
+@pytest.mark.parametrize("out_bound", [12.0, 2.0])  # 2.0: most rows clip and run again
+def test_a_few_rows_read_in_numpy_gives_the_torch_paths_bits(out_bound: float) -> None:
+    torch.manual_seed(16)
+    weight = torch.randn(40, 96)
+    streams = StepStreams()
+    matmul = _keyed_matmul(weight, CrossbarConfig(out_bound=out_bound), streams)
+    x = torch.randn(16, 96) * torch.rand(16, 1) * 3
+    x[1] = 0.0  # an all-zero row
+    x[2:6] = torch.randint(0, 17, (4, 96)).float()  # pixels: DAC inputs on rounding ties
+    entry = torch.stack([torch.arange(16) * 104_729 + 5, torch.full((16,), 4)], dim=1)
+    for count in (2, 5, 16):
+        streams.begin(entry[:count])
+        try:
+            few = matmul(x[:count])  # the numpy path
+        finally:
+            streams.end()
+        streams.begin(entry[:count])
+        try:
+            general = matmul._forward_one_tile(x[:count], matmul._noise_draw(count))
+        finally:
+            streams.end()
+        assert torch.equal(few, general)
+    # Off a step (noise from the generator in call order) as well.
+    state = matmul.generator.get_state()
+    few = matmul(x[:5])
+    matmul.generator.set_state(state)
+    assert torch.equal(few, matmul._forward_one_tile(x[:5], matmul._noise_draw(5)))

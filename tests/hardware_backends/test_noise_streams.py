@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from hardware_backends.noise_streams import (
@@ -88,3 +89,62 @@ def test_keyed_noise_is_standard_normal_and_uncorrelated_between_reads() -> None
     # Normal tails: the fraction beyond 3 sigma is 0.27%.
     beyond = float((noise.abs() > 3.0).float().mean())
     assert abs(beyond - 0.0027) < 6.0 * math.sqrt(0.0027 / n)
+
+
+def test_one_row_draw_into_numpy_equals_the_tensor_draw() -> None:
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    out = np.empty(128, dtype=np.float32)
+    streams.begin(torch.tensor([[stream_of("session-1"), 5]]))
+    try:
+        for call, pass_ in ((0, 0), (1, 0), (0, 2)):
+            assert noise.draw_one_row(out, call, noise.table_array(), pass_)
+            assert torch.equal(torch.from_numpy(out), noise.draw(1, 128, call, pass_))
+    finally:
+        streams.end()
+    streams.begin(torch.tensor([[1, 0], [2, 0]]))  # several sequences: not a one-row draw
+    try:
+        assert not noise.draw_one_row(out, 0, noise.table_array())
+    finally:
+        streams.end()
+
+
+def test_scaled_draws_are_the_same_windows_of_the_scaled_table() -> None:
+    # Noise drawn in another unit (ADC steps, say) comes from the table scaled once: the
+    # same windows, each value rounded once after scaling, so equal to the scaled standard
+    # draw up to float32 rounding.
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    entry = torch.tensor([[stream_of(f"session-{i}"), 2] for i in range(5)])
+    streams.begin(entry)
+    try:
+        standard = noise.draw(5, 128, 0)
+        scaled = noise.draw(5, 128, 0, scale=1.2748)
+    finally:
+        streams.end()
+    torch.testing.assert_close(scaled, standard * 1.2748, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(scaled, standard)
+
+
+def test_a_few_sequences_draw_on_python_ints_what_many_draw_on_tensors() -> None:
+    # A step of a few sequences keeps its keys as Python ints; a larger one as int64 tensors.
+    # Both give the same numbers, for one row per sequence and for several (4 per sequence:
+    # more rows than a few, gathered as a large step's are).
+    streams = StepStreams()
+    noise = KeyedNoise(streams, "layer")
+    entry = torch.tensor([[stream_of(f"session-{i}"), 3 * i] for i in range(5)])
+    for per_sequence, length in ((1, 128), (3, 40), (4, 40), (1, WINDOW_PAD + 7)):
+        rows = 5 * per_sequence
+        streams.begin(entry)
+        assert streams.key_list is not None and streams.keys is None
+        try:
+            few = noise.draw(rows, length, 1, 2, scale=0.5)
+        finally:
+            streams.end()
+        streams.begin(entry)
+        streams.key_list, streams.keys = None, step_keys(entry)  # as a large step holds them
+        try:
+            many = noise.draw(rows, length, 1, 2, scale=0.5)
+        finally:
+            streams.end()
+        assert torch.equal(few, many)
