@@ -23,7 +23,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -407,20 +407,63 @@ def record_prediction(
     alpha: float | None = None,
 ) -> None:
     """One prediction; `alpha` (the request's miscoverage level) sets the coverage target."""
+    record_predictions(model, backend, score, [set_size], [confidence], [abstained], alpha=alpha)
+
+
+def record_predictions(
+    model: str,
+    backend: str,
+    score: str,
+    set_sizes: Sequence[int],
+    confidences: Sequence[float],
+    abstained: Sequence[bool],
+    *,
+    alpha: float | None = None,
+) -> None:
+    """Predictions of one model, backend and score (`record_prediction` for each), with one
+    update per series touched: a batch of answers costs a few updates, not a few per answer."""
     model, backend = _check_label("model", model), _check_label("backend", backend)
     score = _check_label("score", score)
-    set_size = _check_count("set_size", set_size)
-    confidence = _check_probability("confidence", confidence)
-    if not isinstance(abstained, bool):
-        raise TypeError(f"abstained must be a bool, got {type(abstained).__name__}")
+    if not len(set_sizes) == len(confidences) == len(abstained):
+        raise ValueError("set_sizes, confidences and abstained must have one entry per prediction")
+    for set_size, confidence, flag in zip(set_sizes, confidences, abstained, strict=True):
+        _check_count("set_size", set_size)
+        _check_probability("confidence", confidence)
+        if not isinstance(flag, bool):
+            raise TypeError(f"abstained must be a bool, got {type(flag).__name__}")
     if alpha is not None:
         alpha = _check_probability("alpha", alpha)
         _child(COVERAGE_TARGET, model, backend, score).set(1.0 - alpha)
-    _child(PREDICTIONS, model, backend).inc()
-    _child(PREDICTION_SET_SIZE, model, backend, score).observe(set_size)
-    _child(PREDICTION_CONFIDENCE, model, backend).observe(confidence)
-    if abstained:
-        _child(ABSTENTIONS, model, backend).inc()
+    if not set_sizes:
+        return
+    _child(PREDICTIONS, model, backend).inc(len(set_sizes))
+    observe_many(_child(PREDICTION_SET_SIZE, model, backend, score), set_sizes)
+    observe_many(_child(PREDICTION_CONFIDENCE, model, backend), confidences)
+    abstentions = sum(abstained)
+    if abstentions:
+        _child(ABSTENTIONS, model, backend).inc(abstentions)
+
+
+def observe_many(histogram: Any, amounts: Sequence[float]) -> None:
+    """`histogram.observe(amount)` for every amount, with one increment per bucket touched and
+    one of the sum (prometheus_client observes one value at a time, each under its lock).
+    Reads the child's buckets as `observe` itself does; a test checks that the exposition is
+    the same as observing one by one."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # another prometheus_client
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts: dict[int, int] = {}
+    for amount in amounts:  # observe's bucket: the first bound >= amount (none for NaN)
+        if amount == amount:
+            index = bisect.bisect_left(bounds, amount)
+            counts[index] = counts.get(index, 0) + 1
+    total.inc(math.fsum(amounts))
+    for index, count in counts.items():
+        buckets[index].inc(count)
 
 
 def record_feedback(

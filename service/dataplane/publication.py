@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from service.dataplane.feedback import PredictionRecord
 from service.dataplane.predictions import PredictionBatch
-from service.metrics import record_prediction, record_usage
+from service.metrics import record_predictions, record_usage
 
 
 class Publication(NamedTuple):
@@ -31,21 +31,23 @@ def record_metrics(batches: Sequence[PredictionBatch]) -> None:
                 total[key] = total.get(key, 0) + value
     for (model, backend), total in usage.items():
         record_usage(model, backend, total)
+    # Calibrated predictions by (model, backend, score, alpha): one metrics update per group.
+    answered: dict[tuple[str, str, str, float], tuple[list, list, list]] = {}
     for batch in batches:
         conformal = batch.conformal
         if conformal is None:
             continue
+        key = (batch.model, batch.backend, conformal.score, batch.alpha)
+        set_sizes, confidences, abstained = answered.setdefault(key, ([], [], []))
         for p in batch.predictions:
-            if p.set_size is None:
-                continue
-            record_prediction(
-                batch.model,
-                batch.backend,
-                conformal.score,
-                p.set_size,
-                min(max(p.confidence, 0.0), 1.0),
-                bool(p.abstain),
-                alpha=batch.alpha,
+            if p.set_size is not None:
+                set_sizes.append(p.set_size)
+                confidences.append(min(max(p.confidence, 0.0), 1.0))
+                abstained.append(bool(p.abstain))
+    for (model, backend, score, alpha), (set_sizes, confidences, abstained) in answered.items():
+        if set_sizes:
+            record_predictions(
+                model, backend, score, set_sizes, confidences, abstained, alpha=alpha
             )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi import APIRouter, FastAPI, HTTPException, Request, WebSocket
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
@@ -201,6 +202,51 @@ def test_record_prediction_sets_histograms_abstentions_and_target() -> None:
     assert sample("neuroserve_prediction_confidence_count", **base) == 3
     # The target follows the latest request's alpha.
     assert sample("neuroserve_coverage_target_ratio", **set_size) == pytest.approx(0.95)
+
+
+def test_observing_many_exports_what_observing_one_by_one_does() -> None:
+    rng = np.random.default_rng(0)
+    buckets = (0.0, 0.1, 0.5, 0.9, 1.0, 3.0)
+    amounts = [*rng.uniform(-0.5, 4.0, 500).tolist(), 0.0, 0.1, 0.5, 3.0, 1e9, -1.0]
+    exported = []
+    for many in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("h", "h", ["l"], buckets=buckets, registry=registry).labels("x")
+        if many:
+            metrics.observe_many(histogram, amounts[:250])
+            metrics.observe_many(histogram, amounts[250:])
+        else:
+            for amount in amounts:
+                histogram.observe(amount)
+        exported.append(
+            {
+                (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(generate_latest(registry).decode())
+                for sample in family.samples
+                if not sample.name.endswith("_created")
+            }
+        )
+    one_by_one, batched = exported
+    assert batched.keys() == one_by_one.keys()
+    for key, value in one_by_one.items():
+        assert batched[key] == pytest.approx(value, rel=1e-12), key
+
+
+def test_recording_a_batch_of_predictions_counts_each_one() -> None:
+    model = unique("m")
+    metrics.record_predictions(
+        model, "torch", "lac", [0, 1, 4], [0.97, 0.91, 0.35], [True, False, True], alpha=0.1
+    )
+    base = {"model": model, "backend": "torch"}
+    assert sample("neuroserve_predictions_total", **base) == 3
+    assert sample("neuroserve_abstentions_total", **base) == 2
+    sizes = {**base, "score": "lac"}
+    assert sample("neuroserve_prediction_set_size_bucket", **sizes, le="3.0") == 2
+    assert sample("neuroserve_prediction_set_size_sum", **sizes) == 5
+    with pytest.raises(ValueError, match="one entry per prediction"):
+        metrics.record_predictions(model, "torch", "lac", [1, 2], [0.5], [False])
+    with pytest.raises(ValueError, match="confidence"):
+        metrics.record_predictions(model, "torch", "lac", [1, 2], [0.5, 1.5], [False, False])
 
 
 def test_feedback_counters_give_coverage_and_the_same_ece_as_a_direct_computation() -> None:
