@@ -80,7 +80,9 @@ def known_parameters_text() -> str:
 def parse_parameters(parameters: Mapping[str, Any] | None) -> InferParameters:
     """The request's parameters, checked; an unknown one is a V2BadRequestError naming it
     (with the closest known name, if any) and listing the known ones."""
-    parameters = dict(parameters or {})
+    if not parameters:
+        return _NO_PARAMETERS  # the usual request; frozen, so one instance serves them all
+    parameters = dict(parameters)
     for name in parameters:
         if name in _UNSUPPORTED:
             raise V2BadRequestError(f"parameters.{name} is not supported: {_UNSUPPORTED[name]}")
@@ -190,3 +192,6 @@ def _sequence_id(sequence_id: Any) -> int | str | None:
             "':' or '-'"
         )
     return None if sequence_id in (0, "") else sequence_id
+
+
+_NO_PARAMETERS = InferParameters()

@@ -647,6 +647,11 @@ def test_a_row_without_a_set_drops_the_default_set_output_and_refuses_an_explici
             prediction_outputs(predictions, labels, [name], True, str)
 
 
+def test_no_parameters_parse_as_the_full_check_of_empty_ones_does() -> None:
+    checked = parse_parameters({"alpha": None, "sequence_id": 0})  # the whole check, all unset
+    assert parse_parameters(None) == parse_parameters({}) == checked
+
+
 def test_sequence_parameters_follow_tritons_conventions() -> None:
     assert parse_parameters({"sequence_id": 0}).sequence_id is None
     assert parse_parameters({"sequence_id": ""}).sequence_id is None
