@@ -82,7 +82,7 @@ class FeatureBatches:
         """One forward pass over every job's sequences, each job answered with its own
         calibration options, all published in one store round trip."""
         steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
-        answers = await run_compute(self._run, jobs, steps=steps)
+        answers = await run_compute(self._run, jobs, steps=steps, cost_key=key)
         await self._publish_many(
             [
                 Publication(answer, None, job.owner)

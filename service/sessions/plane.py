@@ -411,7 +411,9 @@ class SessionManager:
         runnable = [jobs[i] for i, _ in loaded]
         states = [state for _, state in loaded]
         steps = sum(int(job.inputs.shape[0]) for job in runnable)
-        advanced = await run_compute(self._advance_and_answer, group, runnable, states, steps=steps)
+        advanced = await run_compute(
+            self._advance_and_answer, group, runnable, states, steps=steps, cost_key=group.key
+        )
         metrics.record_batch(group.card.name, group.signature.backend, len(loaded))
         writes = [
             CasWrite(job.key, record, state.version, job.meta.ttl)

@@ -4,6 +4,8 @@ session manager with batching on against batching off."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Hashable
 
 import pytest
@@ -13,9 +15,13 @@ from hardware_backends.registry import prepare_runner
 from models.architectures import build_model
 from models.repository import ModelRepository, default_repository_root
 from service.batching import (
+    COMPUTE_COSTS,
+    INLINE_BUDGET_SECONDS,
+    INLINE_MAX_STEPS,
     MicroBatcher,
     run_chunks,
     run_chunks_one_by_one,
+    run_compute,
     split_state,
     stack_states,
     state_rows,
@@ -345,3 +351,32 @@ def test_batched_and_per_request_steps_give_the_same_outputs() -> None:
     for got_session, want_session in zip(batched, single, strict=True):
         for got, want in zip(got_session, want_session, strict=True):
             assert_agree(got, want)
+
+
+# ---- where batched work runs -------------------------------------------------------------------
+
+
+def _where(spin_seconds: float = 0.0) -> bool:
+    """Whether this runs on the event loop's (main) thread, after `spin_seconds` of CPU."""
+    started = time.thread_time()
+    while time.thread_time() - started < spin_seconds:
+        pass
+    return threading.current_thread() is threading.main_thread()
+
+
+def test_short_work_runs_on_the_loop_and_long_work_in_a_thread() -> None:
+    async def scenario() -> list[bool]:
+        steps = INLINE_MAX_STEPS + 1
+        cheap, costly = object(), object()  # two kinds of work, by their cost keys
+        spent = INLINE_BUDGET_SECONDS * 2
+        return [
+            await run_compute(_where, steps=INLINE_MAX_STEPS),  # few steps: on the loop
+            await run_compute(_where, steps=steps),  # more, cost unknown: a thread
+            await run_compute(_where, steps=steps, cost_key=cheap),  # first run: a thread
+            await run_compute(_where, steps=steps, cost_key=cheap),  # measured cheap: the loop
+            await run_compute(_where, spent, steps=steps, cost_key=costly),  # a thread
+            await run_compute(_where, spent, steps=steps, cost_key=costly),  # measured: a thread
+        ]
+
+    assert asyncio.run(scenario()) == [True, False, False, True, False, False]
+    assert COMPUTE_COSTS.estimate(object(), 10) is None
