@@ -100,16 +100,18 @@ class FeatureBatches:
         total, length = int(x.shape[0]), int(x.shape[1])
         rows = [int(job.x.shape[0]) for job in jobs]
         starts = [sum(rows[:i]) for i in range(len(jobs))]
-        usages = [
-            {
-                "sequences": n,
-                "steps": n * length,
-                "compute_seconds": seconds,
-                **usage_share(usage, n, total, total),
-                **runner_notes(jobs[0].runner),
-            }
-            for n in rows
-        ]
+        notes = runner_notes(jobs[0].runner)
+        shares: dict[int, dict[str, Any]] = {}  # by sequences per job: usually all 1
+        for n in rows:
+            if n not in shares:
+                shares[n] = {
+                    "sequences": n,
+                    "steps": n * length,
+                    "compute_seconds": seconds,
+                    **usage_share(usage, n, total, total),
+                    **notes,
+                }
+        usages = [dict(shares[n]) for n in rows]  # each job's own
         answers: list[PredictionBatch | BaseException | None] = [None] * len(jobs)
         # Jobs that ask the same of calibration are answered in one pass over their rows (a
         # prediction's randomness is its own, drawn from its id, so grouping changes nothing).
