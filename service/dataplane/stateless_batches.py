@@ -115,14 +115,19 @@ class FeatureBatches:
         answers: list[PredictionBatch | BaseException | None] = [None] * len(jobs)
         # Jobs that ask the same of calibration are answered in one pass over their rows (a
         # prediction's randomness is its own, drawn from its id, so grouping changes nothing).
-        for group in answer_groups(jobs):
-            picked = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in group])  # [n]
+        groups = answer_groups(jobs)
+        for group in groups:
+            if len(groups) == 1:  # every job asks the same: all rows, in order
+                group_logits = logits  # [N, C] or [S, N, C]
+            else:
+                picked = torch.cat([torch.arange(starts[i], starts[i] + rows[i]) for i in group])
+                group_logits = logits.index_select(-2, picked)  # [n, C] or [S, n, C]
             first = jobs[group[0]]
             try:
                 answer = self._build_predictions(
                     first.card,
                     first.backend,
-                    logits.index_select(-2, picked),  # [n, C] or [S, n, C]
+                    group_logits,
                     positions=length,
                     conformal=first.conformal,
                     backend_options=first.backend_options,
