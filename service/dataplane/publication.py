@@ -20,6 +20,9 @@ class Publication(NamedTuple):
     owner: str | None = None
 
 
+_NUMBERS = (int, float)
+
+
 def record_metrics(batches: Sequence[PredictionBatch]) -> None:
     """Count the batches' usage (summed per model and backend first: one increment per
     counter, not per request) and their predictions (sets, confidences, abstentions)."""
@@ -27,7 +30,8 @@ def record_metrics(batches: Sequence[PredictionBatch]) -> None:
     for batch in batches:
         total = usage.setdefault((batch.model, batch.backend), {})
         for key, value in batch.usage.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            kind = type(value)
+            if kind is float or kind is int or (isinstance(value, _NUMBERS) and kind is not bool):
                 total[key] = total.get(key, 0) + value
     for (model, backend), total in usage.items():
         record_usage(model, backend, total)
