@@ -46,7 +46,9 @@ class InferenceStatistics:
         self, model: str, version: str, *, ok: bool, nanoseconds: int, inferences: int = 0
     ) -> None:
         with self._lock:
-            stats = self._by_version.setdefault((model, version), VersionStatistics())
+            stats = self._by_version.get((model, version))
+            if stats is None:
+                stats = self._by_version[(model, version)] = VersionStatistics()
             duration = stats.success if ok else stats.fail
             duration.count += 1
             duration.ns += nanoseconds
