@@ -291,8 +291,8 @@ class DataPlane:
 
         Feature sequences join the requests for the same runner and length that arrive
         meanwhile: one forward pass, then each request's answer with its own options
-        (`FeatureBatches`). Token prompts run on their own. Work of more than a few
-        time steps happens in worker threads, so the event loop never waits on torch."""
+        (`FeatureBatches`). Token prompts run on their own. Work measured to be short runs
+        on the event loop, longer work in worker threads (`service.batching.run_compute`)."""
         conformal = conformal or ConformalOptions()
         if card.config["input"]["kind"] == "tokens":
             return await self._predict_prompts(
