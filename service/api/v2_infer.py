@@ -46,6 +46,7 @@ OUTPUT_TYPES: dict[str, tuple[str, bool]] = {
 OUTPUTS = tuple(OUTPUT_TYPES)
 # Outputs only a calibrated answer has (an uncalibrated one carries no set).
 SET_OUTPUTS = ("prediction_set", "set_size", "abstain")
+_DEFAULT_CONFORMAL = ConformalOptions()
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def stateless_conformal(params: InferParameters) -> ConformalOptions:
         "online": params.online,
         "max_set_size": params.max_set_size,
     }
-    return ConformalOptions(**{key: value for key, value in chosen.items() if value is not None})
+    given = {key: value for key, value in chosen.items() if value is not None}
+    return ConformalOptions(**given) if given else _DEFAULT_CONFORMAL  # frozen: one serves all
 
 
 # ---- the answer -----------------------------------------------------------------------------
