@@ -4,7 +4,9 @@ ceiling and a naive stateful peer.
 Every server runs on loopback, one at a time, with the same number of uvicorn workers
 (`--workers`), and `wrk` (the C load generator: `apt-get install wrk`) drives it from its own
 process, closed loop: each connection sends its next request as soon as its answer is back.
-For every row, a warm-up run of `--warmup` s, then the measured run of `--seconds` s.
+A neuroserve server takes load once it reports ready (`GET /v2/health/ready`: models
+preloaded), as behind a load balancer. For every row, a warm-up run of `--warmup` s, then the
+measured run of `--seconds` s.
 
 What each row measures:
 
@@ -318,7 +320,13 @@ def check_workers_supported(workers: int) -> None:
         )
 
 
-def neuroserve(workdir: Path, name: str, store_url: str | None, batching: bool, args):
+@contextmanager
+def neuroserve(
+    workdir: Path, name: str, store_url: str | None, batching: bool, args
+) -> Iterator[int]:
+    """A `neuroserve serve` on a free port, yielded once it is ready (its models preloaded),
+    as a load balancer would start sending it traffic: measuring during the preload would
+    time the loading too."""
     port = free_port()
     env = base_env(
         NEUROSERVE_BATCHING="true" if batching else "false",
@@ -335,7 +343,21 @@ def neuroserve(workdir: Path, name: str, store_url: str | None, batching: bool, 
     command = [*NEUROSERVE, "--host", "127.0.0.1", "--port", str(port)]
     if args.workers > 1:  # passed only when asked for: older `serve` has no such option
         command += ["--workers", str(args.workers)]
-    return server(command, env, port, workdir / f"{name}.log")
+    log = workdir / f"{name}.log"
+    with server(command, env, port, log) as started:
+        wait_ready(started, log)
+        yield started
+
+
+def wait_ready(port: int, log: Path) -> None:
+    """Until `GET /v2/health/ready` answers 200 (a server without the route: at once)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10)
+        if answer.status_code in (200, 404):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"server on port {port} was not ready:\n{log.read_text()[-3000:]}")
 
 
 def hello_server(workdir: Path, workers: int):

@@ -127,6 +127,14 @@ async def watch_store(
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def _freeze_startup_objects(*_: object) -> None:
+    """Move what start-up built (modules, models, schemas: ~200k objects once the built-ins are
+    loaded) out of the collector's reach: a full collection then walks only what serving
+    created, instead of pausing the server for up to ~120 ms (measured while serving)."""
+    gc.collect()
+    gc.freeze()
+
+
 def hot_routes() -> list[APIRoute]:
     """The routes `FastPaths` answers: a session step, a stateless prediction, V2 inference
     (JSON bodies; binary and compressed ones go through the route)."""
@@ -194,9 +202,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("session state: %s", _describe_store(settings))
         if settings.preload_models:
             preload = asyncio.ensure_future(run_in_threadpool(dataplane.preload))
+            preload.add_done_callback(_freeze_startup_objects)
         else:
             dataplane.ready = True
             preload = None
+            _freeze_startup_objects()
         watcher = asyncio.ensure_future(
             watch_store(state_store, dataplane, preload, settings.store_check_seconds)
         )

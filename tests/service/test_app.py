@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -215,3 +216,15 @@ def test_not_ready_is_503_while_live_stays_200(
     assert ready.status_code == 503
     assert ready.json() == {"ready": False}
     assert live.status_code == 200
+
+
+def test_what_start_up_built_is_out_of_the_collectors_reach_once_ready(
+    test_repository: ModelRepository, server_factory: Callable[[FastAPI], Any]
+) -> None:
+    gc.unfreeze()
+    app = create_app(Settings(model_repository=test_repository.root))
+    with server_factory(app):  # returns once the preload has finished
+        loaded = app.state.dataplane.repository.load("tiny-digits").model  # preloaded
+        assert gc.get_freeze_count() > 0
+        collected = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+        assert id(loaded) not in collected  # frozen: in no generation a collection walks
