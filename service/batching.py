@@ -48,14 +48,14 @@ ResultT = TypeVar("ResultT")
 IDLE_WORKER_SECONDS = 30.0  # a group's worker exits after this long without work
 # Work runs on the event loop when it is short: a model step and the answers after it are
 # mostly Python holding the GIL, so a worker thread would only add a hand-off each way and
-# contend for the GIL with the loop (measured with wrk at 64 clients: 4% more session steps
-# and 5-8% more V2 requests per second, p99 unchanged). A batch of at most INLINE_MAX_STEPS
-# time steps always does; a larger one when the same work's measured CPU time per step says
-# it takes at most INLINE_BUDGET_SECONDS (64 digits of digits-lru, a V2 batch: ~5 ms). Anything
-# longer runs in a worker thread, so that a slow model never stalls the loop (and the other
-# requests, health checks and models it serves) for long.
+# contend for the GIL with the loop (measured with wrk: 4% more session steps per second at 64
+# sessions, p99 unchanged). A batch of at most INLINE_MAX_STEPS time steps always does; a
+# larger one when the same work's measured CPU time per step says it takes at most
+# INLINE_BUDGET_SECONDS (64 session steps of digits-lru: ~2.7 ms). Longer work runs in a
+# worker thread, so that the loop keeps reading requests meanwhile: at 8 ms, batches of 256
+# in-process session steps ran inline and their p99 rose from ~100 to ~440 ms.
 INLINE_MAX_STEPS = 8
-INLINE_BUDGET_SECONDS = 0.008
+INLINE_BUDGET_SECONDS = 0.004
 READY_WORK_VISITS = 3  # loop iterations a batch waits for requests already read (see _work)
 COSTS_KEPT = 1024  # kinds of work whose cost per step is remembered
 
