@@ -227,6 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await sessions.close()
             await dataplane.close()
             await state_store.close()
+            gc.unfreeze()  # what start-up built can be collected again (an app started anew)
 
     app = FastAPI(
         title="neuroserve",
