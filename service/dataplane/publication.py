@@ -36,7 +36,7 @@ def record_metrics(batches: Sequence[PredictionBatch]) -> None:
     for (model, backend), total in usage.items():
         record_usage(model, backend, total)
     # Calibrated predictions by (model, backend, score, alpha): one metrics update per group.
-    answered: dict[tuple[str, str, str, float], tuple[list, list, list]] = {}
+    answered: dict[tuple[str, str, str, float | None], tuple[list, list, list]] = {}
     for batch in batches:
         conformal = batch.conformal
         if conformal is None:
