@@ -395,7 +395,8 @@ def test_middleware_labels_by_route_template_model_backend_and_status() -> None:
     for _ in range(2):
         assert client.post("/v1/models/digits-gru/predict").status_code == 200
     assert client.post("/v1/models/nope-123/predict").status_code == 404
-    for session in ("a1", "b2", "c3"):
+    # Ids no label of another test can contain (unique() labels carry random hex).
+    for session in ("id-from-path-1", "id-from-path-2", "id-from-path-3"):
         assert client.post(f"/v1/sessions/{session}/step").status_code == 200
     for _ in range(2):
         assert client.get("/v2/models/digits-gru/ready").status_code == 200
@@ -422,7 +423,10 @@ def test_middleware_labels_by_route_template_model_backend_and_status() -> None:
     assert requests(UNMATCHED_ROUTE, "", "", "404") >= 1
 
     routes = {dict(labels).get("route") for (name, labels) in samples if "route" in dict(labels)}
-    assert not any(r and ("nope-123" in r or "a1" in r or "/no/such" in r) for r in routes)
+    leaked = [
+        r for r in routes if r and ("nope-123" in r or "id-from-path" in r or "/no/such" in r)
+    ]
+    assert not leaked, f"route labels that carry ids from request paths: {leaked}"
     assert "/metrics" not in routes  # scrapes are not counted as traffic
 
 
