@@ -16,9 +16,11 @@ Times are the fastest of `--repeats` blocks of `--steps` steps; blocks of every 
 path, batch) take turns in an order shuffled every round, after a warm-up round, so machine
 load hits them alike and no block always follows the same one. The largest
 difference between the fused and reference logits and states over the stream (relative
-where a value exceeds 1) is printed beside them. `--compile` adds charlm-selective's fused
-step called three alike ways the choice was made between: eagerly, compiled by TorchScript,
-and by torch.compile (inductor) with its compile time.
+where a value exceeds 1) is printed beside them. For charlm-selective at every batch, its
+fused step is also timed by way of each compiled form, called alike (no input checks): the
+numba kernel (models/selective_kernel.py) and the TorchScript step, which is where
+`KERNEL_MAX_BATCH` comes from. `--compile` adds, at batch 1, the same step run eagerly and
+compiled by torch.compile (inductor), with its compile time.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import platform
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,12 @@ from models.base import State, StatefulModel
 from models.charcorpus import load_char_corpus
 from models.digits import load_digits_seq
 from models.repository import ModelRepository, default_repository_root
-from models.selective_fused import fused_selective_step, model_step
+from models.selective_fused import (
+    fused_selective_step,
+    kernel_selective_step,
+    model_step,
+    scripted_model_step,
+)
 
 try:
     from bench._report import append_section
@@ -104,24 +110,35 @@ def fastest(blocks: dict, repeats: int) -> dict:
     return best
 
 
-def compiled_step_blocks(model: StatefulModel, inputs: list[Tensor]) -> tuple[dict, float]:
-    """charlm-selective's fused step run eagerly, compiled by TorchScript and by torch.compile,
-    each called the same way; the second value is torch.compile's compile time (its first
-    call) in seconds."""
-    with warnings.catch_warnings():  # TorchScript says it is deprecated: expected here
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(model_step)
+def compiled_step_blocks(model: StatefulModel, inputs: list[Tensor]) -> dict:
+    """charlm-selective's fused step through the numba kernel and through TorchScript, each
+    called the same way: straight to the fused step, no input checks."""
+    state = model.init_state(inputs[0].shape[0])
+    return {
+        "kernel": stepper(
+            lambda x, s: kernel_selective_step(model._fused_weights.get(model), x, s),
+            state,
+            inputs,
+        ),
+        "TorchScript": stepper(
+            lambda x, s: fused_selective_step(model, x, s, step=scripted_model_step),
+            state,
+            inputs,
+        ),
+    }
+
+
+def uncompiled_step_blocks(model: StatefulModel, inputs: list[Tensor]) -> tuple[dict, float]:
+    """The same step run eagerly and compiled by torch.compile; the second value is
+    torch.compile's compile time (its first call) in seconds."""
     compiled = torch.compile(model_step, dynamic=False)
     state = model.init_state(inputs[0].shape[0])
     started = time.perf_counter()
     fused_selective_step(model, inputs[0], state, step=compiled)
     compile_seconds = time.perf_counter() - started
-    blocks = {  # all three called alike: straight to the fused step, no input checks
+    blocks = {
         "eager": stepper(
             lambda x, s: fused_selective_step(model, x, s, step=model_step), state, inputs
-        ),
-        "TorchScript": stepper(
-            lambda x, s: fused_selective_step(model, x, s, step=scripted), state, inputs
         ),
         "torch.compile": stepper(
             lambda x, s: fused_selective_step(model, x, s, step=compiled), state, inputs
@@ -167,16 +184,22 @@ def _measure(
                     "difference": largest_difference(model, inputs),
                 }
             )
-            if compile_too and name == "charlm-selective" and batch == 1:
-                kernels, extra["compile_seconds"] = compiled_step_blocks(model, inputs)
-                blocks.update({(name, batch, k): b for k, b in kernels.items()})
+            if name == "charlm-selective":
+                forms = compiled_step_blocks(model, inputs)
+                if compile_too and batch == 1:
+                    more, extra["compile_seconds"] = uncompiled_step_blocks(model, inputs)
+                    forms.update(more)
+                blocks.update({(name, batch, form): b for form, b in forms.items()})
     seconds = fastest(blocks, repeats)
     for row in rows:
-        for path in ("reference", "fused", "runner", "eager", "TorchScript", "torch.compile"):
+        for path in COMPILED_FORMS + ("reference", "fused", "runner"):
             key = (row["model"], row["batch"], path)
             if key in seconds:
                 row[path] = seconds[key] / steps
     return rows, extra
+
+
+COMPILED_FORMS = ("kernel", "TorchScript", "eager", "torch.compile")
 
 
 def format_table(rows: list[dict], extra: dict, steps: int, repeats: int) -> str:
@@ -199,13 +222,26 @@ def format_table(rows: list[dict], extra: dict, steps: int, repeats: int) -> str
             f"| {row['reference'] / row['fused']:.2f}x | {row['runner'] * 1e6:,.0f} "
             f"| {row['difference']:.1e} |"
         )
-    kernel_rows = [r for r in rows if "torch.compile" in r]
-    for row in kernel_rows:
+    compiled_rows = [r for r in rows if "kernel" in r]
+    if compiled_rows:
         lines += [
             "",
-            f"{row['model']}, batch {row['batch']}, the fused step called without the input "
-            f"checks of `model.step`: eagerly {row['eager'] * 1e6:,.0f} µs, compiled by "
-            f"TorchScript {row['TorchScript'] * 1e6:,.0f} µs, by torch.compile (inductor) "
+            f"{compiled_rows[0]['model']}'s fused step by the way it is compiled, called alike "
+            "(no input checks of `model.step`), µs/step:",
+            "",
+            "| batch | numba kernel | TorchScript | TorchScript / kernel |",
+            "|---:|---:|---:|---:|",
+        ]
+        for row in compiled_rows:
+            lines.append(
+                f"| {row['batch']} | {row['kernel'] * 1e6:,.0f} "
+                f"| {row['TorchScript'] * 1e6:,.0f} | {row['TorchScript'] / row['kernel']:.2f}x |"
+            )
+    for row in (r for r in rows if "torch.compile" in r):
+        lines += [
+            "",
+            f"{row['model']}, batch {row['batch']}, the same call eagerly: "
+            f"{row['eager'] * 1e6:,.0f} µs, by torch.compile (inductor) "
             f"{row['torch.compile'] * 1e6:,.0f} µs after {extra['compile_seconds']:.1f} s "
             "compiling on the first call.",
         ]

@@ -9,15 +9,20 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
   bmm; the residual added inside the output matmul (addmm); in-place ops where a result is
   fresh, so fewer tensors are allocated;
 - the whole step (embedding, every block, head) one function compiled by TorchScript
-  (`script`), so no Python runs between the ops.
+  (`script`), so no Python runs between the ops;
+- on CPU, for a few rows (`KERNEL_MAX_BATCH`), each block one call of a numba-compiled loop
+  nest instead (models/selective_kernel.py): no per-op dispatch at all.
 
 bench/fused_step.py --compile measures the choice, each way called alike: eagerly 198 µs,
 TorchScript 169 µs, torch.compile (inductor) 514 µs after 6 s compiling (charlm-selective,
-batch 1, one run on the shared machine).
+batch 1, one run on the shared machine); the numba kernel's figures are in its table.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,6 +37,8 @@ from models.fused import (
     transposed,
     weights_if_known,
 )
+from models.selective_kernel import KERNEL_MAX_BATCH, rms_head
+from models.selective_kernel import block_step as kernel_block_step
 
 
 def block_step(
@@ -91,8 +98,21 @@ def model_step(
 scripted_model_step = script(model_step)
 
 
-def _derive(model: StatefulModel) -> tuple:
-    """The arguments of `model_step` after the states, and the state names."""
+class KernelWeights(NamedTuple):
+    """The derived weights as numpy views (same memory) for models/selective_kernel.py."""
+
+    blocks: list[tuple]  # per block: `block_step`'s weight arguments, then √(D·eps) as a float
+    head_t: np.ndarray  # [D, n_out]
+    head_sqrt_d_eps: float
+
+
+class SelectiveDerived(NamedTuple):
+    arguments: tuple  # `model_step`'s arguments after the states
+    names: list[tuple[str, str]]  # per block: its (conv, ssm) state names
+    kernel: KernelWeights | None  # None off the CPU
+
+
+def _derive(model: StatefulModel) -> SelectiveDerived:
     blocks, sqrt_d_eps = [], []
     for layer in model.layers:
         mixer = layer.mixer
@@ -123,7 +143,17 @@ def _derive(model: StatefulModel) -> tuple:
         mixer.d_state,
     )
     names = [(f"layers.{i}.conv", f"layers.{i}.ssm") for i in range(len(model.layers))]
-    return arguments, names
+    kernel = None
+    if head_t.device.type == "cpu":
+        kernel = KernelWeights(
+            [
+                (*(w.detach().numpy() for w in weights), float(eps))
+                for weights, eps in zip(blocks, sqrt_d_eps, strict=True)
+            ],
+            head_t.numpy(),
+            float(head_sqrt_d_eps),
+        )
+    return SelectiveDerived(arguments, names, kernel)
 
 
 # The SelectiveConfig fields beyond the common ones that this fused step was written for.
@@ -158,15 +188,48 @@ def fused_weights(config) -> DerivedWeights | None:
 
 
 def fused_selective_step(
-    model: StatefulModel, x_t: Tensor, state: State, step=scripted_model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=None
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
-    `step` runs `model_step`'s ops: compiled (the default) or `model_step` itself."""
-    arguments, names = model._fused_weights.get(model)
-    conv_states = [state[conv] for conv, _ in names]
-    ssm_states = [state[ssm] for _, ssm in names]
-    logits, new_conv, new_ssm = step(x_t, conv_states, ssm_states, *arguments)
+    `step` None chooses: the numba kernel where it applies (`kernel_applies`), else
+    `model_step` compiled by TorchScript; or `step` runs `model_step`'s ops as given (eagerly,
+    scripted, compiled: bench/fused_step.py compares them)."""
+    derived: SelectiveDerived = model._fused_weights.get(model)
+    if step is None:
+        if kernel_applies(derived, x_t, state):
+            return kernel_selective_step(derived, x_t, state)
+        step = scripted_model_step
+    conv_states = [state[conv] for conv, _ in derived.names]
+    ssm_states = [state[ssm] for _, ssm in derived.names]
+    logits, new_conv, new_ssm = step(x_t, conv_states, ssm_states, *derived.arguments)
     new_state: State = {}
-    for (conv, ssm), conv_t, ssm_t in zip(names, new_conv, new_ssm, strict=True):
+    for (conv, ssm), conv_t, ssm_t in zip(derived.names, new_conv, new_ssm, strict=True):
         new_state[conv], new_state[ssm] = conv_t, ssm_t
     return logits, new_state
+
+
+def kernel_applies(derived: SelectiveDerived, x_t: Tensor, state: State) -> bool:
+    """The kernel takes CPU steps of a few rows whose state has the weights' dtype (a state of
+    another dtype goes where torch's type promotion decides what happens)."""
+    if derived.kernel is None or x_t.shape[0] > KERNEL_MAX_BATCH:
+        return False
+    dtype = derived.arguments[0].dtype
+    return all(tensor.dtype == dtype for tensor in state.values())
+
+
+def kernel_selective_step(
+    derived: SelectiveDerived, x_t: Tensor, state: State
+) -> tuple[Tensor, State]:
+    """`fused_selective_step` through models/selective_kernel.py: one call per block."""
+    u = encode(x_t, derived.arguments[0], derived.arguments[1]).numpy()  # [B, D]
+    new_state: State = {}
+    for (conv, ssm), weights in zip(derived.names, derived.kernel.blocks, strict=True):
+        u, conv_t, ssm_t = kernel_block_step(u, _array(state[conv]), _array(state[ssm]), *weights)
+        new_state[conv], new_state[ssm] = torch.from_numpy(conv_t), torch.from_numpy(ssm_t)
+    logits = rms_head(u, derived.kernel.head_t, derived.kernel.head_sqrt_d_eps)
+    return torch.from_numpy(logits), new_state
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A CPU tensor's data as a C-contiguous array: a view, or a copy when strided."""
+    return np.ascontiguousarray(tensor.detach().numpy())
