@@ -150,14 +150,6 @@ class _FlatStep(nn.Module):
         return (logits, *next_state, *counters)
 
 
-def example_step_input(model: StatefulModel, batch: int, seed: int = 0) -> Tensor:
-    """A seeded input of one step for `model`: [B, F] float features or [B] int64 tokens."""
-    generator = torch.Generator().manual_seed(seed)
-    if model.input_kind == "tokens":
-        return torch.randint(0, model.config.vocab_size, (batch,), generator=generator)
-    return torch.rand(batch, model.config.d_input, generator=generator)  # [B, F]
-
-
 def weights_hash(model: StatefulModel) -> str:
     """sha256 over the architecture, its config, every parameter and buffer, and the exporter.
 
@@ -193,7 +185,7 @@ def export_onnx(model: StatefulModel, path: str | os.PathLike) -> OnnxStepSpec:
     cpu_model = model if _on_cpu(model) else _cpu_copy(model)
     batch = 2  # not 1, so the tracer cannot fold the batch dimension into a broadcast
     example_state = cpu_model.init_state(batch)
-    x = example_step_input(cpu_model, batch)
+    x = cpu_model.example_step_input(batch)
     was_training = cpu_model.training
     cpu_model.eval()
     try:

@@ -58,13 +58,6 @@ class _LinearWeightRecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def example_step_input(model: StatefulModel) -> Tensor:
-    """A one-sample step input of the right kind (features [1, F] or tokens [1])."""
-    if model.input_kind == "tokens":
-        return torch.zeros(1, dtype=torch.long)
-    return torch.zeros(1, model.config.d_input)
-
-
 def find_linear_weights(model: StatefulModel) -> dict[str, nn.Parameter]:
     """The parameters `model` uses as ``F.linear`` weights in `step` and `forward`, by name.
 
@@ -73,7 +66,7 @@ def find_linear_weights(model: StatefulModel) -> dict[str, nn.Parameter]:
     elementwise (Mamba's A_log) or for lookups (embeddings) do not.
     """
     recorder = _LinearWeightRecorder()
-    x_t = example_step_input(model)
+    x_t = model.example_step_input()
     with torch.no_grad(), recorder:
         model.step(x_t, model.init_state(1))
         model(torch.stack([x_t, x_t], dim=1))

@@ -132,6 +132,19 @@ class StatefulModel(nn.Module, ABC):
             self.__dict__["_state_schema"] = schema
         return {name: (list(shape), dtype) for name, (shape, dtype) in schema.items()}
 
+    def example_step_input(self, batch: int = 1, seed: int = 0) -> Tensor:
+        """A seeded input of one step: [B, F] float features or [B] int64 tokens."""
+        generator = torch.Generator().manual_seed(seed)
+        if self.input_kind == "tokens":
+            return torch.randint(0, self.config.vocab_size, (batch,), generator=generator)
+        return torch.rand(batch, self.config.d_input, generator=generator)  # [B, F]
+
+    def warm_up(self) -> None:
+        """One inference step at batch 1, so that what a fused step compiles on first use
+        (models/selective_kernel.py: seconds in a fresh install) is ready before a request."""
+        with torch.inference_mode():
+            self.step(self.example_step_input(), self.init_state(1))
+
     def check_step_input(self, x_t: Tensor) -> None:
         """Raise ValueError unless x_t is one step: float [B, d_input] or integer tokens [B]."""
         self._check_input(x_t, sequence=False)

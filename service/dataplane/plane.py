@@ -196,6 +196,11 @@ class DataPlane:
                 logger.info("loaded model %s version %s", name, loaded.card.version)
             except Exception as error:  # one broken artifact must not stop the server
                 logger.error("could not load model %r: %s", name, error)
+                continue
+            try:  # compile what a fused step compiles on first use now, not on a request
+                loaded.model.warm_up()
+            except Exception as error:  # requests then meet the error with their own inputs
+                logger.warning("could not warm up model %r: %s", name, error)
         self.ready = True
 
     # ---- backends and calibration -------------------------------------------------------

@@ -218,6 +218,16 @@ def test_not_ready_is_503_while_live_stays_200(
     assert live.status_code == 200
 
 
+def test_preloaded_models_are_warmed_up_before_any_request(
+    test_repository: ModelRepository, server_factory: Callable[[FastAPI], Any]
+) -> None:
+    app = create_app(Settings(model_repository=test_repository.root))
+    with server_factory(app):  # returns once the preload has finished
+        loaded = app.state.dataplane.repository.load("tiny-digits").model
+        # The fused step has derived its weights (and compiled what it compiles).
+        assert loaded._fused_weights.cached is not None
+
+
 def test_what_start_up_built_is_out_of_the_collectors_reach_once_ready(
     test_repository: ModelRepository, server_factory: Callable[[FastAPI], Any]
 ) -> None:
