@@ -16,9 +16,9 @@ Times are the fastest of `--repeats` blocks of `--steps` steps; blocks of every 
 path, batch) take turns in an order shuffled every round, after a warm-up round, so machine
 load hits them alike and no block always follows the same one. The largest
 difference between the fused and reference logits and states over the stream (relative
-where a value exceeds 1) is printed beside them. For charlm-selective at every batch, its
-fused step is also timed by way of each compiled form, called alike (no input checks): the
-numba kernel (models/selective_kernel.py) and the TorchScript step, which is where
+where a value exceeds 1) is printed beside them. For the models with a numba kernel
+(models/kernels.py: charlm-selective, digits-lru) at every batch, the fused step is also
+timed through the kernel and as torch ops, called alike (no input checks), which is where
 `KERNEL_MAX_BATCH` comes from. `--compile` adds, at batch 1, the same step run eagerly and
 compiled by torch.compile (inductor), with its compile time.
 """
@@ -42,6 +42,8 @@ from hardware_backends.registry import prepare_runner
 from models.base import State, StatefulModel
 from models.charcorpus import load_char_corpus
 from models.digits import load_digits_seq
+from models.lru_fused import fused_lru_step, kernel_lru_step
+from models.lru_fused import model_step as lru_model_step
 from models.repository import ModelRepository, default_repository_root
 from models.selective_fused import (
     fused_selective_step,
@@ -110,21 +112,20 @@ def fastest(blocks: dict, repeats: int) -> dict:
     return best
 
 
-def compiled_step_blocks(model: StatefulModel, inputs: list[Tensor]) -> dict:
-    """charlm-selective's fused step through the numba kernel and through TorchScript, each
-    called the same way: straight to the fused step, no input checks."""
+def compiled_step_blocks(name: str, model: StatefulModel, inputs: list[Tensor]) -> dict:
+    """The fused step through its numba kernel ("kernel") and as torch ops ("torch":
+    charlm-selective's TorchScript function, digits-lru's eager one), each called the same
+    way: straight to the fused step, no input checks."""
     state = model.init_state(inputs[0].shape[0])
+    derived = model._fused_weights.get(model)
+    if name == "charlm-selective":
+        kernel, torch_step = kernel_selective_step, scripted_model_step
+        fused = fused_selective_step
+    else:
+        kernel, torch_step, fused = kernel_lru_step, lru_model_step, fused_lru_step
     return {
-        "kernel": stepper(
-            lambda x, s: kernel_selective_step(model._fused_weights.get(model), x, s),
-            state,
-            inputs,
-        ),
-        "TorchScript": stepper(
-            lambda x, s: fused_selective_step(model, x, s, step=scripted_model_step),
-            state,
-            inputs,
-        ),
+        "kernel": stepper(lambda x, s: kernel(derived, x, s), state, inputs),
+        "torch": stepper(lambda x, s: fused(model, x, s, torch_step), state, inputs),
     }
 
 
@@ -184,9 +185,9 @@ def _measure(
                     "difference": largest_difference(model, inputs),
                 }
             )
-            if name == "charlm-selective":
-                forms = compiled_step_blocks(model, inputs)
-                if compile_too and batch == 1:
+            if name in KERNEL_MODELS:
+                forms = compiled_step_blocks(name, model, inputs)
+                if compile_too and batch == 1 and name == "charlm-selective":
                     more, extra["compile_seconds"] = uncompiled_step_blocks(model, inputs)
                     forms.update(more)
                 blocks.update({(name, batch, form): b for form, b in forms.items()})
@@ -199,7 +200,8 @@ def _measure(
     return rows, extra
 
 
-COMPILED_FORMS = ("kernel", "TorchScript", "eager", "torch.compile")
+COMPILED_FORMS = ("kernel", "torch", "eager", "torch.compile")
+KERNEL_MODELS = ("digits-lru", "charlm-selective")  # those with a kernel (models/kernels.py)
 
 
 def format_table(rows: list[dict], extra: dict, steps: int, repeats: int) -> str:
@@ -226,16 +228,17 @@ def format_table(rows: list[dict], extra: dict, steps: int, repeats: int) -> str
     if compiled_rows:
         lines += [
             "",
-            f"{compiled_rows[0]['model']}'s fused step by the way it is compiled, called alike "
-            "(no input checks of `model.step`), µs/step:",
+            "The fused step through its numba kernel and as torch ops (charlm-selective: the "
+            "TorchScript function; digits-lru: eager), called alike (no input checks of "
+            "`model.step`), µs/step:",
             "",
-            "| batch | numba kernel | TorchScript | TorchScript / kernel |",
-            "|---:|---:|---:|---:|",
+            "| model | batch | numba kernel | torch ops | torch / kernel |",
+            "|---|---:|---:|---:|---:|",
         ]
         for row in compiled_rows:
             lines.append(
-                f"| {row['batch']} | {row['kernel'] * 1e6:,.0f} "
-                f"| {row['TorchScript'] * 1e6:,.0f} | {row['TorchScript'] / row['kernel']:.2f}x |"
+                f"| {row['model']} | {row['batch']} | {row['kernel'] * 1e6:,.0f} "
+                f"| {row['torch'] * 1e6:,.0f} | {row['torch'] / row['kernel']:.2f}x |"
             )
     for row in (r for r in rows if "torch.compile" in r):
         lines += [

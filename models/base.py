@@ -141,7 +141,7 @@ class StatefulModel(nn.Module, ABC):
 
     def warm_up(self) -> None:
         """One inference step at batch 1, so that what a fused step compiles on first use
-        (models/selective_kernel.py: seconds in a fresh install) is ready before a request."""
+        (models/kernels.py: seconds in a fresh install) is ready before a request."""
         with torch.inference_mode():
             self.step(self.example_step_input(), self.init_state(1))
 

@@ -33,10 +33,13 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
+
+from models.kernels import KERNEL_MAX_BATCH
 
 Derived = TypeVar("Derived")
 
@@ -183,3 +186,21 @@ def script(function: Callable) -> Callable:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.script(function)
+
+
+# ---- the compiled kernels' side (models/kernels.py) ----------------------------------------
+
+
+def kernel_applies(has_kernel: bool, dtype: torch.dtype, x_t: Tensor, state: dict) -> bool:
+    """A kernel takes CPU steps (`has_kernel`: the weights are on the CPU) of a few rows whose
+    state has the weights' dtype (a state of another dtype goes where torch's type promotion
+    decides what happens)."""
+    if not has_kernel or x_t.shape[0] > KERNEL_MAX_BATCH:
+        return False
+    return all(tensor.dtype == dtype for tensor in state.values())
+
+
+def cpu_array(tensor: Tensor) -> np.ndarray:
+    """A CPU tensor's data as a C-contiguous array for a kernel: a view, or a copy when
+    strided (a conv window sliced from a longer sequence)."""
+    return np.ascontiguousarray(tensor.detach().numpy())

@@ -14,17 +14,30 @@ parameter change (`DerivedWeights`) and stored transposed, as every matmul weigh
 (no dropout), so `fused_step_applies` guards it.
 
 The step runs eagerly: compiled by TorchScript it was no faster at digits-lru's sizes (81
-against 79 µs per batch-1 step, same run).
+against 79 µs per batch-1 step, same run). On CPU, for a few rows, each layer is instead one
+call of a numba-compiled loop nest over the same derived weights (models/kernels.py).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import State, StatefulModel
-from models.fused import DerivedWeights, encode, encoder_weights, transposed, weights_if_known
+from models.fused import (
+    DerivedWeights,
+    cpu_array,
+    encode,
+    encoder_weights,
+    kernel_applies,
+    transposed,
+    weights_if_known,
+)
+from models.kernels import lru_layer_step, norm_head
 
 
 def model_step(
@@ -85,24 +98,48 @@ def _norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
     return float(norm.eps if norm.eps is not None else torch.finfo(dtype).eps)  # RMSNorm: None
 
 
-def _derive(model: StatefulModel) -> tuple:
-    """The arguments of `model_step` after the states, and the state names."""
+class LRUDerived(NamedTuple):
+    arguments: tuple  # `model_step`'s arguments after the states
+    names: list[tuple[str, str]]  # per layer: its (h_re, h_im) state names
+    kernel: tuple | None  # (per layer `lru_layer_step`'s weights, `norm_head`'s); None off CPU
+
+
+def _derive(model: StatefulModel) -> LRUDerived:
     norms = [layer.norm for layer in model.layers] + [model.norm]
     layers = [
         [_transition(layer.lru), transposed(layer.mixer.proj.weight), layer.mixer.proj.bias]
         for layer in model.layers
     ]
+    eps = _norm_eps(model.norm, model.head.weight.dtype)  # every norm of a model shares it
+    head_t = transposed(model.head.weight)
     arguments = (
         *encoder_weights(model.encoder),
         layers,
         [norm.weight for norm in norms],
         [getattr(norm, "bias", None) for norm in norms],
-        _norm_eps(model.norm, model.head.weight.dtype),  # every norm of a model shares it
-        transposed(model.head.weight),
+        eps,
+        head_t,
         model.head.bias,
     )
     names = [(f"layers.{i}.h_re", f"layers.{i}.h_im") for i in range(len(model.layers))]
-    return arguments, names
+    kernel = None
+    if head_t.device.type == "cpu":
+        rms = getattr(model.norm, "bias", None) is None
+        empty = np.empty(0, dtype=head_t.numpy().dtype)  # RMSNorm has no bias
+
+        def norm_arguments(norm: nn.Module) -> tuple:
+            bias = getattr(norm, "bias", None)
+            bias = empty if bias is None else bias.detach().numpy()
+            return norm.weight.detach().numpy(), bias, rms, eps
+
+        kernel = (
+            [
+                (*norm_arguments(norm), *(w.detach().numpy() for w in weights))
+                for norm, weights in zip(norms, layers, strict=False)
+            ],
+            (*norm_arguments(model.norm), head_t.numpy(), model.head.bias.detach().numpy()),
+        )
+    return LRUDerived(arguments, names, kernel)
 
 
 # The LRUConfig fields beyond the common ones that this fused step was written for.
@@ -125,14 +162,32 @@ def fused_weights(config) -> DerivedWeights | None:
 
 
 def fused_lru_step(
-    model: StatefulModel, x_t: Tensor, state: State, step=model_step
+    model: StatefulModel, x_t: Tensor, state: State, step=None
 ) -> tuple[Tensor, State]:
-    """The reference step's (logits [B, n_out], new state), on checked inputs, eval mode."""
-    arguments, names = model._fused_weights.get(model)
-    h_re = [state[re] for re, _ in names]
-    h_im = [state[im] for _, im in names]
-    logits, new_re, new_im = step(x_t, h_re, h_im, *arguments)
+    """The reference step's (logits [B, n_out], new state), on checked inputs, eval mode.
+    `step` None chooses: the numba kernel where it applies (`fused.kernel_applies`), else
+    `model_step`; or `step` runs `model_step`'s ops as given."""
+    derived: LRUDerived = model._fused_weights.get(model)
+    if step is None:
+        dtype = derived.arguments[0].dtype
+        if kernel_applies(derived.kernel is not None, dtype, x_t, state):
+            return kernel_lru_step(derived, x_t, state)
+        step = model_step
+    h_re = [state[re] for re, _ in derived.names]
+    h_im = [state[im] for _, im in derived.names]
+    logits, new_re, new_im = step(x_t, h_re, h_im, *derived.arguments)
     new_state: State = {}
-    for (re, im), re_t, im_t in zip(names, new_re, new_im, strict=True):
+    for (re, im), re_t, im_t in zip(derived.names, new_re, new_im, strict=True):
         new_state[re], new_state[im] = re_t, im_t
     return logits, new_state
+
+
+def kernel_lru_step(derived: LRUDerived, x_t: Tensor, state: State) -> tuple[Tensor, State]:
+    """`fused_lru_step` through models/kernels.py: one call per layer."""
+    x = encode(x_t, derived.arguments[0], derived.arguments[1]).numpy()  # [B, H]
+    layers, head = derived.kernel
+    new_state: State = {}
+    for (re, im), weights in zip(derived.names, layers, strict=True):
+        x, re_t, im_t = lru_layer_step(x, cpu_array(state[re]), cpu_array(state[im]), *weights)
+        new_state[re], new_state[im] = torch.from_numpy(re_t), torch.from_numpy(im_t)
+    return torch.from_numpy(norm_head(x, *head)), new_state

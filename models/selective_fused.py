@@ -11,7 +11,7 @@ Same maths as the reference (`SelectiveMixer.step` through `SelectiveBlock.step`
 - the whole step (embedding, every block, head) one function compiled by TorchScript
   (`script`), so no Python runs between the ops;
 - on CPU, for a few rows (`KERNEL_MAX_BATCH`), each block one call of a numba-compiled loop
-  nest instead (models/selective_kernel.py): no per-op dispatch at all.
+  nest instead (models/kernels.py): no per-op dispatch at all.
 
 bench/fused_step.py --compile measures the choice, each way called alike: eagerly 198 µs,
 TorchScript 169 µs, torch.compile (inductor) 514 µs after 6 s compiling (charlm-selective,
@@ -30,15 +30,16 @@ from torch import Tensor
 from models.base import State, StatefulModel
 from models.fused import (
     DerivedWeights,
+    cpu_array,
     encode,
     encoder_weights,
+    kernel_applies,
     rms_folded,
     script,
     transposed,
     weights_if_known,
 )
-from models.selective_kernel import KERNEL_MAX_BATCH, rms_head
-from models.selective_kernel import block_step as kernel_block_step
+from models.kernels import rms_head, selective_block_step
 
 
 def block_step(
@@ -99,7 +100,7 @@ scripted_model_step = script(model_step)
 
 
 class KernelWeights(NamedTuple):
-    """The derived weights as numpy views (same memory) for models/selective_kernel.py."""
+    """The derived weights as numpy views (same memory) for models/kernels.py."""
 
     blocks: list[tuple]  # per block: `block_step`'s weight arguments, then √(D·eps) as a float
     head_t: np.ndarray  # [D, n_out]
@@ -191,12 +192,13 @@ def fused_selective_step(
     model: StatefulModel, x_t: Tensor, state: State, step=None
 ) -> tuple[Tensor, State]:
     """The reference step's (logits [B, n_out], new state), on checked inputs, no autograd.
-    `step` None chooses: the numba kernel where it applies (`kernel_applies`), else
+    `step` None chooses: the numba kernel where it applies (`fused.kernel_applies`), else
     `model_step` compiled by TorchScript; or `step` runs `model_step`'s ops as given (eagerly,
     scripted, compiled: bench/fused_step.py compares them)."""
     derived: SelectiveDerived = model._fused_weights.get(model)
     if step is None:
-        if kernel_applies(derived, x_t, state):
+        dtype = derived.arguments[0].dtype
+        if kernel_applies(derived.kernel is not None, dtype, x_t, state):
             return kernel_selective_step(derived, x_t, state)
         step = scripted_model_step
     conv_states = [state[conv] for conv, _ in derived.names]
@@ -208,28 +210,16 @@ def fused_selective_step(
     return logits, new_state
 
 
-def kernel_applies(derived: SelectiveDerived, x_t: Tensor, state: State) -> bool:
-    """The kernel takes CPU steps of a few rows whose state has the weights' dtype (a state of
-    another dtype goes where torch's type promotion decides what happens)."""
-    if derived.kernel is None or x_t.shape[0] > KERNEL_MAX_BATCH:
-        return False
-    dtype = derived.arguments[0].dtype
-    return all(tensor.dtype == dtype for tensor in state.values())
-
-
 def kernel_selective_step(
     derived: SelectiveDerived, x_t: Tensor, state: State
 ) -> tuple[Tensor, State]:
-    """`fused_selective_step` through models/selective_kernel.py: one call per block."""
+    """`fused_selective_step` through models/kernels.py: one call per block."""
     u = encode(x_t, derived.arguments[0], derived.arguments[1]).numpy()  # [B, D]
     new_state: State = {}
     for (conv, ssm), weights in zip(derived.names, derived.kernel.blocks, strict=True):
-        u, conv_t, ssm_t = kernel_block_step(u, _array(state[conv]), _array(state[ssm]), *weights)
+        u, conv_t, ssm_t = selective_block_step(
+            u, cpu_array(state[conv]), cpu_array(state[ssm]), *weights
+        )
         new_state[conv], new_state[ssm] = torch.from_numpy(conv_t), torch.from_numpy(ssm_t)
     logits = rms_head(u, derived.kernel.head_t, derived.kernel.head_sqrt_d_eps)
     return torch.from_numpy(logits), new_state
-
-
-def _array(tensor: Tensor) -> np.ndarray:
-    """A CPU tensor's data as a C-contiguous array: a view, or a copy when strided."""
-    return np.ascontiguousarray(tensor.detach().numpy())

@@ -3,7 +3,7 @@ agreeing on the real input streams."""
 
 from __future__ import annotations
 
-from bench.fused_step import MODELS, format_table, measure
+from bench.fused_step import KERNEL_MODELS, MODELS, format_table, measure
 
 
 def test_measure_times_every_builtin_on_every_path_and_they_agree() -> None:
@@ -14,5 +14,8 @@ def test_measure_times_every_builtin_on_every_path_and_they_agree() -> None:
     for row in rows:
         assert row["reference"] > 0 and row["fused"] > 0 and row["runner"] > 0
         assert row["difference"] < 1e-5, row
+        if row["model"] in KERNEL_MODELS:  # timed through its kernel and as torch ops too
+            assert row["kernel"] > 0 and row["torch"] > 0
     table = format_table(rows, extra, steps=4, repeats=1)
-    assert table.count("\n| digits-") == 4 and "charlm-selective" in table
+    # 4 rows of digits models in the main table, 2 of digits-lru in the kernel table
+    assert table.count("\n| digits-") == 6 and "charlm-selective" in table
