@@ -135,7 +135,7 @@ def _derive(model: StatefulModel) -> LRUDerived:
         kernel = (
             [
                 (*norm_arguments(norm), *(w.detach().numpy() for w in weights))
-                for norm, weights in zip(norms, layers, strict=False)
+                for norm, weights in zip(norms[:-1], layers, strict=True)
             ],
             (*norm_arguments(model.norm), head_t.numpy(), model.head.bias.detach().numpy()),
         )
