@@ -36,8 +36,9 @@ import numba
 import numpy as np
 
 # Batches up to this many rows take a kernel; larger ones the torch step, whose batched
-# matmuls read each weight once for all rows (bench/fused_step.py: charlm-selective's kernel
-# ~1.9x its TorchScript step at batch 1, 1.2x at 4, level at about 8 rows on this CPU).
+# matmuls read each weight once for all rows (bench/fused_step.py: digits-lru's kernel 3.3x
+# its torch ops at batch 1 and 1.4x at 4, charlm-selective's 2.0x and 1.2x; both level at
+# about 8 rows on this CPU).
 KERNEL_MAX_BATCH = 4
 
 # Reordered sums (vectorised dot products) and fused multiply-adds; not "no NaN/inf", so a
