@@ -98,10 +98,17 @@ def _norm_eps(norm: nn.Module, dtype: torch.dtype) -> float:
     return float(norm.eps if norm.eps is not None else torch.finfo(dtype).eps)  # RMSNorm: None
 
 
+class KernelWeights(NamedTuple):
+    """The derived weights as numpy views (same memory) for models/kernels.py."""
+
+    layers: list[tuple]  # per layer: `lru_layer_step`'s arguments after the states
+    head: tuple  # `norm_head`'s arguments after x
+
+
 class LRUDerived(NamedTuple):
     arguments: tuple  # `model_step`'s arguments after the states
     names: list[tuple[str, str]]  # per layer: its (h_re, h_im) state names
-    kernel: tuple | None  # (per layer `lru_layer_step`'s weights, `norm_head`'s); None off CPU
+    kernel: KernelWeights | None  # None off the CPU
 
 
 def _derive(model: StatefulModel) -> LRUDerived:
@@ -132,7 +139,7 @@ def _derive(model: StatefulModel) -> LRUDerived:
             bias = empty if bias is None else bias.detach().numpy()
             return norm.weight.detach().numpy(), bias, rms, eps
 
-        kernel = (
+        kernel = KernelWeights(
             [
                 (*norm_arguments(norm), *(w.detach().numpy() for w in weights))
                 for norm, weights in zip(norms[:-1], layers, strict=True)
@@ -185,9 +192,8 @@ def fused_lru_step(
 def kernel_lru_step(derived: LRUDerived, x_t: Tensor, state: State) -> tuple[Tensor, State]:
     """`fused_lru_step` through models/kernels.py: one call per layer."""
     x = encode(x_t, derived.arguments[0], derived.arguments[1]).numpy()  # [B, H]
-    layers, head = derived.kernel
     new_state: State = {}
-    for (re, im), weights in zip(derived.names, layers, strict=True):
+    for (re, im), weights in zip(derived.names, derived.kernel.layers, strict=True):
         x, re_t, im_t = lru_layer_step(x, cpu_array(state[re]), cpu_array(state[im]), *weights)
         new_state[re], new_state[im] = torch.from_numpy(re_t), torch.from_numpy(im_t)
-    return torch.from_numpy(norm_head(x, *head)), new_state
+    return torch.from_numpy(norm_head(x, *derived.kernel.head)), new_state
