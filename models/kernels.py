@@ -25,7 +25,7 @@ the maths of its fused step over the same derived weights:
 Batch rows are independent and run one after another: the matrix-vector loops read every
 weight once per row, so past a few rows torch's batched matmuls win (`KERNEL_MAX_BATCH`,
 bench/fused_step.py). Compiled on first use for each dtype (seconds) and cached on disk
-beside this file where it is writable; `nogil`, so server threads step concurrently.
+(`compiled`); `nogil`, so server threads step concurrently.
 """
 
 from __future__ import annotations
@@ -46,7 +46,19 @@ KERNEL_MAX_BATCH = 4
 _FAST_MATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+def compiled(function):
+    """`function` compiled by numba (no GIL held while it runs), its machine code cached on
+    disk where numba finds a writable place (beside this file, or the user's cache
+    directory); where none is (a read-only filesystem), compiled afresh in each process
+    rather than failing at import, which is where numba's cache raises."""
+    options = {"nogil": True, "fastmath": _FAST_MATH}
+    try:
+        return numba.njit(cache=True, **options)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(**options)(function)
+
+
+@compiled
 def _vector_times_matrix(x, w_t, out):  # x [I], w_t [I, O] -> out [O] = x @ w_t
     """Four rows of w_t per pass over `out`: a quarter of the loads and stores of `out` that
     one row per pass costs (1.4x faster at [192, 768]: bench on this CPU, BLAS's sgemv level)."""
@@ -64,22 +76,22 @@ def _vector_times_matrix(x, w_t, out):  # x [I], w_t [I, O] -> out [O] = x @ w_t
             out[j] += xi * row[j]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def _silu(v):
     return v / (1.0 + math.exp(-v))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def _sigmoid(v):
     return 1.0 / (1.0 + math.exp(-v))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def _gelu(v):  # the exact (erf) GELU, F.gelu's default
     return 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476))
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def _normalise(x, weight, bias, rms, eps, out):
     """out [H] = LayerNorm(x) (biased variance, as torch) or, with `rms`, RMSNorm(x)."""
     size = x.shape[0]
@@ -99,7 +111,7 @@ def _normalise(x, weight, bias, rms, eps, out):
             out[i] += bias[i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def selective_block_step(
     u,  # [B, D]
     conv_state,  # [B, E, K-1]
@@ -165,7 +177,7 @@ def selective_block_step(
     return out, new_conv, new_ssm
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def rms_head(u, head_t, sqrt_d_eps):
     """Head(RMSNorm(u)) with the norm folded into head_t [D, n_out]: logits [B, n_out]."""
     batch, d_model = u.shape
@@ -182,7 +194,7 @@ def rms_head(u, head_t, sqrt_d_eps):
 # ---- the LRU -----------------------------------------------------------------------------
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def lru_layer_step(
     x,  # [B, H]
     h_re,  # [B, N]
@@ -222,7 +234,7 @@ def lru_layer_step(
     return out, new_re, new_im
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FAST_MATH)
+@compiled
 def norm_head(x, norm_weight, norm_bias, rms, eps, head_t, head_bias):
     """Head(Norm(x)): logits [B, n_out] from x [B, H], head_t [H, n_out], head_bias [n_out]."""
     batch, H = x.shape

@@ -4,13 +4,14 @@ gives the same step."""
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 
 from models.architectures import build_model
 from models.base import StatefulModel
 from models.fused import kernel_applies
-from models.kernels import KERNEL_MAX_BATCH
+from models.kernels import KERNEL_MAX_BATCH, compiled
 from models.lru_fused import fused_lru_step, kernel_lru_step
 from models.lru_fused import model_step as lru_model_step
 from models.selective_fused import (
@@ -141,3 +142,11 @@ def test_warm_up_prepares_the_fused_step(architecture: str) -> None:
     assert model._fused_weights.cached is None
     model.warm_up()
     assert model._fused_weights.cached is not None
+
+
+def test_a_kernel_compiles_where_numba_can_cache_nothing() -> None:
+    namespace: dict = {}
+    exec("def double(x):\n    return 2 * x\n", namespace)  # no file: no place to cache it
+    with pytest.raises(RuntimeError, match="cannot cache"):  # what a read-only disk gives
+        numba.njit(cache=True)(namespace["double"])
+    assert compiled(namespace["double"])(21) == 42
