@@ -129,7 +129,7 @@ def compiled_step_blocks(name: str, model: StatefulModel, inputs: list[Tensor]) 
     }
 
 
-def uncompiled_step_blocks(model: StatefulModel, inputs: list[Tensor]) -> tuple[dict, float]:
+def eager_and_inductor_blocks(model: StatefulModel, inputs: list[Tensor]) -> tuple[dict, float]:
     """The same step run eagerly and compiled by torch.compile; the second value is
     torch.compile's compile time (its first call) in seconds."""
     compiled = torch.compile(model_step, dynamic=False)
@@ -188,7 +188,7 @@ def _measure(
             if name in KERNEL_MODELS:
                 forms = compiled_step_blocks(name, model, inputs)
                 if compile_too and batch == 1 and name == "charlm-selective":
-                    more, extra["compile_seconds"] = uncompiled_step_blocks(model, inputs)
+                    more, extra["compile_seconds"] = eager_and_inductor_blocks(model, inputs)
                     forms.update(more)
                 blocks.update({(name, batch, form): b for form, b in forms.items()})
     seconds = fastest(blocks, repeats)
