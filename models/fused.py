@@ -188,6 +188,21 @@ def script(function: Callable) -> Callable:
         return torch.jit.script(function)
 
 
+def step_layer_pairs(
+    step: Callable, x_t: Tensor, state: dict, names: list[tuple[str, str]], arguments: tuple
+) -> tuple[Tensor, dict]:
+    """A fused step over a state of two tensors per layer (`names`: each layer's pair):
+    `step(x_t, firsts, seconds, *arguments)` -> (logits, new firsts, new seconds), with the
+    state taken apart into the two lists and the new one put together by the same names."""
+    firsts = [state[first] for first, _ in names]
+    seconds = [state[second] for _, second in names]
+    logits, new_firsts, new_seconds = step(x_t, firsts, seconds, *arguments)
+    new_state = {}
+    for (first, second), first_t, second_t in zip(names, new_firsts, new_seconds, strict=True):
+        new_state[first], new_state[second] = first_t, second_t
+    return logits, new_state
+
+
 # ---- the compiled kernels' side (models/kernels.py) ----------------------------------------
 
 

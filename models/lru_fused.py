@@ -34,6 +34,7 @@ from models.fused import (
     encode,
     encoder_weights,
     kernel_applies,
+    step_layer_pairs,
     transposed,
     weights_if_known,
 )
@@ -180,13 +181,7 @@ def fused_lru_step(
         if kernel_applies(derived.kernel is not None, dtype, x_t, state):
             return kernel_lru_step(derived, x_t, state)
         step = model_step
-    h_re = [state[re] for re, _ in derived.names]
-    h_im = [state[im] for _, im in derived.names]
-    logits, new_re, new_im = step(x_t, h_re, h_im, *derived.arguments)
-    new_state: State = {}
-    for (re, im), re_t, im_t in zip(derived.names, new_re, new_im, strict=True):
-        new_state[re], new_state[im] = re_t, im_t
-    return logits, new_state
+    return step_layer_pairs(step, x_t, state, derived.names, derived.arguments)
 
 
 def kernel_lru_step(derived: LRUDerived, x_t: Tensor, state: State) -> tuple[Tensor, State]:

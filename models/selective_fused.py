@@ -36,6 +36,7 @@ from models.fused import (
     kernel_applies,
     rms_folded,
     script,
+    step_layer_pairs,
     transposed,
     weights_if_known,
 )
@@ -201,13 +202,7 @@ def fused_selective_step(
         if kernel_applies(derived.kernel is not None, dtype, x_t, state):
             return kernel_selective_step(derived, x_t, state)
         step = scripted_model_step
-    conv_states = [state[conv] for conv, _ in derived.names]
-    ssm_states = [state[ssm] for _, ssm in derived.names]
-    logits, new_conv, new_ssm = step(x_t, conv_states, ssm_states, *derived.arguments)
-    new_state: State = {}
-    for (conv, ssm), conv_t, ssm_t in zip(derived.names, new_conv, new_ssm, strict=True):
-        new_state[conv], new_state[ssm] = conv_t, ssm_t
-    return logits, new_state
+    return step_layer_pairs(step, x_t, state, derived.names, derived.arguments)
 
 
 def kernel_selective_step(
