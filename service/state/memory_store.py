@@ -75,12 +75,12 @@ class InMemoryStateStore(StateStore):
     async def ping(self) -> None:
         return None
 
-    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int) -> bool:
+    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int, version: int) -> bool:
         with self._lock:
             now = self._clock()
             if self._live(key, now) is not None:
                 return False
-            self._entries[key] = (blob, 1, now + ttl_ms / 1000)
+            self._entries[key] = (blob, version, now + ttl_ms / 1000)
             self._sweep(now)
             return True
 
@@ -99,7 +99,9 @@ class InMemoryStateStore(StateStore):
                 found.append((value, version))
             return found
 
-    async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
+    async def _cas_raw_many(
+        self, writes: Sequence[tuple[str, bytes, int, int]]
+    ) -> list[int | None]:
         with self._lock:
             now = self._clock()
             results = []

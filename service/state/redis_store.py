@@ -35,24 +35,32 @@ from service.state.store import (
     StateStoreUnavailableError,
 )
 
-# KEYS[1] = session key; ARGV = blob, ttl in ms. Returns 1 if created, 0 if the key exists.
+# KEYS[1] = session key; ARGV = blob, ttl in ms, first version. Returns 1 if created, 0 if the
+# key exists.
 CREATE_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'version', 1, 'blob', ARGV[1])
+redis.call('HSET', KEYS[1], 'version', ARGV[3], 'blob', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
 # KEYS[1] = session key; ARGV = expected version, blob, ttl in ms.
 # Returns the new version; 0 when the key is gone; minus the current version when it moved on.
+# Versions are compared as Lua numbers (exact up to 2**53) and counted by HINCRBY, so Redis
+# keeps them as integers, never as a formatted float.
+# A key that holds no readable session (another Redis type, a version that is not a number)
+# answers false (nil): damaged state, which the writer reads back to report.
 CAS_SCRIPT = """
-local current = redis.call('HGET', KEYS[1], 'version')
+local current = redis.pcall('HGET', KEYS[1], 'version')
+if type(current) == 'table' then return false end
 if not current then return 0 end
+if not string.match(current, '^%d+$') then return false end
 current = tonumber(current)
 if current ~= tonumber(ARGV[1]) then return -current end
-redis.call('HSET', KEYS[1], 'version', current + 1, 'blob', ARGV[2])
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'blob', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return current + 1
+return version
 """
 
 # The batch forms of the scripts above, for one round trip and one command per micro-batch
@@ -78,22 +86,24 @@ return loads
 """
 
 # KEYS = session keys; ARGV = (expected version, blob, ttl in ms) per key. Per key: as
-# CAS_SCRIPT (a key of another type counts as gone).
+# CAS_SCRIPT.
 CAS_MANY_SCRIPT = """
 local results = {}
 for i = 1, #KEYS do
   local base = 3 * (i - 1)
   local current = redis.pcall('HGET', KEYS[i], 'version')
-  if type(current) == 'table' or not current then
+  if type(current) == 'table' or (current and not string.match(current, '^%d+$')) then
+    results[i] = false
+  elseif not current then
     results[i] = 0
   else
     current = tonumber(current)
     if current ~= tonumber(ARGV[base + 1]) then
       results[i] = -current
     else
-      redis.call('HSET', KEYS[i], 'version', current + 1, 'blob', ARGV[base + 2])
+      results[i] = redis.call('HINCRBY', KEYS[i], 'version', 1)
+      redis.call('HSET', KEYS[i], 'blob', ARGV[base + 2])
       redis.call('PEXPIRE', KEYS[i], ARGV[base + 3])
-      results[i] = current + 1
     end
   end
 end
@@ -207,8 +217,8 @@ class RedisStateStore(StateStore):
 
     # --- sessions -------------------------------------------------------------------------
 
-    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int) -> bool:
-        (created,) = await self._run_scripts(CREATE_SCRIPT, [(key, (blob, ttl_ms))])
+    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int, version: int) -> bool:
+        (created,) = await self._run_scripts(CREATE_SCRIPT, [(key, (blob, ttl_ms, version))])
         return created == 1
 
     async def _get_raw_many(self, keys: Sequence[str], touch_ttl_ms: int | None) -> list[RawLoad]:
@@ -244,14 +254,17 @@ class RedisStateStore(StateStore):
             return CorruptStateError(f"{key} has a version that is not a number: {version[:32]!r}")
         return blob, int(version)
 
-    async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
+    async def _cas_raw_many(
+        self, writes: Sequence[tuple[str, bytes, int, int]]
+    ) -> list[int | None]:
         if not self._is_cluster:
             keys = [key for key, _, _, _ in writes]
             args = [arg for _, blob, expected, ttl_ms in writes for arg in (expected, blob, ttl_ms)]
             results = await self._run_batch_script(CAS_MANY_SCRIPT, keys, args)
-            return [int(result) for result in results]
-        calls = [(key, (expected, blob, ttl_ms)) for key, blob, expected, ttl_ms in writes]
-        return [int(result) for result in await self._run_scripts(CAS_SCRIPT, calls)]
+        else:
+            calls = [(key, (expected, blob, ttl_ms)) for key, blob, expected, ttl_ms in writes]
+            results = await self._run_scripts(CAS_SCRIPT, calls)
+        return [None if result is None else int(result) for result in results]
 
     async def _delete_raw(self, key: str) -> bool:
         with self._errors("DEL"):

@@ -1,11 +1,18 @@
 """Session state store: the async interface every store implements.
 
 Every session state is kept under `<prefix>:session:<id>` as an encoded blob (see
-`codec`) together with an integer version that starts at 1 on `create` and grows by one
-on every write. A write is a compare-and-set on that version, so two replicas that load the
+`codec`) together with an integer version that grows by one on every write. A write is a
+compare-and-set on that version, so two replicas that load the
 same state and both try to store their next step cannot both succeed: the loser gets
 `StaleVersionError` and `update` reloads and re-applies its change. Every write refreshes the
 key's time to live; once it lapses the session is gone (`get` returns None).
+
+A session's first version is drawn at random from [1, 2**48] on `create`, so a version names
+one incarnation of a key: a session deleted (or expired) and created again under the same id
+does not repeat the versions of the one before, except by a chance of about (its writes) in
+2**48. That is what lets a replica continue a session from the state it last wrote itself,
+without reading it back: if anyone else wrote since, or the session was re-created, the
+compare-and-set fails instead of overwriting the newer state.
 
 Beside sessions the store keeps small generic records with their own TTL under
 `<prefix>:<namespace>:<key>` (predictions awaiting label feedback, online conformal levels,
@@ -26,6 +33,7 @@ import json
 import math
 import random
 import re
+import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from service.state.codec import (
+    CorruptStateError,
     StateCodecError,
     StateRecord,
     StateSignature,
@@ -50,6 +59,9 @@ _NAMESPACE_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _KEY_PATTERN = re.compile(r"[!-~]{1,256}")  # printable ASCII without spaces
 _FIELD_PATTERN = re.compile(r"[!-~]{1,128}")
 INT64_RANGE = (-(1 << 63), (1 << 63) - 1)  # what a counter may hold, as in Redis
+# First versions are drawn from [1, FIRST_VERSION_SPAN]; a version stays exact in a Lua number
+# (a double: integers up to 2**53) for 2**53 - 2**48 writes.
+FIRST_VERSION_SPAN = 1 << 48
 
 
 class StateStoreError(Exception):
@@ -91,7 +103,7 @@ class CasWrite:
 
 # What a batch method returns per session when that one session failed.
 LoadOutcome = VersionedState | None | StateCodecError
-CasOutcome = int | StaleVersionError | StateNotFoundError
+CasOutcome = int | StaleVersionError | StateNotFoundError | CorruptStateError
 # (blob, version), None when missing, or the error of an entry that is not a session at all.
 RawLoad = tuple[bytes, int] | None | StateCodecError
 UpdateFn = Callable[[StateRecord], StateRecord | Awaitable[StateRecord]]
@@ -112,17 +124,20 @@ class StateStore(ABC):
     # --- raw primitives: full keys, blobs and TTLs in milliseconds ------------------------
 
     @abstractmethod
-    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int) -> bool:
-        """Store `blob` at version 1 unless `key` exists; True if stored."""
+    async def _create_raw(self, key: str, blob: bytes, ttl_ms: int, version: int) -> bool:
+        """Store `blob` at `version` unless `key` exists; True if stored."""
 
     @abstractmethod
     async def _get_raw_many(self, keys: Sequence[str], touch_ttl_ms: int | None) -> list[RawLoad]:
         """(blob, version) or None per key, refreshing each found key's TTL if asked."""
 
     @abstractmethod
-    async def _cas_raw_many(self, writes: Sequence[tuple[str, bytes, int, int]]) -> list[int]:
+    async def _cas_raw_many(
+        self, writes: Sequence[tuple[str, bytes, int, int]]
+    ) -> list[int | None]:
         """Per (key, blob, expected version, ttl_ms): the new version when the stored version
-        equals the expected one, 0 when the key is missing, minus the current version else."""
+        equals the expected one, 0 when the key is missing, minus the current version else,
+        None when the key holds something that is no readable session (written by hand)."""
 
     @abstractmethod
     async def _delete_raw(self, key: str) -> bool: ...
@@ -183,11 +198,13 @@ class StateStore(ABC):
     # --- sessions -------------------------------------------------------------------------
 
     async def create(self, session_id: str, record: StateRecord, ttl: float) -> int:
-        """Store a new session at version 1; `StateExistsError` if the id is taken."""
+        """Store a new session at a random first version (see the module docstring) and
+        return it; `StateExistsError` if the id is taken."""
         key = self.session_key(session_id)
-        if not await self._create_raw(key, encode_state(record), _ttl_ms(ttl)):
+        version = first_version()
+        if not await self._create_raw(key, encode_state(record), _ttl_ms(ttl), version):
             raise StateExistsError(f"session {session_id!r} already exists")
-        return 1
+        return version
 
     async def get(
         self,
@@ -236,18 +253,21 @@ class StateStore(ABC):
         """Write `record` if the stored version is still `expected_version`; the new version.
 
         Raises `StaleVersionError` if another write came first, `StateNotFoundError` if the
-        session has gone (a write never brings a deleted or expired session back).
+        session has gone (a write never brings a deleted or expired session back),
+        `CorruptStateError` if the key holds no readable session.
         """
         write = CasWrite(session_id, record, expected_version, ttl)
         (outcome,) = await self.cas_many([write])
-        if isinstance(outcome, StateStoreError):
+        if isinstance(outcome, (StateStoreError, CorruptStateError)):
             raise outcome
         return outcome
 
     async def cas_many(self, writes: Sequence[CasWrite]) -> list[CasOutcome]:
         """Compare-and-set many sessions in one round trip; each succeeds or fails alone.
 
-        Per write: the new version, or the `StaleVersionError` / `StateNotFoundError` it met.
+        Per write: the new version, or the `StaleVersionError` / `StateNotFoundError` it met,
+        or `CorruptStateError` when the key holds no readable session (nothing is written;
+        reading it says what is wrong).
         """
         raw_writes = []
         for write in writes:
@@ -266,7 +286,11 @@ class StateStore(ABC):
         results = await self._cas_raw_many(raw_writes) if raw_writes else []
         outcomes: list[CasOutcome] = []
         for write, result in zip(writes, results, strict=True):
-            if result > 0:
+            if result is None:
+                outcomes.append(
+                    CorruptStateError(f"session {write.session_id!r} holds no readable state")
+                )
+            elif result > 0:
                 outcomes.append(result)
             elif result == 0:
                 outcomes.append(StateNotFoundError(f"session {write.session_id!r} not found"))
@@ -470,6 +494,12 @@ def _check_key(key: Any, what: str) -> str:
             f"{what} must be 1-256 printable ASCII characters without spaces, got {key!r}"
         )
     return key
+
+
+def first_version() -> int:
+    """A new session's first version: random, from the OS, so that no two replicas (or
+    incarnations of one id) draw the same sequence."""
+    return 1 + secrets.randbelow(FIRST_VERSION_SPAN)
 
 
 def _is_version(value: Any) -> bool:

@@ -20,6 +20,7 @@ import torch
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
+from service.state import store as store_module
 from service.state.codec import (
     CorruptStateError,
     IncompatibleStateError,
@@ -32,6 +33,7 @@ from service.state.memory_store import InMemoryStateStore
 from service.state.redis_connection import ConnectionOptions, connect, parse_redis_url, redact_url
 from service.state.redis_store import RedisStateStore
 from service.state.store import (
+    FIRST_VERSION_SPAN,
     CasWrite,
     StaleVersionError,
     StateExistsError,
@@ -106,13 +108,15 @@ def count_of(record: StateRecord) -> int:
 # --- create / get / delete / touch --------------------------------------------------------
 
 
-async def test_create_then_get_returns_the_exact_record_at_version_one(store: StateStore) -> None:
+async def test_create_then_get_returns_the_exact_record_at_its_first_version(
+    store: StateStore,
+) -> None:
     record = counter_record(count=7, seed=3)
-    assert await store.create("s1", record, LONG_TTL) == 1
+    created = await store.create("s1", record, LONG_TTL)
 
     loaded, version = await store.get("s1", expected=SIGNATURE)
 
-    assert version == 1
+    assert 1 <= created <= FIRST_VERSION_SPAN and version == created
     for name, tensor in record.tensors.items():
         assert loaded.tensors[name].view(torch.uint8).equal(tensor.view(torch.uint8)), name
     assert loaded.signature == record.signature
@@ -125,11 +129,11 @@ async def test_create_then_get_returns_the_exact_record_at_version_one(store: St
 
 
 async def test_create_refuses_an_existing_session(store: StateStore) -> None:
-    await store.create("s1", counter_record(1), LONG_TTL)
+    created = await store.create("s1", counter_record(1), LONG_TTL)
     with pytest.raises(StateExistsError, match="'s1' already exists"):
         await store.create("s1", counter_record(2), LONG_TTL)
     loaded, version = await store.get("s1")
-    assert (count_of(loaded), version) == (1, 1)
+    assert (count_of(loaded), version) == (1, created)
 
 
 async def test_delete_removes_a_session_once(store: StateStore) -> None:
@@ -137,7 +141,22 @@ async def test_delete_removes_a_session_once(store: StateStore) -> None:
     assert await store.delete("s1") is True
     assert await store.delete("s1") is False
     assert await store.get("s1") is None
-    assert await store.create("s1", counter_record(), LONG_TTL) == 1  # the id is free again
+    await store.create("s1", counter_record(), LONG_TTL)  # the id is free again
+    assert await store.get("s1") is not None
+
+
+async def test_a_re_created_session_does_not_repeat_the_versions_before(store: StateStore) -> None:
+    """A replica that continues a session from its own last write relies on this: after a
+    delete and a create under the same id, the old version no longer matches."""
+    first = await store.create("s1", counter_record(0), LONG_TTL)
+    assert await store.compare_and_set("s1", counter_record(1), first, LONG_TTL) == first + 1
+    await store.delete("s1")
+    second = await store.create("s1", counter_record(0), LONG_TTL)
+    assert second not in (first, first + 1)  # fails by chance about once in 2**47 runs
+    with pytest.raises(StaleVersionError):
+        await store.compare_and_set("s1", counter_record(2), first + 1, LONG_TTL)
+    firsts = {await store.create(f"n{index}", counter_record(0), LONG_TTL) for index in range(64)}
+    assert len(firsts) == 64 and all(1 <= version <= FIRST_VERSION_SPAN for version in firsts)
 
 
 async def test_get_refuses_state_of_another_model_version(store: StateStore) -> None:
@@ -150,7 +169,7 @@ async def test_get_refuses_state_of_another_model_version(store: StateStore) -> 
 async def test_corrupted_blob_is_refused(store: StateStore) -> None:
     blob = bytearray(encode_state(counter_record()))
     blob[len(blob) // 2] ^= 0x10
-    assert await store._create_raw(store.session_key("bad"), bytes(blob), 60_000)
+    assert await store._create_raw(store.session_key("bad"), bytes(blob), 60_000, 1)
     with pytest.raises(CorruptStateError, match="checksum"):
         await store.get("bad")
     with pytest.raises(CorruptStateError):
@@ -161,11 +180,26 @@ async def test_corrupted_blob_is_refused(store: StateStore) -> None:
 
 
 async def test_compare_and_set_advances_the_version(store: StateStore) -> None:
-    await store.create("s1", counter_record(0), LONG_TTL)
-    assert await store.compare_and_set("s1", counter_record(1), 1, LONG_TTL) == 2
-    assert await store.compare_and_set("s1", counter_record(2), 2, LONG_TTL) == 3
+    v = await store.create("s1", counter_record(0), LONG_TTL)
+    assert await store.compare_and_set("s1", counter_record(1), v, LONG_TTL) == v + 1
+    assert await store.compare_and_set("s1", counter_record(2), v + 1, LONG_TTL) == v + 2
     loaded, version = await store.get("s1")
-    assert (count_of(loaded), version) == (2, 3)
+    assert (count_of(loaded), version) == (2, v + 2)
+
+
+async def test_versions_stay_exact_at_the_top_of_the_first_version_span(
+    store: StateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Redis compares versions as Lua numbers (doubles): still exact this high up.
+    monkeypatch.setattr(store_module, "first_version", lambda: FIRST_VERSION_SPAN)
+    v = await store.create("s1", counter_record(0), LONG_TTL)
+    assert v == FIRST_VERSION_SPAN
+    for step in range(1, 4):
+        assert await store.compare_and_set("s1", counter_record(step), v, LONG_TTL) == v + 1
+        v += 1
+    with pytest.raises(StaleVersionError):
+        await store.compare_and_set("s1", counter_record(9), v - 1, LONG_TTL)
+    assert (await store.get("s1")).version == FIRST_VERSION_SPAN + 3
 
 
 async def test_compare_and_set_detects_a_concurrent_write(store: StateStore) -> None:
@@ -173,17 +207,17 @@ async def test_compare_and_set_detects_a_concurrent_write(store: StateStore) -> 
     first, version = await store.get("s1")
     second, _ = await store.get("s1")
     await store.compare_and_set("s1", increment(first), version, LONG_TTL)
-    with pytest.raises(StaleVersionError, match="at version 2, not 1"):
+    with pytest.raises(StaleVersionError, match=f"at version {version + 1}, not {version}"):
         await store.compare_and_set("s1", increment(second), version, LONG_TTL)
-    loaded, version = await store.get("s1")
-    assert (count_of(loaded), version) == (1, 2)  # the losing write left no trace
+    loaded, now = await store.get("s1")
+    assert (count_of(loaded), now) == (1, version + 1)  # the losing write left no trace
 
 
 async def test_compare_and_set_never_resurrects_a_deleted_session(store: StateStore) -> None:
-    await store.create("s1", counter_record(), LONG_TTL)
+    version = await store.create("s1", counter_record(), LONG_TTL)
     await store.delete("s1")
     with pytest.raises(StateNotFoundError, match="'s1' not found"):
-        await store.compare_and_set("s1", counter_record(), 1, LONG_TTL)
+        await store.compare_and_set("s1", counter_record(), version, LONG_TTL)
     assert await store.get("s1") is None
 
 
@@ -191,22 +225,22 @@ async def test_compare_and_set_never_resurrects_a_deleted_session(store: StateSt
 
 
 async def test_session_expires_after_its_ttl(store: StateStore) -> None:
-    await store.create("s1", counter_record(), 0.3)
+    version = await store.create("s1", counter_record(), 0.3)
     assert await store.get("s1") is not None
     await asyncio.sleep(0.45)
     assert await store.get("s1") is None
     assert await store.touch("s1", LONG_TTL) is False
     with pytest.raises(StateNotFoundError):
-        await store.compare_and_set("s1", counter_record(), 1, LONG_TTL)
+        await store.compare_and_set("s1", counter_record(), version, LONG_TTL)
 
 
 async def test_every_write_and_touch_restarts_the_ttl(store: StateStore) -> None:
-    await store.create("written", counter_record(), 0.4)
+    written = await store.create("written", counter_record(), 0.4)
     await store.create("touched", counter_record(), 0.4)
     await store.create("read", counter_record(), 0.4)
     await store.create("idle", counter_record(), 0.4)
     await asyncio.sleep(0.25)
-    await store.compare_and_set("written", counter_record(1), 1, 0.4)
+    await store.compare_and_set("written", counter_record(1), written, 0.4)
     assert await store.touch("touched", 0.4) is True
     await store.get("read", touch_ttl=0.4)
     await asyncio.sleep(0.25)  # 0.5 s after creation, 0.25 s after the refresh
@@ -219,15 +253,15 @@ async def test_every_write_and_touch_restarts_the_ttl(store: StateStore) -> None
 
 
 async def test_update_applies_the_function_and_bumps_the_version(store: StateStore) -> None:
-    await store.create("s1", counter_record(0), LONG_TTL)
+    first = await store.create("s1", counter_record(0), LONG_TTL)
     record, version = await store.update("s1", increment, LONG_TTL, expected=SIGNATURE)
-    assert (count_of(record), record.step, version) == (1, 1, 2)
+    assert (count_of(record), record.step, version) == (1, 1, first + 1)
     with pytest.raises(StateNotFoundError):
         await store.update("missing", increment, LONG_TTL)
 
 
 async def test_update_loses_nothing_under_50_concurrent_tasks(store: StateStore) -> None:
-    await store.create("s1", counter_record(0), LONG_TTL)
+    first = await store.create("s1", counter_record(0), LONG_TTL)
     calls = 0
 
     async def slow_increment(record: StateRecord) -> StateRecord:
@@ -241,7 +275,7 @@ async def test_update_loses_nothing_under_50_concurrent_tasks(store: StateStore)
     )
 
     record, version = await store.get("s1")
-    assert (count_of(record), record.step, version) == (50, 50, 51)
+    assert (count_of(record), record.step, version) == (50, 50, first + 50)
     assert calls > 50  # conflicts really happened and were retried
 
 
@@ -273,7 +307,7 @@ def _increment_in_thread(make_store: Callable[[], StateStore], times: int) -> No
 async def test_update_loses_nothing_across_threads_with_their_own_loops(
     store: StateStore, store_factory: Callable[[], StateStore]
 ) -> None:
-    await store.create("shared", counter_record(0), LONG_TTL)
+    first = await store.create("shared", counter_record(0), LONG_TTL)
     threads = [
         threading.Thread(target=_increment_in_thread, args=(store_factory, 10)) for _ in range(4)
     ]
@@ -284,7 +318,7 @@ async def test_update_loses_nothing_across_threads_with_their_own_loops(
     await asyncio.to_thread(lambda: [thread.join(timeout=60) for thread in threads])
 
     record, version = await store.get("shared")
-    assert (count_of(record), version) == (50, 51)
+    assert (count_of(record), version) == (50, first + 50)
 
 
 def _increment_in_process(url: str, prefix: str, times: int) -> None:
@@ -300,7 +334,7 @@ def _increment_in_process(url: str, prefix: str, times: int) -> None:
 async def test_update_loses_nothing_across_processes(redis_url: str, redis_prefix: str) -> None:
     """Separate processes play separate service replicas sharing one Redis."""
     async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
-        await store.create("shared", counter_record(0), LONG_TTL)
+        first = await store.create("shared", counter_record(0), LONG_TTL)
         spawn = multiprocessing.get_context("spawn")
         replicas = [
             spawn.Process(target=_increment_in_process, args=(redis_url, redis_prefix, 20))
@@ -314,44 +348,46 @@ async def test_update_loses_nothing_across_processes(redis_url: str, redis_prefi
 
         assert [replica.exitcode for replica in replicas] == [0, 0]
         record, version = await store.get("shared")
-        assert (count_of(record), version) == (60, 61)
+        assert (count_of(record), version) == (60, first + 60)
 
 
 # --- batches ------------------------------------------------------------------------------
 
 
 async def test_get_many_returns_each_session_in_order(store: StateStore) -> None:
-    for index in range(4):
-        await store.create(f"s{index}", counter_record(index), LONG_TTL)
-    await store.compare_and_set("s2", counter_record(20), 1, LONG_TTL)
+    v = [await store.create(f"s{index}", counter_record(index), LONG_TTL) for index in range(4)]
+    await store.compare_and_set("s2", counter_record(20), v[2], LONG_TTL)
     blob = bytearray(encode_state(counter_record()))
     blob[-1] ^= 1
-    await store._create_raw(store.session_key("bad"), bytes(blob), 60_000)
+    await store._create_raw(store.session_key("bad"), bytes(blob), 60_000, 1)
 
     outcomes = await store.get_many(["s3", "missing", "s2", "bad", "s0"], expected=SIGNATURE)
 
     assert [count_of(o.record) for o in (outcomes[0], outcomes[2], outcomes[4])] == [3, 20, 0]
-    assert [outcomes[0].version, outcomes[2].version, outcomes[4].version] == [1, 2, 1]
+    assert [outcomes[0].version, outcomes[2].version, outcomes[4].version] == [
+        v[3],
+        v[2] + 1,
+        v[0],
+    ]
     assert outcomes[1] is None
     assert isinstance(outcomes[3], CorruptStateError)
     assert await store.get_many([]) == []
 
 
 async def test_cas_many_applies_each_write_on_its_own(store: StateStore) -> None:
-    for index in range(3):
-        await store.create(f"s{index}", counter_record(0), LONG_TTL)
-    await store.compare_and_set("s1", counter_record(5), 1, LONG_TTL)  # s1 is now at v2
+    v = [await store.create(f"s{index}", counter_record(0), LONG_TTL) for index in range(3)]
+    await store.compare_and_set("s1", counter_record(5), v[1], LONG_TTL)  # s1 moved on
 
     outcomes = await store.cas_many(
         [
-            CasWrite("s0", counter_record(1), 1, LONG_TTL),
-            CasWrite("s1", counter_record(1), 1, LONG_TTL),  # stale
+            CasWrite("s0", counter_record(1), v[0], LONG_TTL),
+            CasWrite("s1", counter_record(1), v[1], LONG_TTL),  # stale
             CasWrite("missing", counter_record(1), 1, LONG_TTL),
-            CasWrite("s2", counter_record(1), 1, LONG_TTL),
+            CasWrite("s2", counter_record(1), v[2], LONG_TTL),
         ]
     )
 
-    assert outcomes[0] == 2 and outcomes[3] == 2
+    assert outcomes[0] == v[0] + 1 and outcomes[3] == v[2] + 1
     assert isinstance(outcomes[1], StaleVersionError)
     assert isinstance(outcomes[2], StateNotFoundError)
     loads = await store.get_many(["s0", "s1", "s2", "missing"])
@@ -365,8 +401,7 @@ async def test_a_key_of_another_redis_type_fails_alone_in_a_batch(
     redis_url: str, redis_prefix: str
 ) -> None:
     async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
-        for index in range(2):
-            await store.create(f"s{index}", counter_record(index), LONG_TTL)
+        v = [await store.create(f"s{i}", counter_record(i), LONG_TTL) for i in range(2)]
         client = redis.Redis.from_url(redis_url)
         client.set(store.session_key("plain"), b"not a session hash")
         loads = await store.get_many(["s0", "plain", "s1"])
@@ -374,21 +409,34 @@ async def test_a_key_of_another_redis_type_fails_alone_in_a_batch(
         assert isinstance(loads[1], CorruptStateError) and "another Redis type" in str(loads[1])
         outcomes = await store.cas_many(
             [
-                CasWrite("s0", counter_record(7), 1, LONG_TTL),
+                CasWrite("s0", counter_record(7), v[0], LONG_TTL),
                 CasWrite("plain", counter_record(7), 1, LONG_TTL),
             ]
         )
-        assert outcomes[0] == 2 and isinstance(outcomes[1], StateNotFoundError)
+        assert outcomes[0] == v[0] + 1 and isinstance(outcomes[1], CorruptStateError)
         assert client.get(store.session_key("plain")) == b"not a session hash"
-        assert count_of((await store.get("s0")).record) == 7
+        # A hash whose version is no number is no readable session either, and is left alone.
+        client.hset(store.session_key("s1"), "version", "0x2")
+        outcomes = await store.cas_many(
+            [
+                CasWrite("s1", counter_record(8), 2, LONG_TTL),
+                CasWrite("s0", counter_record(8), v[0] + 1, LONG_TTL),
+            ]
+        )
+        assert isinstance(outcomes[0], CorruptStateError) and outcomes[1] == v[0] + 2
+        assert client.hget(store.session_key("s1"), "version") == b"0x2"
+        with pytest.raises(CorruptStateError):
+            await store.compare_and_set("plain", counter_record(9), 1, LONG_TTL)
+        assert count_of((await store.get("s0")).record) == 8
         client.close()
 
 
 async def test_a_batch_step_round_trip(store: StateStore) -> None:
     """The micro-batcher's pattern: load a batch, step it, store it; repeat."""
     session_ids = [f"s{index}" for index in range(8)]
-    for session_id in session_ids:
-        await store.create(session_id, counter_record(0), LONG_TTL)
+    firsts = [
+        await store.create(session_id, counter_record(0), LONG_TTL) for session_id in session_ids
+    ]
     for _ in range(3):
         loads = await store.get_many(session_ids, expected=SIGNATURE)
         writes = [
@@ -397,9 +445,9 @@ async def test_a_batch_step_round_trip(store: StateStore) -> None:
         ]
         assert await store.cas_many(writes) == [load.version + 1 for load in loads]
     loads = await store.get_many(session_ids)
-    assert {(count_of(load.record), load.record.step, load.version) for load in loads} == {
-        (3, 3, 4)
-    }
+    assert [(count_of(load.record), load.record.step, load.version) for load in loads] == [
+        (3, 3, first + 3) for first in firsts
+    ]
 
 
 # --- generic TTL records ------------------------------------------------------------------
@@ -682,13 +730,13 @@ async def test_redis_store_recovers_when_the_script_cache_is_flushed(
     redis_url: str, redis_prefix: str
 ) -> None:
     async with RedisStateStore.from_url(redis_url, prefix=redis_prefix) as store:
-        await store.create("s1", counter_record(0), LONG_TTL)
+        v = await store.create("s1", counter_record(0), LONG_TTL)
         await store._client.script_flush()  # as after a restart or failover
-        assert await store.compare_and_set("s1", counter_record(1), 1, LONG_TTL) == 2
+        assert await store.compare_and_set("s1", counter_record(1), v, LONG_TTL) == v + 1
         await store._client.script_flush()
-        writes = [CasWrite("s1", counter_record(2), 2, LONG_TTL)] * 2
+        writes = [CasWrite("s1", counter_record(2), v + 1, LONG_TTL)] * 2
         outcomes = await store.cas_many(writes)
-        assert outcomes[0] == 3 and isinstance(outcomes[1], StaleVersionError)
+        assert outcomes[0] == v + 2 and isinstance(outcomes[1], StaleVersionError)
 
 
 @pytest.mark.parametrize(
