@@ -11,6 +11,9 @@ Consistency:
   race (another replica wrote first) reloads the fresh state and re-applies its chunk, with a
   jittered back-off, up to `retries` times; then 409.
 - Within a replica, steps on one session run one at a time in arrival order (`FifoLocks`).
+- A step starts from the state this replica last wrote for its session when it has it
+  (`WrittenStates`), without reading it back; its compare-and-set fails if anyone wrote
+  since, and the step runs again on the stored state.
 - A step either commits completely (state, step count and TTL in one atomic write) or not at
   all. A step whose caller is cancelled before its batch starts never runs; once its batch
   has started it commits, and the caller just does not see the answer.
@@ -93,6 +96,7 @@ from service.sessions.steps import (
 )
 from service.sessions.tracking import FifoLocks, LiveSessions
 from service.sessions.types import SessionInfo, StepOutcome
+from service.sessions.written import WrittenStates
 from service.settings import Settings
 from service.state.codec import (
     CorruptStateError,
@@ -128,6 +132,7 @@ class SessionSettings:
     batching: bool = True
     batch_window_seconds: float = 0.0  # continuous batching: no wait beyond the queue
     batch_max_size: int = 256
+    written_cache_bytes: int = 64 << 20  # the states this replica last wrote (`written`)
     retries: int = DEFAULT_UPDATE_RETRIES
     # Concurrent store calls; below the Redis client's pool of 64, leaving room for others.
     store_concurrency: int = 32
@@ -142,6 +147,7 @@ class SessionSettings:
             batching=settings.batching,
             batch_window_seconds=settings.batch_window_ms / 1000,
             batch_max_size=settings.batch_max_size,
+            written_cache_bytes=int(settings.session_cache_mb * (1 << 20)),
         )
 
 
@@ -174,6 +180,7 @@ class SessionManager:
         self._locks = FifoLocks()
         self._live = LiveSessions()
         self._meta: OrderedDict[str, SessionMeta] = OrderedDict()
+        self._written = WrittenStates(self.settings.written_cache_bytes)
         self._runners = SessionRunners(dataplane)
         self.early_decisions = EarlyDecisions()
         self._backoff = random.Random(0)  # jitter of the retry back-off
@@ -275,10 +282,11 @@ class SessionManager:
         )
         try:
             async with self._store_op("create", expected=(StateExistsError,)):
-                await self.store.create(key, record, ttl)
+                version = await self.store.create(key, record, ttl)
         except StateExistsError:
             raise ConflictError(f"session {session_id!r} already exists") from None
         self._remember(key, SessionMeta.of(record))
+        self._written.put(key, record, version)
         self._live.seen(key, card.name, now + ttl, card.version)
         return session_info(session_id, record, now + ttl)
 
@@ -351,6 +359,7 @@ class SessionManager:
                         raise outcome
                     return outcome
                 except _Retry as retry:
+                    self._written.drop(key)  # run again on the stored state
                     if retry.stale_meta:
                         self._meta.pop(key, None)
                     else:
@@ -440,12 +449,15 @@ class SessionManager:
                 outcomes[i] = outcome
                 continue
             result = next(written)
-            if isinstance(result, StaleVersionError):
+            if isinstance(result, CorruptStateError):
+                outcomes[i] = await self._state_error(job.key, job.session_id, result)
+            elif isinstance(result, StaleVersionError):
                 self.conflicts += 1
                 outcomes[i] = _Retry(stale_meta=False)
             elif isinstance(result, StateNotFoundError):
                 outcomes[i] = self._not_found(job.key, job.session_id)
             else:
+                self._written.put(job.key, record, result)
                 self._live.seen(job.key, record.model, outcome.info.expires_at, record.version)
                 outcomes[i] = outcome
                 committed += answer_batches(outcome)
@@ -525,11 +537,12 @@ class SessionManager:
     async def _session_meta(
         self, key: str, session_id: str
     ) -> tuple[SessionMeta, VersionedState | None]:
-        """The session's header from the cache, or from the store (then with its state)."""
+        """The session's header from the cache, with the state this replica last wrote when it
+        has it; else both from the store."""
         meta = self._meta.get(key)
         if meta is not None:
             self._meta.move_to_end(key)
-            return meta, None
+            return meta, self._written.get(key)
         loaded = await self._load(key, session_id)
         meta = SessionMeta.of(loaded.record)
         self._remember(key, meta)
@@ -553,6 +566,7 @@ class SessionManager:
 
     def _forget(self, key: str) -> None:
         self._meta.pop(key, None)
+        self._written.drop(key)
         self._live.gone(key)
 
     def _not_found(self, key: str, session_id: str) -> NotFoundError:
