@@ -13,6 +13,7 @@ without an owner; "/" is not allowed in either, so keys are unambiguous.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ _FINITE = TypeAdapter(list[list[Annotated[float, Field(allow_inf_nan=False)]]])
 _TOKEN_IDS = TypeAdapter(list[int])
 # Printable ASCII without spaces and without "/", which separates owner and id in store keys.
 _ID_PATTERN = re.compile(r"[!-.0-~]{1,128}")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ def parse_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
             ids = _validated(_TOKEN_IDS, inputs)
         return torch.tensor(ids, dtype=torch.long)
     _check_length(inputs, max_steps, f"a list of time steps, shape [T, {spec.features}]")
+    array = _plain_features(inputs, spec.features)  # type: ignore[arg-type]
+    if array is not None:
+        return torch.from_numpy(array)
+    # Something unusual: the strict validator says what.
     values = _validated(_FINITE, inputs)
     for t, row in enumerate(values):
         if len(row) != spec.features:
@@ -91,6 +97,30 @@ def parse_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     with np.errstate(over="ignore"):  # overflow to inf is reported by check_chunk
         array = np.asarray(values, dtype=np.float32).reshape(len(values), spec.features)
     return torch.from_numpy(array)
+
+
+def _plain_features(rows: list, features: int) -> np.ndarray | None:
+    """float32 [T, F] of rows that are lists of `features` numbers within float32's range
+    (Python floats or ints, as JSON gives them; not bools, not strings), else None. The
+    common case, checked in a fraction of the strict validator's and numpy's per-call costs;
+    anything else goes the strict way, which says what is wrong."""
+    for row in rows:
+        if type(row) is not list or len(row) != features:
+            return None
+        for value in row:
+            if (type(value) is not float and type(value) is not int) or not (
+                -_FLOAT32_MAX <= value <= _FLOAT32_MAX  # False for NaN too
+            ):
+                return None
+    return np.array(rows, dtype=np.float32).reshape(len(rows), features)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # A chunk of a few values is checked faster by a Python loop than by numpy's ufunc and
+    # reduction (~2.5 us per call).
+    if values.size <= 64:
+        return all(map(math.isfinite, values.ravel().tolist()))
+    return bool(np.isfinite(values).all())
 
 
 def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
@@ -117,9 +147,9 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
                 f"feature inputs must have shape [T, {spec.features}], got {list(inputs.shape)}"
             )
         chunk = inputs if inputs.dtype == torch.float32 else inputs.to(torch.float32)
-        finite = np.isfinite(numpy_view(chunk))  # numpy: cheaper on a few values
-        if not finite.all():
-            t, f = (int(i) for i in np.argwhere(~finite)[0])
+        values = numpy_view(chunk)  # numpy: cheaper on a few values
+        if not _all_finite(values):
+            t, f = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
             raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
     if chunk.shape[0] < 1:
         raise BadInputError("inputs is empty: send at least one time step")
