@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from torch import Tensor
-
 from service.state.codec import StateRecord
 from service.state.store import VersionedState
 
@@ -55,8 +53,7 @@ class WrittenStates:
         size = _nbytes(record)
         if size > self.max_bytes:
             return
-        tensors: dict[str, Tensor] = {n: t.clone() for n, t in record.tensors.items()}
-        self._states[key] = (VersionedState(record.with_tensors(tensors), version), size)
+        self._states[key] = (VersionedState(record.copy(), version), size)
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, (_, evicted) = self._states.popitem(last=False)

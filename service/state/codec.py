@@ -221,32 +221,27 @@ class StateRecord:
         """The state after `steps` more time steps; keeps the metadata unless given new."""
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-        return self._replaced(
-            tensors,
-            step=self.step + steps,
-            updated_at=time.time() if now is None else now,
-            metadata=self.metadata if metadata is None else metadata,
-        )
-
-    def with_tensors(self, tensors: Mapping[str, torch.Tensor]) -> StateRecord:
-        """The same record holding `tensors` instead (a private copy of its state, say)."""
-        return self._replaced(tensors)
-
-    def _replaced(self, tensors: Mapping[str, torch.Tensor], **changes: Any) -> StateRecord:
         fields = {
             "tensors": dict(tensors),
             "model": self.model,
             "version": self.version,
             "backend": self.backend,
-            "step": self.step,
+            "step": self.step + steps,
             "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "metadata": self.metadata,
-            **changes,
+            "updated_at": time.time() if now is None else now,
+            "metadata": self.metadata if metadata is None else metadata,
         }
-        # Tensors of the old layout pass the checks the old ones passed.
+        # A step keeps the layout: then the new tensors pass the checks the old ones passed.
         same_layout = _same_layout(self.tensors, fields["tensors"])
         return StateRecord._with_checked_tensors(fields, self.schema_hash if same_layout else None)
+
+    def copy(self) -> StateRecord:
+        """This record with its own copy of every tensor (a record may hold views into a
+        larger batched tensor, which it would keep alive)."""
+        record = object.__new__(StateRecord)
+        record.__dict__.update(self.__dict__)  # checked fields, cached schema hash included
+        record.__dict__["tensors"] = {name: t.clone() for name, t in self.tensors.items()}
+        return record
 
     @functools.cached_property
     def schema_hash(self) -> str:

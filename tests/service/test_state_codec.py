@@ -154,6 +154,19 @@ def test_advance_in_the_same_layout_keeps_the_hash_it_would_compute() -> None:
     assert later.tensors is not record.tensors
 
 
+def test_a_copy_owns_its_tensors_and_encodes_alike() -> None:
+    batched = lru_like_state(batch=3, seed=4)
+    record = make_record({name: tensor[1:2] for name, tensor in batched.items()})  # views
+    blob = encode_state(record)
+    copy = record.copy()
+    for tensor in batched.values():
+        tensor.zero_()  # the batch is reused: the copy must not see it
+    assert encode_state(copy) == blob
+    assert copy.signature == record.signature and copy.metadata == record.metadata
+    for tensor in copy.tensors.values():
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes  # not the whole batch
+
+
 def test_a_decoded_record_has_the_hash_its_tensors_give() -> None:
     decoded = decode_state(encode_state(make_record()))
     assert decoded.schema_hash == tensor_schema_hash(decoded.tensors)
