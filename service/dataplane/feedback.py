@@ -42,7 +42,7 @@ _MICRO = 1_000_000  # target coverage is summed in millionths: counters are inte
 LIVE_COUNTERS = ("feedback", "covered", "correct", "target_micro")
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: built per prediction, where a frozen __init__ costs ~3x
 class PredictionRecord:
     """What the server remembers of one prediction until its label arrives."""
 

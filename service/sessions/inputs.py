@@ -26,7 +26,7 @@ from torch import Tensor
 
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
-from service.dataplane.inputs import numpy_view
+from service.dataplane.inputs import SMALL_ARRAY, numpy_view
 from service.errors import BadInputError, NotFoundError, describe_validation_errors
 
 # Strict: a JSON number is a feature, while true/false, "1.5", NaN and Infinity are errors.
@@ -116,9 +116,7 @@ def _plain_features(rows: list, features: int) -> np.ndarray | None:
 
 
 def _all_finite(values: np.ndarray) -> bool:
-    # A chunk of a few values is checked faster by a Python loop than by numpy's ufunc and
-    # reduction (~2.5 us per call).
-    if values.size <= 64:
+    if values.size <= SMALL_ARRAY:
         return all(map(math.isfinite, values.ravel().tolist()))
     return bool(np.isfinite(values).all())
 

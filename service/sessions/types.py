@@ -16,7 +16,7 @@ from service.dataplane.predictions import ConformalOptions, PredictionBatch
 StepAnswer = tuple[PredictionBatch, PredictionBatch | None]
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: built per step, where a frozen __init__ costs ~3x
 class SessionInfo:
     session_id: str
     model: str

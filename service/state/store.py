@@ -36,7 +36,6 @@ import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
@@ -91,8 +90,7 @@ class VersionedState(NamedTuple):
     version: int
 
 
-@dataclass(frozen=True)
-class CasWrite:
+class CasWrite(NamedTuple):
     """One write of a `cas_many` batch."""
 
     session_id: str
