@@ -290,6 +290,7 @@ _USAGE_COUNTERS: dict[str, Counter] = {
     "energy_joules": ENERGY,
     "dense_equivalent_energy_joules": DENSE_EQUIVALENT_ENERGY,
 }
+COUNTED_USAGE = tuple(_USAGE_COUNTERS)  # the usage keys `record_usage` counts
 
 
 def series_names() -> dict[str, str]:

@@ -28,7 +28,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -375,8 +375,7 @@ def _checked_floats(elements: list[float], datatype: str, where: str, shape: tup
 # ---- encoding -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OutputTensor:
+class OutputTensor(NamedTuple):  # a tuple: built per output per request
     """A response tensor before it meets a wire: the HTTP JSON form (`encode_tensor`), the
     HTTP binary form and gRPC's `raw_output_contents` (`tensor_bytes`) are built from it."""
 

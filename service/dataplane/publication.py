@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from service.dataplane.feedback import PredictionRecord
 from service.dataplane.predictions import PredictionBatch
-from service.metrics import record_predictions, record_usage
+from service.metrics import COUNTED_USAGE, record_predictions, record_usage
 
 
 class Publication(NamedTuple):
@@ -29,7 +29,9 @@ def record_metrics(batches: Sequence[PredictionBatch]) -> None:
     usage: dict[tuple[str, str], dict[str, float]] = {}
     for batch in batches:
         total = usage.setdefault((batch.model, batch.backend), {})
-        for key, value in batch.usage.items():
+        reported = batch.usage
+        for key in COUNTED_USAGE:  # a usage dict has many more keys than the counters
+            value = reported.get(key)
             kind = type(value)
             if kind is float or kind is int or (isinstance(value, _NUMBERS) and kind is not bool):
                 total[key] = total.get(key, 0) + value
