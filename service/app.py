@@ -236,6 +236,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served by install_api_docs, from local assets
         redoc_url=None,
+        # FastAPI's native OpenTelemetry, when asked for: otherwise it still looks up the
+        # global providers on every request.
+        telemetry=dict.fromkeys(("tracing", "metrics", "logs"), settings.opentelemetry),
     )
     # The last added runs first: metrics, then the key check, the key's rate, the body size,
     # and innermost the hot routes' fast path.

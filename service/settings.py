@@ -221,6 +221,14 @@ class Settings(BaseSettings):
         description="Largest .npz dataset a fine-tuning job may upload (decoded bytes).",
     )
     log_level: LogLevel = Field("info", description="Log level of the server and uvicorn.")
+    opentelemetry: bool = Field(
+        False,
+        description=(
+            "Emit FastAPI's native OpenTelemetry traces, metrics and logs to the globally "
+            "configured providers (set up by the OpenTelemetry SDK or `opentelemetry-instrument`). "
+            "The server's own metrics are Prometheus's (GET /metrics)."
+        ),
+    )
     # ---- API keys and per-key limits (service/api/auth.py, service/api/limits.py) ----
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -14,7 +14,8 @@ body and the request, the way FastAPI would. So a hot endpoint takes only those 
 
 Whatever it does not recognise goes on to the app unchanged: other routes and methods, and
 bodies that are not JSON the request schema accepts, so every answer about a malformed
-request comes from FastAPI itself. The routes stay the reference: they document themselves in
+request comes from FastAPI itself. So do all requests when OpenTelemetry is on: FastAPI's
+routing is what names their spans. The routes stay the reference: they document themselves in
 OpenAPI and answer everything when NEUROSERVE_FAST_PATHS is false, and
 tests/service/test_fast_paths.py checks that both ways give the same answers.
 """
@@ -84,6 +85,9 @@ class HotRoute:
             return None
 
 
+# Where FastAPI's native OpenTelemetry keeps a traced request's telemetry (NEUROSERVE_OPENTELEMETRY).
+_TRACED = "fastapi.telemetry"
+
 # Bodies that are more than JSON (compressed; JSON followed by V2 binary tensors): the route
 # reads them.
 _FRAMED_BODY_HEADERS = (b"content-encoding", b"inference-header-content-length")
@@ -115,6 +119,8 @@ class FastPaths:
     def _find(self, scope: Scope) -> tuple[HotRoute, dict[str, str]] | None:
         if scope["type"] != "http" or not is_json(scope):
             return None
+        if scope.get(_TRACED) is not None:
+            return None  # OpenTelemetry is on: FastAPI's routing names the request's spans
         for hot in self.routes:
             params = hot.path_params(scope)
             if params is not None:

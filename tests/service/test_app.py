@@ -9,6 +9,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from models.repository import ModelRepository
 from service.app import create_app
@@ -238,3 +242,40 @@ def test_what_start_up_built_is_out_of_the_collectors_reach_once_ready(
         assert gc.get_freeze_count() > 0
         collected = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
         assert id(loaded) not in collected  # frozen: in no generation a collection walks
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_opentelemetry_traces_requests_only_when_enabled(
+    test_repository: ModelRepository, server_factory: Callable[[FastAPI], Any], enabled: bool
+) -> None:
+    """NEUROSERVE_OPENTELEMETRY hands FastAPI's native spans to the global provider (what the
+    OpenTelemetry SDK or `opentelemetry-instrument` configures); off, none are made."""
+    provider = global_tracer_provider()
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    settings = Settings(model_repository=test_repository.root, **TEST_SETTINGS)
+    app = create_app(settings.model_copy(update={"opentelemetry": enabled}))
+    try:
+        with server_factory(app) as base_url:
+            assert httpx.get(f"{base_url}/v2/models/tiny-digits", timeout=30).status_code == 200
+            body = {"inputs": [[[1.0] * 8] * 3]}
+            response = httpx.post(f"{base_url}/v1/models/tiny-digits/predict", json=body)
+            assert response.status_code == 200
+        names = [span.name for span in exporter.get_finished_spans()]
+        if enabled:
+            assert any(name.startswith("GET /v2/models/") for name in names), names
+            # A hot route's span is named by its route too: traced, it skips the fast path.
+            assert "POST /v1/models/{name}/predict" in names, names
+        else:
+            assert names == []
+    finally:
+        processor.shutdown()
+
+
+def global_tracer_provider() -> TracerProvider:
+    """The process's SDK tracer provider (set once: OpenTelemetry refuses to replace it)."""
+    current = trace.get_tracer_provider()
+    if not isinstance(current, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+    return trace.get_tracer_provider()
