@@ -85,7 +85,7 @@ class HotRoute:
             return None
 
 
-# Where FastAPI's native OpenTelemetry keeps a traced request's telemetry (NEUROSERVE_OPENTELEMETRY).
+# Where FastAPI's native OpenTelemetry keeps a traced request's state (NEUROSERVE_OPENTELEMETRY).
 _TRACED = "fastapi.telemetry"
 
 # Bodies that are more than JSON (compressed; JSON followed by V2 binary tensors): the route
