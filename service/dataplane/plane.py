@@ -331,12 +331,10 @@ class DataPlane:
         """Validated inputs [N, T, F] with the runner to run them on. (An uncalibrated backend
         is refused when the batch is answered, with the same error a check here would give.)"""
         x = feature_tensor(inputs, int(card.config["input"]["features"]), self.limits)
-        note = out_of_range_warning(x, card.config["input"].get("value_range"))
         runner = self.runner(card, backend, backend_options)
         options = dict(backend_options or {})
-        return FeatureJob(
-            card, backend, options, runner, x, conformal, owner, [note] if note else []
-        )
+        # Its warnings (inputs far outside the training range) come with its batch.
+        return FeatureJob(card, backend, options, runner, x, conformal, owner, [])
 
     async def _predict_prompts(
         self,

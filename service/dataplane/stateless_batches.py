@@ -22,6 +22,7 @@ from hardware_backends.base import Runner, runner_notes
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
 from service.batching import MicroBatcher, run_compute, usage_share
+from service.dataplane.inputs import out_of_range_warnings
 from service.dataplane.online_levels import OnlineLevel
 from service.dataplane.predictions import (
     ConformalOptions,
@@ -112,6 +113,11 @@ class FeatureBatches:
                     **notes,
                 }
         usages = [dict(shares[n]) for n in rows]  # each job's own
+        value_range = jobs[0].card.config["input"].get("value_range")
+        far = out_of_range_warnings(x, value_range, rows)  # far outside the training range
+        warnings = [
+            [*job.warnings, *([note] if note else [])] for job, note in zip(jobs, far, strict=True)
+        ]
         answers: list[PredictionBatch | BaseException | None] = [None] * len(jobs)
         # Jobs that ask the same of calibration are answered in one pass over their rows (a
         # prediction's randomness is its own, drawn from its id, so grouping changes nothing).
@@ -141,7 +147,7 @@ class FeatureBatches:
                 answer,
                 [rows[i] for i in group],
                 [usages[i] for i in group],
-                [jobs[i].warnings for i in group],
+                [warnings[i] for i in group],
             )
             for i, part in zip(group, parts, strict=True):
                 answers[i] = part
