@@ -159,9 +159,10 @@ class Settings(BaseSettings):
         64.0,
         ge=0,
         description=(
-            "Memory for the session states this replica last wrote: a session's next step here "
-            "starts from its own write instead of reading the state back from the store (the "
-            "write still checks that no one else wrote since). 0: always read."
+            "Memory (MiB of state tensors) for the session states this replica last wrote: a "
+            "session's next step here starts from its own write instead of reading the state "
+            "back from the store (the write still checks that no one else wrote since). "
+            "0: always read."
         ),
     )
     redis_pool_timeout_seconds: float = Field(
