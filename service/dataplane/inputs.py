@@ -6,6 +6,7 @@ is refused before its numbers are read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -131,7 +132,7 @@ def _array_features(values: np.ndarray, n_features: int, limits: InputLimits) ->
         )
     with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
         array = np.ascontiguousarray(values, dtype=np.float32)  # [N, T, F]
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         i, step, f = (int(k) for k in np.argwhere(~np.isfinite(array))[0])
         raise BadInputError(
             f"inputs[{i}][{step}][{f}] = {float(values[i, step, f])!r} is not finite in float32"
@@ -196,6 +197,13 @@ def numpy_view(tensor: Tensor) -> np.ndarray:
         return tensor.numpy()
     except (RuntimeError, TypeError):
         return tensor.detach().cpu().resolve_conj().resolve_neg().numpy()
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite (a small array without numpy's per-call cost)."""
+    if values.size <= SMALL_ARRAY:
+        return all(map(math.isfinite, values.ravel().tolist()))
+    return bool(np.isfinite(values).all())
 
 
 def out_of_range_warning(features: Tensor, value_range: Sequence[float] | None) -> str | None:

@@ -13,7 +13,6 @@ without an owner; "/" is not allowed in either, so keys are unambiguous.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
-from service.dataplane.inputs import SMALL_ARRAY, numpy_view, plain_rows
+from service.dataplane.inputs import all_finite, numpy_view, plain_rows
 from service.errors import BadInputError, NotFoundError, describe_validation_errors
 
 # Strict: a JSON number is a feature, while true/false, "1.5", NaN and Infinity are errors.
@@ -97,12 +96,6 @@ def parse_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     return torch.from_numpy(array)
 
 
-def _all_finite(values: np.ndarray) -> bool:
-    if values.size <= SMALL_ARRAY:
-        return all(map(math.isfinite, values.ravel().tolist()))
-    return bool(np.isfinite(values).all())
-
-
 def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
     """Validate a chunk tensor against the session's model; float32 [T, F] or long [T]."""
     if not isinstance(inputs, Tensor):
@@ -128,7 +121,7 @@ def check_chunk(inputs: object, spec: ChunkSpec, max_steps: int) -> Tensor:
             )
         chunk = inputs if inputs.dtype == torch.float32 else inputs.to(torch.float32)
         values = numpy_view(chunk)  # numpy: cheaper on a few values
-        if not _all_finite(values):
+        if not all_finite(values):
             t, f = (int(i) for i in np.argwhere(~np.isfinite(values))[0])
             raise BadInputError(f"inputs[{t}][{f}] is not a finite float32 number")
     if chunk.shape[0] < 1:
