@@ -105,7 +105,7 @@ REQUEST_DURATION = Histogram(
 )
 BATCH_SIZE = Histogram(
     "neuroserve_batch_size",
-    "Sequences in one micro-batched step.",
+    "Sequences in one micro-batched session step or shared stateless forward pass.",
     ["model", "backend"],
     buckets=BATCH_SIZE_BUCKETS,
     registry=REGISTRY,

@@ -21,6 +21,7 @@ from torch import Tensor
 from hardware_backends.base import Runner, runner_notes
 from hardware_backends.registry import freeze_options
 from models.repository import ModelCard
+from service import metrics
 from service.batching import MicroBatcher, run_compute, usage_share
 from service.dataplane.inputs import out_of_range_warnings
 from service.dataplane.online_levels import OnlineLevel
@@ -82,7 +83,9 @@ class FeatureBatches:
     ) -> list[PredictionBatch | BaseException]:
         """One forward pass over every job's sequences, each job answered with its own
         calibration options, all published in one store round trip."""
-        steps = sum(int(job.x.shape[0]) for job in jobs) * int(jobs[0].x.shape[1])
+        sequences = sum(int(job.x.shape[0]) for job in jobs)
+        metrics.record_batch(jobs[0].card.name, jobs[0].backend, sequences)
+        steps = sequences * int(jobs[0].x.shape[1])
         answers = await run_compute(self._run, jobs, steps=steps, cost_key=key)
         await self._publish_many(
             [

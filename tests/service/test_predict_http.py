@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from models.digits import load_digits_seq
 from models.evaluate import final_logits
@@ -105,8 +106,13 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(
         assert all(answer.status_code == 200 for answer in answers)
         return [answer.json() for answer in answers]
 
+    before = batch_size_histogram(client)
     together = asyncio.run(send_all())
     assert max(body["usage"]["batch_size"] for body in together) > 3  # shared passes happened
+    # neuroserve_batch_size counts the shared passes, by the sequences in each.
+    after = batch_size_histogram(client)
+    assert after["sum"] - before["sum"] == sum(len(inputs) for inputs in requests)
+    assert 1 <= after["count"] - before["count"] < len(requests)
     for inputs, body, reference in zip(requests, together, alone, strict=True):
         assert body["usage"]["sequences"] == len(inputs)
         assert body["usage"]["batch_size"] >= len(inputs)
@@ -117,6 +123,18 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(
             atol=FLOAT32_AGREEMENT,
             rtol=0,
         )
+
+
+def batch_size_histogram(client: httpx.Client) -> dict[str, float]:
+    """tiny-digits' `neuroserve_batch_size` on the torch backend: its count and sum."""
+    found = {"count": 0.0, "sum": 0.0}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.labels == {"model": "tiny-digits", "backend": "torch"}:
+                kind = sample.name.removeprefix("neuroserve_batch_size_")
+                if kind in found and sample.name.startswith("neuroserve_batch_size_"):
+                    found[kind] = sample.value
+    return found
 
 
 def test_concurrent_calibrated_requests_with_mixed_options_get_their_own_sets(
