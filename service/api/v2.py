@@ -92,6 +92,13 @@ class _JsonPart(Request):
         self.state.binary_tail = tail
 
 
+def binary_tail(request: Request) -> bytes | None:
+    """The binary tensors that followed a request's JSON part (`_JsonPart`), else None. Read
+    from the scope: `request.state` raises (and catches) an AttributeError when unset, which
+    costs ~4 us on every JSON request."""
+    return request.scope.get("state", {}).get("binary_tail")
+
+
 # Content-Encoding -> zlib's wbits for it (the stock client's request_compression_algorithm).
 _COMPRESSIONS = {"gzip": 31, "deflate": 15}
 
@@ -416,7 +423,7 @@ async def _infer(
 async def _answer_infer(
     request: Request, body: V2InferRequest, name: str, version: str | None
 ) -> Response:
-    tail = getattr(request.state, "binary_tail", None)
+    tail = binary_tail(request)
     binary_part = BinaryTail(tail) if tail is not None else None
     if not isinstance(body.inputs, list) or not body.inputs:
         raise V2BadRequestError("inputs must be a non-empty list of tensors")

@@ -369,6 +369,8 @@ def _checked_floats(elements: list[float], datatype: str, where: str, shape: tup
             f"{where}.data element {i} is {elements[i]!r}, outside the {datatype} range "
             f"(|x| <= {limit:.6g})"
         )
+    if datatype == "FP32":  # what the models compute in: converted once, here
+        return values.astype(np.float32).reshape(shape)
     return values.reshape(shape)
 
 

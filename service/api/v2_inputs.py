@@ -33,8 +33,8 @@ def single_input(inputs: Sequence[DecodedTensor], expected_name: str) -> Decoded
 
 
 def feature_batch(tensor: DecodedTensor, n_features: int) -> np.ndarray:
-    """[N, T, F] float64 values of a numeric (or BOOL: 0/1) input, or 400 naming the
-    problem."""
+    """[N, T, F] values of a numeric (or BOOL: 0/1) input, float32 or float64 (other types
+    widened to float64), or 400 naming the problem."""
     if tensor.datatype == "BYTES":
         raise V2BadRequestError(
             f"input {tensor.name!r} has datatype BYTES; this model takes numbers (FP16, BF16, "
@@ -45,7 +45,11 @@ def feature_batch(tensor: DecodedTensor, n_features: int) -> np.ndarray:
             f"input {tensor.name!r} has shape {list(tensor.shape)}; this model takes "
             f"[N, T, {n_features}] (N sequences of T steps of {n_features} features)"
         )
-    return np.asarray(tensor.values, dtype=np.float64)  # [N, T, F]
+    values = np.asarray(tensor.values)  # [N, T, F]
+    return values if values.dtype in _FLOAT_VALUES else values.astype(np.float64)
+
+
+_FLOAT_VALUES = (np.dtype(np.float32), np.dtype(np.float64))  # taken as they are
 
 
 def prompt_batch(tensor: DecodedTensor) -> list[str]:

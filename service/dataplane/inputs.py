@@ -130,8 +130,11 @@ def _array_features(values: np.ndarray, n_features: int, limits: InputLimits) ->
             f"inputs[0] has {t} steps; the limit is {limits.max_sequence_length} per sequence "
             "(NEUROSERVE_MAX_SEQUENCE_LENGTH)"
         )
-    with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
-        array = np.ascontiguousarray(values, dtype=np.float32)  # [N, T, F]
+    if values.dtype == np.float32 and values.flags.c_contiguous:
+        array = values  # a protocol decoded it so already (V2's FP32)
+    else:
+        with np.errstate(over="ignore"):  # overflow to inf is reported below, by position
+            array = np.ascontiguousarray(values, dtype=np.float32)  # [N, T, F]
     if not all_finite(array):
         i, step, f = (int(k) for k in np.argwhere(~np.isfinite(array))[0])
         raise BadInputError(
