@@ -35,8 +35,13 @@ server serialises the steps of a session, so that is correct, only slower).
 Reported per row: answers below HTTP 400 per second, p50 and p99 latency from wrk's
 distribution, wrk's error counts (connect, read, write, status >= 400, timeout; a row with any
 says so), and the rate as a fraction of hello and of the naive peer at the same number of
-connections. Servers and wrk share the machine's cores, so compare rows of one run. Time:
-about (number of rows) x (warm-up + seconds), plus start-ups.
+connections. Those two are measured again right before every neuroserve row (their servers
+stay up, idle, through the run) and the row's ratios are to those measurements, beside it in
+time: a shared machine's speed drifts by tens of percent within minutes, and a ratio to a
+peer measured minutes earlier would carry that drift. The peers' first measurements are their
+own rows. Servers and wrk share the machine's cores, so compare rows of one run. Time: about
+(number of rows, times 2 for a stateless row and 3 for a session row) x (warm-up + seconds),
+plus start-ups.
 
     .venv/bin/python bench/session_throughput.py [--seconds 5] [--warmup 1]
         [--concurrency 1 16 64 256] [--stateless-concurrency 1 16 64] [--workers 1]
@@ -453,49 +458,67 @@ class Row:
     batching: str
     connections: int
     cell: Cell
+    hello: Cell | None = None  # the hello route, measured right before this row
+    naive: Cell | None = None  # the naive peer, measured right before this (session) row
 
 
 @dataclass
 class Bench:
-    """What every row shares: the options, a scratch folder, the request bodies."""
+    """What every row shares: the options, a scratch folder, the request bodies, and the
+    peers' loads, measured again beside every neuroserve row."""
 
     args: argparse.Namespace
     workdir: Path
     step_bodies: list[bytes]  # one per session: {"inputs": [one row]}
     sequence: list[list[float]]  # the stateless calls' one sequence
     rows: list[Row] = field(default_factory=list)
+    hello_load: Load | None = None
+    naive_loads: dict[int, Load] = field(default_factory=dict)  # by connections
 
-    def add(self, endpoint: str, store: str, batching: str, cells: dict[int, Cell]) -> None:
-        self.rows += [Row(endpoint, store, batching, n, cell) for n, cell in cells.items()]
+    def measure(self, load: Load, connections: int) -> Cell:
+        return load.measure(connections, self.args.seconds, self.args.warmup)
 
-    def static_cells(self, name: str, url: str, body: bytes, counts: list[int]) -> dict:
+    def static_load(self, name: str, url: str, body: bytes) -> Load:
         check_answers(url, body)
-        load = static_load(self.workdir, name, url, body)
-        return {n: load.measure(n, self.args.seconds, self.args.warmup) for n in counts}
+        return static_load(self.workdir, name, url, body)
 
-    def session_cells(self, name: str, port: int, step_path: str, ids: list[str]) -> dict:
+    def session_loads(self, name: str, port: int, step_path: str, ids: list[str]) -> dict:
+        """Connections -> the load stepping that many of the sessions `ids`."""
         paths = [step_path.format(session_id=session_id) for session_id in ids]
         check_answers(f"http://127.0.0.1:{port}{paths[0]}", self.step_bodies[0])
-        cells = {}
-        for n in self.args.concurrency:
-            bodies = self.step_bodies[:n]
-            load = sessions_load(self.workdir, name, port, paths[:n], ids[:n], bodies)
-            cells[n] = load.measure(n, self.args.seconds, self.args.warmup)
-        return cells
+        return {
+            n: sessions_load(self.workdir, name, port, paths[:n], ids[:n], self.step_bodies[:n])
+            for n in self.args.concurrency
+        }
 
-    def hello(self) -> None:
+    def add_beside_peers(self, endpoint: str, store: str, batching: str, load: Load, n: int):
+        """Measure the peers at `n` connections, then `load`: one row, its ratios to them."""
+        stepping = endpoint == "session step"
+        hello = self.measure(self.hello_load, n) if self.hello_load is not None else None
+        naive_load = self.naive_loads.get(n) if stepping else None
+        naive = self.measure(naive_load, n) if naive_load is not None else None
+        cell = self.measure(load, n)
+        self.rows.append(Row(endpoint, store, batching, n, cell, hello, naive))
+
+    def start_hello(self, stack: ExitStack) -> None:
+        """Start the hello server for the whole run and measure its own rows."""
+        port = stack.enter_context(hello_server(self.workdir, self.args.workers))
+        self.hello_load = self.static_load(
+            "hello", f"http://127.0.0.1:{port}/hello", self.step_bodies[0]
+        )
         counts = sorted({*self.args.concurrency, *self.args.stateless_concurrency})
-        with hello_server(self.workdir, self.args.workers) as port:
-            url = f"http://127.0.0.1:{port}/hello"
-            cells = self.static_cells("hello", url, self.step_bodies[0], counts)
-        self.add("hello", "-", "-", cells)
+        for n in counts:
+            self.rows.append(Row("hello", "-", "-", n, self.measure(self.hello_load, n)))
 
-    def naive(self, redis_url: str) -> None:
+    def start_naive(self, stack: ExitStack, redis_url: str) -> None:
+        """Start the naive peer for the whole run and measure its own rows."""
         args = self.args
-        with naive_server(self.workdir, redis_url, args.model, args.workers) as port:
-            ids = create_sessions(port, "/sessions", {}, len(self.step_bodies))
-            cells = self.session_cells("naive", port, "/sessions/{session_id}/step", ids)
-        self.add("naive step", "redis", "off", cells)
+        server = naive_server(self.workdir, redis_url, args.model, args.workers)
+        port = stack.enter_context(server)
+        ids = create_sessions(port, "/sessions", {}, len(self.step_bodies))
+        self.naive_loads = self.session_loads("naive", port, "/sessions/{session_id}/step", ids)
+        for n, load in self.naive_loads.items():
+            self.rows.append(Row("naive step", "redis", "off", n, self.measure(load, n)))
 
     def neuroserve(self, store: str, store_url: str | None, batching: bool, stateless: bool):
         """Session rows of one server; with `stateless`, its v2 infer and v1 predict rows."""
@@ -503,17 +526,20 @@ class Bench:
         with neuroserve(self.workdir, name, store_url, batching, self.args) as port:
             opening = {"model": self.args.model}
             ids = create_sessions(port, "/v1/sessions", opening, len(self.step_bodies))
-            cells = self.session_cells(name, port, "/v1/sessions/{session_id}/step", ids)
-            self.add("session step", store, "on" if batching else "off", cells)
+            loads = self.session_loads(name, port, "/v1/sessions/{session_id}/step", ids)
+            for n, load in loads.items():
+                self.add_beside_peers("session step", store, "on" if batching else "off", load, n)
             if not stateless:
                 return
             for endpoint, (path, body) in stateless_bodies(self.args.model, self.sequence).items():
-                url, counts = f"http://127.0.0.1:{port}{path}", self.args.stateless_concurrency
-                self.add(endpoint, "-", "-", self.static_cells(endpoint, url, body, counts))
+                load = self.static_load(endpoint, f"http://127.0.0.1:{port}{path}", body)
+                for n in self.args.stateless_concurrency:
+                    self.add_beside_peers(endpoint, "-", "-", load, n)
 
 
 def run(args: argparse.Namespace) -> str:
-    """Start each server in turn, measure its rows, stop it; render the table."""
+    """Start the peers, then each neuroserve server in turn, measuring its rows beside the
+    peers; render the table."""
     features, steps = model_input(args.model)
     rng = random.Random(0)
     rows = [random_row(features, rng) for _ in range(max(args.concurrency))]
@@ -523,11 +549,11 @@ def run(args: argparse.Namespace) -> str:
     notes: list[str] = []
     with ExitStack() as stack:
         redis_url = args.redis_url or stack.enter_context(private_redis(bench.workdir))
-        bench.hello()
+        bench.start_hello(stack)
         if redis_url is None:
             notes.append("No Redis was available: the naive peer and the Redis rows were skipped.")
         else:
-            bench.naive(redis_url)
+            bench.start_naive(stack, redis_url)
         stores = [("in-process", None)] if args.workers == 1 else []
         stores += [("redis", redis_url)] if redis_url else []
         if args.workers > 1:
@@ -565,7 +591,6 @@ ENDPOINTS = ("hello", "naive step", "session step", "v2 infer", "v1 predict")  #
 def render(args: argparse.Namespace, rows: list[Row], notes: list[str], sequence: str) -> str:
     rows = sorted(rows, key=lambda row: ENDPOINTS.index(row.endpoint))  # stable: run order
     hello = {row.connections: row.cell for row in rows if row.endpoint == "hello"}
-    naive = {row.connections: row.cell for row in rows if row.endpoint == "naive step"}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     command = "python bench/session_throughput.py " + " ".join(sys.argv[1:])
     lines = [
@@ -578,7 +603,9 @@ def render(args: argparse.Namespace, rows: list[Row], notes: list[str], sequence
         f"worker(s) per server; servers and wrk on the same {os.cpu_count()} cores "
         f"({platform.machine()}, load average {load:.1f} at the end), 1 torch thread per "
         f"process, torch {importlib.metadata.version('torch')}; batching window "
-        f"{batch_window_ms(args):g} ms. requests/s counts answers below HTTP 400.",
+        f"{batch_window_ms(args):g} ms. requests/s counts answers below HTTP 400. The "
+        "ratios of a neuroserve row are to the peers measured right before it (their rates "
+        "in brackets); the peers' own rows are their first measurements.",
         "",
         "| endpoint | store | batching | connections | requests/s | p50 ms | p99 ms | errors "
         "| vs hello | vs naive |",
@@ -586,12 +613,17 @@ def render(args: argparse.Namespace, rows: list[Row], notes: list[str], sequence
     ]
     for row in rows:
         cell = row.cell
-        stepping = row.endpoint in ("naive step", "session step")
+        reference = row.hello or (hello.get(row.connections) if row.endpoint != "hello" else cell)
+        versus_hello = ratio(cell, reference) + (f" ({row.hello.rate:,.0f})" if row.hello else "")
+        versus_naive = "-"
+        if row.endpoint == "naive step":
+            versus_naive = "1.00"
+        elif row.naive is not None:
+            versus_naive = f"{ratio(cell, row.naive)} ({row.naive.rate:,.0f})"
         lines.append(
             f"| {row.endpoint} | {row.store} | {row.batching} | {row.connections} | "
             f"{cell.rate:,.0f} | {cell.p50_ms:.2f} | {cell.p99_ms:.2f} | {cell.errors_text()} | "
-            f"{ratio(cell, hello.get(row.connections))} | "
-            f"{ratio(cell, naive.get(row.connections)) if stepping else '-'} |"
+            f"{versus_hello} | {versus_naive} |"
         )
     failed = [row for row in rows if row.cell.errors_text() != "0"]
     if failed:
