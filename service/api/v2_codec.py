@@ -166,16 +166,17 @@ def decode_tensor(tensor: Any, where: str, binary: BinaryTail | None = None) -> 
         )
     if datatype == "BF16":
         raise V2BadRequestError(f"{where}: BF16 has no JSON form; send it as binary data")
-    flat = flatten_data(tensor["data"], shape, where)
+    flat, kinds = flatten_data(tensor["data"], shape, where)
     if datatype == "BYTES":
-        return DecodedTensor(name, datatype, shape, _checked_strings(flat, where))
+        _check_element_types(flat, kinds, {str}, "strings (BYTES in the JSON form)", where)
+        return DecodedTensor(name, datatype, shape, flat)
     if datatype == "BOOL":
-        _check_element_types(flat, {bool}, "true or false", where)
+        _check_element_types(flat, kinds, {bool}, "true or false", where)
         return DecodedTensor(name, datatype, shape, np.array(flat, dtype=bool).reshape(shape))
     if datatype in INT_TYPES:
-        _check_element_types(flat, {int}, "integers", where)
+        _check_element_types(flat, kinds, {int}, "integers", where)
         return DecodedTensor(name, datatype, shape, _checked_ints(flat, datatype, where, shape))
-    _check_element_types(flat, _NUMBER_TYPES, "numbers", where)
+    _check_element_types(flat, kinds, _NUMBER_TYPES, "numbers", where)
     return DecodedTensor(name, datatype, shape, _checked_floats(flat, datatype, where, shape))
 
 
@@ -283,8 +284,9 @@ def _checked_shape(shape: Any, where: str) -> tuple[int, ...]:
 _SCALAR_TYPES = {int, float, str, bool, type(None)}  # what JSON elements can be, short of nesting
 
 
-def flatten_data(data: Any, shape: Sequence[int], where: str) -> list[Any]:
-    """The elements of flat or shape-nested `data` in row-major order, checked against `shape`."""
+def flatten_data(data: Any, shape: Sequence[int], where: str) -> tuple[list[Any], set[type]]:
+    """The elements of flat or shape-nested `data` in row-major order, checked against
+    `shape`, and the set of their types (what the datatype checks read)."""
     if not isinstance(data, list):
         raise V2BadRequestError(f"{where}.data must be a list, got {type(data).__name__}")
     expected = math.prod(shape)
@@ -301,7 +303,7 @@ def flatten_data(data: Any, shape: Sequence[int], where: str) -> list[Any]:
             )
         if not kinds <= _SCALAR_TYPES:
             _check_leaves(data, where)
-        return data
+        return data, kinds
     level: list[Any] = [data]
     for depth, size in enumerate(shape):
         for item in level:
@@ -313,7 +315,7 @@ def flatten_data(data: Any, shape: Sequence[int], where: str) -> list[Any]:
                 )
         level = [element for item in level for element in item]
     _check_leaves(level, where)
-    return level
+    return level, set(map(type, level))
 
 
 def _check_leaves(elements: list[Any], where: str) -> None:
@@ -324,18 +326,15 @@ def _check_leaves(elements: list[Any], where: str) -> None:
 
 
 def _check_element_types(
-    elements: list[Any], allowed: set[type], description: str, where: str
+    elements: list[Any], kinds: set[type], allowed: set[type], description: str, where: str
 ) -> None:
-    if set(map(type, elements)) <= allowed:
+    """BadRequest naming the first elements whose type is not `allowed` (`kinds`: the types
+    of all of them)."""
+    if kinds <= allowed:
         return
     bad = [i for i, element in enumerate(elements) if type(element) not in allowed]
     shown = ", ".join(f"element {i} is {elements[i]!r}" for i in bad[:_SHOWN_PROBLEMS])
     raise V2BadRequestError(f"{where}.data must hold {description}: {shown}")
-
-
-def _checked_strings(elements: list[Any], where: str) -> list[str]:
-    _check_element_types(elements, {str}, "strings (BYTES in the JSON form)", where)
-    return elements
 
 
 def _checked_ints(elements: list[int], datatype: str, where: str, shape: tuple) -> np.ndarray:
