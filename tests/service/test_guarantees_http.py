@@ -54,8 +54,17 @@ def server(redis_url: str) -> Iterator[str]:
         yield base_url
 
 
-def band(alpha: float, n_test: int) -> tuple[float, float]:
-    return coverage_interval(alpha, N_CONFORMAL, n_test)
+# Checks whose sets are drawn afresh on every run (randomised scores: each U comes from a new
+# prediction id) are a new trial on every CI run, where the other checks give the same answer
+# each time. Their band is 4 SE wide on each side: P(a miss) <= 3e-5 per check, 1e-4 for the
+# four such checks of a run (at 3 SE: 1.3e-3 each). Measured for raps_randomized at alpha 0.1
+# over 2,000 redraws on the committed calibration (whose own coverage sits at 0.868, 1.2 SE
+# under 0.9): sd 0.016, 0.15% of runs under the 3-SE floor, none under the 4-SE one.
+REDRAWN_Z = 4.0
+
+
+def band(alpha: float, n_test: int, z: float = 3.0) -> tuple[float, float]:
+    return coverage_interval(alpha, N_CONFORMAL, n_test, z=z)
 
 
 def coverage_of(sets: list[list[str]], labels: list[str]) -> float:
@@ -63,10 +72,10 @@ def coverage_of(sets: list[list[str]], labels: list[str]) -> float:
 
 
 def check_step(
-    sets: list[list[str]], alpha: float, where: str, labels: list[str] = LABELS
+    sets: list[list[str]], alpha: float, where: str, labels: list[str] = LABELS, z: float = 3.0
 ) -> tuple[float, float]:
     coverage = coverage_of(sets, labels)
-    low, high = band(alpha, len(labels))
+    low, high = band(alpha, len(labels), z)
     assert low <= coverage <= high, (
         f"{where}: coverage {coverage:.3f} outside [{low:.3f}, {high:.3f}]"
     )
@@ -235,7 +244,7 @@ def test_a_client_seed_does_not_steer_randomized_coverage(server, score, seed) -
         async with httpx.AsyncClient(base_url=server, timeout=120) as http:
             return await asyncio.gather(*(one(http, image) for image in IMAGES))
 
-    check_step(asyncio.run(sets()), 0.1, f"{score} with seed {seed}")
+    check_step(asyncio.run(sets()), 0.1, f"{score} with seed {seed}", z=REDRAWN_Z)
 
 
 def test_the_readme_example_answers_with_one_label(server) -> None:
