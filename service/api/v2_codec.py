@@ -24,6 +24,7 @@ protocol uses for a malformed request.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -406,6 +407,9 @@ def output_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) 
     return OutputTensor(name, datatype, np.asarray(values, dtype=_OUTPUT_DTYPES[datatype]))
 
 
+_LISTED_AS_THEY_ARE = frozenset(("BYTES", "BOOL", *INT_TYPES))  # FP32 is rounded first
+
+
 def listed_tensor(
     name: str, datatype: str, values: list[Any], dims: tuple[int, ...] | None = None
 ) -> OutputTensor:
@@ -413,7 +417,7 @@ def listed_tensor(
     str, BOOL bool, integer types int (in range), FP32 floats rounded to float32 here."""
     if datatype == "FP32":
         values = float32_list(values)
-    elif datatype not in ("BYTES", "BOOL", *INT_TYPES):
+    elif datatype not in _LISTED_AS_THEY_ARE:
         raise ValueError(f"listed tensors take BYTES, BOOL, integers or FP32, not {datatype!r}")
     if dims is not None and math.prod(dims) != len(values):
         raise ValueError(f"{len(values)} values do not fill shape {list(dims)}")
@@ -423,8 +427,14 @@ def listed_tensor(
 def float32_list(values: Sequence[float]) -> list[float]:
     """Each value rounded to the nearest float32, as Python floats (what `np.float32(x)` gives,
     at a fraction of numpy's per-call cost on a few values)."""
-    count = len(values)
-    return list(struct.unpack(f"<{count}f", struct.pack(f"<{count}f", *values)))
+    layout = _float32_layout(len(values))
+    return list(layout.unpack(layout.pack(*values)))
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_layout(count: int) -> struct.Struct:
+    """The packed layout of `count` float32s: compiled once per count (a few per model)."""
+    return struct.Struct(f"<{count}f")
 
 
 def encode_tensor(name: str, datatype: str, values: np.ndarray | Sequence[Any]) -> dict[str, Any]:

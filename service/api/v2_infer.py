@@ -49,7 +49,7 @@ SET_OUTPUTS = ("prediction_set", "set_size", "abstain")
 _DEFAULT_CONFORMAL = ConformalOptions()
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per request, and a frozen __init__ costs ~3x
 class InferCall:
     """One inference request, decoded from its protocol."""
 
@@ -61,7 +61,7 @@ class InferCall:
     owner: str | None = None  # the API key's owner: sequences and feedback belong to it
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: one per request
 class InferAnswer:
     model: str
     version: str
@@ -202,21 +202,11 @@ def prediction_outputs(
         requested = [name for name in requested if name not in SET_OUTPUTS]
     # Plain lists, row-major: a JSON answer is written from them without numpy.
     per_label = (len(predictions), len(labels))  # [N, C]
-    values: dict[str, Callable[[], list[Any]]] = {
-        "label": lambda: [p.label for p in predictions],
-        "confidence": lambda: [p.confidence for p in predictions],
-        "probabilities": lambda: [x for p in predictions for x in p.probabilities],
-        "prediction_set": lambda: _set_mask(predictions, labels),
-        "set_size": lambda: [p.set_size or 0 for p in predictions],
-        "abstain": lambda: [bool(p.abstain) for p in predictions],
-        "entropy": lambda: [p.entropy for p in predictions],
-        "prediction_id": lambda: [p.id for p in predictions],
-    }
     return [
         listed_tensor(
             name,
             OUTPUT_TYPES[name][0],
-            values[name](),
+            _OUTPUT_VALUES[name](predictions, labels),
             per_label if OUTPUT_TYPES[name][1] else None,
         )
         for name in requested
@@ -227,3 +217,16 @@ def _set_mask(predictions: Sequence[ClassPrediction], labels: Sequence[str]) -> 
     """[N, C] row-major: whether each label is in each prediction's set."""
     members = [set(p.prediction_set or ()) for p in predictions]
     return [label in chosen for chosen in members for label in labels]
+
+
+# Output -> its values over the predictions, row-major (module level: no closures per call).
+_OUTPUT_VALUES: dict[str, Callable[[Sequence[ClassPrediction], Sequence[str]], list[Any]]] = {
+    "label": lambda predictions, _: [p.label for p in predictions],
+    "confidence": lambda predictions, _: [p.confidence for p in predictions],
+    "probabilities": lambda predictions, _: [x for p in predictions for x in p.probabilities],
+    "prediction_set": _set_mask,
+    "set_size": lambda predictions, _: [p.set_size or 0 for p in predictions],
+    "abstain": lambda predictions, _: [bool(p.abstain) for p in predictions],
+    "entropy": lambda predictions, _: [p.entropy for p in predictions],
+    "prediction_id": lambda predictions, _: [p.id for p in predictions],
+}
