@@ -28,7 +28,6 @@ import functools
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -73,13 +72,13 @@ class V2BadRequestError(NeuroserveError):
     code = "bad_request"
 
 
-@dataclass(frozen=True)
-class DecodedTensor:
+class DecodedTensor(NamedTuple):  # a tuple: one per input per request
     name: str
     datatype: str
     shape: tuple[int, ...]
-    # float64/int64/bool array of `shape` for numeric and BOOL tensors; a flat list of str
-    # for BYTES (JSON strings; bytes that are not text cannot travel in the JSON form).
+    # An array of `shape` for numeric and BOOL tensors: float32 for FP32 (and BF16, widened),
+    # float64 for FP16 and FP64, int64 (uint64) for integers, bool; a flat list of str for
+    # BYTES (JSON strings; bytes that are not text cannot travel in the JSON form).
     values: np.ndarray | list[str]
 
 
@@ -235,7 +234,8 @@ def decode_raw_tensor(
         return DecodedTensor(name, datatype, shape, values.astype(wide).reshape(shape))
     if datatype == "BF16":
         values = (values.astype(np.uint32) << 16).view(np.float32)  # bfloat16 = top of float32
-    floats = values.astype(np.float64)
+    # FP32 (and BF16, widened) as native float32, what the models compute in; the rest float64.
+    floats = values.astype(np.float32 if datatype in ("FP32", "BF16") else np.float64)
     finite = np.isfinite(floats)
     if not finite.all():
         i = int(np.argmin(finite))
