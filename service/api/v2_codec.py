@@ -135,6 +135,46 @@ def decode_tensor(tensor: Any, where: str, binary: BinaryTail | None = None) -> 
 
     `where` names the tensor in messages, e.g. "inputs[0]".
     """
+    plain = plain_float32_tensor(tensor)
+    return plain if plain is not None else decode_tensor_checked(tensor, where, binary)
+
+
+def plain_float32_tensor(tensor: Any) -> DecodedTensor | None:
+    """The usual request tensor decoded at a fraction of the general path's cost: FP32, flat
+    JSON numbers (floats or ints, not bools) within float32's range, no parameters. None for
+    anything else, which `decode_tensor_checked` then decodes or refuses, naming the problem.
+    Where it decodes, it gives what `decode_tensor_checked` gives, bit for bit (measured in a
+    server: the general checks cost ~10% of a one-digit V2 request)."""
+    if type(tensor) is not dict or tensor.get("datatype") != "FP32" or "parameters" in tensor:
+        return None
+    name, shape, data = tensor.get("name"), tensor.get("shape"), tensor.get("data")
+    if type(name) is not str or not name or type(shape) is not list or type(data) is not list:
+        return None
+    count = 1
+    for size in shape:
+        if type(size) is not int or size < 1:
+            return None
+        count *= size
+    if not shape or len(data) != count or not set(map(type, data)) <= _NUMBER_TYPES:
+        return None
+    # Loops at C speed: the range by min and max (exact for ints of any size), then NaN (gRPC
+    # floats can be NaN, which min and max may step over) by the sum, finite once in range.
+    limit = _FLOAT_LIMITS["FP32"]
+    if not (-limit <= min(data) and max(data) <= limit):
+        return None
+    total = sum(data)
+    if total != total:
+        return None
+    # Through float64, as the general path converts: the same float32 for every value.
+    values = np.array(data, dtype=np.float64).astype(np.float32).reshape(shape)
+    return DecodedTensor(name, "FP32", tuple(shape), values)
+
+
+def decode_tensor_checked(
+    tensor: Any, where: str, binary: BinaryTail | None = None
+) -> DecodedTensor:
+    """`decode_tensor` by the general path: every datatype and form, every check, and the
+    reference for `plain_float32_tensor`."""
     if not isinstance(tensor, dict):
         raise V2BadRequestError(f"{where} must be an object, got {type(tensor).__name__}")
     name = tensor.get("name")
