@@ -70,6 +70,7 @@ from service.dataplane.inputs import (
     feature_tensor,
     out_of_range_warning,
 )
+from service.dataplane.loop_memo import LoopPassMemo
 from service.dataplane.online_levels import SESSION_SCOPE, LevelKey, OnlineLevel
 from service.dataplane.predictions import (
     ConformalOptions,
@@ -162,13 +163,18 @@ class DataPlane:
         # (name, version, backend) -> (card, runner) for requests without backend options:
         # the registry's lookup (option freezing, locks) is per request otherwise.
         self._plain_runners: dict[tuple[str, str, str], tuple[ModelCard, Runner]] = {}
+        self._cards: LoopPassMemo[ModelCard] = LoopPassMemo()
 
     async def close(self) -> None:
         await self._batches.close()
 
     # ---- models -------------------------------------------------------------------------
     def card(self, name: str, version: str | None = None) -> ModelCard:
-        """The model card, or NotFoundError naming the unknown model or version."""
+        """The model card, or NotFoundError naming the unknown model or version. Looked up
+        on disk once per pass of the event loop (`LoopPassMemo`), for all of its requests."""
+        return self._cards.get((name, version), lambda: self._card_on_disk(name, version))
+
+    def _card_on_disk(self, name: str, version: str | None) -> ModelCard:
         try:
             check_model_name(name)
         except ValueError as error:

@@ -4,6 +4,7 @@ requests to two servers sharing one repository."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -145,3 +146,34 @@ def test_racing_delete_and_promote_never_leave_latest_on_a_deleted_version(
         assert unpinned_version(other) == pointer["latest"]
         if pointer["latest"] == candidate:  # back to a version that stays
             httpx.post(f"{url}/v1/models/tiny/rollback", timeout=30).raise_for_status()
+
+
+def test_under_load_a_promotion_is_seen_by_the_next_request_to_the_other_replica(urls) -> None:
+    """Each replica looks up a request's card once per pass of its event loop
+    (`service.dataplane.loop_memo`). With the other replica busy answering unpinned predicts,
+    a request sent once a promotion (by the first replica, a writer the other knows nothing
+    of) has returned still gets the promoted version: no request is answered from a lookup
+    made before it arrived."""
+    url, other = urls
+    stop = threading.Event()
+
+    def keep_busy() -> int:
+        answered = 0
+        with httpx.Client(base_url=other, timeout=30) as http:
+            while not stop.is_set():
+                answer = http.post("/v1/models/tiny/predict", json={"inputs": [SEQUENCE]})
+                assert answer.status_code == 200, answer.text
+                answered += 1
+        return answered
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        load = [pool.submit(keep_busy) for _ in range(4)]
+        try:
+            for round_ in range(30):
+                version = str(round_ % 3 + 1)
+                promoted = httpx.post(f"{url}/v1/models/tiny/versions/{version}/promote")
+                assert promoted.status_code == 200, promoted.text
+                assert unpinned_version(other) == version, f"round {round_}"
+        finally:
+            stop.set()
+        assert sum(busy.result() for busy in load) > 30  # the other replica was under load
