@@ -18,28 +18,15 @@ from service.api.v2_codec import (
     decode_tensor_checked,
     plain_float32_tensor,
 )
+from tests.service.test_plain_inputs import F32_MAX
+from tests.service.test_plain_inputs import ODD_VALUES as PLAIN_INPUT_ODD_VALUES
 
-F32_MAX = float(np.finfo(np.float32).max)
+# The values that the fast parse of session and /predict features is tested on, and more.
 ODD_VALUES = [
-    True,
-    "1.5",
-    None,
-    [1.0],
-    float("nan"),
-    float("inf"),
-    -float("inf"),
-    10**400,
-    2**70,
+    *PLAIN_INPUT_ODD_VALUES,
     2**53 + 1,
-    3e38,
-    4e38,
-    -4e38,
-    F32_MAX,
     -F32_MAX,
     float(np.nextafter(F32_MAX, np.inf)),  # above float32's largest, still rounds to it
-    1e-46,
-    -0.0,
-    7,
 ]
 
 
