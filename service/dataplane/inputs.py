@@ -40,13 +40,19 @@ def plain_rows(rows: object, features: int) -> bool:
     if type(rows) is not list:
         return False
     for row in rows:
-        if type(row) is not list or len(row) != features:
+        if type(row) is not list or len(row) != features or not plain_numbers(row):
             return False
-        for value in row:
-            if (type(value) is not float and type(value) is not int) or not (
-                -FLOAT32_MAX <= value <= FLOAT32_MAX  # False for NaN too
-            ):
-                return False
+    return True
+
+
+def plain_numbers(values: list) -> bool:
+    """Whether every value is a Python float or int (not a bool) within float32's range (not
+    NaN): a JSON number that `np.array(values, dtype=np.float32)` takes as it is."""
+    for value in values:
+        if (type(value) is not float and type(value) is not int) or not (
+            -FLOAT32_MAX <= value <= FLOAT32_MAX  # False for NaN too
+        ):
+            return False
     return True
 
 
